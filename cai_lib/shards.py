@@ -1,0 +1,127 @@
+"""Resumable, sharded JSONL output for the long stages (generation, labelling).
+
+A stage's output is a prefix in the artifact store holding `part-00000.jsonl`, `part-00001.jsonl`,
+... and `_inputs.json`, a fingerprint of what produced it. Each shard is written atomically, so
+after a crash or a pod eviction a rerun skips the shards that exist and redoes only the rest;
+because the work is split into shards deterministically and row ids derive from content, the
+rerun yields exactly the rows an uninterrupted run would. `_SUCCESS.json` (written last) marks
+the dataset finished and records its row count and sha256.
+
+An output prefix that already holds results of *different* inputs is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from cai_lib.errors import CaiError
+from cai_lib.store import ArtifactStore
+
+INPUTS = "_inputs.json"
+SUCCESS = "_SUCCESS.json"
+In = TypeVar("In")
+Out = TypeVar("Out", bound=BaseModel)
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.jsonl"
+
+
+def fingerprint(inputs: dict) -> str:
+    """sha256 of the canonical JSON of `inputs` (what determines a stage's output)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ShardedOutput:
+    """A JSONL dataset under `uri`, written shard by shard and resumable."""
+
+    def __init__(self, uri: str, inputs: dict):
+        self.store = ArtifactStore.open(uri)
+        self.inputs = inputs
+        self.fingerprint = fingerprint(inputs)
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    def claim(self) -> None:
+        """Record the inputs, or refuse if the prefix holds output of other inputs."""
+        if self.store.exists(INPUTS):
+            recorded = self.store.read_json(INPUTS)
+            if recorded.get("fingerprint") != self.fingerprint:
+                raise CaiError(
+                    f"{self.uri}: already holds results from different inputs; "
+                    "choose another --out or delete it"
+                )
+            return
+        if self.store.list(""):
+            raise CaiError(f"{self.uri}: is not empty and was not written by this stage; choose another --out")
+        self.store.write_json(INPUTS, {"fingerprint": self.fingerprint, "inputs": self.inputs})
+
+    def is_finished(self) -> bool:
+        return self.store.exists(SUCCESS)
+
+    def done(self, index: int) -> bool:
+        return self.store.exists(shard_name(index))
+
+    def run(
+        self,
+        items: Sequence[In],
+        shard_size: int,
+        process: Callable[[Sequence[In]], list[Out]],
+        on_shard: Callable[[int], None] | None = None,
+    ) -> int:
+        """Process `items` in shards of `shard_size`, skipping finished shards; returns rows written.
+
+        `process` turns one shard of inputs into its output records (it batches internally).
+        `on_shard(n_items)` is called after each shard, done or skipped, for progress bars.
+        """
+        if shard_size < 1:
+            raise CaiError(f"shard size must be >= 1, got {shard_size}")
+        self.claim()
+        for index, start in enumerate(range(0, len(items), shard_size)):
+            chunk = items[start : start + shard_size]
+            if not self.done(index):
+                self.store.write_jsonl(shard_name(index), process(chunk))
+            if on_shard:
+                on_shard(len(chunk))
+        return self.finish()
+
+    def finish(self) -> int:
+        """Write the success marker with row count and content hash; returns the row count."""
+        digest, rows = hashlib.sha256(), 0
+        for key in self.shard_keys():
+            data = self.store.read_bytes(key)
+            digest.update(data)
+            rows += data.count(b"\n")
+        self.store.write_json(SUCCESS, {"rows": rows, "sha256": digest.hexdigest(), "shards": len(self.shard_keys())})
+        return rows
+
+    def shard_keys(self) -> list[str]:
+        return [k for k in self.store.list("") if k.startswith("part-") and k.endswith(".jsonl")]
+
+
+def read_dataset(uri: str, model: type[Out]) -> Iterator[Out]:
+    """Records of a dataset: a sharded prefix (must be finished) or a single JSONL object/file."""
+    store = ArtifactStore.open(uri)
+    if store.exists(SUCCESS):
+        for key in sorted(k for k in store.list("") if k.startswith("part-") and k.endswith(".jsonl")):
+            yield from store.read_jsonl(key, model)
+        return
+    if any(k.startswith("part-") for k in store.list("")):
+        raise CaiError(f"{uri}: dataset is not finished (no {SUCCESS}); rerun the stage that writes it")
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    yield from ArtifactStore.open(parent).read_jsonl(name, model)
+
+
+def dataset_summary(uri: str) -> dict:
+    """Row count and sha256 of a finished sharded dataset (for KFP artifact metadata)."""
+    store = ArtifactStore.open(uri)
+    if not store.exists(SUCCESS):
+        raise CaiError(f"{uri}: dataset is not finished (no {SUCCESS})")
+    return store.read_json(SUCCESS)

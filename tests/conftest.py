@@ -1,0 +1,143 @@
+"""Fixtures that start the real parts tests need: moto's S3 server and an `mlflow server`.
+
+Both run as separate processes on 127.0.0.1 with free ports, for the whole test session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+HH_RLHF = SHARED_DATA / "hh-rlhf" / "harmless-base-test-dev.jsonl.gz"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited early with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def hh_rlhf_path() -> Path:
+    """The shared hh-rlhf rows; skipped with a reason where a clone has no ../shared/data."""
+    if not HH_RLHF.exists():
+        pytest.skip(f"shared data not found at {HH_RLHF} (only CI and developer machines have it)")
+    return HH_RLHF
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server as a subprocess; yields its endpoint URL."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    try:
+        wait_for_port(port, proc, "moto server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point boto3 at the moto server with test credentials; yields the endpoint."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("CAI_S3_MAX_ATTEMPTS", "2")
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env) -> str:
+    """A fresh, empty bucket on the moto server; yields its name."""
+    from cai_lib.store import s3_client
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_server):
+    """A real `mlflow server` (SQLite backend, artifacts in a bucket on the moto server).
+
+    Yields a dict with `uri` (tracking URI), `port`, `restart()` to bounce the process, and `env`.
+    """
+    from cai_lib.store import s3_client
+
+    work = tmp_path_factory.mktemp("mlflow")
+    env = dict(
+        os.environ,
+        AWS_ENDPOINT_URL_S3=s3_server,
+        MLFLOW_S3_ENDPOINT_URL=s3_server,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update({k: env[k] for k in saved})
+    s3_client().create_bucket(Bucket="mlflow-artifacts")
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = value
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
+        "--artifacts-destination", "s3://mlflow-artifacts/mlflow",
+        "--workers", "1",
+    ]
+    log = open(work / "mlflow.log", "a")
+    state = {"proc": None}
+
+    def start():
+        state["proc"] = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+        wait_for_port(port, state["proc"], f"mlflow server (log: {work / 'mlflow.log'})", timeout=120)
+
+    def stop():
+        state["proc"].terminate()
+        state["proc"].wait(timeout=20)
+
+    def restart():
+        stop()
+        start()
+
+    start()
+    try:
+        yield {"uri": f"http://127.0.0.1:{port}", "port": port, "restart": restart, "env": env}
+    finally:
+        stop()
+        log.close()
+
+
+from model_fixtures import smollm2_tokenizer_dir, tiny_model_dir, tiny_reward_model_dir  # noqa: E402,F401
