@@ -12,7 +12,6 @@ botocore's standard retry mode. Endpoint and credentials come from the standard 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -107,19 +106,29 @@ class ArtifactStore:
     def read_json(self, key: str) -> object:
         return json.loads(self.read_text(key))
 
+    def iter_lines(self, key: str) -> Iterator[str]:
+        """The text lines of an object, read as a stream."""
+        yield from self.read_text(key).splitlines()
+
     def write_jsonl(self, key: str, records: Iterable[BaseModel]) -> int:
-        """Write records as one JSONL object, atomically; returns the row count."""
-        buffer = io.StringIO()
+        """Stream records into one JSONL object (spooled through a local temporary file, then
+        published atomically); returns the row count."""
         count = 0
-        for record in records:
-            buffer.write(record.model_dump_json() + "\n")
-            count += 1
-        self.write_text(key, buffer.getvalue())
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", encoding="utf-8", delete=False) as handle:
+            try:
+                for record in records:
+                    handle.write(record.model_dump_json() + "\n")
+                    count += 1
+                handle.close()
+                self.put_file(handle.name, key)
+            finally:
+                os.unlink(handle.name)
         return count
 
     def read_jsonl(self, key: str, model: type[T]) -> Iterator[T]:
-        """Yield validated records; a bad row raises `CaiError` naming the URI and line number."""
-        yield from parse_jsonl_lines(self.read_text(key).splitlines(), model, self.uri_of(key))
+        """Yield validated records as they stream in; a bad row raises `CaiError` naming the URI
+        and line number."""
+        yield from parse_jsonl_lines(self.iter_lines(key), model, self.uri_of(key))
 
     def put_dir(self, local_dir: str | Path, key: str) -> str:
         """Upload a directory (e.g. a checkpoint); its manifest is written last. Returns its URI."""
@@ -186,6 +195,14 @@ class LocalStore(ArtifactStore):
             raise CaiError(f"{path}: no such file")
         return path.read_bytes()
 
+    def iter_lines(self, key: str) -> Iterator[str]:
+        path = self._path(key)
+        if not path.is_file():
+            raise CaiError(f"{path}: no such file")
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                yield line.rstrip("\n")
+
     def put_file(self, local: str | Path, key: str) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +242,13 @@ class S3Store(ArtifactStore):
         if not bucket:
             raise CaiError(f"{root}: an s3:// URI needs a bucket name")
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        self._client = s3_client()
+        from botocore.exceptions import PartialCredentialsError
+
+        try:
+            self._client = s3_client()
+        except PartialCredentialsError as err:
+            # Raised while the client is built, before any request: one key set without the other.
+            raise CaiError(f"{root}: S3 credentials incomplete ({err})") from None
 
     def _key(self, key: str) -> str:
         return "/".join(p for p in (self.prefix, key.strip("/")) if p)
@@ -259,14 +282,26 @@ class S3Store(ArtifactStore):
         response = self._call("read", key, self._client.get_object, Key=self._key(key))
         return response["Body"].read()
 
+    def iter_lines(self, key: str) -> Iterator[str]:
+        response = self._call("read", key, self._client.get_object, Key=self._key(key))
+        for line in response["Body"].iter_lines():
+            yield line.decode("utf-8")
+
     def put_file(self, local: str | Path, key: str) -> None:
         # upload_file switches to multipart for big files; the object appears only on completion.
-        self._call("write", key, lambda Bucket, **kw: self._client.upload_file(str(local), Bucket, **kw),
-                   Key=self._key(key))
+        from boto3.exceptions import S3UploadFailedError
+
+        def upload(Bucket, Key):
+            try:
+                self._client.upload_file(str(local), Bucket, Key)
+            except S3UploadFailedError as err:
+                # boto3 wraps the ClientError (implicitly chained); unwrap it so _call can name a
+                # missing bucket or denied access.
+                raise (err.__context__ or err) from None
+
+        self._call("write", key, upload, Key=self._key(key))
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
             self._call("read", key, self._client.head_object, Key=self._key(key))
             return True
@@ -274,18 +309,16 @@ class S3Store(ArtifactStore):
             if "no such object" in str(err):
                 return False
             raise
-        except ClientError:
-            return False
 
     def list(self, prefix: str = "") -> list[str]:
-        # A prefix names a directory: "runs/a" must not match "runs/ab/...".
+        # A prefix names an object or a directory: "runs/a" must not match "runs/ab/...".
         full = self._key(prefix)
-        full = full + "/" if full else ""
         paginator = self._client.get_paginator("list_objects_v2")
         pages = self._call("list", prefix, lambda Bucket, **kw: list(paginator.paginate(Bucket=Bucket, **kw)),
                            Prefix=full)
+        keys = (obj["Key"] for page in pages for obj in page.get("Contents", []))
         strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(obj["Key"][strip:] for page in pages for obj in page.get("Contents", []))
+        return sorted(k[strip:] for k in keys if not full or k.startswith(full + "/") or (prefix and k == full))
 
     def delete(self, key: str) -> None:
         for rel in self.list(key) or [key]:
@@ -303,7 +336,7 @@ def s3_client():
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     config = Config(
-        retries={"mode": "standard", "max_attempts": int(os.environ.get("CAI_S3_MAX_ATTEMPTS", "8"))},
+        retries={"mode": "standard", "total_max_attempts": int(os.environ.get("CAI_S3_MAX_ATTEMPTS", "8"))},
         s3={"addressing_style": os.environ.get("AWS_S3_ADDRESSING_STYLE", "path" if endpoint else "auto")},
     )
     return boto3.session.Session().client(

@@ -1,0 +1,31 @@
+"""The `cai` command line. Each command group lives in its own module beside this one.
+
+Heavy libraries (torch, transformers, kfp, mlflow) are imported inside commands, so
+`cai --help` and `cai constitution validate` start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from cai_lib.cli import constitution, prompts
+from cai_lib.errors import CaiError
+
+app = typer.Typer(
+    help="Constitutional AI on Kubernetes: constitutions, SL-CAI, AI feedback, preference models, RL-CAI.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(constitution.app, name="constitution")
+app.add_typer(prompts.app, name="prompts")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app()
+    except CaiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
