@@ -1,0 +1,117 @@
+"""`cai submit` and `cai retrain`: runs on a Kubeflow Pipelines cluster, by hand or from git."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cai_lib.cli.pipeline import ConfigOption, SetOption, load_config
+
+HostOption = Annotated[
+    str | None,
+    typer.Option(
+        "--host",
+        envvar="KFP_HOST",
+        help="Kubeflow Pipelines API URL, e.g. http://localhost:8080 (a port-forward) or "
+        "http://ml-pipeline.kubeflow.svc.cluster.local:8888 in the cluster.",
+    ),
+]
+ExperimentOption = Annotated[
+    str, typer.Option("--experiment", help="KFP experiment to file the run under (created if missing).")
+]
+NamespaceOption = Annotated[
+    str | None,
+    typer.Option("--namespace", help="Profile namespace on multi-user Kubeflow (default: single-user mode)."),
+]
+
+
+def submit_command(
+    host: HostOption = None,
+    experiment: ExperimentOption = "constitutional-ai",
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    run_name: Annotated[
+        str | None, typer.Option("--run-name", help="Run name (default: constitution and time).")
+    ] = None,
+    namespace: NamespaceOption = None,
+) -> None:
+    """Compile the pipeline, upload it to Kubeflow Pipelines as a version and start a run.
+
+    The run's parameters are the run config's params; its deploy section sets images, GPU
+    profiles and secrets. In a pod, a projected ServiceAccount token at
+    KF_PIPELINES_SA_TOKEN_PATH authenticates against multi-user Kubeflow.
+
+    Example: cai submit --host http://localhost:8080 --config my-run.yaml --set constitution=harmless@1.0.0
+    """
+    from pipelines.submit import submit_run
+
+    run = submit_run(host, load_config(config, set_), experiment, run_name=run_name, namespace=namespace)
+    typer.echo(f"run id: {run.run_id}")
+    typer.echo(f"url:    {run.url}")
+
+
+def retrain_command(
+    repo: Annotated[
+        Path, typer.Option("--repo", help="A git checkout with a constitutions/ folder and its lock.")
+    ],
+    registry: Annotated[
+        str, typer.Option("--registry", help="Constitution registry, e.g. s3://bucket/constitutions.")
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would happen; write and submit nothing.")
+    ] = False,
+    host: HostOption = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option("--tracking-uri", help="MLflow server holding the champions (default: the config's)."),
+    ] = None,
+    config: ConfigOption = None,
+    constitution: Annotated[
+        list[str] | None, typer.Option("--constitution", help="Only this constitution name (repeatable).")
+    ] = None,
+    experiment: ExperimentOption = "constitutional-ai",
+    namespace: NamespaceOption = None,
+) -> None:
+    """Publish new constitution versions from git and submit a run for each one not yet trained.
+
+    A constitution's newest version is up to date when the RL-CAI champion's lineage has its
+    sha256 or a run was already submitted for it (recorded in the registry under _submissions/).
+    Exits with status 2 and one line if the registry, MLflow or the KFP host is unreachable, or
+    if a published version's content changed.
+
+    Example: cai retrain --repo . --registry s3://my-bucket/constitutions --dry-run
+
+    Example: cai retrain --repo /workspace/repo --registry s3://my-bucket/constitutions --host http://ml-pipeline.kubeflow:8888
+    """
+    from cai_lib.retrain import retrain
+
+    plan = retrain(
+        repo,
+        registry,
+        host,
+        tracking_uri,
+        load_config(config, None),
+        dry_run,
+        names=constitution or None,
+        experiment=experiment,
+        namespace=namespace,
+    )
+    would = "would " if dry_run else ""
+    typer.echo(f"{plan.repo} at commit {plan.git_sha[:12]}{' (dry run)' if dry_run else ''}")
+    if plan.uncommitted_changes:
+        typer.echo("warning: constitutions/ has uncommitted changes")
+    for ref in plan.publish:
+        typer.echo(f"{would}publish {ref} to {plan.registry_uri}")
+    for decision in plan.decisions:
+        if decision.action == "up-to-date":
+            typer.echo(f"up to date: {decision.ref}: {decision.reason}")
+        elif decision.submission is None:
+            typer.echo(f"{would}retrain {decision.ref}: {decision.reason}")
+        else:
+            typer.echo(
+                f"submitted {decision.ref}: run {decision.submission.run_id} {decision.submission.url}"
+            )
+    if not plan.to_retrain:
+        typer.echo("nothing to retrain")
