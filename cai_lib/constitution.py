@@ -42,6 +42,7 @@ from cai_lib.errors import CaiError
 from cai_lib.store import ArtifactStore, LocalStore, is_s3
 
 LOCK_FILE = "constitutions.lock"
+REGISTRY_ENV = "CAI_CONSTITUTION_REGISTRY"
 SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
@@ -369,7 +370,8 @@ def load_constitution(ref: str, root: Path | None = None) -> Constitution:
 
     `ref` is `name@version`, `name` (its newest version by semver), a YAML file path, an
     `s3://` URI of a YAML file, or inline YAML text (a string with a newline and `name:`).
-    Names are looked up in `root` (default `constitutions_dir()`). Whatever the source, a
+    `name@version` is looked up first in the S3 registry named by `$CAI_CONSTITUTION_REGISTRY`
+    (when set), then in `root` (default `constitutions_dir()`). Whatever the source, a
     document claiming a `name@version` recorded in the lock must have the recorded sha256; a
     file inside a constitutions directory must also lie at `<name>/<version>.yaml`.
     """
@@ -386,7 +388,23 @@ def load_constitution(ref: str, root: Path | None = None) -> Constitution:
     path = Path(ref).expanduser()
     if path.suffix in (".yaml", ".yml") or path.is_file():
         return _load_file(path.resolve(), root)
+    published = _registry_uri(ref)
+    if published:
+        return load_constitution(published, root)
     return _load_by_name(ref, root)
+
+
+def _registry_uri(ref: str) -> str | None:
+    """The URI of `name@version` in the S3 registry named by $CAI_CONSTITUTION_REGISTRY, if it is
+    published there. Pods resolve refs this way first: a version published after the image was
+    built exists only there; the bundled copies are the fallback."""
+    registry = os.environ.get(REGISTRY_ENV)
+    name, at, version = ref.partition("@")
+    if not (registry and at):
+        return None
+    store = ArtifactStore.open(registry)
+    key = f"{name}/{version}.yaml"
+    return store.uri_of(key) if store.exists(key) else None
 
 
 def _load_by_name(ref: str, root: Path) -> Constitution:

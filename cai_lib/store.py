@@ -11,6 +11,7 @@ botocore's standard retry mode. Endpoint and credentials come from the standard 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -329,8 +330,18 @@ def s3_client():
     """A boto3 S3 client configured from the standard AWS environment variables.
 
     Uses botocore's `standard` retry mode (exponential backoff with jitter on throttling, 5xx
-    and connection errors); `CAI_S3_MAX_ATTEMPTS` sets the attempt count (default 8).
+    and connection errors); `CAI_S3_MAX_ATTEMPTS` sets the attempt count (default 8). One client
+    is kept per distinct configuration: building one costs about a second.
     """
+    names = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "CAI_S3_MAX_ATTEMPTS",
+             "AWS_S3_ADDRESSING_STYLE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+             "AWS_PROFILE")
+    return _cached_client(tuple(os.environ.get(name) for name in names))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_client(environment: tuple) -> object:
+    # `environment` only keys the cache; the client reads the same variables itself.
     import boto3
     from botocore.config import Config
 

@@ -422,6 +422,16 @@ def test_publish_writes_name_version_yaml_that_loads_back(s3_bucket):
     assert load_constitution(uri).sha256 == harmless.sha256
 
 
+def test_name_at_version_resolves_from_the_registry_before_the_bundled_copies(s3_bucket, monkeypatch):
+    # A version published after the image was built exists only in the registry.
+    newer = load_constitution("harmless@1.0.0").model_copy(update={"version": "9.0.0"})
+    registry = f"s3://{s3_bucket}/registry"
+    publish_constitution(newer, registry)
+    monkeypatch.setenv("CAI_CONSTITUTION_REGISTRY", registry)
+    assert load_constitution("harmless@9.0.0").sha256 == newer.sha256
+    assert load_constitution("harmless@1.0.0").version == "1.0.0"
+
+
 def test_publishing_the_same_content_again_is_a_no_op(s3_bucket):
     harmless = load_constitution("harmless@1.0.0")
     registry = f"s3://{s3_bucket}/registry"
