@@ -1,0 +1,132 @@
+"""`cai stage evaluate` and `cai report`: evaluation of policies and its HTML report.
+
+Plain functions with typer annotations; `cai_lib.cli` registers them. Option defaults and help
+come from `EvaluationConfig`, so the CLI and the run config cannot drift.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from cai_lib.cli.stage_sl import BACKEND, Backend, _option, _read_prompts, config_from
+from cai_lib.errors import CaiError
+from cai_lib.evaluate import EvaluationConfig
+from cai_lib.models import EMBEDDED_ALIAS
+
+# At module level because a call in the default of a list-typed parameter reads as a shared mutable default.
+POLICIES = typer.Option(
+    ...,
+    "--policy",
+    help="A policy to evaluate as NAME=REF (model ref); repeat for each policy, in order.",
+)
+
+
+def parse_policies(values: list[str]) -> dict[str, str]:
+    """`NAME=REF` strings as an ordered name -> ref mapping; a malformed or repeated name is a `CaiError`."""
+    policies: dict[str, str] = {}
+    for value in values:
+        name, sep, ref = value.partition("=")
+        if not sep or not name.strip() or not ref.strip():
+            raise CaiError(f"--policy {value}: expected NAME=REF, e.g. --policy sl-cai=runs/sl-cai")
+        if name.strip() in policies:
+            raise CaiError(f"--policy {value}: the name '{name.strip()}' is given twice")
+        policies[name.strip()] = ref.strip()
+    return policies
+
+
+def evaluate_command(
+    policy: list[str] = POLICIES,
+    reward: str = typer.Option(..., "--reward", help="Preference model ref (from `cai stage train-pm`)."),
+    constitution: str = typer.Option(
+        ..., "--constitution", help="name@version, name (newest), a YAML path, an s3:// URI or inline YAML."
+    ),
+    prompts: str = typer.Option(
+        ...,
+        "--prompts",
+        help="Held-out red-team prompts: a JSONL or hh-rlhf .jsonl(.gz) file, an s3:// URI of one, hf:ORG/NAME "
+        "(optionally hf:ORG/NAME/DATA_DIR:SPLIT), or builtin:red_team.",
+    ),
+    out: str = typer.Option(
+        ...,
+        "--out",
+        help="Local directory or s3:// prefix for metrics.json, answers, judgements and report.html.",
+    ),
+    helpful: str | None = typer.Option(
+        None, "--helpful", help="Held-out helpfulness prompts (same sources as --prompts); omit to skip them."
+    ),
+    feedback_model: str = typer.Option(
+        EMBEDDED_ALIAS, "--feedback-model", help="Model that judges comparisons and evasiveness."
+    ),
+    traces: str | None = typer.Option(
+        None,
+        "--traces",
+        help="SL-CAI traces (from `cai stage critique-revise`) for per-principle statistics.",
+    ),
+    limit: int | None = typer.Option(None, "--limit", help="Use the first K distinct prompts of each set."),
+    harmless_principle: str = _option(EvaluationConfig, "harmless_principle", "--harmless-principle"),
+    helpful_principle: str = _option(EvaluationConfig, "helpful_principle", "--helpful-principle"),
+    cot: bool = _option(EvaluationConfig, "cot", "--cot"),
+    max_reasoning_tokens: int = _option(EvaluationConfig, "max_reasoning_tokens", "--max-reasoning-tokens"),
+    max_new_tokens: int = _option(EvaluationConfig, "max_new_tokens", "--max-new-tokens"),
+    batch_size: int = _option(EvaluationConfig, "batch_size", "--batch-size"),
+    max_traces: int | None = _option(EvaluationConfig, "max_traces", "--max-traces"),
+    samples: int = _option(EvaluationConfig, "num_samples_in_report", "--samples"),
+    seed: int = _option(EvaluationConfig, "seed", "--seed"),
+    backend: Backend = BACKEND,
+) -> None:
+    """Evaluate policies (paper §3.3, §4.3-4.4): PM scores, win rates, Elo, evasiveness, per-principle effects.
+
+    Writes metrics.json, answers.jsonl, judgements.jsonl and a self-contained report.html to --out.
+
+    Example: cai stage evaluate --policy base=smollm2-135m-instruct --policy sl-cai=runs/sl-cai --reward runs/pm --constitution harmless@1.0.0 --prompts runs/prompts/red_team_eval.jsonl --helpful builtin:helpful --traces runs/traces --limit 8 --out runs/eval
+    """
+    from cai_lib.constitution import load_constitution
+    from cai_lib.evaluate import evaluate
+
+    config = config_from(
+        EvaluationConfig,
+        harmless_principle=harmless_principle,
+        helpful_principle=helpful_principle,
+        cot=cot,
+        max_reasoning_tokens=max_reasoning_tokens,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_traces=max_traces,
+        num_samples_in_report=samples,
+        seed=seed,
+        backend=backend.value,
+    )
+    policies = parse_policies(policy)
+    loaded = load_constitution(constitution)
+    red_team = _read_prompts(prompts, "red_team", limit)
+    helpful_prompts = _read_prompts(helpful, "helpful", limit) if helpful else []
+    trace_rows = _read_traces(traces) if traces else None
+    result = evaluate(
+        policies, reward, feedback_model, loaded, red_team, helpful_prompts, out, config, trace_rows
+    )
+    for key, value in result.flat_metrics().items():
+        typer.echo(f"{key}\t{value:.4f}")
+    typer.echo(
+        f"wrote the evaluation of {len(policies)} policies to {out} (report: {out.rstrip('/')}/report.html)"
+    )
+
+
+def report_command(
+    uri: str = typer.Argument(
+        ..., help="The --out of `cai stage evaluate` (local directory or s3:// prefix)."
+    ),
+) -> None:
+    """Write or refresh the HTML report of an evaluation from its metrics.json.
+
+    Example: cai report runs/eval
+    """
+    from cai_lib.report import refresh_report
+
+    typer.echo(f"wrote {refresh_report(uri)}")
+
+
+def _read_traces(uri: str):
+    from cai_lib.records import Trace
+    from cai_lib.shards import read_dataset
+
+    return list(read_dataset(uri, Trace))
