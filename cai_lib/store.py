@@ -35,8 +35,9 @@ def is_s3(uri: str) -> bool:
 
 def join_uri(base: str, *keys: str) -> str:
     """Join a root URI (directory or s3://) with relative keys using '/'."""
-    parts = [str(base).rstrip("/")] + [k.strip("/") for k in keys if k and k.strip("/")]
-    return "/".join(parts)
+    head = str(base).rstrip("/")
+    tail = [k.strip("/") for k in keys if k and k.strip("/")]
+    return "/".join(([head] if head else []) + tail)
 
 
 def sha256_file(path: Path) -> str:

@@ -1,0 +1,180 @@
+"""`cai stage train-pm | rl`: the preference model and RL-CAI from the command line.
+
+Plain functions with typer annotations; `cai_lib.cli` registers them under `cai stage`. Option
+defaults and help come from the stage configs, so the CLI and the run config cannot drift.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import typer
+
+from cai_lib.cli.stage_sl import _option, config_from
+from cai_lib.errors import CaiError
+from cai_lib.preference_model import PreferenceModelConfig
+from cai_lib.records import PromptKind, PromptRecord
+from cai_lib.rl import RLConfig
+
+
+class Algorithm(str, enum.Enum):
+    rloo = "rloo"
+    grpo = "grpo"
+    dpo = "dpo"
+
+
+PROMPT_SOURCES = "a JSONL or hh-rlhf .jsonl(.gz) file, an s3:// URI of one, hf:ORG/NAME (optionally /DATA_DIR and :SPLIT), or builtin:NAME"
+
+RED_TEAM_PROMPTS = typer.Option(
+    ..., "--prompts", help=f"Red-team training prompts (repeatable): {PROMPT_SOURCES}."
+)
+HELPFUL_PROMPTS = typer.Option(
+    [], "--helpful-prompts", help="Helpfulness training prompts (repeatable), in the same formats."
+)
+ALGORITHM = typer.Option(Algorithm.rloo, "--algorithm", help=RLConfig.model_fields["algorithm"].description)
+
+
+def train_pm(
+    ai: str = typer.Option(
+        ...,
+        "--ai",
+        help="AI preference labels from `cai stage label`: a JSONL file or a directory of shards.",
+    ),
+    model: str = typer.Option(
+        ...,
+        "--model",
+        help="Base model ref for the PM: local or s3:// checkpoint, HF id or smollm2-135m-instruct.",
+    ),
+    out: str = typer.Option(
+        ..., "--out", help="Local directory or s3:// prefix for the PM checkpoint; must be empty."
+    ),
+    human: str | None = typer.Option(
+        None, "--human", help=f"Human-labelled pairs in the hh-rlhf format: {PROMPT_SOURCES}."
+    ),
+    human_limit: int | None = typer.Option(None, "--human-limit", help="Use the first K usable human pairs."),
+    human_fraction: float = _option(PreferenceModelConfig, "human_fraction", "--human-fraction"),
+    eval_fraction: float = _option(PreferenceModelConfig, "eval_fraction", "--eval-fraction"),
+    epochs: float = _option(PreferenceModelConfig, "epochs", "--epochs"),
+    learning_rate: float = _option(PreferenceModelConfig, "learning_rate", "--learning-rate"),
+    batch_size: int = _option(PreferenceModelConfig, "batch_size", "--batch-size"),
+    gradient_accumulation_steps: int = _option(
+        PreferenceModelConfig, "gradient_accumulation_steps", "--gradient-accumulation-steps"
+    ),
+    max_length: int = _option(PreferenceModelConfig, "max_length", "--max-length"),
+    seed: int = _option(PreferenceModelConfig, "seed", "--seed"),
+) -> None:
+    """Train the preference model (paper §4.1) on soft AI labels mixed with human pairs; print its held-out accuracy.
+
+    Example: cai stage train-pm --ai runs/labels --human ../shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz --model smollm2-135m-instruct --epochs 1 --out runs/pm
+    """
+    from cai_lib.human_preferences import read_human_preferences, read_preferences
+    from cai_lib.preference_model import train_preference_model
+
+    config = config_from(
+        PreferenceModelConfig,
+        human_fraction=human_fraction,
+        eval_fraction=eval_fraction,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        max_length=max_length,
+        seed=seed,
+    )
+    ai_prefs = read_preferences(ai)
+    human_prefs = read_human_preferences(human, limit=human_limit) if human else []
+    typer.echo(f"read {len(ai_prefs)} AI-labelled pair(s) from {ai} and {len(human_prefs)} human pair(s)")
+    metrics = train_preference_model(ai_prefs, human_prefs, model, out, config)
+    typer.echo(
+        f"trained on {metrics.train_pairs} pair(s) ({metrics.train_ai_pairs} AI, {metrics.train_human_pairs} "
+        f"human) in {len(metrics.loss_curve)} step(s); loss {_curve(metrics.loss_curve)}"
+    )
+    typer.echo(f"held-out AI agreement: {_share(metrics.ai_accuracy, metrics.eval_ai_pairs)}")
+    typer.echo(f"checkpoint written to {metrics.checkpoint_uri}")
+    typer.echo(f"held-out human accuracy: {_share(metrics.human_accuracy, metrics.eval_human_pairs)}")
+
+
+def rl(
+    policy: str = typer.Option(..., "--policy", help="The SL-CAI policy checkpoint to optimise (model ref)."),
+    reward: str = typer.Option(
+        ..., "--reward", help="The preference model from `cai stage train-pm` (model ref)."
+    ),
+    prompts: list[str] = RED_TEAM_PROMPTS,
+    out: str = typer.Option(
+        ..., "--out", help="Local directory or s3:// prefix for the policy checkpoint; must be empty."
+    ),
+    helpful_prompts: list[str] = HELPFUL_PROMPTS,
+    algorithm: Algorithm = ALGORITHM,
+    preferences: str | None = typer.Option(
+        None,
+        "--preferences",
+        help="AI preference labels for --algorithm dpo: a JSONL file or a directory of shards.",
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", help="Use the first K distinct prompts of each source."
+    ),
+    steps: int = _option(RLConfig, "steps", "--steps"),
+    learning_rate: float = _option(RLConfig, "learning_rate", "--learning-rate"),
+    batch_size: int = _option(RLConfig, "batch_size", "--batch-size"),
+    num_generations: int = _option(RLConfig, "num_generations", "--num-generations"),
+    max_new_tokens: int = _option(RLConfig, "max_new_tokens", "--max-new-tokens"),
+    beta: float = _option(RLConfig, "beta", "--beta"),
+    eval_prompts: int = _option(RLConfig, "eval_prompts", "--eval-prompts"),
+    seed: int = _option(RLConfig, "seed", "--seed"),
+) -> None:
+    """RL-CAI (paper §4.1): optimise the SL-CAI policy against the PM with a KL penalty (RLOO, GRPO), or DPO on AI labels.
+
+    Example: cai stage rl --policy runs/sl-cai --reward runs/pm --prompts builtin:red_team --helpful-prompts builtin:helpful --steps 10 --out runs/rl-cai
+    """
+    from cai_lib.human_preferences import read_preferences
+    from cai_lib.rl import train_rl
+
+    config = config_from(
+        RLConfig,
+        algorithm=algorithm.value,
+        steps=steps,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        num_generations=num_generations,
+        max_new_tokens=max_new_tokens,
+        beta=beta,
+        eval_prompts=eval_prompts,
+        seed=seed,
+    )
+    if config.algorithm == "dpo" and preferences is None:
+        raise CaiError("--algorithm dpo: needs --preferences (the AI-labelled pairs to train on)")
+    records = _prompts(prompts, "red_team", limit) + _prompts(helpful_prompts, "helpful", limit)
+    pairs = read_preferences(preferences) if preferences else None
+    typer.echo(
+        f"{config.algorithm}: {len(records)} prompt(s)"
+        + (f", {len(pairs)} preference pair(s)" if pairs else "")
+    )
+    metrics = train_rl(policy, reward, records, out, config, pairs)
+    typer.echo(f"ran {metrics.steps} step(s); loss {_curve(metrics.loss_curve)}")
+    if metrics.kl is not None:
+        typer.echo(f"KL to the initial policy (last step, per token): {metrics.kl:.4f}")
+    typer.echo(f"checkpoint written to {metrics.checkpoint_uri}")
+    typer.echo(
+        f"mean PM score on {metrics.eval_prompts} prompt(s): {_number(metrics.mean_reward_before)} before -> "
+        f"{_number(metrics.mean_reward_after)} after"
+    )
+
+
+def _prompts(sources: list[str], kind: PromptKind, limit: int | None) -> list[PromptRecord]:
+    from cai_lib.prompts import deduplicate, read_prompts
+
+    if limit is not None and limit < 1:
+        raise CaiError(f"--limit: must be at least 1, got {limit}")
+    return [record for source in sources for record in deduplicate(read_prompts(source, kind=kind))[:limit]]
+
+
+def _curve(losses: list[float]) -> str:
+    return f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "not logged"
+
+
+def _share(value: float | None, count: int) -> str:
+    return "n/a (no held-out pairs)" if value is None else f"{value:.3f} on {count} pair(s)"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

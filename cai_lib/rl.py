@@ -1,0 +1,295 @@
+"""RL-CAI: optimise the SL-CAI policy against the preference model (Bai et al. 2022, §4.1).
+
+The paper trains the SL-CAI model with PPO, using the preference model's score as the reward and
+a KL penalty that keeps the policy near the SL-CAI model. TRL no longer ships PPO, so the
+default here is RLOO (REINFORCE with a leave-one-out baseline over `num_generations` samples per
+prompt), with GRPO as an option; both subtract `beta` × KL(policy ‖ SL-CAI model) — RLOO from the
+sequence reward, GRPO in the per-token loss — with the starting checkpoint as the reference.
+The prompts are the red-team and helpfulness training prompts, in chat format; the reward of a
+completion is the PM's score of the whole conversation (`RewardScorer`).
+
+`algorithm="dpo"` is the cheaper path that Hugging Face's CAI recipe took: DPO on the AI-labelled
+pairs themselves (chosen/rejected by the soft label's argmax, ties dropped), with `beta` as DPO's
+strength of the pull towards the reference; no PM is consulted during training.
+
+Whatever the algorithm, the mean PM score of greedy answers to the first `eval_prompts` prompts
+is measured before and after training, so a run says whether it moved the reward.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai_lib.errors import CaiError
+from cai_lib.generation import Conversation
+from cai_lib.preference_model import METRICS_FILE, RewardScorer, conversation_of, new_checkpoint_location
+from cai_lib.records import Preference, PromptRecord
+
+TRAINING_ARGS_FILE = "training_args.bin"
+Algorithm = Literal["rloo", "grpo", "dpo"]
+
+
+class RLConfig(BaseModel):
+    """How to run RL-CAI."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Algorithm = Field(
+        default="rloo", description="rloo (default) or grpo against the PM; dpo on the AI-labelled pairs."
+    )
+    learning_rate: float = Field(
+        default=1e-6, gt=0.0, description="Peak AdamW learning rate (linear decay to 0)."
+    )
+    steps: int = Field(default=100, ge=1, description="Optimiser updates.")
+    batch_size: int = Field(
+        default=4,
+        ge=1,
+        description="Prompts per device and step for rloo/grpo (each sampled num_generations "
+        "times); preference pairs per device and step for dpo.",
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, description="Steps whose gradients are summed before one update."
+    )
+    num_generations: int = Field(
+        default=4,
+        ge=2,
+        description="Completions sampled per prompt (rloo/grpo); the baseline of each is the "
+        "mean reward of the others, so at least 2.",
+    )
+    max_new_tokens: int = Field(default=128, ge=1, description="Longest sampled completion, in tokens.")
+    temperature: float = Field(default=1.0, gt=0.0, description="Sampling temperature during training.")
+    beta: float = Field(
+        default=0.05,
+        ge=0.0,
+        description="KL coefficient: the weight of KL(policy ‖ initial policy) (rloo/grpo), "
+        "or DPO's β. 0 drops the reference model (rloo/grpo).",
+    )
+    max_length: int = Field(
+        default=1024,
+        ge=8,
+        description="Longest prompt + answer in tokens, for DPO pairs and for the PM's input.",
+    )
+    seed: int = Field(default=0, description="Seed for sampling, shuffling and initialisation.")
+    eval_prompts: int = Field(
+        default=16,
+        ge=0,
+        description="How many of the prompts (the first ones) are answered greedily before and "
+        "after training to measure the mean PM score; 0 skips the measurement.",
+    )
+    eval_batch_size: int = Field(
+        default=16, ge=1, description="Sequences per batch when scoring and evaluating."
+    )
+    bf16: bool = Field(default=False, description="bfloat16 mixed precision (GPUs with bf16 support only).")
+    activation_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: less memory, ~20% slower."
+    )
+    use_cpu: bool = Field(default=False, description="Train on the CPU even when a GPU is visible.")
+
+
+class RLMetrics(BaseModel):
+    """What RL produced: the reward before and after, the KL to the initial policy, the curves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Algorithm
+    policy_ref: str
+    reward_ref: str
+    checkpoint_uri: str
+    steps: int = Field(description="Optimiser updates run.")
+    train_prompts: int
+    train_pairs: int
+    eval_prompts: int
+    mean_reward_before: float | None = Field(description="Mean PM score of greedy answers before training.")
+    mean_reward_after: float | None = Field(description="The same, after training.")
+    kl: float | None = Field(description="Last logged mean per-token KL to the initial policy (rloo/grpo).")
+    loss_curve: list[float] = Field(description="Training loss at each step.")
+    reward_curve: list[float] = Field(
+        description="Mean PM score of the sampled completions at each step (rloo/grpo)."
+    )
+    config: RLConfig
+
+
+class PreferenceModelReward:
+    """A TRL reward function: the PM's score of each prompt + completion conversation.
+
+    TRL calls it with `prompts` and `completions` as lists of chat messages (conversational
+    datasets), plus the dataset's other columns and trainer hooks as keyword arguments.
+    """
+
+    def __init__(self, scorer: RewardScorer):
+        self.scorer = scorer
+
+    def __call__(self, prompts: list[Conversation], completions: list[Conversation], **kwargs) -> list[float]:
+        return self.scorer.score_conversations([p + c for p, c in zip(prompts, completions, strict=True)])
+
+
+def dpo_pairs(preferences: Sequence[Preference]) -> list[dict]:
+    """TRL's conversational preference rows; pairs labelled exactly 0.5 prefer nothing and are dropped."""
+    return [
+        {
+            "prompt": conversation_of(p.prompt),
+            "chosen": [{"role": "assistant", "content": p.chosen}],
+            "rejected": [{"role": "assistant", "content": p.rejected}],
+        }
+        for p in preferences
+        if p.label != 0.5
+    ]
+
+
+def train_rl(
+    policy_ref: str,
+    reward_ref: str,
+    prompts: Sequence[PromptRecord],
+    out_uri: str,
+    config: RLConfig | None = None,
+    preferences: Sequence[Preference] | None = None,
+) -> RLMetrics:
+    """Optimise `policy_ref` (the SL-CAI model) and save the policy at `out_uri`.
+
+    rloo/grpo sample answers to `prompts` and reward them with the PM at `reward_ref`; dpo
+    trains on `preferences` (required then). The checkpoint (safetensors + tokenizer) and
+    `metrics.json` are written together; `out_uri` must not already hold files. Input mistakes
+    (no prompts, no usable pairs, a reward model that is not a PM) raise `CaiError` before any
+    training.
+    """
+    from cai_lib.models import load_tokenizer, resolve_model
+
+    config = config or RLConfig()
+    store, key = new_checkpoint_location(out_uri)
+    pairs = dpo_pairs(preferences or []) if config.algorithm == "dpo" else []
+    if config.algorithm == "dpo" and not pairs:
+        raise CaiError("--algorithm dpo needs --preferences with at least one pair whose label is not 0.5")
+    if config.algorithm != "dpo" and not prompts:
+        raise CaiError(f"--algorithm {config.algorithm} needs at least one training prompt")
+    scorer = RewardScorer.load(reward_ref, config.eval_batch_size, config.max_length)
+    policy_path = resolve_model(policy_ref)
+    tokenizer = load_tokenizer(policy_path, policy_ref)
+    eval_conversations = [conversation_of(p.prompt) for p in prompts[: config.eval_prompts]]
+
+    with tempfile.TemporaryDirectory(prefix="cai-rl-") as scratch:
+        trainer = _trainer(config, policy_path, tokenizer, scorer, prompts, pairs, Path(scratch) / "trainer")
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        before = _mean_reward(policy, tokenizer, scorer, eval_conversations, config)
+        trainer.train()
+        after = _mean_reward(policy, tokenizer, scorer, eval_conversations, config)
+        history = trainer.state.log_history
+        kls = [entry["kl"] for entry in history if "kl" in entry]
+        metrics = RLMetrics(
+            algorithm=config.algorithm,
+            policy_ref=policy_ref,
+            reward_ref=reward_ref,
+            checkpoint_uri=store.uri_of(key),
+            steps=trainer.state.global_step,
+            train_prompts=0 if config.algorithm == "dpo" else len(prompts),
+            train_pairs=len(pairs),
+            eval_prompts=len(eval_conversations),
+            mean_reward_before=before,
+            mean_reward_after=after,
+            kl=kls[-1] if kls else None,
+            loss_curve=[entry["loss"] for entry in history if "loss" in entry],
+            reward_curve=[entry["reward"] for entry in history if "reward" in entry],
+            config=config,
+        )
+        checkpoint = Path(scratch) / "checkpoint"
+        trainer.save_model(str(checkpoint))  # the model and the trainer's tokenizer
+        # The Trainer also pickles its arguments there; loading never needs them, and we ship no pickles.
+        (checkpoint / TRAINING_ARGS_FILE).unlink(missing_ok=True)
+        (checkpoint / METRICS_FILE).write_text(metrics.model_dump_json(indent=2) + "\n")
+        store.put_dir(checkpoint, key)
+    return metrics
+
+
+def _trainer(config: RLConfig, policy_path: Path, tokenizer, scorer, prompts, pairs, scratch: Path):
+    """The TRL trainer for `config.algorithm`, set up for the policy at `policy_path`."""
+    from datasets import Dataset
+
+    common = {
+        "output_dir": str(scratch),
+        "learning_rate": config.learning_rate,
+        "max_steps": config.steps,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "beta": config.beta,
+        "seed": config.seed,
+        "bf16": config.bf16,
+        "activation_checkpointing": config.activation_checkpointing,
+        "use_cpu": config.use_cpu,
+        # Dropout makes the policy's and the reference's log-probs differ on identical weights.
+        "disable_dropout": True,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+    }
+    if config.algorithm == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(
+            per_device_train_batch_size=config.batch_size, max_length=config.max_length, **common
+        )
+        return DPOTrainer(
+            model=str(policy_path),
+            args=args,
+            train_dataset=Dataset.from_list(pairs),
+            processing_class=tokenizer,
+        )
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    config_class, trainer_class = (
+        (RLOOConfig, RLOOTrainer) if config.algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
+    )
+    args = config_class(
+        # TRL counts completions per device batch: batch_size prompts × num_generations samples.
+        per_device_train_batch_size=config.batch_size * config.num_generations,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_new_tokens,
+        temperature=config.temperature,
+        **common,
+    )
+    return trainer_class(
+        model=str(policy_path),
+        reward_funcs=PreferenceModelReward(scorer),
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": conversation_of(p.prompt)} for p in prompts]),
+        processing_class=tokenizer,
+    )
+
+
+def _mean_reward(
+    policy, tokenizer, scorer: RewardScorer, conversations: list[Conversation], config: RLConfig
+):
+    """Mean PM score of the policy's greedy answers to `conversations`; None when there are none."""
+    if not conversations:
+        return None
+    answers = greedy_answers(policy, tokenizer, conversations, config.max_new_tokens, config.eval_batch_size)
+    scored = [c + [{"role": "assistant", "content": a}] for c, a in zip(conversations, answers)]
+    return statistics.fmean(scorer.score_conversations(scored))
+
+
+def greedy_answers(model, tokenizer, conversations: list[Conversation], max_new_tokens: int, batch_size: int):
+    """The model's greedy reply to each conversation, batched with left padding."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for start in range(0, len(conversations), batch_size):
+        texts = [
+            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+            for c in conversations[start : start + batch_size]
+        ]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.inference_mode():
+            output = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        answers.extend(
+            tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        )
+    model.train(was_training)
+    return [answer.strip() for answer in answers]
