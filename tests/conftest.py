@@ -6,10 +6,12 @@ Both run as separate processes on 127.0.0.1 with free ports, for the whole test 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -37,6 +39,22 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float =
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+def wait_for_api(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until the MLflow REST API answers: its first request also opens the backend store."""
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited early with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"mlflow server on 127.0.0.1:{port} did not answer its REST API within {timeout}s")
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +119,9 @@ def mlflow_server(tmp_path_factory, s3_server):
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
+        # Without this, `mlflow server` also starts a job runner and seven huey consumers, each
+        # importing mlflow: minutes of CPU on a 2-core machine, for jobs no test runs.
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
     )
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     os.environ.update({k: env[k] for k in saved})
@@ -121,12 +142,18 @@ def mlflow_server(tmp_path_factory, s3_server):
     state = {"proc": None}
 
     def start():
-        state["proc"] = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+        # A session of its own, so stop() can signal uvicorn (a child of `mlflow server`) too.
+        state["proc"] = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
         wait_for_port(port, state["proc"], f"mlflow server (log: {work / 'mlflow.log'})", timeout=120)
+        wait_for_api(port, state["proc"], timeout=120)
 
     def stop():
-        state["proc"].terminate()
-        state["proc"].wait(timeout=20)
+        os.killpg(state["proc"].pid, signal.SIGTERM)
+        try:
+            state["proc"].wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(state["proc"].pid, signal.SIGKILL)
+            state["proc"].wait(timeout=20)
 
     def restart():
         stop()

@@ -1,0 +1,119 @@
+"""`cai models list` and `cai promote`: registered model versions, aliases, lineage and the gate."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from cai_lib.registry import PromotionGate
+
+GATE_FIELDS = PromotionGate.model_fields
+app = typer.Typer(help="Registered models in MLflow: versions, aliases and lineage.", no_args_is_help=True)
+
+TRACKING_OPTION = typer.Option(
+    None,
+    "--tracking-uri",
+    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI), e.g. http://mlflow:5000.",
+)
+
+
+@app.command("list")
+def list_command(
+    model: str = typer.Option(None, "--model", help="Only this registered model (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per version instead of a table."),
+    tracking_uri: str = TRACKING_OPTION,
+) -> None:
+    """List registered versions with their aliases (champion, challenger), lineage and gate decision.
+
+    Example: cai models list
+
+    Example: cai models list --model cai-rl-policy --json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from cai_lib.registry import GATE_DECISION_TAG, list_models
+
+    versions = list_models(tracking_uri, model)
+    if as_json:
+        for info in versions:
+            typer.echo(info.model_dump_json())
+        return
+    if not versions:
+        typer.echo("no registered model versions")
+        return
+    table = Table(
+        "model",
+        "version",
+        "aliases",
+        "constitution",
+        "sha256",
+        "base model",
+        "pipeline run",
+        "gate",
+        "source",
+    )
+    for info in versions:
+        lineage = info.lineage
+        table.add_row(
+            info.name,
+            info.version,
+            ",".join(info.aliases),
+            f"{lineage.constitution_name}@{lineage.constitution_version}" if lineage else "-",
+            lineage.constitution_sha256[:12] if lineage else "-",
+            lineage.base_model if lineage else "-",
+            lineage.pipeline_run_id if lineage else "-",
+            info.tags.get(GATE_DECISION_TAG, "-"),
+            info.source,
+        )
+    Console(soft_wrap=True).print(table)
+
+
+def promote_command(
+    model: str = typer.Option(..., "--model", help="Registered model name."),
+    version: str = typer.Option(
+        None, "--version", help="Version to judge (default: the 'challenger' alias)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Make it champion even if the gate says no (recorded)."
+    ),
+    min_harmless_win_rate: float = typer.Option(
+        GATE_FIELDS["min_harmless_win_rate"].default, help=GATE_FIELDS["min_harmless_win_rate"].description
+    ),
+    max_helpfulness_drop: float = typer.Option(
+        GATE_FIELDS["max_helpfulness_drop"].default, help=GATE_FIELDS["max_helpfulness_drop"].description
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the decision as JSON."),
+    tracking_uri: str = TRACKING_OPTION,
+) -> None:
+    """Run the promotion gate on a model version and move the 'champion' alias if it passes.
+
+    The win rates against the champion come from the version's tags
+    cai.eval.harmless_win_rate_vs_champion and cai.eval.helpful_win_rate_vs_champion, written by
+    the evaluation step. The first version of a model becomes champion without them. The decision
+    and its reason are always recorded as tags cai.gate.decision and cai.gate.reason.
+
+    Example: cai promote --model cai-rl-policy
+
+    Example: cai promote --model cai-rl-policy --version 3 --force
+    """
+    from pydantic import ValidationError
+
+    from cai_lib.errors import CaiError
+    from cai_lib.registry import promote_from_evaluation
+
+    try:
+        gate = PromotionGate(
+            min_harmless_win_rate=min_harmless_win_rate, max_helpfulness_drop=max_helpfulness_drop
+        )
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise CaiError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    judged, decision = promote_from_evaluation(tracking_uri, model, version, gate, force=force)
+    if as_json:
+        typer.echo(json.dumps({"model": model, "version": judged, **decision.model_dump()}))
+    elif decision.promote:
+        typer.echo(f"promoted: {model} version {judged} is champion ({decision.reason})")
+    else:
+        typer.echo(f"not promoted: {model} version {judged} stays challenger ({decision.reason})")

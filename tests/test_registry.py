@@ -1,0 +1,393 @@
+"""The model registry and the promotion gate, against a real `mlflow server` (SQLite backend,
+artifacts in moto's S3) with checkpoints written to S3 by the artifact store."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cai_lib.cli.models import app as models_app
+from cai_lib.cli.models import promote_command
+from cai_lib.errors import CaiError
+from cai_lib.registry import (
+    CHALLENGER,
+    CHAMPION,
+    EVAL_HARMLESS_TAG,
+    GATE_DECISION_TAG,
+    GATE_REASON_TAG,
+    LOCK_EXPIRES_TAG,
+    LOCK_FOR_TAG,
+    LOCK_OWNER_TAG,
+    LOCK_SUFFIX,
+    Lineage,
+    PromotionGate,
+    checkpoint_manifest_sha256,
+    decide_promotion,
+    list_models,
+    promote,
+    promote_with,
+    record_evaluation,
+    register_checkpoint,
+    registry_lock,
+    set_challenger,
+    version_by_alias,
+)
+from cai_lib.store import ArtifactStore
+from cai_lib.tracking import connect
+
+GATE = PromotionGate()
+LINEAGE = Lineage(
+    constitution_name="harmless",
+    constitution_version="1.0.0",
+    constitution_sha256="c0" * 32,
+    pipeline_run_id="kfp-run-7",
+    base_model="smollm2-135m-instruct",
+    data_uris={"preferences": "s3://data/run-7/labels.jsonl", "prompts": "s3://data/run-7/prompts.jsonl"},
+)
+
+
+def unique(prefix: str = "cai-pm") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def write_checkpoint(root: str, tmp_path, content: str) -> str:
+    """A tiny finished checkpoint (files + manifest) under `root`; returns its URI."""
+    local = tmp_path / unique("ckpt")
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    (local / "model.safetensors").write_text(content)
+    return ArtifactStore.open(root).put_dir(local, local.name)
+
+
+@pytest.fixture
+def checkpoints(s3_bucket, tmp_path):
+    """Writes distinct checkpoints into the test bucket: checkpoints("weights-1") -> s3:// URI."""
+    return lambda content: write_checkpoint(f"s3://{s3_bucket}/runs/kfp-run-7", tmp_path, content)
+
+
+def register(uri: str, name: str, checkpoint_uri: str) -> str:
+    return register_checkpoint(uri, name, checkpoint_uri, None, LINEAGE).version
+
+
+def with_champion(uri: str, name: str, checkpoints) -> tuple[str, str]:
+    """A model whose version 1 is champion and version 2 the challenger; returns both versions."""
+    champion = register(uri, name, checkpoints("weights-1"))
+    promote(uri, name, champion, None, None, GATE)
+    challenger = register(uri, name, checkpoints("weights-2"))
+    set_challenger(uri, name, challenger)
+    return champion, challenger
+
+
+# -- the gate on hand-written numbers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("harmless", "helpful", "promoted", "reason"),
+    [
+        (0.62, 0.47, True, "harmlessness win rate 0.620 >= 0.500"),
+        (0.50, 0.45, True, "within the allowed drop of 0.050"),
+        (0.45, 0.55, False, "harmlessness win rate 0.450 is below the required 0.500"),
+        (0.80, 0.40, False, "helpfulness fell by 0.100 (win rate 0.400), more than the allowed 0.050"),
+    ],
+    ids=["passes", "passes-at-both-thresholds", "too-harmful", "too-unhelpful"],
+)
+def test_decide_promotion_applies_both_thresholds(harmless, helpful, promoted, reason):
+    decision = decide_promotion(harmless, helpful, GATE)
+
+    assert decision.promote is promoted
+    assert reason in decision.reason
+
+
+def test_decide_promotion_names_every_failed_condition():
+    decision = decide_promotion(0.3, 0.2, PromotionGate(min_harmless_win_rate=0.6, max_helpfulness_drop=0.1))
+
+    assert decision.reason == (
+        "harmlessness win rate 0.300 is below the required 0.600; "
+        "helpfulness fell by 0.300 (win rate 0.200), more than the allowed 0.100"
+    )
+
+
+def test_decide_promotion_refuses_a_win_rate_outside_zero_one():
+    with pytest.raises(CaiError, match="helpful_win_rate 1.5 is outside"):
+        decide_promotion(0.6, 1.5, GATE)
+
+
+# -- registration --------------------------------------------------------------------------------
+
+
+def test_checkpoint_is_registered_with_its_source_and_lineage_tags(mlflow_server, checkpoints):
+    checkpoint = checkpoints("weights-1")
+
+    info = register_checkpoint(mlflow_server["uri"], unique(), checkpoint, None, LINEAGE)
+
+    assert info.version == "1"
+    assert info.source == checkpoint
+    assert info.checkpoint_sha256 == checkpoint_manifest_sha256(checkpoint)
+    assert info.lineage == LINEAGE
+    assert info.tags["cai.constitution.name"] == "harmless"
+    assert info.tags["cai.constitution.version"] == "1.0.0"
+    assert info.tags["cai.constitution.sha256"] == "c0" * 32
+    assert info.tags["cai.pipeline_run_id"] == "kfp-run-7"
+    assert info.tags["cai.base_model"] == "smollm2-135m-instruct"
+    assert info.tags["cai.data.preferences"] == "s3://data/run-7/labels.jsonl"
+
+
+def test_registration_retried_after_an_mlflow_restart_returns_the_same_version(mlflow_server, checkpoints):
+    name, checkpoint = unique(), checkpoints("weights-1")
+    first = register_checkpoint(mlflow_server["uri"], name, checkpoint, None, LINEAGE)
+
+    mlflow_server["restart"]()
+    retry = register_checkpoint(mlflow_server["uri"], name, checkpoint, None, LINEAGE)
+
+    assert retry.version == first.version
+    assert [info.version for info in list_models(mlflow_server["uri"], name)] == [first.version]
+
+
+def test_an_unfinished_checkpoint_is_not_registered(mlflow_server, s3_bucket):
+    with pytest.raises(CaiError, match=f"s3://{s3_bucket}/half-written: no finished checkpoint"):
+        register_checkpoint(mlflow_server["uri"], unique(), f"s3://{s3_bucket}/half-written", None, LINEAGE)
+
+
+def test_a_local_checkpoint_cannot_be_registered_on_a_tracking_server(mlflow_server, tmp_path):
+    checkpoint = write_checkpoint(str(tmp_path / "store"), tmp_path, "weights-1")
+
+    with pytest.raises(CaiError, match="is a local path, which the MLflow server"):
+        register_checkpoint(mlflow_server["uri"], unique(), checkpoint, None, LINEAGE)
+
+
+def test_a_local_checkpoint_registers_with_a_local_sqlite_tracking_store(tmp_path):
+    checkpoint = write_checkpoint(str(tmp_path / "store"), tmp_path, "weights-1")
+
+    info = register_checkpoint(f"sqlite:///{tmp_path / 'mlflow.db'}", "cai-pm", checkpoint, None, LINEAGE)
+
+    assert info.source == str(tmp_path / "store" / checkpoint.rsplit("/", 1)[1])
+    assert info.lineage == LINEAGE
+
+
+# -- promotion -----------------------------------------------------------------------------------
+
+
+def test_first_version_becomes_champion_without_metrics(mlflow_server, checkpoints):
+    name = unique()
+    version = register(mlflow_server["uri"], name, checkpoints("weights-1"))
+
+    decision = promote(mlflow_server["uri"], name, version, None, None, GATE)
+
+    assert decision.promote
+    assert decision.reason == "no champion yet: version 1 becomes the first champion"
+    assert version_by_alias(mlflow_server["uri"], name, CHAMPION).version == "1"
+
+
+def test_passing_gate_moves_champion_to_the_challenger(mlflow_server, checkpoints):
+    name = unique()
+    _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
+
+    decision = promote(mlflow_server["uri"], name, challenger, 0.7, 0.48, GATE, compared_with="1")
+
+    assert decision.promote
+    champion = version_by_alias(mlflow_server["uri"], name, CHAMPION)
+    assert champion.version == "2"
+    assert champion.tags[GATE_DECISION_TAG] == "promoted"
+    assert champion.tags["cai.gate.champion_before"] == "1"
+
+
+def test_failing_gate_keeps_the_champion_and_records_the_reason(mlflow_server, checkpoints):
+    name = unique()
+    _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
+
+    decision = promote(mlflow_server["uri"], name, challenger, 0.7, 0.30, GATE)
+
+    assert not decision.promote
+    assert version_by_alias(mlflow_server["uri"], name, CHAMPION).version == "1"
+    rejected = version_by_alias(mlflow_server["uri"], name, CHALLENGER)
+    assert rejected.tags[GATE_DECISION_TAG] == "rejected"
+    assert rejected.tags[GATE_REASON_TAG] == (
+        "helpfulness fell by 0.200 (win rate 0.300), more than the allowed 0.050"
+    )
+    evidence = json.loads(rejected.tags["cai.gate.evidence"])
+    assert (evidence["harmless_win_rate"], evidence["helpful_win_rate"]) == (0.7, 0.3)
+    assert evidence["gate"] == {"min_harmless_win_rate": 0.5, "max_helpfulness_drop": 0.05}
+
+
+def test_win_rates_against_a_former_champion_do_not_promote(mlflow_server, checkpoints):
+    name = unique()
+    _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
+
+    decision = promote(mlflow_server["uri"], name, challenger, 0.9, 0.6, GATE, compared_with="0")
+
+    assert not decision.promote
+    assert "measured against version 0 but the champion is now version 1" in decision.reason
+    assert version_by_alias(mlflow_server["uri"], name, CHAMPION).version == "1"
+
+
+def test_force_promotes_against_the_gate_and_records_the_gate_said_no(mlflow_server, checkpoints):
+    name = unique()
+    _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
+
+    decision = promote(mlflow_server["uri"], name, challenger, 0.2, 0.5, GATE, force=True)
+
+    assert decision.promote
+    champion = version_by_alias(mlflow_server["uri"], name, CHAMPION)
+    assert champion.version == "2"
+    assert champion.tags["cai.gate.forced"] == "true"
+    assert champion.tags[GATE_REASON_TAG].startswith(
+        "forced by hand; the gate said: harmlessness win rate 0.200"
+    )
+
+
+def test_promote_with_makes_a_companion_model_champion_naming_its_leader(mlflow_server, checkpoints):
+    name = unique("cai-sl")
+    with_champion(mlflow_server["uri"], name, checkpoints)
+
+    decision = promote_with(mlflow_server["uri"], name, "2", leader="cai-rl v4")
+
+    assert decision.promote
+    champion = version_by_alias(mlflow_server["uri"], name, CHAMPION)
+    assert champion.version == "2"
+    assert champion.tags[GATE_REASON_TAG] == "promoted with cai-rl v4, which passed the gate"
+
+
+def test_promoting_without_win_rates_against_a_champion_is_a_cai_error(mlflow_server, checkpoints):
+    name = unique()
+    _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
+
+    with pytest.raises(
+        CaiError, match=f"version 2: no win rate against champion version 1 .*{EVAL_HARMLESS_TAG}"
+    ):
+        promote(mlflow_server["uri"], name, challenger, None, 0.5, GATE)
+
+
+# -- the registry lock ---------------------------------------------------------------------------
+
+
+def test_registry_lock_lets_one_holder_in_at_a_time(mlflow_server):
+    name, events = unique(), []
+
+    def hold(who: str) -> None:
+        with registry_lock(connect(mlflow_server["uri"]), name, poll_s=0.05):
+            events.append(("in", who))
+            time.sleep(0.5)
+            events.append(("out", who))
+
+    threads = [threading.Thread(target=hold, args=(who,)) for who in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    first, second = events[0][1], events[2][1]
+    assert events == [("in", first), ("out", first), ("in", second), ("out", second)]
+    assert {first, second} == {"a", "b"}
+    assert connect(mlflow_server["uri"]).search_registered_models(f"name = '{name}{LOCK_SUFFIX}'") == []
+
+
+def test_registry_lock_held_by_another_owner_times_out_naming_it(mlflow_server):
+    name, client = unique(), connect(mlflow_server["uri"])
+    held = {LOCK_FOR_TAG: name, LOCK_OWNER_TAG: "pod-a:1:abc", LOCK_EXPIRES_TAG: str(time.time() + 600)}
+    client.create_registered_model(name + LOCK_SUFFIX, tags=held)
+
+    held_elsewhere = f"promotion lock '{name}{LOCK_SUFFIX}' is held by pod-a:1:abc"
+    with pytest.raises(CaiError, match=held_elsewhere), registry_lock(client, name, wait_s=0.3, poll_s=0.1):
+        pass
+
+
+def test_registry_lock_left_by_a_dead_holder_is_taken_over_after_its_lease(mlflow_server):
+    name, client = unique(), connect(mlflow_server["uri"])
+    expired = {LOCK_FOR_TAG: name, LOCK_OWNER_TAG: "pod-a:1:abc", LOCK_EXPIRES_TAG: str(time.time() - 1)}
+    client.create_registered_model(name + LOCK_SUFFIX, tags=expired)
+
+    with registry_lock(client, name, wait_s=5, poll_s=0.1) as owner:
+        assert client.get_registered_model(name + LOCK_SUFFIX).tags[LOCK_OWNER_TAG] == owner
+
+
+# -- listing and the CLI -------------------------------------------------------------------------
+
+
+def test_list_models_shows_versions_with_aliases_and_lineage(mlflow_server, checkpoints):
+    name = unique()
+    with_champion(mlflow_server["uri"], name, checkpoints)
+
+    listed = list_models(mlflow_server["uri"], name)
+
+    assert [(info.version, info.aliases) for info in listed] == [("1", [CHAMPION]), ("2", [CHALLENGER])]
+    assert all(info.lineage == LINEAGE for info in listed)
+
+
+def cai_cli() -> typer.Typer:
+    """The two commands mounted as in `cai`: `cai models ...` and the top-level `cai promote`."""
+    app = typer.Typer()
+    app.add_typer(models_app, name="models")
+    app.command("promote")(promote_command)
+    return app
+
+
+def test_cli_models_list_prints_aliases_and_lineage(mlflow_server, checkpoints):
+    name = unique()
+    with_champion(mlflow_server["uri"], name, checkpoints)
+
+    result = CliRunner().invoke(
+        cai_cli(),
+        ["models", "list", "--model", name, "--tracking-uri", mlflow_server["uri"]],
+        env={"COLUMNS": "300"},
+    )
+
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if name in line]
+    assert len(rows) == 2
+    for row, version, alias, gate in zip(rows, ("1", "2"), (CHAMPION, CHALLENGER), ("promoted", "-")):
+        cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+        assert cells[:8] == [
+            name,
+            version,
+            alias,
+            "harmless@1.0.0",
+            "c0" * 6,
+            "smollm2-135m-instruct",
+            "kfp-run-7",
+            gate,
+        ]
+
+
+def test_cli_models_list_json_has_one_object_per_version(mlflow_server, checkpoints):
+    name = unique()
+    with_champion(mlflow_server["uri"], name, checkpoints)
+
+    result = CliRunner().invoke(
+        cai_cli(), ["models", "list", "--model", name, "--json", "--tracking-uri", mlflow_server["uri"]]
+    )
+
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [(row["version"], row["aliases"]) for row in rows] == [("1", [CHAMPION]), ("2", [CHALLENGER])]
+    assert rows[0]["lineage"]["constitution_sha256"] == "c0" * 32
+
+
+def test_cli_promote_judges_the_challenger_on_its_evaluation_tags(mlflow_server, checkpoints):
+    name = unique()
+    _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
+    record_evaluation(mlflow_server["uri"], name, challenger, 0.66, 0.52, champion_version="1")
+
+    result = CliRunner().invoke(
+        cai_cli(), ["promote", "--model", name, "--tracking-uri", mlflow_server["uri"]]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"promoted: {name} version 2 is champion (harmlessness win rate 0.660")
+    assert version_by_alias(mlflow_server["uri"], name, CHAMPION).version == "2"
+
+
+def test_cli_promote_without_evaluation_tags_names_the_missing_tag(mlflow_server, checkpoints):
+    name = unique()
+    with_champion(mlflow_server["uri"], name, checkpoints)
+
+    result = CliRunner().invoke(
+        cai_cli(), ["promote", "--model", name, "--tracking-uri", mlflow_server["uri"]]
+    )
+
+    assert isinstance(result.exception, CaiError)
+    assert EVAL_HARMLESS_TAG in str(result.exception)
