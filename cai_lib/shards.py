@@ -60,7 +60,9 @@ class ShardedOutput:
                 )
             return
         if self.store.list(""):
-            raise CaiError(f"{self.uri}: is not empty and was not written by this stage; choose another --out")
+            raise CaiError(
+                f"{self.uri}: is not empty and was not written by this stage; choose another --out"
+            )
         self.store.write_json(INPUTS, {"fingerprint": self.fingerprint, "inputs": self.inputs})
 
     def is_finished(self) -> bool:
@@ -99,7 +101,9 @@ class ShardedOutput:
             data = self.store.read_bytes(key)
             digest.update(data)
             rows += data.count(b"\n")
-        self.store.write_json(SUCCESS, {"rows": rows, "sha256": digest.hexdigest(), "shards": len(self.shard_keys())})
+        self.store.write_json(
+            SUCCESS, {"rows": rows, "sha256": digest.hexdigest(), "shards": len(self.shard_keys())}
+        )
         return rows
 
     def shard_keys(self) -> list[str]:
@@ -125,3 +129,21 @@ def dataset_summary(uri: str) -> dict:
     if not store.exists(SUCCESS):
         raise CaiError(f"{uri}: dataset is not finished (no {SUCCESS})")
     return store.read_json(SUCCESS)
+
+
+def merge_datasets(uris: Sequence[str], out_uri: str) -> int:
+    """Concatenate finished sharded datasets (in the given order) into one at `out_uri`.
+
+    Idempotent: rerunning with the same inputs finds the same fingerprint and rewrites nothing.
+    """
+    parts = [(uri, dataset_summary(uri)) for uri in uris]
+    output = ShardedOutput(out_uri, {"merge": [[uri, summary["sha256"]] for uri, summary in parts]})
+    output.claim()
+    index = 0
+    for uri, _ in parts:
+        source = ArtifactStore.open(uri)
+        for key in sorted(k for k in source.list("") if k.startswith("part-") and k.endswith(".jsonl")):
+            if not output.done(index):
+                output.store.write_bytes(shard_name(index), source.read_bytes(key))
+            index += 1
+    return output.finish()

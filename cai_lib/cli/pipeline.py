@@ -1,0 +1,86 @@
+"""`cai run` and `cai compile`: the whole pipeline locally, or its IR YAML for Kubeflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cai_lib.errors import CaiError
+
+QUICK_CONFIG = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "quick.yaml"
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Run config YAML (see pipelines/configs/).")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one field, e.g. --set critique_revise.rounds=2 (repeatable)."),
+]
+
+
+def load_config(config: Path | None, overrides: list[str] | None, quick: bool = False):
+    from cai_lib.config import load_run_config
+
+    if quick and config:
+        raise CaiError(
+            "--quick and --config are exclusive: --quick is the config pipelines/configs/quick.yaml"
+        )
+    return load_run_config(QUICK_CONFIG if quick else config, overrides or [])
+
+
+def run_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Small sizes: the whole method in ~15 min on a CPU.")
+    ] = False,
+) -> None:
+    """Run the whole pipeline on this machine through kfp.local, with embedded defaults.
+
+    Defaults: artifacts in .cai/artifacts, MLflow in .cai/mlflow.db (SQLite), the model
+    smollm2-135m-instruct, the constitution harmless and the built-in prompt sets.
+
+    Example: cai run --quick --set constitution=harmless@1.0.0
+    """
+    from rich.console import Console
+
+    from pipelines.local import run_local
+
+    console = Console(stderr=True)
+    run_config = load_config(config, set_, quick)
+    console.print(
+        f"[bold]cai run[/bold]: constitution {run_config.params.constitution}, "
+        f"model {run_config.params.base_model}; each step's progress follows"
+    )
+    summary = run_local(run_config, Path.cwd())
+    print(f"run root:     {summary['run_root']}")
+    print(f"report:       {summary['report']}")
+    print(f"checkpoints:  {summary['run_root']}/checkpoints")
+    for role, version in summary["versions"].items():
+        print(f"registered:   {version['name']} version {version['version']} ({role})")
+    print(
+        f"promotion:    {'promoted to champion' if summary['promoted'] else 'not promoted'}: {summary['reason']}"
+    )
+    print(f"MLflow:       {summary['mlflow_tracking_uri']} (experiment {summary['experiment']!r})")
+    print(f"open the UI:  {summary['ui_command']}")
+
+
+def compile_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the pipeline YAML.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Compile the pipeline to IR YAML for upload in the Kubeflow UI.
+
+    The run config's params become the pipeline parameters' defaults; its deploy section sets
+    images, per-stage GPU resources, node selectors, tolerations and secrets.
+
+    Example: cai compile --out pipeline.yaml --config my-run.yaml
+    """
+    from pipelines.cai_pipeline import compile_pipeline
+
+    run_config = load_config(config, set_)
+    compile_pipeline(str(out), run_config.params, run_config.deploy)
+    print(f"wrote {out}")

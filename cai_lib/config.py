@@ -1,0 +1,290 @@
+"""The run config: one pydantic model that is the whole experiment (DESIGN §4).
+
+The same fields are seen by the CLI (`cai run --config FILE --set key=value`), by `kfp.local`, by
+the compiled pipeline (each top-level field of `PipelineParams` is one pipeline parameter, nested
+stage sections are `dict` parameters) and by MLflow (logged as params of the parent run).
+Deployment settings that cannot change per run (images, resource profiles, secrets) live in
+`DeployConfig` and are applied when the pipeline is compiled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cai_lib.critique_revise import CritiqueReviseConfig
+from cai_lib.errors import CaiError
+from cai_lib.evaluate import EvaluationConfig
+from cai_lib.feedback import FeedbackConfig
+from cai_lib.pairs import SamplePairsConfig
+from cai_lib.preference_model import PreferenceModelConfig
+from cai_lib.registry import PromotionGate
+from cai_lib.rl import RLConfig
+from cai_lib.sft import SFTStageConfig
+
+GPU_STAGES = (
+    "critique_revise",
+    "helpful_samples",
+    "sft",
+    "sample_pairs",
+    "label",
+    "train_pm",
+    "rl",
+    "evaluate",
+)
+CPU_STAGES = ("resolve", "prepare_prompts", "merge", "register")
+STAGES = CPU_STAGES[:2] + GPU_STAGES + CPU_STAGES[2:]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PipelineParams(Strict):
+    """Everything a run can vary. Each field is one Kubeflow pipeline parameter."""
+
+    constitution: str = Field(
+        default="harmless",
+        description="Constitution ref: name, name@version, s3:// or file URI, or inline YAML.",
+    )
+    base_model: str = Field(
+        default="smollm2-135m-instruct", description="Model ref of the helpful base policy."
+    )
+    feedback_model: str = Field(
+        default="smollm2-135m-instruct", description="Model ref of the AI feedback model that labels pairs."
+    )
+    red_team_prompts: str = Field(default="builtin:red_team", description="Source of red-team prompts.")
+    helpful_prompts: str = Field(default="builtin:helpful", description="Source of helpfulness prompts.")
+    human_preferences: str = Field(
+        default="",
+        description="hh-rlhf-format source of human-labelled pairs mixed into PM training ('' for none).",
+    )
+    num_red_team: int = Field(default=64, ge=1, description="Red-team prompts used (before the eval split).")
+    num_helpful: int = Field(
+        default=64, ge=1, description="Helpfulness prompts used (before the eval split)."
+    )
+    num_human: int = Field(default=256, ge=0, description="Human-labelled pairs read from human_preferences.")
+    eval_fraction: float = Field(
+        default=0.25, gt=0.0, lt=1.0, description="Share of prompts held out for evaluation."
+    )
+    seed: int = Field(default=0, description="Seed for the prompt split; stage seeds are in their sections.")
+    num_shards: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Parallel generation tasks (dsl.ParallelFor), each on its own GPU.",
+    )
+    run_name: str = Field(
+        default="",
+        description="Folder under artifact_root and MLflow parent-run name; '' takes the KFP run name. Give an "
+        "interrupted run's name to resume it from its finished shards.",
+    )
+    artifact_root: str = Field(
+        default=".cai/artifacts",
+        description="Local directory or s3:// prefix; each run writes under <root>/<run id>.",
+    )
+    mlflow_tracking_uri: str = Field(
+        default="sqlite:///.cai/mlflow.db", description="MLflow tracking URI (a server URL in a cluster)."
+    )
+    experiment: str = Field(default="constitutional-ai", description="MLflow experiment name.")
+    model_name_prefix: str = Field(
+        default="cai", description="Registered model names are <prefix>-<constitution>-{pm,sl-cai,rl-cai}."
+    )
+    critique_revise: CritiqueReviseConfig = Field(default_factory=CritiqueReviseConfig)
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    pairs: SamplePairsConfig = Field(default_factory=SamplePairsConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    preference_model: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    promotion: PromotionGate = Field(default_factory=PromotionGate)
+
+
+class Toleration(Strict):
+    """A Kubernetes toleration (the fields kfp-kubernetes accepts)."""
+
+    key: str = Field(min_length=1)
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+    @model_validator(mode="after")
+    def _value_matches_operator(self) -> Toleration:
+        if self.operator == "Equal" and not self.value:
+            raise ValueError(f"toleration '{self.key}': operator Equal needs a value")
+        if self.operator == "Exists" and self.value:
+            raise ValueError(f"toleration '{self.key}': operator Exists takes no value")
+        return self
+
+
+class ResourceProfile(Strict):
+    """What one stage's pod asks for and where it may run."""
+
+    accelerator_type: str | None = Field(
+        default=None, description="e.g. nvidia.com/gpu; None for a CPU stage."
+    )
+    accelerator_count: int = Field(default=0, ge=0, description="GPUs per pod.")
+    cpu_request: str | None = Field(default=None, description="e.g. '4'.")
+    cpu_limit: str | None = None
+    memory_request: str | None = Field(default=None, description="e.g. '32Gi'.")
+    memory_limit: str | None = None
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels a GPU pod must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints of GPU nodes to tolerate."
+    )
+    retries: int = Field(
+        default=0, ge=0, le=10, description="KFP retries of the task (generation stages resume)."
+    )
+
+    @property
+    def wants_gpu(self) -> bool:
+        return self.accelerator_count > 0 or bool(self.accelerator_type)
+
+
+def default_gpu_profile() -> ResourceProfile:
+    return ResourceProfile(
+        accelerator_type="nvidia.com/gpu",
+        accelerator_count=1,
+        cpu_request="4",
+        memory_request="32Gi",
+        memory_limit="64Gi",
+        node_selector={"nvidia.com/gpu.present": "true"},
+        tolerations=[Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
+    )
+
+
+class SecretRefs(Strict):
+    """Kubernetes secrets whose keys become the steps' environment (never pipeline parameters)."""
+
+    s3_secret: str = Field(
+        default="cai-s3", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."
+    )
+    s3_keys: dict[str, str] = Field(
+        default_factory=lambda: {
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        },
+        description="secret key -> env var.",
+    )
+    mlflow_secret: str = Field(default="cai-mlflow", description="Secret with MLflow credentials/URI.")
+    mlflow_keys: dict[str, str] = Field(
+        default_factory=lambda: {
+            "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+        },
+        description="secret key -> env var.",
+    )
+    s3_endpoint_configmap: str = Field(
+        default="cai-config",
+        description="ConfigMap with AWS_ENDPOINT_URL_S3 / AWS_DEFAULT_REGION (not secret).",
+    )
+
+
+class DeployConfig(Strict):
+    """Compile-time settings: images, per-stage resources, secret references."""
+
+    image_cpu: str = Field(
+        default="ghcr.io/cai-platform/cai:0.1.0", description="Image of CPU stages (CAI_IMAGE_CPU)."
+    )
+    image_gpu: str = Field(
+        default="ghcr.io/cai-platform/cai-gpu:0.1.0", description="Image of GPU stages (CAI_IMAGE_GPU)."
+    )
+    resources: dict[str, ResourceProfile] = Field(
+        default_factory=lambda: {stage: default_gpu_profile() for stage in GPU_STAGES},
+        description="Per-stage profile; stages not listed get no requests.",
+    )
+    constitution_registry: str = Field(
+        default="",
+        description="s3:// prefix of the constitution registry; the resolve step looks name@version up there "
+        "before the copies bundled in the image (CAI_CONSTITUTION_REGISTRY). '' for bundled only.",
+    )
+    generation_retries: int = Field(
+        default=2, ge=0, le=10, description="Retries of generation/labelling tasks."
+    )
+    secrets: SecretRefs = Field(default_factory=SecretRefs)
+
+    @model_validator(mode="after")
+    def _gpu_only_on_gpu_stages(self) -> DeployConfig:
+        for stage, profile in self.resources.items():
+            if stage not in STAGES:
+                raise ValueError(f"resources.{stage}: unknown stage; stages are {', '.join(STAGES)}")
+            if profile.wants_gpu and stage not in GPU_STAGES:
+                raise ValueError(f"resources.{stage}: asks for a GPU but {stage} is a CPU-only stage")
+            if profile.wants_gpu and not (profile.accelerator_type and profile.accelerator_count):
+                raise ValueError(
+                    f"resources.{stage}: a GPU profile needs both accelerator_type and accelerator_count"
+                )
+        return self
+
+
+class RunConfig(Strict):
+    """The whole experiment: run parameters plus deployment settings."""
+
+    params: PipelineParams = Field(default_factory=PipelineParams)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+
+
+def _format_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{where}: field '{field}': {message}"
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """`a.b=value` -> (["a", "b"], value), the value parsed as YAML (so 3 is int, true is bool)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise CaiError(f"--set {item!r}: expected key=value, e.g. params.critique_revise.rounds=2")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a run config YAML (or the defaults) and apply `key=value` overrides; validate it all.
+
+    A top-level key that is a `params` field may be given without the `params.` prefix.
+    Unknown keys and bad values raise `CaiError` naming the file and the field.
+    """
+    data: dict = {}
+    where = str(path) if path else "defaults"
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise CaiError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise CaiError(f"{path}: YAML error: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise CaiError(f"{path}: a run config must be a mapping")
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] not in RunConfig.model_fields:
+            keys = ["params", *keys]
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise CaiError(f"--set {item}: '{key}' is not a section")
+        node[keys[-1]] = value
+        where = f"{where} with --set" if "--set" not in where else where
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise CaiError(_format_error(err, where)) from None
+
+
+def params_as_pipeline_arguments(params: PipelineParams) -> dict:
+    """The pipeline's arguments: scalars as they are, sections as plain dicts (JSON-safe).
+
+    Unset (None) section fields are left out: KFP's struct parameters cannot hold null, and
+    validation gives them back their None default.
+    """
+    return json.loads(params.model_dump_json(exclude_none=True))

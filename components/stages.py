@@ -1,0 +1,211 @@
+"""One Kubeflow component per pipeline stage. Each body parses its inputs, calls one function of
+`cai_lib.steps`, and writes its outputs; all logic lives in `cai_lib`.
+
+These are plain functions: `pipelines.cai_pipeline` turns them into KFP components with the
+image of their kind (CPU or GPU) taken from the deploy config. KFP embeds each function's source
+in the pod's command, so every import is inside the body.
+"""
+
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+
+def resolve_run(
+    constitution: str,
+    base_model: str,
+    feedback_model: str,
+    red_team_prompts: str,
+    helpful_prompts: str,
+    human_preferences: str,
+    num_red_team: int,
+    num_helpful: int,
+    num_human: int,
+    eval_fraction: float,
+    seed: int,
+    num_shards: int,
+    run_name: str,
+    artifact_root: str,
+    mlflow_tracking_uri: str,
+    experiment: str,
+    model_name_prefix: str,
+    critique_revise: dict,
+    sft: dict,
+    pairs: dict,
+    feedback: dict,
+    preference_model: dict,
+    rl: dict,
+    evaluation: dict,
+    promotion: dict,
+    run_id: str,
+    kfp_run_name: str,
+    pinned_constitution: Output[Artifact],
+) -> dict:
+    """Validate the run parameters, pin the constitution, open the MLflow parent run."""
+    params = {k: v for k, v in locals().items() if k not in ("run_id", "kfp_run_name", "pinned_constitution")}
+
+    from cai_lib import steps
+
+    return steps.resolve(params, run_id, run_name or kfp_run_name, pinned_constitution.path)
+
+
+def prepare_prompts(
+    context: dict,
+    red_team_train: Output[Dataset],
+    red_team_eval: Output[Dataset],
+    helpful_train: Output[Dataset],
+    helpful_eval: Output[Dataset],
+) -> list:
+    """Read, deduplicate and split the prompt sets; returns the shard indices of the fan-out."""
+    from cai_lib import steps
+
+    refs = steps.prepare_prompts(context)
+    for name, artifact in (
+        ("red_team_train", red_team_train),
+        ("red_team_eval", red_team_eval),
+        ("helpful_train", helpful_train),
+        ("helpful_eval", helpful_eval),
+    ):
+        artifact.metadata.update(refs[name].write(artifact.path))
+    return list(range(context["params"]["num_shards"]))
+
+
+def critique_revise_shard(
+    context: dict, pinned_constitution: Input[Artifact], prompts: Input[Dataset], shard: int
+) -> str:
+    """SL-CAI critique→revision on one shard of the red-team prompts; returns the shard's DataRef."""
+    from cai_lib import steps
+
+    return steps.critique_revise_shard(
+        context, pinned_constitution.path, prompts.path, shard
+    ).model_dump_json()
+
+
+def merge_traces(context: dict, parts: list, traces: Output[Dataset]):
+    """Merge the fan-out's shard datasets into one."""
+    from cai_lib import steps
+
+    traces.metadata.update(steps.merge(context, parts, "traces").write(traces.path))
+
+
+def helpful_samples(context: dict, prompts: Input[Dataset], samples: Output[Dataset]):
+    """The base model's answers to the helpfulness prompts."""
+    from cai_lib import steps
+
+    samples.metadata.update(steps.helpful_samples(context, prompts.path).write(samples.path))
+
+
+def sft(
+    context: dict,
+    traces: Input[Dataset],
+    helpful: Input[Dataset],
+    policy: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Supervised fine-tuning on the revisions: the SL-CAI policy."""
+    from cai_lib import steps
+
+    ref, values = steps.sft(context, traces.path, helpful.path)
+    policy.metadata.update(ref.write(policy.path))
+    for key, value in values.items():
+        metrics.log_metric(key, value)
+
+
+def sample_pairs(context: dict, prompts: Input[Dataset], policy: Input[Model], pairs: Output[Dataset]):
+    """Two answers per red-team prompt from the SL-CAI policy."""
+    from cai_lib import steps
+
+    pairs.metadata.update(steps.sample_pairs(context, prompts.path, policy.path).write(pairs.path))
+
+
+def label(
+    context: dict, pinned_constitution: Input[Artifact], pairs: Input[Dataset], labels: Output[Dataset]
+):
+    """AI feedback: soft preference labels from the feedback model."""
+    from cai_lib import steps
+
+    labels.metadata.update(steps.label(context, pinned_constitution.path, pairs.path).write(labels.path))
+
+
+def train_pm(context: dict, labels: Input[Dataset], reward_model: Output[Model], metrics: Output[Metrics]):
+    """The preference model on AI harmlessness labels mixed with human pairs."""
+    from cai_lib import steps
+
+    ref, values = steps.train_pm(context, labels.path)
+    reward_model.metadata.update(ref.write(reward_model.path))
+    for key, value in values.items():
+        metrics.log_metric(key, value)
+
+
+def rl(
+    context: dict,
+    red_team: Input[Dataset],
+    helpful: Input[Dataset],
+    labels: Input[Dataset],
+    policy: Input[Model],
+    reward_model: Input[Model],
+    rl_policy: Output[Model],
+    metrics: Output[Metrics],
+):
+    """RL-CAI: the SL-CAI policy optimised against the preference model."""
+    from cai_lib import steps
+
+    ref, values = steps.rl(context, red_team.path, helpful.path, labels.path, policy.path, reward_model.path)
+    rl_policy.metadata.update(ref.write(rl_policy.path))
+    for key, value in values.items():
+        metrics.log_metric(key, value)
+
+
+def evaluate(
+    context: dict,
+    pinned_constitution: Input[Artifact],
+    red_team: Input[Dataset],
+    helpful: Input[Dataset],
+    traces: Input[Dataset],
+    sl_policy: Input[Model],
+    rl_policy: Input[Model],
+    reward_model: Input[Model],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    results: Output[Artifact],
+):
+    """Base vs SL-CAI vs RL-CAI (and the registered champion): metrics and the HTML report."""
+    from cai_lib import steps
+
+    values = steps.evaluate(
+        context,
+        pinned_constitution.path,
+        red_team.path,
+        helpful.path,
+        traces.path,
+        sl_policy.path,
+        rl_policy.path,
+        reward_model.path,
+        report.path,
+        results.path,
+    )
+    for key, value in values.items():
+        metrics.log_metric(key, value)
+
+
+def register(
+    context: dict,
+    pinned_constitution: Input[Artifact],
+    traces: Input[Dataset],
+    labels: Input[Dataset],
+    sl_policy: Input[Model],
+    rl_policy: Input[Model],
+    reward_model: Input[Model],
+    results: Input[Artifact],
+) -> str:
+    """Register PM, SL-CAI and RL-CAI in MLflow with lineage; run the promotion gate."""
+    from cai_lib import steps
+
+    return steps.register(
+        context,
+        pinned_constitution.path,
+        traces.path,
+        labels.path,
+        sl_policy.path,
+        rl_policy.path,
+        reward_model.path,
+        results.path,
+    )

@@ -1,0 +1,155 @@
+"""The compiled pipeline: parameters mirror the run config, GPU stages (and only they) carry
+accelerators, node selectors and tolerations, secrets arrive as env, generation fans out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai_lib.config import GPU_STAGES, DeployConfig, PipelineParams, load_run_config
+from cai_lib.errors import CaiError
+from pipelines.cai_pipeline import compile_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = REPO / "pipelines" / "cai_pipeline.yaml"
+# Component names in the IR -> the stage whose resource profile they take.
+STAGE_OF = {
+    "comp-resolve-run": "resolve",
+    "comp-prepare-prompts": "prepare_prompts",
+    "comp-critique-revise-shard": "critique_revise",
+    "comp-merge-traces": "merge",
+    "comp-helpful-samples": "helpful_samples",
+    "comp-sft": "sft",
+    "comp-sample-pairs": "sample_pairs",
+    "comp-label": "label",
+    "comp-train-pm": "train_pm",
+    "comp-rl": "rl",
+    "comp-evaluate": "evaluate",
+    "comp-register": "register",
+}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> tuple[dict, dict]:
+    path = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
+    compile_pipeline(str(path))
+    pipeline_spec, platform_spec = yaml.safe_load_all(path.read_text())
+    return pipeline_spec, platform_spec
+
+
+def executor_of(spec: dict, component: str) -> dict:
+    label = spec["components"][component]["executorLabel"]
+    return spec["deploymentSpec"]["executors"][label]
+
+
+def test_every_run_config_field_is_a_pipeline_parameter_with_its_default(compiled):
+    spec, _ = compiled
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(parameters) == set(PipelineParams.model_fields)
+    assert parameters["constitution"]["defaultValue"] == "harmless"
+    assert parameters["critique_revise"]["parameterType"] == "STRUCT"
+    assert parameters["critique_revise"]["defaultValue"]["rounds"] == 4
+
+
+def test_gpu_stages_and_only_they_request_accelerators(compiled):
+    spec, _ = compiled
+    for component, stage in STAGE_OF.items():
+        resources = executor_of(spec, component)["container"].get("resources", {})
+        if stage in GPU_STAGES:
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", component
+            assert resources["accelerator"]["resourceCount"] == "1", component
+        else:
+            assert "accelerator" not in resources, component
+
+
+def test_gpu_stages_and_only_they_get_node_selector_and_toleration(compiled):
+    _, platform = compiled
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    spec, _ = compiled
+    for component, stage in STAGE_OF.items():
+        config = executors[spec["components"][component]["executorLabel"]]
+        if stage in GPU_STAGES:
+            assert config["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}, component
+            assert config["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        else:
+            assert "nodeSelector" not in config and "tolerations" not in config, component
+
+
+def test_every_step_gets_s3_and_mlflow_credentials_from_secrets_not_parameters(compiled):
+    spec, platform = compiled
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for component in STAGE_OF:
+        secrets = executors[spec["components"][component]["executorLabel"]]["secretAsEnv"]
+        names = {s["secretName"] for s in secrets}
+        assert names == {"cai-s3", "cai-mlflow"}, component
+        env = {k["envVar"] for s in secrets for k in s["keyToEnv"]}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env
+    assert not any("SECRET" in p.upper() for p in spec["root"]["inputDefinitions"]["parameters"])
+
+
+def test_critique_revision_fans_out_in_a_parallel_for_and_is_merged(compiled):
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    loop = next(t for t in tasks.values() if "parameterIterator" in t)
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(body) == ["critique-revise-shard"]
+    assert "merge-traces" in tasks
+
+
+def test_generation_stages_are_retried_and_training_is_not(compiled):
+    spec, _ = compiled
+    tasks = {**spec["root"]["dag"]["tasks"]}
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    assert tasks["critique-revise-shard"]["retryPolicy"]["maxRetryCount"] == 2
+    assert tasks["label"]["retryPolicy"]["maxRetryCount"] == 2
+    assert "retryPolicy" not in tasks["sft"]
+
+
+def test_gpu_stages_run_in_the_gpu_image_and_cpu_stages_in_the_cpu_image(tmp_path):
+    deploy = DeployConfig(image_cpu="registry.example/cai:1", image_gpu="registry.example/cai-gpu:1")
+    path = compile_pipeline(str(tmp_path / "p.yaml"), deploy=deploy)
+    spec = next(yaml.safe_load_all(Path(path).read_text()))
+    for component, stage in STAGE_OF.items():
+        image = executor_of(spec, component)["container"]["image"]
+        assert image == ("registry.example/cai-gpu:1" if stage in GPU_STAGES else "registry.example/cai:1")
+
+
+def test_committed_pipeline_yaml_is_up_to_date(tmp_path):
+    # Compared as data: KFP's header comment lists struct defaults in an unstable key order.
+    fresh = list(yaml.safe_load_all(Path(compile_pipeline(str(tmp_path / "p.yaml"))).read_text()))
+    assert list(yaml.safe_load_all(COMMITTED.read_text())) == fresh, (
+        "pipelines/cai_pipeline.yaml is stale: run `make compile`"
+    )
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("params:\n  critique_revise:\n    roundz: 2\n")
+    with pytest.raises(CaiError, match=r"run\.yaml: field 'params\.critique_revise\.roundz': unknown key"):
+        load_run_config(path)
+
+
+def test_a_gpu_on_a_cpu_stage_is_refused():
+    with pytest.raises(CaiError, match=r"resources\.merge: asks for a GPU but merge is a CPU-only stage"):
+        load_run_config(overrides=["deploy.resources={merge: {accelerator_type: nvidia.com/gpu, accelerator_count: 1}}"])
+
+
+def test_a_malformed_toleration_is_refused():
+    bad = "deploy.resources={sft: {tolerations: [{key: gpu, operator: Equal}]}}"
+    with pytest.raises(CaiError, match=r"toleration 'gpu': operator Equal needs a value"):
+        load_run_config(overrides=[bad])
+
+
+def test_set_overrides_reach_nested_sections_without_the_params_prefix():
+    config = load_run_config(overrides=["critique_revise.rounds=2", "constitution=harmless@1.0.0"])
+    assert config.params.critique_revise.rounds == 2
+    assert config.params.constitution == "harmless@1.0.0"
+
+
+def test_quick_config_is_valid():
+    config = load_run_config(REPO / "pipelines" / "configs" / "quick.yaml")
+    assert config.params.critique_revise.rounds == 2
+    assert config.deploy.resources == {}
