@@ -316,11 +316,14 @@ class S3Store(ArtifactStore):
         # A prefix names an object or a directory: "runs/a" must not match "runs/ab/...".
         full = self._key(prefix)
         paginator = self._client.get_paginator("list_objects_v2")
-        pages = self._call("list", prefix, lambda Bucket, **kw: list(paginator.paginate(Bucket=Bucket, **kw)),
-                           Prefix=full)
+        pages = self._call(
+            "list", prefix, lambda Bucket, **kw: list(paginator.paginate(Bucket=Bucket, **kw)), Prefix=full
+        )
         keys = (obj["Key"] for page in pages for obj in page.get("Contents", []))
         strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(k[strip:] for k in keys if not full or k.startswith(full + "/") or (prefix and k == full))
+        return sorted(
+            k[strip:] for k in keys if not full or k.startswith(full + "/") or (prefix and k == full)
+        )
 
     def delete(self, key: str) -> None:
         for rel in self.list(key) or [key]:
@@ -334,9 +337,18 @@ def s3_client():
     and connection errors); `CAI_S3_MAX_ATTEMPTS` sets the attempt count (default 8). One client
     is kept per distinct configuration: building one costs about a second.
     """
-    names = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "CAI_S3_MAX_ATTEMPTS",
-             "AWS_S3_ADDRESSING_STYLE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-             "AWS_PROFILE")
+    names = (
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "CAI_S3_MAX_ATTEMPTS",
+        "AWS_S3_ADDRESSING_STYLE",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+    )
     return _cached_client(tuple(os.environ.get(name) for name in names))
 
 
