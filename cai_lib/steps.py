@@ -98,7 +98,7 @@ def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) ->
     ArtifactStore.open(context.run_root).write_text("constitution.yaml", dump_constitution(constitution))
     with stage_run(checked.mlflow_tracking_uri, parent, "resolve") as run:
         run.log_artifact(constitution_path, "constitution")
-    return context.model_dump(mode="json")
+    return context.model_dump(mode="json", exclude_none=True)  # KFP structs cannot hold null
 
 
 def pinned_constitution(path: str) -> Constitution:
@@ -127,6 +127,12 @@ def prepare_prompts(context: dict) -> dict[str, DataRef]:
     return refs
 
 
+def fan_out(context: dict) -> list[dict]:
+    """The items of the generation fan-out: the run context with one shard index each."""
+    shards = RunContext.model_validate(context).params.num_shards
+    return [{"context": context, "shard": shard} for shard in range(shards)]
+
+
 def write_finished_dataset(uri: str, rows: list[BaseModel]) -> None:
     """A one-shard dataset (the same layout the sharded stages write)."""
     from cai_lib.shards import ShardedOutput
@@ -141,7 +147,7 @@ def critique_revise_shard(context: dict, constitution_path: str, prompts: str, s
     ctx = RunContext.model_validate(context)
     p = ctx.params
     rows = list(read_dataset(DataRef.read(prompts).uri, PromptRecord))[shard :: p.num_shards]
-    uri = ctx.uri("traces", f"shard-{shard:03d}")
+    uri = ctx.uri("traces-shards", f"shard-{shard:03d}")
     with stage_run(p.mlflow_tracking_uri, ctx.parent_run_id, f"critique_revise[{shard}]") as run:
         written = critique_revise(
             rows, pinned_constitution(constitution_path), p.base_model, uri, p.critique_revise

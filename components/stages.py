@@ -6,6 +6,8 @@ image of their kind (CPU or GPU) taken from the deploy config. KFP embeds each f
 in the pod's command, so every import is inside the body.
 """
 
+from typing import NamedTuple
+
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 
@@ -38,13 +40,17 @@ def resolve_run(
     run_id: str,
     kfp_run_name: str,
     pinned_constitution: Output[Artifact],
-) -> dict:
-    """Validate the run parameters, pin the constitution, open the MLflow parent run."""
+) -> NamedTuple("Outputs", context=dict):
+    """Validate the run parameters, pin the constitution, open the MLflow parent run.
+
+    The output is named `context`, not the default `Output`: kfp.local resolves a ParallelFor
+    body's inputs by output name, and the fan-out's items are prepare_prompts' `Output`.
+    """
     params = {k: v for k, v in locals().items() if k not in ("run_id", "kfp_run_name", "pinned_constitution")}
 
     from cai_lib import steps
 
-    return steps.resolve(params, run_id, run_name or kfp_run_name, pinned_constitution.path)
+    return (steps.resolve(params, run_id, run_name or kfp_run_name, pinned_constitution.path),)
 
 
 def prepare_prompts(
@@ -54,7 +60,7 @@ def prepare_prompts(
     helpful_train: Output[Dataset],
     helpful_eval: Output[Dataset],
 ) -> list:
-    """Read, deduplicate and split the prompt sets; returns the shard indices of the fan-out."""
+    """Read, deduplicate and split the prompt sets; returns the fan-out's work items."""
     from cai_lib import steps
 
     refs = steps.prepare_prompts(context)
@@ -65,17 +71,19 @@ def prepare_prompts(
         ("helpful_eval", helpful_eval),
     ):
         artifact.metadata.update(refs[name].write(artifact.path))
-    return list(range(context["params"]["num_shards"]))
+    return steps.fan_out(context)
 
 
-def critique_revise_shard(
-    context: dict, pinned_constitution: Input[Artifact], prompts: Input[Dataset], shard: int
-) -> str:
-    """SL-CAI critique→revision on one shard of the red-team prompts; returns the shard's DataRef."""
+def critique_revise_shard(work: dict, pinned_constitution: Input[Artifact], prompts: Input[Dataset]) -> str:
+    """SL-CAI critique→revision on one shard of the red-team prompts; returns the shard's DataRef.
+
+    `work` is one fan-out item, {"context": ..., "shard": i}: the run context travels inside the
+    item because kfp.local replaces every task-output parameter of a ParallelFor body by the item.
+    """
     from cai_lib import steps
 
     return steps.critique_revise_shard(
-        context, pinned_constitution.path, prompts.path, shard
+        work["context"], pinned_constitution.path, prompts.path, int(work["shard"])
     ).model_dump_json()
 
 

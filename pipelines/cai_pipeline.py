@@ -147,15 +147,12 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
         run = t.op(stages.resolve_run, "resolve")(
             **params, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER
         )
-        ctx = run.outputs["Output"]
+        ctx = run.outputs["context"]
         constitution = run.outputs["pinned_constitution"]
         prompts = t.op(stages.prepare_prompts, "prepare_prompts")(context=ctx)
-        with dsl.ParallelFor(prompts.outputs["Output"], name="shards") as shard:
+        with dsl.ParallelFor(prompts.outputs["Output"], name="shards") as work:
             part = t.op(stages.critique_revise_shard, "critique_revise")(
-                context=ctx,
-                pinned_constitution=constitution,
-                prompts=prompts.outputs["red_team_train"],
-                shard=shard,
+                work=work, pinned_constitution=constitution, prompts=prompts.outputs["red_team_train"]
             )
         traces = t.op(stages.merge_traces, "merge")(context=ctx, parts=dsl.Collected(part.output))
         helpful = t.op(stages.helpful_samples, "helpful_samples")(

@@ -1,0 +1,227 @@
+"""`cai stage critique-revise | helpful-samples | sft`: the SL-CAI stages from the command line.
+
+Plain functions with typer annotations; `cai_lib.cli` registers them under `cai stage`. Option
+defaults and help come from the stage configs, so the CLI and the run config cannot drift.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+
+from cai_lib.critique_revise import CritiqueReviseConfig, GenerationStageConfig
+from cai_lib.errors import CaiError
+from cai_lib.records import PromptKind, PromptRecord
+from cai_lib.sft import SFTStageConfig
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+class Backend(str, enum.Enum):
+    transformers = "transformers"
+    vllm = "vllm"
+
+
+def _option(config: type[BaseModel], field: str, flag: str):
+    """A typer option whose default and help are the config field's."""
+    info = config.model_fields[field]
+    return typer.Option(info.default, flag, help=info.description)
+
+
+def config_from(config: type[Config], **values) -> Config:
+    """Validate command-line values into `config`; a bad value is a `CaiError` naming its option."""
+    try:
+        return config(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
+        raise CaiError(f"{option}: {first['msg']}") from None
+
+
+PROMPTS = typer.Option(
+    ...,
+    "--prompts",
+    help="A JSONL or hh-rlhf .jsonl/.jsonl.gz file, an s3:// URI of one, a Hugging Face dataset (hf:ORG/NAME, "
+    "optionally hf:ORG/NAME/DATA_DIR:SPLIT), or builtin:red_team / builtin:helpful.",
+)
+MODEL = typer.Option(
+    ..., "--model", help="Model ref: local checkpoint, s3:// checkpoint, HF id or smollm2-135m-instruct."
+)
+OUT_DATASET = typer.Option(
+    ..., "--out", help="Local directory or s3:// prefix for the JSONL shards; a rerun resumes there."
+)
+LIMIT = typer.Option(None, "--limit", help="Use the first K distinct prompts.")
+SEED = _option(GenerationStageConfig, "seed", "--seed")
+BACKEND = typer.Option(
+    Backend.transformers, "--backend", help="Generation backend (vllm needs the [gpu] extra)."
+)
+BATCH_SIZE = _option(GenerationStageConfig, "batch_size", "--batch-size")
+MAX_NEW_TOKENS = _option(GenerationStageConfig, "max_new_tokens", "--max-new-tokens")
+TEMPERATURE = _option(GenerationStageConfig, "temperature", "--temperature")
+SHARD_SIZE = _option(GenerationStageConfig, "shard_size", "--shard-size")
+CHAT_TEMPLATE = typer.Option(
+    None,
+    "--chat-template",
+    help="A Jinja file replacing the model's chat template (needed when it has none).",
+)
+
+
+def critique_revise_command(
+    prompts: str = PROMPTS,
+    constitution: str = typer.Option(
+        ..., "--constitution", help="name@version, name (newest), a YAML path, an s3:// URI or inline YAML."
+    ),
+    model: str = MODEL,
+    out: str = OUT_DATASET,
+    rounds: int = _option(CritiqueReviseConfig, "rounds", "--rounds"),
+    no_critique: bool = _option(CritiqueReviseConfig, "no_critique", "--no-critique"),
+    limit: int | None = LIMIT,
+    seed: int = SEED,
+    backend: Backend = BACKEND,
+    batch_size: int = BATCH_SIZE,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    shard_size: int = SHARD_SIZE,
+    chat_template: Path | None = CHAT_TEMPLATE,
+) -> None:
+    """SL-CAI data (paper §3.1): answer red-team prompts, then critique and revise each answer N times.
+
+    Example: cai stage critique-revise --prompts builtin:red_team --constitution harmless@1.0.0 --model smollm2-135m-instruct --rounds 2 --limit 4 --out runs/traces
+    """
+    from cai_lib.constitution import load_constitution
+    from cai_lib.critique_revise import critique_revise
+
+    config = config_from(
+        CritiqueReviseConfig,
+        rounds=rounds,
+        no_critique=no_critique,
+        seed=seed,
+        backend=backend.value,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        shard_size=shard_size,
+        chat_template=_read_template(chat_template),
+    )
+    loaded = load_constitution(constitution)
+    records = _read_prompts(prompts, "red_team", limit)
+    rows = critique_revise(records, loaded, model, out, config)
+    typer.echo(
+        f"{_summary(out, rows)}; {config.rounds} round(s) each under {loaded.ref} ({loaded.sha256[:12]})"
+    )
+
+
+def helpful_samples_command(
+    prompts: str = PROMPTS,
+    model: str = MODEL,
+    out: str = OUT_DATASET,
+    limit: int | None = LIMIT,
+    seed: int = SEED,
+    backend: Backend = BACKEND,
+    batch_size: int = BATCH_SIZE,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    shard_size: int = SHARD_SIZE,
+    chat_template: Path | None = CHAT_TEMPLATE,
+) -> None:
+    """The model's own answers to helpfulness prompts (paper §3.1), mixed into SFT to keep it helpful.
+
+    Example: cai stage helpful-samples --prompts builtin:helpful --model smollm2-135m-instruct --limit 4 --out runs/helpful
+    """
+    from cai_lib.critique_revise import sample_helpful
+
+    config = config_from(
+        GenerationStageConfig,
+        seed=seed,
+        backend=backend.value,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        shard_size=shard_size,
+        chat_template=_read_template(chat_template),
+    )
+    rows = sample_helpful(_read_prompts(prompts, "helpful", limit), model, out, config)
+    typer.echo(_summary(out, rows))
+
+
+def sft_command(
+    data: str = typer.Option(..., "--data", help="SL-CAI traces written by `cai stage critique-revise`."),
+    model: str = typer.Option(..., "--model", help="Base model ref to fine-tune."),
+    out: str = typer.Option(
+        ..., "--out", help="Local directory or s3:// prefix for the checkpoint; must be empty."
+    ),
+    helpful: str | None = typer.Option(
+        None, "--helpful", help="Helpfulness samples from `cai stage helpful-samples`."
+    ),
+    lora: bool = _option(SFTStageConfig, "lora", "--lora"),
+    max_steps: int | None = _option(SFTStageConfig, "max_steps", "--max-steps"),
+    epochs: float = _option(SFTStageConfig, "epochs", "--epochs"),
+    learning_rate: float = _option(SFTStageConfig, "learning_rate", "--learning-rate"),
+    batch_size: int = _option(SFTStageConfig, "batch_size", "--batch-size"),
+    max_length: int = _option(SFTStageConfig, "max_length", "--max-length"),
+    include_intermediate_revisions: bool = _option(
+        SFTStageConfig, "include_intermediate_revisions", "--include-intermediate-revisions"
+    ),
+    helpful_ratio: float = _option(SFTStageConfig, "helpful_ratio", "--helpful-ratio"),
+    seed: int = _option(SFTStageConfig, "seed", "--seed"),
+    chat_template: Path | None = CHAT_TEMPLATE,
+) -> None:
+    """SL-CAI fine-tuning (paper §3.1): train on (prompt, revision) pairs mixed with helpfulness samples.
+
+    Example: cai stage sft --data runs/traces --helpful runs/helpful --model smollm2-135m-instruct --max-steps 20 --out runs/sl-cai
+    """
+    from cai_lib.records import Trace
+    from cai_lib.sft import train_sft
+    from cai_lib.shards import read_dataset
+
+    config = config_from(
+        SFTStageConfig,
+        lora=lora,
+        max_steps=max_steps,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        max_length=max_length,
+        include_intermediate_revisions=include_intermediate_revisions,
+        helpful_ratio=helpful_ratio,
+        seed=seed,
+        chat_template=_read_template(chat_template),
+    )
+    traces = list(read_dataset(data, Trace))
+    helpful_rows = list(read_dataset(helpful, Trace)) if helpful else []
+    metrics = train_sft(traces, helpful_rows, model, out, config)
+    typer.echo(
+        f"trained {metrics.steps} step(s) on {metrics.examples} examples ({metrics.revision_examples} revisions, "
+        f"{metrics.helpful_examples} helpful); loss {metrics.train_loss_first:.4f} -> {metrics.train_loss_last:.4f}; "
+        f"checkpoint written to {metrics.checkpoint_uri}"
+    )
+
+
+def _read_prompts(source: str, kind: PromptKind, limit: int | None) -> list[PromptRecord]:
+    """The first `limit` distinct prompts of `source` (deduplicated before the limit applies)."""
+    from cai_lib.prompts import deduplicate, read_prompts
+
+    if limit is not None and limit < 1:
+        raise CaiError(f"--limit: must be at least 1, got {limit}")
+    return deduplicate(read_prompts(source, kind=kind))[:limit]
+
+
+def _read_template(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise CaiError(f"--chat-template: {path} is not a file")
+    return path.read_text(encoding="utf-8")
+
+
+def _summary(out: str, rows: int) -> str:
+    from cai_lib.critique_revise import empty_generations
+    from cai_lib.records import Trace
+    from cai_lib.shards import read_dataset
+
+    empty = sum(empty_generations(trace) for trace in read_dataset(out, Trace))
+    return f"wrote {rows} record(s) to {out} ({empty} empty generation(s))"

@@ -1,0 +1,344 @@
+"""SL-CAI data: the critique→revision loop (Bai et al. 2022, §3.1), and helpfulness samples.
+
+How it follows the paper:
+
+- the model answers each red-team prompt; then, for `rounds` rounds (paper: up to 4), one
+  critique/revision principle is drawn at random *with replacement* from the constitution, the
+  model critiques its latest answer by that principle's critique request and rewrites the answer
+  by the paired revision request; the next round critiques the latest revision;
+- the constitution's few-shot critique/revision examples precede the critique and revision
+  requests, so the model sees what a critique and a revision look like;
+- every intermediate critique and revision is kept in the trace (the SFT stage may train on all
+  of them, as the paper did);
+- the no-critique ablation (§3.5) goes straight from the answer to the revision request, and its
+  few-shot examples drop their critiques likewise;
+- helpfulness samples (§3.1: "we also include helpfulness samples") are the model's own answers
+  to helpfulness prompts, kept in the same record with no rounds.
+
+Where it departs:
+
+- the conversation is chat-format turns under the model's chat template (user: prompt /
+  assistant: answer / user: critique request / assistant: critique / user: revision request /
+  assistant: revision) instead of the paper's raw "Human:/Assistant:/CritiqueRequest:/Critique:/
+  RevisionRequest:/Revision:" text, because today's instruct models are trained on chat turns;
+- the few-shot examples are chat messages before the conversation (`shared_prefix`, encoded once
+  by the backend), one six-turn exchange per example, instead of text concatenated in front; the
+  initial answer is generated without them, as the helpful model's plain answer;
+- principle draws are seeded per (seed, prompt id, round) by a stable hash, so a run is
+  reproducible and a resumed run draws the same principles.
+
+All prompts of a shard advance step by step together: one batched `generate` call per step
+(initial answer, then critique and revision of each round), never one prompt at a time. Output
+goes through `ShardedOutput`, so a rerun after a crash resumes from the last finished shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai_lib.constitution import Constitution, CritiqueRevisionPrinciple
+from cai_lib.errors import CaiError
+from cai_lib.generation import BackendName, Conversation, GenerationBackend, SamplingParams, load_backend
+from cai_lib.prompts import deduplicate
+from cai_lib.records import PromptRecord, RevisionRound, Trace, stable_id
+from cai_lib.shards import ShardedOutput, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class GenerationStageConfig(BaseModel):
+    """How a generation stage samples and shards its work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = Field(default=0, description="Seeds principle draws and sampling; same seed, same rows.")
+    max_new_tokens: int = Field(default=256, ge=1, description="Upper bound on tokens per generated turn.")
+    temperature: float = Field(
+        default=0.0, ge=0.0, description="0 decodes greedily; >0 samples at this temperature."
+    )
+    batch_size: int = Field(
+        default=16,
+        ge=1,
+        description="Conversations per forward pass inside the backend. Does not change the rows, so a run may "
+        "resume with another batch size (e.g. after running out of GPU memory).",
+    )
+    shard_size: int = Field(
+        default=64,
+        ge=1,
+        description="Prompts per output shard: the unit of resumption and of one batched step. Part of the "
+        "output's identity: a resumed run must use the same value.",
+    )
+    backend: BackendName = Field(
+        default="transformers", description="Generation backend: transformers or vllm."
+    )
+    chat_template: str | None = Field(
+        default=None, description="Jinja chat template replacing the model's own (needed when it has none)."
+    )
+
+    def identity(self, stage: type[BaseModel] | None = None) -> dict:
+        """The settings that determine a stage's rows, for its output's fingerprint: the fields of
+        `stage` (default: this config's class) except batch_size, which does not change the rows."""
+        return self.model_dump(include=set((stage or type(self)).model_fields) - {"batch_size"})
+
+    def sampling(self, step: int) -> SamplingParams:
+        """Sampling parameters of one step; the seed varies by step so rounds do not repeat draws."""
+        seed = int(stable_id(str(self.seed), str(step)), 16) % 2**31
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed)
+
+
+class CritiqueReviseConfig(GenerationStageConfig):
+    """Settings of the critique→revision stage (paper §3.1)."""
+
+    rounds: int = Field(
+        default=4,
+        ge=1,
+        description="Critique→revision rounds per prompt (paper: up to 4); each draws a principle.",
+    )
+    no_critique: bool = Field(
+        default=False, description="Revise directly without a critique (the paper's no-critique ablation)."
+    )
+
+
+def draw_principle(
+    principles: Sequence[CritiqueRevisionPrinciple], seed: int, prompt_id: str, round_index: int
+) -> CritiqueRevisionPrinciple:
+    """The principle of one round: a uniform draw with replacement, fixed by (seed, prompt id, round)."""
+    return random.Random(stable_id(str(seed), prompt_id, str(round_index))).choice(list(principles))
+
+
+def few_shot_messages(constitution: Constitution, no_critique: bool = False) -> Conversation:
+    """The constitution's critique/revision examples as chat turns, in the order of a real round."""
+    messages: Conversation = []
+    for example in constitution.few_shot.critique_revision:
+        messages += [_user(example.prompt), _assistant(example.response)]
+        if not no_critique:
+            messages += [_user(example.critique_request), _assistant(example.critique)]
+        messages += [_user(example.revision_request), _assistant(example.revision)]
+    return messages
+
+
+def critique_revise(
+    prompts: list[PromptRecord],
+    constitution: Constitution,
+    model_ref: str,
+    out_uri: str,
+    config: CritiqueReviseConfig,
+    backend: GenerationBackend | None = None,
+) -> int:
+    """Write one SL-CAI `Trace` per (deduplicated) red-team prompt under `out_uri`; returns the row count.
+
+    Each trace holds the initial answer and `config.rounds` rounds (principle id, critique or None
+    in no-critique mode, revision); `final_answer` is the last revision. Rows are stamped with the
+    constitution's ref and sha256 and with `model_ref`. `backend` defaults to
+    `load_backend(model_ref, config.backend)`. Raises `CaiError`, writing nothing, for a
+    constitution without critique/revision principles, no prompts, or an `out_uri` that holds
+    results of other inputs.
+    """
+    if not constitution.critique_revision:
+        raise CaiError(f"constitution {constitution.ref}: has no critique/revision principles")
+    run = {
+        "stage": "critique_revise",
+        "constitution_ref": constitution.ref,
+        "constitution_sha256": constitution.sha256,
+        "model_ref": model_ref,
+        "config": config.identity(),
+    }
+    stamp = _stamp(run, model_ref)
+
+    def make_traces(
+        model: GenerationBackend, shard: Sequence[PromptRecord], progress: Progress
+    ) -> list[Trace]:
+        return _critique_revise_shard(model, shard, constitution, config, progress, stamp)
+
+    return _generate_traces(
+        prompts, run, model_ref, out_uri, config, backend, make_traces, "critique→revision"
+    )
+
+
+def sample_helpful(
+    prompts: list[PromptRecord],
+    model_ref: str,
+    out_uri: str,
+    config: GenerationStageConfig,
+    backend: GenerationBackend | None = None,
+) -> int:
+    """Write the model's answer to each (deduplicated) helpfulness prompt as a `Trace` with no rounds.
+
+    `final_answer` equals `initial_answer`; the constitution fields stay empty. Sharded and
+    resumable like `critique_revise`, with the same bad-input errors.
+    """
+    run = {
+        "stage": "helpful_samples",
+        "model_ref": model_ref,
+        "config": config.identity(GenerationStageConfig),
+    }
+    stamp = _stamp(run, model_ref)
+
+    def make_traces(
+        model: GenerationBackend, shard: Sequence[PromptRecord], progress: Progress
+    ) -> list[Trace]:
+        progress("answer")
+        answers = _generate(model, [[_user(p.prompt)] for p in shard], config.sampling(0))
+        return [stamp(prompt, answer, []) for prompt, answer in zip(shard, answers)]
+
+    return _generate_traces(prompts, run, model_ref, out_uri, config, backend, make_traces, "helpful answers")
+
+
+# -- shared machinery of the two stages ------------------------------------------------------
+
+Progress = Callable[[str], None]
+Stamp = Callable[[PromptRecord, str, list[RevisionRound]], Trace]
+
+
+def _generate_traces(
+    prompts: list[PromptRecord],
+    run: dict,
+    model_ref: str,
+    out_uri: str,
+    config: GenerationStageConfig,
+    backend: GenerationBackend | None,
+    make_traces: Callable[[GenerationBackend, Sequence[PromptRecord], Progress], list[Trace]],
+    description: str,
+) -> int:
+    """Check the prompts, open the model, and run `make_traces` shard by shard into `out_uri`."""
+    from tqdm.auto import tqdm
+
+    prompts = deduplicate(prompts)
+    if not prompts:
+        raise CaiError(f"{description}: no prompts given; check the prompt source")
+    # The model is opened before the output is claimed, so a model reference that does not
+    # resolve leaves nothing behind at `out_uri`.
+    model = backend or load_backend(
+        model_ref, config.backend, batch_size=config.batch_size, chat_template=config.chat_template
+    )
+    prompt_ids = [p.id for p in prompts]
+    inputs = {**run, "prompts": {"count": len(prompt_ids), "sha256": fingerprint({"ids": prompt_ids})}}
+    output = ShardedOutput(out_uri, inputs)
+    with tqdm(total=len(prompts), unit="prompt", desc=description) as bar:
+        return output.run(
+            prompts,
+            config.shard_size,
+            lambda shard: _log_empty(make_traces(model, shard, bar.set_postfix_str)),
+            on_shard=bar.update,
+        )
+
+
+def _critique_revise_shard(
+    model: GenerationBackend,
+    shard: Sequence[PromptRecord],
+    constitution: Constitution,
+    config: CritiqueReviseConfig,
+    progress: Progress,
+    stamp: Stamp,
+) -> list[Trace]:
+    """Advance every prompt of `shard` through the answer and all rounds, one batched call per step."""
+    prefix = few_shot_messages(constitution, config.no_critique) or None
+    progress("answer")
+    conversations: list[Conversation] = [[_user(p.prompt)] for p in shard]
+    answers = _generate(model, conversations, config.sampling(0))
+    rounds: list[list[RevisionRound]] = [[] for _ in shard]
+    for conversation, answer in zip(conversations, answers):
+        conversation.append(_assistant(answer))
+    step = 1
+    for round_index in range(config.rounds):
+        principles = [
+            draw_principle(constitution.critique_revision, config.seed, p.id, round_index) for p in shard
+        ]
+        critiques: list[str | None] = [None] * len(shard)
+        if not config.no_critique:
+            progress(f"round {round_index + 1}/{config.rounds}: critique")
+            critiques = _continue(
+                model, conversations, [p.critique_request for p in principles], prefix, config, step
+            )
+            step += 1
+        progress(f"round {round_index + 1}/{config.rounds}: revision")
+        revisions = _continue(
+            model, conversations, [p.revision_request for p in principles], prefix, config, step
+        )
+        step += 1
+        for trace_rounds, principle, critique, revision in zip(rounds, principles, critiques, revisions):
+            trace_rounds.append(
+                RevisionRound(principle_id=principle.id, critique=critique, revision=revision)
+            )
+    return [
+        stamp(prompt, answer, trace_rounds) for prompt, answer, trace_rounds in zip(shard, answers, rounds)
+    ]
+
+
+def _continue(
+    model: GenerationBackend,
+    conversations: list[Conversation],
+    requests: list[str],
+    prefix: Conversation | None,
+    config: GenerationStageConfig,
+    step: int,
+) -> list[str]:
+    """Put one request to each conversation, generate all replies in one call, append them."""
+    for conversation, request in zip(conversations, requests):
+        conversation.append(_user(request))
+    replies = _generate(model, conversations, config.sampling(step), prefix)
+    for conversation, reply in zip(conversations, replies):
+        conversation.append(_assistant(reply))
+    return replies
+
+
+def _generate(
+    model: GenerationBackend,
+    conversations: list[Conversation],
+    params: SamplingParams,
+    prefix: Conversation | None = None,
+) -> list[str]:
+    # Copies, so a backend that keeps its arguments never sees the conversations grow later.
+    replies = model.generate([list(c) for c in conversations], params, shared_prefix=prefix)
+    if len(replies) != len(conversations):
+        raise RuntimeError(f"backend returned {len(replies)} replies for {len(conversations)} conversations")
+    return [reply.strip() for reply in replies]
+
+
+def _stamp(run: dict, model_ref: str) -> Stamp:
+    """A function that builds a trace with a stable id and the provenance of this run."""
+    run_key = fingerprint(run)
+
+    def stamp(prompt: PromptRecord, answer: str, rounds: list[RevisionRound]) -> Trace:
+        return Trace(
+            id=stable_id(run_key, prompt.id),
+            prompt_id=prompt.id,
+            prompt=prompt.prompt,
+            kind=prompt.kind,
+            initial_answer=answer,
+            rounds=rounds,
+            final_answer=rounds[-1].revision if rounds else answer,
+            constitution_ref=run.get("constitution_ref", ""),
+            constitution_sha256=run.get("constitution_sha256", ""),
+            model_ref=model_ref,
+        )
+
+    return stamp
+
+
+def _log_empty(traces: list[Trace]) -> list[Trace]:
+    """Log the empty generations of a shard: they are kept (as empty strings) but worth knowing."""
+    empty = sum(empty_generations(trace) for trace in traces)
+    if empty:
+        log.warning("%d empty generation(s) in a shard of %d traces", empty, len(traces))
+    return traces
+
+
+def empty_generations(trace: Trace) -> int:
+    """How many generated turns of `trace` (answer, critiques, revisions) are empty strings."""
+    turns = [trace.initial_answer] + [
+        t for r in trace.rounds for t in (r.critique, r.revision) if t is not None
+    ]
+    return sum(1 for turn in turns if not turn)
+
+
+def _user(content: str) -> dict[str, str]:
+    return {"role": "user", "content": content}
+
+
+def _assistant(content: str) -> dict[str, str]:
+    return {"role": "assistant", "content": content}
