@@ -1,0 +1,202 @@
+"""Labelling throughput: AI feedback by log-prob scoring versus by generating a verdict.
+
+The same human-labelled hh-rlhf pairs, the same feedback model, the same questions (paper §4.1
+form, the constitution's few-shot examples, K principles, both answer orders) are labelled three
+ways:
+
+- **scoring** (`cai_lib.feedback`): the log-probabilities of "(A" and "(B" at the start of the
+  assistant turn, every question of the run batched into one `score_options` call; no text;
+- **verdict, per sample** (the naive baseline): one greedy `generate` call per question, the
+  reply parsed for "(A)"/"(B)"; a reply naming neither counts as 0.5;
+- **verdict, batched**: the same generation in one batched `generate` call, to separate the gain
+  of not generating from the gain of batching.
+
+Reported: pairs/s of each, the ratios of scoring to both verdict modes, and the agreement of the
+scoring labeller with the human choice (P(chosen better) > 0.5) over more pairs, with its Wilson
+95% interval. Results go to benchmarks/results/labelling-<device>.json; the last line printed is
+the same JSON.
+
+Run: .venv/bin/python benchmarks/labelling.py --pairs 100 --speed-pairs 8 --principles 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HH_RLHF = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test-dev.jsonl.gz"
+VERDICT = re.compile(r"\(\s*([AB])\s*\)|\b([AB])\b")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="Feedback model ref.")
+    parser.add_argument("--constitution", default="harmless@1.0.0", help="Constitution ref.")
+    parser.add_argument(
+        "--hh", default=str(HH_RLHF), help="hh-rlhf .jsonl(.gz) file of human-labelled pairs."
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=100, help="Pairs for the agreement figure (scoring only)."
+    )
+    parser.add_argument(
+        "--speed-pairs", type=int, default=16, help="The first pairs, labelled all three ways for speed."
+    )
+    parser.add_argument(
+        "--principles", type=int, default=4, help="K principles per pair (each asked in both orders)."
+    )
+    parser.add_argument(
+        "--verdict-tokens", type=int, default=32, help="max_new_tokens of a generated verdict."
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="Rows per forward pass in the backend.")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."
+    )
+    parser.add_argument("--device", default="cpu", help="Label of the machine in the results file name.")
+    parser.add_argument(
+        "--out", default=None, help="Results JSON (default benchmarks/results/labelling-<device>.json)."
+    )
+    return parser.parse_args()
+
+
+def parse_verdict(reply: str) -> float:
+    """P(first option) from a generated verdict: 1 for A, 0 for B, 0.5 when it names neither."""
+    match = VERDICT.search(reply)
+    if not match:
+        return 0.5
+    return 1.0 if (match.group(1) or match.group(2)) == "A" else 0.0
+
+
+def verdict_labels(keys: list, first_option: list[float], n_rows: int) -> list[float]:
+    """P(A better) per pair from per-question verdicts: order-unswapped, then averaged."""
+    from cai_lib.feedback import unswapped
+
+    per_row: list[list[float]] = [[] for _ in range(n_rows)]
+    for k in range(0, len(keys), 2):
+        per_row[keys[k][0]] += [first_option[k], unswapped(first_option[k + 1])]
+    return [sum(values) / len(values) for values in per_row]
+
+
+def timed(work):
+    start = time.perf_counter()
+    result = work()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    from cai_lib.constitution import load_constitution
+    from cai_lib.elo import wilson_interval
+    from cai_lib.feedback import FeedbackConfig, FeedbackLabeller
+    from cai_lib.generation import SamplingParams, load_backend
+    from cai_lib.human_preferences import read_human_preferences
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not Path(args.hh).exists():
+        sys.exit(f"hh-rlhf data not found at {args.hh}; pass --hh")
+    rows = read_human_preferences(args.hh, limit=max(args.pairs, args.speed_pairs))
+    speed_rows = rows[: args.speed_pairs]
+    constitution = load_constitution(args.constitution)
+    config = FeedbackConfig(principles_per_pair=args.principles, batch_size=args.batch_size)
+    backend, load_s = timed(lambda: load_backend(args.model, batch_size=args.batch_size))
+    labeller = FeedbackLabeller(backend, constitution, args.model, config)
+    labeller.label(rows[:1])  # warm-up: the few-shot prefix cache and lazy initialisation
+
+    scored, scoring_s = timed(lambda: labeller.label(speed_rows))
+    questions, keys = labeller.questions(speed_rows)
+    params = SamplingParams(max_new_tokens=args.verdict_tokens, temperature=0.0)
+    contexts = [[{"role": "user", "content": q}] for q in questions]
+
+    def one_at_a_time() -> list[str]:
+        return [backend.generate([c], params, shared_prefix=labeller.prefix)[0] for c in contexts]
+
+    replies, per_sample_s = timed(one_at_a_time)
+    batched_replies, batched_s = timed(
+        lambda: backend.generate(contexts, params, shared_prefix=labeller.prefix)
+    )
+    verdicts = verdict_labels(keys, [parse_verdict(r) for r in replies], len(speed_rows))
+    unparsed = sum(parse_verdict(r) == 0.5 for r in replies)
+    same_verdicts = sum(parse_verdict(a) == parse_verdict(b) for a, b in zip(replies, batched_replies))
+
+    rest, rest_s = timed(lambda: labeller.label(rows[len(speed_rows) : args.pairs]))
+    labels = [p.label for p in scored + rest][: args.pairs]
+    agreed = sum(label > 0.5 for label in labels)
+    low, high = wilson_interval(agreed, len(labels))
+
+    n = len(speed_rows)
+    result = {
+        "benchmark": "labelling",
+        "model": args.model,
+        "constitution": constitution.ref,
+        "principles_per_pair": args.principles,
+        "questions_per_pair": 2 * args.principles,
+        "speed_pairs": n,
+        "verdict_max_new_tokens": args.verdict_tokens,
+        "batch_size": args.batch_size,
+        "scoring_pairs_per_s": n / scoring_s,
+        "verdict_per_sample_pairs_per_s": n / per_sample_s,
+        "verdict_batched_pairs_per_s": n / batched_s,
+        "ratio_vs_per_sample_verdict": per_sample_s / scoring_s,
+        "ratio_vs_batched_verdict": batched_s / scoring_s,
+        "bar_ratio": 20.0,
+        "verdict_unparsed_replies": unparsed,
+        "verdict_questions": len(replies),
+        "verdict_batched_equal_to_per_sample": same_verdicts,
+        "verdict_examples": replies[:3],
+        "verdict_agreement_on_speed_pairs": sum(v > 0.5 for v in verdicts) / n,
+        "scoring_agreement_on_speed_pairs": sum(p.label > 0.5 for p in scored) / n,
+        "agreement_pairs": len(labels),
+        "agreement": agreed / len(labels),
+        "agreement_ci95": [low, high],
+        "mean_p_human_choice": sum(labels) / len(labels),
+        "agreement_source": f"{Path(args.hh).name}, first {len(labels)} usable pairs",
+        "scoring_pairs_per_s_all": len(labels) / (scoring_s + rest_s),
+        "model_load_s": load_s,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_1m_at_end": os.getloadavg()[0],
+            "device": args.device,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            **{name: version(name) for name in ("torch", "transformers", "cai-platform")},
+        },
+    }
+    print_table(result)
+    out = Path(args.out or REPO_ROOT / "benchmarks" / "results" / f"labelling-{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+def print_table(r: dict) -> None:
+    print(f"\nlabelling {r['speed_pairs']} pairs x {r['questions_per_pair']} questions with {r['model']}")
+    print(f"{'method':<24}{'pairs/s':>10}{'scoring is':>14}")
+    print(f"{'log-prob scoring':<24}{r['scoring_pairs_per_s']:>10.3f}{'1.0x':>14}")
+    per_sample = f"{r['ratio_vs_per_sample_verdict']:.1f}x faster"
+    batched = f"{r['ratio_vs_batched_verdict']:.1f}x faster"
+    print(f"{'verdict, per sample':<24}{r['verdict_per_sample_pairs_per_s']:>10.3f}{per_sample:>14}")
+    print(f"{'verdict, batched':<24}{r['verdict_batched_pairs_per_s']:>10.3f}{batched:>14}")
+    low, high = r["agreement_ci95"]
+    print(
+        f"agreement with human labels: {r['agreement']:.3f} (95% CI {low:.3f}-{high:.3f}) over "
+        f"{r['agreement_pairs']} hh-rlhf pairs; verdict replies naming neither option: "
+        f"{r['verdict_unparsed_replies']}/{r['verdict_questions']}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""`cai stage sample-pairs | label | label-accuracy`: response pairs and AI feedback (paper §4.1).
+
+Plain functions with typer annotations; `cai_lib.cli` registers them under `cai stage`. Option
+defaults and help come from the stage configs, so the CLI and the run config cannot drift.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from cai_lib.cli.stage_sl import (
+    BACKEND,
+    LIMIT,
+    OUT_DATASET,
+    PROMPTS,
+    Backend,
+    _option,
+    _read_prompts,
+    config_from,
+)
+from cai_lib.feedback import FeedbackConfig
+from cai_lib.pairs import SamplePairsConfig
+
+CONSTITUTION = typer.Option(
+    ..., "--constitution", help="name@version, name (newest), a YAML path, an s3:// URI or inline YAML."
+)
+FEEDBACK_MODEL = typer.Option(
+    ...,
+    "--model",
+    help="Feedback model ref: local checkpoint, s3:// checkpoint, HF id or smollm2-135m-instruct.",
+)
+PRINCIPLES = _option(FeedbackConfig, "principles_per_pair", "--principles")
+COT = _option(FeedbackConfig, "cot", "--cot")
+FEEDBACK_SEED = _option(FeedbackConfig, "seed", "--seed")
+FEEDBACK_BATCH_SIZE = _option(FeedbackConfig, "batch_size", "--batch-size")
+MAX_REASONING_TOKENS = _option(FeedbackConfig, "max_reasoning_tokens", "--max-reasoning-tokens")
+
+
+def sample_pairs_command(
+    prompts: str = PROMPTS,
+    model: str = typer.Option(
+        ..., "--model", help="Policy model ref (the SL-CAI checkpoint) that samples both answers."
+    ),
+    out: str = OUT_DATASET,
+    limit: int | None = LIMIT,
+    temperature: float = _option(SamplePairsConfig, "temperature", "--temperature"),
+    top_p: float = _option(SamplePairsConfig, "top_p", "--top-p"),
+    max_new_tokens: int = _option(SamplePairsConfig, "max_new_tokens", "--max-new-tokens"),
+    seed: int = _option(SamplePairsConfig, "seed", "--seed"),
+    backend: Backend = BACKEND,
+    batch_size: int = _option(SamplePairsConfig, "batch_size", "--batch-size"),
+    shard_size: int = _option(SamplePairsConfig, "shard_size", "--shard-size"),
+) -> None:
+    """Response pairs (paper §4.1): the policy samples two answers to each red-team prompt.
+
+    Example: cai stage sample-pairs --prompts builtin:red_team --model runs/sl-cai --limit 8 --out runs/pairs
+    """
+    from cai_lib.pairs import sample_pairs
+
+    config = config_from(
+        SamplePairsConfig,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        backend=backend.value,
+        batch_size=batch_size,
+        shard_size=shard_size,
+    )
+    records = _read_prompts(prompts, "red_team", limit)
+    rows = sample_pairs(records, model, out, config)
+    dropped = len(records) - rows
+    typer.echo(
+        f"wrote {rows} pair(s) to {out}" + (f" ({dropped} dropped for an empty answer)" if dropped else "")
+    )
+
+
+def label_command(
+    pairs: str = typer.Option(
+        ..., "--pairs", help="Response pairs written by `cai stage sample-pairs` (dir, file or s3://)."
+    ),
+    constitution: str = CONSTITUTION,
+    model: str = FEEDBACK_MODEL,
+    out: str = OUT_DATASET,
+    principles: int = PRINCIPLES,
+    cot: bool = COT,
+    seed: int = FEEDBACK_SEED,
+    max_reasoning_tokens: int = MAX_REASONING_TOKENS,
+    backend: Backend = BACKEND,
+    batch_size: int = FEEDBACK_BATCH_SIZE,
+    shard_size: int = _option(FeedbackConfig, "shard_size", "--shard-size"),
+) -> None:
+    """AI feedback (paper §4.1): soft labels P(A better) from option log-probs, over K principles and both orders.
+
+    Example: cai stage label --pairs runs/pairs --constitution harmless@1.0.0 --model smollm2-135m-instruct --principles 4 --out runs/labels
+    """
+    from cai_lib.constitution import load_constitution
+    from cai_lib.feedback import label_preferences
+    from cai_lib.records import Preference, ResponsePair
+    from cai_lib.shards import read_dataset
+
+    config = config_from(
+        FeedbackConfig,
+        principles_per_pair=principles,
+        cot=cot,
+        seed=seed,
+        max_reasoning_tokens=max_reasoning_tokens,
+        backend=backend.value,
+        batch_size=batch_size,
+        shard_size=shard_size,
+    )
+    loaded = load_constitution(constitution)
+    rows = list(read_dataset(pairs, ResponsePair))
+    written = label_preferences(rows, loaded, model, out, config)
+    labels = [p.label for p in read_dataset(out, Preference)]
+    prefer_a = sum(label > 0.5 for label in labels)
+    typer.echo(
+        f"wrote {written} label(s) to {out} under {loaded.ref} ({loaded.sha256[:12]}); mean P(A better) "
+        f"{sum(labels) / len(labels):.3f}, A preferred in {prefer_a} of {len(labels)}"
+    )
+
+
+def label_accuracy_command(
+    human: str = typer.Option(
+        ...,
+        "--human",
+        help="Human-labelled comparisons: an hh-rlhf .jsonl(.gz) file ({chosen, rejected}), a multiple-choice "
+        ".jsonl file ({prompt, corrects, incorrects}) as the paper's authors published, an s3:// URI of one, "
+        "or hf:ORG/NAME[/DATA_DIR][:SPLIT] (hh-rlhf).",
+    ),
+    constitution: str = CONSTITUTION,
+    model: str = FEEDBACK_MODEL,
+    limit: int | None = typer.Option(None, "--limit", help="Use the first K comparisons (default: all)."),
+    principles: int = PRINCIPLES,
+    cot: bool = COT,
+    seed: int = FEEDBACK_SEED,
+    max_reasoning_tokens: int = MAX_REASONING_TOKENS,
+    backend: Backend = BACKEND,
+    batch_size: int = FEEDBACK_BATCH_SIZE,
+    as_json: bool = typer.Option(
+        False, "--json", help="Also print the full report as one JSON line before the summary."
+    ),
+) -> None:
+    """Agreement of the AI feedback labeller with human labels, with a Wilson 95% interval; printed last.
+
+    Example: cai stage label-accuracy --human ../shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz --constitution harmless@1.0.0 --model smollm2-135m-instruct --limit 100
+    """
+    from cai_lib.constitution import load_constitution
+    from cai_lib.label_accuracy import label_accuracy
+
+    config = config_from(
+        FeedbackConfig,
+        principles_per_pair=principles,
+        cot=cot,
+        seed=seed,
+        max_reasoning_tokens=max_reasoning_tokens,
+        backend=backend.value,
+        batch_size=batch_size,
+    )
+    report = label_accuracy(human, load_constitution(constitution), model, limit, config)
+    typer.echo(
+        f"{report.format} comparisons from {report.source}; feedback model {report.model_ref}, {report.constitution_ref}"
+    )
+    if report.mean_p_human_choice is not None:
+        typer.echo(f"mean P(human's choice better) {report.mean_p_human_choice:.3f}")
+    if as_json:
+        typer.echo(report.model_dump_json())
+    typer.echo(report.summary())

@@ -1,0 +1,122 @@
+"""Response pairs for AI feedback (Bai et al. 2022, §4.1): two sampled answers per red-team prompt.
+
+The paper's RL stage starts from pairs of responses that the SL-CAI model samples for each
+red-team prompt; the feedback model then says which of the two is better. Here the two answers
+come from two batched `generate` calls over a whole shard of prompts, each with its own seed
+(answer A from one, answer B from the other), at a temperature above 0 so they can differ.
+
+Where it departs: a pair in which either answer came out empty (the model ended its reply at
+once) is dropped with a logged warning, because a comparison needs two answers. Seeds are
+derived from the base seed and the shard's prompt ids, so a resumed run resamples a missing
+shard exactly as an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from pydantic import Field
+
+from cai_lib.critique_revise import GenerationStageConfig
+from cai_lib.errors import CaiError
+from cai_lib.generation import GenerationBackend, SamplingParams, load_backend
+from cai_lib.prompts import deduplicate
+from cai_lib.records import PromptRecord, ResponsePair, stable_id
+from cai_lib.shards import ShardedOutput, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class SamplePairsConfig(GenerationStageConfig):
+    """Settings of response-pair sampling (paper §4.1)."""
+
+    temperature: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Sampling temperature of both answers (paper: 1). Must be above 0: greedy decoding would "
+        "give two identical answers.",
+    )
+    top_p: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling mass of both answers (1 samples the full distribution).",
+    )
+
+
+def sample_pairs(
+    prompts: list[PromptRecord],
+    model_ref: str,
+    out_uri: str,
+    config: SamplePairsConfig,
+    backend: GenerationBackend | None = None,
+) -> int:
+    """Write one `ResponsePair` per (deduplicated) prompt under `out_uri`; returns the row count.
+
+    Answers A and B are sampled by two `generate` calls per shard with different seeds, batched
+    across the shard's prompts. Sharded and resumable (`cai_lib.shards`); a pair's id depends on
+    its prompt, the model ref and the seed. `backend` defaults to `load_backend(model_ref,
+    config.backend)`. Raises `CaiError`, writing nothing, when there are no prompts or when
+    `out_uri` holds results of other inputs.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = deduplicate(prompts)
+    if not prompts:
+        raise CaiError("sample pairs: no prompts given; check the prompt source")
+    # Opened before the output is claimed: a model ref that does not resolve leaves nothing behind.
+    model = backend or load_backend(model_ref, config.backend, batch_size=config.batch_size)
+    run = {"stage": "sample_pairs", "model_ref": model_ref, "config": config.identity()}
+    inputs = {
+        **run,
+        "prompts": {"count": len(prompts), "sha256": fingerprint({"ids": [p.id for p in prompts]})},
+    }
+    output = ShardedOutput(out_uri, inputs)
+    with tqdm(total=len(prompts), unit="prompt", desc="response pairs") as bar:
+        return output.run(
+            prompts,
+            config.shard_size,
+            lambda shard: _sample_shard(model, shard, model_ref, config),
+            on_shard=bar.update,
+        )
+
+
+def pair_seeds(base_seed: int, prompt_ids: Sequence[str]) -> tuple[int, int]:
+    """The sampling seeds of answers A and B for one shard: distinct, and fixed by the shard's content."""
+    seed_a = int(stable_id(str(base_seed), "a", *prompt_ids), 16) % 2**31
+    seed_b = int(stable_id(str(base_seed), "b", *prompt_ids), 16) % 2**31
+    return seed_a, (seed_b if seed_b != seed_a else (seed_a + 1) % 2**31)
+
+
+def _sample_shard(
+    model: GenerationBackend, shard: Sequence[PromptRecord], model_ref: str, config: SamplePairsConfig
+) -> list[ResponsePair]:
+    conversations = [[{"role": "user", "content": p.prompt}] for p in shard]
+    answers = []
+    for seed in pair_seeds(config.seed, [p.id for p in shard]):
+        params = SamplingParams(
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            seed=seed,
+        )
+        replies = model.generate([list(c) for c in conversations], params)
+        if len(replies) != len(shard):
+            raise RuntimeError(f"backend returned {len(replies)} replies for {len(shard)} prompts")
+        answers.append([reply.strip() for reply in replies])
+    pairs = [
+        ResponsePair(
+            id=stable_id("pair", prompt.id, model_ref, str(config.seed)),
+            prompt_id=prompt.id,
+            prompt=prompt.prompt,
+            answer_a=answer_a,
+            answer_b=answer_b,
+            model_ref=model_ref,
+        )
+        for prompt, answer_a, answer_b in zip(shard, *answers)
+        if answer_a and answer_b
+    ]
+    if len(pairs) < len(shard):
+        log.warning("dropped %d of %d pairs with an empty answer", len(shard) - len(pairs), len(shard))
+    return pairs
