@@ -126,7 +126,7 @@ def label_accuracy_command(
         "--human",
         help="Human-labelled comparisons: an hh-rlhf .jsonl(.gz) file ({chosen, rejected}), a multiple-choice "
         ".jsonl file ({prompt, corrects, incorrects}) as the paper's authors published, an s3:// URI of one, "
-        "or hf:ORG/NAME[/DATA_DIR][:SPLIT] (hh-rlhf).",
+        "or an hf:ORG/NAME dataset (hh-rlhf).",
     ),
     constitution: str = CONSTITUTION,
     model: str = FEEDBACK_MODEL,
