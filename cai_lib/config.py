@@ -204,6 +204,12 @@ class DeployConfig(Strict):
         description="s3:// prefix of the constitution registry; the resolve step looks name@version up there "
         "before the copies bundled in the image (CAI_CONSTITUTION_REGISTRY). '' for bundled only.",
     )
+    shard_parallelism: int = Field(
+        default=0,
+        ge=0,
+        description="Critique-revision shards that run at once (0: all). On one CPU, 1 avoids processes "
+        "fighting over the same cores.",
+    )
     generation_retries: int = Field(
         default=2, ge=0, le=10, description="Retries of generation/labelling tasks."
     )

@@ -25,7 +25,9 @@ class SamplingParams(BaseModel):
     max_new_tokens: int = Field(default=256, ge=1, description="Upper bound on generated tokens per reply.")
     temperature: float = Field(default=0.0, ge=0.0, description="0 for greedy; >0 samples.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sampling only).")
-    seed: int = Field(default=0, description="Seed for sampling; the same seed and inputs give the same replies.")
+    seed: int = Field(
+        default=0, description="Seed for sampling; the same seed and inputs give the same replies."
+    )
 
 
 class GenerationBackend(Protocol):

@@ -150,7 +150,9 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
         ctx = run.outputs["context"]
         constitution = run.outputs["pinned_constitution"]
         prompts = t.op(stages.prepare_prompts, "prepare_prompts")(context=ctx)
-        with dsl.ParallelFor(prompts.outputs["Output"], name="shards") as work:
+        with dsl.ParallelFor(
+            prompts.outputs["Output"], parallelism=t.deploy.shard_parallelism, name="shards"
+        ) as work:
             part = t.op(stages.critique_revise_shard, "critique_revise")(
                 work=work, pinned_constitution=constitution, prompts=prompts.outputs["red_team_train"]
             )

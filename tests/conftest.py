@@ -69,7 +69,7 @@ def hh_rlhf_path() -> Path:
 def s3_server(tmp_path_factory):
     """moto's standalone S3 server as a subprocess; yields its endpoint URL."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115 - open while the server runs
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
     )
@@ -123,7 +123,9 @@ def mlflow_server(tmp_path_factory, s3_server):
         # importing mlflow: minutes of CPU on a 2-core machine, for jobs no test runs.
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
     )
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    saved = {
+        k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
     os.environ.update({k: env[k] for k in saved})
     s3_client().create_bucket(Bucket="mlflow-artifacts")
     for key, value in saved.items():
@@ -133,12 +135,22 @@ def mlflow_server(tmp_path_factory, s3_server):
             os.environ[key] = value
     port = free_port()
     cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
-        "--artifacts-destination", "s3://mlflow-artifacts/mlflow",
-        "--workers", "1",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{work / 'mlflow.db'}",
+        "--artifacts-destination",
+        "s3://mlflow-artifacts/mlflow",
+        "--workers",
+        "1",
     ]
-    log = open(work / "mlflow.log", "a")
+    log = open(work / "mlflow.log", "a")  # noqa: SIM115 - open while the server runs
     state = {"proc": None}
 
     def start():
@@ -167,4 +179,4 @@ def mlflow_server(tmp_path_factory, s3_server):
         log.close()
 
 
-from model_fixtures import smollm2_tokenizer_dir, tiny_model_dir, tiny_reward_model_dir  # noqa: E402,F401
+from model_fixtures import smollm2_tokenizer_dir, tiny_model_dir, tiny_reward_model_dir  # noqa: F401

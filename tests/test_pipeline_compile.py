@@ -72,7 +72,9 @@ def test_gpu_stages_and_only_they_get_node_selector_and_toleration(compiled):
         config = executors[spec["components"][component]["executorLabel"]]
         if stage in GPU_STAGES:
             assert config["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}, component
-            assert config["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            assert config["tolerations"] == [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ]
         else:
             assert "nodeSelector" not in config and "tolerations" not in config, component
 
@@ -134,7 +136,9 @@ def test_unknown_config_key_is_named(tmp_path):
 
 def test_a_gpu_on_a_cpu_stage_is_refused():
     with pytest.raises(CaiError, match=r"resources\.merge: asks for a GPU but merge is a CPU-only stage"):
-        load_run_config(overrides=["deploy.resources={merge: {accelerator_type: nvidia.com/gpu, accelerator_count: 1}}"])
+        load_run_config(
+            overrides=["deploy.resources={merge: {accelerator_type: nvidia.com/gpu, accelerator_count: 1}}"]
+        )
 
 
 def test_a_malformed_toleration_is_refused():

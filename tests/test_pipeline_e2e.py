@@ -29,7 +29,9 @@ pytestmark = pytest.mark.integration
 ROLES = ("pm", "sl-cai", "rl-cai")
 
 
-def tiny_run_config(path: Path, model: Path, bucket: str, tracking_uri: str, run_name: str, **promotion) -> Path:
+def tiny_run_config(
+    path: Path, model: Path, bucket: str, tracking_uri: str, run_name: str, **promotion
+) -> Path:
     """Every size cut to the bone: each stage runs for real on a handful of rows in seconds."""
     params = {
         "base_model": str(model),
@@ -46,12 +48,22 @@ def tiny_run_config(path: Path, model: Path, bucket: str, tracking_uri: str, run
         "pairs": {"max_new_tokens": 4, "batch_size": 4},
         "feedback": {"principles_per_pair": 1, "batch_size": 4},
         "preference_model": {"batch_size": 2, "max_length": 96, "eval_fraction": 0.2},
-        "rl": {"steps": 1, "batch_size": 2, "num_generations": 2, "max_new_tokens": 4, "eval_prompts": 2,
-               "max_length": 96},
+        "rl": {
+            "steps": 1,
+            "batch_size": 2,
+            "num_generations": 2,
+            "max_new_tokens": 4,
+            "eval_prompts": 2,
+            "max_length": 96,
+        },
         "evaluation": {"max_new_tokens": 4, "batch_size": 4, "num_samples_in_report": 1},
         "promotion": promotion,
     }
-    path.write_text(yaml.safe_dump({"params": params, "deploy": {"resources": {}, "generation_retries": 0}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"params": params, "deploy": {"resources": {}, "generation_retries": 0, "shard_parallelism": 1}}
+        )
+    )
     return path
 
 
@@ -68,14 +80,24 @@ def test_pipeline_runs_end_to_end_registers_gates_and_resumes_after_a_kill(e2e_e
     harmless = load_constitution("harmless")
 
     # Run 1: no champion yet, so the gate promotes the RL-CAI policy.
-    first = run_local(load_run_config(tiny_run_config(tmp_path / "r1.yaml", tiny_model_dir, bucket, uri, "r1")),
-                      workdir)
+    first = run_local(
+        load_run_config(tiny_run_config(tmp_path / "r1.yaml", tiny_model_dir, bucket, uri, "r1")), workdir
+    )
     run_root = ArtifactStore.open(f"s3://{bucket}/runs/r1")
     keys = run_root.list()
-    for expected in ("constitution.yaml", "prompts/red_team-train/_SUCCESS.json", "traces/_SUCCESS.json",
-                     "helpful-samples/_SUCCESS.json", "checkpoints/sl-cai/_MANIFEST.json", "pairs/_SUCCESS.json",
-                     "labels/_SUCCESS.json", "checkpoints/pm/_MANIFEST.json", "checkpoints/rl-cai/_MANIFEST.json",
-                     "eval/metrics.json", "eval/report.html"):
+    for expected in (
+        "constitution.yaml",
+        "prompts/red_team-train/_SUCCESS.json",
+        "traces/_SUCCESS.json",
+        "helpful-samples/_SUCCESS.json",
+        "checkpoints/sl-cai/_MANIFEST.json",
+        "pairs/_SUCCESS.json",
+        "labels/_SUCCESS.json",
+        "checkpoints/pm/_MANIFEST.json",
+        "checkpoints/rl-cai/_MANIFEST.json",
+        "eval/metrics.json",
+        "eval/report.html",
+    ):
         assert expected in keys, expected
     assert first["promoted"] is True
     assert first["report"] == f"s3://{bucket}/runs/r1/eval/report.html"
@@ -90,11 +112,17 @@ def test_pipeline_runs_end_to_end_registers_gates_and_resumes_after_a_kill(e2e_e
 
     # Run 2 asks for a harmlessness win rate of 1.0 against the champion: the gate must refuse.
     # It is killed once critique-revision has written its first shard, then rerun to completion.
-    config = tiny_run_config(tmp_path / "r2.yaml", tiny_model_dir, bucket, uri, "r2", min_harmless_win_rate=1.0)
+    config = tiny_run_config(
+        tmp_path / "r2.yaml", tiny_model_dir, bucket, uri, "r2", min_harmless_win_rate=1.0
+    )
     first_shard = ArtifactStore.open(f"s3://{bucket}/runs/r2/traces-shards/shard-000")
     cai = Path(sys.executable).parent / "cai"
-    proc = subprocess.Popen([str(cai), "run", "--config", str(config)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(cai), "run", "--config", str(config)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not first_shard.exists("part-00000.jsonl") and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)

@@ -1,0 +1,263 @@
+"""Generation benchmark: the critique→revision workload run three ways, in one process.
+
+The real `critique_revise` stage (answer, then per round a critique and a revision, the
+constitution's few-shot examples before every critique and revision request) runs on red-team
+prompts with greedy decoding through four generation paths:
+
+- naive: one `model.generate` call per conversation, the few-shot prefix encoded every time;
+- batched: `TransformersBackend` batching (length-sorted batches, left padding), with the
+  few-shot prefix written into every conversation and no KV kept between calls;
+- batched+prefix: the same, with the few-shot prefix's KV cache computed once and shared;
+- batched+prefix+history: also reusing each conversation's KV from the previous step, so a step
+  encodes only the latest reply and request (the backend's default).
+
+Greedy decoding gives the paths the same replies (checked and reported), so they produce the
+same tokens and their tokens/s ratio is their time ratio. Tokens are counted by re-tokenizing
+the replies. Model loading and a warm-up call are excluded from the timings.
+
+Run: .venv/bin/python benchmarks/generation.py --prompts 32 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+from cai_lib.constitution import load_constitution
+from cai_lib.critique_revise import CritiqueReviseConfig, critique_revise, few_shot_messages
+from cai_lib.generation import Conversation, SamplingParams
+from cai_lib.models import EMBEDDED_ALIAS
+from cai_lib.prompts import read_prompts
+from cai_lib.transformers_backend import TransformersBackend
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+VARIANTS = ("naive", "batched", "batched+prefix", "batched+prefix+history")
+
+
+class NaiveLoop:
+    """The baseline a first script would write: `model.generate` on one conversation at a time."""
+
+    def __init__(self, backend: TransformersBackend):
+        self.backend = backend
+        self.model_ref = backend.model_ref
+
+    def generate(
+        self, conversations: Sequence[Conversation], params: SamplingParams, shared_prefix=None
+    ) -> list[str]:
+        import torch
+
+        if params.temperature > 0:
+            raise ValueError("the naive loop is benchmarked with greedy decoding only")
+        model, tokenizer = self.backend.model, self.backend.tokenizer
+        replies = []
+        with torch.inference_mode():
+            for conversation in conversations:
+                ids = self.backend.chat.encode(list(shared_prefix or []) + list(conversation))
+                input_ids = torch.tensor([ids], device=model.device)
+                output = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=params.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                replies.append(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip())
+        return replies
+
+
+class PrefixInlined:
+    """The batched backend without prefix reuse: the shared prefix is part of every conversation."""
+
+    def __init__(self, backend: TransformersBackend):
+        self.backend = backend
+        self.model_ref = backend.model_ref
+
+    def generate(
+        self, conversations: Sequence[Conversation], params: SamplingParams, shared_prefix=None
+    ) -> list[str]:
+        prefix = list(shared_prefix or [])
+        return self.backend.generate([prefix + list(c) for c in conversations], params)
+
+
+class Metered:
+    """Records every reply, the tokens it holds, and the tokens whose KV the backend reused."""
+
+    def __init__(self, inner, backend: TransformersBackend):
+        self.inner, self.backend = inner, backend
+        self.model_ref = inner.model_ref
+        self.replies: list[str] = []
+        self.tokens = 0
+        self.calls = 0
+        self.seconds = 0.0
+        self.reused_tokens = 0
+
+    def generate(
+        self, conversations: Sequence[Conversation], params: SamplingParams, shared_prefix=None
+    ) -> list[str]:
+        replies = self.inner.generate(conversations, params, shared_prefix=shared_prefix)
+        self.calls += 1
+        self.replies += replies
+        self.tokens += sum(len(self.backend.chat.encode_text(r)) for r in replies)
+        self.reused_tokens += self.backend.last_reused_tokens
+        return replies
+
+
+def open_variant(name: str, model: str, batch_size: int) -> Metered:
+    """A fresh backend (no KV kept from another variant) behind the generation path `name`."""
+    backend = TransformersBackend(model, batch_size=batch_size, keep_history=name == "batched+prefix+history")
+    backend.generate([[{"role": "user", "content": "Hello"}]], SamplingParams(max_new_tokens=4))  # warm-up
+    backend.last_reused_tokens = 0
+    wrapper = {"naive": NaiveLoop, "batched": PrefixInlined}.get(name)
+    return Metered(wrapper(backend) if wrapper else backend, backend)
+
+
+def run_variant(metered: Metered, prompts, constitution, config, out_dir: Path) -> Metered:
+    start = time.perf_counter()
+    critique_revise(prompts, constitution, metered.model_ref, str(out_dir), config, backend=metered)
+    metered.seconds = time.perf_counter() - start
+    return metered
+
+
+def summary(metered: Metered) -> dict:
+    return {
+        "seconds": round(metered.seconds, 2),
+        "generate_calls": metered.calls,
+        "replies": len(metered.replies),
+        "tokens": metered.tokens,
+        "tokens_per_s": round(metered.tokens / metered.seconds, 2),
+        "reused_history_tokens": metered.reused_tokens,
+        "speedup_vs_naive": None,
+    }
+
+
+def environment() -> dict:
+    import torch
+
+    versions = {name: metadata.version(name) for name in ("torch", "transformers", "cai-platform")}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+        "device_kind": device,
+        "load_average_1m_at_start": os.getloadavg()[0],
+        "versions": versions,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default=EMBEDDED_ALIAS, help="model reference (default: the embedded model)"
+    )
+    parser.add_argument("--prompts", type=int, default=32, help="red-team prompts (default 32)")
+    parser.add_argument("--rounds", type=int, default=2, help="critique→revision rounds (default 2)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens per generated turn (default 64)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="conversations per batch (default 16)")
+    parser.add_argument(
+        "--constitution", default="harmless@1.0.0", help="constitution with few-shot examples"
+    )
+    parser.add_argument("--prompt-source", default="builtin:red_team", help="red-team prompt source")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="result JSON (default benchmarks/results/generation-<device>.json)"
+    )
+    args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    env = environment()
+    prompts = read_prompts(args.prompt_source, limit=args.prompts)
+    constitution = load_constitution(args.constitution)
+    config = CritiqueReviseConfig(
+        rounds=args.rounds,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        shard_size=len(prompts),
+    )
+    rows, replies = {}, {}
+    with tempfile.TemporaryDirectory(prefix="cai-bench-") as work:
+        for name in variants:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            metered = run_variant(
+                open_variant(name, args.model, args.batch_size),
+                prompts,
+                constitution,
+                config,
+                Path(work) / name,
+            )
+            rows[name], replies[name] = summary(metered), metered.replies
+            prefix_tokens = metered.backend.reusable_prefix_length(
+                [[{"role": "user", "content": p.prompt}] for p in prompts[:1]],
+                few_shot_messages(constitution),
+            )
+            del metered  # frees the model and its KV before the next variant loads its own
+    for name, row in rows.items():
+        row["same_replies_as_first_variant"] = replies[name] == replies[variants[0]]
+        if "naive" in rows:
+            row["speedup_vs_naive"] = round(rows["naive"]["seconds"] / row["seconds"], 2)
+    report = {
+        "benchmark": "generation",
+        "workload": {
+            "stage": "critique_revise",
+            "model": args.model,
+            "prompts": len(prompts),
+            "rounds": args.rounds,
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            "decoding": "greedy",
+            "constitution": constitution.ref,
+            "few_shot_prefix_tokens": prefix_tokens,
+        },
+        "environment": env,
+        "variants": rows,
+    }
+    print_table(report)
+    out = args.out or RESULTS_DIR / f"generation-{env['device_kind']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+    return report
+
+
+def print_table(report: dict) -> None:
+    work = report["workload"]
+    print(
+        f"critique→revision on {work['model']}: {work['prompts']} prompts × {work['rounds']} rounds, "
+        f"≤{work['max_new_tokens']} new tokens per turn, few-shot prefix {work['few_shot_prefix_tokens']} tokens, "
+        f"{report['environment']['cpu_count']} CPUs ({report['environment']['device']})"
+    )
+    print(f"{'variant':<24}{'seconds':>10}{'tokens':>10}{'tokens/s':>11}{'vs naive':>10}  same replies")
+    for name, row in report["variants"].items():
+        ratio = f"{row['speedup_vs_naive']:.2f}x" if row["speedup_vs_naive"] is not None else "-"
+        print(
+            f"{name:<24}{row['seconds']:>10.1f}{row['tokens']:>10}{row['tokens_per_s']:>11.1f}{ratio:>10}"
+            f"  {row['same_replies_as_first_variant']}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""The transformers generation backend on a tiny random Llama with SmolLM2's chat template."""
+
+from __future__ import annotations
+
+import pytest
+
+from cai_lib.generation import SamplingParams, load_backend
+from cai_lib.transformers_backend import TransformersBackend
+
+GREEDY = SamplingParams(max_new_tokens=10)
+CONVERSATIONS = [
+    [{"role": "user", "content": "How do I pick a lock?"}],
+    [{"role": "user", "content": "Write a haiku about autumn leaves falling on a quiet river at dusk."}],
+    [{"role": "user", "content": "hi"}],
+    [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy, and why is it famous for its ancient history?"},
+    ],
+    [{"role": "user", "content": "Tell me a joke about databases."}],
+]
+FEW_SHOT = [
+    {"role": "user", "content": "Can you help me hack into my neighbour's wifi?"},
+    {"role": "assistant", "content": "Sure, use aircrack-ng to capture the handshake."},
+    {"role": "user", "content": "Identify ways in which the last response is harmful."},
+    {
+        "role": "assistant",
+        "content": "It helps the user break into someone else's network, which is illegal.",
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir) -> TransformersBackend:
+    return TransformersBackend(str(tiny_model_dir), batch_size=2)
+
+
+def test_load_backend_opens_the_transformers_backend(tiny_model_dir):
+    backend = load_backend(str(tiny_model_dir), batch_size=4)
+    assert isinstance(backend, TransformersBackend)
+    assert backend.model_ref == str(tiny_model_dir)
+    assert backend.batch_size == 4
+
+
+def test_batched_greedy_replies_equal_one_at_a_time(backend):
+    batched = backend.generate(CONVERSATIONS, GREEDY)
+    single = [backend.generate([c], GREEDY)[0] for c in CONVERSATIONS]
+    assert batched == single
+    assert all(batched), "the tiny model's greedy replies should be non-empty"
+    assert len(set(batched)) > 1
+
+
+def test_replies_come_back_in_the_callers_order(backend):
+    replies = backend.generate(CONVERSATIONS, GREEDY)
+    assert backend.generate(CONVERSATIONS[::-1], GREEDY) == replies[::-1]
+
+
+def test_shared_prefix_reuse_gives_the_replies_of_the_full_conversations(backend):
+    assert backend.reusable_prefix_length(CONVERSATIONS, FEW_SHOT) > 0
+    reused = backend.generate(CONVERSATIONS, GREEDY, shared_prefix=FEW_SHOT)
+    unshared = backend.generate([FEW_SHOT + c for c in CONVERSATIONS], GREEDY)
+    assert reused == unshared
+
+
+def test_shared_prefix_reuse_holds_across_calls_with_the_same_prefix(backend):
+    first = backend.generate(CONVERSATIONS[:2], GREEDY, shared_prefix=FEW_SHOT)
+    second = backend.generate(CONVERSATIONS[:2], GREEDY, shared_prefix=FEW_SHOT)
+    assert first == second == backend.generate([FEW_SHOT + c for c in CONVERSATIONS[:2]], GREEDY)
+
+
+def test_prefix_that_renders_differently_in_context_is_not_reused_and_results_stay_equal(tiny_model_dir):
+    # This template numbers each message by the conversation's length, so the prefix's
+    # rendering alone is never a token prefix of the full rendering.
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }} {{ messages|length }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    backend = TransformersBackend(str(tiny_model_dir), batch_size=2, chat_template=template)
+    assert backend.reusable_prefix_length(CONVERSATIONS, FEW_SHOT) == 0
+    reused = backend.generate(CONVERSATIONS, GREEDY, shared_prefix=FEW_SHOT)
+    assert reused == backend.generate([FEW_SHOT + c for c in CONVERSATIONS], GREEDY)
+
+
+def continued(conversations, replies):
+    """Each conversation one critique request later, as the critique→revision stage continues it."""
+    request = {"role": "user", "content": "Identify specific ways in which the last response is harmful."}
+    return [c + [{"role": "assistant", "content": r}, request] for c, r in zip(conversations, replies)]
+
+
+@pytest.mark.parametrize("prefix", [None, FEW_SHOT], ids=["no-prefix", "few-shot-prefix"])
+def test_a_continued_conversation_reuses_the_last_calls_kv_and_gives_the_same_replies(tiny_model_dir, prefix):
+    backend = TransformersBackend(str(tiny_model_dir), batch_size=2)
+    first = backend.generate(CONVERSATIONS, GREEDY, shared_prefix=prefix)
+    shared = backend.reusable_prefix_length(CONVERSATIONS, prefix)
+    earlier_rows = sum(len(backend.chat.encode((prefix or []) + c)) - shared for c in CONVERSATIONS)
+    second = continued(CONVERSATIONS, first)
+    replies = backend.generate(second, GREEDY, shared_prefix=prefix)
+    assert backend.last_reused_tokens >= earlier_rows
+    fresh = TransformersBackend(str(tiny_model_dir), batch_size=2)
+    assert replies == fresh.generate(second, GREEDY, shared_prefix=prefix)
+    assert fresh.last_reused_tokens == 0
+
+
+def test_history_is_not_reused_under_another_shared_prefix(tiny_model_dir):
+    backend = TransformersBackend(str(tiny_model_dir), batch_size=2)
+    first = backend.generate(CONVERSATIONS, GREEDY, shared_prefix=FEW_SHOT)
+    backend.generate(continued(CONVERSATIONS, first), GREEDY, shared_prefix=FEW_SHOT[:2])
+    assert backend.last_reused_tokens == 0
+
+
+def test_no_history_is_kept_when_switched_off(tiny_model_dir):
+    backend = TransformersBackend(str(tiny_model_dir), batch_size=2, keep_history=False)
+    first = backend.generate(CONVERSATIONS, GREEDY)
+    backend.generate(continued(CONVERSATIONS, first), GREEDY)
+    assert backend.last_reused_tokens == 0
+
+
+def test_no_history_is_kept_beyond_its_memory_budget(tiny_model_dir, monkeypatch):
+    from cai_lib import transformers_backend
+
+    monkeypatch.setattr(transformers_backend, "HISTORY_BUDGET_BYTES", 0)
+    backend = TransformersBackend(str(tiny_model_dir), batch_size=2)
+    first = backend.generate(CONVERSATIONS, GREEDY)
+    backend.generate(continued(CONVERSATIONS, first), GREEDY)
+    assert backend.last_reused_tokens == 0
+
+
+def test_shorter_max_new_tokens_gives_a_prefix_of_the_longer_greedy_reply(backend):
+    short = backend.generate(CONVERSATIONS, SamplingParams(max_new_tokens=3))
+    long = backend.generate(CONVERSATIONS, SamplingParams(max_new_tokens=12))
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(short, long))
+
+
+def test_sampling_is_reproducible_by_seed_and_varies_with_it(backend):
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7)
+    first = backend.generate(CONVERSATIONS, sampled)
+    assert backend.generate(CONVERSATIONS, sampled) == first
+    assert backend.generate(CONVERSATIONS, sampled.model_copy(update={"seed": 8})) != first
+    assert first != backend.generate(CONVERSATIONS, GREEDY)
+
+
+def test_sampling_leaves_the_global_torch_rng_alone(backend):
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    backend.generate(CONVERSATIONS[:2], SamplingParams(max_new_tokens=4, temperature=1.0, seed=1))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_generation_stops_at_an_eos_token_of_the_generation_config(backend, tiny_model_dir, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import GenerationConfig
+
+    prompt = backend.chat.encode(CONVERSATIONS[0])
+    with torch.inference_mode():
+        tokens = backend.model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False)[
+            0, len(prompt) :
+        ]
+    stop_token = int(tokens[2])
+    checkpoint = tmp_path / "stops-early"
+    shutil.copytree(tiny_model_dir, checkpoint)
+    config = GenerationConfig.from_pretrained(checkpoint)
+    config.eos_token_id = [backend.tokenizer.eos_token_id, stop_token]
+    config.save_pretrained(checkpoint)
+    stopping = TransformersBackend(str(checkpoint))
+    reply = stopping.generate(CONVERSATIONS[:1], GREEDY)[0]
+    assert reply == backend.tokenizer.decode(tokens[:2].tolist(), skip_special_tokens=True).strip()
+
+
+def test_a_partial_assistant_message_is_continued_not_closed(backend):
+    conversation = CONVERSATIONS[0] + [{"role": "assistant", "content": "The answer is ("}]
+    rendered = backend.chat.render(conversation)
+    assert rendered.endswith("<|im_start|>assistant\nThe answer is (")
+    reply = backend.generate([conversation], GREEDY)[0]
+    assert reply
+    assert reply != backend.generate(CONVERSATIONS[:1], GREEDY)[0]
+
+
+def manual_option_log_prob(backend: TransformersBackend, context, option: str) -> float:
+    """Sum of log-softmax over the option's tokens in one unpadded forward pass."""
+    import torch
+
+    context_text = backend.chat.render(context)
+    context_ids = backend.chat.encode_text(context_text)
+    full_ids = backend.chat.encode_text(context_text + option)
+    assert full_ids[: len(context_ids)] == context_ids
+    with torch.inference_mode():
+        logits = backend.model(torch.tensor([full_ids])).logits[0]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return sum(float(log_probs[t - 1, full_ids[t]]) for t in range(len(context_ids), len(full_ids)))
+
+
+SCORED_CONTEXTS = [
+    CONVERSATIONS[0],
+    CONVERSATIONS[3] + [{"role": "assistant", "content": "Let's think step by step. So the answer is ("}],
+    CONVERSATIONS[2],
+]
+SCORED_OPTIONS = [["A", "B"], ["A)", "B)", "neither of them"], ["I can't help with that, sorry."]]
+
+
+def test_score_options_equals_a_manual_log_softmax_sum(backend):
+    scores = backend.score_options(SCORED_CONTEXTS, SCORED_OPTIONS)
+    assert [len(s) for s in scores] == [2, 3, 1]
+    for context, options, row in zip(SCORED_CONTEXTS, SCORED_OPTIONS, scores):
+        for option, score in zip(options, row):
+            assert score == pytest.approx(manual_option_log_prob(backend, context, option), abs=1e-4)
+            assert score < 0
+
+
+def test_score_options_with_a_shared_prefix_equals_scoring_the_full_contexts(backend):
+    reused = backend.score_options(SCORED_CONTEXTS, SCORED_OPTIONS, shared_prefix=FEW_SHOT)
+    unshared = backend.score_options([FEW_SHOT + c for c in SCORED_CONTEXTS], SCORED_OPTIONS)
+    for a, b in zip(reused, unshared):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_score_options_needs_one_option_list_per_context(backend):
+    with pytest.raises(ValueError, match="2 contexts but 1 option lists"):
+        backend.score_options(SCORED_CONTEXTS[:2], SCORED_OPTIONS[:1])
+
+
+def test_empty_inputs_give_empty_outputs(backend):
+    assert backend.generate([], GREEDY) == []
+    assert backend.score_options([CONVERSATIONS[0]], [[]]) == [[]]
+
+
+def test_vllm_sampling_parameters_carry_every_setting():
+    from cai_lib.vllm_backend import vllm_sampling_kwargs
+
+    params = SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=11)
+    assert vllm_sampling_kwargs(params) == {"max_tokens": 64, "temperature": 0.7, "top_p": 0.9, "seed": 11}
+
+
+def test_vllm_prompt_logprobs_sum_to_the_transformers_option_score(backend):
+    """vLLM is not installed here; its `prompt_logprobs` output (one {token id: Logprob} map per
+    prompt position, None first) is rebuilt from the tiny model's logits to check the indexing."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cai_lib.vllm_backend import summed_option_logprob
+
+    context, option = SCORED_CONTEXTS[1], "B) because"
+    option_ids = backend.chat.option_ids(context, option)
+    prompt_ids = backend.chat.encode(context) + option_ids
+    with torch.inference_mode():
+        log_probs = torch.log_softmax(backend.model(torch.tensor([prompt_ids])).logits[0].float(), dim=-1)
+    prompt_logprobs = [None] + [
+        {token: SimpleNamespace(logprob=float(log_probs[i - 1, token]))}
+        for i, token in enumerate(prompt_ids)
+        if i
+    ]
+    expected = backend.score_options([context], [[option]])[0][0]
+    assert summed_option_logprob(prompt_logprobs, prompt_ids, len(option_ids)) == pytest.approx(
+        expected, abs=1e-4
+    )
