@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from cai_lib.errors import CaiError
-from cai_lib.models import EMBEDDED_ALIAS, load_causal_lm, load_tokenizer, resolve_model
+from cai_lib.models import CONVERSION_VERSION, EMBEDDED_ALIAS, load_causal_lm, load_tokenizer, resolve_model
 from cai_lib.store import ArtifactStore
 
 
@@ -135,7 +135,7 @@ def test_the_embedded_alias_converts_once_and_then_loads_from_the_cache(tmp_path
 
     monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path))
     checkpoint = resolve_model(EMBEDDED_ALIAS)
-    assert checkpoint == tmp_path / "models" / EMBEDDED_ALIAS
+    assert checkpoint == tmp_path / "models" / f"{EMBEDDED_ALIAS}-{CONVERSION_VERSION}"
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
         p.name for p in checkpoint.iterdir()
     }

@@ -36,14 +36,16 @@ def tiny_run_config(
     params = {
         "base_model": str(model),
         "feedback_model": str(model),
-        "num_red_team": 8,  # 6 train / 2 eval
+        "num_red_team": 24,  # 18 train (9 per shard) / 6 eval
         "num_helpful": 4,
         "num_shards": 2,
         "run_name": run_name,
         "artifact_root": f"s3://{bucket}/runs",
         "mlflow_tracking_uri": tracking_uri,
         "experiment": "e2e",
-        "critique_revise": {"rounds": 1, "max_new_tokens": 4, "shard_size": 1, "batch_size": 4},
+        # One prompt per output shard and 32 tokens a turn: shard-000 takes seconds to finish, a
+        # window wide enough to kill the run between its first and last part.
+        "critique_revise": {"rounds": 1, "max_new_tokens": 32, "shard_size": 1, "batch_size": 4},
         "sft": {"max_steps": 1, "batch_size": 2, "max_length": 96},
         "pairs": {"max_new_tokens": 4, "batch_size": 4},
         "feedback": {"principles_per_pair": 1, "batch_size": 4},
@@ -125,7 +127,7 @@ def test_pipeline_runs_end_to_end_registers_gates_and_resumes_after_a_kill(e2e_e
     )
     deadline = time.time() + 300
     while not first_shard.exists("part-00000.jsonl") and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert first_shard.exists("part-00000.jsonl"), "the run never reached critique-revision"
