@@ -33,7 +33,7 @@ def show(
 ) -> None:
     """Print how many prompts SRC holds (and how many are unique), then the first ones, one line each.
 
-    Example: cai prompts show ../shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz --limit 3
+    Example: cai prompts show data/hh-rlhf/harmless-base/test.jsonl.gz --limit 3
     """
     from cai_lib.prompts import deduplicate, read_prompts
 

@@ -143,7 +143,7 @@ def label_accuracy_command(
 ) -> None:
     """Agreement of the AI feedback labeller with human labels, with a Wilson 95% interval; printed last.
 
-    Example: cai stage label-accuracy --human ../shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz --constitution harmless@1.0.0 --model smollm2-135m-instruct --limit 100
+    Example: cai stage label-accuracy --human data/hh-rlhf/harmless-base/test.jsonl.gz --constitution harmless@1.0.0 --model smollm2-135m-instruct --limit 100
     """
     from cai_lib.constitution import load_constitution
     from cai_lib.label_accuracy import label_accuracy

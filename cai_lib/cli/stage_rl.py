@@ -65,7 +65,7 @@ def train_pm(
 ) -> None:
     """Train the preference model (paper §4.1) on soft AI labels mixed with human pairs; print its held-out accuracy.
 
-    Example: cai stage train-pm --ai runs/labels --human ../shared/data/hh-rlhf/harmless-base-test-dev.jsonl.gz --model smollm2-135m-instruct --epochs 1 --out runs/pm
+    Example: cai stage train-pm --ai runs/labels --human data/hh-rlhf/harmless-base/test.jsonl.gz --model smollm2-135m-instruct --epochs 1 --out runs/pm
     """
     from cai_lib.human_preferences import read_human_preferences, read_preferences
     from cai_lib.preference_model import train_preference_model
