@@ -2,14 +2,16 @@
 has not been trained yet (DESIGN §6).
 
 `retrain` reads the `constitutions/` folder of a git checkout (its own `constitutions.lock`
-included) and, for each constitution name, takes the newest version by semver. That version is
-up to date when either
+included) and, for each constitution name, takes the newest version by semver. A plain directory
+(the Helm chart's ConfigMap of the constitutions it bundles) works too when the caller names its
+revision (`--revision`, e.g. the chart version), which then stands where the commit would. That
+version is up to date when either
 
 - the registered RL-CAI champion (`<model_name_prefix>-<name>-rl-cai@champion` in MLflow) carries
   its sha256 in its lineage tags, or
 - a run for that exact content was already submitted: each submission is recorded in the
   constitution registry as `_submissions/<name>/<version>-<sha256[:12]>.json` (run id, host,
-  time, git commit), so a second call submits nothing even while the first run is still going.
+  time, source revision), so a second call submits nothing even while the first run is still going.
 
 Every version the registry lacks is published to it (write once; same content is a no-op), and
 for each constitution that is not up to date one run is submitted whose `constitution` parameter
@@ -31,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 
 from cai_lib.config import RunConfig
 from cai_lib.constitution import (
@@ -46,6 +48,9 @@ from cai_lib.errors import CaiError
 from cai_lib.store import ArtifactStore, is_s3
 
 SUBMISSIONS = "_submissions"
+# Where dry runs on a laptop keep published versions, beside `cai run`'s .cai/artifacts and
+# .cai/mlflow.db, so that `cai retrain --repo . --dry-run` needs no configuration.
+LOCAL_REGISTRY = ".cai/constitutions"
 
 
 class Submission(BaseModel):
@@ -58,7 +63,11 @@ class Submission(BaseModel):
     url: str = Field(description="The run's page in the Kubeflow Pipelines UI.")
     host: str = Field(description="The Kubeflow Pipelines host it was submitted to.")
     experiment: str = Field(description="KFP experiment of the run.")
-    git_sha: str = Field(description="Commit of the checkout the constitution was read from.")
+    revision: str = Field(
+        # Records written before plain directories were accepted call it git_sha.
+        validation_alias=AliasChoices("revision", "git_sha"),
+        description="Git commit of the checkout the constitution was read from, or the revision named for a plain directory.",
+    )
     submitted_at: str = Field(description="UTC time of the submission (ISO 8601).")
 
 
@@ -75,8 +84,8 @@ class Decision(BaseModel):
 class RetrainPlan(BaseModel):
     """The outcome of `retrain`: what was (or, in a dry run, would be) published and submitted."""
 
-    repo: str = Field(description="The git checkout read.")
-    git_sha: str = Field(description="Its HEAD commit.")
+    repo: str = Field(description="The git checkout (or plain directory) read.")
+    revision: str = Field(description="Its HEAD commit, or the revision named for a plain directory.")
     registry_uri: str = Field(description="The constitution registry.")
     dry_run: bool = Field(description="True when nothing was written or submitted.")
     uncommitted_changes: bool = Field(description="Whether constitutions/ differs from the commit.")
@@ -99,27 +108,72 @@ def _git(repo: Path, problem: str, *args: str) -> str:
     return result.stdout.strip()
 
 
-def read_checkout(repo: Path) -> tuple[Path, str, bool]:
-    """(constitutions dir, HEAD commit, whether constitutions/ has uncommitted changes) of a checkout."""
+def _is_git_work_tree(repo: Path) -> bool:
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--is-inside-work-tree"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        return False
+    return result.returncode == 0 and result.stdout.strip() == "true"
+
+
+def read_checkout(repo: Path, revision: str | None = None) -> tuple[Path, str, bool]:
+    """(constitutions dir, revision, whether constitutions/ has uncommitted changes) of `repo`.
+
+    A git work tree's revision is its HEAD commit; a plain directory has no history, so it is
+    accepted only with a `revision` naming where its files came from (and is never "dirty")."""
     repo = Path(repo).expanduser().resolve()
     if not repo.is_dir():
         raise CaiError(f"{repo}: no such directory (--repo)")
-    if _git(repo, "not a git work tree", "rev-parse", "--is-inside-work-tree") != "true":
-        raise CaiError(f"{repo}: not a git work tree")
-    git_sha = _git(repo, "the checkout has no commit", "rev-parse", "HEAD")
     root = repo / "constitutions"
+    git_tree = _is_git_work_tree(repo)
+    if git_tree and revision:
+        raise CaiError(
+            f"{repo}: --revision is for plain directories; a git checkout is named by its HEAD commit"
+        )
+    if not git_tree and not revision:
+        raise CaiError(
+            f"{repo}: not a git work tree; give --revision to name the source of a plain directory "
+            "(runs record it where they would record the commit)"
+        )
     if not root.is_dir():
-        raise CaiError(f"{repo}: no constitutions/ directory in this checkout")
+        raise CaiError(f"{repo}: no constitutions/ directory")
+    if not git_tree:
+        return root, revision, False
+    head = _git(repo, "the checkout has no commit", "rev-parse", "HEAD")
     dirty = bool(_git(repo, "git status failed", "status", "--porcelain", "--", "constitutions"))
-    return root, git_sha, dirty
+    return root, head, dirty
 
 
-def check_registry(registry_uri: str) -> ArtifactStore:
+def registry_of(registry_uri: str | None, config: RunConfig, dry_run: bool) -> tuple[str, str]:
+    """(registry URI, where it was configured): --registry, else the run config's
+    deploy.constitution_registry, else the local `LOCAL_REGISTRY` beside `cai run`'s artifacts.
+
+    A real submission needs an S3 registry: the run on the cluster reads its constitution from it."""
+    if registry_uri:
+        uri, source = registry_uri, "--registry"
+    elif config.deploy.constitution_registry:
+        uri, source = config.deploy.constitution_registry, "deploy.constitution_registry of the run config"
+    else:
+        uri, source = LOCAL_REGISTRY, f"the local default {LOCAL_REGISTRY}"
+    if not dry_run and not is_s3(uri):
+        raise CaiError(
+            f"constitution registry {uri} ({source}) is not an s3:// URI: the submitted run could not read "
+            "its constitution from it; give --registry s3://BUCKET/PREFIX or use --dry-run"
+        )
+    return uri, source
+
+
+def check_registry(registry_uri: str, source: str = "--registry") -> ArtifactStore:
     """The registry store, its bucket checked to exist and answer (an S3 registry)."""
     from cai_lib.preflight import check_s3
 
     if is_s3(registry_uri):
-        check_s3(registry_uri, "constitution registry (--registry)")
+        check_s3(registry_uri, f"constitution registry ({source})")
     return ArtifactStore.open(registry_uri)
 
 
@@ -197,7 +251,7 @@ def decide(
 
 def retrain(
     repo: Path,
-    registry_uri: str,
+    registry_uri: str | None,
     host: str | None,
     tracking_uri: str | None,
     config: RunConfig,
@@ -206,24 +260,29 @@ def retrain(
     experiment: str = "constitutional-ai",
     namespace: str | None = None,
     client=None,
+    revision: str | None = None,
 ) -> RetrainPlan:
     """Publish new constitution versions from the checkout at `repo` and submit a run for each
     constitution whose newest version is neither the champion's nor already submitted.
 
+    `registry_uri` is the constitution registry (default: see `registry_of`).
     `tracking_uri` is where champions are looked up (default: `config.params.mlflow_tracking_uri`,
     which the submitted runs register into). `names` limits the constitutions considered.
-    `client` is the `kfp.Client` to submit with (default: one connected to `host`). With
+    `client` is the `kfp.Client` to submit with (default: one connected to `host`). `revision`
+    names the source of a `repo` that is a plain directory rather than a git checkout. With
     `dry_run`, nothing is published, submitted or recorded. Unreachable endpoints, unlocked or
     changed published versions and uncommitted changes are `CaiError`s raised before any write.
     """
     from cai_lib.tracking import connect
+    from pipelines.local import localise
     from pipelines.submit import connect_kfp, require_host
 
-    root, git_sha, dirty = read_checkout(repo)
+    root, revision, dirty = read_checkout(repo, revision)
     if dirty and not dry_run:
-        raise CaiError(f"{root}: uncommitted changes; commit them first (runs record commit {git_sha[:12]})")
-    store = check_registry(registry_uri)
-    tracking_uri = tracking_uri or config.params.mlflow_tracking_uri
+        raise CaiError(f"{root}: uncommitted changes; commit them first (runs record commit {revision[:12]})")
+    store = check_registry(*registry_of(registry_uri, config, dry_run))
+    # A relative SQLite default means `cai run`'s store under the working directory.
+    tracking_uri = tracking_uri or localise(config, Path.cwd()).params.mlflow_tracking_uri
     connect(tracking_uri)
     if not dry_run:
         host = require_host(host)
@@ -232,7 +291,7 @@ def retrain(
     missing = unpublished(store, versions)
     plan = RetrainPlan(
         repo=str(root.parent),
-        git_sha=git_sha,
+        revision=revision,
         registry_uri=store.uri,
         dry_run=dry_run,
         uncommitted_changes=dirty,
@@ -246,7 +305,7 @@ def retrain(
     by_ref = {c.ref: c for c in newest}
     for item in plan.to_retrain:
         item.submission = _submit(
-            by_ref[item.ref], store, host, config, experiment, namespace, git_sha, client
+            by_ref[item.ref], store, host, config, experiment, namespace, revision, client
         )
     return plan
 
@@ -258,7 +317,7 @@ def _submit(
     config: RunConfig,
     experiment: str,
     namespace: str | None,
-    git_sha: str,
+    revision: str,
     client,
 ) -> Submission:
     from pipelines.submit import submit_run
@@ -269,7 +328,7 @@ def _submit(
         host,
         config.model_copy(update={"params": params}),
         experiment,
-        run_name=f"retrain {constitution.ref} {constitution.sha256[:12]} (git {git_sha[:12]})",
+        run_name=f"retrain {constitution.ref} {constitution.sha256[:12]} ({revision[:40]})",
         namespace=namespace,
         client=client,
     )
@@ -281,7 +340,7 @@ def _submit(
         url=run.url,
         host=host,
         experiment=experiment,
-        git_sha=git_sha,
+        revision=revision,
         submitted_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
     store.write_json(submission_key(constitution), submission.model_dump())

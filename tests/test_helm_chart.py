@@ -30,6 +30,7 @@ KUBERNETES_VERSION = "1.31"
 RELEASE = "cai"
 NAMESPACE = "ml-team"
 FULLNAME = "cai-cai-platform"
+CHART_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
 # Rewrites the generated deploy files (the chart's copy of constitutions/, the kustomize manifests)
 # instead of comparing them; see docs/deploy.md.
 UPDATE_DEPLOY_FILES = os.environ.get("CAI_UPDATE_DEPLOY_FILES") == "1"
@@ -62,6 +63,7 @@ VARIANTS = {
     "mlflow-external": {
         "mlflow": {"server": {"enabled": False}, "trackingUri": "https://mlflow.example.com"}
     },
+    "multi-user": {"kfp": {"multiUser": True}},
     "s3-compatible": {
         "s3": {"endpointUrl": "http://minio.minio.svc.cluster.local:9000"},
         "images": {"pullSecrets": ["regcred"]},
@@ -379,6 +381,8 @@ def test_by_default_retrain_reads_the_chart_constitutions_mounted_at_etc_cai():
         "retrain",
         "--repo",
         "/etc/cai",
+        "--revision",
+        f"helm {RELEASE} cai-platform-{CHART_VERSION}",
         "--host",
         "http://ml-pipeline.kubeflow.svc.cluster.local:8888",
         "--experiment",
@@ -395,6 +399,47 @@ def test_by_default_retrain_reads_the_chart_constitutions_mounted_at_etc_cai():
     }
 
 
+def mount_config_volume(objects: list[dict], root: Path) -> Path:
+    """Write the config ConfigMap's items where the retrain pod's `config` volume would put them."""
+    data = find(objects, "ConfigMap", f"{FULLNAME}-config")["data"]
+    volume = next(v for v in pod_spec(find(objects, "CronJob"))["volumes"] if v["name"] == "config")
+    for item in volume["configMap"]["items"]:
+        (root / item["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (root / item["path"]).write_text(data[item["key"]])
+    return root
+
+
+def test_the_default_retrain_command_runs_on_the_mounted_config_map(tmp_path, s3_bucket, mlflow_server):
+    objects = render_objects()
+    etc_cai = mount_config_volume(objects, tmp_path / "etc-cai")
+    here = {
+        "/etc/cai": str(etc_cai),
+        "/etc/cai/run-config.yaml": str(etc_cai / "run-config.yaml"),
+        "s3://cai-platform/constitutions": f"s3://{s3_bucket}/constitutions",
+    }
+    args = [here.get(arg, arg) for arg in retrain_container(objects)["args"]]
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "cai"),
+            *args,
+            "--dry-run",
+            "--tracking-uri",
+            mlflow_server["uri"],
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"at helm {RELEASE} cai-platform-{CHART_VERSION} (dry run)" in result.stdout
+    assert "would retrain harmless@1.0.0" in result.stdout
+
+
+def test_on_multi_user_kubeflow_retrain_files_runs_in_the_release_namespace():
+    args = retrain_container(render_objects(VARIANTS["multi-user"]))["args"]
+    assert args[args.index("--namespace") + 1] == NAMESPACE
+
+
 def test_the_cronjob_variant_clones_the_git_repo_and_retrains_the_named_constitutions():
     cronjob = find(render_objects(VARIANTS["cronjob-from-git"]), "CronJob")
     assert cronjob["spec"]["schedule"] == "*/15 * * * *"
@@ -407,6 +452,7 @@ def test_the_cronjob_variant_clones_the_git_repo_and_retrains_the_named_constitu
     assert env_of(clone) == {"GIT_URL": GIT_REPO, "GIT_REVISION": "v2", "HOME": "/tmp"}
     args = spec["containers"][0]["args"]
     assert args[args.index("--repo") + 1] == "/workspace/repo"
+    assert "--revision" not in args
     assert args[-3:] == ["--constitution", "harmless", "--dry-run"]
 
 

@@ -6,6 +6,7 @@ in for it, injected as the client `submit_run` uses; the compilation inside is r
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def test_submission_is_recorded_in_the_registry(checkout, registry, config, kfp)
     record = ArtifactStore.open(registry).read_json(submission_key(constitution))
     assert record["run_id"] == kfp.runs[0]["run_id"] == plan.to_retrain[0].submission.run_id
     assert record["constitution_sha256"] == constitution.sha256
-    assert record["git_sha"] == git(checkout, "rev-parse", "HEAD") == plan.git_sha
+    assert record["revision"] == git(checkout, "rev-parse", "HEAD") == plan.revision
     assert record["host"] == HOST
 
 
@@ -154,6 +155,18 @@ def test_second_call_submits_nothing(checkout, registry, config, kfp):
     assert plan.publish == []
     assert len(kfp.runs) == 1
     assert f"run {kfp.runs[0]['run_id']} was submitted" in plan.decisions[0].reason
+
+
+def test_a_submission_recorded_by_an_earlier_release_still_counts(checkout, registry, config, kfp):
+    run_retrain(checkout, registry, config, kfp)
+    store = ArtifactStore.open(registry)
+    key = submission_key(load_constitution("harmless@1.0.0", checkout / "constitutions"))
+    record = store.read_json(key)
+    record["git_sha"] = record.pop("revision")
+    store.write_json(key, record)
+    plan = run_retrain(checkout, registry, config, kfp)
+    assert plan.to_retrain == []
+    assert len(kfp.runs) == 1
 
 
 def test_version_bump_submits_again_naming_the_new_version(checkout, registry, config, kfp):
@@ -232,6 +245,58 @@ def test_cli_dry_run_names_nothing_when_nothing_changed(checkout, registry, conf
     assert "nothing to retrain" in output
 
 
+@pytest.fixture
+def laptop(tmp_path, checkout) -> Path:
+    """A working directory where `cai run` left its SQLite MLflow store (.cai/mlflow.db) with an
+    RL-CAI champion trained on harmless@1.0.0, and no registry or host configured."""
+    work = tmp_path / "work"
+    (work / ".cai").mkdir(parents=True)
+    db = load_run_config(None, [f"mlflow_tracking_uri=sqlite:///{work / '.cai' / 'mlflow.db'}"])
+    set_champion(db, checkout, "harmless@1.0.0")
+    return work
+
+
+def laptop_dry_run(repo: Path, work: Path) -> str:
+    """`cai retrain --repo REPO --dry-run` exactly as written, with nothing configured."""
+    unset = ("CAI_CONSTITUTION_REGISTRY", "KFP_HOST", "MLFLOW_TRACKING_URI")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    result = subprocess.run(
+        [str(CAI), "retrain", "--repo", str(repo), "--dry-run"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_dry_run_with_no_configuration_names_nothing_when_the_champion_is_current(checkout, laptop):
+    output = laptop_dry_run(checkout, laptop)
+    assert f"would publish harmless@1.0.0 to {laptop / '.cai' / 'constitutions'}" in output
+    assert "up to date: harmless@1.0.0: champion cai-harmless-rl-cai version 1" in output
+    assert "nothing to retrain" in output
+
+
+def test_dry_run_with_no_configuration_names_the_bumped_version(checkout, laptop):
+    bump(checkout)
+    output = laptop_dry_run(checkout, laptop)
+    assert (
+        "would retrain harmless@1.1.0: champion cai-harmless-rl-cai version 1 was trained on harmless@1.0.0"
+        in output
+    )
+    assert not (laptop / ".cai" / "constitutions").exists()
+
+
+def test_a_real_run_refuses_a_registry_that_is_not_s3(checkout, config, kfp, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CAI_CONSTITUTION_REGISTRY", raising=False)
+    with pytest.raises(CaiError, match=r"\.cai/constitutions \(the local default .*\) is not an s3:// URI"):
+        run_retrain(checkout, None, config, kfp)
+    assert kfp.runs == []
+
+
 def test_published_version_edited_in_git_is_refused_naming_it(checkout, registry, config, kfp):
     write_version(checkout, "1.0.0", "Rewrite the response any way you like.")
     commit_all(checkout, "edit a published version")
@@ -271,10 +336,33 @@ def test_uncommitted_changes_are_refused_outside_a_dry_run(checkout, registry, c
     assert ArtifactStore.open(registry).list() == []
 
 
-def test_a_directory_that_is_not_a_git_work_tree_is_refused(tmp_path, registry, config, kfp):
+@pytest.fixture
+def plain_dir(tmp_path) -> Path:
+    """The shipped constitutions in a directory with no git history, as the chart's ConfigMap mounts them."""
     shutil.copytree(SHIPPED, tmp_path / "plain" / "constitutions")
-    with pytest.raises(CaiError, match="not a git work tree"):
-        run_retrain(tmp_path / "plain", registry, config, kfp)
+    return tmp_path / "plain"
+
+
+def test_a_plain_directory_without_a_revision_is_refused(plain_dir, registry, config, kfp):
+    with pytest.raises(CaiError, match="not a git work tree; give --revision"):
+        run_retrain(plain_dir, registry, config, kfp)
+    assert ArtifactStore.open(registry).list() == []
+
+
+def test_a_plain_directory_with_a_revision_submits_once_recording_it(plain_dir, registry, config, kfp):
+    plan = run_retrain(plain_dir, registry, config, kfp, revision="cai-platform-0.1.0")
+    again = run_retrain(plain_dir, registry, config, kfp, revision="cai-platform-0.1.0")
+    constitution = load_constitution("harmless@1.0.0", plain_dir / "constitutions")
+    record = ArtifactStore.open(registry).read_json(submission_key(constitution))
+    assert [d.ref for d in plan.to_retrain] == ["harmless@1.0.0"]
+    assert again.to_retrain == []
+    assert len(kfp.runs) == 1
+    assert record["revision"] == plan.revision == "cai-platform-0.1.0"
+
+
+def test_a_revision_given_for_a_git_checkout_is_refused(checkout, registry, config, kfp):
+    with pytest.raises(CaiError, match="--revision is for plain directories"):
+        run_retrain(checkout, registry, config, kfp, revision="v1")
 
 
 def test_missing_registry_bucket_is_refused(checkout, s3_env, config, kfp):

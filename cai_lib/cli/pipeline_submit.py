@@ -54,11 +54,21 @@ def submit_command(
 
 def retrain_command(
     repo: Annotated[
-        Path, typer.Option("--repo", help="A git checkout with a constitutions/ folder and its lock.")
+        Path,
+        typer.Option(
+            "--repo",
+            help="A git checkout with a constitutions/ folder and its lock (or a plain directory, with --revision).",
+        ),
     ],
     registry: Annotated[
-        str, typer.Option("--registry", help="Constitution registry, e.g. s3://bucket/constitutions.")
-    ],
+        str | None,
+        typer.Option(
+            "--registry",
+            envvar="CAI_CONSTITUTION_REGISTRY",
+            help="Constitution registry, e.g. s3://bucket/constitutions (default: the config's "
+            "deploy.constitution_registry, else .cai/constitutions, which only a --dry-run accepts).",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would happen; write and submit nothing.")
     ] = False,
@@ -73,6 +83,13 @@ def retrain_command(
     ] = None,
     experiment: ExperimentOption = "constitutional-ai",
     namespace: NamespaceOption = None,
+    revision: Annotated[
+        str | None,
+        typer.Option(
+            "--revision",
+            help="For a --repo that is not a git checkout: the source it came from (recorded in place of the commit).",
+        ),
+    ] = None,
 ) -> None:
     """Publish new constitution versions from git and submit a run for each one not yet trained.
 
@@ -81,9 +98,13 @@ def retrain_command(
     Exits with status 2 and one line if the registry, MLflow or the KFP host is unreachable, or
     if a published version's content changed.
 
+    Example: cai retrain --repo . --dry-run
+
     Example: cai retrain --repo . --registry s3://my-bucket/constitutions --dry-run
 
     Example: cai retrain --repo /workspace/repo --registry s3://my-bucket/constitutions --host http://ml-pipeline.kubeflow:8888
+
+    Example: cai retrain --repo /etc/cai --revision cai-platform-0.1.0 --registry s3://my-bucket/constitutions --dry-run
     """
     from cai_lib.retrain import retrain
 
@@ -97,9 +118,10 @@ def retrain_command(
         names=constitution or None,
         experiment=experiment,
         namespace=namespace,
+        revision=revision,
     )
     would = "would " if dry_run else ""
-    typer.echo(f"{plan.repo} at commit {plan.git_sha[:12]}{' (dry run)' if dry_run else ''}")
+    typer.echo(f"{plan.repo} at {plan.revision}{' (dry run)' if dry_run else ''}")
     if plan.uncommitted_changes:
         typer.echo("warning: constitutions/ has uncommitted changes")
     for ref in plan.publish:

@@ -163,7 +163,8 @@ capabilities:
 
 {{/*
 The retrain pod: an optional git clone, then `cai retrain` on the checkout (or, with no
-retrain.gitRepo.url, on the chart's constitutions, mounted from the config ConfigMap at /etc/cai).
+retrain.gitRepo.url, on the chart's constitutions, mounted from the config ConfigMap at /etc/cai;
+that directory has no commit, so the chart version is recorded as its revision).
 */}}
 {{- define "cai-platform.retrainPodSpec" -}}
 {{- $cpuImage := include "cai-platform.image" (dict "image" .Values.images.cpu "root" .) -}}
@@ -209,10 +210,18 @@ containers:
       - retrain
       - --repo
       - {{ $repo }}
+      {{- if not .Values.retrain.gitRepo.url }}
+      - --revision
+      - {{ printf "helm %s %s-%s" .Release.Name .Chart.Name .Chart.Version | quote }}
+      {{- end }}
       - --host
       - {{ .Values.kfp.host | quote }}
       - --experiment
       - {{ .Values.kfp.experiment | quote }}
+      {{- if .Values.kfp.multiUser }}
+      - --namespace
+      - {{ .Release.Namespace | quote }}
+      {{- end }}
       - --config
       - /etc/cai/run-config.yaml
       - --registry
