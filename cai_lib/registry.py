@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -434,6 +435,35 @@ def version_by_alias(tracking_uri: str | None, model_name: str, alias: str) -> M
     if version is None:
         return None
     return _version_info(_get_version(client, model_name, version), aliases[version])
+
+
+# MLflow's own model URI forms; `@alias` is how a deployment follows the champion.
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>[0-9]+))$")
+
+
+def registered_checkpoint(ref: str, tracking_uri: str | None = None) -> ModelVersionInfo:
+    """The version that `models:/NAME@ALIAS` or `models:/NAME/VERSION` names, whose `source` is
+    its checkpoint. The checkpoint's manifest is checked against the hash recorded at
+    registration, so weights rewritten in place since then are refused rather than served."""
+    match = MODELS_URI.match(ref)
+    if not match:
+        raise CaiError(f"model '{ref}': expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, version = match["name"], match["alias"], match["version"]
+    if alias:
+        info = version_by_alias(tracking_uri, name, alias)
+        if info is None:
+            raise CaiError(f"model '{ref}': no version of registered model '{name}' has the alias '{alias}'")
+    else:
+        client = connect(tracking_uri)
+        info = _version_info(
+            _get_version(client, name, version), _aliases_by_version(client, name).get(version, [])
+        )
+    if info.checkpoint_sha256 and checkpoint_manifest_sha256(info.source) != info.checkpoint_sha256:
+        raise CaiError(
+            f"model '{ref}': the checkpoint at {info.source} changed after version {info.version} "
+            "was registered"
+        )
+    return info
 
 
 def record_evaluation(

@@ -116,3 +116,11 @@ def test_the_gpu_image_starts_from_a_cuda_base():
 def test_the_cpu_image_takes_the_torch_version_pyproject_pins():
     pinned = next(dep for dep in requires("cai-platform") if dep.startswith("torch=="))
     assert pinned == f"torch=={assignments(DOCKERFILES['cpu'], 'ARG')['TORCH_VERSION']}"
+
+
+def test_make_images_tags_the_images_the_pipeline_runs_by_default():
+    from cai_lib.config import DeployConfig
+
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    tags = dict(re.findall(r"^(CAI_IMAGE_(?:CPU|GPU)) \?= (\S+)$", makefile, re.MULTILINE))
+    assert tags == {"CAI_IMAGE_CPU": DeployConfig().image_cpu, "CAI_IMAGE_GPU": DeployConfig().image_gpu}

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from cai_lib.cli.models import app as models_app
 from cai_lib.cli.models import promote_command
 from cai_lib.errors import CaiError
+from cai_lib.models import resolve_model
 from cai_lib.registry import (
     CHALLENGER,
     CHAMPION,
@@ -34,6 +35,7 @@ from cai_lib.registry import (
     promote_with,
     record_evaluation,
     register_checkpoint,
+    registered_checkpoint,
     registry_lock,
     set_challenger,
     version_by_alias,
@@ -391,3 +393,82 @@ def test_cli_promote_without_evaluation_tags_names_the_missing_tag(mlflow_server
 
     assert isinstance(result.exception, CaiError)
     assert EVAL_HARMLESS_TAG in str(result.exception)
+
+
+# -- following the champion: models:/NAME@champion ----------------------------------------------
+
+
+def test_models_uri_of_the_champion_follows_a_promotion(mlflow_server, checkpoints):
+    name = unique()
+    _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
+    before = registered_checkpoint(f"models:/{name}@champion", mlflow_server["uri"])
+    promote(mlflow_server["uri"], name, challenger, 0.7, 0.5, GATE, compared_with="1")
+    after = registered_checkpoint(f"models:/{name}@champion", mlflow_server["uri"])
+    assert (before.version, after.version) == ("1", "2")
+    assert after.source != before.source
+
+
+def test_a_deployment_loading_models_uri_of_the_champion_gets_the_promoted_weights(
+    mlflow_server, checkpoints, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
+    monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path / "cache"))
+    name = unique()
+    _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
+    served_before = resolve_model(f"models:/{name}@champion")
+    promote(mlflow_server["uri"], name, challenger, 0.7, 0.5, GATE, compared_with="1")
+    served_after = resolve_model(f"models:/{name}@champion")
+    assert (served_before / "model.safetensors").read_text() == "weights-1"
+    assert (served_after / "model.safetensors").read_text() == "weights-2"
+
+
+def test_models_uri_with_a_version_number_names_that_version(mlflow_server, checkpoints):
+    name = unique()
+    with_champion(mlflow_server["uri"], name, checkpoints)
+    info = registered_checkpoint(f"models:/{name}/2", mlflow_server["uri"])
+    assert (info.version, info.aliases) == ("2", [CHALLENGER])
+
+
+def test_models_uri_with_an_unset_alias_is_refused_naming_it(mlflow_server, checkpoints):
+    name = unique()
+    register(mlflow_server["uri"], name, checkpoints("weights-1"))
+    with pytest.raises(CaiError, match=f"no version of registered model '{name}' has the alias 'champion'"):
+        registered_checkpoint(f"models:/{name}@champion", mlflow_server["uri"])
+
+
+def test_a_checkpoint_rewritten_after_registration_is_refused(mlflow_server, checkpoints, tmp_path):
+    name = unique()
+    source = checkpoints("weights-1")
+    register(mlflow_server["uri"], name, source)
+    parent, _, key = source.rpartition("/")
+    rewritten = tmp_path / "rewritten"
+    rewritten.mkdir()
+    (rewritten / "config.json").write_text("{}")
+    (rewritten / "model.safetensors").write_text("other weights")
+    ArtifactStore.open(parent).put_dir(rewritten, key)
+    with pytest.raises(CaiError, match=f"the checkpoint at {source} changed after version 1"):
+        registered_checkpoint(f"models:/{name}/1", mlflow_server["uri"])
+
+
+def test_cli_models_fetch_copies_the_champion_checkpoint(mlflow_server, checkpoints, monkeypatch, tmp_path):
+    monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path / "cache"))
+    name = unique()
+    _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
+    promote(mlflow_server["uri"], name, challenger, 0.7, 0.5, GATE, compared_with="1")
+    served = tmp_path / "models" / "current"
+    result = CliRunner().invoke(
+        cai_cli(),
+        [
+            "models",
+            "fetch",
+            f"models:/{name}@champion",
+            "--out",
+            str(served),
+            "--tracking-uri",
+            mlflow_server["uri"],
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{name} version 2 (challenger, champion) from s3://" in result.output
+    assert result.output.splitlines()[-1] == str(served)
+    assert (served / "model.safetensors").read_text() == "weights-2"

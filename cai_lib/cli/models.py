@@ -1,8 +1,10 @@
-"""`cai models list` and `cai promote`: registered model versions, aliases, lineage and the gate."""
+"""`cai models list|fetch` and `cai promote`: registered model versions, aliases, lineage, the gate."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -68,6 +70,45 @@ def list_command(
             info.source,
         )
     Console(soft_wrap=True).print(table)
+
+
+@app.command("fetch")
+def fetch_command(
+    ref: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Copy the checkpoint into this new or empty directory (default: print the cache path).",
+        ),
+    ] = None,
+    tracking_uri: str = TRACKING_OPTION,
+) -> None:
+    """Download the checkpoint of a registered version, e.g. the champion a deployment serves.
+
+    The checkpoint's manifest must still match the hash recorded at registration. The last line
+    printed is the local checkpoint directory, which transformers or vLLM load as it is.
+
+    Example: cai models fetch models:/cai-harmless-rl-cai@champion --out /models/current
+
+    Example: vllm serve "$(cai models fetch models:/cai-harmless-rl-cai@champion | tail -n 1)"
+    """
+    import shutil
+
+    from cai_lib.errors import CaiError
+    from cai_lib.models import resolve_model
+    from cai_lib.registry import registered_checkpoint
+
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CaiError(f"--out {out}: exists and is not an empty directory")
+    info = registered_checkpoint(ref, tracking_uri)
+    path = resolve_model(info.source)
+    if out is not None:
+        shutil.copytree(path, out, dirs_exist_ok=True)
+        path = out
+    aliases = f" ({', '.join(info.aliases)})" if info.aliases else ""
+    typer.echo(f"{info.name} version {info.version}{aliases} from {info.source}")
+    typer.echo(str(path))
 
 
 def promote_command(
