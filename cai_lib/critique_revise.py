@@ -63,8 +63,9 @@ class GenerationStageConfig(BaseModel):
     batch_size: int = Field(
         default=16,
         ge=1,
-        description="Conversations per forward pass inside the backend. Does not change the rows, so a run may "
-        "resume with another batch size (e.g. after running out of GPU memory).",
+        description="Conversations per forward pass inside the backend. Greedy rows do not depend on it; sampled "
+        "rows are drawn from the same distribution but not the same random stream. Left out of the output's "
+        "identity so that a run may resume with another batch size (e.g. after running out of GPU memory).",
     )
     shard_size: int = Field(
         default=64,
@@ -81,7 +82,8 @@ class GenerationStageConfig(BaseModel):
 
     def identity(self, stage: type[BaseModel] | None = None) -> dict:
         """The settings that determine a stage's rows, for its output's fingerprint: the fields of
-        `stage` (default: this config's class) except batch_size, which does not change the rows."""
+        `stage` (default: this config's class) except batch_size, which changes how rows are
+        computed, not what they are (exactly so for greedy decoding)."""
         return self.model_dump(include=set((stage or type(self)).model_fields) - {"batch_size"})
 
     def sampling(self, step: int) -> SamplingParams:

@@ -7,7 +7,9 @@ and do not generate more (a departure: users bring or grow their own sets):
 
 - a JSONL file with a `prompt` field per row (other fields are ignored);
 - the hh-rlhf transcript format, `.jsonl` or `.jsonl.gz`: rows `{"chosen", "rejected"}` whose
-  prompt is the first Human turn of `chosen`;
+  prompt is the first Human turn of `chosen`, or red-team attempts whose prompt is the first
+  Human turn of `transcript` (hh-rlhf's `red_team_attempts.jsonl.gz` is one JSON array rather
+  than JSON lines; a file whose text starts with `[` is read as such an array);
 - an `s3://` URI of either file (gzip is detected from the bytes, not the name);
 - a Hugging Face dataset, `hf:ORG/NAME[/DATA_DIR][:SPLIT]` (split defaults to `train`;
   DATA_DIR picks a folder of the dataset repository, e.g. hh-rlhf's subsets), for example
@@ -34,6 +36,8 @@ from cai_lib.transcripts import parse_transcript
 BUILTIN_PREFIX = "builtin:"
 HF_PREFIX = "hf:"
 BUILTIN_SETS = ("red_team", "helpful")
+# Where a row's prompt is, in order of preference.
+PROMPT_FIELDS = ("prompt", "chosen", "transcript")
 
 
 class RowError(ValueError):
@@ -59,14 +63,17 @@ def read_prompts(source: str, kind: PromptKind = "red_team", limit: int | None =
 
 
 def prompt_of_row(row: Mapping) -> str:
-    """The prompt a row holds: its `prompt` field, else the first Human turn of `chosen`.
+    """The prompt a row holds: its `prompt` field, else the first Human turn of `chosen` or of
+    `transcript` (hh-rlhf's red-team attempts).
 
     A `prompt` may itself be an hh-rlhf transcript or a list of chat messages; then its first
     Human (user) turn is the prompt. Raises `RowError` when the row holds no usable prompt.
     """
-    field = next((f for f in ("prompt", "chosen") if f in row), None)
+    field = next((f for f in PROMPT_FIELDS if f in row), None)
     if field is None:
-        raise RowError(f"row has neither a 'prompt' nor a 'chosen' field (fields: {sorted(row)})")
+        raise RowError(
+            f"row has none of the fields {', '.join(map(repr, PROMPT_FIELDS))} (fields: {sorted(row)})"
+        )
     value = row[field]
     if isinstance(value, list):
         text = _first_user_turn(value)
@@ -74,8 +81,8 @@ def prompt_of_row(row: Mapping) -> str:
         turns = parse_transcript(value)
         if turns:
             text = _first_user_turn(turns)
-        elif field == "chosen":
-            raise RowError("'chosen' transcript has no Human turn")
+        elif field != "prompt":
+            raise RowError(f"'{field}' transcript has no Human turn")
         else:
             text = value.strip()
     else:
@@ -88,16 +95,17 @@ def prompt_of_row(row: Mapping) -> str:
 def records_from_dataset(
     dataset, kind: PromptKind, source: str, limit: int | None = None
 ) -> list[PromptRecord]:
-    """Map a `datasets.Dataset` to prompt records, using its `prompt` or else `chosen` column.
+    """Map a `datasets.Dataset` to prompt records, using its first column of `PROMPT_FIELDS`.
 
     Errors name `source` and the dataset row index (0-based, as in `dataset[i]`).
     """
     columns = set(dataset.column_names)
-    if not columns & {"prompt", "chosen"}:
+    column = next((f for f in PROMPT_FIELDS if f in columns), None)
+    if column is None:
         raise CaiError(
-            f"{source}: dataset has neither a 'prompt' nor a 'chosen' column (columns: {sorted(columns)})"
+            f"{source}: dataset has none of the columns {', '.join(map(repr, PROMPT_FIELDS))} "
+            f"(columns: {sorted(columns)})"
         )
-    column = "prompt" if "prompt" in columns else "chosen"
 
     def records() -> Iterator[PromptRecord]:
         for index, value in enumerate(dataset[column]):
@@ -199,19 +207,31 @@ def _read_text(source: str) -> str:
 
 
 def _parse_jsonl_prompts(text: str, source: str, kind: PromptKind) -> Iterator[PromptRecord]:
+    for where, row in _rows(text, source):
+        if not isinstance(row, dict):
+            raise CaiError(f"{source}: {where}: expected a JSON object, got {type(row).__name__}")
+        try:
+            yield _record(prompt_of_row(row), kind, source)
+        except RowError as err:
+            raise CaiError(f"{source}: {where}: {err}") from None
+
+
+def _rows(text: str, source: str) -> Iterator[tuple[str, object]]:
+    """(where, row) of JSON lines, or of the items of one JSON array ("line N" / "item N", 1-based)."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CaiError(f"{source}: not a valid JSON array (line {err.lineno}: {err.msg})") from None
+        yield from ((f"item {number}", row) for number, row in enumerate(items, start=1))
+        return
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield f"line {number}", json.loads(line)
         except json.JSONDecodeError as err:
             raise CaiError(f"{source}: line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise CaiError(f"{source}: line {number}: expected a JSON object, got {type(row).__name__}")
-        try:
-            yield _record(prompt_of_row(row), kind, source)
-        except RowError as err:
-            raise CaiError(f"{source}: line {number}: {err}") from None
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None, str]:

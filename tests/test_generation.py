@@ -50,6 +50,24 @@ def test_batched_greedy_replies_equal_one_at_a_time(backend):
     assert len(set(batched)) > 1
 
 
+def test_batched_greedy_replies_equal_plain_generate_on_each_conversation(tiny_model_dir):
+    import torch
+
+    backend = TransformersBackend(str(tiny_model_dir), batch_size=4)
+    expected = []
+    for conversation in CONVERSATIONS:
+        ids = torch.tensor([backend.chat.encode(conversation)])
+        output = backend.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=GREEDY.max_new_tokens,
+            do_sample=False,
+            pad_token_id=backend.tokenizer.pad_token_id,
+        )
+        expected.append(backend.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    assert backend.generate(CONVERSATIONS, GREEDY) == expected
+
+
 def test_replies_come_back_in_the_callers_order(backend):
     replies = backend.generate(CONVERSATIONS, GREEDY)
     assert backend.generate(CONVERSATIONS[::-1], GREEDY) == replies[::-1]

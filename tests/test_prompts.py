@@ -88,6 +88,26 @@ def test_gzipped_hh_rlhf_file_is_read(tmp_path):
     assert prompts(read_prompts(str(path))) == ["first?", "second?"]
 
 
+def red_team_attempt(*turns: str) -> dict:
+    """A row of hh-rlhf's red-team-attempts: the whole conversation in `transcript`."""
+    row = hh_row(*turns)
+    return {"transcript": row["chosen"], "rating": 2.0, "task_description": "get harmful advice"}
+
+
+def test_hh_rlhf_red_team_attempts_json_array_gives_the_first_human_turns(tmp_path):
+    path = tmp_path / "red_team_attempts.jsonl.gz"
+    rows = [red_team_attempt("How do I hotwire a car?", "No."), red_team_attempt("Insult me.", "No.")]
+    path.write_bytes(gzip.compress(json.dumps(rows, indent=1).encode()))
+    assert prompts(read_prompts(str(path))) == ["How do I hotwire a car?", "Insult me."]
+
+
+def test_a_bad_item_of_a_json_array_is_a_cai_error_naming_the_item(tmp_path):
+    path = tmp_path / "attempts.json"
+    path.write_text(json.dumps([red_team_attempt("fine?", "ok"), {"transcript": "Assistant: hi"}]))
+    with pytest.raises(CaiError, match=rf"^{path}: item 2: 'transcript' transcript has no Human turn"):
+        read_prompts(str(path))
+
+
 def test_gzip_is_detected_from_the_bytes_not_the_name(tmp_path):
     path = tmp_path / "prompts.data"
     path.write_bytes(gzip.compress(jsonl([{"prompt": "zipped"}]).encode()))
@@ -283,7 +303,9 @@ def test_a_row_that_is_not_an_object_is_a_cai_error_naming_the_line(tmp_path):
 
 def test_a_row_without_prompt_or_chosen_is_a_cai_error_naming_the_line(tmp_path):
     src = write(tmp_path / "p.jsonl", [{"question": "what?"}])
-    with pytest.raises(CaiError, match=rf"^{src}: line 1: row has neither a 'prompt' nor a 'chosen' field"):
+    with pytest.raises(
+        CaiError, match=rf"^{src}: line 1: row has none of the fields 'prompt', 'chosen', 'transcript'"
+    ):
         read_prompts(src)
 
 
