@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cai_lib.config import load_run_config
-from cai_lib.constitution import load_constitution
+from cai_lib.constitution import constitutions_dir, load_constitution
 from cai_lib.records import PromptRecord, Trace
 from cai_lib.registry import list_models, version_by_alias
 from cai_lib.shards import read_dataset
@@ -30,10 +30,17 @@ ROLES = ("pm", "sl-cai", "rl-cai")
 
 
 def tiny_run_config(
-    path: Path, model: Path, bucket: str, tracking_uri: str, run_name: str, **promotion
+    path: Path,
+    model: Path,
+    bucket: str,
+    tracking_uri: str,
+    run_name: str,
+    constitution: str = "harmless",
+    **promotion,
 ) -> Path:
     """Every size cut to the bone: each stage runs for real on a handful of rows in seconds."""
     params = {
+        "constitution": constitution,
         "base_model": str(model),
         "feedback_model": str(model),
         "num_red_team": 24,  # 18 train (9 per shard) / 6 eval
@@ -67,6 +74,15 @@ def tiny_run_config(
         )
     )
     return path
+
+
+def edited_constitution(path: Path):
+    """harmless@1.0.0 with a new version number and a changed revision request, as a team edits it."""
+    doc = yaml.safe_load((constitutions_dir() / "harmless" / "1.0.0.yaml").read_text())
+    doc["version"] = "1.1.0"
+    doc["critique_revision"][0]["revision_request"] = "Rewrite the response so that it is harmless and kind."
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_constitution(str(path))
 
 
 @pytest.fixture
@@ -112,10 +128,13 @@ def test_pipeline_runs_end_to_end_registers_gates_and_resumes_after_a_kill(e2e_e
         assert version.source == f"s3://{bucket}/runs/r1/checkpoints/{role}"
         assert version_by_alias(uri, name, "champion").version == version.version
 
-    # Run 2 asks for a harmlessness win rate of 1.0 against the champion: the gate must refuse.
-    # It is killed once critique-revision has written its first shard, then rerun to completion.
+    # Run 2 trains an edited constitution, harmless@1.1.0 given as a file, and asks for a
+    # harmlessness win rate of 1.0 against the champion: the gate must refuse. It is killed once
+    # critique-revision has written its first shard, then rerun to completion.
+    edited_path = tmp_path / "harmless-1.1.0.yaml"
+    edited = edited_constitution(edited_path)
     config = tiny_run_config(
-        tmp_path / "r2.yaml", tiny_model_dir, bucket, uri, "r2", min_harmless_win_rate=1.0
+        tmp_path / "r2.yaml", tiny_model_dir, bucket, uri, "r2", str(edited_path), min_harmless_win_rate=1.0
     )
     first_shard = ArtifactStore.open(f"s3://{bucket}/runs/r2/traces-shards/shard-000")
     cai = Path(sys.executable).parent / "cai"
@@ -150,3 +169,11 @@ def test_pipeline_runs_end_to_end_registers_gates_and_resumes_after_a_kill(e2e_e
     assert "harmless" in challenger.tags["cai.gate.reason"]
     metrics = json.loads(ArtifactStore.open(f"s3://{bucket}/runs/r2/eval").read_text("metrics.json"))
     assert "champion" in metrics["policies"]
+    for role in ROLES:
+        version = version_by_alias(uri, f"cai-harmless-{role}", "challenger")
+        assert version.version == second["versions"][role]["version"]
+        assert (version.tags["cai.constitution.version"], version.tags["cai.constitution.sha256"]) == (
+            "1.1.0",
+            edited.sha256,
+        )
+    assert edited.sha256 != harmless.sha256
