@@ -235,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "environment": env,
         "variants": rows,
     }
+    env["load_average_1m_at_end"] = os.getloadavg()[0]
     print_table(report)
     out = args.out or RESULTS_DIR / f"generation-{env['device_kind']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
