@@ -28,6 +28,7 @@ created, so a crash in between can, at worst, lead the next call to submit that 
 
 from __future__ import annotations
 
+import os
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +39,7 @@ from pydantic import AliasChoices, BaseModel, Field
 from cai_lib.config import RunConfig
 from cai_lib.constitution import (
     LOCK_FILE,
+    REGISTRY_ENV,
     Constitution,
     is_locked,
     list_constitutions,
@@ -150,12 +152,15 @@ def read_checkout(repo: Path, revision: str | None = None) -> tuple[Path, str, b
 
 
 def registry_of(registry_uri: str | None, config: RunConfig, dry_run: bool) -> tuple[str, str]:
-    """(registry URI, where it was configured): --registry, else the run config's
-    deploy.constitution_registry, else the local `LOCAL_REGISTRY` beside `cai run`'s artifacts.
+    """(registry URI, where it was configured): --registry, else `$CAI_CONSTITUTION_REGISTRY`,
+    else the run config's deploy.constitution_registry, else the local `LOCAL_REGISTRY` beside
+    `cai run`'s artifacts.
 
     A real submission needs an S3 registry: the run on the cluster reads its constitution from it."""
     if registry_uri:
         uri, source = registry_uri, "--registry"
+    elif os.environ.get(REGISTRY_ENV):
+        uri, source = os.environ[REGISTRY_ENV], f"${REGISTRY_ENV}"
     elif config.deploy.constitution_registry:
         uri, source = config.deploy.constitution_registry, "deploy.constitution_registry of the run config"
     else:
@@ -266,8 +271,8 @@ def retrain(
     constitution whose newest version is neither the champion's nor already submitted.
 
     `registry_uri` is the constitution registry (default: see `registry_of`).
-    `tracking_uri` is where champions are looked up (default: `config.params.mlflow_tracking_uri`,
-    which the submitted runs register into). `names` limits the constitutions considered.
+    `tracking_uri` is where champions are looked up (default: `$MLFLOW_TRACKING_URI`, else
+    `config.params.mlflow_tracking_uri`, which the submitted runs register into). `names` limits the constitutions considered.
     `client` is the `kfp.Client` to submit with (default: one connected to `host`). `revision`
     names the source of a `repo` that is a plain directory rather than a git checkout. With
     `dry_run`, nothing is published, submitted or recorded. Unreachable endpoints, unlocked or
@@ -281,8 +286,13 @@ def retrain(
     if dirty and not dry_run:
         raise CaiError(f"{root}: uncommitted changes; commit them first (runs record commit {revision[:12]})")
     store = check_registry(*registry_of(registry_uri, config, dry_run))
-    # A relative SQLite default means `cai run`'s store under the working directory.
-    tracking_uri = tracking_uri or localise(config, Path.cwd()).params.mlflow_tracking_uri
+    # As every cai command: the argument, else $MLFLOW_TRACKING_URI; then the run config's, where
+    # a relative SQLite default means `cai run`'s store under the working directory.
+    tracking_uri = (
+        tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or localise(config, Path.cwd()).params.mlflow_tracking_uri
+    )
     connect(tracking_uri)
     if not dry_run:
         host = require_host(host)

@@ -250,6 +250,8 @@ def stage_run(tracking_uri: str | None, parent_run_id: str, stage_name: str) -> 
 
     A retried step finds and reopens the run its earlier attempt made instead of adding a
     duplicate. The run ends FINISHED when the block exits normally and FAILED when it raises.
+    Inside the block `$MLFLOW_TRACKING_URI` names this store (unless it is already set), so that
+    model references such as `models:/NAME@champion` resolve against the run's registry.
     """
     from mlflow.exceptions import MlflowException
 
@@ -267,7 +269,8 @@ def stage_run(tracking_uri: str | None, parent_run_id: str, stage_name: str) -> 
     tags = {PARENT_RUN_TAG: parent_run_id, RUN_KIND_TAG: "stage", STAGE_TAG: stage_name}
     run_id = _find_or_create_run(client, parent.info.experiment_id, run_filter, stage_name, tags)
     try:
-        yield StageRun(client, run_id, parent_run_id, stage_name)
+        with _environ(MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI") or client.tracking_uri):
+            yield StageRun(client, run_id, parent_run_id, stage_name)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

@@ -297,6 +297,16 @@ def test_a_real_run_refuses_a_registry_that_is_not_s3(checkout, config, kfp, tmp
     assert kfp.runs == []
 
 
+def test_the_registry_in_the_environment_comes_before_the_run_configs(
+    checkout, config, kfp, monkeypatch, tmp_path
+):
+    deploy = config.deploy.model_copy(update={"constitution_registry": "s3://from-config/constitutions"})
+    monkeypatch.setenv("CAI_CONSTITUTION_REGISTRY", str(tmp_path / "from-env"))
+    with pytest.raises(CaiError, match=r"from-env \(\$CAI_CONSTITUTION_REGISTRY\) is not an s3:// URI"):
+        run_retrain(checkout, None, config.model_copy(update={"deploy": deploy}), kfp)
+    assert kfp.runs == []
+
+
 def test_published_version_edited_in_git_is_refused_naming_it(checkout, registry, config, kfp):
     write_version(checkout, "1.0.0", "Rewrite the response any way you like.")
     commit_all(checkout, "edit a published version")

@@ -4,6 +4,7 @@ one parent run per pipeline run with the config as params, one nested run per st
 from __future__ import annotations
 
 import json
+import os
 import socket
 import uuid
 from pathlib import Path
@@ -144,6 +145,15 @@ def test_retried_stage_reopens_its_nested_run_instead_of_adding_one(mlflow_serve
     experiment_id = client.get_run(parent_id).info.experiment_id
     nested = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert [run.info.run_id for run in nested] == [first.run_id]
+
+
+def test_inside_a_stage_run_models_uris_resolve_against_its_tracking_store(mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset below; restored after the test")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    parent_id = start(mlflow_server["uri"])
+    with stage_run(mlflow_server["uri"], parent_id, "sft"):
+        assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_server["uri"]
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_ending_a_pipeline_run_records_whether_it_succeeded(mlflow_server):

@@ -89,9 +89,7 @@ def fetch_command(
     The checkpoint's manifest must still match the hash recorded at registration. The last line
     printed is the local checkpoint directory, which transformers or vLLM load as it is.
 
-    Example: cai models fetch models:/cai-harmless-rl-cai@champion --out /models/current
-
-    Example: vllm serve "$(cai models fetch models:/cai-harmless-rl-cai@champion | tail -n 1)"
+    Example: cai models fetch models:/cai-harmless-rl-cai@champion --out /models/current && vllm serve /models/current
     """
     import shutil
 

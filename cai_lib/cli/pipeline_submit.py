@@ -64,9 +64,9 @@ def retrain_command(
         str | None,
         typer.Option(
             "--registry",
-            envvar="CAI_CONSTITUTION_REGISTRY",
-            help="Constitution registry, e.g. s3://bucket/constitutions (default: the config's "
-            "deploy.constitution_registry, else .cai/constitutions, which only a --dry-run accepts).",
+            help="Constitution registry, e.g. s3://bucket/constitutions (default: $CAI_CONSTITUTION_REGISTRY, "
+            "else the config's deploy.constitution_registry, else .cai/constitutions, which only a --dry-run "
+            "accepts).",
         ),
     ] = None,
     dry_run: Annotated[
@@ -75,7 +75,10 @@ def retrain_command(
     host: HostOption = None,
     tracking_uri: Annotated[
         str | None,
-        typer.Option("--tracking-uri", help="MLflow server holding the champions (default: the config's)."),
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow server holding the champions (default: $MLFLOW_TRACKING_URI, else the config's).",
+        ),
     ] = None,
     config: ConfigOption = None,
     constitution: Annotated[

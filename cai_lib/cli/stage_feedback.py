@@ -27,7 +27,7 @@ CONSTITUTION = typer.Option(
 FEEDBACK_MODEL = typer.Option(
     ...,
     "--model",
-    help="Feedback model ref: local checkpoint, s3:// checkpoint, HF id or smollm2-135m-instruct.",
+    help="Feedback model ref: local checkpoint, s3:// checkpoint, models:/NAME@ALIAS, HF id or smollm2-135m-instruct.",
 )
 PRINCIPLES = _option(FeedbackConfig, "principles_per_pair", "--principles")
 COT = _option(FeedbackConfig, "cot", "--cot")

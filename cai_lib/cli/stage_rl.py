@@ -43,7 +43,7 @@ def train_pm(
     model: str = typer.Option(
         ...,
         "--model",
-        help="Base model ref for the PM: local or s3:// checkpoint, HF id or smollm2-135m-instruct.",
+        help="Base model ref for the PM: local or s3:// checkpoint, models:/NAME@ALIAS, HF id or smollm2-135m-instruct.",
     ),
     out: str = typer.Option(
         ..., "--out", help="Local directory or s3:// prefix for the PM checkpoint; must be empty."

@@ -49,7 +49,9 @@ PROMPTS = typer.Option(
     "optionally hf:ORG/NAME/DATA_DIR:SPLIT), or builtin:red_team / builtin:helpful.",
 )
 MODEL = typer.Option(
-    ..., "--model", help="Model ref: local checkpoint, s3:// checkpoint, HF id or smollm2-135m-instruct."
+    ...,
+    "--model",
+    help="Model ref: local checkpoint, s3:// checkpoint, models:/NAME@ALIAS, HF id or smollm2-135m-instruct.",
 )
 OUT_DATASET = typer.Option(
     ..., "--out", help="Local directory or s3:// prefix for the JSONL shards; a rerun resumes there."
