@@ -20,7 +20,6 @@ that differ before their last turn.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -28,8 +27,7 @@ from typing import NamedTuple
 
 from cai_lib.errors import CaiError
 from cai_lib.generation import Conversation
-from cai_lib.prompts import HF_PREFIX, RowError, parse_hf_source
-from cai_lib.prompts import _read_text as read_source_text
+from cai_lib.prompts import HF_PREFIX, RowError, json_rows, parse_hf_source
 from cai_lib.records import Preference, stable_id
 from cai_lib.shards import read_dataset
 from cai_lib.transcripts import parse_transcript, render_transcript
@@ -139,13 +137,7 @@ def _rows(source: str) -> Iterator[tuple[str, object]]:
     if source.startswith(HF_PREFIX):
         yield from _dataset_rows(source)
         return
-    for number, line in enumerate(read_source_text(source).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"line {number}", json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CaiError(f"{source}: line {number}: not valid JSON ({err.msg})") from None
+    yield from json_rows(source)
 
 
 def _dataset_rows(source: str) -> Iterator[tuple[str, object]]:

@@ -28,8 +28,7 @@ near 0 or 1, where the normal approximation does not.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -40,8 +39,7 @@ from cai_lib.errors import CaiError
 from cai_lib.feedback import FeedbackConfig, FeedbackLabeller, check_constitution, few_shot_messages
 from cai_lib.generation import GenerationBackend, load_backend
 from cai_lib.human_preferences import read_human_preferences
-from cai_lib.prompts import HF_PREFIX
-from cai_lib.prompts import _read_text as read_source_text
+from cai_lib.prompts import HF_PREFIX, json_rows
 
 HH_FIELDS = ("chosen", "rejected")
 MC_FIELDS = ("prompt", "corrects", "incorrects")
@@ -86,7 +84,7 @@ def detect_format(source: str) -> Format:
     """The format of a human-labelled source, from its first row; `hf:` datasets are hh-rlhf."""
     if str(source).startswith(HF_PREFIX):
         return "hh-rlhf"
-    first = next(_json_rows(source), None)
+    first = next(json_rows(str(source)), None)
     if first is None:
         raise CaiError(f"{source}: no rows")
     return _row_format(source, *first)
@@ -149,7 +147,7 @@ def label_accuracy(
 def read_multiple_choice(source: str, limit: int | None = None) -> list[MultipleChoiceRow]:
     """The first `limit` multiple-choice rows of `source`; a row out of format is a `CaiError` naming it."""
     rows = []
-    for where, row in _json_rows(source):
+    for where, row in json_rows(str(source)):
         if _row_format(source, where, row) != "multiple-choice":
             raise CaiError(f"{source}: {where}: an hh-rlhf row in a multiple-choice file")
         rows.append(_multiple_choice_row(source, where, row))
@@ -195,16 +193,6 @@ def _score_multiple_choice(
                 agreed += multiple_choice_agrees(row_scores[:n_correct], row_scores[n_correct:])
             bar.update(len(batch))
     return agreed
-
-
-def _json_rows(source: str) -> Iterator[tuple[str, object]]:
-    for number, line in enumerate(read_source_text(str(source)).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"line {number}", json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CaiError(f"{source}: line {number}: not valid JSON ({err.msg})") from None
 
 
 def _row_format(source: str, where: str, row: object) -> Format:

@@ -56,7 +56,7 @@ def read_prompts(source: str, kind: PromptKind = "red_team", limit: int | None =
     if source.startswith(HF_PREFIX):
         records = _read_hf_dataset(source, kind, limit)
     else:
-        records = list(_take(_parse_jsonl_prompts(_read_text(source), source, kind), limit))
+        records = list(_take(_parse_prompt_rows(source, kind), limit))
     if not records:
         raise CaiError(f"{source}: no prompts found")
     return records
@@ -206,8 +206,8 @@ def _read_text(source: str) -> str:
         raise CaiError(f"{source}: not UTF-8 text (byte {err.start})") from None
 
 
-def _parse_jsonl_prompts(text: str, source: str, kind: PromptKind) -> Iterator[PromptRecord]:
-    for where, row in _rows(text, source):
+def _parse_prompt_rows(source: str, kind: PromptKind) -> Iterator[PromptRecord]:
+    for where, row in json_rows(source):
         if not isinstance(row, dict):
             raise CaiError(f"{source}: {where}: expected a JSON object, got {type(row).__name__}")
         try:
@@ -216,8 +216,10 @@ def _parse_jsonl_prompts(text: str, source: str, kind: PromptKind) -> Iterator[P
             raise CaiError(f"{source}: {where}: {err}") from None
 
 
-def _rows(text: str, source: str) -> Iterator[tuple[str, object]]:
-    """(where, row) of JSON lines, or of the items of one JSON array ("line N" / "item N", 1-based)."""
+def json_rows(source: str) -> Iterator[tuple[str, object]]:
+    """(where, row) of each row of a local or `s3://` file, gzipped or not: its JSON lines, or the
+    items of the one JSON array it holds (where = "line N" / "item N", 1-based), for error messages."""
+    text = _read_text(source)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)

@@ -99,11 +99,18 @@ class RetrainPlan(BaseModel):
         return [d for d in self.decisions if d.action == "retrain"]
 
 
-def _git(repo: Path, problem: str, *args: str) -> str:
+def _run_git(repo: Path, *args: str) -> subprocess.CompletedProcess | None:
+    """git's result in `repo`, or None where git is not installed (a plain directory needs none)."""
     try:
-        result = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        raise CaiError("cai retrain needs the git command, which is not installed") from None
+        return None
+
+
+def _git(repo: Path, problem: str, *args: str) -> str:
+    result = _run_git(repo, *args)
+    if result is None:
+        raise CaiError("cai retrain needs the git command, which is not installed")
     if result.returncode != 0:
         detail = (result.stderr.strip().splitlines() or [f"git exited with status {result.returncode}"])[-1]
         raise CaiError(f"{repo}: {problem} ({detail})")
@@ -111,16 +118,8 @@ def _git(repo: Path, problem: str, *args: str) -> str:
 
 
 def _is_git_work_tree(repo: Path) -> bool:
-    try:
-        result = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--is-inside-work-tree"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    except FileNotFoundError:
-        return False
-    return result.returncode == 0 and result.stdout.strip() == "true"
+    result = _run_git(repo, "rev-parse", "--is-inside-work-tree")
+    return result is not None and result.returncode == 0 and result.stdout.strip() == "true"
 
 
 def read_checkout(repo: Path, revision: str | None = None) -> tuple[Path, str, bool]:
@@ -173,7 +172,7 @@ def registry_of(registry_uri: str | None, config: RunConfig, dry_run: bool) -> t
     return uri, source
 
 
-def check_registry(registry_uri: str, source: str = "--registry") -> ArtifactStore:
+def check_registry(registry_uri: str, source: str) -> ArtifactStore:
     """The registry store, its bucket checked to exist and answer (an S3 registry)."""
     from cai_lib.preflight import check_s3
 
@@ -224,7 +223,7 @@ def submission_key(constitution: Constitution) -> str:
 
 
 def decide(
-    constitution: Constitution, store: ArtifactStore, tracking_uri: str, config: RunConfig
+    constitution: Constitution, store: ArtifactStore, tracking_uri: str | None, config: RunConfig
 ) -> Decision:
     """Whether the newest version needs a run: not if the champion or an earlier submission has it."""
     from cai_lib.registry import CHAMPION, version_by_alias
@@ -272,7 +271,8 @@ def retrain(
 
     `registry_uri` is the constitution registry (default: see `registry_of`).
     `tracking_uri` is where champions are looked up (default: `$MLFLOW_TRACKING_URI`, else
-    `config.params.mlflow_tracking_uri`, which the submitted runs register into). `names` limits the constitutions considered.
+    `config.params.mlflow_tracking_uri`, which the submitted runs register into). `names` limits
+    the constitutions considered.
     `client` is the `kfp.Client` to submit with (default: one connected to `host`). `revision`
     names the source of a `repo` that is a plain directory rather than a git checkout. With
     `dry_run`, nothing is published, submitted or recorded. Unreachable endpoints, unlocked or
@@ -286,13 +286,11 @@ def retrain(
     if dirty and not dry_run:
         raise CaiError(f"{root}: uncommitted changes; commit them first (runs record commit {revision[:12]})")
     store = check_registry(*registry_of(registry_uri, config, dry_run))
-    # As every cai command: the argument, else $MLFLOW_TRACKING_URI; then the run config's, where
-    # a relative SQLite default means `cai run`'s store under the working directory.
-    tracking_uri = (
-        tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or localise(config, Path.cwd()).params.mlflow_tracking_uri
-    )
+    # `connect` takes the argument, else $MLFLOW_TRACKING_URI, as for every cai command; only when
+    # neither is given does the run config's count, where a relative SQLite default means
+    # `cai run`'s store under the working directory.
+    if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        tracking_uri = localise(config, Path.cwd()).params.mlflow_tracking_uri
     connect(tracking_uri)
     if not dry_run:
         host = require_host(host)
