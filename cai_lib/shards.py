@@ -1,11 +1,14 @@
 """Resumable, sharded JSONL output for the long stages (generation, labelling).
 
 A stage's output is a prefix in the artifact store holding `part-00000.jsonl`, `part-00001.jsonl`,
-... and `_inputs.json`, a fingerprint of what produced it. Each shard is written atomically, so
-after a crash or a pod eviction a rerun skips the shards that exist and redoes only the rest;
-because the work is split into shards deterministically and row ids derive from content, the
-rerun yields exactly the rows an uninterrupted run would. `_SUCCESS.json` (written last) marks
-the dataset finished and records its row count and sha256.
+... and `_inputs.json`, a fingerprint of what produced it. Each shard is written create-only
+(`if_absent`): the first writer of a shard wins and the shard never changes afterwards, so two
+pods working on one output (a retry racing a slow original) cannot interleave rows. After a crash
+or a pod eviction a rerun skips the shards that exist and redoes only the rest; because the work
+is split into shards deterministically and row ids derive from content, the rerun yields exactly
+the rows an uninterrupted run would. `_SUCCESS.json` (written last) marks the dataset finished:
+it is the dataset's manifest, with each shard's size and sha256, the row count and the sha256 of
+all rows. Readers check every shard against it.
 
 An output prefix that already holds results of *different* inputs is refused rather than mixed.
 """
@@ -20,7 +23,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from cai_lib.errors import CaiError
-from cai_lib.store import ArtifactStore
+from cai_lib.store import ArtifactStore, parse_jsonl_lines, verify_file
 
 INPUTS = "_inputs.json"
 SUCCESS = "_SUCCESS.json"
@@ -30,6 +33,10 @@ Out = TypeVar("Out", bound=BaseModel)
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.jsonl"
+
+
+def is_shard(key: str) -> bool:
+    return key.startswith("part-") and key.endswith(".jsonl") and "/" not in key
 
 
 def fingerprint(inputs: dict) -> str:
@@ -51,19 +58,18 @@ class ShardedOutput:
 
     def claim(self) -> None:
         """Record the inputs, or refuse if the prefix holds output of other inputs."""
-        if self.store.exists(INPUTS):
-            recorded = self.store.read_json(INPUTS)
-            if recorded.get("fingerprint") != self.fingerprint:
-                raise CaiError(
-                    f"{self.uri}: already holds results from different inputs; "
-                    "choose another --out or delete it"
-                )
-            return
-        if self.store.list(""):
+        if not self.store.exists(INPUTS) and self.store.list(""):
             raise CaiError(
                 f"{self.uri}: is not empty and was not written by this stage; choose another --out"
             )
-        self.store.write_json(INPUTS, {"fingerprint": self.fingerprint, "inputs": self.inputs})
+        self.store.write_json(
+            INPUTS, {"fingerprint": self.fingerprint, "inputs": self.inputs}, if_absent=True
+        )
+        recorded = self.store.read_json(INPUTS)
+        if recorded.get("fingerprint") != self.fingerprint:
+            raise CaiError(
+                f"{self.uri}: already holds results from different inputs; choose another --out or delete it"
+            )
 
     def is_finished(self) -> bool:
         return self.store.exists(SUCCESS)
@@ -89,42 +95,55 @@ class ShardedOutput:
         for index, start in enumerate(range(0, len(items), shard_size)):
             chunk = items[start : start + shard_size]
             if not self.done(index):
-                self.store.write_jsonl(shard_name(index), process(chunk))
+                self.store.write_jsonl(shard_name(index), process(chunk), if_absent=True)
             if on_shard:
                 on_shard(len(chunk))
         return self.finish()
 
     def finish(self) -> int:
-        """Write the success marker with row count and content hash; returns the row count."""
-        digest, rows = hashlib.sha256(), 0
+        """Write the success marker (the dataset's manifest); returns the row count."""
+        digest, rows, files = hashlib.sha256(), 0, {}
         for key in self.shard_keys():
-            data = self.store.read_bytes(key)
-            digest.update(data)
-            rows += data.count(b"\n")
-        self.store.write_json(
-            SUCCESS, {"rows": rows, "sha256": digest.hexdigest(), "shards": len(self.shard_keys())}
-        )
+            with self.store.local_copy(key) as path, open(path, "rb") as handle:
+                size, shard_digest = 0, hashlib.sha256()
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+                    shard_digest.update(block)
+                    rows += block.count(b"\n")
+                    size += len(block)
+            files[key] = {"bytes": size, "sha256": shard_digest.hexdigest()}
+        summary = {"rows": rows, "sha256": digest.hexdigest(), "shards": len(files), "files": files}
+        self.store.write_json(SUCCESS, summary, if_absent=True)
         return rows
 
     def shard_keys(self) -> list[str]:
-        return [k for k in self.store.list("") if k.startswith("part-") and k.endswith(".jsonl")]
+        return [k for k in self.store.list("") if is_shard(k)]
 
 
 def read_dataset(uri: str, model: type[Out]) -> Iterator[Out]:
-    """Records of a dataset: a sharded prefix (must be finished) or a single JSONL object/file."""
+    """Records of a dataset: a sharded prefix (must be finished; each shard is checked against its
+    manifest entry before any of its rows is returned) or a single JSONL object/file."""
     store = ArtifactStore.open(uri)
     if store.exists(SUCCESS):
-        for key in sorted(k for k in store.list("") if k.startswith("part-") and k.endswith(".jsonl")):
-            yield from store.read_jsonl(key, model)
+        files = store.read_json(SUCCESS).get("files")
+        keys = sorted(files) if files is not None else sorted(k for k in store.list("") if is_shard(k))
+        for key in keys:
+            with store.local_copy(key) as path:
+                if files is not None:
+                    verify_file(path, files[key], store.uri_of(key))
+                with open(path, encoding="utf-8") as handle:
+                    yield from parse_jsonl_lines(
+                        (line.rstrip("\n") for line in handle), model, store.uri_of(key)
+                    )
         return
-    if any(k.startswith("part-") for k in store.list("")):
+    if any(is_shard(k) for k in store.list("")):
         raise CaiError(f"{uri}: dataset is not finished (no {SUCCESS}); rerun the stage that writes it")
     parent, _, name = uri.rstrip("/").rpartition("/")
     yield from ArtifactStore.open(parent).read_jsonl(name, model)
 
 
 def dataset_summary(uri: str) -> dict:
-    """Row count and sha256 of a finished sharded dataset (for KFP artifact metadata)."""
+    """Row count, sha256 and per-shard manifest of a finished sharded dataset."""
     store = ArtifactStore.open(uri)
     if not store.exists(SUCCESS):
         raise CaiError(f"{uri}: dataset is not finished (no {SUCCESS})")
@@ -142,8 +161,9 @@ def merge_datasets(uris: Sequence[str], out_uri: str) -> int:
     index = 0
     for uri, _ in parts:
         source = ArtifactStore.open(uri)
-        for key in sorted(k for k in source.list("") if k.startswith("part-") and k.endswith(".jsonl")):
+        for key in sorted(k for k in source.list("") if is_shard(k)):
             if not output.done(index):
-                output.store.write_bytes(shard_name(index), source.read_bytes(key))
+                with source.local_copy(key) as path:
+                    output.store.put_file(path, shard_name(index), if_absent=True)
             index += 1
     return output.finish()

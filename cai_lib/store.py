@@ -1,24 +1,41 @@
 """`ArtifactStore`: one interface over a local directory and an `s3://` prefix.
 
 Every stage reads and writes through it, so the same code runs on a laptop (a directory) and in
-a pod (S3). Writes are atomic: a single object becomes visible whole (local files are renamed
-into place; an S3 PUT is atomic), and a directory (a checkpoint) counts as present only once its
-`_MANIFEST.json` is written, last. Transient S3 errors are retried with exponential backoff by
-botocore's standard retry mode. Endpoint and credentials come from the standard AWS variables
-(`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-`AWS_DEFAULT_REGION`).
+a pod (S3). What it promises:
+
+- **Atomic objects.** An object becomes visible whole: local files are written to a temporary
+  sibling, fsynced and renamed into place; an S3 PUT (or a multipart upload's completion) is
+  atomic. A directory (a checkpoint) counts as present only once its `_MANIFEST.json`, listing
+  every file's size and sha256, is written, last.
+- **Create-only writes.** `write_bytes(..., if_absent=True)` and `put_file(..., if_absent=True)`
+  write only when the key does not exist and report whether they did: S3 conditional writes
+  (`If-None-Match: *`), a hard link on a local disk. Two writers of one key cannot interleave.
+- **Streaming.** Files move to and from S3 through boto3's transfer manager (multipart, with its
+  own retries of interrupted streams), never whole in memory.
+- **Verified downloads.** `get_dir` refuses a manifest entry that would land outside the
+  destination and checks each file's size and sha256, naming the file that differs.
+- **Retries, then one line.** Transient S3 errors (throttling, 5xx, dropped connections) are
+  retried with exponential backoff by botocore's standard retry mode; when the budget runs out
+  the error is a `CaiError` naming the endpoint, not a traceback.
+
+Endpoint and credentials come from the standard AWS variables (`AWS_ENDPOINT_URL_S3` /
+`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`);
+`CAI_S3_MAX_ATTEMPTS` sets the attempts per request (default 8: about a minute of backoff).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -27,6 +44,7 @@ from cai_lib.errors import CaiError
 
 MANIFEST = "_MANIFEST.json"
 T = TypeVar("T", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 
 def is_s3(uri: str) -> bool:
@@ -46,6 +64,46 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_entry(path: Path) -> dict:
+    """A manifest entry: size in bytes and sha256 of a local file."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def confined(rel: str, where: str) -> str:
+    """`rel` if it is a plain relative path that stays inside its directory; else `CaiError`.
+
+    Manifests come from storage that others can write, so an entry such as `../x` or `/etc/x`
+    must never decide where a download lands.
+    """
+    path = PurePosixPath(rel)
+    if (
+        not rel
+        or "\\" in rel
+        or path.is_absolute()
+        or any(part in ("..", ".", "") for part in rel.split("/"))
+    ):
+        raise CaiError(f"{where}: manifest entry {rel!r} is not a relative path inside the directory")
+    return rel
+
+
+def verify_file(path: Path, entry: dict, where: str) -> None:
+    """Refuse a file whose size or sha256 differs from its manifest entry, naming it."""
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise CaiError(f"{where}: {size} bytes where the manifest says {entry['bytes']}; refusing it")
+    if sha256_file(path) != entry["sha256"]:
+        raise CaiError(f"{where}: sha256 differs from the manifest; refusing it")
+
+
+def verify_dir(local_dir: Path, manifest: dict, where: str) -> None:
+    """Check every file a manifest lists against `local_dir` (size and sha256)."""
+    for rel, entry in manifest["files"].items():
+        path = Path(local_dir) / confined(rel, where)
+        if not path.is_file():
+            raise CaiError(f"{join_uri(where, rel)}: missing, though the manifest lists it")
+        verify_file(path, entry, join_uri(where, rel))
 
 
 class ArtifactStore:
@@ -70,10 +128,16 @@ class ArtifactStore:
         return ArtifactStore.open(self.uri_of(key))
 
     # -- primitives each backend implements -------------------------------------------------
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        """Write `data` at `key`; with `if_absent`, only if nothing is there. True if written."""
         raise NotImplementedError
 
-    def read_bytes(self, key: str) -> bytes:
+    def put_file(self, local: str | Path, key: str, if_absent: bool = False) -> bool:
+        """Upload a local file (streamed); with `if_absent`, only if nothing is there. True if written."""
+        raise NotImplementedError
+
+    def get_file(self, key: str, local: str | Path) -> Path:
+        """Download `key` (streamed) to `local`, which appears whole or not at all."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
@@ -86,35 +150,39 @@ class ArtifactStore:
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
-    def put_file(self, local: str | Path, key: str) -> None:
-        self.write_bytes(key, Path(local).read_bytes())
-
-    def get_file(self, key: str, local: str | Path) -> Path:
-        local = Path(local)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_local_write(local, self.read_bytes(key))
-        return local
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        """A local file with the object's content for the duration of the block."""
+        with tempfile.TemporaryDirectory(prefix="cai-get-") as tmp:
+            yield self.get_file(key, Path(tmp) / "object")
 
     # -- built on the primitives -------------------------------------------------------------
-    def write_text(self, key: str, text: str) -> None:
-        self.write_bytes(key, text.encode("utf-8"))
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object: for small ones (JSON, markers). Large ones go through `get_file`."""
+        with self.local_copy(key) as path:
+            return path.read_bytes()
+
+    def write_text(self, key: str, text: str, if_absent: bool = False) -> bool:
+        return self.write_bytes(key, text.encode("utf-8"), if_absent=if_absent)
 
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")
 
-    def write_json(self, key: str, obj: object) -> None:
-        self.write_text(key, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    def write_json(self, key: str, obj: object, if_absent: bool = False) -> bool:
+        return self.write_text(key, json.dumps(obj, indent=2, sort_keys=True) + "\n", if_absent=if_absent)
 
     def read_json(self, key: str) -> object:
         return json.loads(self.read_text(key))
 
     def iter_lines(self, key: str) -> Iterator[str]:
-        """The text lines of an object, read as a stream."""
-        yield from self.read_text(key).splitlines()
+        """The text lines of an object, read as a stream from a local copy."""
+        with self.local_copy(key) as path, open(path, encoding="utf-8") as handle:
+            for line in handle:
+                yield line.rstrip("\n")
 
-    def write_jsonl(self, key: str, records: Iterable[BaseModel]) -> int:
+    def write_jsonl(self, key: str, records: Iterable[BaseModel], if_absent: bool = False) -> int:
         """Stream records into one JSONL object (spooled through a local temporary file, then
-        published atomically); returns the row count."""
+        published atomically); returns the row count (0 when `if_absent` found it written)."""
         count = 0
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", encoding="utf-8", delete=False) as handle:
             try:
@@ -122,10 +190,10 @@ class ArtifactStore:
                     handle.write(record.model_dump_json() + "\n")
                     count += 1
                 handle.close()
-                self.put_file(handle.name, key)
+                written = self.put_file(handle.name, key, if_absent=if_absent)
             finally:
                 os.unlink(handle.name)
-        return count
+        return count if written else 0
 
     def read_jsonl(self, key: str, model: type[T]) -> Iterator[T]:
         """Yield validated records as they stream in; a bad row raises `CaiError` naming the URI
@@ -133,14 +201,15 @@ class ArtifactStore:
         yield from parse_jsonl_lines(self.iter_lines(key), model, self.uri_of(key))
 
     def put_dir(self, local_dir: str | Path, key: str) -> str:
-        """Upload a directory (e.g. a checkpoint); its manifest is written last. Returns its URI."""
+        """Upload a directory (e.g. a checkpoint); its manifest of sizes and sha256s is written
+        last. Returns its URI."""
         local_dir = Path(local_dir)
         files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
         entries = {}
         for path in files:
             rel = path.relative_to(local_dir).as_posix()
+            entries[rel] = file_entry(path)
             self.put_file(path, join_uri(key, rel))
-            entries[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         self.write_json(join_uri(key, MANIFEST), {"files": entries})
         return self.uri_of(key)
 
@@ -148,15 +217,51 @@ class ArtifactStore:
         """True only for a directory whose upload finished (its manifest exists)."""
         return self.exists(join_uri(key, MANIFEST))
 
-    def get_dir(self, key: str, local_dir: str | Path) -> Path:
-        """Download a finished directory; refuses one whose manifest is missing."""
+    def read_manifest(self, key: str) -> dict:
+        """The manifest of a finished directory; `CaiError` when there is none."""
         if not self.dir_exists(key):
             raise CaiError(f"{self.uri_of(key)}: no finished directory there (no {MANIFEST})")
         manifest = self.read_json(join_uri(key, MANIFEST))
-        local_dir = Path(local_dir)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise CaiError(f"{self.uri_of(join_uri(key, MANIFEST))}: not a manifest (no 'files' mapping)")
         for rel in manifest["files"]:
-            self.get_file(join_uri(key, rel), local_dir / rel)
+            confined(rel, self.uri_of(join_uri(key, MANIFEST)))
+        return manifest
+
+    def get_dir(self, key: str, local_dir: str | Path) -> Path:
+        """Download a finished directory, checking each file against the manifest; refuses a
+        directory without a manifest, a manifest path outside `local_dir`, and a file whose size
+        or sha256 differs (naming it)."""
+        manifest = self.read_manifest(key)
+        local_dir = Path(local_dir)
+        for rel, entry in manifest["files"].items():
+            target = self.get_file(join_uri(key, rel), local_dir / rel)
+            verify_file(target, entry, self.uri_of(join_uri(key, rel)))
         return local_dir
+
+
+def checkpoint_location(out_uri: str) -> tuple[ArtifactStore, str]:
+    """(store of the parent, name) where a checkpoint is written with `put_dir`.
+
+    A finished checkpoint there (its manifest written) is refused: a checkpoint is never
+    overwritten. An unfinished one, left by an upload that was killed, is discarded.
+    """
+    if is_s3(out_uri):
+        parent, _, name = str(out_uri).rstrip("/").rpartition("/")
+        if not name or parent in ("s3:", "s3:/"):
+            raise CaiError(f"{out_uri}: an s3:// output needs a bucket and a key, s3://BUCKET/KEY")
+    else:
+        local = Path(out_uri).expanduser().resolve()
+        parent, name = str(local.parent), local.name
+    store = ArtifactStore.open(parent)
+    if store.dir_exists(name):
+        raise CaiError(
+            f"{out_uri}: already holds a finished checkpoint; choose another --out (nothing was overwritten)"
+        )
+    if store.list(name):
+        log.warning("%s: discarding an unfinished checkpoint (no %s)", out_uri, MANIFEST)
+        store.delete(name)
+    return store, name
 
 
 def parse_jsonl_lines(lines: Iterable[str], model: type[T], where: str) -> Iterator[T]:
@@ -172,46 +277,74 @@ def parse_jsonl_lines(lines: Iterable[str], model: type[T], where: str) -> Itera
             raise CaiError(f"{where}: line {number}: field '{field}': {first['msg']}") from None
 
 
-def _atomic_local_write(path: Path, data: bytes) -> None:
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish_local(fill, path: Path, if_absent: bool) -> bool:
+    """Write a temporary sibling of `path` with `fill(handle)`, fsync it and put it in place:
+    a rename, or (with `if_absent`) a hard link that fails when `path` exists. True if written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if if_absent:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return True
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class LocalStore(ArtifactStore):
     def _path(self, key: str) -> Path:
         return Path(self.root) / key
 
-    def write_bytes(self, key: str, data: bytes) -> None:
-        _atomic_local_write(self._path(key), data)
+    def _existing(self, key: str) -> Path:
+        path = self._path(key)
+        if not path.is_file():
+            raise CaiError(f"{path}: no such file")
+        return path
+
+    def write_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        return _publish_local(lambda handle: handle.write(data), self._path(key), if_absent)
 
     def read_bytes(self, key: str) -> bytes:
-        path = self._path(key)
-        if not path.is_file():
-            raise CaiError(f"{path}: no such file")
-        return path.read_bytes()
+        return self._existing(key).read_bytes()
 
-    def iter_lines(self, key: str) -> Iterator[str]:
-        path = self._path(key)
-        if not path.is_file():
-            raise CaiError(f"{path}: no such file")
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                yield line.rstrip("\n")
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        yield self._existing(key)  # published files are never modified in place
 
-    def put_file(self, local: str | Path, key: str) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, target)
+    def put_file(self, local: str | Path, key: str, if_absent: bool = False) -> bool:
+        def fill(handle):
+            with open(local, "rb") as source:
+                shutil.copyfileobj(source, handle, 1 << 20)
+
+        return _publish_local(fill, self._path(key), if_absent)
+
+    def get_file(self, key: str, local: str | Path) -> Path:
+        source = self._existing(key)
+        local = Path(local)
+
+        def fill(handle):
+            with open(source, "rb") as stream:
+                shutil.copyfileobj(stream, handle, 1 << 20)
+
+        _publish_local(fill, local, if_absent=False)
+        return local
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -237,6 +370,23 @@ class LocalStore(ArtifactStore):
             path.unlink(missing_ok=True)
 
 
+# S3 error codes that mean "try again later": botocore retries them; when they outlast the
+# retry budget the endpoint is down, which is said in one line.
+TRANSIENT_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeTooSkewed",
+}
+
+
 class S3Store(ArtifactStore):
     def __init__(self, root: str):
         super().__init__(root)
@@ -256,61 +406,128 @@ class S3Store(ArtifactStore):
         return "/".join(p for p in (self.prefix, key.strip("/")) if p)
 
     def _call(self, what: str, key: str, fn, **kwargs):
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        """Run one S3 operation, turning what a user can fix (credentials, bucket, endpoint) and an
+        outage that outlasted the retries into one-line `CaiError`s."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         uri = f"s3://{self.bucket}/{self._key(key)}"
+        endpoint = self._client.meta.endpoint_url
+        attempts = self._client.meta.config.retries.get("total_max_attempts")
         try:
-            return fn(Bucket=self.bucket, **kwargs)
+            try:
+                return fn(Bucket=self.bucket, **kwargs)
+            except S3UploadFailedError as err:
+                # boto3 wraps the ClientError (implicitly chained); unwrap it to name the cause.
+                raise (err.__context__ or err) from None
         except NoCredentialsError:
             raise CaiError(
                 f"{uri}: S3 credentials missing; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             ) from None
-        except EndpointConnectionError as err:
-            raise CaiError(f"{uri}: S3 endpoint unreachable ({err}); check AWS_ENDPOINT_URL_S3") from None
         except ClientError as err:
-            code = err.response.get("Error", {}).get("Code", "")
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             if code == "NoSuchBucket":
                 raise CaiError(f"{uri}: bucket '{self.bucket}' does not exist") from None
             if code in ("NoSuchKey", "404"):
+                # A HEAD (which downloads start with) answers a bare 404 for a missing bucket too.
+                if self._bucket_missing():
+                    raise CaiError(f"{uri}: bucket '{self.bucket}' does not exist") from None
                 raise CaiError(f"{uri}: no such object") from None
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                 raise CaiError(f"{uri}: access denied while trying to {what} ({code})") from None
+            if code in TRANSIENT_CODES or status.startswith("5"):
+                raise CaiError(
+                    f"S3 endpoint {endpoint} still failing after {attempts} attempts to {what} {uri} "
+                    f"({code or status}); check the endpoint, or raise CAI_S3_MAX_ATTEMPTS"
+                ) from None
             raise
+        except BotoCoreError as err:
+            raise CaiError(
+                f"S3 endpoint {endpoint} unreachable after {attempts} attempts to {what} {uri} "
+                f"({type(err).__name__}); check AWS_ENDPOINT_URL_S3"
+            ) from None
 
-    def write_bytes(self, key: str, data: bytes) -> None:
-        self._call("write", key, self._client.put_object, Key=self._key(key), Body=data)
+    def _bucket_missing(self) -> bool:
+        from botocore.exceptions import ClientError
 
-    def read_bytes(self, key: str) -> bytes:
-        response = self._call("read", key, self._client.get_object, Key=self._key(key))
-        return response["Body"].read()
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as err:
+            return str(err.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchBucket")
+        return False
 
-    def iter_lines(self, key: str) -> Iterator[str]:
-        response = self._call("read", key, self._client.get_object, Key=self._key(key))
-        for line in response["Body"].iter_lines():
-            yield line.decode("utf-8")
+    def write_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        return self._put(key, io.BytesIO(data), if_absent)
 
-    def put_file(self, local: str | Path, key: str) -> None:
-        # upload_file switches to multipart for big files; the object appears only on completion.
-        from boto3.exceptions import S3UploadFailedError
+    def put_file(self, local: str | Path, key: str, if_absent: bool = False) -> bool:
+        if if_absent:
+            with open(local, "rb") as body:
+                return self._put(key, body, if_absent=True)
+        # The transfer manager switches to multipart for big files; the object appears on completion.
+        self._call(
+            "write",
+            key,
+            lambda Bucket, Key: self._client.upload_file(str(local), Bucket, Key),
+            Key=self._key(key),
+        )
+        return True
 
-        def upload(Bucket, Key):
-            try:
-                self._client.upload_file(str(local), Bucket, Key)
-            except S3UploadFailedError as err:
-                # boto3 wraps the ClientError (implicitly chained); unwrap it so _call can name a
-                # missing bucket or denied access.
-                raise (err.__context__ or err) from None
+    def _put(self, key: str, body, if_absent: bool) -> bool:
+        from botocore.exceptions import ClientError
 
-        self._call("write", key, upload, Key=self._key(key))
+        extra = {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            self._call("write", key, self._client.put_object, Key=self._key(key), Body=body, **extra)
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            if code == "NotImplemented" and if_absent:
+                return self._put_if_absent_without_conditions(key, body)
+            raise
+        return True
+
+    def _put_if_absent_without_conditions(self, key: str, body) -> bool:
+        # Stores without conditional writes: check, then write. Two writers can both pass the
+        # check; callers only use create-only writes for content that is the same either way.
+        _warn_no_conditional_writes(self._client.meta.endpoint_url)
+        if self.exists(key):
+            return False
+        body.seek(0)
+        self._call("write", key, self._client.put_object, Key=self._key(key), Body=body)
+        return True
+
+    def get_file(self, key: str, local: str | Path) -> Path:
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            self._call(
+                "read",
+                key,
+                lambda Bucket, Key: self._client.download_file(Bucket, Key, tmp),
+                Key=self._key(key),
+            )
+            os.replace(tmp, local)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return local
 
     def exists(self, key: str) -> bool:
-        try:
-            self._call("read", key, self._client.head_object, Key=self._key(key))
+        from botocore.exceptions import ClientError
+
+        def head(Bucket, Key) -> bool:
+            try:
+                self._client.head_object(Bucket=Bucket, Key=Key)
+            except ClientError as err:
+                if str(err.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey"):
+                    return False
+                raise
             return True
-        except CaiError as err:
-            if "no such object" in str(err):
-                return False
-            raise
+
+        return self._call("read", key, head, Key=self._key(key))
 
     def list(self, prefix: str = "") -> list[str]:
         # A prefix names an object or a directory: "runs/a" must not match "runs/ab/...".
@@ -328,6 +545,15 @@ class S3Store(ArtifactStore):
     def delete(self, key: str) -> None:
         for rel in self.list(key) or [key]:
             self._call("delete", rel, self._client.delete_object, Key=self._key(rel))
+
+
+@functools.cache
+def _warn_no_conditional_writes(endpoint: str) -> None:
+    log.warning(
+        "S3 endpoint %s does not support conditional writes (If-None-Match); "
+        "create-only writes fall back to check-then-write",
+        endpoint,
+    )
 
 
 def s3_client():

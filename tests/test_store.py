@@ -6,14 +6,14 @@ Every behaviour test runs against both backends, so the two stay interchangeable
 from __future__ import annotations
 
 import http.server
+import os
 import threading
 
 import pytest
-from botocore.exceptions import ClientError
 
 from cai_lib.errors import CaiError
 from cai_lib.records import PromptRecord
-from cai_lib.store import MANIFEST, ArtifactStore, s3_client, sha256_file
+from cai_lib.store import MANIFEST, ArtifactStore, checkpoint_location, s3_client, sha256_file
 
 # Every variable through which botocore could find credentials, so a test can take them all away.
 CREDENTIAL_VARIABLES = (
@@ -297,13 +297,131 @@ def unavailable_s3(s3_env, monkeypatch):
 
 def test_a_transient_error_is_retried_up_to_the_configured_attempts(unavailable_s3):
     store = ArtifactStore.open("s3://flaky/p")
-    with pytest.raises(ClientError, match="SlowDown"):
+    with pytest.raises(CaiError):
         store.read_bytes("k")
     assert AlwaysUnavailable.requests == 3
+
+
+def test_an_outage_that_outlasts_the_retries_is_one_line_naming_the_endpoint(unavailable_s3):
+    store = ArtifactStore.open("s3://flaky/p")
+    with pytest.raises(CaiError) as err:
+        store.write_text("k", "x")
+    endpoint = os.environ["AWS_ENDPOINT_URL_S3"]
+    assert str(err.value).startswith(
+        f"S3 endpoint {endpoint} still failing after 3 attempts to write s3://flaky/p/k"
+    )
+    assert "\n" not in str(err.value)
 
 
 def test_exists_does_not_report_absence_when_the_endpoint_keeps_failing(unavailable_s3):
     # A write-once registry checks exists() before writing; a false "absent" would let it overwrite.
     store = ArtifactStore.open("s3://flaky/p")
-    with pytest.raises(ClientError):
+    with pytest.raises(CaiError, match="still failing"):
         store.exists("k")
+
+
+# -- create-only writes ---------------------------------------------------------------------------------
+
+
+def test_a_create_only_write_writes_when_nothing_is_there(store):
+    assert store.write_text("marker.json", "first", if_absent=True) is True
+    assert store.read_text("marker.json") == "first"
+
+
+def test_a_create_only_write_leaves_an_existing_object_alone(store):
+    store.write_text("marker.json", "first", if_absent=True)
+    assert store.write_text("marker.json", "second", if_absent=True) is False
+    assert store.read_text("marker.json") == "first"
+
+
+def test_a_create_only_file_upload_leaves_an_existing_object_alone(store, tmp_path):
+    (tmp_path / "a.jsonl").write_text("a\n")
+    (tmp_path / "b.jsonl").write_text("b\n")
+    store.put_file(tmp_path / "a.jsonl", "part-00000.jsonl", if_absent=True)
+    assert store.put_file(tmp_path / "b.jsonl", "part-00000.jsonl", if_absent=True) is False
+    assert store.read_text("part-00000.jsonl") == "a\n"
+
+
+# -- verified downloads -----------------------------------------------------------------------------------
+
+
+def uploaded_checkpoint(store, tmp_path) -> str:
+    source = tmp_path / "ckpt"
+    make_checkpoint(source)
+    store.put_dir(source, "ckpt")
+    return "ckpt"
+
+
+def test_a_file_one_byte_longer_than_its_manifest_says_is_refused_naming_it(store, tmp_path):
+    key = uploaded_checkpoint(store, tmp_path)
+    store.write_bytes(f"{key}/model.safetensors", store.read_bytes(f"{key}/model.safetensors") + b"\0")
+    with pytest.raises(CaiError, match=r"ckpt/model\.safetensors: 16385 bytes where the manifest says 16384"):
+        store.get_dir(key, tmp_path / "out")
+
+
+def test_a_file_whose_content_changed_is_refused_naming_it(store, tmp_path):
+    key = uploaded_checkpoint(store, tmp_path)
+    store.write_bytes(f"{key}/config.json", b'{"hidden_size": 9}')
+    with pytest.raises(CaiError, match=r"ckpt/config\.json: sha256 differs from the manifest"):
+        store.get_dir(key, tmp_path / "out")
+
+
+@pytest.mark.parametrize("entry", ["../x", "/etc/x", "a/../../x", "a\\..\\x", "./x"])
+def test_a_manifest_entry_outside_the_directory_is_refused_before_any_download(store, tmp_path, entry):
+    store.write_json("ckpt/_MANIFEST.json", {"files": {entry: {"bytes": 1, "sha256": "0" * 64}}})
+    with pytest.raises(CaiError, match="is not a relative path inside the directory"):
+        store.get_dir("ckpt", tmp_path / "out" / "in")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_over_the_multipart_threshold_round_trips(store, tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(9 * 1024 * 1024))  # boto3 switches to multipart at 8 MiB
+    store.put_file(big, "big.bin")
+    assert sha256_file(store.get_file("big.bin", tmp_path / "back.bin")) == sha256_file(big)
+
+
+# -- where a checkpoint may be written --------------------------------------------------------------------
+
+
+def test_a_finished_checkpoint_location_is_refused(store, tmp_path):
+    uploaded_checkpoint(store, tmp_path)
+    with pytest.raises(CaiError, match="already holds a finished checkpoint"):
+        checkpoint_location(store.uri_of("ckpt"))
+
+
+def test_an_unfinished_checkpoint_is_discarded(store):
+    store.write_bytes("ckpt/model.safetensors", b"half an upload")
+    parent, name = checkpoint_location(store.uri_of("ckpt"))
+    assert (parent.uri, name, store.list("ckpt")) == (store.uri, "ckpt", [])
+
+
+# -- an outage behind a real proxy ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxied_s3(s3_bucket, s3_env, monkeypatch):
+    """The moto bucket reached through a fault-injecting proxy, 6 attempts per request."""
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(s3_env)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+    monkeypatch.setenv("CAI_S3_MAX_ATTEMPTS", "6")
+    yield proxy, ArtifactStore.open(f"s3://{s3_bucket}/data")
+    proxy.close()
+
+
+def test_an_outage_that_ends_within_the_retries_loses_no_row(proxied_s3):
+    from cai_lib.shards import ShardedOutput, read_dataset
+
+    proxy, store = proxied_s3
+    rows = [prompt(f"prompt number {i}") for i in range(10)]
+
+    def process(chunk):
+        proxy.fail_next(4)  # every shard meets an outage of four requests
+        return list(chunk)
+
+    written = ShardedOutput(store.uri, {"rows": [r.id for r in rows]}).run(rows, 2, process)
+
+    assert written == 10 and proxy.failed == 20
+    assert list(read_dataset(store.uri, PromptRecord)) == rows
