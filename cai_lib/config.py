@@ -1,20 +1,22 @@
-"""The run config: one pydantic model that is the whole experiment (DESIGN §4).
+"""The run config: one pydantic model that is the whole experiment.
 
 The same fields are seen by the CLI (`cai run --config FILE --set key=value`), by `kfp.local`, by
 the compiled pipeline (each top-level field of `PipelineParams` is one pipeline parameter, nested
 stage sections are `dict` parameters) and by MLflow (logged as params of the parent run).
 Deployment settings that cannot change per run (images, resource profiles, secrets) live in
-`DeployConfig` and are applied when the pipeline is compiled.
+`DeployConfig` and are applied when the pipeline is compiled; where the installation keeps its
+artifacts and its MLflow server (`Platform`) reach each step through its environment.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cai_lib.critique_revise import CritiqueReviseConfig
 from cai_lib.errors import CaiError
@@ -25,19 +27,23 @@ from cai_lib.preference_model import PreferenceModelConfig
 from cai_lib.registry import PromotionGate
 from cai_lib.rl import RLConfig
 from cai_lib.sft import SFTStageConfig
+from cai_lib.stage_table import GPU_STAGES, NAMES
 
-GPU_STAGES = (
-    "critique_revise",
-    "helpful_samples",
-    "sft",
-    "sample_pairs",
-    "label",
-    "train_pm",
-    "rl",
-    "evaluate",
+ARTIFACT_ROOT_ENV = "CAI_ARTIFACT_ROOT"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+# What the installation's ConfigMap gives every step, besides the secrets.
+PLATFORM_ENV = (
+    ARTIFACT_ROOT_ENV,
+    TRACKING_URI_ENV,
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_S3_ADDRESSING_STYLE",
 )
-CPU_STAGES = ("resolve", "prepare_prompts", "merge", "register")
-STAGES = CPU_STAGES[:2] + GPU_STAGES + CPU_STAGES[2:]
+
+# Names that end up in MLflow search filters, registered model names and Kubernetes objects: no
+# quotes, no path separators, no "..".
+RUN_NAME = r"^([A-Za-z0-9][A-Za-z0-9 ._:-]*)?$"
+MODEL_PREFIX = r"^[a-z][a-z0-9-]*$"
 
 
 class Strict(BaseModel):
@@ -80,20 +86,28 @@ class PipelineParams(Strict):
     )
     run_name: str = Field(
         default="",
-        description="Folder under artifact_root and MLflow parent-run name; '' takes the KFP run name. Give an "
-        "interrupted run's name to resume it from its finished shards.",
-    )
-    artifact_root: str = Field(
-        default=".cai/artifacts",
-        description="Local directory or s3:// prefix; each run writes under <root>/<run id>.",
-    )
-    mlflow_tracking_uri: str = Field(
-        default="sqlite:///.cai/mlflow.db", description="MLflow tracking URI (a server URL in a cluster)."
+        max_length=100,
+        pattern=RUN_NAME,
+        description="Display name of the MLflow parent run; '' takes the KFP run name. Letters, digits, "
+        "spaces and . _ - : only. Runs are identified by their KFP run id, not by this name; an interrupted "
+        "run resumes by running it again, since every stage output is found by its content key.",
     )
     experiment: str = Field(default="constitutional-ai", description="MLflow experiment name.")
     model_name_prefix: str = Field(
-        default="cai", description="Registered model names are <prefix>-<constitution>-{pm,sl-cai,rl-cai}."
+        default="cai",
+        max_length=40,
+        pattern=MODEL_PREFIX,
+        description="Registered model names are <prefix>-<constitution>-{pm,sl-cai,rl-cai}: lowercase "
+        "letters, digits and '-', starting with a letter.",
     )
+
+    @field_validator("run_name")
+    @classmethod
+    def _no_dot_dot(cls, value: str) -> str:
+        if ".." in value:
+            raise ValueError("must not contain '..'")
+        return value
+
     critique_revise: CritiqueReviseConfig = Field(default_factory=CritiqueReviseConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     pairs: SamplePairsConfig = Field(default_factory=SamplePairsConfig)
@@ -138,9 +152,6 @@ class ResourceProfile(Strict):
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Taints of GPU nodes to tolerate."
     )
-    retries: int = Field(
-        default=0, ge=0, le=10, description="KFP retries of the task (generation stages resume)."
-    )
 
     @property
     def wants_gpu(self) -> bool:
@@ -180,9 +191,10 @@ class SecretRefs(Strict):
         },
         description="secret key -> env var.",
     )
-    s3_endpoint_configmap: str = Field(
-        default="cai-config",
-        description="ConfigMap with AWS_ENDPOINT_URL_S3 / AWS_DEFAULT_REGION (not secret).",
+    env_configmap: str = Field(
+        default="cai-env",
+        description="ConfigMap of the installation's settings, passed to every step as environment: "
+        f"{', '.join(PLATFORM_ENV)} (not secret; the Helm chart writes it).",
     )
 
 
@@ -210,16 +222,20 @@ class DeployConfig(Strict):
         description="Critique-revision shards that run at once (0: all). On one CPU, 1 avoids processes "
         "fighting over the same cores.",
     )
-    generation_retries: int = Field(
-        default=2, ge=0, le=10, description="Retries of generation/labelling tasks."
+    retries: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="KFP retries of every step (30 s backoff). A retry loses no work: generation and "
+        "labelling resume from their finished shards, and a complete output of any stage is reused.",
     )
     secrets: SecretRefs = Field(default_factory=SecretRefs)
 
     @model_validator(mode="after")
     def _gpu_only_on_gpu_stages(self) -> DeployConfig:
         for stage, profile in self.resources.items():
-            if stage not in STAGES:
-                raise ValueError(f"resources.{stage}: unknown stage; stages are {', '.join(STAGES)}")
+            if stage not in NAMES:
+                raise ValueError(f"resources.{stage}: unknown stage; stages are {', '.join(NAMES)}")
             if profile.wants_gpu and stage not in GPU_STAGES:
                 raise ValueError(f"resources.{stage}: asks for a GPU but {stage} is a CPU-only stage")
             if profile.wants_gpu and not (profile.accelerator_type and profile.accelerator_count):
@@ -229,6 +245,32 @@ class DeployConfig(Strict):
         return self
 
 
+class Platform(Strict):
+    """Where this installation keeps things. Not run parameters: the pipeline a user uploads runs
+    as uploaded, and every pod reads these from its environment (the chart's ConfigMap sets them;
+    `cai run` sets them for its local steps)."""
+
+    artifact_root: str = Field(
+        description=f"${ARTIFACT_ROOT_ENV}: local directory or s3:// prefix; stage outputs lie under "
+        "<root>/outputs, each run's pointers under <root>/runs/<KFP run id>."
+    )
+    tracking_uri: str = Field(
+        description="$MLFLOW_TRACKING_URI: the MLflow tracking server (or a sqlite:// file)."
+    )
+
+    @classmethod
+    def from_environment(cls) -> Platform:
+        """The settings from `$CAI_ARTIFACT_ROOT` and `$MLFLOW_TRACKING_URI`; `CaiError` naming what is unset."""
+        missing = [name for name in (ARTIFACT_ROOT_ENV, TRACKING_URI_ENV) if not os.environ.get(name)]
+        if missing:
+            raise CaiError(
+                f"{' and '.join(missing)} not set: pipeline steps read the artifact root and the MLflow tracking "
+                "URI from the environment (the Helm chart's ConfigMap cai-env sets both; `cai run` sets them "
+                "for local runs)"
+            )
+        return cls(artifact_root=os.environ[ARTIFACT_ROOT_ENV], tracking_uri=os.environ[TRACKING_URI_ENV])
+
+
 class RunConfig(Strict):
     """The whole experiment: run parameters plus deployment settings."""
 
@@ -236,7 +278,8 @@ class RunConfig(Strict):
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
 
-def _format_error(err: ValidationError, where: str) -> str:
+def format_validation_error(err: ValidationError, where: str) -> str:
+    """One line naming `where`, the first bad field and what is wrong with it."""
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "config"
     message = first["msg"].removeprefix("Value error, ")
@@ -250,7 +293,14 @@ def parse_override(item: str) -> tuple[list[str], object]:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise CaiError(f"--set {item!r}: expected key=value, e.g. params.critique_revise.rounds=2")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise CaiError(
+            f"--set {item!r}: the value is not valid YAML ({problem}); quote it, e.g. key='a: b'"
+        ) from None
+    return key.strip().split("."), value
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -262,6 +312,10 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
     data: dict = {}
     where = str(path) if path else "defaults"
     if path:
+        if Path(path).is_dir():
+            raise CaiError(
+                f"{path}: is a directory; --config takes a run config YAML file (see pipelines/configs/)"
+            )
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
@@ -284,7 +338,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise CaiError(_format_error(err, where)) from None
+        raise CaiError(format_validation_error(err, where)) from None
 
 
 def params_as_pipeline_arguments(params: PipelineParams) -> dict:

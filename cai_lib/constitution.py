@@ -53,6 +53,15 @@ IDENTIFIER = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER)]
 
 
+Section = Literal["critique_revision", "comparison"]
+
+
+def canonical_sha256(data: object) -> str:
+    """Hex sha256 of sorted-key compact JSON, UTF-8: the canonical form every hash here uses."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return sha256(canonical.encode("utf-8")).hexdigest()
+
+
 class _Strict(BaseModel):
     # A misspelt key in a hand-written YAML file must fail loudly, not be dropped.
     model_config = ConfigDict(extra="forbid")
@@ -157,10 +166,23 @@ class Constitution(_Strict):
     @property
     def sha256(self) -> str:
         """Hex sha256 of the canonical form: sorted-key compact JSON of the document, UTF-8."""
-        canonical = json.dumps(
-            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-        )
-        return sha256(canonical.encode("utf-8")).hexdigest()
+        return canonical_sha256(self.model_dump(mode="json"))
+
+    def section(self, name: Section) -> dict:
+        """One section as plain data: its principles and the few-shot examples that go with them.
+
+        Stage outputs are keyed on the sections a stage reads, not on the whole document, so a
+        new version that edits only comparison principles leaves the SL-CAI data valid."""
+        principles = self.critique_revision if name == "critique_revision" else self.comparison
+        examples = getattr(self.few_shot, name)
+        return {
+            "principles": [p.model_dump(mode="json") for p in principles],
+            "few_shot": [e.model_dump(mode="json") for e in examples],
+        }
+
+    def section_sha256(self, name: Section) -> str:
+        """sha256 of `section(name)` in the canonical form of `sha256`."""
+        return canonical_sha256(self.section(name))
 
     def critique_principle(self, principle_id: str) -> CritiqueRevisionPrinciple:
         for principle in self.critique_revision:

@@ -142,14 +142,15 @@ def critique_revise(
     """
     if not constitution.critique_revision:
         raise CaiError(f"constitution {constitution.ref}: has no critique/revision principles")
+    # The critique/revision section, not the whole document: a version that changes only other
+    # sections resumes and reuses these rows (and their ids).
     run = {
         "stage": "critique_revise",
-        "constitution_ref": constitution.ref,
-        "constitution_sha256": constitution.sha256,
+        "constitution_section_sha256": constitution.section_sha256("critique_revision"),
         "model_ref": model_ref,
         "config": config.identity(),
     }
-    stamp = _stamp(run, model_ref)
+    stamp = _stamp(run, model_ref, constitution)
 
     def make_traces(
         model: GenerationBackend, shard: Sequence[PromptRecord], progress: Progress
@@ -301,7 +302,7 @@ def _generate(
     return [reply.strip() for reply in replies]
 
 
-def _stamp(run: dict, model_ref: str) -> Stamp:
+def _stamp(run: dict, model_ref: str, constitution: Constitution | None = None) -> Stamp:
     """A function that builds a trace with a stable id and the provenance of this run."""
     run_key = fingerprint(run)
 
@@ -314,8 +315,8 @@ def _stamp(run: dict, model_ref: str) -> Stamp:
             initial_answer=answer,
             rounds=rounds,
             final_answer=rounds[-1].revision if rounds else answer,
-            constitution_ref=run.get("constitution_ref", ""),
-            constitution_sha256=run.get("constitution_sha256", ""),
+            constitution_ref=constitution.ref if constitution else "",
+            constitution_sha256=constitution.sha256 if constitution else "",
             model_ref=model_ref,
         )
 

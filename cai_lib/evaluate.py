@@ -60,6 +60,7 @@ from cai_lib.feedback import (
 from cai_lib.generation import BackendName, SamplingParams, load_backend
 from cai_lib.records import PrincipleScore, PromptKind, PromptRecord, Record, Trace, stable_id
 from cai_lib.shards import fingerprint
+from cai_lib.stage_table import package_version
 from cai_lib.store import ArtifactStore
 from cai_lib.transcripts import render_transcript
 
@@ -216,15 +217,6 @@ class PrincipleEffect(BaseModel):
     )
 
 
-def _code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("cai-platform")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 class EvaluationResult(BaseModel):
     """Everything an evaluation measured; stored as `metrics.json` and rendered by `cai_lib.report`."""
 
@@ -259,7 +251,7 @@ class EvaluationResult(BaseModel):
     inputs_sha256: str = Field(
         description="Fingerprint of the inputs; a rerun with the same ones reuses this result."
     )
-    code_version: str = Field(default_factory=_code_version)
+    code_version: str = Field(default_factory=package_version)
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def flat_metrics(self) -> dict[str, float]:
@@ -372,15 +364,14 @@ def evaluate(
     prompt_sets = {"red_team": deduplicate(red_team), "helpful": deduplicate(helpful)}
     if not prompt_sets["red_team"]:
         raise CaiError("--prompts: no red-team prompts to evaluate on; check the prompt source")
-    fields = {"harmless": "harmless_principle", "helpful": "helpful_principle"}
-    principles = {
-        criterion: find_principle(constitution, getattr(config, fields[criterion]), fields[criterion])
-        for criterion, kind in CRITERIA.items()
-        if prompt_sets[kind]
-    }
+    principles = judging_principles(
+        constitution, config, [c for c, kind in CRITERIA.items() if prompt_sets[kind]]
+    )
     traces = list(traces or [])
     inputs_sha256 = fingerprint(
-        evaluation_inputs(policies, reward_ref, feedback_model_ref, constitution, prompt_sets, traces, config)
+        evaluation_inputs(
+            policies, reward_ref, feedback_model_ref, constitution, principles, prompt_sets, traces, config
+        )
     )
     store = ArtifactStore.open(out_uri)
     if store.exists(METRICS_FILE):
@@ -421,11 +412,30 @@ def evaluate(
     return result
 
 
+def judging_principles(
+    constitution: Constitution, config: EvaluationConfig, criteria: Sequence[Criterion] = tuple(CRITERIA)
+) -> dict[Criterion, ComparisonPrinciple]:
+    """The comparison principle that judges each of `criteria`; `CaiError` naming the config field
+    when the constitution has none that matches."""
+    fields = {"harmless": "harmless_principle", "helpful": "helpful_principle"}
+    return {c: find_principle(constitution, getattr(config, fields[c]), fields[c]) for c in criteria}
+
+
+def evaluation_part(constitution: Constitution, principles: dict[Criterion, ComparisonPrinciple]) -> dict:
+    """The part of the constitution an evaluation reads: its judging principles and the comparison
+    few-shot examples the judge sees. Evaluation outputs are keyed on this, not on the document."""
+    return {
+        "principles": {c: p.model_dump(mode="json") for c, p in sorted(principles.items())},
+        "few_shot": constitution.section("comparison")["few_shot"],
+    }
+
+
 def evaluation_inputs(
     policies: dict[str, str],
     reward_ref: str,
     feedback_model_ref: str,
     constitution: Constitution,
+    principles: dict[Criterion, ComparisonPrinciple],
     prompt_sets: dict[PromptKind, list[PromptRecord]],
     traces: Sequence[Trace],
     config: EvaluationConfig,
@@ -436,7 +446,7 @@ def evaluation_inputs(
         "policies": policies,
         "reward_ref": reward_ref,
         "feedback_model_ref": feedback_model_ref,
-        "constitution_sha256": constitution.sha256,
+        "constitution_part": evaluation_part(constitution, principles),
         "prompts": {kind: [p.id for p in prompts] for kind, prompts in prompt_sets.items()},
         "traces": [t.id for t in traces],
         "config": config.model_dump(mode="json", exclude={"batch_size"}),

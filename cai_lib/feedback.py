@@ -270,10 +270,10 @@ class FeedbackLabeller:
         check_option_tokens(model, self._probe(), self.options(), self.prefix, model_ref)
 
     def identity(self) -> dict:
-        """What determines the labels: constitution, model and settings."""
+        """What determines the labels: the constitution's comparison section (principles and their
+        few-shot examples, not the whole document), the model and the settings."""
         return {
-            "constitution_ref": self.constitution.ref,
-            "constitution_sha256": self.constitution.sha256,
+            "constitution_section_sha256": self.constitution.section_sha256("comparison"),
             "model_ref": self.model_ref,
             "config": self.config.identity(),
         }

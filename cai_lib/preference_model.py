@@ -38,7 +38,7 @@ from cai_lib.errors import CaiError
 from cai_lib.generation import Conversation
 from cai_lib.prompts import split_prompts
 from cai_lib.records import Preference
-from cai_lib.store import ArtifactStore, is_s3
+from cai_lib.store import checkpoint_location
 from cai_lib.transcripts import parse_transcript, render_transcript
 
 METRICS_FILE = "metrics.json"
@@ -284,10 +284,11 @@ def train_preference_model(
     Each source is split into train and held-out pairs (by id, seeded), the training parts are
     mixed at `config.human_fraction`, and a one-logit head on `base_model_ref` is trained with
     the soft-label loss. The checkpoint (safetensors + tokenizer) and `metrics.json` are written
-    together to `out_uri`, which must not already hold a checkpoint. Returns the metrics.
+    together to `out_uri`, which must not hold a finished checkpoint (an unfinished upload there is
+    discarded). Returns the metrics.
     """
     config = config or PreferenceModelConfig()
-    store, key = new_checkpoint_location(out_uri)
+    store, key = checkpoint_location(out_uri)
     train_ai, eval_ai = split_prompts(list(ai_prefs), config.eval_fraction, config.seed)
     train_human, eval_human = split_prompts(list(human_prefs), config.eval_fraction, config.seed)
     train_set = mix_preferences(train_ai, train_human, config.human_fraction, config.seed)
@@ -426,18 +427,3 @@ def _reward_checkpoint(reward_model_ref: str) -> Path:
             "sequence classifier with one output; train one with `cai stage train-pm`"
         )
     return path
-
-
-def new_checkpoint_location(out_uri: str) -> tuple[ArtifactStore, str]:
-    """(store, key) for a checkpoint directory at `out_uri`; refuses one that already exists."""
-    if is_s3(out_uri):
-        parent, _, name = str(out_uri).rstrip("/").rpartition("/")
-        if parent in ("s3:", "s3:/"):
-            raise CaiError(f"{out_uri}: an s3:// output needs a bucket and a key, s3://BUCKET/KEY")
-    else:
-        local = Path(out_uri).expanduser().resolve()
-        parent, name = str(local.parent), local.name
-    store = ArtifactStore.open(parent)
-    if any(k == name or k.startswith(f"{name}/") for k in store.list(name)):
-        raise CaiError(f"{out_uri}: already holds files; choose another --out (nothing was overwritten)")
-    return store, name

@@ -1,4 +1,4 @@
-"""Prompt sources for CAI (DESIGN §2, stage 1): read, deduplicate, split into train and eval.
+"""Prompt sources for CAI: read, deduplicate, split into train and eval.
 
 The paper (Bai et al. 2022, §3.1) takes red-team prompts from human red-teaming conversations
 (Ganguli et al. 2022) and helpfulness prompts from the HH data, and augments the red-team set

@@ -1,4 +1,4 @@
-"""Typed rows of every dataset the pipeline writes (DESIGN §4).
+"""Typed rows of every dataset the pipeline writes.
 
 Each dataset is JSONL, one pydantic model per dataset, and each row carries a stable `id` that
 is derived from its content, so a rerun with the same inputs produces the same ids.

@@ -25,8 +25,11 @@ Serialisation: alias writes are last-writer-wins, and pods share no file system,
 lives in the registry itself. MLflow offers no conditional tag write, but creating a registered
 model is atomic (names are unique in its database): the lock is a registered model named
 `<model>.cai-promotion-lock`, created to acquire and deleted to release, tagged with an owner
-token and a lease expiry. A waiter polls; a lock whose lease has expired (its holder died) is
-deleted and retaken. Residual risk: if two waiters break the same stale lock at the same
+token, its holder (pipeline run id, host, process id) and a lease expiry. A waiter polls; a lock
+is deleted and retaken when its lease has expired, when it is held by an earlier attempt of the
+same pipeline run (a retried step whose killed attempt held it), or when its holder is a process
+of this host that no longer exists. A failed or cancelled pipeline run's exit handler releases
+the locks it holds (`release_run_locks`). Residual risk: if two waiters break the same stale lock at the same
 moment, the second can delete the first one's fresh lock; leases are long compared with a
 promotion (seconds), so this needs a crashed holder and two simultaneous waiters.
 """
@@ -48,8 +51,9 @@ from typing import TYPE_CHECKING, Annotated, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from cai_lib.errors import CaiError
+from cai_lib.stage_table import package_version
 from cai_lib.store import MANIFEST, ArtifactStore, is_s3
-from cai_lib.tracking import connect, filter_literal, resolve_tracking_uri
+from cai_lib.tracking import PIPELINE_RUN_ENV, connect, filter_literal, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -71,17 +75,11 @@ LOCK_SUFFIX = ".cai-promotion-lock"
 LOCK_FOR_TAG = "cai.lock.for"
 LOCK_OWNER_TAG = "cai.lock.owner"
 LOCK_EXPIRES_TAG = "cai.lock.expires_at"
+LOCK_RUN_TAG = "cai.lock.pipeline_run_id"
+LOCK_HOST_TAG = "cai.lock.host"
+LOCK_PID_TAG = "cai.lock.pid"
 # Float comparisons at a threshold written by hand (0.5 - 0.45 > 0.05 in binary) must not flip.
 TOLERANCE = 1e-9
-
-
-def _code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("cai-platform")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 class Lineage(BaseModel):
@@ -103,7 +101,7 @@ class Lineage(BaseModel):
         description="Datasets the checkpoint was trained on, by role (e.g. 'preferences': 's3://.../labels.jsonl').",
     )
     code_version: str = Field(
-        default_factory=_code_version, description="cai-platform version that trained it."
+        default_factory=package_version, description="cai-platform version that trained it."
     )
 
     TAG_NAMES: ClassVar[dict[str, str]] = {
@@ -235,11 +233,49 @@ def _delete_lock(client: MlflowClient, lock_name: str) -> None:
             raise
 
 
+def _lock_holder() -> dict[str, str]:
+    """Who takes a lock: the pipeline run (when inside a stage run), the host and the process."""
+    return {
+        LOCK_RUN_TAG: os.environ.get(PIPELINE_RUN_ENV, ""),
+        LOCK_HOST_TAG: socket.gethostname(),
+        LOCK_PID_TAG: str(os.getpid()),
+    }
+
+
+def describe_holder(tags: dict[str, str]) -> str:
+    """The holder of a lock in words: pipeline run, host and process."""
+    run = tags.get(LOCK_RUN_TAG) or "no pipeline run"
+    return f"pipeline run {run} (host {tags.get(LOCK_HOST_TAG, '?')}, pid {tags.get(LOCK_PID_TAG, '?')})"
+
+
+def _holder_is_gone(held: dict[str, str], me: dict[str, str]) -> bool:
+    """True when the holder of a lock cannot be running any more: an earlier attempt of this same
+    pipeline run (a retried step; the attempt that held the lock was killed), or a process of
+    this host that no longer exists."""
+    if held.get(LOCK_RUN_TAG) and held.get(LOCK_RUN_TAG) == me[LOCK_RUN_TAG]:
+        return True
+    if held.get(LOCK_HOST_TAG) != me[LOCK_HOST_TAG] or not held.get(LOCK_PID_TAG, "").isdigit():
+        return False
+    try:
+        os.kill(int(held[LOCK_PID_TAG]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
+
+
 def _try_acquire(client: MlflowClient, model_name: str, owner: str, lease_s: float) -> bool:
     from mlflow.exceptions import MlflowException
 
     lock_name = model_name + LOCK_SUFFIX
-    tags = {LOCK_FOR_TAG: model_name, LOCK_OWNER_TAG: owner, LOCK_EXPIRES_TAG: f"{time.time() + lease_s:.3f}"}
+    me = _lock_holder()
+    tags = {
+        LOCK_FOR_TAG: model_name,
+        LOCK_OWNER_TAG: owner,
+        LOCK_EXPIRES_TAG: f"{time.time() + lease_s:.3f}",
+        **me,
+    }
     try:
         client.create_registered_model(
             lock_name,
@@ -255,8 +291,8 @@ def _try_acquire(client: MlflowClient, model_name: str, owner: str, lease_s: flo
         return False
     if held.get(LOCK_OWNER_TAG) == owner:
         return True  # our create committed, but its response was lost and the client retried
-    if float(held.get(LOCK_EXPIRES_TAG, "0")) < time.time():
-        _delete_lock(client, lock_name)  # its holder died; the lease ran out
+    if float(held.get(LOCK_EXPIRES_TAG, "0")) < time.time() or _holder_is_gone(held, me):
+        _delete_lock(client, lock_name)
     return False
 
 
@@ -277,7 +313,7 @@ def registry_lock(
             expires = datetime.fromtimestamp(float(held.get(LOCK_EXPIRES_TAG, "0")), timezone.utc)
             raise CaiError(
                 f"registered model '{model_name}': the promotion lock '{lock_name}' is held by "
-                f"{held.get(LOCK_OWNER_TAG, 'unknown')} until {expires:%Y-%m-%dT%H:%M:%SZ}; retry later"
+                f"{describe_holder(held)} until {expires:%Y-%m-%dT%H:%M:%SZ}; retry later"
             )
         time.sleep(poll_s)
     try:
@@ -285,6 +321,19 @@ def registry_lock(
     finally:
         if (_lock_tags(client, lock_name) or {}).get(LOCK_OWNER_TAG) == owner:
             _delete_lock(client, lock_name)
+
+
+def release_run_locks(tracking_uri: str | None, pipeline_run_id: str) -> list[str]:
+    """Delete every promotion lock held by `pipeline_run_id` (a failed or cancelled run's exit
+    handler); returns the names of the models whose locks were released."""
+    client = connect(tracking_uri)
+    released = []
+    for model in _all_pages(client.search_registered_models):
+        tags = dict(model.tags)
+        if LOCK_FOR_TAG in tags and tags.get(LOCK_RUN_TAG) == pipeline_run_id:
+            _delete_lock(client, model.name)
+            released.append(tags[LOCK_FOR_TAG])
+    return released
 
 
 # -- registration --------------------------------------------------------------------------------

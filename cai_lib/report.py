@@ -61,10 +61,13 @@ code { background: #eef1f6; padding: 1px 4px; border-radius: 3px; }
 """
 
 
-def report_html(result: EvaluationResult) -> str:
-    """The report of `result` as one HTML document with everything inline."""
+def report_html(result: EvaluationResult, stage_lines: Sequence[str] = ()) -> str:
+    """The report of `result` as one HTML document with everything inline. `stage_lines` (one
+    `stage NAME: ran|reused (...)` line per stage of the pipeline run that shows the report) are
+    listed in a section of their own."""
     sections = [
         _summary(result),
+        _stages_section(stage_lines),
         _pm_section(result),
         _win_rate_section(result),
         _elo_section(result),
@@ -97,11 +100,11 @@ def _with_contents(sections: Sequence[str]) -> str:
     return f'<nav class="meta">Contents: {links}</nav>\n{body}'
 
 
-def render_report(result: EvaluationResult, out_path: str | Path) -> Path:
+def render_report(result: EvaluationResult, out_path: str | Path, stage_lines: Sequence[str] = ()) -> Path:
     """Write the report of `result` to the local file `out_path`; returns its path."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(report_html(result), encoding="utf-8")
+    out_path.write_text(report_html(result, stage_lines), encoding="utf-8")
     return out_path
 
 
@@ -171,6 +174,17 @@ def _summary(result: EvaluationResult) -> str:
         )
     items = "".join(f"<li>{p}</li>" for p in points)
     return f'<h2>Summary</h2>\n<ul class="summary">{items}</ul>'
+
+
+def _stages_section(stage_lines: Sequence[str]) -> str:
+    if not stage_lines:
+        return ""
+    items = "".join(f"<li><code>{escape(line)}</code></li>" for line in stage_lines)
+    return (
+        "<h2>Stages of this run</h2>\n<p>Which stages ran in this pipeline run and which reused an output "
+        "with the same content key, made by an earlier run.</p>\n"
+        f"<ul>{items}</ul>"
+    )
 
 
 def _pm_section(result: EvaluationResult) -> str:

@@ -1,5 +1,5 @@
 """GitOps retraining: submit a pipeline run for every constitution whose newest version in git
-has not been trained yet (DESIGN §6).
+has not been trained yet.
 
 `retrain` reads the `constitutions/` folder of a git checkout (its own `constitutions.lock`
 included) and, for each constitution name, takes the newest version by semver. A plain directory
@@ -270,8 +270,8 @@ def retrain(
     constitution whose newest version is neither the champion's nor already submitted.
 
     `registry_uri` is the constitution registry (default: see `registry_of`).
-    `tracking_uri` is where champions are looked up (default: `$MLFLOW_TRACKING_URI`, else
-    `config.params.mlflow_tracking_uri`, which the submitted runs register into). `names` limits
+    `tracking_uri` is where champions are looked up (default: `$MLFLOW_TRACKING_URI`, else the
+    SQLite store `cai run` keeps in the working directory, .cai/mlflow.db). `names` limits
     the constitutions considered.
     `client` is the `kfp.Client` to submit with (default: one connected to `host`). `revision`
     names the source of a `repo` that is a plain directory rather than a git checkout. With
@@ -279,18 +279,15 @@ def retrain(
     changed published versions and uncommitted changes are `CaiError`s raised before any write.
     """
     from cai_lib.tracking import connect
-    from pipelines.local import localise
+    from pipelines.local import local_platform
     from pipelines.submit import connect_kfp, require_host
 
     root, revision, dirty = read_checkout(repo, revision)
     if dirty and not dry_run:
         raise CaiError(f"{root}: uncommitted changes; commit them first (runs record commit {revision[:12]})")
     store = check_registry(*registry_of(registry_uri, config, dry_run))
-    # `connect` takes the argument, else $MLFLOW_TRACKING_URI, as for every cai command; only when
-    # neither is given does the run config's count, where a relative SQLite default means
-    # `cai run`'s store under the working directory.
-    if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        tracking_uri = localise(config, Path.cwd()).params.mlflow_tracking_uri
+    # The argument, else $MLFLOW_TRACKING_URI, else the store `cai run` uses in this directory.
+    tracking_uri = local_platform(Path.cwd(), tracking_uri=tracking_uri).tracking_uri
     connect(tracking_uri)
     if not dry_run:
         host = require_host(host)

@@ -28,8 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cai_lib.errors import CaiError
 from cai_lib.generation import Conversation
-from cai_lib.preference_model import METRICS_FILE, RewardScorer, conversation_of, new_checkpoint_location
+from cai_lib.preference_model import METRICS_FILE, RewardScorer, conversation_of
 from cai_lib.records import Preference, PromptRecord
+from cai_lib.store import checkpoint_location
 
 TRAINING_ARGS_FILE = "training_args.bin"
 Algorithm = Literal["rloo", "grpo", "dpo"]
@@ -154,14 +155,14 @@ def train_rl(
 
     rloo/grpo sample answers to `prompts` and reward them with the PM at `reward_ref`; dpo
     trains on `preferences` (required then). The checkpoint (safetensors + tokenizer) and
-    `metrics.json` are written together; `out_uri` must not already hold files. Input mistakes
+    `metrics.json` are written together; `out_uri` must not hold a finished checkpoint. Input mistakes
     (no prompts, no usable pairs, a reward model that is not a PM) raise `CaiError` before any
     training.
     """
     from cai_lib.models import load_tokenizer, resolve_model
 
     config = config or RLConfig()
-    store, key = new_checkpoint_location(out_uri)
+    store, key = checkpoint_location(out_uri)
     pairs = dpo_pairs(preferences or []) if config.algorithm == "dpo" else []
     if config.algorithm == "dpo" and not pairs:
         raise CaiError("--algorithm dpo needs --preferences with at least one pair whose label is not 0.5")

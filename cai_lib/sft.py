@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cai_lib.errors import CaiError
 from cai_lib.records import Trace
-from cai_lib.store import ArtifactStore
+from cai_lib.store import ArtifactStore, checkpoint_location
 
 log = logging.getLogger(__name__)
 PROVENANCE_FILE = "cai_sft.json"
@@ -146,14 +146,10 @@ def train_sft(
 
     Writes a safetensors checkpoint with its tokenizer (and `cai_sft.json`: base model,
     constitutions of the traces, config, metrics) to `out_uri`, a directory or `s3://` prefix,
-    which must not hold anything yet. Raises `CaiError` before training for no usable examples,
-    a trace without rounds, or an occupied `out_uri`.
+    where an unfinished upload is discarded and a finished checkpoint refused. Raises `CaiError`
+    before training for no usable examples, a trace without rounds, or a finished checkpoint at
+    `out_uri`.
     """
-    parent, name = _split_uri(out_uri)
-    if parent.list(name):
-        raise CaiError(
-            f"{out_uri}: already holds files; choose another --out (a checkpoint is never overwritten)"
-        )
     if not traces:
         raise CaiError("sft: no SL-CAI traces given; check --data")
     all_revisions = revision_examples(traces, config.include_intermediate_revisions)
@@ -163,6 +159,7 @@ def train_sft(
     drawn = helpful_examples(helpful, len(revisions), config.helpful_ratio, config.seed)
     helpfuls = _with_answer(drawn)
     usable = [*revisions, *helpfuls]
+    parent, name = checkpoint_location(out_uri)
 
     from cai_lib.models import load_causal_lm
 
@@ -246,11 +243,3 @@ def _save_plain_model(model, tokenizer, directory: Path) -> None:
         model = model.merge_and_unload()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-
-
-def _split_uri(uri: str) -> tuple[ArtifactStore, str]:
-    """(store of the parent, name) of an output location, for `put_dir`."""
-    parent, _, name = str(uri).rstrip("/").rpartition("/")
-    if not name or parent in ("s3:", "s3:/"):
-        raise CaiError(f"{uri}: an output checkpoint needs a directory or s3://BUCKET/PREFIX")
-    return ArtifactStore.open(parent or "."), name

@@ -4,29 +4,54 @@ A step takes plain values (strings, dicts, paths of small KFP artifacts), calls 
 `cai_lib`, records it in MLflow as a nested run of the pipeline run, and returns a `DataRef`:
 a pointer to what it wrote in the artifact store. Big things (datasets, checkpoints) never
 travel as KFP artifacts (the launcher would copy every multi-GB checkpoint into every step);
-only these pointers do, with row count and sha256 in the artifact metadata (DESIGN §6).
+only these pointers do, with row count and sha256 in the artifact metadata.
+
+Every stage that makes data or a checkpoint writes it as a content-addressed output
+(`cai_lib.outputs`): its key hashes the stage, its settings, its code, its inputs' content
+hashes and the constitution sections it reads (`cai_lib.stage_table`). A complete output with
+the same key is reused, by a retry of the same step or by any later run, without loading a
+model. Each step records in the run's folder (`<artifact_root>/runs/<KFP run id>/stages/`), in
+its MLflow run (tags `cai.reuse`, `cai.output_key`, `cai.made_by_run`) and so in the report
+whether it ran or reused an output.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from cai_lib.config import PipelineParams
-from cai_lib.constitution import Constitution, dump_constitution, load_constitution, parse_constitution
+from cai_lib.config import PipelineParams, Platform
+from cai_lib.constitution import (
+    Constitution,
+    canonical_sha256,
+    dump_constitution,
+    load_constitution,
+    parse_constitution,
+)
+from cai_lib.errors import CaiError
+from cai_lib.outputs import OutputMarker, StageOutput, StageRecord, record_of, summary_lines
 from cai_lib.records import PromptRecord, ResponsePair, Trace
-from cai_lib.shards import dataset_summary, merge_datasets, read_dataset
+from cai_lib.shards import dataset_summary, fingerprint, merge_datasets, read_dataset
+from cai_lib.stage_table import NAMES, code_version
 from cai_lib.store import ArtifactStore, join_uri
-from cai_lib.tracking import end_pipeline_run, stage_run, start_pipeline_run
+from cai_lib.tracking import StageRun, finish_pipeline_run, stage_run, start_pipeline_run
+
+STAGES_DIR = "stages"
+REPORT_FILE = "report.html"
+SUMMARY_FILE = "summary.json"
+OUTCOME_ENV = "CAI_RUN_OUTCOME"
 
 
 class DataRef(BaseModel):
     """A pointer to a dataset or checkpoint in the artifact store."""
 
     uri: str = Field(description="Where it lies: an s3:// prefix or a local directory.")
-    kind: str = Field(description="dataset or checkpoint.")
+    kind: str = Field(description="dataset, checkpoint or directory.")
     rows: int | None = Field(default=None, description="Row count of a dataset.")
     sha256: str | None = Field(
         default=None, description="Content hash (dataset rows or checkpoint manifest)."
@@ -42,17 +67,48 @@ class DataRef(BaseModel):
     def read(cls, path: str) -> DataRef:
         return cls.model_validate_json(Path(path).read_text())
 
+    @classmethod
+    def of(cls, marker: OutputMarker) -> DataRef:
+        return cls(uri=marker.uri, kind=marker.kind, rows=marker.rows, sha256=marker.sha256)
+
 
 class RunContext(BaseModel):
     """What every step after the first knows about the pipeline run."""
 
     params: PipelineParams
-    run_root: str = Field(description="<artifact_root>/<run id>: every output of this run lies under it.")
-    run_id: str
+    run_id: str = Field(description="The KFP run id: unique per run, the run's identity.")
+    run_name: str = Field(description="Display name of the run (MLflow run name).")
+    artifact_root: str
+    tracking_uri: str
     parent_run_id: str = Field(description="MLflow parent run id.")
 
-    def uri(self, *keys: str) -> str:
-        return join_uri(self.run_root, *keys)
+    @property
+    def run_root(self) -> str:
+        """The run's folder: pointers to the outputs it used, its pinned constitution, its report."""
+        return join_uri(self.artifact_root, "runs", self.run_id)
+
+    @property
+    def outputs_root(self) -> str:
+        """Where content-addressed stage outputs lie, shared by every run."""
+        return join_uri(self.artifact_root, "outputs")
+
+
+def one_line_errors(step: Callable) -> Callable:
+    """A user's mistake (`CaiError`) ends the step's process with one line, not a traceback."""
+    import functools
+
+    @functools.wraps(step)
+    def run(*args, **kwargs):
+        try:
+            return step(*args, **kwargs)
+        except CaiError as err:
+            raise SystemExit(f"error: {err}") from None
+
+    return run
+
+
+def pinned_constitution(path: str) -> Constitution:
+    return parse_constitution(Path(path).read_text(), path)
 
 
 def dataset_ref(uri: str) -> DataRef:
@@ -60,70 +116,198 @@ def dataset_ref(uri: str) -> DataRef:
     return DataRef(uri=uri, kind="dataset", rows=summary["rows"], sha256=summary["sha256"])
 
 
-def checkpoint_ref(uri: str) -> DataRef:
+def numeric(values: dict) -> dict[str, float]:
+    """The numeric entries of a metrics dict (what MLflow and KFP Metrics accept)."""
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def model_identity(ref: str) -> dict:
+    """A model reference and the content identity of what it names, for output keys."""
+    from cai_lib.models import model_fingerprint
+
+    return {"ref": ref, "content": model_fingerprint(ref)}
+
+
+# -- recording what each stage did -------------------------------------------------------------------
+
+
+def write_record(ctx: RunContext, record: StageRecord) -> None:
+    ArtifactStore.open(ctx.run_root).write_text(
+        join_uri(STAGES_DIR, record.file_name), record.model_dump_json(indent=2) + "\n"
+    )
+
+
+def run_records(run_root: str) -> list[StageRecord]:
+    """The stage records in a run's folder."""
+    store = ArtifactStore.open(run_root)
+    return [StageRecord.model_validate_json(store.read_text(key)) for key in store.list(STAGES_DIR)]
+
+
+def run_summary(run_root: str) -> list[str]:
+    """`stage NAME: ran` / `stage NAME: reused (...)`, one line per stage, in pipeline order."""
+    return summary_lines(run_records(run_root), NAMES)
+
+
+@contextmanager
+def recorded(ctx: RunContext, name: str, shard: int | None = None):
+    """The MLflow stage run of `name` (one per shard of a fanned-out stage)."""
+    label = name if shard is None else f"{name}[{shard}]"
+    with stage_run(ctx.tracking_uri, ctx.parent_run_id, label) as run:
+        yield run
+
+
+def record(ctx: RunContext, run: StageRun, marker: OutputMarker, shard: int | None = None) -> StageRecord:
+    """Tag the stage run and write the run's pointer: ran or reused, key, where, made by whom."""
+    entry = record_of(marker, ctx.run_id, shard)
+    run.set_tags(
+        {
+            "cai.reuse": entry.status,
+            "cai.output_key": marker.key,
+            "cai.output_uri": marker.uri,
+            "cai.made_by_run": marker.made_by_run,
+        }
+    )
+    run.log_stage_metrics(marker.metrics)
+    write_record(ctx, entry)
+    return entry
+
+
+def produce(
+    ctx: RunContext,
+    name: str,
+    identity: dict,
+    make: Callable[[StageOutput], OutputMarker],
+    shard: int | None = None,
+    then: Callable[[StageRun, OutputMarker], None] | None = None,
+) -> OutputMarker:
+    """The output of stage `name` for `identity`: the complete one if any run made it, else
+    `make(output)`'s. Either way the stage run and the run's folder record what happened; `then`
+    runs last inside the stage run (e.g. to log this run's report)."""
+    output = StageOutput(ctx.outputs_root, name, {"code": code_version(name), **identity})
+    with recorded(ctx, name, shard) as run:
+        marker = output.complete() or make(output)
+        record(ctx, run, marker, shard)
+        if then:
+            then(run, marker)
+    return marker
+
+
+def make_dataset(ctx: RunContext, write: Callable[[str], object]) -> Callable[[StageOutput], OutputMarker]:
+    """A maker for a sharded dataset: `write(uri)` fills (or resumes) `<key>/data`, then the
+    output is committed."""
+
+    def make(output: StageOutput) -> OutputMarker:
+        uri = output.data_uri()
+        write(uri)
+        summary = dataset_summary(uri)
+        return output.commit(
+            uri,
+            "dataset",
+            ctx.run_id,
+            rows=summary["rows"],
+            sha256=summary["sha256"],
+            metrics={"rows": summary["rows"]},
+        )
+
+    return make
+
+
+def make_checkpoint(ctx: RunContext, train: Callable[[str], dict]) -> Callable[[StageOutput], OutputMarker]:
+    """A maker for a checkpoint: `train(uri)` writes it into a fresh attempt prefix and returns its
+    metrics; the attempt is committed by the output's marker."""
     from cai_lib.registry import checkpoint_manifest_sha256
 
-    return DataRef(uri=uri, kind="checkpoint", sha256=checkpoint_manifest_sha256(uri))
+    def make(output: StageOutput) -> OutputMarker:
+        uri = output.new_attempt()
+        metrics = numeric(train(uri))
+        return output.commit(
+            uri, "checkpoint", ctx.run_id, sha256=checkpoint_manifest_sha256(uri), metrics=metrics
+        )
+
+    return make
 
 
 # -- steps -----------------------------------------------------------------------------------------
 
 
+@one_line_errors
 def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) -> dict:
-    """First step: validate the run parameters, pin the constitution, open the MLflow parent run.
+    """First step: validate the run, pin the constitution, run the pre-flight checks, open the
+    MLflow parent run (keyed on the KFP run id `run_id`; `run_name` is its display name).
 
     Writes the pinned constitution YAML to `constitution_path` (a small KFP artifact every later
     step reads, so a run is reproducible whatever happens to the registry) and returns the run
-    context as a dict.
+    context as a dict. Everything a user can get wrong fails here, before any model loads.
     """
-    checked = PipelineParams.model_validate(params)
+    from pydantic import ValidationError
+
+    from cai_lib.config import format_validation_error
+    from cai_lib.preflight import check_run
+
+    try:
+        checked = PipelineParams.model_validate(params)
+    except ValidationError as err:
+        raise CaiError(format_validation_error(err, "pipeline parameters")) from None
+    platform = Platform.from_environment()
     constitution = load_constitution(checked.constitution)
+    check_run(checked, constitution)
     Path(constitution_path).parent.mkdir(parents=True, exist_ok=True)
     Path(constitution_path).write_text(dump_constitution(constitution))
+    display = checked.run_name or run_name
     parent = start_pipeline_run(
-        checked.mlflow_tracking_uri,
+        platform.tracking_uri,
         checked.experiment,
-        run_name,
+        run_id,
+        display,
         checked.model_dump(mode="json"),
         constitution.ref,
         constitution.sha256,
-        tags={"cai.pipeline_run_id": run_id},
     )
-    context = RunContext(
+    ctx = RunContext(
         params=checked,
-        run_root=join_uri(checked.artifact_root, run_name),
         run_id=run_id,
+        run_name=display,
+        artifact_root=platform.artifact_root,
+        tracking_uri=platform.tracking_uri,
         parent_run_id=parent,
     )
-    ArtifactStore.open(context.run_root).write_text("constitution.yaml", dump_constitution(constitution))
-    with stage_run(checked.mlflow_tracking_uri, parent, "resolve") as run:
+    folder = ArtifactStore.open(ctx.run_root)
+    folder.write_text("constitution.yaml", dump_constitution(constitution))
+    folder.write_json(
+        "run.json", {"run_id": run_id, "run_name": display, "params": checked.model_dump(mode="json")}
+    )
+    with recorded(ctx, "resolve") as run:
         run.log_artifact(constitution_path, "constitution")
-    return context.model_dump(mode="json", exclude_none=True)  # KFP structs cannot hold null
+        write_record(ctx, StageRecord(stage="resolve", status="ran", made_by_run=run_id, run_id=run_id))
+    return ctx.model_dump(mode="json", exclude_none=True)  # KFP structs cannot hold null
 
 
-def pinned_constitution(path: str) -> Constitution:
-    return parse_constitution(Path(path).read_text(), path)
-
-
+@one_line_errors
 def prepare_prompts(context: dict) -> dict[str, DataRef]:
-    """Read, deduplicate and split the red-team and helpfulness prompts (seeded)."""
-    from cai_lib.prompts import deduplicate, read_prompts, split_prompts
+    """Read, deduplicate and split the red-team and helpfulness prompts (seeded).
+
+    The sources are read every run (a file can change under the same name); each split is
+    stored once per content, at a key that hashes its rows.
+    """
+    from cai_lib.preflight import prompt_splits
 
     ctx = RunContext.model_validate(context)
-    p = ctx.params
     refs = {}
-    with stage_run(p.mlflow_tracking_uri, ctx.parent_run_id, "prepare_prompts") as run:
-        for kind, source, limit in (
-            ("red_team", p.red_team_prompts, p.num_red_team),
-            ("helpful", p.helpful_prompts, p.num_helpful),
-        ):
-            records = deduplicate(read_prompts(source, kind=kind, limit=limit))
-            train, held_out = split_prompts(records, p.eval_fraction, p.seed)
-            for split, rows in (("train", train), ("eval", held_out)):
-                uri = ctx.uri("prompts", f"{kind}-{split}")
-                write_finished_dataset(uri, rows)
-                refs[f"{kind}_{split}"] = dataset_ref(uri)
-                run.log_stage_metrics({f"{kind}_{split}_prompts": len(rows)})
+    with recorded(ctx, "prepare_prompts") as run:
+        for split, rows in prompt_splits(ctx.params).items():
+            output = StageOutput(
+                ctx.outputs_root,
+                "prepare_prompts",
+                {"split": split, "rows": fingerprint({"rows": [r.model_dump() for r in rows]})},
+            )
+            marker = output.complete() or make_dataset(
+                ctx, lambda uri, rows=rows: write_finished_dataset(uri, rows)
+            )(output)
+            refs[split] = DataRef.of(marker)
+            run.log_stage_metrics({f"{split}_prompts": len(rows)})
+        write_record(
+            ctx, StageRecord(stage="prepare_prompts", status="ran", made_by_run=ctx.run_id, run_id=ctx.run_id)
+        )
     return refs
 
 
@@ -140,97 +324,130 @@ def write_finished_dataset(uri: str, rows: list[BaseModel]) -> None:
     ShardedOutput(uri, {"rows": [r.id for r in rows]}).run(rows, max(len(rows), 1), lambda chunk: list(chunk))
 
 
+@one_line_errors
 def critique_revise_shard(context: dict, constitution_path: str, prompts: str, shard: int) -> DataRef:
     """SL-CAI critique→revision on one of `num_shards` interleaved slices of the training prompts."""
     from cai_lib.critique_revise import critique_revise
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
-    rows = list(read_dataset(DataRef.read(prompts).uri, PromptRecord))[shard :: p.num_shards]
-    uri = ctx.uri("traces-shards", f"shard-{shard:03d}")
-    with stage_run(p.mlflow_tracking_uri, ctx.parent_run_id, f"critique_revise[{shard}]") as run:
-        written = critique_revise(
-            rows, pinned_constitution(constitution_path), p.base_model, uri, p.critique_revise
-        )
-        run.log_stage_metrics({"traces": written})
-    return dataset_ref(uri)
+    source = DataRef.read(prompts)
+    constitution = pinned_constitution(constitution_path)
+    identity = {
+        "inputs": {"prompts": source.sha256},
+        "slice": [shard, p.num_shards],
+        "model": model_identity(p.base_model),
+        "settings": p.critique_revise.identity(),
+        "constitution": constitution.section_sha256("critique_revision"),
+    }
+
+    def write(uri: str) -> None:
+        rows = list(read_dataset(source.uri, PromptRecord))[shard :: p.num_shards]
+        critique_revise(rows, constitution, p.base_model, uri, p.critique_revise)
+
+    return DataRef.of(produce(ctx, "critique_revise", identity, make_dataset(ctx, write), shard=shard))
 
 
+@one_line_errors
 def merge(context: dict, parts: list[str], name: str) -> DataRef:
-    """Merge the shard outputs of a fan-out into one dataset `<run>/<name>`."""
+    """Merge the shard outputs of a fan-out into one dataset (in shard order)."""
     ctx = RunContext.model_validate(context)
-    uri = ctx.uri(name)
-    merge_datasets([json.loads(part)["uri"] if part.startswith("{") else part for part in parts], uri)
-    return dataset_ref(uri)
+    refs = [DataRef.model_validate_json(part) for part in parts]
+    identity = {"of": name, "inputs": [ref.sha256 for ref in refs]}
+    return DataRef.of(
+        produce(
+            ctx, "merge", identity, make_dataset(ctx, lambda uri: merge_datasets([r.uri for r in refs], uri))
+        )
+    )
 
 
+@one_line_errors
 def helpful_samples(context: dict, prompts: str) -> DataRef:
     """The base model's own answers to the helpfulness training prompts (mixed into SFT)."""
-    from cai_lib.critique_revise import sample_helpful
+    from cai_lib.critique_revise import GenerationStageConfig, sample_helpful
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
-    uri = ctx.uri("helpful-samples")
-    with stage_run(p.mlflow_tracking_uri, ctx.parent_run_id, "helpful_samples") as run:
-        rows = list(read_dataset(DataRef.read(prompts).uri, PromptRecord))
-        run.log_stage_metrics({"samples": sample_helpful(rows, p.base_model, uri, p.critique_revise)})
-    return dataset_ref(uri)
+    source = DataRef.read(prompts)
+    identity = {
+        "inputs": {"prompts": source.sha256},
+        "model": model_identity(p.base_model),
+        "settings": p.critique_revise.identity(GenerationStageConfig),
+    }
+
+    def write(uri: str) -> None:
+        sample_helpful(list(read_dataset(source.uri, PromptRecord)), p.base_model, uri, p.critique_revise)
+
+    return DataRef.of(produce(ctx, "helpful_samples", identity, make_dataset(ctx, write)))
 
 
+@one_line_errors
 def sft(context: dict, traces: str, helpful: str) -> tuple[DataRef, dict]:
     """Fine-tune the base model on the final revisions mixed with helpfulness samples (SL-CAI)."""
     from cai_lib.sft import train_sft
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
-    uri = ctx.uri("checkpoints", "sl-cai")
-    with stage_run(p.mlflow_tracking_uri, ctx.parent_run_id, "sft") as run:
-        metrics = train_sft(
-            list(read_dataset(DataRef.read(traces).uri, Trace)),
-            list(read_dataset(DataRef.read(helpful).uri, Trace)),
+    data, samples = DataRef.read(traces), DataRef.read(helpful)
+    identity = {
+        "inputs": {"traces": data.sha256, "helpful": samples.sha256},
+        "model": model_identity(p.base_model),
+        "settings": p.sft.model_dump(mode="json"),
+    }
+
+    def train(uri: str) -> dict:
+        return train_sft(
+            list(read_dataset(data.uri, Trace)),
+            list(read_dataset(samples.uri, Trace)),
             p.base_model,
             uri,
             p.sft,
-        )
-        values = numeric(metrics.model_dump())
-        run.log_stage_metrics(values)
-    return checkpoint_ref(uri), values
+        ).model_dump()
+
+    marker = produce(ctx, "sft", identity, make_checkpoint(ctx, train))
+    return DataRef.of(marker), marker.metrics
 
 
+@one_line_errors
 def sample_pairs(context: dict, prompts: str, policy: str) -> DataRef:
     """Two sampled answers per red-team training prompt from the SL-CAI policy."""
     from cai_lib.pairs import sample_pairs as sample
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
-    uri = ctx.uri("pairs")
-    with stage_run(p.mlflow_tracking_uri, ctx.parent_run_id, "sample_pairs") as run:
-        rows = list(read_dataset(DataRef.read(prompts).uri, PromptRecord))
-        run.log_stage_metrics({"pairs": sample(rows, DataRef.read(policy).uri, uri, p.pairs)})
-    return dataset_ref(uri)
+    source, model = DataRef.read(prompts), DataRef.read(policy)
+    identity = {"inputs": {"prompts": source.sha256, "policy": model.sha256}, "settings": p.pairs.identity()}
+
+    def write(uri: str) -> None:
+        sample(list(read_dataset(source.uri, PromptRecord)), model.uri, uri, p.pairs)
+
+    return DataRef.of(produce(ctx, "sample_pairs", identity, make_dataset(ctx, write)))
 
 
+@one_line_errors
 def label(context: dict, constitution_path: str, pairs: str) -> DataRef:
     """AI feedback: soft preference labels from the feedback model (paper §4.1)."""
     from cai_lib.feedback import label_preferences
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
-    uri = ctx.uri("labels")
-    with stage_run(p.mlflow_tracking_uri, ctx.parent_run_id, "label") as run:
-        rows = list(read_dataset(DataRef.read(pairs).uri, ResponsePair))
-        written = label_preferences(
-            rows, pinned_constitution(constitution_path), p.feedback_model, uri, p.feedback
-        )
-        run.log_stage_metrics({"labels": written})
-    return dataset_ref(uri)
+    source = DataRef.read(pairs)
+    constitution = pinned_constitution(constitution_path)
+    identity = {
+        "inputs": {"pairs": source.sha256},
+        "model": model_identity(p.feedback_model),
+        "settings": p.feedback.identity(),
+        "constitution": constitution.section_sha256("comparison"),
+    }
+
+    def write(uri: str) -> None:
+        rows = list(read_dataset(source.uri, ResponsePair))
+        label_preferences(rows, constitution, p.feedback_model, uri, p.feedback)
+
+    return DataRef.of(produce(ctx, "label", identity, make_dataset(ctx, write)))
 
 
-def numeric(values: dict) -> dict[str, float]:
-    """The numeric entries of a metrics dict (what MLflow and KFP Metrics accept)."""
-    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
+@one_line_errors
 def train_pm(context: dict, labels: str) -> tuple[DataRef, dict]:
     """The preference model on AI harmlessness labels mixed with human pairs (paper §4.1)."""
     from cai_lib.human_preferences import read_human_preferences
@@ -239,16 +456,23 @@ def train_pm(context: dict, labels: str) -> tuple[DataRef, dict]:
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
-    uri = ctx.uri("checkpoints", "pm")
-    with stage_run(p.mlflow_tracking_uri, ctx.parent_run_id, "train_pm") as run:
-        human = read_human_preferences(p.human_preferences, limit=p.num_human) if p.human_preferences else []
-        ai = list(read_dataset(DataRef.read(labels).uri, Preference))
-        metrics = train_preference_model(ai, human, p.base_model, uri, p.preference_model)
-        values = numeric(metrics.model_dump())
-        run.log_stage_metrics(values)
-    return checkpoint_ref(uri), values
+    ai = DataRef.read(labels)
+    human = read_human_preferences(p.human_preferences, limit=p.num_human) if p.human_preferences else []
+    identity = {
+        "inputs": {"labels": ai.sha256, "human": fingerprint({"rows": [h.model_dump() for h in human]})},
+        "model": model_identity(p.base_model),
+        "settings": p.preference_model.model_dump(mode="json"),
+    }
+
+    def train(uri: str) -> dict:
+        rows = list(read_dataset(ai.uri, Preference))
+        return train_preference_model(rows, human, p.base_model, uri, p.preference_model).model_dump()
+
+    marker = produce(ctx, "train_pm", identity, make_checkpoint(ctx, train))
+    return DataRef.of(marker), marker.metrics
 
 
+@one_line_errors
 def rl(
     context: dict, red_team: str, helpful: str, labels: str, policy: str, reward_model: str
 ) -> tuple[DataRef, dict]:
@@ -258,21 +482,26 @@ def rl(
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
-    uri = ctx.uri("checkpoints", "rl-cai")
-    with stage_run(p.mlflow_tracking_uri, ctx.parent_run_id, "rl") as run:
-        prompts = [
-            *read_dataset(DataRef.read(red_team).uri, PromptRecord),
-            *read_dataset(DataRef.read(helpful).uri, PromptRecord),
-        ]
-        preferences = (
-            list(read_dataset(DataRef.read(labels).uri, Preference)) if p.rl.algorithm == "dpo" else None
-        )
-        metrics = train_rl(
-            DataRef.read(policy).uri, DataRef.read(reward_model).uri, prompts, uri, p.rl, preferences
-        )
-        values = numeric(metrics.model_dump())
-        run.log_stage_metrics(values)
-    return checkpoint_ref(uri), values
+    sources = {name: DataRef.read(path) for name, path in (("red_team", red_team), ("helpful", helpful))}
+    pairs, start, reward = DataRef.read(labels), DataRef.read(policy), DataRef.read(reward_model)
+    dpo = p.rl.algorithm == "dpo"
+    identity = {
+        "inputs": {
+            **{name: ref.sha256 for name, ref in sources.items()},
+            "labels": pairs.sha256 if dpo else None,
+            "policy": start.sha256,
+            "reward": reward.sha256,
+        },
+        "settings": p.rl.model_dump(mode="json"),
+    }
+
+    def train(uri: str) -> dict:
+        prompts = [row for ref in sources.values() for row in read_dataset(ref.uri, PromptRecord)]
+        preferences = list(read_dataset(pairs.uri, Preference)) if dpo else None
+        return train_rl(start.uri, reward.uri, prompts, uri, p.rl, preferences).model_dump()
+
+    marker = produce(ctx, "rl", identity, make_checkpoint(ctx, train))
+    return DataRef.of(marker), marker.metrics
 
 
 def model_name(params: PipelineParams, constitution: Constitution, role: str) -> str:
@@ -280,16 +509,17 @@ def model_name(params: PipelineParams, constitution: Constitution, role: str) ->
     return f"{params.model_name_prefix}-{constitution.name}-{role}"
 
 
-def champion_source(params: PipelineParams, constitution: Constitution) -> tuple[str, str] | None:
-    """(version, checkpoint URI) of the registered RL-CAI champion, if there is one."""
+def champion_source(ctx: RunContext, constitution: Constitution) -> tuple[str, str, str] | None:
+    """(version, checkpoint URI, checkpoint sha256) of the registered RL-CAI champion, if any."""
     from cai_lib.registry import version_by_alias
 
-    champion = version_by_alias(
-        params.mlflow_tracking_uri, model_name(params, constitution, "rl-cai"), "champion"
-    )
-    return (champion.version, champion.source) if champion else None
+    champion = version_by_alias(ctx.tracking_uri, model_name(ctx.params, constitution, "rl-cai"), "champion")
+    if champion is None:
+        return None
+    return champion.version, champion.source, champion.checkpoint_sha256 or ""
 
 
+@one_line_errors
 def evaluate(
     context: dict,
     constitution_path: str,
@@ -302,49 +532,77 @@ def evaluate(
     report_path: str,
     results_path: str,
 ) -> dict[str, float]:
-    """Base, SL-CAI and RL-CAI (and the registered champion, if any) on the held-out prompts.
+    """Base, SL-CAI and RL-CAI (and the registered champion, if it is another checkpoint) on the
+    held-out prompts.
 
-    Writes the HTML report to `report_path` (the KFP HTML artifact) and a pointer to the stored
-    results to `results_path`; returns the flat metrics.
+    Writes this run's HTML report (the evaluation plus which stages ran or were reused) to
+    `report_path` (the KFP HTML artifact), to the run's folder and to MLflow, and a pointer to
+    the stored results to `results_path`; returns the flat metrics.
     """
-    from cai_lib.evaluate import REPORT_FILE
     from cai_lib.evaluate import evaluate as run_evaluation
+    from cai_lib.evaluate import evaluation_part, judging_principles, load_result
+    from cai_lib.report import render_report
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
     constitution = pinned_constitution(constitution_path)
-    policies = {
-        "base": p.base_model,
-        "sl-cai": DataRef.read(sl_policy).uri,
-        "rl-cai": DataRef.read(rl_policy).uri,
+    refs = {
+        name: DataRef.read(path)
+        for name, path in (
+            ("red_team", red_team),
+            ("helpful", helpful),
+            ("traces", traces),
+            ("sl-cai", sl_policy),
+            ("rl-cai", rl_policy),
+            ("pm", reward_model),
+        )
     }
-    champion = champion_source(p, constitution)
+    policies = {"base": p.base_model, "sl-cai": refs["sl-cai"].uri, "rl-cai": refs["rl-cai"].uri}
+    champion = champion_source(ctx, constitution)
+    # A champion that is this run's own RL-CAI checkpoint (a rerun with nothing changed) would
+    # only be compared with itself.
+    if champion and champion[2] == refs["rl-cai"].sha256:
+        champion = None
     if champion:
         policies["champion"] = champion[1]
-    uri = ctx.uri("eval")
-    with stage_run(p.mlflow_tracking_uri, ctx.parent_run_id, "evaluate") as run:
+    identity = {
+        "inputs": {name: ref.sha256 for name, ref in refs.items()},
+        "champion": champion[2] if champion else None,
+        "models": {"base": model_identity(p.base_model), "feedback": model_identity(p.feedback_model)},
+        "settings": p.evaluation.model_dump(mode="json", exclude={"batch_size"}),
+        "constitution": canonical_sha256(
+            evaluation_part(constitution, judging_principles(constitution, p.evaluation))
+        ),
+    }
+
+    def make(output: StageOutput) -> OutputMarker:
+        uri = output.new_attempt()
         result = run_evaluation(
             policies,
-            DataRef.read(reward_model).uri,
+            refs["pm"].uri,
             p.feedback_model,
             constitution,
-            list(read_dataset(DataRef.read(red_team).uri, PromptRecord)),
-            list(read_dataset(DataRef.read(helpful).uri, PromptRecord)),
+            list(read_dataset(refs["red_team"].uri, PromptRecord)),
+            list(read_dataset(refs["helpful"].uri, PromptRecord)),
             uri,
             p.evaluation,
-            list(read_dataset(DataRef.read(traces).uri, Trace)),
+            list(read_dataset(refs["traces"].uri, Trace)),
         )
-        store = ArtifactStore.open(uri)
-        store.get_file(REPORT_FILE, report_path)
+        return output.commit(uri, "directory", ctx.run_id, metrics=result.flat_metrics())
+
+    def report(run: StageRun, marker: OutputMarker) -> None:
+        render_report(load_result(marker.uri), report_path, run_summary(ctx.run_root))
+        ArtifactStore.open(ctx.run_root).put_file(report_path, REPORT_FILE)
         run.log_artifact(report_path, "report")
-        metrics = result.flat_metrics()
-        run.log_stage_metrics(metrics)
-    pointer = {"uri": uri, "champion_version": champion[0] if champion else None}
+
+    marker = produce(ctx, "evaluate", identity, make, then=report)
+    pointer = {"uri": marker.uri, "champion_version": champion[0] if champion else None}
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
     Path(results_path).write_text(json.dumps(pointer))
-    return metrics
+    return marker.metrics
 
 
+@one_line_errors
 def register(
     context: dict,
     constitution_path: str,
@@ -359,7 +617,9 @@ def register(
 
     The gate judges the RL-CAI policy on its win rates against the champion it was evaluated
     with; when it is promoted, the PM and SL-CAI model of the same run become champions with it.
-    Returns a JSON summary (run root, report, versions, decision).
+    Registration is idempotent by checkpoint, so a rerun that reused every checkpoint gets the
+    versions the first run registered. Returns a JSON summary (run root, report, versions,
+    decision), also written to the run's folder for the exit handler.
     """
     from cai_lib.evaluate import load_result, win_rate
     from cai_lib.registry import (
@@ -379,7 +639,7 @@ def register(
     checkpoints = {"pm": reward_model, "sl-cai": sl_policy, "rl-cai": rl_policy}
     bases = {"pm": p.base_model, "sl-cai": p.base_model, "rl-cai": DataRef.read(sl_policy).uri}
     versions = {}
-    with stage_run(p.mlflow_tracking_uri, ctx.parent_run_id, "register") as run:
+    with recorded(ctx, "register") as run:
         for role, path in checkpoints.items():
             lineage = Lineage(
                 constitution_name=constitution.name,
@@ -390,39 +650,68 @@ def register(
                 data_uris=data,
             )
             name = model_name(p, constitution, role)
-            info = register_checkpoint(
-                p.mlflow_tracking_uri, name, DataRef.read(path).uri, run.run_id, lineage
-            )
-            set_challenger(p.mlflow_tracking_uri, name, info.version)
+            info = register_checkpoint(ctx.tracking_uri, name, DataRef.read(path).uri, run.run_id, lineage)
+            set_challenger(ctx.tracking_uri, name, info.version)
             versions[role] = (name, info.version)
         policy_name, policy_version = versions["rl-cai"]
         champion = pointer.get("champion_version")
         if champion:
             result = load_result(pointer["uri"])
             record_evaluation(
-                p.mlflow_tracking_uri,
+                ctx.tracking_uri,
                 policy_name,
                 policy_version,
                 win_rate(result, "harmless", "rl-cai", "champion"),
                 win_rate(result, "helpful", "rl-cai", "champion"),
                 champion,
             )
-        _, decision = promote_from_evaluation(p.mlflow_tracking_uri, policy_name, policy_version, p.promotion)
+        _, decision = promote_from_evaluation(ctx.tracking_uri, policy_name, policy_version, p.promotion)
         if decision.promote:
             for role in ("pm", "sl-cai"):
-                promote_with(
-                    p.mlflow_tracking_uri, *versions[role], leader=f"{policy_name} v{policy_version}"
-                )
+                promote_with(ctx.tracking_uri, *versions[role], leader=f"{policy_name} v{policy_version}")
         run.log_stage_metrics({"promoted": float(decision.promote)})
-    end_pipeline_run(p.mlflow_tracking_uri, ctx.parent_run_id, succeeded=True)
-    return json.dumps(
+        write_record(
+            ctx, StageRecord(stage="register", status="ran", made_by_run=ctx.run_id, run_id=ctx.run_id)
+        )
+    summary = {
+        "run_id": ctx.run_id,
+        "run_root": ctx.run_root,
+        "report": join_uri(ctx.run_root, REPORT_FILE),
+        "versions": {role: {"name": n, "version": v} for role, (n, v) in versions.items()},
+        "promoted": decision.promote,
+        "reason": decision.reason,
+        "mlflow_tracking_uri": ctx.tracking_uri,
+        "experiment": p.experiment,
+    }
+    ArtifactStore.open(ctx.run_root).write_json(SUMMARY_FILE, summary)
+    return json.dumps(summary)
+
+
+@one_line_errors
+def finish(run_id: str, experiment: str, state: str, error: str = "") -> str:
+    """The exit handler: close the MLflow parent run FINISHED when the pipeline `state` is
+    SUCCEEDED and FAILED otherwise (failed, cancelled), and release any promotion lock the run
+    still holds. Runs whatever happened to the other steps. Returns a JSON summary: the state,
+    what it closed and released, one line per stage that recorded itself (ran or reused), and
+    the register step's summary when the run got that far."""
+    from cai_lib.registry import release_run_locks
+
+    platform = Platform.from_environment()
+    succeeded = state == "SUCCEEDED"
+    parent = finish_pipeline_run(platform.tracking_uri, experiment, run_id, succeeded)
+    folder = ArtifactStore.open(join_uri(platform.artifact_root, "runs", run_id))
+    outcome = json.dumps(
         {
-            "run_root": ctx.run_root,
-            "report": join_uri(pointer["uri"], "report.html"),
-            "versions": {role: {"name": n, "version": v} for role, (n, v) in versions.items()},
-            "promoted": decision.promote,
-            "reason": decision.reason,
-            "mlflow_tracking_uri": p.mlflow_tracking_uri,
-            "experiment": p.experiment,
+            "run_id": run_id,
+            "state": state,
+            "error": error,
+            "mlflow_run": parent,
+            "locks_released": release_run_locks(platform.tracking_uri, run_id),
+            "stages": run_summary(folder.uri),
+            "summary": folder.read_json(SUMMARY_FILE) if folder.exists(SUMMARY_FILE) else None,
         }
     )
+    # kfp.local returns no pipeline output from a failed run; `cai run` names a file to read instead.
+    if os.environ.get(OUTCOME_ENV):
+        Path(os.environ[OUTCOME_ENV]).write_text(outcome)
+    return outcome

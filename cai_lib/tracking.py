@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 RUN_KIND_TAG = "cai.run_kind"
 STAGE_TAG = "cai.stage"
+PIPELINE_RUN_TAG = "cai.pipeline_run_id"
+# Set inside a stage run's block to the KFP run id, so that what a step does (e.g. hold the
+# promotion lock) can be traced to its pipeline run.
+PIPELINE_RUN_ENV = "CAI_PIPELINE_RUN_ID"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 CONFIG_ARTIFACT = "config.json"
 METRICS_ARTIFACT = "metrics.json"
@@ -64,7 +68,8 @@ def connect(tracking_uri: str | None) -> MlflowClient:
 
 
 @contextmanager
-def _environ(**values: str) -> Iterator[None]:
+def scoped_environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
     saved = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
@@ -82,7 +87,7 @@ def _check_reachable(client: MlflowClient, uri: str, source: str) -> None:
     from requests.exceptions import RequestException
 
     # MLflow reads these at request time; without them a dead server takes minutes of retries.
-    with _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=CHECK_TIMEOUT_S):
+    with scoped_environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=CHECK_TIMEOUT_S):
         try:
             client.search_experiments(max_results=1)
         except (MlflowException, RequestException) as err:
@@ -154,54 +159,69 @@ def _find_or_create_run(
 def start_pipeline_run(
     tracking_uri: str | None,
     experiment: str,
-    run_name: str,
+    pipeline_run_id: str,
+    display_name: str,
     config: Mapping[str, Any],
     constitution_ref: str,
     constitution_sha256: str,
-    tags: Mapping[str, str] | None = None,
 ) -> str:
-    """Open (or reopen, by `run_name`) the parent run of a pipeline run and return its id.
+    """Open (or reopen, by `pipeline_run_id`) the parent run of a pipeline run; returns its id.
 
+    The parent run is found by the tag `cai.pipeline_run_id` (the KFP run id, unique per run),
+    so a retried first step reopens it and two runs with the same display name never share one.
     Logs the whole run config flattened into params ("sft.learning_rate"), the constitution ref
     and sha256 as params `constitution.ref` / `constitution.sha256`, and the untruncated config
     as the artifact config.json (params longer than MLflow's 6000-character limit are truncated
-    with a marker). Reopening a run with a different config is a `CaiError`, since params are
-    immutable.
+    with a marker).
     """
     from mlflow.entities import Param, RunTag
-    from mlflow.exceptions import MlflowException
 
     client = connect(tracking_uri)
     experiment_id = _experiment_id(client, experiment)
-    run_tags = {**(tags or {}), RUN_KIND_TAG: "pipeline"}
-    run_filter = (
-        f"tags.`{RUN_KIND_TAG}` = 'pipeline' and attributes.run_name = {filter_literal(run_name, 'run name')}"
+    run_tags = {PIPELINE_RUN_TAG: pipeline_run_id, RUN_KIND_TAG: "pipeline"}
+    run_id = _find_or_create_run(
+        client, experiment_id, _pipeline_filter(pipeline_run_id), display_name, run_tags
     )
-    run_id = _find_or_create_run(client, experiment_id, run_filter, run_name, run_tags)
     params = {
         **flatten_params(config),
         "constitution.ref": constitution_ref,
         "constitution.sha256": constitution_sha256,
     }
-    entries = [Param(_safe_key(key), _param_value(value)) for key, value in sorted(params.items())]
-    try:
-        for start in range(0, len(entries), PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=entries[start : start + PARAMS_PER_BATCH])
-    except MlflowException as err:
-        if err.error_code != "INVALID_PARAMETER_VALUE":
-            raise
-        raise CaiError(
-            f"MLflow run '{run_name}' in experiment '{experiment}' was started with a different config "
-            f"({str(err).splitlines()[0][:200]}); use a new run name"
-        ) from None
+    logged = client.get_run(run_id).data.params
+    entries = [
+        Param(_safe_key(key), _param_value(value))
+        for key, value in sorted(params.items())
+        if _safe_key(key) not in logged  # params are immutable: a retry logs only what is missing
+    ]
+    for start in range(0, len(entries), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=entries[start : start + PARAMS_PER_BATCH])
     client.log_batch(run_id, tags=[RunTag(key, value) for key, value in run_tags.items()])
     client.log_dict(run_id, dict(config), CONFIG_ARTIFACT)
     return run_id
 
 
-def end_pipeline_run(tracking_uri: str | None, run_id: str, succeeded: bool) -> None:
-    """Mark the parent run FINISHED or FAILED; stage runs end themselves."""
-    connect(tracking_uri).set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+def _pipeline_filter(pipeline_run_id: str) -> str:
+    return (
+        f"tags.`{RUN_KIND_TAG}` = 'pipeline' and "
+        f"tags.`{PIPELINE_RUN_TAG}` = {filter_literal(pipeline_run_id, 'pipeline run id')}"
+    )
+
+
+def finish_pipeline_run(
+    tracking_uri: str | None, experiment: str, pipeline_run_id: str, succeeded: bool
+) -> str | None:
+    """Close the parent run of `pipeline_run_id` as FINISHED or FAILED (what a pipeline's exit
+    handler does, whatever happened to its steps); returns its MLflow run id, or None when the
+    run never opened one (it failed before its first step finished)."""
+    client = connect(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], _pipeline_filter(pipeline_run_id), max_results=1)
+    if not runs:
+        return None
+    client.set_terminated(runs[0].info.run_id, "FINISHED" if succeeded else "FAILED")
+    return runs[0].info.run_id
 
 
 class StageRun:
@@ -233,6 +253,12 @@ class StageRun:
         self._metrics.update(values)
         self.client.log_dict(self.run_id, self._metrics, METRICS_ARTIFACT)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Tag the stage run (e.g. `cai.reuse`: ran or reused)."""
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file (the HTML report, the pinned constitution YAML) or a directory."""
         path = Path(local_path)
@@ -251,7 +277,8 @@ def stage_run(tracking_uri: str | None, parent_run_id: str, stage_name: str) -> 
     A retried step finds and reopens the run its earlier attempt made instead of adding a
     duplicate. The run ends FINISHED when the block exits normally and FAILED when it raises.
     Inside the block `$MLFLOW_TRACKING_URI` names this store (unless it is already set), so that
-    model references such as `models:/NAME@champion` resolve against the run's registry.
+    model references such as `models:/NAME@champion` resolve against the run's registry, and
+    `$CAI_PIPELINE_RUN_ID` names the pipeline run (so a promotion lock names its holder).
     """
     from mlflow.exceptions import MlflowException
 
@@ -268,8 +295,11 @@ def stage_run(tracking_uri: str | None, parent_run_id: str, stage_name: str) -> 
     )
     tags = {PARENT_RUN_TAG: parent_run_id, RUN_KIND_TAG: "stage", STAGE_TAG: stage_name}
     run_id = _find_or_create_run(client, parent.info.experiment_id, run_filter, stage_name, tags)
+    scope = {"MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or client.tracking_uri}
+    if PIPELINE_RUN_TAG in parent.data.tags:
+        scope[PIPELINE_RUN_ENV] = parent.data.tags[PIPELINE_RUN_TAG]
     try:
-        with _environ(MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI") or client.tracking_uri):
+        with scoped_environ(**scope):
             yield StageRun(client, run_id, parent_run_id, stage_name)
     except BaseException:
         client.set_terminated(run_id, "FAILED")

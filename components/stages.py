@@ -8,7 +8,7 @@ in the pod's command, so every import is inside the body.
 
 from typing import NamedTuple
 
-from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output, PipelineTaskFinalStatus
 
 
 def resolve_run(
@@ -25,8 +25,6 @@ def resolve_run(
     seed: int,
     num_shards: int,
     run_name: str,
-    artifact_root: str,
-    mlflow_tracking_uri: str,
     experiment: str,
     model_name_prefix: str,
     critique_revise: dict,
@@ -41,7 +39,8 @@ def resolve_run(
     kfp_run_name: str,
     pinned_constitution: Output[Artifact],
 ) -> NamedTuple("Outputs", context=dict):
-    """Validate the run parameters, pin the constitution, open the MLflow parent run.
+    """Validate the run parameters, pin the constitution, run the pre-flight checks, open the
+    MLflow parent run (keyed on the KFP run id; the run name is its display name).
 
     The output is named `context`, not the default `Output`: kfp.local resolves a ParallelFor
     body's inputs by output name, and the fan-out's items are prepare_prompts' `Output`.
@@ -50,7 +49,7 @@ def resolve_run(
 
     from cai_lib import steps
 
-    return (steps.resolve(params, run_id, run_name or kfp_run_name, pinned_constitution.path),)
+    return (steps.resolve(params, run_id, kfp_run_name, pinned_constitution.path),)
 
 
 def prepare_prompts(
@@ -217,3 +216,14 @@ def register(
         reward_model.path,
         results.path,
     )
+
+
+def finish_run(run_id: str, experiment: str, status: PipelineTaskFinalStatus) -> str:
+    """Exit handler: close the MLflow parent run (FAILED unless the run succeeded) and release any
+    promotion lock the run holds; runs after every other step, whatever became of them. Returns
+    the run's summary as JSON (the pipeline's output)."""
+    from cai_lib import steps
+
+    summary = steps.finish(run_id, experiment, status.state, status.error_message or "")
+    print(summary)
+    return summary

@@ -36,28 +36,51 @@ def run_command(
     quick: Annotated[
         bool, typer.Option("--quick", help="Small sizes: the whole method in ~15 min on a CPU.")
     ] = False,
+    artifact_root: Annotated[
+        str | None,
+        typer.Option(
+            "--artifact-root",
+            help="Where outputs and run folders go: a directory or s3:// prefix "
+            "(default: $CAI_ARTIFACT_ROOT, else .cai/artifacts).",
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///.cai/mlflow.db).",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline on this machine through kfp.local, with embedded defaults.
 
     Defaults: artifacts in .cai/artifacts, MLflow in .cai/mlflow.db (SQLite), the model
-    smollm2-135m-instruct, the constitution harmless and the built-in prompt sets.
+    smollm2-135m-instruct, the constitution harmless and the built-in prompt sets. Every stage's
+    output is kept by a key of what made it: running again reuses what did not change, and a run
+    that was interrupted continues where it stopped. The last lines say, per stage, whether it
+    ran or reused an earlier run's output.
 
     Example: cai run --quick --set constitution=harmless@1.0.0
     """
     from rich.console import Console
 
-    from pipelines.local import run_local
+    from pipelines.local import RunFailed, local_platform, run_local
 
     console = Console(stderr=True)
     run_config = load_config(config, set_, quick)
+    platform = local_platform(Path.cwd(), artifact_root, tracking_uri)
     console.print(
         f"[bold]cai run[/bold]: constitution {run_config.params.constitution}, "
         f"model {run_config.params.base_model}; each step's progress follows"
     )
-    summary = run_local(run_config, Path.cwd())
-    print(f"run root:     {summary['run_root']}")
+    try:
+        summary = run_local(run_config, Path.cwd(), platform)
+    except RunFailed as err:
+        for line in err.stages:
+            print(line)
+        raise
+    print(f"run:          {summary['run_id']} ({summary['run_root']})")
     print(f"report:       {summary['report']}")
-    print(f"checkpoints:  {summary['run_root']}/checkpoints")
     for role, version in summary["versions"].items():
         print(f"registered:   {version['name']} version {version['version']} ({role})")
     print(
@@ -65,6 +88,8 @@ def run_command(
     )
     print(f"MLflow:       {summary['mlflow_tracking_uri']} (experiment {summary['experiment']!r})")
     print(f"open the UI:  {summary['ui_command']}")
+    for line in summary["stages"]:
+        print(line)
 
 
 def compile_command(

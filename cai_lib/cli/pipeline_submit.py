@@ -77,7 +77,7 @@ def retrain_command(
         str | None,
         typer.Option(
             "--tracking-uri",
-            help="MLflow server holding the champions (default: $MLFLOW_TRACKING_URI, else the config's).",
+            help="MLflow server holding the champions (default: $MLFLOW_TRACKING_URI, else .cai/mlflow.db here).",
         ),
     ] = None,
     config: ConfigOption = None,

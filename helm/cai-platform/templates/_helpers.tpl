@@ -84,9 +84,7 @@ The run config (cai_lib/config.py RunConfig) the retrain job submits with: the u
 params over the chart's artifact root and tracking URI, and a deploy section built from the values.
 */}}
 {{- define "cai-platform.runConfig" -}}
-{{- $params := merge (deepCopy .Values.pipeline.params) (dict
-  "artifact_root" (include "cai-platform.s3Uri" (dict "root" . "prefix" .Values.s3.prefixes.artifacts))
-  "mlflow_tracking_uri" (include "cai-platform.mlflowTrackingUri" .)) -}}
+{{- $params := deepCopy .Values.pipeline.params -}}
 {{- $resources := dict -}}
 {{- range $stage, $profileName := .Values.pipeline.stageProfiles -}}
 {{- $profile := index $.Values.gpuProfiles $profileName -}}
@@ -101,12 +99,12 @@ params over the chart's artifact root and tracking URI, and a deploy section bui
   "s3_keys" (dict $s3.accessKeyKey "AWS_ACCESS_KEY_ID" $s3.secretKeyKey "AWS_SECRET_ACCESS_KEY")
   "mlflow_secret" (include "cai-platform.mlflowSecretName" .)
   "mlflow_keys" .Values.mlflow.credentialsSecret.keys
-  "s3_endpoint_configmap" (include "cai-platform.envName" .) -}}
+  "env_configmap" (include "cai-platform.envName" .) -}}
 {{- $deploy := dict
   "image_cpu" (include "cai-platform.image" (dict "image" .Values.images.cpu "root" .))
   "image_gpu" (include "cai-platform.image" (dict "image" .Values.images.gpu "root" .))
   "resources" $resources
-  "generation_retries" .Values.pipeline.generationRetries
+  "retries" .Values.pipeline.retries
   "secrets" $secrets -}}
 {{- toYaml (dict "params" $params "deploy" $deploy) -}}
 {{- end -}}
