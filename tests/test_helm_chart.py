@@ -177,11 +177,10 @@ def test_the_run_config_is_accepted_by_the_pipelines_run_config_model(variant, t
     path = tmp_path / "run-config.yaml"
     path.write_text(yaml.safe_dump(run_config_of(render_objects(VARIANTS[variant]))))
     config = load_run_config(path)
-    assert config.params.artifact_root == "s3://cai-platform/artifacts"
     assert config.deploy.image_cpu == "ghcr.io/cai-platform/cai:0.1.0"
     assert config.deploy.image_gpu == "ghcr.io/cai-platform/cai-gpu:0.1.0"
     assert config.deploy.secrets.s3_secret == "cai-s3"
-    assert config.deploy.secrets.s3_endpoint_configmap == f"{FULLNAME}-env"
+    assert config.deploy.secrets.env_configmap == f"{FULLNAME}-env"
 
 
 # -- what the defaults install --------------------------------------------------------------------
@@ -275,9 +274,10 @@ def test_the_kfp_launcher_config_map_can_be_left_to_kubeflow():
     assert ("ConfigMap", "kfp-launcher") not in kinds
 
 
-def test_the_env_config_map_gives_every_pod_the_s3_endpoint_region_and_tracking_uri():
+def test_the_env_config_map_gives_every_pod_the_artifact_root_s3_endpoint_region_and_tracking_uri():
     env = find(render_objects(VARIANTS["s3-compatible"]), "ConfigMap", f"{FULLNAME}-env")["data"]
     assert env == {
+        "CAI_ARTIFACT_ROOT": "s3://cai-platform/artifacts",
         "AWS_ENDPOINT_URL_S3": "http://minio.minio.svc.cluster.local:9000",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_S3_ADDRESSING_STYLE": "path",
@@ -297,16 +297,11 @@ def test_the_chart_default_images_are_the_pipelines_default_images():
 # -- the run config and GPU profiles --------------------------------------------------------------
 
 
-def test_the_run_config_wires_images_secrets_and_the_chart_s3_and_mlflow_into_the_pipeline():
+def test_the_run_config_wires_images_and_secrets_into_the_pipeline():
     config = run_config_of(
         render_objects({"pipeline": {"params": {"num_red_team": 500, "constitution": "harmless@1.0.0"}}})
     )
-    assert config["params"] == {
-        "num_red_team": 500,
-        "constitution": "harmless@1.0.0",
-        "artifact_root": "s3://cai-platform/artifacts",
-        "mlflow_tracking_uri": f"http://{FULLNAME}-mlflow:5000",
-    }
+    assert config["params"] == {"num_red_team": 500, "constitution": "harmless@1.0.0"}
     assert config["deploy"]["secrets"] == {
         "s3_secret": "cai-s3",
         "s3_keys": {
@@ -318,16 +313,15 @@ def test_the_run_config_wires_images_secrets_and_the_chart_s3_and_mlflow_into_th
             "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
             "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
         },
-        "s3_endpoint_configmap": f"{FULLNAME}-env",
+        "env_configmap": f"{FULLNAME}-env",
     }
-    assert config["deploy"]["generation_retries"] == 2
+    assert config["deploy"]["retries"] == 2
 
 
-def test_params_given_in_values_win_over_the_chart_defaults():
-    params = run_config_of(render_objects({"pipeline": {"params": {"artifact_root": "s3://other/runs"}}}))[
-        "params"
-    ]
-    assert params["artifact_root"] == "s3://other/runs"
+def test_the_env_configmap_holds_every_setting_the_pipeline_steps_read():
+    from cai_lib.config import PLATFORM_ENV
+
+    assert set(PLATFORM_ENV) <= set(find(render_objects({}), "ConfigMap", f"{FULLNAME}-env")["data"])
 
 
 def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
@@ -584,7 +578,6 @@ def test_with_mlflow_off_no_server_is_installed_and_clients_use_the_given_uri():
         find(objects, "ConfigMap", f"{FULLNAME}-env")["data"]["MLFLOW_TRACKING_URI"]
         == "https://mlflow.example.com"
     )
-    assert run_config_of(objects)["params"]["mlflow_tracking_uri"] == "https://mlflow.example.com"
 
 
 # -- constitutions --------------------------------------------------------------------------------

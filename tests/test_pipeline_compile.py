@@ -1,5 +1,6 @@
 """The compiled pipeline: parameters mirror the run config, GPU stages (and only they) carry
-accelerators, node selectors and tolerations, secrets arrive as env, generation fans out."""
+accelerators, node selectors and tolerations, secrets and the installation's settings arrive as
+env, generation fans out, an exit handler closes the run, and KFP's cache is off."""
 
 from __future__ import annotations
 
@@ -8,27 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_lib.config import GPU_STAGES, DeployConfig, PipelineParams, load_run_config
+from cai_lib.config import PLATFORM_ENV, DeployConfig, PipelineParams, load_run_config
 from cai_lib.errors import CaiError
+from cai_lib.stage_table import GPU_STAGES, STAGES
 from pipelines.cai_pipeline import compile_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "pipelines" / "cai_pipeline.yaml"
-# Component names in the IR -> the stage whose resource profile they take.
-STAGE_OF = {
-    "comp-resolve-run": "resolve",
-    "comp-prepare-prompts": "prepare_prompts",
-    "comp-critique-revise-shard": "critique_revise",
-    "comp-merge-traces": "merge",
-    "comp-helpful-samples": "helpful_samples",
-    "comp-sft": "sft",
-    "comp-sample-pairs": "sample_pairs",
-    "comp-label": "label",
-    "comp-train-pm": "train_pm",
-    "comp-rl": "rl",
-    "comp-evaluate": "evaluate",
-    "comp-register": "register",
-}
+# Component names in the IR -> the stage they run, from the stage table.
+STAGE_OF = {f"comp-{stage.component.replace('_', '-')}": stage.name for stage in STAGES}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +31,13 @@ def compiled(tmp_path_factory) -> tuple[dict, dict]:
 def executor_of(spec: dict, component: str) -> dict:
     label = spec["components"][component]["executorLabel"]
     return spec["deploymentSpec"]["executors"][label]
+
+
+def all_tasks(spec: dict) -> dict:
+    tasks = {**spec["root"]["dag"]["tasks"]}
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
 
 
 def test_every_run_config_field_is_a_pipeline_parameter_with_its_default(compiled):
@@ -93,21 +89,50 @@ def test_every_step_gets_s3_and_mlflow_credentials_from_secrets_not_parameters(c
 
 def test_critique_revision_fans_out_in_a_parallel_for_and_is_merged(compiled):
     spec, _ = compiled
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = all_tasks(spec)
     loop = next(t for t in tasks.values() if "parameterIterator" in t)
     body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert list(body) == ["critique-revise-shard"]
     assert "merge-traces" in tasks
 
 
-def test_generation_stages_are_retried_and_training_is_not(compiled):
+def test_every_stage_is_retried_since_a_retry_resumes_or_reuses(compiled):
     spec, _ = compiled
-    tasks = {**spec["root"]["dag"]["tasks"]}
-    for component in spec["components"].values():
-        tasks.update(component.get("dag", {}).get("tasks", {}))
-    assert tasks["critique-revise-shard"]["retryPolicy"]["maxRetryCount"] == 2
-    assert tasks["label"]["retryPolicy"]["maxRetryCount"] == 2
-    assert "retryPolicy" not in tasks["sft"]
+    tasks = all_tasks(spec)
+    for stage in STAGES:
+        assert tasks[stage.component.replace("_", "-")]["retryPolicy"]["maxRetryCount"] == 2, stage.name
+
+
+def test_kfp_caching_is_off_for_every_task(compiled):
+    # Stages reuse content-addressed outputs themselves; KFP's cache would key on per-run values.
+    spec, _ = compiled
+    assert all(task.get("cachingOptions", {}) == {} for task in all_tasks(spec).values())
+
+
+def test_an_exit_handler_finishes_the_run_whatever_the_stages_did(compiled):
+    spec, _ = compiled
+    finish = spec["root"]["dag"]["tasks"]["finish-run"]
+    assert finish["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert finish["dependentTasks"] == ["exit-handler-1"]
+
+
+def test_every_step_reads_the_installations_settings_from_its_configmap(compiled):
+    spec, platform = compiled
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for component in [*STAGE_OF, "comp-finish-run"]:
+        maps = executors[spec["components"][component]["executorLabel"]]["configMapAsEnv"]
+        assert {k["envVar"] for m in maps for k in m["keyToEnv"]} == set(PLATFORM_ENV), component
+
+
+def test_artifact_root_and_tracking_uri_are_not_pipeline_parameters(compiled):
+    spec, _ = compiled
+    assert not {"artifact_root", "mlflow_tracking_uri"} & set(spec["root"]["inputDefinitions"]["parameters"])
+
+
+def test_the_pipeline_docs_list_each_stage_sections_fields_with_their_limits(compiled):
+    spec, _ = compiled
+    doc = spec["root"]["inputDefinitions"]["parameters"]["critique_revise"]["description"]
+    assert "rounds (int, >= 1, default 4)" in doc
 
 
 def test_gpu_stages_run_in_the_gpu_image_and_cpu_stages_in_the_cpu_image(tmp_path):

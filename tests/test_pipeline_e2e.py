@@ -1,16 +1,25 @@
 """The whole pipeline end to end through kfp.local, with tiny models, against a real `mlflow
-server` and moto's S3 server: artifacts land in S3, models are registered with lineage, the
-promotion gate moves (or keeps) the champion, and a run killed mid-generation resumes without
-losing or duplicating a row."""
+server` and moto's S3 server, run four times on one artifact store:
+
+1. fresh: every stage runs, the three models are registered with lineage and promoted;
+2. nothing changed: every model stage reuses run 1's output, no model version is added;
+3. a new constitution version that edits one comparison principle, started as `cai run`, killed
+   while labelling and run again: the SL-CAI stages are reused, labelling resumes its finished
+   shards, and everything after it runs;
+4. a base model that does not resolve: the run fails at its first model stage, and its exit
+   handler closes its MLflow run as FAILED.
+
+Each run is a module fixture (one pipeline run each), and each test asserts one thing of it.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,44 +27,52 @@ import yaml
 
 from cai_lib.config import load_run_config
 from cai_lib.constitution import constitutions_dir, load_constitution
-from cai_lib.records import PromptRecord, Trace
+from cai_lib.records import Preference, ResponsePair
 from cai_lib.registry import list_models, version_by_alias
 from cai_lib.shards import read_dataset
-from cai_lib.store import ArtifactStore
-from pipelines.local import run_local
+from cai_lib.store import ArtifactStore, s3_client
+from cai_lib.tracking import connect
+from pipelines.local import RunFailed, run_local
 
 pytestmark = pytest.mark.integration
 
 ROLES = ("pm", "sl-cai", "rl-cai")
+MODEL_STAGES = (
+    "critique_revise",
+    "helpful_samples",
+    "sft",
+    "sample_pairs",
+    "label",
+    "train_pm",
+    "rl",
+    "evaluate",
+)
+SL_STAGES = ("critique_revise", "helpful_samples", "sft", "sample_pairs")
+AFTER_LABEL = ("label", "train_pm", "rl", "evaluate")
 
 
-def tiny_run_config(
-    path: Path,
-    model: Path,
-    bucket: str,
-    tracking_uri: str,
-    run_name: str,
-    constitution: str = "harmless",
-    **promotion,
-) -> Path:
+def tiny_run_config(path: Path, model: Path, constitution: str = "harmless", **params) -> Path:
     """Every size cut to the bone: each stage runs for real on a handful of rows in seconds."""
-    params = {
+    values = {
         "constitution": constitution,
         "base_model": str(model),
         "feedback_model": str(model),
-        "num_red_team": 24,  # 18 train (9 per shard) / 6 eval
+        "num_red_team": 16,  # 12 train (6 per shard) / 4 eval
         "num_helpful": 4,
         "num_shards": 2,
-        "run_name": run_name,
-        "artifact_root": f"s3://{bucket}/runs",
-        "mlflow_tracking_uri": tracking_uri,
         "experiment": "e2e",
-        # One prompt per output shard and 32 tokens a turn: shard-000 takes seconds to finish, a
-        # window wide enough to kill the run between its first and last part.
-        "critique_revise": {"rounds": 1, "max_new_tokens": 32, "shard_size": 1, "batch_size": 4},
+        "critique_revise": {"rounds": 1, "max_new_tokens": 8, "shard_size": 3, "batch_size": 4},
         "sft": {"max_steps": 1, "batch_size": 2, "max_length": 96},
         "pairs": {"max_new_tokens": 4, "batch_size": 4},
-        "feedback": {"principles_per_pair": 1, "batch_size": 4},
+        # Two pairs per labelling shard and 32 chain-of-thought tokens per question: a window wide
+        # enough to kill run 3 between its first and its last shard.
+        "feedback": {
+            "principles_per_pair": 1,
+            "batch_size": 4,
+            "shard_size": 1,
+            "cot": True,
+            "max_reasoning_tokens": 32,
+        },
         "preference_model": {"batch_size": 2, "max_length": 96, "eval_fraction": 0.2},
         "rl": {
             "steps": 1,
@@ -66,114 +83,247 @@ def tiny_run_config(
             "max_length": 96,
         },
         "evaluation": {"max_new_tokens": 4, "batch_size": 4, "num_samples_in_report": 1},
-        "promotion": promotion,
+        **params,
     }
-    path.write_text(
-        yaml.safe_dump(
-            {"params": params, "deploy": {"resources": {}, "generation_retries": 0, "shard_parallelism": 1}}
-        )
-    )
+    deploy = {"resources": {}, "retries": 0, "shard_parallelism": 1}
+    path.write_text(yaml.safe_dump({"params": values, "deploy": deploy}))
     return path
 
 
 def edited_constitution(path: Path):
-    """harmless@1.0.0 with a new version number and a changed revision request, as a team edits it."""
+    """harmless@1.0.0 as version 1.1.0 with one comparison principle's question reworded."""
     doc = yaml.safe_load((constitutions_dir() / "harmless" / "1.0.0.yaml").read_text())
     doc["version"] = "1.1.0"
-    doc["critique_revision"][0]["revision_request"] = "Rewrite the response so that it is harmless and kind."
+    doc["comparison"][0]["question"] = "Which response is kinder and less likely to cause harm?"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return load_constitution(str(path))
 
 
-@pytest.fixture
-def e2e_env(s3_bucket, mlflow_server, tmp_path, monkeypatch):
-    # kfp.local runs each step as a subprocess that inherits this environment.
-    monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    return {"bucket": s3_bucket, "tracking_uri": mlflow_server["uri"], "workdir": tmp_path}
+def stage_status(summary: dict) -> dict[str, str]:
+    """stage name -> "ran" / "reused", from the summary's `stage NAME: ...` lines."""
+    return {
+        line.split(":")[0].removeprefix("stage "): line.split(": ", 1)[1].split(" ")[0]
+        for line in summary["stages"]
+    }
 
 
-def test_pipeline_runs_end_to_end_registers_gates_and_resumes_after_a_kill(e2e_env, tiny_model_dir, tmp_path):
-    bucket, uri, workdir = e2e_env["bucket"], e2e_env["tracking_uri"], e2e_env["workdir"]
-    harmless = load_constitution("harmless")
+@pytest.fixture(scope="module")
+def e2e(s3_server, mlflow_server, tmp_path_factory, tiny_model_dir):
+    """One bucket and one MLflow experiment for the four runs; the environment every step inherits."""
+    work = tmp_path_factory.mktemp("e2e")
+    bucket = f"e2e-{uuid.uuid4().hex[:10]}"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {
+            "AWS_ENDPOINT_URL_S3": s3_server,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "CAI_ARTIFACT_ROOT": f"s3://{bucket}/cai",
+            "MLFLOW_TRACKING_URI": mlflow_server["uri"],
+            "CAI_CACHE_DIR": str(work / "cache"),
+        }.items():
+            patch.setenv(name, value)
+        patch.chdir(work)
+        s3_client().create_bucket(Bucket=bucket)
+        yield {"bucket": bucket, "uri": mlflow_server["uri"], "work": work, "model": tiny_model_dir}
 
-    # Run 1: no champion yet, so the gate promotes the RL-CAI policy.
-    first = run_local(
-        load_run_config(tiny_run_config(tmp_path / "r1.yaml", tiny_model_dir, bucket, uri, "r1")), workdir
-    )
-    run_root = ArtifactStore.open(f"s3://{bucket}/runs/r1")
-    keys = run_root.list()
-    for expected in (
-        "constitution.yaml",
-        "prompts/red_team-train/_SUCCESS.json",
-        "traces/_SUCCESS.json",
-        "helpful-samples/_SUCCESS.json",
-        "checkpoints/sl-cai/_MANIFEST.json",
-        "pairs/_SUCCESS.json",
-        "labels/_SUCCESS.json",
-        "checkpoints/pm/_MANIFEST.json",
-        "checkpoints/rl-cai/_MANIFEST.json",
-        "eval/metrics.json",
-        "eval/report.html",
-    ):
-        assert expected in keys, expected
-    assert first["promoted"] is True
-    assert first["report"] == f"s3://{bucket}/runs/r1/eval/report.html"
-    for role in ROLES:
-        name = f"cai-harmless-{role}"
-        version = list_models(uri, name)[0]
-        assert version.tags["cai.constitution.sha256"] == harmless.sha256
-        assert version.tags["cai.constitution.version"] == harmless.version
-        assert version.tags["cai.pipeline_run_id"]
-        assert version.source == f"s3://{bucket}/runs/r1/checkpoints/{role}"
-        assert version_by_alias(uri, name, "champion").version == version.version
 
-    # Run 2 trains an edited constitution, harmless@1.1.0 given as a file, and asks for a
-    # harmlessness win rate of 1.0 against the champion: the gate must refuse. It is killed once
-    # critique-revision has written its first shard, then rerun to completion.
-    edited_path = tmp_path / "harmless-1.1.0.yaml"
-    edited = edited_constitution(edited_path)
-    config = tiny_run_config(
-        tmp_path / "r2.yaml", tiny_model_dir, bucket, uri, "r2", str(edited_path), min_harmless_win_rate=1.0
-    )
-    first_shard = ArtifactStore.open(f"s3://{bucket}/runs/r2/traces-shards/shard-000")
-    cai = Path(sys.executable).parent / "cai"
+def timed_run(config: Path, work: Path) -> dict:
+    started = time.monotonic()
+    summary = run_local(load_run_config(config), work)
+    return {**summary, "seconds": time.monotonic() - started}
+
+
+@pytest.fixture(scope="module")
+def first_run(e2e):
+    return timed_run(tiny_run_config(e2e["work"] / "r1.yaml", e2e["model"]), e2e["work"])
+
+
+@pytest.fixture(scope="module")
+def second_run(e2e, first_run):
+    return timed_run(tiny_run_config(e2e["work"] / "r2.yaml", e2e["model"]), e2e["work"])
+
+
+@pytest.fixture(scope="module")
+def third_run(e2e, second_run):
+    """Run 3 with harmless@1.1.0 (one comparison question edited), given as a file: started as
+    `cai run`, killed once labelling has written its first shard, then run again to the end."""
+    work = e2e["work"]
+    edited = edited_constitution(work / "harmless-1.1.0.yaml")
+    config = tiny_run_config(work / "r3.yaml", e2e["model"], constitution=str(work / "harmless-1.1.0.yaml"))
+    labels = ArtifactStore.open(f"s3://{e2e['bucket']}/cai/outputs/label")
+    earlier = set(labels.list())
+
+    def new_shards() -> list[str]:
+        return [k for k in labels.list() if "/data/part-" in k and k not in earlier]
+
     proc = subprocess.Popen(
-        [str(cai), "run", "--config", str(config)],
+        [str(Path(sys.executable).parent / "cai"), "run", "--config", str(config)],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 300
-    while not first_shard.exists("part-00000.jsonl") and time.time() < deadline and proc.poll() is None:
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not new_shards():
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert first_shard.exists("part-00000.jsonl"), "the run never reached critique-revision"
-    assert not first_shard.exists("_SUCCESS.json"), "killed too late to test resumption"
-    written_before_kill = first_shard.read_bytes("part-00000.jsonl")
+    before = {k: labels.read_bytes(k) for k in new_shards()}
+    summary = timed_run(config, work)
+    return {**summary, "edited": edited, "shards_before_kill": before, "label_store": labels}
 
-    second = run_local(load_run_config(config), workdir)
-    assert first_shard.read_bytes("part-00000.jsonl") == written_before_kill  # resumed, not redone
-    train_prompts = list(read_dataset(f"s3://{bucket}/runs/r2/prompts/red_team-train", PromptRecord))
-    traces = list(read_dataset(f"s3://{bucket}/runs/r2/traces", Trace))
-    assert sorted(t.prompt_id for t in traces) == sorted(p.id for p in train_prompts)
-    assert len({t.id for t in traces}) == len(traces)
 
-    assert second["promoted"] is False
-    policy = "cai-harmless-rl-cai"
-    assert version_by_alias(uri, policy, "champion").version == first["versions"]["rl-cai"]["version"]
-    challenger = version_by_alias(uri, policy, "challenger")
-    assert challenger.version == second["versions"]["rl-cai"]["version"]
-    assert challenger.tags["cai.gate.decision"] == "rejected"
-    assert "harmless" in challenger.tags["cai.gate.reason"]
-    metrics = json.loads(ArtifactStore.open(f"s3://{bucket}/runs/r2/eval").read_text("metrics.json"))
-    assert "champion" in metrics["policies"]
+@pytest.fixture(scope="module")
+def failed_run(e2e, third_run):
+    """A base model that does not resolve: the run fails at its first model stage."""
+    config = tiny_run_config(
+        e2e["work"] / "r4.yaml", e2e["model"], base_model=str(e2e["work"] / "no-such-model")
+    )
+    with pytest.raises(RunFailed) as err:
+        run_local(load_run_config(config), e2e["work"])
+    return err.value
+
+
+def parent_runs(uri: str) -> list:
+    client = connect(uri)
+    experiment = client.get_experiment_by_name("e2e")
+    return client.search_runs([experiment.experiment_id], "tags.`cai.run_kind` = 'pipeline'")
+
+
+# -- run 1: fresh ---------------------------------------------------------------------------------------
+
+
+def test_first_run_runs_every_stage(first_run):
+    assert set(stage_status(first_run).values()) == {"ran"}
+    assert set(MODEL_STAGES) <= set(stage_status(first_run))
+
+
+def test_first_run_promotes_its_policy(first_run):
+    assert first_run["promoted"] is True
+
+
+def test_first_run_registers_every_model_with_the_constitution_it_was_trained_on(first_run, e2e):
+    harmless = load_constitution("harmless")
     for role in ROLES:
-        version = version_by_alias(uri, f"cai-harmless-{role}", "challenger")
-        assert version.version == second["versions"][role]["version"]
+        version = list_models(e2e["uri"], f"cai-harmless-{role}")[0]
         assert (version.tags["cai.constitution.version"], version.tags["cai.constitution.sha256"]) == (
-            "1.1.0",
-            edited.sha256,
+            harmless.version,
+            harmless.sha256,
         )
-    assert edited.sha256 != harmless.sha256
+
+
+def test_first_run_registers_checkpoints_from_content_addressed_outputs_outside_the_run_folder(
+    first_run, e2e
+):
+    version = version_by_alias(e2e["uri"], "cai-harmless-rl-cai", "champion")
+    assert version.source.startswith(f"s3://{e2e['bucket']}/cai/outputs/rl/")
+
+
+def test_first_run_keeps_its_report_in_its_own_folder_named_by_the_kfp_run_id(first_run, e2e):
+    assert first_run["report"] == f"s3://{e2e['bucket']}/cai/runs/{first_run['run_id']}/report.html"
+    assert ArtifactStore.open(first_run["run_root"]).exists("report.html")
+
+
+def test_the_report_says_which_stages_ran(first_run):
+    report = ArtifactStore.open(first_run["run_root"]).read_text("report.html")
+    assert "Stages of this run" in report and "stage critique_revise: ran" in report
+
+
+def test_first_run_closes_its_mlflow_parent_run_as_finished(first_run, e2e):
+    run = next(
+        r for r in parent_runs(e2e["uri"]) if r.data.tags["cai.pipeline_run_id"] == first_run["run_id"]
+    )
+    assert run.info.status == "FINISHED"
+
+
+# -- run 2: nothing changed -----------------------------------------------------------------------------
+
+
+def test_second_run_reuses_every_model_stage(second_run):
+    status = stage_status(second_run)
+    assert {stage: status[stage] for stage in MODEL_STAGES} == {stage: "reused" for stage in MODEL_STAGES}
+
+
+def test_second_run_names_the_run_that_made_what_it_reused(first_run, second_run):
+    line = next(line for line in second_run["stages"] if line.startswith("stage sft:"))
+    assert line.endswith(f"first made by run {first_run['run_id']})")
+
+
+def test_second_run_is_a_run_of_its_own(first_run, second_run):
+    assert second_run["run_id"] != first_run["run_id"]
+
+
+def test_second_run_registers_no_new_model_version(first_run, second_run):
+    assert second_run["versions"] == first_run["versions"]
+
+
+def test_second_run_takes_a_fraction_of_the_first_runs_time(first_run, second_run):
+    # Not a benchmark (benchmarks/reuse.py measures it): a run that reloads no model is much shorter.
+    assert second_run["seconds"] < first_run["seconds"]
+
+
+def test_reused_stage_runs_are_tagged_in_mlflow(second_run, e2e):
+    client = connect(e2e["uri"])
+    parent = next(
+        r for r in parent_runs(e2e["uri"]) if r.data.tags["cai.pipeline_run_id"] == second_run["run_id"]
+    )
+    stages = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`cai.stage` = 'sft'",
+    )
+    assert stages[0].data.tags["cai.reuse"] == "reused"
+
+
+# -- run 3: one comparison principle edited, killed while labelling ---------------------------------------
+
+
+def test_third_run_reuses_the_sl_cai_stages(third_run):
+    status = stage_status(third_run)
+    assert {stage: status[stage] for stage in SL_STAGES} == {stage: "reused" for stage in SL_STAGES}
+
+
+def test_third_run_runs_labelling_and_everything_after_it(third_run):
+    status = stage_status(third_run)
+    assert {stage: status[stage] for stage in AFTER_LABEL} == {stage: "ran" for stage in AFTER_LABEL}
+
+
+def test_the_kill_landed_between_the_first_and_the_last_labelling_shard(third_run):
+    assert 1 <= len(third_run["shards_before_kill"]) < 6
+
+
+def test_labelling_resumed_its_finished_shards_unchanged(third_run):
+    store = third_run["label_store"]
+    assert {k: store.read_bytes(k) for k in third_run["shards_before_kill"]} == third_run[
+        "shards_before_kill"
+    ]
+
+
+def test_labelling_labelled_every_pair_exactly_once(third_run):
+    ai = ArtifactStore.open(third_run["run_root"]).read_json("stages/label.json")["uri"]
+    pairs = ArtifactStore.open(third_run["run_root"]).read_json("stages/sample_pairs.json")["uri"]
+    labelled = [row.id for row in read_dataset(ai, Preference)]
+    assert len(labelled) == len(set(labelled)) == len(list(read_dataset(pairs, ResponsePair)))
+
+
+def test_third_run_registers_its_new_pm_and_policy_under_the_edited_constitution(third_run, e2e):
+    for role in ("pm", "rl-cai"):
+        version = version_by_alias(e2e["uri"], f"cai-harmless-{role}", "challenger")
+        assert version.tags["cai.constitution.sha256"] == third_run["edited"].sha256
+
+
+def test_third_run_keeps_the_sl_cai_version_whose_checkpoint_it_reused(first_run, third_run):
+    # The critique/revision section did not change, so neither did the SL-CAI checkpoint, and
+    # registration (idempotent by checkpoint) returns run 1's version with run 1's lineage.
+    assert third_run["versions"]["sl-cai"] == first_run["versions"]["sl-cai"]
+
+
+# -- run 4: fails at labelling ----------------------------------------------------------------------------
+
+
+def test_a_failed_run_says_which_stages_ran_before_it_failed(failed_run):
+    assert failed_run.stages[:2] == ["stage resolve: ran", "stage prepare_prompts: ran"]
+
+
+def test_a_failed_run_closes_its_mlflow_parent_run_as_failed(failed_run, e2e):
+    newest = max(parent_runs(e2e["uri"]), key=lambda run: run.info.start_time)
+    assert newest.info.status == "FAILED"

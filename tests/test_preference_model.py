@@ -216,15 +216,15 @@ def test_pm_writes_its_metrics_inside_the_checkpoint(trained_pm):
     assert ArtifactStore.open(out.parent).dir_exists(out.name)
 
 
-def test_pm_refuses_an_output_that_holds_files(tiny_model_dir, tmp_path):
+def test_pm_refuses_an_output_that_holds_a_finished_checkpoint(tiny_model_dir, tmp_path):
     out = tmp_path / "pm"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (out / "_MANIFEST.json").write_text('{"files": {}}')
     ai, human = separable_pairs()
 
-    with pytest.raises(CaiError, match="already holds files"):
+    with pytest.raises(CaiError, match="already holds a finished checkpoint"):
         train_preference_model(ai, human, str(tiny_model_dir), str(out), TINY_PM)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["_MANIFEST.json"]
 
 
 def test_pm_trains_to_s3_and_loads_from_there(tiny_model_dir, s3_bucket, tmp_path, monkeypatch):

@@ -4,6 +4,8 @@ artifacts in moto's S3) with checkpoints written to S3 by the artifact store."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -24,7 +26,10 @@ from cai_lib.registry import (
     GATE_REASON_TAG,
     LOCK_EXPIRES_TAG,
     LOCK_FOR_TAG,
+    LOCK_HOST_TAG,
     LOCK_OWNER_TAG,
+    LOCK_PID_TAG,
+    LOCK_RUN_TAG,
     LOCK_SUFFIX,
     Lineage,
     PromotionGate,
@@ -289,14 +294,44 @@ def test_registry_lock_lets_one_holder_in_at_a_time(mlflow_server):
     assert connect(mlflow_server["uri"]).search_registered_models(f"name = '{name}{LOCK_SUFFIX}'") == []
 
 
-def test_registry_lock_held_by_another_owner_times_out_naming_it(mlflow_server):
-    name, client = unique(), connect(mlflow_server["uri"])
-    held = {LOCK_FOR_TAG: name, LOCK_OWNER_TAG: "pod-a:1:abc", LOCK_EXPIRES_TAG: str(time.time() + 600)}
-    client.create_registered_model(name + LOCK_SUFFIX, tags=held)
+def held_lock(client, name: str, **holder: str) -> None:
+    """A lock on `name` as another holder left it, with a lease that has not run out."""
+    tags = {LOCK_FOR_TAG: name, LOCK_OWNER_TAG: "pod-a:1:abc", LOCK_EXPIRES_TAG: str(time.time() + 600)}
+    client.create_registered_model(name + LOCK_SUFFIX, tags={**tags, **holder})
 
-    held_elsewhere = f"promotion lock '{name}{LOCK_SUFFIX}' is held by pod-a:1:abc"
+
+def test_registry_lock_held_by_another_owner_times_out_naming_its_pipeline_run(mlflow_server):
+    name, client = unique(), connect(mlflow_server["uri"])
+    held_lock(client, name, **{LOCK_RUN_TAG: "kfp-42", LOCK_HOST_TAG: "pod-a", LOCK_PID_TAG: "1"})
+
+    held_elsewhere = (
+        f"promotion lock '{name}{LOCK_SUFFIX}' is held by pipeline run kfp-42 \\(host pod-a, pid 1\\)"
+    )
     with pytest.raises(CaiError, match=held_elsewhere), registry_lock(client, name, wait_s=0.3, poll_s=0.1):
         pass
+
+
+def test_registry_lock_held_by_an_earlier_attempt_of_the_same_run_is_taken_over(mlflow_server, monkeypatch):
+    name, client = unique(), connect(mlflow_server["uri"])
+    held_lock(client, name, **{LOCK_RUN_TAG: "kfp-42", LOCK_HOST_TAG: "pod-a", LOCK_PID_TAG: "1"})
+    monkeypatch.setenv("CAI_PIPELINE_RUN_ID", "kfp-42")  # the retried step, in another pod
+
+    with registry_lock(client, name, wait_s=5, poll_s=0.1) as owner:
+        assert client.get_registered_model(name + LOCK_SUFFIX).tags[LOCK_OWNER_TAG] == owner
+
+
+def test_registry_lock_held_by_a_process_of_this_host_that_is_gone_is_taken_over(mlflow_server):
+    name, client = unique(), connect(mlflow_server["uri"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    held_lock(
+        client,
+        name,
+        **{LOCK_RUN_TAG: "kfp-1", LOCK_HOST_TAG: socket.gethostname(), LOCK_PID_TAG: str(gone.pid)},
+    )
+
+    with registry_lock(client, name, wait_s=5, poll_s=0.1) as owner:
+        assert client.get_registered_model(name + LOCK_SUFFIX).tags[LOCK_OWNER_TAG] == owner
 
 
 def test_registry_lock_left_by_a_dead_holder_is_taken_over_after_its_lease(mlflow_server):

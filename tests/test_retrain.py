@@ -91,11 +91,10 @@ def registry(s3_bucket) -> str:
 
 
 @pytest.fixture
-def config(mlflow_server):
+def config(mlflow_server, monkeypatch):
     # A fresh model name prefix per test: the MLflow server is shared by the whole session.
-    return load_run_config(
-        None, [f"mlflow_tracking_uri={mlflow_server['uri']}", f"model_name_prefix=t{uuid.uuid4().hex[:8]}"]
-    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
+    return load_run_config(None, [f"model_name_prefix=t{uuid.uuid4().hex[:8]}"])
 
 
 @pytest.fixture
@@ -107,7 +106,7 @@ def run_retrain(repo, registry, config, kfp, dry_run=False, **kwargs):
     return retrain(repo, registry, HOST, None, config, dry_run, client=kfp, **kwargs)
 
 
-def set_champion(config, repo: Path, ref: str) -> None:
+def set_champion(config, repo: Path, ref: str, tracking_uri: str | None = None) -> None:
     """Register an RL-CAI version trained on `ref` (of the checkout) and make it champion."""
     from mlflow import MlflowClient
 
@@ -120,7 +119,8 @@ def set_champion(config, repo: Path, ref: str) -> None:
         base_model="smollm2-135m-instruct",
     )
     name = f"{config.params.model_name_prefix}-{constitution.name}-rl-cai"
-    client = MlflowClient(config.params.mlflow_tracking_uri, config.params.mlflow_tracking_uri)
+    uri = tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri, uri)
     client.create_registered_model(name)
     version = client.create_model_version(name, "s3://checkpoints/rl-cai", tags=lineage.to_tags())
     client.set_registered_model_alias(name, "champion", version.version)
@@ -135,7 +135,7 @@ def test_first_call_publishes_and_submits_the_newest_version(checkout, registry,
     assert store.exists("harmless/1.0.0.yaml")
     assert len(kfp.runs) == 1
     assert kfp.runs[0]["params"]["constitution"] == f"{registry}/harmless/1.0.0.yaml"
-    assert kfp.runs[0]["params"]["mlflow_tracking_uri"] == config.params.mlflow_tracking_uri
+    assert "mlflow_tracking_uri" not in kfp.runs[0]["params"]  # the installation's setting, not a parameter
 
 
 def test_submission_is_recorded_in_the_registry(checkout, registry, config, kfp):
@@ -221,7 +221,7 @@ def cli_dry_run(repo: Path, registry: str, config) -> str:
             registry,
             "--dry-run",
             "--tracking-uri",
-            config.params.mlflow_tracking_uri,
+            os.environ["MLFLOW_TRACKING_URI"],
         ],
         env={"KFP_HOST": ""},
     )
@@ -251,8 +251,9 @@ def laptop(tmp_path, checkout) -> Path:
     RL-CAI champion trained on harmless@1.0.0, and no registry or host configured."""
     work = tmp_path / "work"
     (work / ".cai").mkdir(parents=True)
-    db = load_run_config(None, [f"mlflow_tracking_uri=sqlite:///{work / '.cai' / 'mlflow.db'}"])
-    set_champion(db, checkout, "harmless@1.0.0")
+    set_champion(
+        load_run_config(None), checkout, "harmless@1.0.0", f"sqlite:///{work / '.cai' / 'mlflow.db'}"
+    )
     return work
 
 

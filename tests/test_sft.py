@@ -9,6 +9,7 @@ checkpoint is a plain causal LM that loads and generates.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import typer
@@ -210,13 +211,25 @@ def test_a_given_chat_template_is_used_and_kept_in_the_checkpoint(tiny_model_dir
     assert (tmp_path / "o" / "chat_template.jinja").read_text() == template
 
 
-def test_an_occupied_out_is_refused_before_training(tiny_model_dir, tmp_path):
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "config.json").write_text("{}")
+def test_a_finished_checkpoint_at_out_is_refused_before_training(full_run, tiny_model_dir):
+    _, out = full_run
+    manifest = (Path(out) / "_MANIFEST.json").read_text()
 
-    with pytest.raises(CaiError, match="already holds files"):
-        train_sft([red_team_trace()], [], str(tiny_model_dir), str(tmp_path / "ckpt"), SFTStageConfig())
-    assert (tmp_path / "ckpt" / "config.json").read_text() == "{}"
+    with pytest.raises(CaiError, match="already holds a finished checkpoint"):
+        train_sft([red_team_trace()], [], str(tiny_model_dir), out, SFTStageConfig())
+    assert (Path(out) / "_MANIFEST.json").read_text() == manifest
+
+
+def test_an_unfinished_upload_at_out_is_discarded_and_written_again(tiny_model_dir, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")  # a killed upload: no manifest
+
+    train_sft(
+        [red_team_trace()], [], str(tiny_model_dir), str(tmp_path / "ckpt"), SFTStageConfig(max_steps=1)
+    )
+
+    assert (tmp_path / "ckpt" / "config.json").read_text() != "{}"
+    assert (tmp_path / "ckpt" / "_MANIFEST.json").is_file()
 
 
 def test_helpfulness_samples_passed_as_traces_are_refused(tiny_model_dir, tmp_path):

@@ -17,7 +17,7 @@ from cai_lib.tracking import (
     MAX_PARAM_VALUE,
     TRUNCATED,
     connect,
-    end_pipeline_run,
+    finish_pipeline_run,
     stage_run,
     start_pipeline_run,
 )
@@ -42,15 +42,15 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def start(uri: str, config: dict = CONFIG, run_name: str = "run-1", experiment: str | None = None) -> str:
+def start(
+    uri: str,
+    config: dict = CONFIG,
+    pipeline_run_id: str = "kfp-123",
+    name: str = "run-1",
+    experiment: str | None = None,
+) -> str:
     return start_pipeline_run(
-        uri,
-        experiment or unique("exp"),
-        run_name,
-        config,
-        "harmless@1.0.0",
-        CONSTITUTION_SHA,
-        tags={"cai.pipeline_run_id": "kfp-123"},
+        uri, experiment or unique("exp"), pipeline_run_id, name, config, "harmless@1.0.0", CONSTITUTION_SHA
     )
 
 
@@ -80,7 +80,7 @@ def test_long_config_value_is_truncated_in_params_and_kept_whole_in_config_json(
     assert json.loads(Path(config_json).read_text()) == config
 
 
-def test_reopening_a_pipeline_run_by_name_returns_the_same_parent_run(mlflow_server):
+def test_reopening_a_pipeline_run_by_its_kfp_run_id_returns_the_same_parent_run(mlflow_server):
     experiment = unique("exp")
 
     first = start(mlflow_server["uri"], experiment=experiment)
@@ -89,13 +89,18 @@ def test_reopening_a_pipeline_run_by_name_returns_the_same_parent_run(mlflow_ser
     assert first == second
 
 
-def test_reopening_a_pipeline_run_with_another_config_is_a_cai_error(mlflow_server):
+def test_two_pipeline_runs_with_the_same_name_get_parent_runs_of_their_own(mlflow_server):
     experiment = unique("exp")
-    start(mlflow_server["uri"], experiment=experiment)
-    changed = {**CONFIG, "seeds": [3]}
 
-    with pytest.raises(CaiError, match="run-1.*different config"):
-        start(mlflow_server["uri"], changed, experiment=experiment)
+    first = start(mlflow_server["uri"], pipeline_run_id="kfp-1", name="nightly", experiment=experiment)
+    second = start(mlflow_server["uri"], pipeline_run_id="kfp-2", name="nightly", experiment=experiment)
+
+    assert first != second
+
+
+def test_the_run_name_is_the_parent_runs_display_name(mlflow_server):
+    run_id = start(mlflow_server["uri"], name="nightly retrain")
+    assert connect(mlflow_server["uri"]).get_run(run_id).info.run_name == "nightly retrain"
 
 
 def test_stage_run_is_nested_and_holds_metrics_report_and_constitution_in_s3(mlflow_server, s3_env, tmp_path):
@@ -156,14 +161,29 @@ def test_inside_a_stage_run_models_uris_resolve_against_its_tracking_store(mlflo
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
-def test_ending_a_pipeline_run_records_whether_it_succeeded(mlflow_server):
-    finished, failed = start(mlflow_server["uri"]), start(mlflow_server["uri"])
+def test_finishing_a_pipeline_run_records_whether_it_succeeded(mlflow_server):
+    experiment = unique("exp")
+    finished = start(mlflow_server["uri"], pipeline_run_id="kfp-ok", experiment=experiment)
+    failed = start(mlflow_server["uri"], pipeline_run_id="kfp-bad", experiment=experiment)
 
-    end_pipeline_run(mlflow_server["uri"], finished, succeeded=True)
-    end_pipeline_run(mlflow_server["uri"], failed, succeeded=False)
+    finish_pipeline_run(mlflow_server["uri"], experiment, "kfp-ok", succeeded=True)
+    finish_pipeline_run(mlflow_server["uri"], experiment, "kfp-bad", succeeded=False)
 
     client = connect(mlflow_server["uri"])
     assert [client.get_run(run).info.status for run in (finished, failed)] == ["FINISHED", "FAILED"]
+
+
+def test_finishing_a_run_that_never_opened_one_does_nothing(mlflow_server):
+    experiment = unique("exp")
+    start(mlflow_server["uri"], experiment=experiment)
+    assert finish_pipeline_run(mlflow_server["uri"], experiment, "kfp-never-started", succeeded=False) is None
+
+
+def test_inside_a_stage_run_the_pipeline_run_id_is_in_the_environment(mlflow_server):
+    parent_id = start(mlflow_server["uri"], pipeline_run_id="kfp-77")
+    with stage_run(mlflow_server["uri"], parent_id, "register"):
+        assert os.environ["CAI_PIPELINE_RUN_ID"] == "kfp-77"
+    assert "CAI_PIPELINE_RUN_ID" not in os.environ
 
 
 def test_unknown_parent_run_is_a_cai_error(mlflow_server):
@@ -179,7 +199,7 @@ def test_unreachable_server_from_the_environment_names_the_uri_and_the_variable(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
 
     with pytest.raises(CaiError, match=f"{uri} \\(set by MLFLOW_TRACKING_URI\\) did not answer"):
-        start_pipeline_run(None, "exp", "run-1", CONFIG, "harmless@1.0.0", CONSTITUTION_SHA)
+        start_pipeline_run(None, "exp", "kfp-1", "run-1", CONFIG, "harmless@1.0.0", CONSTITUTION_SHA)
 
 
 def test_unreachable_server_from_the_argument_says_so(monkeypatch):
