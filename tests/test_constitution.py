@@ -129,6 +129,47 @@ def test_hash_changes_when_one_principle_text_changes():
     assert Constitution.model_validate(doc).sha256 != Constitution.model_validate(edited).sha256
 
 
+def section_hashes(doc: dict) -> tuple[str, str]:
+    constitution = Constitution.model_validate(doc)
+    return constitution.section_sha256("critique_revision"), constitution.section_sha256("comparison")
+
+
+def test_editing_a_comparison_question_changes_only_the_comparison_section_hash():
+    edited = document(version="1.1.0")
+    edited["comparison"][0]["question"] = "Which response is kinder?"
+    (critique, comparison), (critique_after, comparison_after) = (
+        section_hashes(document()),
+        section_hashes(edited),
+    )
+    assert (critique_after == critique, comparison_after == comparison) == (True, False)
+
+
+def test_editing_a_critique_request_changes_only_the_critique_section_hash():
+    edited = document(version="1.1.0")
+    edited["critique_revision"][1]["critique_request"] = "Does it reveal where someone lives?"
+    (critique, comparison), (critique_after, comparison_after) = (
+        section_hashes(document()),
+        section_hashes(edited),
+    )
+    assert (critique_after == critique, comparison_after == comparison) == (False, True)
+
+
+def test_a_comparison_few_shot_example_belongs_to_the_comparison_section():
+    example = {
+        "conversation": "Human: hi",
+        "question": "Which is better?",
+        "answer_a": "Hello.",
+        "answer_b": "Go away.",
+        "preferred": "A",
+    }
+    with_example = document(few_shot={"comparison": [example]})
+    (critique, comparison), (critique_after, comparison_after) = (
+        section_hashes(document()),
+        section_hashes(with_example),
+    )
+    assert (critique_after == critique, comparison_after == comparison) == (True, False)
+
+
 def test_dumped_yaml_reads_back_to_the_same_hash():
     harmless = load_constitution("harmless@1.0.0")
     assert parse_constitution(dump_constitution(harmless), "dumped").sha256 == harmless.sha256

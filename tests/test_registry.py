@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import typer
@@ -507,3 +509,50 @@ def test_cli_models_fetch_copies_the_champion_checkpoint(mlflow_server, checkpoi
     assert f"{name} version 2 (challenger, champion) from s3://" in result.output
     assert result.output.splitlines()[-1] == str(served)
     assert (served / "model.safetensors").read_text() == "weights-2"
+
+
+def test_a_champion_whose_s3_weights_grew_by_one_byte_is_refused_naming_the_file(
+    mlflow_server, checkpoints, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
+    name = unique()
+    source = checkpoints("weights-1")
+    promote(mlflow_server["uri"], name, register(mlflow_server["uri"], name, source), None, None, GATE)
+    store = ArtifactStore.open(source)
+    store.write_bytes("model.safetensors", store.read_bytes("model.safetensors") + b"\0")
+
+    with pytest.raises(CaiError, match=f"{source}/model.safetensors: 10 bytes where the manifest says 9"):
+        resolve_model(f"models:/{name}@champion")
+
+
+def test_cai_models_fetch_of_a_local_champion_whose_weights_grew_is_one_line_naming_the_file(tmp_path):
+    # As `cai run` leaves things: a SQLite registry and checkpoints in a local artifact directory.
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    source = write_checkpoint(str(tmp_path / "artifacts"), tmp_path, "weights-1")
+    promote(
+        tracking, "cai-harmless-sl-cai", register(tracking, "cai-harmless-sl-cai", source), None, None, GATE
+    )
+    with open(f"{source}/model.safetensors", "ab") as weights:
+        weights.write(b"\0")
+
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "cai"),
+            "models",
+            "fetch",
+            "models:/cai-harmless-sl-cai@champion",
+            "--out",
+            str(tmp_path / "served"),
+            "--tracking-uri",
+            tracking,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"error: {source}/model.safetensors: 10 bytes where the manifest says 9; refusing it"
+    )

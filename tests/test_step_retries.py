@@ -2,6 +2,8 @@
 context), against moto's S3 server and a real `mlflow server`, each behind a fault-injecting
 proxy that holds one request while the test kills the step's process:
 
+- labelling killed while writing its fourth shard: the retry keeps the three finished shards as
+  they are and labels every pair exactly once;
 - SFT killed while uploading its checkpoint: the retry trains again, commits one complete
   checkpoint, and the killed attempt's files are gone;
 - `register` killed while it holds the promotion lock: the retry (the same pipeline run) takes
@@ -22,8 +24,9 @@ from fault_proxy import FaultProxy
 from cai_lib import steps
 from cai_lib.config import load_run_config
 from cai_lib.outputs import ATTEMPT_PREFIX, MARKER
-from cai_lib.records import RevisionRound, Trace
+from cai_lib.records import Preference, ResponsePair, RevisionRound, Trace
 from cai_lib.registry import LOCK_RUN_TAG, LOCK_SUFFIX, list_models, version_by_alias
+from cai_lib.shards import read_dataset
 from cai_lib.store import MANIFEST, ArtifactStore, s3_client
 from cai_lib.tracking import connect
 
@@ -70,6 +73,7 @@ def new_run(env) -> dict:
             "experiment=step-retries",
             f"model_name_prefix=r{uuid.uuid4().hex[:8]}",
             "sft={max_steps: 1, batch_size: 2, max_length: 64}",
+            "feedback={principles_per_pair: 1, shard_size: 1, batch_size: 4}",
         ],
     )
     run_id = uuid.uuid4().hex[:12]
@@ -113,6 +117,56 @@ def killed_while_held(proxy: FaultProxy, step: str, when, **arguments) -> None:
         proc.kill()
         proc.wait()
         proxy.release()
+
+
+# -- labelling killed between two shards -----------------------------------------------------------------
+
+
+def pair(i: int) -> ResponsePair:
+    return ResponsePair(
+        id=f"pair{i}",
+        prompt_id=f"p{i}",
+        prompt=f"How do I pick lock number {i}?",
+        answer_a="I can't help with that.",
+        answer_b="Use a tension wrench.",
+        model_ref="tiny",
+    )
+
+
+@pytest.fixture(scope="module")
+def label_retry(env, proxies):
+    s3, _ = proxies
+    context = new_run(env)
+    constitution = str(env["work"] / f"{context['run_id']}.yaml")
+    pairs = dataset(env, "pairs", [pair(i) for i in range(6)])
+    killed_while_held(
+        s3,
+        "label",
+        lambda method, path: (
+            method == "PUT" and "/outputs/label/" in path and path.endswith("part-00003.jsonl")
+        ),
+        context=context,
+        constitution_path=constitution,
+        pairs=pairs,
+    )
+    outputs = ArtifactStore.open(f"s3://{env['bucket']}/cai/outputs/label")
+    before = {k: outputs.read_bytes(k) for k in outputs.list() if "/data/part-" in k}
+    ref = steps.label(context, constitution, pairs)
+    return {"before": before, "outputs": outputs, "ref": ref}
+
+
+def test_the_killed_labelling_step_had_written_three_shards(label_retry):
+    assert len(label_retry["before"]) == 3
+
+
+def test_the_retry_keeps_the_finished_shards_unchanged(label_retry):
+    outputs = label_retry["outputs"]
+    assert {k: outputs.read_bytes(k) for k in label_retry["before"]} == label_retry["before"]
+
+
+def test_the_retry_labels_every_pair_exactly_once(label_retry):
+    labelled = sorted(row.id for row in read_dataset(label_retry["ref"].uri, Preference))
+    assert len(labelled) == len(set(labelled)) == label_retry["ref"].rows == 6
 
 
 # -- SFT killed during its checkpoint upload ------------------------------------------------------------
