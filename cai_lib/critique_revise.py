@@ -130,15 +130,17 @@ def critique_revise(
     out_uri: str,
     config: CritiqueReviseConfig,
     backend: GenerationBackend | None = None,
+    output_key: str | None = None,
 ) -> int:
     """Write one SL-CAI `Trace` per (deduplicated) red-team prompt under `out_uri`; returns the row count.
 
     Each trace holds the initial answer and `config.rounds` rounds (principle id, critique or None
     in no-critique mode, revision); `final_answer` is the last revision. Rows are stamped with the
     constitution's ref and sha256 and with `model_ref`. `backend` defaults to
-    `load_backend(model_ref, config.backend)`. Raises `CaiError`, writing nothing, for a
-    constitution without critique/revision principles, no prompts, or an `out_uri` that holds
-    results of other inputs.
+    `load_backend(model_ref, config.backend)`. `output_key` (what the pipeline's content key says
+    the output is) identifies the output and its rows; without it, they are identified by the
+    inputs. Raises `CaiError`, writing nothing, for a constitution without critique/revision
+    principles, no prompts, or an `out_uri` that holds results of other inputs.
     """
     if not constitution.critique_revision:
         raise CaiError(f"constitution {constitution.ref}: has no critique/revision principles")
@@ -150,6 +152,7 @@ def critique_revise(
         "model_ref": model_ref,
         "config": config.identity(),
     }
+    run = {"output_key": output_key} if output_key else run
     stamp = _stamp(run, model_ref, constitution)
 
     def make_traces(
@@ -168,17 +171,19 @@ def sample_helpful(
     out_uri: str,
     config: GenerationStageConfig,
     backend: GenerationBackend | None = None,
+    output_key: str | None = None,
 ) -> int:
     """Write the model's answer to each (deduplicated) helpfulness prompt as a `Trace` with no rounds.
 
     `final_answer` equals `initial_answer`; the constitution fields stay empty. Sharded and
-    resumable like `critique_revise`, with the same bad-input errors.
+    resumable like `critique_revise`, with the same `output_key` and bad-input errors.
     """
     run = {
         "stage": "helpful_samples",
         "model_ref": model_ref,
         "config": config.identity(GenerationStageConfig),
     }
+    run = {"output_key": output_key} if output_key else run
     stamp = _stamp(run, model_ref)
 
     def make_traces(
@@ -219,7 +224,12 @@ def _generate_traces(
         model_ref, config.backend, batch_size=config.batch_size, chat_template=config.chat_template
     )
     prompt_ids = [p.id for p in prompts]
-    inputs = {**run, "prompts": {"count": len(prompt_ids), "sha256": fingerprint({"ids": prompt_ids})}}
+    # A pipeline output's key already covers its prompts; a CLI output is identified by them.
+    inputs = (
+        run
+        if "output_key" in run
+        else {**run, "prompts": {"count": len(prompt_ids), "sha256": fingerprint({"ids": prompt_ids})}}
+    )
     output = ShardedOutput(out_uri, inputs)
     with tqdm(total=len(prompts), unit="prompt", desc=description) as bar:
         return output.run(

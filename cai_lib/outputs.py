@@ -123,6 +123,10 @@ class StageOutput:
         )
         self.store.write_text(MARKER, marker.model_dump_json(indent=2) + "\n", if_absent=True)
         standing = self.complete()
+        if standing is None:
+            raise CaiError(
+                f"{self.store.uri_of(MARKER)}: written, but not there when read back; retry the step"
+            )
         for attempt in self._attempts():
             if self.store.uri_of(attempt) != standing.uri:
                 self.store.delete(attempt)

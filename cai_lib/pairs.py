@@ -51,12 +51,14 @@ def sample_pairs(
     out_uri: str,
     config: SamplePairsConfig,
     backend: GenerationBackend | None = None,
+    output_key: str | None = None,
 ) -> int:
     """Write one `ResponsePair` per (deduplicated) prompt under `out_uri`; returns the row count.
 
     Answers A and B are sampled by two `generate` calls per shard with different seeds, batched
     across the shard's prompts. Sharded and resumable (`cai_lib.shards`); a pair's id depends on
-    its prompt, the model ref and the seed. `backend` defaults to `load_backend(model_ref,
+    its prompt and the output's identity: `output_key` when the pipeline gives one (its content
+    key), else the model ref and the seed. `backend` defaults to `load_backend(model_ref,
     config.backend)`. Raises `CaiError`, writing nothing, when there are no prompts or when
     `out_uri` holds results of other inputs.
     """
@@ -67,17 +69,21 @@ def sample_pairs(
         raise CaiError("sample pairs: no prompts given; check the prompt source")
     # Opened before the output is claimed: a model ref that does not resolve leaves nothing behind.
     model = backend or load_backend(model_ref, config.backend, batch_size=config.batch_size)
-    run = {"stage": "sample_pairs", "model_ref": model_ref, "config": config.identity()}
-    inputs = {
-        **run,
-        "prompts": {"count": len(prompts), "sha256": fingerprint({"ids": [p.id for p in prompts]})},
-    }
+    if output_key:
+        inputs, identity = {"output_key": output_key}, output_key
+    else:
+        run = {"stage": "sample_pairs", "model_ref": model_ref, "config": config.identity()}
+        inputs = {
+            **run,
+            "prompts": {"count": len(prompts), "sha256": fingerprint({"ids": [p.id for p in prompts]})},
+        }
+        identity = f"{model_ref}\0{config.seed}"
     output = ShardedOutput(out_uri, inputs)
     with tqdm(total=len(prompts), unit="prompt", desc="response pairs") as bar:
         return output.run(
             prompts,
             config.shard_size,
-            lambda shard: _sample_shard(model, shard, model_ref, config),
+            lambda shard: _sample_shard(model, shard, model_ref, identity, config),
             on_shard=bar.update,
         )
 
@@ -90,7 +96,11 @@ def pair_seeds(base_seed: int, prompt_ids: Sequence[str]) -> tuple[int, int]:
 
 
 def _sample_shard(
-    model: GenerationBackend, shard: Sequence[PromptRecord], model_ref: str, config: SamplePairsConfig
+    model: GenerationBackend,
+    shard: Sequence[PromptRecord],
+    model_ref: str,
+    identity: str,
+    config: SamplePairsConfig,
 ) -> list[ResponsePair]:
     conversations = [[{"role": "user", "content": p.prompt}] for p in shard]
     answers = []
@@ -107,7 +117,7 @@ def _sample_shard(
         answers.append([reply.strip() for reply in replies])
     pairs = [
         ResponsePair(
-            id=stable_id("pair", prompt.id, model_ref, str(config.seed)),
+            id=stable_id("pair", prompt.id, identity),
             prompt_id=prompt.id,
             prompt=prompt.prompt,
             answer_a=answer_a,

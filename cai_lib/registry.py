@@ -78,6 +78,7 @@ LOCK_EXPIRES_TAG = "cai.lock.expires_at"
 LOCK_RUN_TAG = "cai.lock.pipeline_run_id"
 LOCK_HOST_TAG = "cai.lock.host"
 LOCK_PID_TAG = "cai.lock.pid"
+LOCK_PIDNS_TAG = "cai.lock.pid_namespace"
 # Float comparisons at a threshold written by hand (0.5 - 0.45 > 0.05 in binary) must not flip.
 TOLERANCE = 1e-9
 
@@ -234,11 +235,17 @@ def _delete_lock(client: MlflowClient, lock_name: str) -> None:
 
 
 def _lock_holder() -> dict[str, str]:
-    """Who takes a lock: the pipeline run (when inside a stage run), the host and the process."""
+    """Who takes a lock: the pipeline run (when inside a stage run), the host, and the process by
+    its id and PID namespace (pods sharing a host name do not share PIDs)."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
     return {
         LOCK_RUN_TAG: os.environ.get(PIPELINE_RUN_ENV, ""),
         LOCK_HOST_TAG: socket.gethostname(),
         LOCK_PID_TAG: str(os.getpid()),
+        LOCK_PIDNS_TAG: namespace,
     }
 
 
@@ -250,11 +257,15 @@ def describe_holder(tags: dict[str, str]) -> str:
 
 def _holder_is_gone(held: dict[str, str], me: dict[str, str]) -> bool:
     """True when the holder of a lock cannot be running any more: an earlier attempt of this same
-    pipeline run (a retried step; the attempt that held the lock was killed), or a process of
-    this host that no longer exists."""
+    pipeline run (a retried step; the attempt that held the lock was killed), or a process that
+    no longer exists in this host's (and this PID namespace's) process table."""
     if held.get(LOCK_RUN_TAG) and held.get(LOCK_RUN_TAG) == me[LOCK_RUN_TAG]:
         return True
-    if held.get(LOCK_HOST_TAG) != me[LOCK_HOST_TAG] or not held.get(LOCK_PID_TAG, "").isdigit():
+    same_processes = (held.get(LOCK_HOST_TAG), held.get(LOCK_PIDNS_TAG)) == (
+        me[LOCK_HOST_TAG],
+        me[LOCK_PIDNS_TAG],
+    )
+    if not same_processes or not me[LOCK_PIDNS_TAG] or not held.get(LOCK_PID_TAG, "").isdigit():
         return False
     try:
         os.kill(int(held[LOCK_PID_TAG]), 0)

@@ -71,9 +71,6 @@ class ShardedOutput:
                 f"{self.uri}: already holds results from different inputs; choose another --out or delete it"
             )
 
-    def is_finished(self) -> bool:
-        return self.store.exists(SUCCESS)
-
     def done(self, index: int) -> bool:
         return self.store.exists(shard_name(index))
 
@@ -92,16 +89,24 @@ class ShardedOutput:
         if shard_size < 1:
             raise CaiError(f"shard size must be >= 1, got {shard_size}")
         self.claim()
-        for index, start in enumerate(range(0, len(items), shard_size)):
+        starts = range(0, len(items), shard_size)
+        for index, start in enumerate(starts):
             chunk = items[start : start + shard_size]
             if not self.done(index):
                 self.store.write_jsonl(shard_name(index), process(chunk), if_absent=True)
             if on_shard:
                 on_shard(len(chunk))
-        return self.finish()
+        return self.finish(len(starts))
 
-    def finish(self) -> int:
-        """Write the success marker (the dataset's manifest); returns the row count."""
+    def finish(self, shards: int) -> int:
+        """Write the success marker (the dataset's manifest) once all `shards` shards exist;
+        returns the row count."""
+        written = set(self.shard_keys())
+        missing = [shard_name(i) for i in range(shards) if shard_name(i) not in written]
+        if missing:
+            raise CaiError(
+                f"{self.uri}: shards {', '.join(missing)} are missing; rerun the stage to write them"
+            )
         digest, rows, files = hashlib.sha256(), 0, {}
         for key in self.shard_keys():
             with self.store.local_copy(key) as path, open(path, "rb") as handle:
@@ -159,11 +164,11 @@ def merge_datasets(uris: Sequence[str], out_uri: str) -> int:
     output = ShardedOutput(out_uri, {"merge": [[uri, summary["sha256"]] for uri, summary in parts]})
     output.claim()
     index = 0
-    for uri, _ in parts:
+    for uri, summary in parts:
         source = ArtifactStore.open(uri)
-        for key in sorted(k for k in source.list("") if is_shard(k)):
+        for key in sorted(summary.get("files") or [k for k in source.list("") if is_shard(k)]):
             if not output.done(index):
                 with source.local_copy(key) as path:
                     output.store.put_file(path, shard_name(index), if_absent=True)
             index += 1
-    return output.finish()
+    return output.finish(index)

@@ -17,6 +17,7 @@ upstream.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 from dataclasses import dataclass
@@ -28,9 +29,14 @@ from typing import Literal
 from cai_lib.errors import CaiError
 
 ConstitutionPart = Literal["critique_revision", "comparison", "evaluation"]
+# A dataset (JSONL shards, resumable), a checkpoint (files and a manifest) or a directory of results.
+Output = Literal["dataset", "checkpoint", "directory"]
 
-# Modules every generation stage runs through.
-GENERATION = ("generation", "transformers_backend", "vllm_backend", "models", "records", "shards")
+# Modules that move bytes, record runs or build keys, and never shape what a stage writes: left
+# out of every stage's code version, so that a change to them does not invalidate stored outputs.
+INFRASTRUCTURE = frozenset(
+    {"config", "errors", "outputs", "preflight", "registry", "stage_table", "steps", "store", "tracking"}
+)
 
 
 @dataclass(frozen=True)
@@ -40,103 +46,103 @@ class Stage:
     name: str
     component: str  # function of components.stages
     gpu: bool  # runs on an accelerator when a profile gives it one
-    resumable: bool  # writes shards; a rerun continues from the last finished one
-    reusable: bool  # output is content-addressed: any run with the same key reuses it
+    output: Output | None  # what it writes as a content-addressed output; None: nothing reusable
     reads: tuple[ConstitutionPart, ...] = ()  # constitution sections in its key
     settings: str | None = None  # the PipelineParams section holding its settings
-    modules: tuple[str, ...] = ()  # cai_lib modules whose source is part of its key
+    modules: tuple[str, ...] = ()  # the cai_lib modules that implement it (their imports count too)
 
     @property
     def display_name(self) -> str:
         return self.name.replace("_", " ")
 
+    @property
+    def reusable(self) -> bool:
+        """Its output is content-addressed: any run with the same key reuses it."""
+        return self.output is not None
+
+    @property
+    def resumable(self) -> bool:
+        """It writes a dataset shard by shard; a rerun continues from the last finished shard."""
+        return self.output == "dataset"
+
 
 STAGES: tuple[Stage, ...] = (
-    Stage("resolve", "resolve_run", gpu=False, resumable=False, reusable=False),
-    Stage("prepare_prompts", "prepare_prompts", gpu=False, resumable=False, reusable=False),
+    Stage("resolve", "resolve_run", gpu=False, output=None),
+    Stage("prepare_prompts", "prepare_prompts", gpu=False, output=None),
     Stage(
         "critique_revise",
         "critique_revise_shard",
         gpu=True,
-        resumable=True,
-        reusable=True,
+        output="dataset",
         reads=("critique_revision",),
         settings="critique_revise",
-        modules=("critique_revise", *GENERATION),
+        modules=("critique_revise",),
     ),
-    Stage("merge", "merge_traces", gpu=False, resumable=True, reusable=True, modules=("shards",)),
+    Stage("merge", "merge_traces", gpu=False, output="dataset", modules=("shards",)),
     Stage(
         "helpful_samples",
         "helpful_samples",
         gpu=True,
-        resumable=True,
-        reusable=True,
+        output="dataset",
         settings="critique_revise",
-        modules=("critique_revise", *GENERATION),
+        modules=("critique_revise",),
     ),
     Stage(
         "sft",
         "sft",
         gpu=True,
-        resumable=False,
-        reusable=True,
+        output="checkpoint",
         settings="sft",
-        modules=("sft", "models", "records"),
+        modules=("sft",),
     ),
     Stage(
         "sample_pairs",
         "sample_pairs",
         gpu=True,
-        resumable=True,
-        reusable=True,
+        output="dataset",
         settings="pairs",
-        modules=("pairs", *GENERATION),
+        modules=("pairs",),
     ),
     Stage(
         "label",
         "label",
         gpu=True,
-        resumable=True,
-        reusable=True,
+        output="dataset",
         reads=("comparison",),
         settings="feedback",
-        modules=("feedback", *GENERATION),
+        modules=("feedback",),
     ),
     Stage(
         "train_pm",
         "train_pm",
         gpu=True,
-        resumable=False,
-        reusable=True,
+        output="checkpoint",
         settings="preference_model",
-        modules=("preference_model", "human_preferences", "prompts", "models", "records"),
+        modules=("preference_model", "human_preferences"),
     ),
     Stage(
         "rl",
         "rl",
         gpu=True,
-        resumable=False,
-        reusable=True,
+        output="checkpoint",
         settings="rl",
-        modules=("rl", "preference_model", "models", "records"),
+        modules=("rl",),
     ),
     Stage(
         "evaluate",
         "evaluate",
         gpu=True,
-        resumable=False,
-        reusable=True,
+        output="directory",
         reads=("evaluation",),
         settings="evaluation",
-        modules=("evaluate", "feedback", "elo", "report", "preference_model", *GENERATION),
+        modules=("evaluate", "report"),
     ),
-    Stage("register", "register", gpu=False, resumable=False, reusable=False, settings="promotion"),
+    Stage("register", "register", gpu=False, output=None, settings="promotion"),
 )
 
 BY_NAME = {stage.name: stage for stage in STAGES}
 NAMES = tuple(BY_NAME)
 GPU_STAGES = tuple(s.name for s in STAGES if s.gpu)
-CPU_STAGES = tuple(s.name for s in STAGES if not s.gpu)
 
 
 def stage(name: str) -> Stage:
@@ -149,17 +155,47 @@ def stage(name: str) -> Stage:
 
 @cache
 def code_version(name: str) -> str:
-    """sha256 of the package version and the source of the stage's modules: a change to the code
-    that makes a stage's output changes its key, and a change elsewhere does not."""
+    """sha256 of the package version and the source of every module the stage runs: its own
+    modules and, transitively, the `cai_lib` modules they import (at module level or inside a
+    function), infrastructure aside. A change to code that shapes a stage's output changes its
+    key; a change elsewhere does not."""
     digest = hashlib.sha256(package_version().encode())
-    for module in sorted(stage(name).modules):
-        spec = importlib.util.find_spec(f"cai_lib.{module}")
-        if spec is None or spec.origin is None:
-            raise RuntimeError(
-                f"stage table: stage {name} names module cai_lib.{module}, which does not exist"
-            )
-        digest.update(module.encode() + b"\0" + Path(spec.origin).read_bytes())
+    for module in sorted(stage_modules(name)):
+        digest.update(module.encode() + b"\0" + _source(module).read_bytes())
     return digest.hexdigest()
+
+
+def stage_modules(name: str) -> set[str]:
+    """The `cai_lib` modules (names below `cai_lib.`) stage `name` runs, infrastructure aside."""
+    found: set[str] = set()
+    todo = list(stage(name).modules)
+    while todo:
+        module = todo.pop()
+        if module in found or module in INFRASTRUCTURE:
+            continue
+        found.add(module)
+        todo += _imports(module)
+    return found
+
+
+def _source(module: str) -> Path:
+    spec = importlib.util.find_spec(f"cai_lib.{module}")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"stage table: module cai_lib.{module} does not exist")
+    return Path(spec.origin)
+
+
+def _imports(module: str) -> list[str]:
+    """The `cai_lib` modules `module` imports anywhere in its source."""
+    names = []
+    for node in ast.walk(ast.parse(_source(module).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "cai_lib":
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cai_lib."):
+            names.append(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names += [a.name.split(".")[1] for a in node.names if a.name.startswith("cai_lib.")]
+    return [n for n in names if n != "cli"]
 
 
 def package_version() -> str:

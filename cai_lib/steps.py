@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from cai_lib import stage_table
 from cai_lib.config import PipelineParams, Platform
 from cai_lib.constitution import (
     Constitution,
@@ -36,8 +37,8 @@ from cai_lib.constitution import (
 from cai_lib.errors import CaiError
 from cai_lib.outputs import OutputMarker, StageOutput, StageRecord, record_of, summary_lines
 from cai_lib.records import PromptRecord, ResponsePair, Trace
-from cai_lib.shards import dataset_summary, fingerprint, merge_datasets, read_dataset
-from cai_lib.stage_table import NAMES, code_version
+from cai_lib.shards import SUCCESS, dataset_summary, fingerprint, merge_datasets, read_dataset
+from cai_lib.stage_table import NAMES, ConstitutionPart, Output, code_version
 from cai_lib.store import ArtifactStore, join_uri
 from cai_lib.tracking import StageRun, finish_pipeline_run, stage_run, start_pipeline_run
 
@@ -72,6 +73,14 @@ class DataRef(BaseModel):
         return cls(uri=marker.uri, kind=marker.kind, rows=marker.rows, sha256=marker.sha256)
 
 
+class PinnedModel(BaseModel):
+    """A model reference fixed for the whole run: every stage loads the same checkpoint even if an
+    alias (`models:/NAME@champion`) moves while the run goes on."""
+
+    load: str = Field(description="The reference stages load: an alias becomes models:/NAME/VERSION.")
+    content: str = Field(description="Content identity of the checkpoint (see cai_lib.models.pin_model).")
+
+
 class RunContext(BaseModel):
     """What every step after the first knows about the pipeline run."""
 
@@ -81,6 +90,15 @@ class RunContext(BaseModel):
     artifact_root: str
     tracking_uri: str
     parent_run_id: str = Field(description="MLflow parent run id.")
+    models: dict[str, PinnedModel] = Field(
+        default_factory=dict, description="Each model reference of the run, pinned once by the first step."
+    )
+
+    def model(self, ref: str) -> PinnedModel:
+        """The pin of `ref`: what to load and its content identity (for output keys)."""
+        if ref not in self.models:
+            raise CaiError(f"model '{ref}': not pinned by the run's first step")
+        return self.models[ref]
 
     @property
     def run_root(self) -> str:
@@ -121,11 +139,15 @@ def numeric(values: dict) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def model_identity(ref: str) -> dict:
-    """A model reference and the content identity of what it names, for output keys."""
-    from cai_lib.models import model_fingerprint
+def constitution_part(constitution: Constitution, part: ConstitutionPart, params: PipelineParams) -> str:
+    """sha256 of the part of `constitution` a stage reads (see `cai_lib.stage_table`)."""
+    from cai_lib.evaluate import evaluation_part, judging_principles
 
-    return {"ref": ref, "content": model_fingerprint(ref)}
+    if part == "evaluation":
+        return canonical_sha256(
+            evaluation_part(constitution, judging_principles(constitution, params.evaluation))
+        )
+    return constitution.section_sha256(part)
 
 
 # -- recording what each stage did -------------------------------------------------------------------
@@ -172,59 +194,54 @@ def record(ctx: RunContext, run: StageRun, marker: OutputMarker, shard: int | No
     return entry
 
 
+Write = Callable[[str, str], dict | None]
+
+
 def produce(
     ctx: RunContext,
     name: str,
     identity: dict,
-    make: Callable[[StageOutput], OutputMarker],
+    write: Write,
+    constitution: Constitution | None = None,
     shard: int | None = None,
     then: Callable[[StageRun, OutputMarker], None] | None = None,
 ) -> OutputMarker:
-    """The output of stage `name` for `identity`: the complete one if any run made it, else
-    `make(output)`'s. Either way the stage run and the run's folder record what happened; `then`
-    runs last inside the stage run (e.g. to log this run's report)."""
-    output = StageOutput(ctx.outputs_root, name, {"code": code_version(name), **identity})
+    """The output of stage `name` for `identity`: the complete one if any run made it, else the
+    one `write(uri, key)` makes now. The key adds to `identity` the stage's code version and the
+    constitution parts the stage table says it reads. Either way the stage run and the run's
+    folder record what happened; `then` runs last inside the stage run (e.g. to log a report)."""
+    stage = stage_table.stage(name)
+    parts = {part: constitution_part(constitution, part, ctx.params) for part in stage.reads}
+    output = StageOutput(
+        ctx.outputs_root, name, {"code": code_version(name), **identity, "constitution": parts}
+    )
     with recorded(ctx, name, shard) as run:
-        marker = output.complete() or make(output)
+        marker = output.complete() or make(ctx, stage.output, output, write)
         record(ctx, run, marker, shard)
         if then:
             then(run, marker)
     return marker
 
 
-def make_dataset(ctx: RunContext, write: Callable[[str], object]) -> Callable[[StageOutput], OutputMarker]:
-    """A maker for a sharded dataset: `write(uri)` fills (or resumes) `<key>/data`, then the
-    output is committed."""
-
-    def make(output: StageOutput) -> OutputMarker:
-        uri = output.data_uri()
-        write(uri)
-        summary = dataset_summary(uri)
-        return output.commit(
-            uri,
-            "dataset",
-            ctx.run_id,
-            rows=summary["rows"],
-            sha256=summary["sha256"],
-            metrics={"rows": summary["rows"]},
-        )
-
-    return make
-
-
-def make_checkpoint(ctx: RunContext, train: Callable[[str], dict]) -> Callable[[StageOutput], OutputMarker]:
-    """A maker for a checkpoint: `train(uri)` writes it into a fresh attempt prefix and returns its
-    metrics; the attempt is committed by the output's marker."""
+def make(ctx: RunContext, kind: Output, output: StageOutput, write: Write) -> OutputMarker:
+    """Write and commit a stage's output. A dataset fills (or resumes) `<key>/data`, unless it was
+    finished before the commit was interrupted; a checkpoint or results directory goes to a fresh
+    attempt prefix, committed by the output's marker."""
     from cai_lib.registry import checkpoint_manifest_sha256
 
-    def make(output: StageOutput) -> OutputMarker:
-        uri = output.new_attempt()
-        metrics = numeric(train(uri))
+    if kind == "dataset":
+        uri = output.data_uri()
+        if not ArtifactStore.open(uri).exists(SUCCESS):
+            write(uri, output.key)
+        summary = dataset_summary(uri)
+        rows = summary["rows"]
         return output.commit(
-            uri, "checkpoint", ctx.run_id, sha256=checkpoint_manifest_sha256(uri), metrics=metrics
+            uri, "dataset", ctx.run_id, rows=rows, sha256=summary["sha256"], metrics={"rows": rows}
         )
-
-    return make
+    uri = output.new_attempt()
+    metrics = numeric(write(uri, output.key) or {})
+    sha256 = checkpoint_manifest_sha256(uri) if kind == "checkpoint" else None
+    return output.commit(uri, kind, ctx.run_id, sha256=sha256, metrics=metrics)
 
 
 # -- steps -----------------------------------------------------------------------------------------
@@ -237,11 +254,14 @@ def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) ->
 
     Writes the pinned constitution YAML to `constitution_path` (a small KFP artifact every later
     step reads, so a run is reproducible whatever happens to the registry) and returns the run
-    context as a dict. Everything a user can get wrong fails here, before any model loads.
+    context as a dict, with each model reference pinned to what it names now (so an alias that
+    moves mid-run does not change what later stages load). Everything a user can get wrong fails
+    here, before any model loads.
     """
     from pydantic import ValidationError
 
     from cai_lib.config import format_validation_error
+    from cai_lib.models import pin_model
     from cai_lib.preflight import check_run
 
     try:
@@ -254,6 +274,9 @@ def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) ->
     Path(constitution_path).parent.mkdir(parents=True, exist_ok=True)
     Path(constitution_path).write_text(dump_constitution(constitution))
     display = checked.run_name or run_name
+    models = {
+        ref: PinnedModel(**pin_model(ref)._asdict()) for ref in {checked.base_model, checked.feedback_model}
+    }
     parent = start_pipeline_run(
         platform.tracking_uri,
         checked.experiment,
@@ -270,6 +293,7 @@ def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) ->
         artifact_root=platform.artifact_root,
         tracking_uri=platform.tracking_uri,
         parent_run_id=parent,
+        models=models,
     )
     folder = ArtifactStore.open(ctx.run_root)
     folder.write_text("constitution.yaml", dump_constitution(constitution))
@@ -300,9 +324,9 @@ def prepare_prompts(context: dict) -> dict[str, DataRef]:
                 "prepare_prompts",
                 {"split": split, "rows": fingerprint({"rows": [r.model_dump() for r in rows]})},
             )
-            marker = output.complete() or make_dataset(
-                ctx, lambda uri, rows=rows: write_finished_dataset(uri, rows)
-            )(output)
+            marker = output.complete() or make(
+                ctx, "dataset", output, lambda uri, _, rows=rows: write_finished_dataset(uri, rows)
+            )
             refs[split] = DataRef.of(marker)
             run.log_stage_metrics({f"{split}_prompts": len(rows)})
         write_record(
@@ -331,21 +355,19 @@ def critique_revise_shard(context: dict, constitution_path: str, prompts: str, s
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
-    source = DataRef.read(prompts)
+    source, model = DataRef.read(prompts), ctx.model(p.base_model)
     constitution = pinned_constitution(constitution_path)
     identity = {
-        "inputs": {"prompts": source.sha256},
+        "inputs": {"prompts": source.sha256, "model": model.content},
         "slice": [shard, p.num_shards],
-        "model": model_identity(p.base_model),
         "settings": p.critique_revise.identity(),
-        "constitution": constitution.section_sha256("critique_revision"),
     }
 
-    def write(uri: str) -> None:
+    def write(uri: str, key: str) -> None:
         rows = list(read_dataset(source.uri, PromptRecord))[shard :: p.num_shards]
-        critique_revise(rows, constitution, p.base_model, uri, p.critique_revise)
+        critique_revise(rows, constitution, model.load, uri, p.critique_revise, output_key=key)
 
-    return DataRef.of(produce(ctx, "critique_revise", identity, make_dataset(ctx, write), shard=shard))
+    return DataRef.of(produce(ctx, "critique_revise", identity, write, constitution, shard=shard))
 
 
 @one_line_errors
@@ -355,9 +377,7 @@ def merge(context: dict, parts: list[str], name: str) -> DataRef:
     refs = [DataRef.model_validate_json(part) for part in parts]
     identity = {"of": name, "inputs": [ref.sha256 for ref in refs]}
     return DataRef.of(
-        produce(
-            ctx, "merge", identity, make_dataset(ctx, lambda uri: merge_datasets([r.uri for r in refs], uri))
-        )
+        produce(ctx, "merge", identity, lambda uri, _: merge_datasets([r.uri for r in refs], uri))
     )
 
 
@@ -368,17 +388,17 @@ def helpful_samples(context: dict, prompts: str) -> DataRef:
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
-    source = DataRef.read(prompts)
+    source, model = DataRef.read(prompts), ctx.model(p.base_model)
     identity = {
-        "inputs": {"prompts": source.sha256},
-        "model": model_identity(p.base_model),
+        "inputs": {"prompts": source.sha256, "model": model.content},
         "settings": p.critique_revise.identity(GenerationStageConfig),
     }
 
-    def write(uri: str) -> None:
-        sample_helpful(list(read_dataset(source.uri, PromptRecord)), p.base_model, uri, p.critique_revise)
+    def write(uri: str, key: str) -> None:
+        rows = list(read_dataset(source.uri, PromptRecord))
+        sample_helpful(rows, model.load, uri, p.critique_revise, output_key=key)
 
-    return DataRef.of(produce(ctx, "helpful_samples", identity, make_dataset(ctx, write)))
+    return DataRef.of(produce(ctx, "helpful_samples", identity, write))
 
 
 @one_line_errors
@@ -388,23 +408,17 @@ def sft(context: dict, traces: str, helpful: str) -> tuple[DataRef, dict]:
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
-    data, samples = DataRef.read(traces), DataRef.read(helpful)
+    data, samples, model = DataRef.read(traces), DataRef.read(helpful), ctx.model(p.base_model)
     identity = {
-        "inputs": {"traces": data.sha256, "helpful": samples.sha256},
-        "model": model_identity(p.base_model),
+        "inputs": {"traces": data.sha256, "helpful": samples.sha256, "model": model.content},
         "settings": p.sft.model_dump(mode="json"),
     }
 
-    def train(uri: str) -> dict:
-        return train_sft(
-            list(read_dataset(data.uri, Trace)),
-            list(read_dataset(samples.uri, Trace)),
-            p.base_model,
-            uri,
-            p.sft,
-        ).model_dump()
+    def write(uri: str, _: str) -> dict:
+        rows = list(read_dataset(data.uri, Trace))
+        return train_sft(rows, list(read_dataset(samples.uri, Trace)), model.load, uri, p.sft).model_dump()
 
-    marker = produce(ctx, "sft", identity, make_checkpoint(ctx, train))
+    marker = produce(ctx, "sft", identity, write)
     return DataRef.of(marker), marker.metrics
 
 
@@ -418,10 +432,10 @@ def sample_pairs(context: dict, prompts: str, policy: str) -> DataRef:
     source, model = DataRef.read(prompts), DataRef.read(policy)
     identity = {"inputs": {"prompts": source.sha256, "policy": model.sha256}, "settings": p.pairs.identity()}
 
-    def write(uri: str) -> None:
-        sample(list(read_dataset(source.uri, PromptRecord)), model.uri, uri, p.pairs)
+    def write(uri: str, key: str) -> None:
+        sample(list(read_dataset(source.uri, PromptRecord)), model.uri, uri, p.pairs, output_key=key)
 
-    return DataRef.of(produce(ctx, "sample_pairs", identity, make_dataset(ctx, write)))
+    return DataRef.of(produce(ctx, "sample_pairs", identity, write))
 
 
 @one_line_errors
@@ -431,20 +445,15 @@ def label(context: dict, constitution_path: str, pairs: str) -> DataRef:
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
-    source = DataRef.read(pairs)
+    source, model = DataRef.read(pairs), ctx.model(p.feedback_model)
     constitution = pinned_constitution(constitution_path)
-    identity = {
-        "inputs": {"pairs": source.sha256},
-        "model": model_identity(p.feedback_model),
-        "settings": p.feedback.identity(),
-        "constitution": constitution.section_sha256("comparison"),
-    }
+    identity = {"inputs": {"pairs": source.sha256, "model": model.content}, "settings": p.feedback.identity()}
 
-    def write(uri: str) -> None:
+    def write(uri: str, key: str) -> None:
         rows = list(read_dataset(source.uri, ResponsePair))
-        label_preferences(rows, constitution, p.feedback_model, uri, p.feedback)
+        label_preferences(rows, constitution, model.load, uri, p.feedback, output_key=key)
 
-    return DataRef.of(produce(ctx, "label", identity, make_dataset(ctx, write)))
+    return DataRef.of(produce(ctx, "label", identity, write, constitution))
 
 
 @one_line_errors
@@ -456,19 +465,22 @@ def train_pm(context: dict, labels: str) -> tuple[DataRef, dict]:
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
-    ai = DataRef.read(labels)
+    ai, model = DataRef.read(labels), ctx.model(p.base_model)
     human = read_human_preferences(p.human_preferences, limit=p.num_human) if p.human_preferences else []
     identity = {
-        "inputs": {"labels": ai.sha256, "human": fingerprint({"rows": [h.model_dump() for h in human]})},
-        "model": model_identity(p.base_model),
+        "inputs": {
+            "labels": ai.sha256,
+            "human": fingerprint({"rows": [h.model_dump() for h in human]}),
+            "model": model.content,
+        },
         "settings": p.preference_model.model_dump(mode="json"),
     }
 
-    def train(uri: str) -> dict:
+    def write(uri: str, _: str) -> dict:
         rows = list(read_dataset(ai.uri, Preference))
-        return train_preference_model(rows, human, p.base_model, uri, p.preference_model).model_dump()
+        return train_preference_model(rows, human, model.load, uri, p.preference_model).model_dump()
 
-    marker = produce(ctx, "train_pm", identity, make_checkpoint(ctx, train))
+    marker = produce(ctx, "train_pm", identity, write)
     return DataRef.of(marker), marker.metrics
 
 
@@ -495,12 +507,12 @@ def rl(
         "settings": p.rl.model_dump(mode="json"),
     }
 
-    def train(uri: str) -> dict:
+    def write(uri: str, _: str) -> dict:
         prompts = [row for ref in sources.values() for row in read_dataset(ref.uri, PromptRecord)]
         preferences = list(read_dataset(pairs.uri, Preference)) if dpo else None
         return train_rl(start.uri, reward.uri, prompts, uri, p.rl, preferences).model_dump()
 
-    marker = produce(ctx, "rl", identity, make_checkpoint(ctx, train))
+    marker = produce(ctx, "rl", identity, write)
     return DataRef.of(marker), marker.metrics
 
 
@@ -540,7 +552,7 @@ def evaluate(
     the stored results to `results_path`; returns the flat metrics.
     """
     from cai_lib.evaluate import evaluate as run_evaluation
-    from cai_lib.evaluate import evaluation_part, judging_principles, load_result
+    from cai_lib.evaluate import load_result
     from cai_lib.report import render_report
 
     ctx = RunContext.model_validate(context)
@@ -557,7 +569,8 @@ def evaluate(
             ("pm", reward_model),
         )
     }
-    policies = {"base": p.base_model, "sl-cai": refs["sl-cai"].uri, "rl-cai": refs["rl-cai"].uri}
+    base, judge = ctx.model(p.base_model), ctx.model(p.feedback_model)
+    policies = {"base": base.load, "sl-cai": refs["sl-cai"].uri, "rl-cai": refs["rl-cai"].uri}
     champion = champion_source(ctx, constitution)
     # A champion that is this run's own RL-CAI checkpoint (a rerun with nothing changed) would
     # only be compared with itself.
@@ -566,21 +579,20 @@ def evaluate(
     if champion:
         policies["champion"] = champion[1]
     identity = {
-        "inputs": {name: ref.sha256 for name, ref in refs.items()},
-        "champion": champion[2] if champion else None,
-        "models": {"base": model_identity(p.base_model), "feedback": model_identity(p.feedback_model)},
+        "inputs": {
+            **{name: ref.sha256 for name, ref in refs.items()},
+            "champion": champion[2] if champion else None,
+            "base": base.content,
+            "judge": judge.content,
+        },
         "settings": p.evaluation.model_dump(mode="json", exclude={"batch_size"}),
-        "constitution": canonical_sha256(
-            evaluation_part(constitution, judging_principles(constitution, p.evaluation))
-        ),
     }
 
-    def make(output: StageOutput) -> OutputMarker:
-        uri = output.new_attempt()
+    def write(uri: str, _: str) -> dict:
         result = run_evaluation(
             policies,
             refs["pm"].uri,
-            p.feedback_model,
+            judge.load,
             constitution,
             list(read_dataset(refs["red_team"].uri, PromptRecord)),
             list(read_dataset(refs["helpful"].uri, PromptRecord)),
@@ -588,14 +600,14 @@ def evaluate(
             p.evaluation,
             list(read_dataset(refs["traces"].uri, Trace)),
         )
-        return output.commit(uri, "directory", ctx.run_id, metrics=result.flat_metrics())
+        return result.flat_metrics()
 
     def report(run: StageRun, marker: OutputMarker) -> None:
         render_report(load_result(marker.uri), report_path, run_summary(ctx.run_root))
         ArtifactStore.open(ctx.run_root).put_file(report_path, REPORT_FILE)
         run.log_artifact(report_path, "report")
 
-    marker = produce(ctx, "evaluate", identity, make, then=report)
+    marker = produce(ctx, "evaluate", identity, write, constitution, then=report)
     pointer = {"uri": marker.uri, "champion_version": champion[0] if champion else None}
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
     Path(results_path).write_text(json.dumps(pointer))
@@ -637,7 +649,8 @@ def register(
     pointer = json.loads(Path(results).read_text())
     data = {"traces": DataRef.read(traces).uri, "preferences": DataRef.read(labels).uri}
     checkpoints = {"pm": reward_model, "sl-cai": sl_policy, "rl-cai": rl_policy}
-    bases = {"pm": p.base_model, "sl-cai": p.base_model, "rl-cai": DataRef.read(sl_policy).uri}
+    base = ctx.model(p.base_model).load  # a models:/ alias as the version it named when the run began
+    bases = {"pm": base, "sl-cai": base, "rl-cai": DataRef.read(sl_policy).uri}
     versions = {}
     with recorded(ctx, "register") as run:
         for role, path in checkpoints.items():
@@ -698,7 +711,18 @@ def finish(run_id: str, experiment: str, state: str, error: str = "") -> str:
 
     platform = Platform.from_environment()
     succeeded = state == "SUCCEEDED"
-    parent = finish_pipeline_run(platform.tracking_uri, experiment, run_id, succeeded)
+    # Both are tried whatever the other does; a failure of either fails the task, which KFP retries.
+    released, parent, errors = [], None, []
+    try:
+        released = release_run_locks(platform.tracking_uri, run_id)
+    except Exception as err:  # noqa: BLE001 - collected and raised below
+        errors.append(f"releasing promotion locks: {err}")
+    try:
+        parent = finish_pipeline_run(platform.tracking_uri, experiment, run_id, succeeded)
+    except Exception as err:  # noqa: BLE001 - collected and raised below
+        errors.append(f"closing the MLflow run: {err}")
+    if errors:
+        raise CaiError(f"exit handler of pipeline run {run_id}: {'; '.join(errors)}")
     folder = ArtifactStore.open(join_uri(platform.artifact_root, "runs", run_id))
     outcome = json.dumps(
         {
@@ -706,7 +730,7 @@ def finish(run_id: str, experiment: str, state: str, error: str = "") -> str:
             "state": state,
             "error": error,
             "mlflow_run": parent,
-            "locks_released": release_run_locks(platform.tracking_uri, run_id),
+            "locks_released": released,
             "stages": run_summary(folder.uri),
             "summary": folder.read_json(SUMMARY_FILE) if folder.exists(SUMMARY_FILE) else None,
         }

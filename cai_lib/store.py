@@ -9,7 +9,8 @@ a pod (S3). What it promises:
   every file's size and sha256, is written, last.
 - **Create-only writes.** `write_bytes(..., if_absent=True)` and `put_file(..., if_absent=True)`
   write only when the key does not exist and report whether they did: S3 conditional writes
-  (`If-None-Match: *`), a hard link on a local disk. Two writers of one key cannot interleave.
+  (`If-None-Match: *`), a hard link on a local disk. Two writers of one key cannot interleave. A
+  store without conditional writes is refused in one line rather than trusted.
 - **Streaming.** Files move to and from S3 through boto3's transfer manager (multipart, with its
   own retries of interrupted streams), never whole in memory.
 - **Verified downloads.** `get_dir` refuses a manifest entry that would land outside the
@@ -29,10 +30,10 @@ import functools
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -44,7 +45,6 @@ from cai_lib.errors import CaiError
 
 MANIFEST = "_MANIFEST.json"
 T = TypeVar("T", bound=BaseModel)
-log = logging.getLogger(__name__)
 
 
 def is_s3(uri: str) -> bool:
@@ -243,8 +243,9 @@ class ArtifactStore:
 def checkpoint_location(out_uri: str) -> tuple[ArtifactStore, str]:
     """(store of the parent, name) where a checkpoint is written with `put_dir`.
 
-    A finished checkpoint there (its manifest written) is refused: a checkpoint is never
-    overwritten. An unfinished one, left by an upload that was killed, is discarded.
+    A location that holds anything is refused, a finished checkpoint (its manifest written) as
+    well as other files, which may be someone's data: nothing is overwritten or deleted. (Pipeline
+    steps write each attempt under a fresh prefix, so a killed upload never blocks a retry.)
     """
     if is_s3(out_uri):
         parent, _, name = str(out_uri).rstrip("/").rpartition("/")
@@ -259,8 +260,10 @@ def checkpoint_location(out_uri: str) -> tuple[ArtifactStore, str]:
             f"{out_uri}: already holds a finished checkpoint; choose another --out (nothing was overwritten)"
         )
     if store.list(name):
-        log.warning("%s: discarding an unfinished checkpoint (no %s)", out_uri, MANIFEST)
-        store.delete(name)
+        raise CaiError(
+            f"{out_uri}: holds files but no finished checkpoint (no {MANIFEST}: an interrupted upload, or other "
+            "data); delete it or choose another --out (nothing was overwritten)"
+        )
     return store, name
 
 
@@ -300,6 +303,11 @@ def _publish_local(fill, path: Path, if_absent: bool) -> bool:
                 os.link(tmp, path)
             except FileExistsError:
                 return False
+            except OSError as err:
+                raise CaiError(
+                    f"{path}: this file system cannot make hard links ({err.strerror}), which create-only writes "
+                    "use; keep the artifact root on a local disk or in S3"
+                ) from None
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -370,6 +378,10 @@ class LocalStore(ArtifactStore):
             path.unlink(missing_ok=True)
 
 
+# Answers to a conditional write that its caller interprets: the object exists (412), or another
+# conditional write of the same key is in flight (409).
+CONDITIONAL_ANSWERS = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+CONFLICT_RETRIES = 5
 # S3 error codes that mean "try again later": botocore retries them; when they outlast the
 # retry budget the endpoint is down, which is said in one line.
 TRANSIENT_CODES = {
@@ -408,7 +420,7 @@ class S3Store(ArtifactStore):
     def _call(self, what: str, key: str, fn, **kwargs):
         """Run one S3 operation, turning what a user can fix (credentials, bucket, endpoint) and an
         outage that outlasted the retries into one-line `CaiError`s."""
-        from boto3.exceptions import S3UploadFailedError
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         uri = f"s3://{self.bucket}/{self._key(key)}"
@@ -427,6 +439,13 @@ class S3Store(ArtifactStore):
         except ClientError as err:
             code = str(err.response.get("Error", {}).get("Code", ""))
             status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in CONDITIONAL_ANSWERS:
+                raise  # the caller of a conditional write decides what they mean
+            if code == "NotImplemented" and "IfNoneMatch" in kwargs:
+                raise CaiError(
+                    f"S3 endpoint {endpoint} does not support conditional writes (If-None-Match), which cai needs "
+                    "to keep concurrent writers of one output apart; use AWS S3, MinIO or another store that does"
+                ) from None
             if code == "NoSuchBucket":
                 raise CaiError(f"{uri}: bucket '{self.bucket}' does not exist") from None
             if code in ("NoSuchKey", "404"):
@@ -442,19 +461,22 @@ class S3Store(ArtifactStore):
                     f"({code or status}); check the endpoint, or raise CAI_S3_MAX_ATTEMPTS"
                 ) from None
             raise
-        except BotoCoreError as err:
+        except (BotoCoreError, RetriesExceededError) as err:
+            # RetriesExceededError: a streamed download that kept breaking off.
             raise CaiError(
                 f"S3 endpoint {endpoint} unreachable after {attempts} attempts to {what} {uri} "
                 f"({type(err).__name__}); check AWS_ENDPOINT_URL_S3"
             ) from None
 
     def _bucket_missing(self) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self._client.head_bucket(Bucket=self.bucket)
         except ClientError as err:
             return str(err.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchBucket")
+        except BotoCoreError:
+            return False  # the object's own error is the one to report
         return False
 
     def write_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
@@ -474,29 +496,25 @@ class S3Store(ArtifactStore):
         return True
 
     def _put(self, key: str, body, if_absent: bool) -> bool:
+        """PUT `body` at `key`; with `if_absent`, a conditional write (`If-None-Match: *`): False
+        when the object exists (412). A 409 means another conditional write of the key is in
+        flight, whose outcome is unknown yet, so it is retried until one of them stands."""
         from botocore.exceptions import ClientError
 
         extra = {"IfNoneMatch": "*"} if if_absent else {}
-        try:
-            self._call("write", key, self._client.put_object, Key=self._key(key), Body=body, **extra)
-        except ClientError as err:
-            code = err.response.get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                return False
-            if code == "NotImplemented" and if_absent:
-                return self._put_if_absent_without_conditions(key, body)
-            raise
-        return True
-
-    def _put_if_absent_without_conditions(self, key: str, body) -> bool:
-        # Stores without conditional writes: check, then write. Two writers can both pass the
-        # check; callers only use create-only writes for content that is the same either way.
-        _warn_no_conditional_writes(self._client.meta.endpoint_url)
-        if self.exists(key):
-            return False
-        body.seek(0)
-        self._call("write", key, self._client.put_object, Key=self._key(key), Body=body)
-        return True
+        for attempt in range(CONFLICT_RETRIES):
+            body.seek(0)
+            try:
+                self._call("write", key, self._client.put_object, Key=self._key(key), Body=body, **extra)
+                return True
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code", ""))
+                if code in ("PreconditionFailed", "412"):
+                    return False
+                if code not in ("ConditionalRequestConflict", "409") or attempt == CONFLICT_RETRIES - 1:
+                    raise
+                time.sleep(1.0 + attempt)
+        raise AssertionError("unreachable")
 
     def get_file(self, key: str, local: str | Path) -> Path:
         local = Path(local)
@@ -545,15 +563,6 @@ class S3Store(ArtifactStore):
     def delete(self, key: str) -> None:
         for rel in self.list(key) or [key]:
             self._call("delete", rel, self._client.delete_object, Key=self._key(rel))
-
-
-@functools.cache
-def _warn_no_conditional_writes(endpoint: str) -> None:
-    log.warning(
-        "S3 endpoint %s does not support conditional writes (If-None-Match); "
-        "create-only writes fall back to check-then-write",
-        endpoint,
-    )
 
 
 def s3_client():

@@ -210,9 +210,10 @@ def _pipeline_filter(pipeline_run_id: str) -> str:
 def finish_pipeline_run(
     tracking_uri: str | None, experiment: str, pipeline_run_id: str, succeeded: bool
 ) -> str | None:
-    """Close the parent run of `pipeline_run_id` as FINISHED or FAILED (what a pipeline's exit
-    handler does, whatever happened to its steps); returns its MLflow run id, or None when the
-    run never opened one (it failed before its first step finished)."""
+    """Close the parent run of `pipeline_run_id` as FINISHED or FAILED, and any of its stage runs
+    left RUNNING (by killed pods) as FAILED: what a pipeline's exit handler does, whatever
+    happened to its steps. Returns its MLflow run id, or None when the run never opened one (it
+    failed before its first step finished)."""
     client = connect(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -220,8 +221,16 @@ def finish_pipeline_run(
     runs = client.search_runs([found.experiment_id], _pipeline_filter(pipeline_run_id), max_results=1)
     if not runs:
         return None
-    client.set_terminated(runs[0].info.run_id, "FINISHED" if succeeded else "FAILED")
-    return runs[0].info.run_id
+    parent = runs[0].info.run_id
+    # Stage runs still RUNNING belong to pods that were killed and never retried.
+    orphans = client.search_runs(
+        [found.experiment_id],
+        f"tags.`{PARENT_RUN_TAG}` = {filter_literal(parent, 'parent run id')} and attributes.status = 'RUNNING'",
+    )
+    for run in orphans:
+        client.set_terminated(run.info.run_id, "FAILED")
+    client.set_terminated(parent, "FINISHED" if succeeded else "FAILED")
+    return parent
 
 
 class StageRun:

@@ -124,6 +124,8 @@ class _Tasks:
         )
         task.set_display_name("finish")
         task.set_caching_options(False)
+        if self.deploy.retries:
+            task.set_retry(self.deploy.retries, backoff_duration="30s")
         self.environment(task)
         return task
 

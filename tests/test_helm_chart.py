@@ -30,6 +30,8 @@ KUBERNETES_VERSION = "1.31"
 RELEASE = "cai"
 NAMESPACE = "ml-team"
 FULLNAME = "cai-cai-platform"
+# The installation settings' ConfigMap: the name the committed pipeline reads (DeployConfig's default).
+ENV_CONFIGMAP = "cai-env"
 CHART_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
 # Rewrites the generated deploy files (the chart's copy of constitutions/, the kustomize manifests)
 # instead of comparing them; see docs/deploy.md.
@@ -180,7 +182,7 @@ def test_the_run_config_is_accepted_by_the_pipelines_run_config_model(variant, t
     assert config.deploy.image_cpu == "ghcr.io/cai-platform/cai:0.1.0"
     assert config.deploy.image_gpu == "ghcr.io/cai-platform/cai-gpu:0.1.0"
     assert config.deploy.secrets.s3_secret == "cai-s3"
-    assert config.deploy.secrets.env_configmap == f"{FULLNAME}-env"
+    assert config.deploy.secrets.env_configmap == ENV_CONFIGMAP
 
 
 # -- what the defaults install --------------------------------------------------------------------
@@ -190,7 +192,7 @@ def test_defaults_install_rbac_config_the_retrain_cronjob_and_an_mlflow_server()
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in render_objects())
     assert kinds == [
         ("ConfigMap", f"{FULLNAME}-config"),
-        ("ConfigMap", f"{FULLNAME}-env"),
+        ("ConfigMap", ENV_CONFIGMAP),
         ("ConfigMap", "kfp-launcher"),
         ("CronJob", f"{FULLNAME}-retrain"),
         ("Deployment", f"{FULLNAME}-mlflow"),
@@ -208,7 +210,7 @@ def test_the_role_grants_exactly_what_cai_retrain_needs():
         {
             "apiGroups": [""],
             "resources": ["configmaps"],
-            "resourceNames": [f"{FULLNAME}-config", f"{FULLNAME}-env", "kfp-launcher"],
+            "resourceNames": [f"{FULLNAME}-config", ENV_CONFIGMAP, "kfp-launcher"],
             "verbs": ["get"],
         },
         {
@@ -264,7 +266,7 @@ def test_aws_s3_is_reached_over_tls_at_its_regional_endpoint():
         False,
         False,
     )
-    env = find(objects, "ConfigMap", f"{FULLNAME}-env")["data"]
+    env = find(objects, "ConfigMap", ENV_CONFIGMAP)["data"]
     assert env["AWS_ENDPOINT_URL_S3"] == "https://s3.eu-west-1.amazonaws.com"
     assert env["AWS_S3_ADDRESSING_STYLE"] == "virtual"
 
@@ -275,7 +277,7 @@ def test_the_kfp_launcher_config_map_can_be_left_to_kubeflow():
 
 
 def test_the_env_config_map_gives_every_pod_the_artifact_root_s3_endpoint_region_and_tracking_uri():
-    env = find(render_objects(VARIANTS["s3-compatible"]), "ConfigMap", f"{FULLNAME}-env")["data"]
+    env = find(render_objects(VARIANTS["s3-compatible"]), "ConfigMap", ENV_CONFIGMAP)["data"]
     assert env == {
         "CAI_ARTIFACT_ROOT": "s3://cai-platform/artifacts",
         "AWS_ENDPOINT_URL_S3": "http://minio.minio.svc.cluster.local:9000",
@@ -313,7 +315,7 @@ def test_the_run_config_wires_images_and_secrets_into_the_pipeline():
             "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
             "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
         },
-        "env_configmap": f"{FULLNAME}-env",
+        "env_configmap": ENV_CONFIGMAP,
     }
     assert config["deploy"]["retries"] == 2
 
@@ -321,7 +323,7 @@ def test_the_run_config_wires_images_and_secrets_into_the_pipeline():
 def test_the_env_configmap_holds_every_setting_the_pipeline_steps_read():
     from cai_lib.config import PLATFORM_ENV
 
-    assert set(PLATFORM_ENV) <= set(find(render_objects({}), "ConfigMap", f"{FULLNAME}-env")["data"])
+    assert set(PLATFORM_ENV) <= set(find(render_objects({}), "ConfigMap", ENV_CONFIGMAP)["data"])
 
 
 def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
@@ -481,7 +483,7 @@ def test_the_retrain_job_gets_credentials_from_the_secrets_and_the_images_it_sub
         "ghcr.io/cai-platform/cai-gpu:0.1.0",
     )
     assert container["image"] == "ghcr.io/cai-platform/cai:1.2.3"
-    assert container["envFrom"] == [{"configMapRef": {"name": f"{FULLNAME}-env"}}]
+    assert container["envFrom"] == [{"configMapRef": {"name": ENV_CONFIGMAP}}]
 
 
 def test_the_retrain_pod_carries_a_kubeflow_pipelines_token_for_the_kfp_client():
@@ -575,7 +577,7 @@ def test_with_mlflow_off_no_server_is_installed_and_clients_use_the_given_uri():
     objects = render_objects(VARIANTS["mlflow-external"])
     assert not {o["kind"] for o in objects} & {"Deployment", "Service"}
     assert (
-        find(objects, "ConfigMap", f"{FULLNAME}-env")["data"]["MLFLOW_TRACKING_URI"]
+        find(objects, "ConfigMap", ENV_CONFIGMAP)["data"]["MLFLOW_TRACKING_URI"]
         == "https://mlflow.example.com"
     )
 
@@ -650,3 +652,20 @@ def test_a_value_that_breaks_the_schema_fails_at_render_naming_the_field(values,
 def test_a_missing_secret_or_server_reference_fails_at_render_naming_it(values, named):
     with pytest.raises(helm.HelmRenderError, match=named.replace(".", r"\.")):
         render(values)
+
+
+def test_the_committed_pipeline_reads_only_configmaps_and_secrets_the_default_chart_provides():
+    from cai_lib.config import SecretRefs
+
+    _, platform = yaml.safe_load_all((REPO_ROOT / "pipelines" / "cai_pipeline.yaml").read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
+    configmaps = {m["configMapName"] for e in executors for m in e.get("configMapAsEnv", [])}
+    secrets = {m["secretName"] for e in executors for m in e.get("secretAsEnv", [])}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    rendered = {o["metadata"]["name"] for o in render_objects({}) if o["kind"] == "ConfigMap"}
+    assert configmaps <= rendered
+    assert secrets == {
+        values["s3"]["credentialsSecret"]["name"],
+        values["mlflow"]["credentialsSecret"]["name"],
+    }
+    assert secrets == {SecretRefs().s3_secret, SecretRefs().mlflow_secret}

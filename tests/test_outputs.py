@@ -139,3 +139,21 @@ def test_stages_built_from_the_same_modules_share_a_code_version():
 def test_an_unknown_stage_is_named_with_the_known_ones():
     with pytest.raises(CaiError, match="unknown stage 'sfft'; stages are resolve, prepare_prompts"):
         stage_table.stage("sfft")
+
+
+def test_only_the_bookkeeping_stages_are_never_reused():
+    assert [s.name for s in stage_table.STAGES if not s.reusable] == [
+        "resolve",
+        "prepare_prompts",
+        "register",
+    ]
+
+
+def test_a_stage_code_version_covers_the_modules_its_modules_import():
+    # sample_pairs' settings are a GenerationStageConfig, defined in critique_revise.
+    assert {"critique_revise", "generation", "transcripts"} <= stage_table.stage_modules("sample_pairs")
+
+
+def test_infrastructure_is_in_no_stage_code_version():
+    modules = set().union(*(stage_table.stage_modules(s.name) for s in stage_table.STAGES))
+    assert not modules & stage_table.INFRASTRUCTURE

@@ -5,7 +5,7 @@ server` and moto's S3 server, run four times on one artifact store:
 2. nothing changed: every model stage reuses run 1's output, no model version is added;
 3. a new constitution version that edits one comparison principle: the SL-CAI stages are
    reused, and labelling and everything after it runs;
-4. a base model that does not resolve: the run fails at its first model stage, and its exit
+4. a base model whose weights are corrupt: the run fails at its first model stage, and its exit
    handler closes its MLflow run as FAILED.
 
 Each run is a module fixture (one pipeline run each), and each test asserts one thing of it.
@@ -26,6 +26,7 @@ from cai_lib.constitution import constitutions_dir, load_constitution
 from cai_lib.records import Preference, ResponsePair
 from cai_lib.registry import list_models, version_by_alias
 from cai_lib.shards import read_dataset
+from cai_lib.stage_table import GPU_STAGES
 from cai_lib.store import ArtifactStore, s3_client
 from cai_lib.tracking import connect
 from pipelines.local import RunFailed, run_local
@@ -33,16 +34,7 @@ from pipelines.local import RunFailed, run_local
 pytestmark = pytest.mark.integration
 
 ROLES = ("pm", "sl-cai", "rl-cai")
-MODEL_STAGES = (
-    "critique_revise",
-    "helpful_samples",
-    "sft",
-    "sample_pairs",
-    "label",
-    "train_pm",
-    "rl",
-    "evaluate",
-)
+MODEL_STAGES = GPU_STAGES  # the stages that load a model
 SL_STAGES = ("critique_revise", "helpful_samples", "sft", "sample_pairs")
 AFTER_LABEL = ("label", "train_pm", "rl", "evaluate")
 
@@ -151,10 +143,14 @@ def third_run(e2e, second_run):
 
 @pytest.fixture(scope="module")
 def failed_run(e2e, third_run):
-    """A base model that does not resolve: the run fails at its first model stage."""
-    config = tiny_run_config(
-        e2e["work"] / "r4.yaml", e2e["model"], base_model=str(e2e["work"] / "no-such-model")
-    )
+    """A base model whose weights file is corrupt: it pins (its files hash), then the run fails at
+    its first model stage."""
+    import shutil
+
+    broken = e2e["work"] / "broken-model"
+    shutil.copytree(e2e["model"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    config = tiny_run_config(e2e["work"] / "r4.yaml", e2e["model"], base_model=str(broken))
     with pytest.raises(RunFailed) as err:
         run_local(load_run_config(config), e2e["work"])
     return err.value

@@ -4,6 +4,7 @@ artifacts in moto's S3) with checkpoints written to S3 by the artifact store."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from cai_lib.registry import (
     LOCK_HOST_TAG,
     LOCK_OWNER_TAG,
     LOCK_PID_TAG,
+    LOCK_PIDNS_TAG,
     LOCK_RUN_TAG,
     LOCK_SUFFIX,
     Lineage,
@@ -329,11 +331,36 @@ def test_registry_lock_held_by_a_process_of_this_host_that_is_gone_is_taken_over
     held_lock(
         client,
         name,
-        **{LOCK_RUN_TAG: "kfp-1", LOCK_HOST_TAG: socket.gethostname(), LOCK_PID_TAG: str(gone.pid)},
+        **{
+            LOCK_RUN_TAG: "kfp-1",
+            LOCK_HOST_TAG: socket.gethostname(),
+            LOCK_PIDNS_TAG: str(os.stat("/proc/self/ns/pid").st_ino),
+            LOCK_PID_TAG: str(gone.pid),
+        },
     )
 
     with registry_lock(client, name, wait_s=5, poll_s=0.1) as owner:
         assert client.get_registered_model(name + LOCK_SUFFIX).tags[LOCK_OWNER_TAG] == owner
+
+
+def test_registry_lock_of_a_process_in_another_pid_namespace_is_not_taken_over(mlflow_server):
+    # Pods with hostNetwork share the node's host name but not its process table.
+    name, client = unique(), connect(mlflow_server["uri"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    tags = {
+        LOCK_RUN_TAG: "kfp-1",
+        LOCK_HOST_TAG: socket.gethostname(),
+        LOCK_PIDNS_TAG: "1",
+        LOCK_PID_TAG: str(gone.pid),
+    }
+    held_lock(client, name, **tags)
+
+    with (
+        pytest.raises(CaiError, match="is held by pipeline run kfp-1"),
+        registry_lock(client, name, wait_s=0.3, poll_s=0.1),
+    ):
+        pass
 
 
 def test_registry_lock_left_by_a_dead_holder_is_taken_over_after_its_lease(mlflow_server):

@@ -220,16 +220,15 @@ def test_a_finished_checkpoint_at_out_is_refused_before_training(full_run, tiny_
     assert (Path(out) / "_MANIFEST.json").read_text() == manifest
 
 
-def test_an_unfinished_upload_at_out_is_discarded_and_written_again(tiny_model_dir, tmp_path):
+def test_an_out_holding_other_files_is_refused_before_training(tiny_model_dir, tmp_path):
     (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "config.json").write_text("{}")  # a killed upload: no manifest
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
 
-    train_sft(
-        [red_team_trace()], [], str(tiny_model_dir), str(tmp_path / "ckpt"), SFTStageConfig(max_steps=1)
-    )
-
-    assert (tmp_path / "ckpt" / "config.json").read_text() != "{}"
-    assert (tmp_path / "ckpt" / "_MANIFEST.json").is_file()
+    with pytest.raises(CaiError, match="holds files but no finished checkpoint"):
+        train_sft(
+            [red_team_trace()], [], str(tiny_model_dir), str(tmp_path / "ckpt"), SFTStageConfig(max_steps=1)
+        )
+    assert (tmp_path / "ckpt" / "config.json").read_text() == "{}"
 
 
 def test_helpfulness_samples_passed_as_traces_are_refused(tiny_model_dir, tmp_path):

@@ -390,10 +390,11 @@ def test_a_finished_checkpoint_location_is_refused(store, tmp_path):
         checkpoint_location(store.uri_of("ckpt"))
 
 
-def test_an_unfinished_checkpoint_is_discarded(store):
-    store.write_bytes("ckpt/model.safetensors", b"half an upload")
-    parent, name = checkpoint_location(store.uri_of("ckpt"))
-    assert (parent.uri, name, store.list("ckpt")) == (store.uri, "ckpt", [])
+def test_a_location_with_other_files_is_refused_and_left_alone(store):
+    store.write_bytes("ckpt/notes.txt", b"someone's data")
+    with pytest.raises(CaiError, match="holds files but no finished checkpoint"):
+        checkpoint_location(store.uri_of("ckpt"))
+    assert store.read_bytes("ckpt/notes.txt") == b"someone's data"
 
 
 # -- an outage behind a real proxy ------------------------------------------------------------------------

@@ -38,7 +38,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{- define "cai-platform.envName" -}}
-{{- printf "%s-env" (include "cai-platform.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- .Values.pipeline.envConfigMap -}}
 {{- end -}}
 
 {{- define "cai-platform.mlflowName" -}}
