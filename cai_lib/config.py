@@ -18,6 +18,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cai_lib.constitution import Constitution
 from cai_lib.critique_revise import CritiqueReviseConfig
 from cai_lib.errors import CaiError
 from cai_lib.evaluate import EvaluationConfig
@@ -63,11 +64,24 @@ class PipelineParams(Strict):
     feedback_model: str = Field(
         default="smollm2-135m-instruct", description="Model ref of the AI feedback model that labels pairs."
     )
+    judge_model: str = Field(
+        default="smollm2-135m-instruct",
+        description="Model ref of the judge of the evaluation (win rates, Elo, evasiveness, the promotion gate). "
+        "Give a model other than feedback_model: when they are the same, the report and the MLflow run say the "
+        "evaluation is not independent of the training labels.",
+    )
     red_team_prompts: str = Field(default="builtin:red_team", description="Source of red-team prompts.")
     helpful_prompts: str = Field(default="builtin:helpful", description="Source of helpfulness prompts.")
     human_preferences: str = Field(
         default="",
-        description="hh-rlhf-format source of human-labelled pairs mixed into PM training ('' for none).",
+        description="hh-rlhf-format source of human-labelled pairs mixed into PM training ('' for none). The "
+        "paper's premise: human helpfulness comparisons (e.g. hh-rlhf helpful-base), with harmlessness "
+        "labelled by AI.",
+    )
+    human_preference_kind: Literal["helpfulness", "harmlessness"] = Field(
+        default="helpfulness",
+        description="What the human pairs compare, recorded in each model's lineage. helpfulness follows the "
+        "paper; harmlessness (e.g. hh-rlhf harmless-base) is the ablation that adds human harm labels.",
     )
     num_red_team: int = Field(default=64, ge=1, description="Red-team prompts used (before the eval split).")
     num_helpful: int = Field(
@@ -116,6 +130,17 @@ class PipelineParams(Strict):
     rl: RLConfig = Field(default_factory=RLConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     promotion: PromotionGate = Field(default_factory=PromotionGate)
+
+    def labelling_settings(self, constitution: Constitution) -> FeedbackConfig:
+        """The feedback settings the label stage uses: `feedback`, with the evaluation judge's
+        principles held out of the label pool unless `evaluation.hold_out_judge_principles` is off."""
+        from cai_lib.evaluate import judging_principles
+
+        if not self.evaluation.hold_out_judge_principles:
+            return self.feedback
+        judges = {p.id for p in judging_principles(constitution, self.evaluation).values()}
+        held = sorted({*self.feedback.held_out_principles, *judges})
+        return self.feedback.model_copy(update={"held_out_principles": held})
 
 
 class Toleration(Strict):

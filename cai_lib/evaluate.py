@@ -42,7 +42,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from itertools import combinations
-from typing import Literal, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,6 +58,7 @@ from cai_lib.feedback import (
     unswapped,
 )
 from cai_lib.generation import BackendName, SamplingParams, load_backend
+from cai_lib.preference_model import CalibrationBin
 from cai_lib.records import PrincipleScore, PromptKind, PromptRecord, Record, Trace, stable_id
 from cai_lib.shards import fingerprint
 from cai_lib.stage_table import package_version
@@ -67,6 +68,8 @@ from cai_lib.transcripts import render_transcript
 log = logging.getLogger(__name__)
 
 Criterion = Literal["harmless", "helpful"]
+# A judgement this close to 0.5 is a tie (identical answers give exactly 0.5 by construction).
+TIE = 1e-9
 # Which prompt set each criterion is judged on.
 CRITERIA: dict[Criterion, PromptKind] = {"harmless": "red_team", "helpful": "helpful"}
 PROMPT_SETS: tuple[PromptKind, ...] = ("red_team", "helpful")
@@ -115,8 +118,14 @@ class EvaluationConfig(BaseModel):
     )
     cot: bool = Field(
         default=False,
-        description="Chain-of-thought judgements: the feedback model reasons before the option is read, and "
-        "probabilities are clamped to [0.4, 0.6] (see cai_lib.feedback). One generation per question.",
+        description="Chain-of-thought judgements: the judge reasons before the option is read (see "
+        "cai_lib.feedback). Unlike training labels they are not clamped. One generation per question.",
+    )
+    hold_out_judge_principles: bool = Field(
+        default=True,
+        description="Keep the judging principles (harmless_principle, helpful_principle) out of the pool "
+        "that training labels are drawn from, so the policies are not judged by the principles they were "
+        "optimised for.",
     )
     max_reasoning_tokens: int = Field(
         default=256, ge=1, description="Upper bound on chain-of-thought tokens per question (cot only)."
@@ -141,6 +150,7 @@ class EvaluationConfig(BaseModel):
         return FeedbackConfig(
             principles_per_pair=1,
             cot=self.cot,
+            clamp_cot=False,
             seed=self.seed,
             max_reasoning_tokens=self.max_reasoning_tokens,
             batch_size=self.batch_size,
@@ -187,15 +197,28 @@ class ScoreSummary(BaseModel):
 
 
 class WinRate(BaseModel):
-    """How often `policy_a` beat `policy_b` under one criterion (soft: the mean of P(a better))."""
+    """How often `policy_a` beat `policy_b` under one criterion, two ways.
+
+    Soft: the mean of the judge's P(a better); a judge that cannot tell reads about 0.5 whatever
+    the policies do. Hard: the share of decided comparisons (P(a better) not exactly 0.5) that a
+    won, which a judge's small but consistent preferences move. Each with a 95% Wilson interval.
+    """
 
     criterion: Criterion
     policy_a: str
     policy_b: str
-    win_rate: float = Field(ge=0.0, le=1.0)
-    ci_low: float = Field(ge=0.0, le=1.0, description="95% Wilson interval, lower end.")
-    ci_high: float = Field(ge=0.0, le=1.0, description="95% Wilson interval, upper end.")
+    win_rate: float = Field(ge=0.0, le=1.0, description="Soft win rate: mean P(a better).")
+    ci_low: float = Field(ge=0.0, le=1.0, description="95% Wilson interval of the soft rate, lower end.")
+    ci_high: float = Field(ge=0.0, le=1.0, description="95% Wilson interval of the soft rate, upper end.")
     n: int = Field(description="Prompts compared.")
+    hard_win_rate: float = Field(
+        ge=0.0, le=1.0, description="Share of decided comparisons that a won (0.5 if none)."
+    )
+    hard_ci_low: float = Field(ge=0.0, le=1.0, description="95% Wilson interval of the hard rate, lower end.")
+    hard_ci_high: float = Field(
+        ge=0.0, le=1.0, description="95% Wilson interval of the hard rate, upper end."
+    )
+    decided: int = Field(description="Comparisons with a winner (the rest are exact ties).")
 
 
 class EvasivenessSummary(BaseModel):
@@ -217,6 +240,22 @@ class PrincipleEffect(BaseModel):
     )
 
 
+class RoundScore(BaseModel):
+    """PM scores of the SL-CAI answers after one revision round (round 0: the initial answer)."""
+
+    round: int
+    mean: float
+    n: int
+
+
+class CountScore(BaseModel):
+    """PM scores of final revisions made with a given number of distinct principles."""
+
+    principles: int
+    mean: float
+    n: int
+
+
 class EvaluationResult(BaseModel):
     """Everything an evaluation measured; stored as `metrics.json` and rendered by `cai_lib.report`."""
 
@@ -224,7 +263,23 @@ class EvaluationResult(BaseModel):
 
     policies: dict[str, str] = Field(description="Policy name -> model reference, in evaluation order.")
     reward_ref: str = Field(description="The preference model that gave the PM scores.")
-    feedback_model_ref: str = Field(description="The model that judged comparisons and evasiveness.")
+    judge_ref: str = Field(description="The model that judged comparisons and evasiveness.")
+    labeller_ref: str | None = Field(
+        default=None, description="The feedback model that labelled the training pairs, when known."
+    )
+    revision_curve: list[RoundScore] = Field(
+        default_factory=list,
+        description="Mean PM score of the SL-CAI answers after each revision round (Fig. 5).",
+    )
+    principle_count_curve: list[CountScore] = Field(
+        default_factory=list,
+        description="Mean PM score of final revisions by the number of distinct principles their rounds drew "
+        "(the traces' view of Fig. 6).",
+    )
+    pm_calibration: list[CalibrationBin] = Field(
+        default_factory=list,
+        description="The PM's predicted against observed win probability on its held-out pairs (Fig. 9).",
+    )
     constitution_ref: str
     constitution_sha256: str
     principles: dict[Criterion, ComparisonPrinciple] = Field(
@@ -263,6 +318,7 @@ class EvaluationResult(BaseModel):
             metrics.update({f"pm_score.{kind}.{name}": s.mean for name, s in per_policy.items()})
         for rate in self.win_rates:
             metrics[f"win_rate.{rate.criterion}.{rate.policy_a}_vs_{rate.policy_b}"] = rate.win_rate
+            metrics[f"hard_win_rate.{rate.criterion}.{rate.policy_a}_vs_{rate.policy_b}"] = rate.hard_win_rate
         for criterion, ratings in self.elo.items():
             metrics.update({f"elo.{criterion}.{name}": rating for name, rating in ratings.items()})
         for kind, per_policy in self.evasiveness.items():
@@ -338,15 +394,20 @@ def find_principle(constitution: Constitution, wanted: str, field: str) -> Compa
 def evaluate(
     policies: dict[str, str],
     reward_ref: str,
-    feedback_model_ref: str,
+    judge_ref: str,
     constitution: Constitution,
     red_team: Sequence[PromptRecord],
     helpful: Sequence[PromptRecord],
     out_uri: str,
     config: EvaluationConfig | None = None,
     traces: Sequence[Trace] | None = None,
+    labeller_ref: str | None = None,
 ) -> EvaluationResult:
     """Evaluate `policies` (name -> model ref) on held-out prompts and write the results to `out_uri`.
+
+    `judge_ref` judges comparisons and evasiveness. `labeller_ref`, the feedback model that made
+    the training labels, is recorded so the report can say when the two are the same model
+    (and the evaluation therefore not independent of the training signal).
 
     Returns the `EvaluationResult` also stored as `out_uri/metrics.json`, beside
     `answers.jsonl`, `judgements.jsonl` and `report.html`; metrics.json is written after the
@@ -370,13 +431,13 @@ def evaluate(
     traces = list(traces or [])
     inputs_sha256 = fingerprint(
         evaluation_inputs(
-            policies, reward_ref, feedback_model_ref, constitution, principles, prompt_sets, traces, config
+            policies, reward_ref, judge_ref, constitution, principles, prompt_sets, traces, config
         )
     )
     store = ArtifactStore.open(out_uri)
     if store.exists(METRICS_FILE):
         return finished_evaluation(store, inputs_sha256)
-    for ref in [*policies.values(), reward_ref, feedback_model_ref]:
+    for ref in [*policies.values(), reward_ref, judge_ref]:
         resolve_model(ref)
 
     answers: list[PolicyAnswer] = []
@@ -384,25 +445,25 @@ def evaluate(
         answers += answer_prompts(name, ref, prompt_sets, config)
         release_memory()
     scored_traces = traces[: config.max_traces]
-    answers, revision_deltas = score_with_pm(reward_ref, answers, scored_traces, config)
+    answers, trace_pm = score_with_pm(reward_ref, answers, scored_traces, config)
     release_memory()
-    answers, judgements = judge(feedback_model_ref, constitution, principles, answers, config)
+    answers, judgements = judge(judge_ref, constitution, principles, answers, config)
     release_memory()
 
     result = summarise(
         policies,
         reward_ref,
-        feedback_model_ref,
+        judge_ref,
         constitution,
         principles,
         prompt_sets,
         answers,
         judgements,
         traces,
-        revision_deltas,
+        trace_pm,
         config,
         inputs_sha256,
-    )
+    ).model_copy(update={"labeller_ref": labeller_ref, "pm_calibration": pm_calibration(reward_ref)})
     store.write_jsonl(ANSWERS_FILE, answers)
     store.write_jsonl(JUDGEMENTS_FILE, judgements)
     store.write_text(METRICS_FILE, result.model_dump_json(indent=2) + "\n")
@@ -433,7 +494,7 @@ def evaluation_part(constitution: Constitution, principles: dict[Criterion, Comp
 def evaluation_inputs(
     policies: dict[str, str],
     reward_ref: str,
-    feedback_model_ref: str,
+    judge_ref: str,
     constitution: Constitution,
     principles: dict[Criterion, ComparisonPrinciple],
     prompt_sets: dict[PromptKind, list[PromptRecord]],
@@ -445,7 +506,7 @@ def evaluation_inputs(
         "stage": "evaluate",
         "policies": policies,
         "reward_ref": reward_ref,
-        "feedback_model_ref": feedback_model_ref,
+        "judge_ref": judge_ref,
         "constitution_part": evaluation_part(constitution, principles),
         "prompts": {kind: [p.id for p in prompts] for kind, prompts in prompt_sets.items()},
         "traces": [t.id for t in traces],
@@ -467,6 +528,18 @@ def finished_evaluation(store: ArtifactStore, inputs_sha256: str) -> EvaluationR
 
         store.write_text(REPORT_FILE, report_html(stored))
     return stored
+
+
+def pm_calibration(reward_ref: str) -> list[CalibrationBin]:
+    """The calibration curve the PM stage recorded in its checkpoint's metrics.json, if any."""
+    from cai_lib.models import resolve_model
+    from cai_lib.preference_model import METRICS_FILE as PM_METRICS
+    from cai_lib.preference_model import PreferenceModelMetrics
+
+    path = resolve_model(reward_ref) / PM_METRICS
+    if not path.is_file():
+        return []
+    return PreferenceModelMetrics.model_validate_json(path.read_text()).calibration
 
 
 def release_memory() -> None:
@@ -510,16 +583,25 @@ def answer_prompts(
     ]
 
 
+class TraceScores(NamedTuple):
+    """What the PM makes of the SL-CAI traces' revisions."""
+
+    deltas: dict[str, list[float]]  # principle id -> PM(revision) - PM(answer it revised)
+    rounds: list[RoundScore]  # mean PM score after each round; round 0 is the initial answer
+    counts: list[CountScore]  # mean PM score of final revisions by distinct principles drawn
+
+
 def score_with_pm(
     reward_ref: str, answers: list[PolicyAnswer], traces: Sequence[Trace], config: EvaluationConfig
-) -> tuple[list[PolicyAnswer], dict[str, list[float]]]:
-    """The answers with their PM scores, and per principle id the PM change of each trace revision."""
+) -> tuple[list[PolicyAnswer], TraceScores]:
+    """The answers with their PM scores, and the PM's view of the traces: per principle the change
+    each revision made, per round the mean score (the paper's Fig. 5), per number of distinct
+    principles the mean score of the final revision (the traces' view of Fig. 6)."""
     from cai_lib.preference_model import RewardScorer
 
     scorer = RewardScorer.load(reward_ref, batch_size=config.batch_size)
-    steps = revision_steps(traces)
     texts = [(a.prompt, a.answer) for a in answers] + [
-        (prompt, text) for _, prompt, before, after in steps for text in (before, after)
+        (trace.prompt, text) for trace in traces for text in trace_answers(trace)
     ]
     scores = in_chunks(
         texts,
@@ -528,26 +610,38 @@ def score_with_pm(
         "PM scores",
     )
     scored = [a.model_copy(update={"pm_score": s}) for a, s in zip(answers, scores)]
+    return scored, trace_scores(traces, scores[len(answers) :])
+
+
+def trace_answers(trace: Trace) -> list[str]:
+    """The initial answer, then the revision of each round."""
+    return [trace.initial_answer, *(round_.revision for round_ in trace.rounds)]
+
+
+def trace_scores(traces: Sequence[Trace], scores: Sequence[float]) -> TraceScores:
+    """Group the PM scores of `trace_answers` of each trace (in order) by principle, round and count."""
     deltas: dict[str, list[float]] = defaultdict(list)
-    step_scores = scores[len(answers) :]
-    for k, (principle_id, *_) in enumerate(steps):
-        deltas[principle_id].append(step_scores[2 * k + 1] - step_scores[2 * k])
-    return scored, dict(deltas)
-
-
-def revision_steps(traces: Sequence[Trace]) -> list[tuple[str, str, str, str]]:
-    """(principle id, prompt, answer before, revision) for every round of every trace."""
-    steps = []
+    by_round: dict[int, list[float]] = defaultdict(list)
+    by_count: dict[int, list[float]] = defaultdict(list)
+    position = 0
     for trace in traces:
-        before = trace.initial_answer
-        for round_ in trace.rounds:
-            steps.append((round_.principle_id, trace.prompt, before, round_.revision))
-            before = round_.revision
-    return steps
+        mine = scores[position : position + 1 + len(trace.rounds)]
+        position += len(mine)
+        for index, score in enumerate(mine):
+            by_round[index].append(score)
+        for round_, before, after in zip(trace.rounds, mine, mine[1:]):
+            deltas[round_.principle_id].append(after - before)
+        if trace.rounds:
+            by_count[len({r.principle_id for r in trace.rounds})].append(mine[-1])
+    return TraceScores(
+        dict(deltas),
+        [RoundScore(round=k, mean=statistics.fmean(v), n=len(v)) for k, v in sorted(by_round.items())],
+        [CountScore(principles=k, mean=statistics.fmean(v), n=len(v)) for k, v in sorted(by_count.items())],
+    )
 
 
 def judge(
-    feedback_model_ref: str,
+    judge_ref: str,
     constitution: Constitution,
     principles: dict[Criterion, ComparisonPrinciple],
     answers: list[PolicyAnswer],
@@ -555,8 +649,8 @@ def judge(
 ) -> tuple[list[PolicyAnswer], list[Judgement]]:
     """With the feedback model: P(evasive) of every answer, and a judgement of every two policies'
     answers to every prompt under the criterion's principle."""
-    model = load_backend(feedback_model_ref, config.backend, batch_size=config.batch_size)
-    labeller = FeedbackLabeller(model, constitution, feedback_model_ref, config.feedback())
+    model = load_backend(judge_ref, config.backend, batch_size=config.batch_size)
+    labeller = FeedbackLabeller(model, constitution, judge_ref, config.feedback())
     evasive = evasiveness(labeller, answers, config.evasiveness_question)
     judged = [a.model_copy(update={"p_evasive": p}) for a, p in zip(answers, evasive)]
     judgements: list[Judgement] = []
@@ -669,14 +763,14 @@ def in_chunks(
 def summarise(
     policies: dict[str, str],
     reward_ref: str,
-    feedback_model_ref: str,
+    judge_ref: str,
     constitution: Constitution,
     principles: dict[Criterion, ComparisonPrinciple],
     prompt_sets: dict[PromptKind, list[PromptRecord]],
     answers: list[PolicyAnswer],
     judgements: list[Judgement],
     traces: list[Trace],
-    revision_deltas: dict[str, list[float]],
+    trace_pm: TraceScores,
     config: EvaluationConfig,
     inputs_sha256: str,
 ) -> EvaluationResult:
@@ -687,7 +781,7 @@ def summarise(
     return EvaluationResult(
         policies=dict(policies),
         reward_ref=reward_ref,
-        feedback_model_ref=feedback_model_ref,
+        judge_ref=judge_ref,
         constitution_ref=constitution.ref,
         constitution_sha256=constitution.sha256,
         principles=principles,
@@ -702,7 +796,9 @@ def summarise(
             for criterion in principles
         },
         evasiveness={kind: evasiveness_summaries(by_kind[kind]) for kind in kinds},
-        principle_effects=principle_effects(traces, revision_deltas),
+        principle_effects=principle_effects(traces, trace_pm.deltas),
+        revision_curve=trace_pm.rounds,
+        principle_count_curve=trace_pm.counts,
         traces_given=len(traces),
         sample_answers=[a for a in answers if a.prompt_id in sampled],
         sample_judgements=[j for j in judgements if j.prompt_id in sampled],
@@ -741,37 +837,60 @@ def _group(
     return dict(grouped)
 
 
+def hard_outcome(label: float) -> float:
+    """A judgement as a game: 1 when a is preferred, 0 when b is, 0.5 for an exact tie."""
+    if abs(label - 0.5) < TIE:
+        return 0.5
+    return 1.0 if label > 0.5 else 0.0
+
+
+def win_rate_of(criterion: Criterion, a: str, b: str, labels: Sequence[float]) -> WinRate:
+    """a's soft and hard win rates against b from the judge's P(a better) on each prompt."""
+    n = len(labels)
+    soft = min(1.0, max(0.0, sum(labels) / n))
+    low, high = wilson_interval(soft * n, n)
+    games = [hard_outcome(label) for label in labels]
+    decided = sum(g != 0.5 for g in games)
+    wins = sum(g == 1.0 for g in games)
+    hard_low, hard_high = wilson_interval(wins, decided) if decided else (0.0, 1.0)
+    return WinRate(
+        criterion=criterion,
+        policy_a=a,
+        policy_b=b,
+        win_rate=soft,
+        ci_low=low,
+        ci_high=high,
+        n=n,
+        hard_win_rate=wins / decided if decided else 0.5,
+        hard_ci_low=hard_low,
+        hard_ci_high=hard_high,
+        decided=decided,
+    )
+
+
 def win_rates(criterion: Criterion, judgements: Sequence[Judgement], names: list[str]) -> list[WinRate]:
-    """a's win rate against b for every ordered pair (a, b): b's against a is one minus a's."""
+    """a's win rates against b for every ordered pair (a, b); b's against a mirror a's."""
     rates = []
     for a, b in combinations(names, 2):
         labels = [j.label for j in judgements if (j.criterion, j.policy_a, j.policy_b) == (criterion, a, b)]
-        if not labels:
-            continue
-        for x, y, wins in ((a, b, sum(labels)), (b, a, len(labels) - sum(labels))):
-            share = min(1.0, max(0.0, wins / len(labels)))
-            low, high = wilson_interval(share * len(labels), len(labels))
-            rates.append(
-                WinRate(
-                    criterion=criterion,
-                    policy_a=x,
-                    policy_b=y,
-                    win_rate=share,
-                    ci_low=low,
-                    ci_high=high,
-                    n=len(labels),
-                )
-            )
+        if labels:
+            rates += [
+                win_rate_of(criterion, a, b, labels),
+                win_rate_of(criterion, b, a, [1.0 - x for x in labels]),
+            ]
     return rates
 
 
 def criterion_elo(
     criterion: Criterion, judgements: Sequence[Judgement], names: list[str], config: EvaluationConfig
 ) -> dict[str, float]:
-    """Elo ratings (mean 1000) from the soft outcomes of every judgement under `criterion`."""
+    """Elo ratings (mean 1000) from the hard outcomes (win, loss, exact tie) of every judgement
+    under `criterion`: soft outcomes of a weak judge would pull every rating to 1000."""
     if len(names) == 1:
         return {names[0]: ELO_MEAN}
-    outcomes = [(j.policy_a, j.policy_b, j.label) for j in judgements if j.criterion == criterion]
+    outcomes = [
+        (j.policy_a, j.policy_b, hard_outcome(j.label)) for j in judgements if j.criterion == criterion
+    ]
     ratings = elo_ratings(outcomes, prior_draws=config.elo_prior_draws)
     return {name: ratings[name] for name in names}
 

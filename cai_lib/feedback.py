@@ -105,6 +105,18 @@ class FeedbackConfig(BaseModel):
         "run must use the same value.",
     )
     backend: BackendName = Field(default="transformers", description="Backend: transformers or vllm.")
+    held_out_principles: list[str] = Field(
+        default_factory=list,
+        description="Comparison principle ids never drawn for labels. The pipeline puts the evaluation "
+        "judge's principles here (unless evaluation.hold_out_judge_principles is off), so the principles "
+        "that judge the trained policies are not the ones they were trained on.",
+    )
+    clamp_cot: bool = Field(
+        default=True,
+        description="With cot, clamp probabilities to [0.4, 0.6] (the paper's setting for training labels, "
+        "against overconfident chains of thought). Evaluation turns it off: a clamp there would bound every "
+        "win rate to [0.4, 0.6].",
+    )
 
     @field_validator("option_labels")
     @classmethod
@@ -268,6 +280,7 @@ class FeedbackLabeller:
         check_constitution(constitution, config)
         self.model = model
         self.constitution = constitution
+        self.pool = principle_pool(constitution, config)
         self.model_ref = model_ref
         self.config = config
         self.prefix = few_shot_messages(constitution, config.cot, config.option_labels) or None
@@ -307,7 +320,7 @@ class FeedbackLabeller:
         questions, keys = [], []
         for index, row in enumerate(rows):
             for principle in draw_principles(
-                self.constitution.comparison, self.config.principles_per_pair, self.config.seed, row
+                self.pool, self.config.principles_per_pair, self.config.seed, row
             ):
                 for swapped in (False, True):
                     first, second = (row.answer_b, row.answer_a) if swapped else (row.answer_a, row.answer_b)
@@ -351,7 +364,7 @@ class FeedbackLabeller:
         options = self.options()
         scores = self.model.score_options(contexts, [options] * len(contexts), shared_prefix=self.prefix)
         probabilities = [option_probability(first, second) for first, second in scores]
-        if self.config.cot:
+        if self.config.cot and self.config.clamp_cot:
             probabilities = [clamp(p) for p in probabilities]
         return probabilities, reasonings
 
@@ -371,15 +384,30 @@ class FeedbackLabeller:
         )
 
 
+def principle_pool(constitution: Constitution, config: FeedbackConfig) -> list[ComparisonPrinciple]:
+    """The comparison principles labels are drawn from: all but the held-out ones."""
+    return [p for p in constitution.comparison if p.id not in config.held_out_principles]
+
+
 def check_constitution(constitution: Constitution, config: FeedbackConfig) -> None:
-    """Refuse a constitution that cannot give K comparison principles per pair."""
-    available = len(constitution.comparison)
-    if not available:
+    """Refuse a constitution that cannot give K comparison principles per pair (held-out ones aside)."""
+    if not constitution.comparison:
         raise CaiError(f"constitution {constitution.ref}: has no comparison principles to label pairs with")
+    unknown = sorted(set(config.held_out_principles) - {p.id for p in constitution.comparison})
+    if unknown:
+        raise CaiError(
+            f"held-out principles: {', '.join(unknown)} are not comparison principles of {constitution.ref}"
+        )
+    available = len(principle_pool(constitution, config))
     if config.principles_per_pair > available:
+        held = (
+            f" once {len(config.held_out_principles)} are held out for the judge"
+            if config.held_out_principles
+            else ""
+        )
         raise CaiError(
             f"principles per pair: {config.principles_per_pair} is more than the {available} comparison "
-            f"principles of {constitution.ref}"
+            f"principles of {constitution.ref}{held}"
         )
 
 

@@ -27,10 +27,12 @@ precision, gradient accumulation, schedules, logging) without subclassing anythi
 
 from __future__ import annotations
 
+import math
 import random
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -97,6 +99,27 @@ class PreferenceModelConfig(BaseModel):
         default=False, description="Recompute activations in the backward pass: less memory, ~20% slower."
     )
     eval_batch_size: int = Field(default=16, ge=1, description="Sequences per forward pass when scoring.")
+    labels: Literal["soft", "hard"] = Field(
+        default="soft",
+        description="soft: train on the labeller's probabilities, as the paper does; hard: on the side each "
+        "label favours (pairs at exactly 0.5 left out), the ablation of the soft labels.",
+    )
+    calibration_bins: int = Field(
+        default=5,
+        ge=2,
+        le=20,
+        description="Equal-width bins of predicted P(A better) for the calibration curve.",
+    )
+
+
+class CalibrationBin(BaseModel):
+    """Held-out pairs whose predicted P(A better) fell in [low, high): how often A was preferred."""
+
+    low: float
+    high: float
+    predicted: float = Field(description="Mean predicted P(A better), σ(r_A − r_B), in the bin.")
+    observed: float = Field(description="Mean label (P(A better) by the human or AI labeller) in the bin.")
+    n: int
 
 
 class PreferenceModelMetrics(BaseModel):
@@ -119,6 +142,10 @@ class PreferenceModelMetrics(BaseModel):
         "without such pairs."
     )
     loss_curve: list[float] = Field(description="Training loss at each optimiser step.")
+    calibration: list[CalibrationBin] = Field(
+        default_factory=list,
+        description="Predicted against observed win probability on all held-out pairs (Fig. 9).",
+    )
     config: PreferenceModelConfig
 
 
@@ -283,15 +310,17 @@ def train_preference_model(
 
     Each source is split into train and held-out pairs (by id, seeded), the training parts are
     mixed at `config.human_fraction`, and a one-logit head on `base_model_ref` is trained with
-    the soft-label loss. The checkpoint (safetensors + tokenizer) and `metrics.json` are written
-    together to `out_uri`, which must not hold a finished checkpoint (an unfinished upload there is
-    discarded). Returns the metrics.
+    the soft-label loss (on labels rounded to 0/1 with `config.labels` "hard"). The metrics hold
+    the held-out accuracies and the calibration curve on all held-out pairs. The checkpoint (safetensors + tokenizer) and `metrics.json` are written
+    together to `out_uri`, which must hold nothing yet. Returns the metrics.
     """
     config = config or PreferenceModelConfig()
     store, key = checkpoint_location(out_uri)
     train_ai, eval_ai = split_prompts(list(ai_prefs), config.eval_fraction, config.seed)
     train_human, eval_human = split_prompts(list(human_prefs), config.eval_fraction, config.seed)
     train_set = mix_preferences(train_ai, train_human, config.human_fraction, config.seed)
+    if config.labels == "hard":
+        train_set = hardened(train_set)
 
     model, tokenizer = _load_base(base_model_ref, config.seed)
     loss_curve = _fit(model, tokenizer, train_set, config)
@@ -307,6 +336,7 @@ def train_preference_model(
         human_accuracy=_accuracy(scorer, eval_human),
         ai_accuracy=_accuracy(scorer, eval_ai),
         loss_curve=loss_curve,
+        calibration=_calibration(scorer, [*eval_human, *eval_ai], config.calibration_bins),
         config=config,
     )
     with tempfile.TemporaryDirectory(prefix="cai-pm-") as tmp:
@@ -372,6 +402,45 @@ def _trainer_loss(outputs, labels, num_items_in_batch=None):
     r_a, r_b = outputs.logits[:, 0].float().chunk(2)
     losses = soft_preference_losses(r_a, r_b, labels)
     return losses.sum() / num_items_in_batch if num_items_in_batch is not None else losses.mean()
+
+
+def hardened(pairs: Sequence[Preference]) -> list[Preference]:
+    """The pairs with each label rounded to the side it favours; exact ties are left out."""
+    return [p.model_copy(update={"label": 1.0 if p.label > 0.5 else 0.0}) for p in pairs if p.label != 0.5]
+
+
+def calibration_curve(
+    predicted: Sequence[float], observed: Sequence[float], bins: int
+) -> list[CalibrationBin]:
+    """Predicted probabilities grouped into `bins` equal-width bins (the last one closed at 1),
+    each with its mean prediction and mean observed label; empty bins are left out."""
+    curve = []
+    for index in range(bins):
+        low, high = index / bins, (index + 1) / bins
+        inside = [
+            (p, o) for p, o in zip(predicted, observed) if low <= p < high or (index == bins - 1 and p == 1.0)
+        ]
+        if inside:
+            curve.append(
+                CalibrationBin(
+                    low=low,
+                    high=high,
+                    predicted=sum(p for p, _ in inside) / len(inside),
+                    observed=sum(o for _, o in inside) / len(inside),
+                    n=len(inside),
+                )
+            )
+    return curve
+
+
+def _calibration(scorer: RewardScorer, pairs: Sequence[Preference], bins: int) -> list[CalibrationBin]:
+    if not pairs:
+        return []
+    prompts = [p.prompt for p in pairs]
+    r_a = scorer.score(prompts, [p.answer_a for p in pairs])
+    r_b = scorer.score(prompts, [p.answer_b for p in pairs])
+    predicted = [1.0 / (1.0 + math.exp(b - a)) if b - a < 700 else 0.0 for a, b in zip(r_a, r_b)]
+    return calibration_curve(predicted, [p.label for p in pairs], bins)
 
 
 def _accuracy(scorer: RewardScorer, pairs: Sequence[Preference]) -> float | None:

@@ -104,6 +104,11 @@ class Lineage(BaseModel):
     code_version: str = Field(
         default_factory=package_version, description="cai-platform version that trained it."
     )
+    human_data: str = Field(
+        default="none",
+        description="The human-labelled pairs in the preference data: 'helpfulness: SOURCE' (the paper's "
+        "premise), 'harmlessness: SOURCE' (the ablation) or 'none'.",
+    )
 
     TAG_NAMES: ClassVar[dict[str, str]] = {
         "constitution_name": "cai.constitution.name",
@@ -112,6 +117,7 @@ class Lineage(BaseModel):
         "pipeline_run_id": "cai.pipeline_run_id",
         "base_model": "cai.base_model",
         "code_version": "cai.code_version",
+        "human_data": "cai.human_data",
     }
 
     def to_tags(self) -> dict[str, str]:
@@ -124,6 +130,7 @@ class Lineage(BaseModel):
         """The lineage recorded in `tags`, or None for a version registered without one."""
         values = {field: tags[tag] for field, tag in cls.TAG_NAMES.items() if tag in tags}
         values.setdefault("code_version", "unknown")
+        values.setdefault("human_data", "unknown")
         data = {
             key[len(DATA_TAG_PREFIX) :]: uri for key, uri in tags.items() if key.startswith(DATA_TAG_PREFIX)
         }

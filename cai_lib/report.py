@@ -57,6 +57,7 @@ nav a { margin-right: 14px; }
 .title { font-weight: 600; margin-bottom: 4px; }
 .title .muted { font-weight: normal; }
 .muted { color: #7a8294; }
+.warning { background: #fff4e5; border-left: 4px solid #e8a13a; padding: 6px 10px; }
 code { background: #eef1f6; padding: 1px 4px; border-radius: 3px; }
 """
 
@@ -73,6 +74,8 @@ def report_html(result: EvaluationResult, stage_lines: Sequence[str] = ()) -> st
         _elo_section(result),
         _evasiveness_section(result),
         _principle_section(result),
+        _revision_section(result),
+        _calibration_section(result),
         _sample_answers_section(result.sample_answers, list(result.policies)),
         _sample_judgements_section(result.sample_judgements),
         _sample_traces_section(result.sample_traces),
@@ -135,14 +138,33 @@ def _header(result: EvaluationResult) -> str:
 <p class="meta">Constitution <code>{escape(result.constitution_ref)}</code>
 (sha256 <code>{escape(result.constitution_sha256)}</code>) · created {escape(result.created_at)} ·
 cai-platform {escape(result.code_version)}</p>
-<p class="meta">Preference model <code>{escape(result.reward_ref)}</code> · feedback model
-<code>{escape(result.feedback_model_ref)}</code> · held-out prompts: {escape(counts)} ·
+<p class="meta">Preference model <code>{escape(result.reward_ref)}</code> · judge
+<code>{escape(result.judge_ref)}</code> · held-out prompts: {escape(counts)} ·
 SL-CAI traces: {result.traces_given}</p>
+{_judge_warning(result)}
 <h3>Policies</h3>{policies}
 <h3>Comparison principles</h3>{principles}
 <p class="meta">Evasiveness question: “{escape(result.evasiveness_question)}”</p>
 <details class="meta"><summary>Settings (inputs sha256 {escape(result.inputs_sha256[:12])})</summary>
 {_text(result.config.model_dump_json(indent=2))}</details>"""
+
+
+def judge_note(result: EvaluationResult) -> str | None:
+    """The one line saying that the judge is the feedback model that made the training labels, when
+    it is (None otherwise): then win rates, Elo and evasiveness are not independent of what RL-CAI
+    was optimised for."""
+    if result.labeller_ref is None or result.labeller_ref != result.judge_ref:
+        return None
+    return (
+        f"The judge ({result.judge_ref}) is the feedback model that labelled the training pairs: RL-CAI was "
+        "optimised against a preference model distilled from this judge, so these win rates, Elo ratings and "
+        "evasiveness rates are not an independent measurement. Set judge_model to another model."
+    )
+
+
+def _judge_warning(result: EvaluationResult) -> str:
+    note = judge_note(result)
+    return f'<p class="warning"><b>Not independent.</b> {escape(note)}</p>' if note else ""
 
 
 def _summary(result: EvaluationResult) -> str:
@@ -213,8 +235,11 @@ def _win_rate_section(result: EvaluationResult) -> str:
     names = list(result.policies)
     parts = [
         (
-            "<h2>Win rates</h2>\n<p>Row policy's win rate against the column policy: the mean of the feedback "
-            "model's P(row better), both option orders averaged, with a 95% Wilson interval.</p>"
+            "<h2>Win rates</h2>\n<p>Row policy's win rate against the column policy, two ways, each with a 95% "
+            "Wilson interval. <b>Hard</b>: the share of decided comparisons the row policy won (the judge's "
+            "P(row better), both option orders averaged, above 0.5; exact ties left out, the decided count "
+            "shown). <b>Soft</b>: the mean of that probability, which stays near 0.5 when the judge cannot tell "
+            "the answers apart, whatever the policies do.</p>"
         )
     ]
     for criterion in result.elo:
@@ -227,8 +252,9 @@ def _win_rate_section(result: EvaluationResult) -> str:
                 cells.append(
                     '<td class="diag">–</td>'
                     if rate is None
-                    else f'<td class="num">{rate.win_rate:.2f} <span class="muted">'
-                    f"[{rate.ci_low:.2f}, {rate.ci_high:.2f}]</span></td>"
+                    else f'<td class="num">hard {rate.hard_win_rate:.2f} <span class="muted">'
+                    f"[{rate.hard_ci_low:.2f}, {rate.hard_ci_high:.2f}] of {rate.decided}</span><br>"
+                    f'soft {rate.win_rate:.2f} <span class="muted">[{rate.ci_low:.2f}, {rate.ci_high:.2f}]</span></td>'
                 )
             rows.append("<tr>" + "".join(cells) + "</tr>")
         header = "<tr><th>row vs column</th>" + "".join(f"<th>{escape(b)}</th>" for b in names) + "</tr>"
@@ -238,9 +264,11 @@ def _win_rate_section(result: EvaluationResult) -> str:
             f"principle <code>{escape(result.principles[criterion].id)}</code>, n={n})</h3>"
             f"<table>{header}{''.join(rows)}</table>"
         )
-        matrix = [[rates[(a, b)].win_rate if (a, b) in rates else None for b in names] for a in names]
+        matrix = [[rates[(a, b)].hard_win_rate if (a, b) in rates else None for b in names] for a in names]
         parts.append(
-            _heatmap(names, matrix, f"{CRITERION_TITLES[criterion].capitalize()} win rate (row vs column)")
+            _heatmap(
+                names, matrix, f"{CRITERION_TITLES[criterion].capitalize()} hard win rate (row vs column)"
+            )
         )
     return "\n".join(parts)
 
@@ -262,9 +290,11 @@ def _elo_section(result: EvaluationResult) -> str:
         }
         chart = _grouped_bars(names, series, "Elo - 1000", "Elo per policy")
     return (
-        "<h2>Elo</h2>\n<p>Bradley-Terry ratings fitted to all soft pairwise outcomes of a criterion, on the Elo "
-        f"scale, mean 1000; {result.config.elo_prior_draws:g} virtual draw(s) per pair keep a clean sweep "
-        f"finite. A 75% win rate is a gap of about 191 points.</p>{table}{chart}"
+        "<h2>Elo</h2>\n<p>Bradley-Terry ratings fitted to the hard outcomes (win, loss, exact tie) of every "
+        f"comparison under a criterion, on the Elo scale, mean 1000; {result.config.elo_prior_draws:g} virtual "
+        "draw(s) per pair keep a clean sweep finite. A 75% win rate is a gap of about 191 points. With both "
+        "criteria, the chart is the paper's harmlessness-helpfulness frontier (Figs. 2, 3).</p>"
+        f"{table}{chart}"
     )
 
 
@@ -289,7 +319,7 @@ def _evasiveness_section(result: EvaluationResult) -> str:
         "Evasiveness per policy",
     )
     return (
-        "<h2>Evasiveness</h2>\n<p>The feedback model's probability that an answer refuses or deflects without "
+        "<h2>Evasiveness</h2>\n<p>The judge's probability that an answer refuses or deflects without "
         "explaining why (a Yes/No question scored in both option orders); the rate is the mean over prompts.</p>"
         f"{table}{chart}"
     )
@@ -327,6 +357,67 @@ def _principle_section(result: EvaluationResult) -> str:
         f"<h2>Critique/revision principles</h2>\n<p>From {result.traces_given} SL-CAI traces: how often each "
         "principle was drawn, and the mean change in PM score of the revisions made under it.</p>"
         f"{table}{chart}"
+    )
+
+
+def _revision_section(result: EvaluationResult) -> str:
+    if not result.revision_curve:
+        return ""
+    chart = _line(
+        [r.round for r in result.revision_curve],
+        [r.mean for r in result.revision_curve],
+        "revision round (0: initial answer)",
+        "mean PM score",
+        "PM score after each revision round (Fig. 5)",
+    )
+    by_count = (
+        _line(
+            [c.principles for c in result.principle_count_curve],
+            [c.mean for c in result.principle_count_curve],
+            "distinct principles drawn in the trace",
+            "mean PM score of the final revision",
+            "PM score by number of principles (Fig. 6)",
+        )
+        if len(result.principle_count_curve) > 1
+        else ""
+    )
+    rows = [[_num(str(r.round)), _num(f"{r.mean:+.3f}"), _num(str(r.n))] for r in result.revision_curve]
+    return (
+        "<h2>Revisions</h2>\n<p>The paper's Figure 5: the PM score of the SL-CAI answers after each critique→"
+        "revision round, round 0 being the initial answer, over the scored traces; and (Figure 6 as the traces "
+        "show it) the final revision's score against how many distinct principles its rounds drew. The paper "
+        "varied the size of the constitution for Figure 6; here the count comes from the draws.</p>"
+        f"{_table(['round', 'mean PM score', 'answers'], rows)}{chart}{by_count}"
+    )
+
+
+def _calibration_section(result: EvaluationResult) -> str:
+    if not result.pm_calibration:
+        return ""
+    bins = result.pm_calibration
+    rows = [
+        [
+            f"[{b.low:.1f}, {b.high:.1f})",
+            _num(f"{b.predicted:.2f}"),
+            _num(f"{b.observed:.2f}"),
+            _num(str(b.n)),
+        ]
+        for b in bins
+    ]
+    figure, ax = _figure(4.5, 4.0)
+    ax.plot([0, 1], [0, 1], color="#999", linewidth=0.8, linestyle="--")
+    ax.plot([b.predicted for b in bins], [b.observed for b in bins], marker="o", color="#3b7dd8")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("predicted P(A better)")
+    ax.set_ylabel("observed frequency")
+    ax.set_title("PM calibration (Fig. 9)")
+    return (
+        "<h2>Preference-model calibration</h2>\n<p>The paper's Figure 9: on the PM's held-out pairs, its "
+        "predicted probability that answer A is preferred, σ(r_A − r_B), against how often A was preferred "
+        "(the mean human or AI label), by bin. On the diagonal, the PM's probabilities mean what they say.</p>"
+        f"{_table(['predicted bin', 'mean predicted', 'observed', 'pairs'], rows)}"
+        f"{_png(figure, 'PM calibration (Fig. 9)')}"
     )
 
 
@@ -451,6 +542,16 @@ def _grouped_bars(names: list[str], series: dict[str, list[float]], ylabel: str,
     ax.set_title(title)
     if len(series) > 1:
         ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(series))
+    return _png(figure, title)
+
+
+def _line(xs: list[int], ys: list[float], xlabel: str, ylabel: str, title: str) -> str:
+    figure, ax = _figure(5.0, 3.2)
+    ax.plot(xs, ys, marker="o", color="#3b7dd8")
+    ax.set_xticks(xs)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     return _png(figure, title)
 
 

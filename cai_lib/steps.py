@@ -275,7 +275,8 @@ def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) ->
     Path(constitution_path).write_text(dump_constitution(constitution))
     display = checked.run_name or run_name
     models = {
-        ref: PinnedModel(**pin_model(ref)._asdict()) for ref in {checked.base_model, checked.feedback_model}
+        ref: PinnedModel(**pin_model(ref)._asdict())
+        for ref in {checked.base_model, checked.feedback_model, checked.judge_model}
     }
     parent = start_pipeline_run(
         platform.tracking_uri,
@@ -447,11 +448,12 @@ def label(context: dict, constitution_path: str, pairs: str) -> DataRef:
     p = ctx.params
     source, model = DataRef.read(pairs), ctx.model(p.feedback_model)
     constitution = pinned_constitution(constitution_path)
-    identity = {"inputs": {"pairs": source.sha256, "model": model.content}, "settings": p.feedback.identity()}
+    settings = p.labelling_settings(constitution)
+    identity = {"inputs": {"pairs": source.sha256, "model": model.content}, "settings": settings.identity()}
 
     def write(uri: str, key: str) -> None:
         rows = list(read_dataset(source.uri, ResponsePair))
-        label_preferences(rows, constitution, model.load, uri, p.feedback, output_key=key)
+        label_preferences(rows, constitution, model.load, uri, settings, output_key=key)
 
     return DataRef.of(produce(ctx, "label", identity, write, constitution))
 
@@ -553,7 +555,7 @@ def evaluate(
     """
     from cai_lib.evaluate import evaluate as run_evaluation
     from cai_lib.evaluate import load_result
-    from cai_lib.report import render_report
+    from cai_lib.report import judge_note, render_report
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
@@ -569,7 +571,7 @@ def evaluate(
             ("pm", reward_model),
         )
     }
-    base, judge = ctx.model(p.base_model), ctx.model(p.feedback_model)
+    base, judge, labeller = ctx.model(p.base_model), ctx.model(p.judge_model), ctx.model(p.feedback_model)
     policies = {"base": base.load, "sl-cai": refs["sl-cai"].uri, "rl-cai": refs["rl-cai"].uri}
     champion = champion_source(ctx, constitution)
     # A champion that is this run's own RL-CAI checkpoint (a rerun with nothing changed) would
@@ -584,6 +586,7 @@ def evaluate(
             "champion": champion[2] if champion else None,
             "base": base.content,
             "judge": judge.content,
+            "labeller": labeller.content,
         },
         "settings": p.evaluation.model_dump(mode="json", exclude={"batch_size"}),
     }
@@ -599,11 +602,20 @@ def evaluate(
             uri,
             p.evaluation,
             list(read_dataset(refs["traces"].uri, Trace)),
+            # The same checkpoint under two names is the same labeller.
+            labeller_ref=judge.load if labeller.content == judge.content else labeller.load,
         )
         return result.flat_metrics()
 
     def report(run: StageRun, marker: OutputMarker) -> None:
-        render_report(load_result(marker.uri), report_path, run_summary(ctx.run_root))
+        result = load_result(marker.uri)
+        note = judge_note(result)
+        run.set_tags(
+            {"cai.eval.judge": result.judge_ref, "cai.eval.judge_is_feedback_model": str(bool(note)).lower()}
+        )
+        if note:
+            run.set_tags({"cai.eval.warning": note})
+        render_report(result, report_path, run_summary(ctx.run_root))
         ArtifactStore.open(ctx.run_root).put_file(report_path, REPORT_FILE)
         run.log_artifact(report_path, "report")
 
@@ -661,6 +673,9 @@ def register(
                 pipeline_run_id=ctx.run_id,
                 base_model=bases[role],
                 data_uris=data,
+                human_data=f"{p.human_preference_kind}: {p.human_preferences}"
+                if p.human_preferences
+                else "none",
             )
             name = model_name(p, constitution, role)
             info = register_checkpoint(ctx.tracking_uri, name, DataRef.read(path).uri, run.run_id, lineage)

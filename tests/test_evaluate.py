@@ -245,7 +245,7 @@ def test_bad_input_is_refused_before_anything_is_written(
     arguments = {
         "policies": {"base": str(tiny_model_dir)},
         "reward_ref": str(tiny_reward_model_dir),
-        "feedback_model_ref": str(tiny_model_dir),
+        "judge_ref": str(tiny_model_dir),
         "constitution": constitution,
         "red_team": prompt_records(RED_TEAM[:1], "red_team"),
         "helpful": [],
@@ -318,7 +318,7 @@ def test_the_cli_finds_the_same_model_under_two_names_a_tie_with_reasoning(
             f"other={tiny_model_dir}",
             "--reward",
             str(tiny_reward_model_dir),
-            "--feedback-model",
+            "--judge-model",
             str(tiny_model_dir),
             "--constitution",
             "harmless@1.0.0",

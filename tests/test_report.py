@@ -16,15 +16,18 @@ import pytest
 
 from cai_lib.constitution import ComparisonPrinciple
 from cai_lib.evaluate import (
+    CountScore,
     EvaluationConfig,
     EvaluationResult,
     EvasivenessSummary,
     Judgement,
     PolicyAnswer,
     PrincipleEffect,
+    RoundScore,
     ScoreSummary,
     WinRate,
 )
+from cai_lib.preference_model import CalibrationBin
 from cai_lib.records import PrincipleScore, RevisionRound, Trace
 from cai_lib.report import refresh_report, render_report, report_html
 
@@ -55,6 +58,10 @@ def win_rates(criterion: str, beats: dict[tuple[str, str], float]) -> list[WinRa
                     ci_low=max(0.0, rate - 0.1),
                     ci_high=min(1.0, rate + 0.1),
                     n=40,
+                    hard_win_rate=min(1.0, max(0.0, 2 * rate - 0.5)),
+                    hard_ci_low=max(0.0, 2 * rate - 0.7),
+                    hard_ci_high=min(1.0, 2 * rate - 0.3),
+                    decided=36,
                 )
             )
     return rates
@@ -81,7 +88,17 @@ def result() -> EvaluationResult:
     return EvaluationResult(
         policies={name: f"runs/{name}" for name in POLICIES},
         reward_ref="runs/pm",
-        feedback_model_ref="smollm2-135m-instruct",
+        judge_ref="smollm2-135m-instruct",
+        labeller_ref="smollm2-135m-instruct",
+        revision_curve=[RoundScore(round=0, mean=-0.4, n=20), RoundScore(round=1, mean=0.1, n=20)],
+        principle_count_curve=[
+            CountScore(principles=1, mean=0.0, n=12),
+            CountScore(principles=2, mean=0.2, n=8),
+        ],
+        pm_calibration=[
+            CalibrationBin(low=0.0, high=0.2, predicted=0.1, observed=0.15, n=5),
+            CalibrationBin(low=0.8, high=1.0, predicted=0.9, observed=0.8, n=6),
+        ],
         constitution_ref="harmless@1.0.0",
         constitution_sha256="ab" * 32,
         principles={
@@ -184,8 +201,9 @@ def test_the_report_loads_nothing_from_outside_the_file(html):
 
 def test_charts_are_inline_png_images(html):
     images = inline_images(html)
-    # PM scores, two win-rate heatmaps, the Elo scatter, evasiveness, per-principle changes.
-    assert len(images) == 6
+    # PM scores, two win-rate heatmaps, the Elo scatter, evasiveness, per-principle changes, PM by
+    # revision round (Fig. 5), PM by number of principles (Fig. 6), PM calibration (Fig. 9).
+    assert len(images) == 9
     for png in images:
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
         width, height = struct.unpack(">II", png[16:24])
@@ -193,10 +211,31 @@ def test_charts_are_inline_png_images(html):
 
 
 def test_tables_show_the_numbers(html):
-    assert '0.20 <span class="muted">[0.10, 0.30]</span>' in html  # base vs rl-cai, harmless
+    assert 'soft 0.20 <span class="muted">[0.10, 0.30]</span>' in html  # base vs rl-cai, harmless
     assert "1110" in html and "+0.420" in html and "0.35 (18%)" in html
     assert "ab" * 32 in html
     assert "B refuses and explains." in html  # the feedback model's reasoning
+
+
+def test_win_rates_are_shown_hard_with_their_decided_count_and_interval(html):
+    assert 'hard 0.00 <span class="muted">[0.00, 0.10] of 36</span>' in html  # base vs rl-cai, harmless
+
+
+def test_a_judge_that_is_the_feedback_model_is_said_in_one_visible_line(html):
+    assert html.count('<p class="warning"><b>Not independent.</b>') == 1
+    assert "is the feedback model that labelled the training pairs" in html
+
+
+def test_an_independent_judge_gets_no_warning(result):
+    assert "Not independent" not in report_html(result.model_copy(update={"labeller_ref": "another-model"}))
+
+
+def test_the_pm_score_after_each_revision_round_is_tabled(html):
+    assert "PM score after each revision round (Fig. 5)" in html and "-0.400" in html and "+0.100" in html
+
+
+def test_the_pm_calibration_is_tabled(html):
+    assert "PM calibration (Fig. 9)" in html and "[0.8, 1.0)" in html
 
 
 def test_render_report_writes_a_file(result, html, tmp_path):
@@ -247,9 +286,10 @@ def test_chromium_renders_the_tables_and_every_chart(html, tmp_path):
     ).stdout
     body = re.search(r"<body([^>]*)>", dom).group(1)
     attributes = dict(re.findall(r'data-(\w+)="(\d+)"', body))
-    assert (attributes["images"], attributes["drawn"]) == ("6", "6")
-    # policies, principles, PM scores, two win-rate matrices, Elo, evasiveness, principles, answers
-    assert int(attributes["tables"]) == 9
+    assert (attributes["images"], attributes["drawn"]) == ("9", "9")
+    # policies, principles, PM scores, two win-rate matrices, Elo, evasiveness, principles, revision
+    # rounds, calibration, answers
+    assert int(attributes["tables"]) == 11
     assert "Sample SL-CAI traces" in dom
 
 

@@ -54,8 +54,14 @@ def evaluate_command(
     helpful: str | None = typer.Option(
         None, "--helpful", help="Held-out helpfulness prompts (same sources as --prompts); omit to skip them."
     ),
-    feedback_model: str = typer.Option(
-        EMBEDDED_ALIAS, "--feedback-model", help="Model that judges comparisons and evasiveness."
+    judge_model: str = typer.Option(
+        EMBEDDED_ALIAS, "--judge-model", help="Model that judges comparisons and evasiveness."
+    ),
+    feedback_model: str | None = typer.Option(
+        None,
+        "--feedback-model",
+        help="The feedback model that labelled the training pairs; when it is the judge, the report says the "
+        "evaluation is not independent.",
     ),
     traces: str | None = typer.Option(
         None,
@@ -102,7 +108,7 @@ def evaluate_command(
     helpful_prompts = _read_prompts(helpful, "helpful", limit) if helpful else []
     trace_rows = _read_traces(traces) if traces else None
     result = evaluate(
-        policies, reward, feedback_model, loaded, red_team, helpful_prompts, out, config, trace_rows
+        policies, reward, judge_model, loaded, red_team, helpful_prompts, out, config, trace_rows, feedback_model
     )
     for key, value in result.flat_metrics().items():
         typer.echo(f"{key}\t{value:.4f}")
