@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Literal, get_args, get_origin
 
 from kfp import dsl, kubernetes
 from pydantic import BaseModel
@@ -32,6 +33,8 @@ BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
 def _annotation(field) -> type:
+    if get_origin(field.annotation) is Literal:  # a choice: the type of its values
+        return type(get_args(field.annotation)[0])
     return TYPES.get(field.annotation, dict)
 
 
