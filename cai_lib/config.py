@@ -10,6 +10,7 @@ artifacts and its MLflow server (`Platform`) reach each step through its environ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cai_lib.constitution import Constitution
-from cai_lib.critique_revise import CritiqueReviseConfig
+from cai_lib.critique_revise import CritiqueReviseConfig, HelpfulSamplesConfig
 from cai_lib.errors import CaiError
 from cai_lib.evaluate import EvaluationConfig
 from cai_lib.feedback import FeedbackConfig
@@ -45,6 +46,25 @@ PLATFORM_ENV = (
 # quotes, no path separators, no "..".
 RUN_NAME = r"^([A-Za-z0-9][A-Za-z0-9 ._:-]*)?$"
 MODEL_PREFIX = r"^[a-z][a-z0-9-]*$"
+
+
+# The sections with a seed of their own.
+SEEDED_SECTIONS = (
+    "critique_revise",
+    "helpful_samples",
+    "sft",
+    "pairs",
+    "feedback",
+    "preference_model",
+    "rl",
+    "evaluation",
+)
+
+
+def stage_seed(run_seed: int, section: str) -> int:
+    """The seed a section derives from the run's seed when it pins none: a stable hash of both."""
+    digest = hashlib.sha256(f"{run_seed}\0{section}".encode()).hexdigest()
+    return int(digest[:8], 16) % 2**31
 
 
 class Strict(BaseModel):
@@ -91,7 +111,12 @@ class PipelineParams(Strict):
     eval_fraction: float = Field(
         default=0.25, gt=0.0, lt=1.0, description="Share of prompts held out for evaluation."
     )
-    seed: int = Field(default=0, description="Seed for the prompt split; stage seeds are in their sections.")
+    seed: int = Field(
+        default=0,
+        description="The run's seed: it splits the prompts and derives the seed of every stage section that "
+        "does not pin its own (from this seed and the section's name), so one number reruns or varies the "
+        "whole method.",
+    )
     num_shards: int = Field(
         default=2,
         ge=1,
@@ -115,6 +140,18 @@ class PipelineParams(Strict):
         "letters, digits and '-', starting with a letter.",
     )
 
+    @model_validator(mode="after")
+    def _derive_stage_seeds(self) -> PipelineParams:
+        # A section's seed set explicitly (in YAML, --set or a pipeline parameter) is pinned; one left
+        # out derives from the run's seed. It stays "not set", so a dump for the pipeline's
+        # parameters leaves it out and a new run seed derives it again.
+        for name in SEEDED_SECTIONS:
+            section = getattr(self, name)
+            if "seed" not in section.model_fields_set:
+                section.seed = stage_seed(self.seed, name)
+                section.model_fields_set.discard("seed")
+        return self
+
     @field_validator("run_name")
     @classmethod
     def _no_dot_dot(cls, value: str) -> str:
@@ -123,6 +160,7 @@ class PipelineParams(Strict):
         return value
 
     critique_revise: CritiqueReviseConfig = Field(default_factory=CritiqueReviseConfig)
+    helpful_samples: HelpfulSamplesConfig = Field(default_factory=HelpfulSamplesConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     pairs: SamplePairsConfig = Field(default_factory=SamplePairsConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
@@ -370,6 +408,11 @@ def params_as_pipeline_arguments(params: PipelineParams) -> dict:
     """The pipeline's arguments: scalars as they are, sections as plain dicts (JSON-safe).
 
     Unset (None) section fields are left out: KFP's struct parameters cannot hold null, and
-    validation gives them back their None default.
+    validation gives them back their None default. Derived stage seeds are left out too, so that
+    a run started with another `seed` derives them again.
     """
-    return json.loads(params.model_dump_json(exclude_none=True))
+    arguments = json.loads(params.model_dump_json(exclude_none=True))
+    for name in SEEDED_SECTIONS:
+        if "seed" not in getattr(params, name).model_fields_set:
+            arguments[name].pop("seed")
+    return arguments

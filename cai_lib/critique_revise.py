@@ -25,7 +25,10 @@ Where it departs:
   by the backend), one six-turn exchange per example, instead of text concatenated in front; the
   initial answer is generated without them, as the helpful model's plain answer;
 - principle draws are seeded per (seed, prompt id, round) by a stable hash, so a run is
-  reproducible and a resumed run draws the same principles.
+  reproducible and a resumed run draws the same principles;
+- a revision that opens by announcing itself ("Here's a revised response:") loses that first
+  line (`strip_preamble`, a documented pattern), so SFT does not learn to announce revisions;
+  the reply as written is kept in the round's `raw_revision`.
 
 All prompts of a shard advance step by step together: one batched `generate` call per step
 (initial answer, then critique and revision of each round), never one prompt at a time. Output
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -90,6 +94,17 @@ class GenerationStageConfig(BaseModel):
         """Sampling parameters of one step; the seed varies by step so rounds do not repeat draws."""
         seed = int(stable_id(str(self.seed), str(step)), 16) % 2**31
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed)
+
+
+class HelpfulSamplesConfig(GenerationStageConfig):
+    """Settings of the helpfulness samples mixed into SFT (paper §3.1: two per prompt, at T = 1)."""
+
+    samples_per_prompt: int = Field(
+        default=1,
+        ge=1,
+        description="Answers sampled per helpfulness prompt, each with its own seed (paper: 2, with temperature "
+        "1); with temperature 0 they are all the same answer.",
+    )
 
 
 class CritiqueReviseConfig(GenerationStageConfig):
@@ -169,29 +184,30 @@ def sample_helpful(
     prompts: list[PromptRecord],
     model_ref: str,
     out_uri: str,
-    config: GenerationStageConfig,
+    config: HelpfulSamplesConfig,
     backend: GenerationBackend | None = None,
     output_key: str | None = None,
 ) -> int:
-    """Write the model's answer to each (deduplicated) helpfulness prompt as a `Trace` with no rounds.
+    """Write `config.samples_per_prompt` of the model's answers to each (deduplicated) helpfulness
+    prompt, each a `Trace` with no rounds; returns the row count.
 
-    `final_answer` equals `initial_answer`; the constitution fields stay empty. Sharded and
-    resumable like `critique_revise`, with the same `output_key` and bad-input errors.
+    `final_answer` equals `initial_answer`; the constitution fields stay empty. Each sample of a
+    prompt is drawn with its own seed, batched across the shard. Sharded and resumable like
+    `critique_revise`, with the same `output_key` and bad-input errors.
     """
-    run = {
-        "stage": "helpful_samples",
-        "model_ref": model_ref,
-        "config": config.identity(GenerationStageConfig),
-    }
+    run = {"stage": "helpful_samples", "model_ref": model_ref, "config": config.identity()}
     run = {"output_key": output_key} if output_key else run
     stamp = _stamp(run, model_ref)
 
     def make_traces(
         model: GenerationBackend, shard: Sequence[PromptRecord], progress: Progress
     ) -> list[Trace]:
-        progress("answer")
-        answers = _generate(model, [[_user(p.prompt)] for p in shard], config.sampling(0))
-        return [stamp(prompt, answer, []) for prompt, answer in zip(shard, answers)]
+        traces = []
+        for sample in range(config.samples_per_prompt):
+            progress(f"answer {sample + 1}/{config.samples_per_prompt}")
+            answers = _generate(model, [[_user(p.prompt)] for p in shard], config.sampling(sample))
+            traces += [stamp(prompt, answer, [], sample) for prompt, answer in zip(shard, answers)]
+        return traces
 
     return _generate_traces(prompts, run, model_ref, out_uri, config, backend, make_traces, "helpful answers")
 
@@ -199,7 +215,7 @@ def sample_helpful(
 # -- shared machinery of the two stages ------------------------------------------------------
 
 Progress = Callable[[str], None]
-Stamp = Callable[[PromptRecord, str, list[RevisionRound]], Trace]
+Stamp = Callable[..., Trace]
 
 
 def _generate_traces(
@@ -273,13 +289,45 @@ def _critique_revise_shard(
             model, conversations, [p.revision_request for p in principles], prefix, config, step
         )
         step += 1
-        for trace_rounds, principle, critique, revision in zip(rounds, principles, critiques, revisions):
+        for trace_rounds, principle, critique, reply in zip(rounds, principles, critiques, revisions):
+            revision = strip_preamble(reply)
             trace_rounds.append(
-                RevisionRound(principle_id=principle.id, critique=critique, revision=revision)
+                RevisionRound(
+                    principle_id=principle.id,
+                    critique=critique,
+                    revision=revision,
+                    raw_revision=reply if revision != reply else None,
+                )
             )
     return [
         stamp(prompt, answer, trace_rounds) for prompt, answer, trace_rounds in zip(shard, answers, rounds)
     ]
+
+
+# A revision that announces itself: "Here's a revised response:", "Sure! Here is the rewritten
+# answer:", "Revised response:". Only a first line of this shape that ends in a colon is taken off.
+PREAMBLE = re.compile(
+    r"^\s*(?:(?:sure|okay|ok|certainly|of course)[,!.]?\s*)?"
+    r"(?:(?:here(?:'s| is)\s+(?:a|the|my|an)?\s*)?(?:revised|rewritten|updated|improved|new|edited)\s+"
+    r"(?:version(?:\s+of\s+(?:the|my)\s+(?:response|answer))?|response|answer|reply)"
+    r"|here(?:'s| is)\s+(?:a|the|my)\s+(?:revision|rewrite))"
+    r"[^:\n]{0,60}:\s*",
+    re.IGNORECASE,
+)
+QUOTES = ('"', "\u201c", "\u201d")
+
+
+def strip_preamble(reply: str) -> str:
+    """The revision without a preamble announcing it (see `PREAMBLE`) and without the quotation
+    marks some models put around the rewritten text; the reply itself when there is none, or
+    when nothing would be left."""
+    match = PREAMBLE.match(reply)
+    if not match or not reply[match.end() :].strip():
+        return reply
+    text = reply[match.end() :].strip()
+    if len(text) > 1 and text[0] in QUOTES and text[-1] in QUOTES:
+        text = text[1:-1].strip()
+    return text or reply
 
 
 def _continue(
@@ -316,9 +364,9 @@ def _stamp(run: dict, model_ref: str, constitution: Constitution | None = None) 
     """A function that builds a trace with a stable id and the provenance of this run."""
     run_key = fingerprint(run)
 
-    def stamp(prompt: PromptRecord, answer: str, rounds: list[RevisionRound]) -> Trace:
+    def stamp(prompt: PromptRecord, answer: str, rounds: list[RevisionRound], sample: int = 0) -> Trace:
         return Trace(
-            id=stable_id(run_key, prompt.id),
+            id=stable_id(run_key, prompt.id, *([str(sample)] if sample else [])),
             prompt_id=prompt.id,
             prompt=prompt.prompt,
             kind=prompt.kind,

@@ -63,6 +63,7 @@ ANSWER_CUE = "The answer is:"
 COT_CUE = "Let's think step by step:"
 COT_CONCLUSION = "Therefore, the answer is: ("
 COT_CLAMP = (0.4, 0.6)
+TIE = 1e-9
 
 
 class FeedbackConfig(BaseModel):
@@ -171,6 +172,14 @@ def ensemble(labels: Sequence[float]) -> float:
 def clamp(probability: float, low: float = COT_CLAMP[0], high: float = COT_CLAMP[1]) -> float:
     """`probability` limited to [low, high] (the paper's 40-60% for chain-of-thought labels)."""
     return min(high, max(low, probability))
+
+
+def hard_outcome(label: float) -> float:
+    """A soft label as a game's result: 1 when A is preferred, 0 when B is, 0.5 for a tie (within
+    1e-9 of 0.5: identical answers, or a labeller whose two orders cancel, give 0.5 up to rounding)."""
+    if abs(label - 0.5) < TIE:
+        return 0.5
+    return 1.0 if label > 0.5 else 0.0
 
 
 def pair_label(scores: Sequence[PrincipleScore]) -> float:

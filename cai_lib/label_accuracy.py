@@ -1,29 +1,31 @@
 """How often the AI feedback labeller agrees with human labels (Bai et al. 2022, §4.1, Figure 4).
 
-The paper checks its feedback model against human choices before trusting its labels. Two real
-formats of human-labelled data are read, detected per file from its first row:
+The paper checks its feedback model against human choices before trusting its labels. The check
+here puts every human comparison through **the same labeller that labels the training pairs**
+(`cai_lib.feedback`: K principles drawn per pair and ensembled, both option orders asked and
+averaged, chain of thought when `cot` is set), not through the raw model. Two real formats are
+read, detected per file from its first row:
 
-- **hh-rlhf** rows `{"chosen", "rejected"}` (read by `cai_lib.human_preferences`): the labeller
-  (`cai_lib.feedback`, with its principles, ensembling, order debiasing and optional chain of
-  thought) labels the pair (chosen, rejected); it agrees when P(chosen better) > 0.5.
+- **hh-rlhf** rows `{"chosen", "rejected"}` (read by `cai_lib.human_preferences`);
 - **multiple choice**, the format in which the paper's authors published their evaluations
-  (`evals/*.jsonl` of anthropics/ConstitutionalHarmlessnessPaper): rows with `prompt` (a full
-  question ending in "The answer is:"), `corrects` and `incorrects` (option strings such as
-  " (B)"), optionally `text_correct`/`text_incorrect`. Each option is scored by its summed
-  log-probability as the feedback model's reply: the prompt is the user turn of the chat and the
-  option (without its leading space, which only joined it to "The answer is:") is read at the
-  start of the assistant turn, after the constitution's comparison few-shot examples, exactly as
-  the labeller reads "(A"/"(B". A row agrees when the best correct option scores higher than
-  every incorrect one. These questions are scored as published: their option order is fixed
-  by the file, so no order debiasing, no principle draw and no chain of thought apply.
+  (`evals/*.jsonl` of anthropics/ConstitutionalHarmlessnessPaper): rows with `prompt`,
+  `corrects` and `incorrects` (option strings such as " (B)"). Rows that also carry the two
+  compared conversations (`text_correct`, `text_incorrect`, as the 438 HHH comparisons do) become
+  pairs and go through the labeller. Files whose rows lack them (classification items with more
+  than two options, or with no answer texts) cannot be put to a pairwise labeller: their items
+  are scored as published, by the summed log-probability of each option after the question, and
+  the report says so.
 
-Scoring the raw prompt text without the chat template would fit a pretrained model, as in the
-paper; the backends here speak chat, and the embedded model is an instruct model, so the chat
-form is the one its labels are made with.
+A comparison agrees when P(the human's choice better) > 0.5; a tie (exactly 0.5, e.g. a labeller
+that only ever names the first option, whose two orders cancel) counts as half. Beside the
+accuracy with its Wilson 95% interval (`cai_lib.elo.wilson_interval`), the report gives:
 
-The agreement comes with a Wilson score 95% interval (`cai_lib.elo.wilson_interval`, shared with
-the evaluation's win rates), which stays inside [0, 1] and behaves at small n and at agreement
-near 0 or 1, where the normal approximation does not.
+- **always-(A) and always-(B) baselines** of a multiple-choice file: the accuracy of answering by
+  position as published (in the 438 HHH comparisons the correct answer is (A) 228 times, so
+  always-(A) scores 52.1%). hh-rlhf has no published order; both orders are asked, so a
+  position-only labeller scores exactly 0.5 there;
+- the labeller's **position bias**: its mean probability for whichever answer is shown first,
+  minus 0.5 (0 for an unbiased labeller, +0.5 for one that always names the first).
 """
 
 from __future__ import annotations
@@ -36,10 +38,17 @@ from pydantic import BaseModel, Field
 from cai_lib.constitution import Constitution
 from cai_lib.elo import wilson_interval
 from cai_lib.errors import CaiError
-from cai_lib.feedback import FeedbackConfig, FeedbackLabeller, check_constitution, few_shot_messages
+from cai_lib.feedback import (
+    FeedbackConfig,
+    FeedbackLabeller,
+    check_constitution,
+    few_shot_messages,
+    hard_outcome,
+)
 from cai_lib.generation import GenerationBackend, load_backend
-from cai_lib.human_preferences import read_human_preferences
-from cai_lib.prompts import HF_PREFIX, json_rows
+from cai_lib.human_preferences import UnusableRow, human_preference, read_human_preferences, split_hh_pair
+from cai_lib.prompts import HF_PREFIX, RowError, json_rows
+from cai_lib.records import Preference
 
 HH_FIELDS = ("chosen", "rejected")
 MC_FIELDS = ("prompt", "corrects", "incorrects")
@@ -52,6 +61,11 @@ class MultipleChoiceRow(BaseModel):
     prompt: str = Field(description="The full question, ending in 'The answer is:'.")
     corrects: list[str] = Field(description="Options a correct answer may be, e.g. [' (B)'].")
     incorrects: list[str] = Field(description="Options that are wrong, e.g. [' (A)'].")
+    pair: Preference | None = Field(
+        default=None,
+        description="The two compared conversations as a pair (A: the correct one), when the row has "
+        "text_correct and text_incorrect.",
+    )
 
 
 class AccuracyReport(BaseModel):
@@ -59,20 +73,45 @@ class AccuracyReport(BaseModel):
 
     source: str = Field(description="The human-labelled source that was read.")
     format: Format = Field(description="The detected format of the source.")
+    scoring: Literal["labeller", "as published"] = Field(
+        description="labeller: each comparison through the training labeller (principles, both orders, CoT); "
+        "as published: multiple-choice items without answer texts, each option scored after the question."
+    )
     model_ref: str = Field(description="The feedback model.")
     constitution_ref: str = Field(
         description="name@version of the constitution (its few-shot examples and principles)."
     )
     constitution_sha256: str = Field(description="Content hash of that constitution.")
     n: int = Field(description="Human-labelled comparisons scored.")
-    agreed: int = Field(description="How many of them the labeller agreed with.")
+    agreed: float = Field(description="How many of them the labeller agreed with (a tie counts half).")
     agreement: float = Field(description="agreed / n.")
     ci_low: float = Field(description="Lower end of the Wilson 95% interval of the agreement.")
     ci_high: float = Field(description="Upper end of the Wilson 95% interval of the agreement.")
-    mean_p_human_choice: float | None = Field(
-        default=None, description="hh-rlhf only: the labeller's mean soft probability for the human's choice."
+    always_a_baseline: float | None = Field(
+        default=None, description="Multiple choice: the accuracy of always answering (A), as published."
     )
-    config: dict = Field(default_factory=dict, description="The labeller settings (hh-rlhf) used.")
+    always_b_baseline: float | None = Field(
+        default=None, description="Multiple choice: the accuracy of always answering (B), as published."
+    )
+    position_bias: float | None = Field(
+        default=None,
+        description="Labeller: mean P(the answer shown first is better) minus 0.5; None as published.",
+    )
+    mean_p_human_choice: float | None = Field(
+        default=None, description="Labeller: the mean soft probability of the human's choice."
+    )
+    config: dict = Field(default_factory=dict, description="The labeller settings used.")
+
+    def lines(self) -> list[str]:
+        """Baselines and position bias, one line each, for the CLI (before `summary`)."""
+        shown = []
+        if self.always_a_baseline is not None:
+            shown.append(
+                f"always-(A) baseline {self.always_a_baseline:.3f}, always-(B) baseline {self.always_b_baseline:.3f}"
+            )
+        if self.position_bias is not None:
+            shown.append(f"position bias {self.position_bias:+.3f} (mean P(first-shown answer better) - 0.5)")
+        return shown
 
     def summary(self) -> str:
         """One line ending in the agreement and its count, e.g. for the CLI's last line."""
@@ -100,48 +139,76 @@ def label_accuracy(
 ) -> AccuracyReport:
     """The feedback labeller's agreement with the first `limit` human labels of `human_source`.
 
-    See the module docstring for the two formats and what agreement means in each. Raises
-    `CaiError` naming the source and row for a file in neither format, and for a constitution or
-    K the labeller cannot use, and for `config.cot` on a multiple-choice file.
+    See the module docstring for the two formats, what agreement means, the baselines and the
+    position bias. Raises `CaiError` naming the source and row for a file in neither format, for
+    a constitution or K the labeller cannot use, and for `config.cot` on multiple-choice items
+    that have no answer texts.
     """
     if limit is not None and limit < 1:
         raise CaiError(f"limit: must be at least 1, got {limit}")
     check_constitution(constitution, config)
     kind = detect_format(human_source)
-    if kind == "multiple-choice" and config.cot:
+    questions = read_multiple_choice(human_source, limit) if kind == "multiple-choice" else []
+    as_published = bool(questions) and not all(q.pair is not None for q in questions)
+    if as_published and config.cot:
         raise CaiError(
-            f"{human_source}: chain of thought applies to hh-rlhf pairs; multiple-choice questions are scored directly"
+            f"{human_source}: chain of thought needs pairwise items (text_correct and text_incorrect); these are "
+            "scored as published"
         )
-    rows = (
-        read_human_preferences(human_source, limit)
-        if kind == "hh-rlhf"
-        else read_multiple_choice(human_source, limit)
-    )
     model = backend or load_backend(model_ref, config.backend, batch_size=config.batch_size)
-    if kind == "hh-rlhf":
-        labeller = FeedbackLabeller(model, constitution, model_ref, config)
-        p_human = _label_human_pairs(labeller, rows, config.shard_size)
-        agreed = sum(p > 0.5 for p in p_human)
-        extra = {"mean_p_human_choice": sum(p_human) / len(p_human), "config": config.identity()}
-    else:
+    common = {
+        "source": str(human_source),
+        "format": kind,
+        "model_ref": model_ref,
+        "constitution_ref": constitution.ref,
+        "constitution_sha256": constitution.sha256,
+        **position_baselines(questions),
+    }
+    if as_published:
         agreed = _score_multiple_choice(
-            model, few_shot_messages(constitution, cot=False), rows, config.shard_size
+            model, few_shot_messages(constitution, cot=False), questions, config.shard_size
         )
-        extra = {}
-    low, high = wilson_interval(agreed, len(rows))
+        return _report(common, "as published", [1.0 if a else 0.0 for a in agreed], {}, None, None)
+    pairs = [q.pair for q in questions] if questions else read_human_preferences(human_source, limit)
+    labeller = FeedbackLabeller(model, constitution, model_ref, config)
+    labels = _label_human_pairs(labeller, pairs, config.shard_size)
+    p_human = [label.label for label in labels]
+    first_shown = [(s.p_a_first + 1.0 - s.p_a_second) / 2.0 for label in labels for s in label.scores]
+    outcomes = [hard_outcome(p) for p in p_human]
+    bias = sum(first_shown) / len(first_shown) - 0.5
+    return _report(common, "labeller", outcomes, config.identity(), bias, sum(p_human) / len(p_human))
+
+
+def _report(
+    common: dict, scoring: str, outcomes: list[float], config: dict, bias: float | None, mean_p: float | None
+) -> AccuracyReport:
+    agreed = sum(outcomes)
+    low, high = wilson_interval(agreed, len(outcomes))
     return AccuracyReport(
-        source=str(human_source),
-        format=kind,
-        model_ref=model_ref,
-        constitution_ref=constitution.ref,
-        constitution_sha256=constitution.sha256,
-        n=len(rows),
+        **common,
+        scoring=scoring,
+        n=len(outcomes),
         agreed=agreed,
-        agreement=agreed / len(rows),
+        agreement=agreed / len(outcomes),
         ci_low=low,
         ci_high=high,
-        **extra,
+        position_bias=bias,
+        mean_p_human_choice=mean_p,
+        config=config,
     )
+
+
+def position_baselines(questions: Sequence[MultipleChoiceRow]) -> dict[str, float]:
+    """The accuracies of always answering (A) and always answering (B), as the items were published."""
+    if not questions:
+        return {}
+    return {
+        f"always_{letter.lower()}_baseline": sum(
+            f"({letter})" in [c.strip() for c in q.corrects] for q in questions
+        )
+        / len(questions)
+        for letter in ("A", "B")
+    }
 
 
 def read_multiple_choice(source: str, limit: int | None = None) -> list[MultipleChoiceRow]:
@@ -163,25 +230,25 @@ def multiple_choice_agrees(correct_scores: Sequence[float], incorrect_scores: Se
     return max(correct_scores) > max(incorrect_scores)
 
 
-def _label_human_pairs(labeller: FeedbackLabeller, rows: list, chunk: int) -> list[float]:
-    """P(chosen better) for each human pair (answer A is the human's choice)."""
+def _label_human_pairs(labeller: FeedbackLabeller, rows: list[Preference], chunk: int) -> list[Preference]:
+    """The labeller's label of each human pair (answer A is the human's choice)."""
     from tqdm.auto import tqdm
 
-    probabilities: list[float] = []
+    labels: list[Preference] = []
     with tqdm(total=len(rows), unit="pair", desc="labelling human pairs") as bar:
         for start in range(0, len(rows), chunk):
-            probabilities += [p.label for p in labeller.label(rows[start : start + chunk])]
+            labels += labeller.label(rows[start : start + chunk])
             bar.update(len(rows[start : start + chunk]))
-    return probabilities
+    return labels
 
 
 def _score_multiple_choice(
     model: GenerationBackend, prefix: list, rows: list[MultipleChoiceRow], chunk: int
-) -> int:
-    """How many questions the model answers correctly (see `multiple_choice_agrees`)."""
+) -> list[bool]:
+    """Whether the model answers each question correctly (see `multiple_choice_agrees`)."""
     from tqdm.auto import tqdm
 
-    agreed = 0
+    agreed: list[bool] = []
     with tqdm(total=len(rows), unit="question", desc="multiple-choice questions") as bar:
         for start in range(0, len(rows), chunk):
             batch = rows[start : start + chunk]
@@ -190,7 +257,7 @@ def _score_multiple_choice(
             scores = model.score_options(contexts, options, shared_prefix=prefix or None)
             for row, row_scores in zip(batch, scores):
                 n_correct = len(row.corrects)
-                agreed += multiple_choice_agrees(row_scores[:n_correct], row_scores[n_correct:])
+                agreed.append(multiple_choice_agrees(row_scores[:n_correct], row_scores[n_correct:]))
             bar.update(len(batch))
     return agreed
 
@@ -222,4 +289,12 @@ def _multiple_choice_row(source: str, where: str, row: dict) -> MultipleChoiceRo
     error = problem()
     if error:
         raise CaiError(f"{source}: {where}: {error}")
-    return MultipleChoiceRow(prompt=row["prompt"], corrects=row["corrects"], incorrects=row["incorrects"])
+    pair = None
+    if isinstance(row.get("text_correct"), str) and isinstance(row.get("text_incorrect"), str):
+        try:
+            pair = human_preference(split_hh_pair(row["text_correct"], row["text_incorrect"]))
+        except (RowError, UnusableRow) as err:
+            raise CaiError(f"{source}: {where}: text_correct/text_incorrect: {err}") from None
+    return MultipleChoiceRow(
+        prompt=row["prompt"], corrects=row["corrects"], incorrects=row["incorrects"], pair=pair
+    )

@@ -44,7 +44,12 @@ class RevisionRound(BaseModel):
 
     principle_id: str = Field(description="Id of the critique/revision principle drawn for this round.")
     critique: str | None = Field(description="The model's critique; None in no-critique mode.")
-    revision: str = Field(description="The model's rewritten answer.")
+    revision: str = Field(
+        description="The model's rewritten answer, without a preamble such as 'Here is a revised response:'."
+    )
+    raw_revision: str | None = Field(
+        default=None, description="The reply as the model wrote it, when a preamble was stripped from it."
+    )
 
 
 class Trace(Record):

@@ -84,7 +84,7 @@ STAGES: tuple[Stage, ...] = (
         "helpful_samples",
         gpu=True,
         output="dataset",
-        settings="critique_revise",
+        settings="helpful_samples",
         modules=("critique_revise",),
     ),
     Stage(

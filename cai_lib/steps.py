@@ -385,19 +385,19 @@ def merge(context: dict, parts: list[str], name: str) -> DataRef:
 @one_line_errors
 def helpful_samples(context: dict, prompts: str) -> DataRef:
     """The base model's own answers to the helpfulness training prompts (mixed into SFT)."""
-    from cai_lib.critique_revise import GenerationStageConfig, sample_helpful
+    from cai_lib.critique_revise import sample_helpful
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
     source, model = DataRef.read(prompts), ctx.model(p.base_model)
     identity = {
         "inputs": {"prompts": source.sha256, "model": model.content},
-        "settings": p.critique_revise.identity(GenerationStageConfig),
+        "settings": p.helpful_samples.identity(),
     }
 
     def write(uri: str, key: str) -> None:
         rows = list(read_dataset(source.uri, PromptRecord))
-        sample_helpful(rows, model.load, uri, p.critique_revise, output_key=key)
+        sample_helpful(rows, model.load, uri, p.helpful_samples, output_key=key)
 
     return DataRef.of(produce(ctx, "helpful_samples", identity, write))
 

@@ -30,6 +30,7 @@ def resolve_run(
     experiment: str,
     model_name_prefix: str,
     critique_revise: dict,
+    helpful_samples: dict,
     sft: dict,
     pairs: dict,
     feedback: dict,

@@ -72,7 +72,8 @@ def _section_doc(name: str, model: type[BaseModel]) -> list[str]:
     for key, field in model.model_fields.items():
         kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
         default = field.get_default(call_default_factory=True)
-        facts = ", ".join([kind, *_limits(field), f"default {default!r}"])
+        shown = "derived from seed unless given" if key == "seed" else repr(default)
+        facts = ", ".join([kind, *_limits(field), f"default {shown}"])
         lines.append(f"        {key} ({facts}): {field.description or ''}".rstrip())
     return lines
 

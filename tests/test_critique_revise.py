@@ -20,12 +20,13 @@ from cai_lib.cli.stage_sl import config_from, critique_revise_command, helpful_s
 from cai_lib.constitution import Constitution, dump_constitution, parse_constitution
 from cai_lib.critique_revise import (
     CritiqueReviseConfig,
-    GenerationStageConfig,
+    HelpfulSamplesConfig,
     critique_revise,
     draw_principle,
     empty_generations,
     few_shot_messages,
     sample_helpful,
+    strip_preamble,
 )
 from cai_lib.errors import CaiError
 from cai_lib.generation import load_backend
@@ -92,7 +93,9 @@ class RecordingBackend:
         if self.fail_on is not None and len(self.calls) + 1 == self.fail_on:
             raise RuntimeError(f"simulated crash on generate call {self.fail_on}")
         replies = self.backend.generate(conversations, params, shared_prefix=shared_prefix)
-        self.calls.append({"conversations": conversations, "prefix": shared_prefix, "replies": replies})
+        self.calls.append(
+            {"conversations": conversations, "prefix": shared_prefix, "params": params, "replies": replies}
+        )
         return replies
 
     def score_options(self, contexts, options, shared_prefix=None):
@@ -249,7 +252,7 @@ def test_helpful_samples_are_traces_without_rounds(tiny_backend, tmp_path):
     prompts = prompt_records(["Give me a recipe for pancakes.", "How do plants make food?"], kind="helpful")
     out = str(tmp_path / "helpful")
 
-    rows = sample_helpful(prompts, "tiny", out, GenerationStageConfig(max_new_tokens=8), recorder)
+    rows = sample_helpful(prompts, "tiny", out, HelpfulSamplesConfig(max_new_tokens=8), recorder)
 
     traces = traces_at(out)
     assert rows == 2
@@ -258,6 +261,50 @@ def test_helpful_samples_are_traces_without_rounds(tiny_backend, tmp_path):
     ]
     assert [t.constitution_ref for t in traces] == ["", ""]
     assert len(recorder.calls) == 1
+
+
+def test_k_helpful_samples_per_prompt_come_from_k_calls_with_different_seeds(tiny_backend, tmp_path):
+    recorder = RecordingBackend(tiny_backend)
+    prompts = prompt_records(["Give me a recipe for pancakes.", "How do plants make food?"], kind="helpful")
+    settings = HelpfulSamplesConfig(max_new_tokens=8, samples_per_prompt=2, temperature=1.0)
+
+    rows = sample_helpful(prompts, "tiny", str(tmp_path / "helpful"), settings, recorder)
+
+    traces = traces_at(str(tmp_path / "helpful"))
+    assert (rows, len({t.id for t in traces}), sorted(t.prompt_id for t in traces)) == (
+        4,
+        4,
+        sorted([p.id for p in prompts] * 2),
+    )
+    assert len({call["params"].seed for call in recorder.calls}) == 2
+
+
+@pytest.mark.parametrize(
+    "reply, revision",
+    [
+        ("Here's a revised response: I can't help with that.", "I can't help with that."),
+        ('Sure! Here is the rewritten answer:\n"Talk to them first."', "Talk to them first."),
+        ("Revised response: Ask for permission.", "Ask for permission."),
+        ("Here is how it works: step one.", "Here is how it works: step one."),
+        ("I can't help with that.", "I can't help with that."),
+    ],
+)
+def test_a_revision_preamble_is_stripped_by_the_documented_rule(reply, revision):
+    assert strip_preamble(reply) == revision
+
+
+def test_a_stripped_revision_keeps_the_raw_reply_in_its_round(constitution, tmp_path):
+    class Preambler:
+        def generate(self, conversations, params, shared_prefix=None):
+            return ["Here's a revised response: Please ask first." for _ in conversations]
+
+    out = str(tmp_path / "traces")
+    critique_revise(prompt_records(RED_TEAM[:1]), constitution, "tiny", out, config(rounds=1), Preambler())
+    (round_,) = traces_at(out)[0].rounds
+    assert (round_.revision, round_.raw_revision) == (
+        "Please ask first.",
+        "Here's a revised response: Please ask first.",
+    )
 
 
 def test_resume_after_a_crash_gives_the_rows_of_an_uninterrupted_run(constitution, tiny_backend, tmp_path):

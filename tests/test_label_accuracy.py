@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 
 import pytest
 
@@ -180,9 +181,9 @@ def test_an_hh_rlhf_file_with_a_foreign_row_is_refused_naming_the_row(tmp_path, 
         label_accuracy(source, constitution, "tiny", None, FeedbackConfig(), tiny_backend)
 
 
-def test_chain_of_thought_on_multiple_choice_questions_is_refused(tmp_path, constitution, tiny_backend):
+def test_chain_of_thought_on_items_without_answer_texts_is_refused(tmp_path, constitution, tiny_backend):
     source = write_jsonl(tmp_path / "mc.jsonl", MULTIPLE_CHOICE_ROWS)
-    with pytest.raises(CaiError, match="chain of thought applies to hh-rlhf pairs"):
+    with pytest.raises(CaiError, match="chain of thought needs pairwise items"):
         label_accuracy(source, constitution, "tiny", None, FeedbackConfig(cot=True), tiny_backend)
 
 
@@ -211,6 +212,68 @@ def test_swapping_the_right_and_wrong_options_of_two_option_questions_flips_agre
         write_jsonl(tmp_path / "b.jsonl", flipped), constitution, "tiny", None, config, tiny_backend
     )
     assert report.agreed + mirror.agreed == 3
+
+
+HHH_ROWS = [row for row in MULTIPLE_CHOICE_ROWS if "text_correct" in row]
+
+
+def test_pairwise_multiple_choice_items_go_through_the_training_labeller(
+    tmp_path, constitution, tiny_backend
+):
+    config = FeedbackConfig(principles_per_pair=2)
+    report = label_accuracy(
+        write_jsonl(tmp_path / "hhh.jsonl", HHH_ROWS), constitution, "tiny", None, config, tiny_backend
+    )
+    assert (report.scoring, report.n, report.config["principles_per_pair"]) == ("labeller", 2, 2)
+
+
+def test_items_without_answer_texts_are_scored_as_published(tmp_path, constitution, tiny_backend):
+    report = label_accuracy(
+        write_jsonl(tmp_path / "mc.jsonl", MULTIPLE_CHOICE_ROWS),
+        constitution,
+        "tiny",
+        None,
+        FeedbackConfig(),
+        tiny_backend,
+    )
+    assert (report.scoring, report.position_bias) == ("as published", None)
+
+
+def test_the_position_baselines_count_where_the_correct_answer_was_published(
+    tmp_path, constitution, tiny_backend
+):
+    rows = [HHH_ROWS[0], HHH_ROWS[0], HHH_ROWS[0], HHH_ROWS[1]]  # correct answer (A), (A), (A), (B)
+    report = label_accuracy(
+        write_jsonl(tmp_path / "hhh.jsonl", rows), constitution, "tiny", None, FeedbackConfig(), tiny_backend
+    )
+    assert (report.always_a_baseline, report.always_b_baseline) == (0.75, 0.25)
+
+
+class FirstOptionJudge:
+    """A stand-in backend (no model) that always gives the first-shown option log-prob 0 and the
+    second -3: pure position bias."""
+
+    def generate(self, conversations, params, shared_prefix=None):
+        return ["" for _ in conversations]
+
+    def score_options(self, contexts, options, shared_prefix=None):
+        return [[0.0, -3.0] for _ in contexts]
+
+
+def test_a_labeller_that_always_names_the_first_option_shows_its_position_bias(tmp_path, constitution):
+    source = write_jsonl(tmp_path / "hhh.jsonl", HHH_ROWS)
+    report = label_accuracy(
+        source, constitution, "first", None, FeedbackConfig(principles_per_pair=1), FirstOptionJudge()
+    )
+    assert report.position_bias == pytest.approx(1.0 / (1.0 + math.exp(-3.0)) - 0.5)
+
+
+def test_a_labeller_that_always_names_the_first_option_scores_one_half_by_ties(tmp_path, constitution):
+    source = write_jsonl(tmp_path / "hhh.jsonl", HHH_ROWS)
+    report = label_accuracy(
+        source, constitution, "first", None, FeedbackConfig(principles_per_pair=1), FirstOptionJudge()
+    )
+    assert (report.mean_p_human_choice, report.agreement) == (pytest.approx(0.5), 0.5)
 
 
 def test_hh_rlhf_agreement_labels_each_human_pair(hh_rlhf_path, constitution, tiny_backend):
@@ -263,3 +326,29 @@ def test_the_command_prints_the_agreement_and_its_count_last(tmp_path, tiny_mode
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("agreement ") and last.endswith("over 2 questions")
+
+
+def test_the_command_prints_the_baselines_and_the_position_bias_before_the_agreement(
+    tmp_path, tiny_model_dir
+):
+    import typer
+    from typer.testing import CliRunner
+
+    from cai_lib.cli.stage_feedback import label_accuracy_command
+
+    app = typer.Typer()
+    app.command()(label_accuracy_command)
+    source = write_jsonl(tmp_path / "hhh.jsonl", HHH_ROWS)
+    args = [
+        "--human",
+        source,
+        "--constitution",
+        "harmless@1.0.0",
+        "--model",
+        str(tiny_model_dir),
+        "--principles",
+        "1",
+    ]
+    lines = CliRunner().invoke(app, args).output.strip().splitlines()
+    assert lines[-3] == "always-(A) baseline 0.500, always-(B) baseline 0.500"
+    assert lines[-2].startswith("position bias ") and lines[-1].startswith("agreement ")

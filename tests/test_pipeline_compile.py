@@ -182,3 +182,28 @@ def test_quick_config_is_valid():
     config = load_run_config(REPO / "pipelines" / "configs" / "quick.yaml")
     assert config.params.critique_revise.rounds == 2
     assert config.deploy.resources == {}
+
+
+def test_the_paper_recipe_is_valid_and_follows_the_paper():
+    params = load_run_config(REPO / "pipelines" / "configs" / "paper.yaml").params
+    assert (params.critique_revise.rounds, params.helpful_samples.samples_per_prompt) == (4, 2)
+    assert (params.feedback.cot, params.feedback.clamp_cot, params.human_preference_kind) == (
+        True,
+        True,
+        "helpfulness",
+    )
+    assert params.sft.include_intermediate_revisions
+
+
+def test_stage_seeds_derive_from_the_run_seed_unless_pinned():
+    runs = [
+        load_run_config(overrides=overrides).params
+        for overrides in (["seed=1"], ["seed=2"], ["seed=2", "sft.seed=7"])
+    ]
+    assert runs[0].sft.seed != runs[1].sft.seed and runs[2].sft.seed == 7
+    assert runs[1].rl.seed == runs[2].rl.seed
+
+
+def test_a_derived_stage_seed_is_not_a_pipeline_parameter_default(compiled):
+    spec, _ = compiled
+    assert "seed" not in spec["root"]["inputDefinitions"]["parameters"]["sft"]["defaultValue"]

@@ -108,7 +108,16 @@ def evaluate_command(
     helpful_prompts = _read_prompts(helpful, "helpful", limit) if helpful else []
     trace_rows = _read_traces(traces) if traces else None
     result = evaluate(
-        policies, reward, judge_model, loaded, red_team, helpful_prompts, out, config, trace_rows, feedback_model
+        policies,
+        reward,
+        judge_model,
+        loaded,
+        red_team,
+        helpful_prompts,
+        out,
+        config,
+        trace_rows,
+        feedback_model,
     )
     for key, value in result.flat_metrics().items():
         typer.echo(f"{key}\t{value:.4f}")

@@ -143,6 +143,10 @@ def label_accuracy_command(
 ) -> None:
     """Agreement of the AI feedback labeller with human labels, with a Wilson 95% interval; printed last.
 
+    Every comparison goes through the labeller that labels training pairs (K principles, both
+    option orders, chain of thought with --cot). Also printed: the always-(A) and always-(B)
+    baselines of a multiple-choice file and the labeller's position bias.
+
     Example: cai stage label-accuracy --human data/hh-rlhf/harmless-base/test.jsonl.gz --constitution harmless@1.0.0 --model smollm2-135m-instruct --limit 100
     """
     from cai_lib.constitution import load_constitution
@@ -159,10 +163,13 @@ def label_accuracy_command(
     )
     report = label_accuracy(human, load_constitution(constitution), model, limit, config)
     typer.echo(
-        f"{report.format} comparisons from {report.source}; feedback model {report.model_ref}, {report.constitution_ref}"
+        f"{report.format} comparisons from {report.source}, scored {'by the training labeller' if report.scoring == 'labeller' else 'as published'}; "
+        f"feedback model {report.model_ref}, {report.constitution_ref}"
     )
     if report.mean_p_human_choice is not None:
         typer.echo(f"mean P(human's choice better) {report.mean_p_human_choice:.3f}")
+    for line in report.lines():
+        typer.echo(line)
     if as_json:
         typer.echo(report.model_dump_json())
     typer.echo(report.summary())

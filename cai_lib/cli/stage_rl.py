@@ -49,7 +49,11 @@ def train_pm(
         ..., "--out", help="Local directory or s3:// prefix for the PM checkpoint; must be empty."
     ),
     human: str | None = typer.Option(
-        None, "--human", help=f"Human-labelled pairs in the hh-rlhf format: {PROMPT_SOURCES}."
+        None,
+        "--human",
+        help=f"Human-labelled pairs in the hh-rlhf format: {PROMPT_SOURCES}. The paper's premise: human "
+        "helpfulness pairs (hh-rlhf helpful-base); harmlessness pairs (harmless-base) are the ablation that "
+        "adds human harm labels to the AI ones.",
     ),
     human_limit: int | None = typer.Option(None, "--human-limit", help="Use the first K usable human pairs."),
     human_fraction: float = _option(PreferenceModelConfig, "human_fraction", "--human-fraction"),
@@ -62,10 +66,11 @@ def train_pm(
     ),
     max_length: int = _option(PreferenceModelConfig, "max_length", "--max-length"),
     seed: int = _option(PreferenceModelConfig, "seed", "--seed"),
+    labels: str = _option(PreferenceModelConfig, "labels", "--labels"),
 ) -> None:
-    """Train the preference model (paper §4.1) on soft AI labels mixed with human pairs; print its held-out accuracy.
+    """Train the preference model (paper §4.1) on AI harmlessness labels mixed with human helpfulness pairs; print its held-out accuracy.
 
-    Example: cai stage train-pm --ai runs/labels --human data/hh-rlhf/harmless-base/test.jsonl.gz --model smollm2-135m-instruct --epochs 1 --out runs/pm
+    Example: cai stage train-pm --ai runs/labels --human data/hh-rlhf/helpful-base/train.jsonl.gz --model smollm2-135m-instruct --epochs 1 --out runs/pm
     """
     from cai_lib.human_preferences import read_human_preferences, read_preferences
     from cai_lib.preference_model import train_preference_model
@@ -73,6 +78,7 @@ def train_pm(
     config = config_from(
         PreferenceModelConfig,
         human_fraction=human_fraction,
+        labels=labels,
         eval_fraction=eval_fraction,
         epochs=epochs,
         learning_rate=learning_rate,

@@ -13,7 +13,7 @@ from typing import TypeVar
 import typer
 from pydantic import BaseModel, ValidationError
 
-from cai_lib.critique_revise import CritiqueReviseConfig, GenerationStageConfig
+from cai_lib.critique_revise import CritiqueReviseConfig, GenerationStageConfig, HelpfulSamplesConfig
 from cai_lib.errors import CaiError
 from cai_lib.records import PromptKind, PromptRecord
 from cai_lib.sft import SFTStageConfig
@@ -129,15 +129,16 @@ def helpful_samples_command(
     temperature: float = TEMPERATURE,
     shard_size: int = SHARD_SIZE,
     chat_template: Path | None = CHAT_TEMPLATE,
+    samples_per_prompt: int = _option(HelpfulSamplesConfig, "samples_per_prompt", "--samples-per-prompt"),
 ) -> None:
     """The model's own answers to helpfulness prompts (paper §3.1), mixed into SFT to keep it helpful.
 
-    Example: cai stage helpful-samples --prompts builtin:helpful --model smollm2-135m-instruct --limit 4 --out runs/helpful
+    Example: cai stage helpful-samples --prompts builtin:helpful --model smollm2-135m-instruct --samples-per-prompt 2 --temperature 1 --limit 4 --out runs/helpful
     """
     from cai_lib.critique_revise import sample_helpful
 
     config = config_from(
-        GenerationStageConfig,
+        HelpfulSamplesConfig,
         seed=seed,
         backend=backend.value,
         batch_size=batch_size,
@@ -145,6 +146,7 @@ def helpful_samples_command(
         temperature=temperature,
         shard_size=shard_size,
         chat_template=_read_template(chat_template),
+        samples_per_prompt=samples_per_prompt,
     )
     rows = sample_helpful(_read_prompts(prompts, "helpful", limit), model, out, config)
     typer.echo(_summary(out, rows))
