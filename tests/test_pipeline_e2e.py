@@ -45,6 +45,7 @@ def tiny_run_config(path: Path, model: Path, constitution: str = "harmless", **p
         "constitution": constitution,
         "base_model": str(model),
         "feedback_model": str(model),
+        "judge_model": str(model),
         "num_red_team": 16,  # 12 train (6 per shard) / 4 eval
         "num_helpful": 4,
         "num_shards": 2,

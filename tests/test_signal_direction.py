@@ -236,3 +236,75 @@ def test_sft_trains_on_the_answer_tokens_and_not_the_prompt(tiny_model_dir, tmp_
     masked = tokenizer.decode([t for t, label in zip(ids, labels) if label == -100])
     assert answer in trained and prompt not in trained
     assert prompt in masked and answer not in masked
+
+
+# -- RL against a reward that prefers a token ------------------------------------------------------------
+
+
+class TokenReward:
+    """A stand-in preference model (no model): reward 1 for a completion that is the word `target`."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def score_conversations(self, conversations):
+        return [float(c[-1]["content"].strip() == self.target) for c in conversations]
+
+
+def first_token_distribution(model, tokenizer, conversation):
+    import torch
+
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+    with torch.no_grad():
+        return torch.softmax(model(ids).logits[0, -1].float(), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def peaked_policy_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its output layer scaled ×30: a random model's next-token distribution is
+    nearly uniform over 49k tokens (nothing for RL to find); scaled, a few tokens carry most of it."""
+    import torch
+
+    from cai_lib.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(str(tiny_model_dir))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    out = tmp_path_factory.mktemp("peaked")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_rl_against_a_reward_that_prefers_a_token_raises_its_probability_and_the_reward(
+    peaked_policy_dir, tmp_path
+):
+    from cai_lib.models import load_tokenizer
+    from cai_lib.records import PromptRecord
+    from cai_lib.rl import RLConfig, _trainer
+
+    tokenizer = load_tokenizer(peaked_policy_dir, "peaked")
+    conversation = [{"role": "user", "content": "Say one word."}]
+    prompts = [PromptRecord(id=f"p{i}", prompt="Say one word.") for i in range(8)]
+    # Small on purpose: one-token completions, 8 samples per prompt and no KL penalty, so that four
+    # steps move the first token's distribution visibly.
+    config = RLConfig(
+        steps=4, batch_size=2, num_generations=8, max_new_tokens=1, learning_rate=1e-3, beta=0.0, use_cpu=True
+    )
+    trainer = _trainer(config, peaked_policy_dir, tokenizer, None, prompts, [], tmp_path)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    before = first_token_distribution(policy, tokenizer, conversation)
+    # The target: the word the policy says about half the time, so that a few steps of 16 samples
+    # see it often enough to learn from (a rarer word gives most steps no signal at all).
+    target = tokenizer.decode([int(before.argmax())]).strip()
+    trainer.reward_funcs[0].scorer = TokenReward(target)
+
+    trainer.train()
+
+    after = first_token_distribution(policy, tokenizer, conversation)
+    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    # Every token that is the word (with or without a leading space) earns the reward.
+    word = [t for t in range(len(tokenizer)) if tokenizer.decode([t]).strip() == target]
+    assert after[word].sum() > before[word].sum() + 0.2
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3
