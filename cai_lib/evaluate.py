@@ -66,8 +66,9 @@ from cai_lib.feedback import (
     unswapped,
 )
 from cai_lib.generation import BackendName, SamplingParams, load_backend
+from cai_lib.label_accuracy import human_pairs
 from cai_lib.preference_model import CalibrationBin
-from cai_lib.records import PrincipleScore, PromptKind, PromptRecord, Record, Trace, stable_id
+from cai_lib.records import Preference, PrincipleScore, PromptKind, PromptRecord, Record, Trace, stable_id
 from cai_lib.shards import fingerprint
 from cai_lib.stage_table import package_version
 from cai_lib.store import ArtifactStore
@@ -144,6 +145,16 @@ class EvaluationConfig(BaseModel):
     )
     max_traces: int | None = Field(
         default=None, ge=1, description="Score the revisions of at most this many SL-CAI traces (None: all)."
+    )
+    pm_benchmark: str | None = Field(
+        default=None,
+        description="Human comparisons the PM is scored on, e.g. the harmlessness items of the paper's "
+        "multiple-choice evaluations (rows with text_correct and text_incorrect) or an hh-rlhf file or "
+        "hf: dataset: a file, an s3:// URI, or hf:ORG/NAME with an optional /DATA_DIR and :SPLIT. None: not "
+        "measured.",
+    )
+    pm_benchmark_limit: int | None = Field(
+        default=None, ge=1, description="Score the PM on at most this many of them (None: all)."
     )
     num_samples_in_report: int = Field(
         default=5,
@@ -262,6 +273,19 @@ class CountScore(BaseModel):
     n: int
 
 
+class PMAccuracy(BaseModel):
+    """How often the PM scores the human's choice higher, on `EvaluationConfig.pm_benchmark`."""
+
+    source: str
+    n: int = Field(description="Human comparisons scored.")
+    agreed: float = Field(
+        description="How many the PM scored the human's choice higher on (a tie counts half)."
+    )
+    accuracy: float
+    ci_low: float = Field(description="Lower end of the Wilson 95% interval.")
+    ci_high: float = Field(description="Upper end of the Wilson 95% interval.")
+
+
 class EvaluationResult(BaseModel):
     """Everything an evaluation measured; stored as `metrics.json` and rendered by `cai_lib.report`."""
 
@@ -282,9 +306,18 @@ class EvaluationResult(BaseModel):
         description="Mean PM score of final revisions by the number of distinct principles their rounds drew "
         "(the traces' view of Fig. 6).",
     )
+    rl_steps: dict[str, int] = Field(
+        default_factory=dict,
+        description="Policy -> the RL step it was saved after (SL-CAI is step 0), for the policies that are "
+        "checkpoints of one RL run: the Elo over the course of RL (Fig. 8).",
+    )
     pm_calibration: list[CalibrationBin] = Field(
         default_factory=list,
         description="The PM's predicted against observed win probability on its held-out pairs (Fig. 9).",
+    )
+    pm_accuracy: PMAccuracy | None = Field(
+        default=None,
+        description="The PM's agreement with human choices on the PM benchmark, when one is set.",
     )
     constitution_ref: str
     constitution_sha256: str
@@ -327,6 +360,8 @@ class EvaluationResult(BaseModel):
             metrics[f"hard_win_rate.{rate.criterion}.{rate.policy_a}_vs_{rate.policy_b}"] = rate.hard_win_rate
         for criterion, ratings in self.elo.items():
             metrics.update({f"elo.{criterion}.{name}": rating for name, rating in ratings.items()})
+        if self.pm_accuracy is not None:
+            metrics["pm_accuracy"] = self.pm_accuracy.accuracy
         for kind, per_policy in self.evasiveness.items():
             for name, summary in per_policy.items():
                 metrics[f"evasiveness.{kind}.{name}"] = summary.mean_p_evasive
@@ -408,18 +443,21 @@ def evaluate(
     config: EvaluationConfig | None = None,
     traces: Sequence[Trace] | None = None,
     labeller_ref: str | None = None,
+    rl_steps: dict[str, int] | None = None,
 ) -> EvaluationResult:
     """Evaluate `policies` (name -> model ref) on held-out prompts and write the results to `out_uri`.
 
     `judge_ref` judges comparisons and evasiveness. `labeller_ref`, the feedback model that made
     the training labels, is recorded so the report can say when the two are the same model
     (and the evaluation therefore not independent of the training signal).
+    `rl_steps` (policy name -> RL step) marks the policies that are checkpoints of one RL run, so
+    the report can chart their Elo against the step (Fig. 8).
 
     Returns the `EvaluationResult` also stored as `out_uri/metrics.json`, beside
     `answers.jsonl`, `judgements.jsonl` and `report.html`; metrics.json is written after the
     other data, so its presence marks a finished evaluation. A rerun with the same inputs
     returns the stored result without loading a model. Raises `CaiError`, before any model is
-    loaded and writing nothing, for no policies, a bad policy name, no red-team prompts, a
+    loaded and writing nothing, for no policies, a bad policy name, an `rl_steps` name that is not a policy, no red-team prompts, a
     principle that the constitution lacks, a model ref that does not resolve, or an `out_uri`
     that holds an evaluation of other inputs.
     """
@@ -428,6 +466,8 @@ def evaluate(
 
     config = config or EvaluationConfig()
     check_policies(policies)
+    if unknown := sorted(set(rl_steps or {}) - set(policies)):
+        raise CaiError(f"rl_steps names {', '.join(unknown)}, which are not among the policies evaluated")
     prompt_sets = {"red_team": deduplicate(red_team), "helpful": deduplicate(helpful)}
     if not prompt_sets["red_team"]:
         raise CaiError("--prompts: no red-team prompts to evaluate on; check the prompt source")
@@ -435,10 +475,12 @@ def evaluate(
         constitution, config, [c for c, kind in CRITERIA.items() if prompt_sets[kind]]
     )
     traces = list(traces or [])
+    benchmark = human_pairs(config.pm_benchmark, config.pm_benchmark_limit) if config.pm_benchmark else []
     inputs_sha256 = fingerprint(
         evaluation_inputs(
             policies, reward_ref, judge_ref, constitution, principles, prompt_sets, traces, config
         )
+        | {"pm_benchmark": [pair.id for pair in benchmark]}
     )
     store = ArtifactStore.open(out_uri)
     if store.exists(METRICS_FILE):
@@ -451,7 +493,9 @@ def evaluate(
         answers += answer_prompts(name, ref, prompt_sets, config)
         release_memory()
     scored_traces = traces[: config.max_traces]
-    answers, trace_pm = score_with_pm(reward_ref, answers, scored_traces, config)
+    answers, trace_pm, benchmark_outcomes = score_with_pm(
+        reward_ref, answers, scored_traces, benchmark, config
+    )
     release_memory()
     answers, judgements = judge(judge_ref, constitution, principles, answers, config)
     release_memory()
@@ -469,7 +513,14 @@ def evaluate(
         trace_pm,
         config,
         inputs_sha256,
-    ).model_copy(update={"labeller_ref": labeller_ref, "pm_calibration": pm_calibration(reward_ref)})
+    ).model_copy(
+        update={
+            "labeller_ref": labeller_ref,
+            "pm_calibration": pm_calibration(reward_ref),
+            "rl_steps": rl_steps or {},
+            "pm_accuracy": pm_accuracy(config.pm_benchmark, benchmark_outcomes) if benchmark else None,
+        }
+    )
     store.write_jsonl(ANSWERS_FILE, answers)
     store.write_jsonl(JUDGEMENTS_FILE, judgements)
     store.write_text(METRICS_FILE, result.model_dump_json(indent=2) + "\n")
@@ -598,17 +649,25 @@ class TraceScores(NamedTuple):
 
 
 def score_with_pm(
-    reward_ref: str, answers: list[PolicyAnswer], traces: Sequence[Trace], config: EvaluationConfig
-) -> tuple[list[PolicyAnswer], TraceScores]:
-    """The answers with their PM scores, and the PM's view of the traces: per principle the change
+    reward_ref: str,
+    answers: list[PolicyAnswer],
+    traces: Sequence[Trace],
+    benchmark: Sequence[Preference],
+    config: EvaluationConfig,
+) -> tuple[list[PolicyAnswer], TraceScores, list[float]]:
+    """The answers with their PM scores; the PM's view of the traces: per principle the change
     each revision made, per round the mean score (the paper's Fig. 5), per number of distinct
-    principles the mean score of the final revision (the traces' view of Fig. 6)."""
+    principles the mean score of the final revision (the traces' view of Fig. 6); and per human
+    `benchmark` pair 1 when the PM scores the human's choice (answer A) higher, 0 when lower, 0.5
+    on a tie."""
     from cai_lib.preference_model import RewardScorer
 
     scorer = RewardScorer.load(reward_ref, batch_size=config.batch_size)
-    texts = [(a.prompt, a.answer) for a in answers] + [
-        (trace.prompt, text) for trace in traces for text in trace_answers(trace)
-    ]
+    texts = (
+        [(a.prompt, a.answer) for a in answers]
+        + [(trace.prompt, text) for trace in traces for text in trace_answers(trace)]
+        + [(pair.prompt, answer) for pair in benchmark for answer in (pair.answer_a, pair.answer_b)]
+    )
     scores = in_chunks(
         texts,
         4 * config.batch_size,
@@ -616,7 +675,24 @@ def score_with_pm(
         "PM scores",
     )
     scored = [a.model_copy(update={"pm_score": s}) for a, s in zip(answers, scores)]
-    return scored, trace_scores(traces, scores[len(answers) :])
+    on_traces = len(texts) - 2 * len(benchmark)
+    pairs = scores[on_traces:]
+    outcomes = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(pairs[::2], pairs[1::2])]
+    return scored, trace_scores(traces, scores[len(answers) : on_traces]), outcomes
+
+
+def pm_accuracy(source: str, outcomes: Sequence[float]) -> PMAccuracy:
+    """Accuracy and its Wilson 95% interval from per-pair outcomes (1 right, 0 wrong, 0.5 tie)."""
+    agreed = sum(outcomes)
+    low, high = wilson_interval(agreed, len(outcomes))
+    return PMAccuracy(
+        source=source,
+        n=len(outcomes),
+        agreed=agreed,
+        accuracy=agreed / len(outcomes),
+        ci_low=low,
+        ci_high=high,
+    )
 
 
 def trace_answers(trace: Trace) -> list[str]:

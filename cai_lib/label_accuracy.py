@@ -225,6 +225,22 @@ def read_multiple_choice(source: str, limit: int | None = None) -> list[Multiple
     return rows
 
 
+def human_pairs(source: str, limit: int | None = None) -> list[Preference]:
+    """The first `limit` human comparisons of `source` as pairs (answer A: the human's choice), from
+    hh-rlhf rows or from multiple-choice rows that carry both compared conversations; a
+    multiple-choice row without them is a `CaiError` naming it."""
+    if detect_format(source) == "hh-rlhf":
+        return read_human_preferences(source, limit)
+    rows = read_multiple_choice(source, limit)
+    missing = [number for number, row in enumerate(rows, start=1) if row.pair is None]
+    if missing:
+        raise CaiError(
+            f"{source}: row {missing[0]}: a multiple-choice item without text_correct and text_incorrect "
+            "is not a comparison of two answers"
+        )
+    return [row.pair for row in rows]
+
+
 def multiple_choice_agrees(correct_scores: Sequence[float], incorrect_scores: Sequence[float]) -> bool:
     """Whether the best correct option scores strictly higher than every incorrect option."""
     return max(correct_scores) > max(incorrect_scores)

@@ -75,6 +75,7 @@ def report_html(result: EvaluationResult, stage_lines: Sequence[str] = ()) -> st
         _evasiveness_section(result),
         _principle_section(result),
         _revision_section(result),
+        _rl_course_section(result),
         _calibration_section(result),
         _sample_answers_section(result.sample_answers, list(result.policies)),
         _sample_judgements_section(result.sample_judgements),
@@ -226,7 +227,18 @@ def _pm_section(result: EvaluationResult) -> str:
         "mean PM score",
         "Preference-model score per policy",
     )
-    return f"<h2>Preference-model scores</h2>\n<p>Mean score of each policy's answers (higher is preferred).</p>{table}{chart}"
+    accuracy = result.pm_accuracy
+    on_humans = (
+        f"<p><b>PM accuracy on human comparisons</b> (<code>{escape(accuracy.source)}</code>): "
+        f"{accuracy.accuracy:.3f} [{accuracy.ci_low:.3f}, {accuracy.ci_high:.3f}] over {accuracy.n} pair(s), "
+        "the share whose human choice it scores higher (a tie counts half).</p>"
+        if accuracy
+        else ""
+    )
+    return (
+        "<h2>Preference-model scores</h2>\n<p>Mean score of each policy's answers (higher is preferred).</p>"
+        f"{table}{chart}{on_humans}"
+    )
 
 
 def _win_rate_section(result: EvaluationResult) -> str:
@@ -365,7 +377,7 @@ def _revision_section(result: EvaluationResult) -> str:
         return ""
     chart = _line(
         [r.round for r in result.revision_curve],
-        [r.mean for r in result.revision_curve],
+        {"SL-CAI answers": [r.mean for r in result.revision_curve]},
         "revision round (0: initial answer)",
         "mean PM score",
         "PM score after each revision round (Fig. 5)",
@@ -373,7 +385,7 @@ def _revision_section(result: EvaluationResult) -> str:
     by_count = (
         _line(
             [c.principles for c in result.principle_count_curve],
-            [c.mean for c in result.principle_count_curve],
+            {"final revisions": [c.mean for c in result.principle_count_curve]},
             "distinct principles drawn in the trace",
             "mean PM score of the final revision",
             "PM score by number of principles (Fig. 6)",
@@ -388,6 +400,30 @@ def _revision_section(result: EvaluationResult) -> str:
         "show it) the final revision's score against how many distinct principles its rounds drew. The paper "
         "varied the size of the constitution for Figure 6; here the count comes from the draws.</p>"
         f"{_table(['round', 'mean PM score', 'answers'], rows)}{chart}{by_count}"
+    )
+
+
+def _rl_course_section(result: EvaluationResult) -> str:
+    steps = sorted(result.rl_steps.items(), key=lambda item: item[1])
+    if len(steps) < 3:
+        return ""
+    criteria = list(result.elo)
+    chart = _line(
+        [step for _, step in steps],
+        {f"{CRITERION_TITLES[c]} Elo": [result.elo[c][name] for name, _ in steps] for c in criteria},
+        "RL step (0: SL-CAI)",
+        "Elo",
+        "Elo over the course of RL (Fig. 8)",
+    )
+    rows = [
+        [escape(name), _num(str(step))] + [_num(f"{result.elo[c][name]:.0f}") for c in criteria]
+        for name, step in steps
+    ]
+    return (
+        "<h2>Elo over RL training</h2>\n<p>The paper's Figure 8: the Elo of the policy saved at each RL step, "
+        "from the SL-CAI start (step 0) to the final RL-CAI policy, rated in the same tournament as the other "
+        "policies (<code>rl.intermediate_checkpoints</code> sets how many are saved).</p>"
+        f"{_table(['policy', 'RL step'] + [f'{CRITERION_TITLES[c]} Elo' for c in criteria], rows)}{chart}"
     )
 
 
@@ -545,9 +581,12 @@ def _grouped_bars(names: list[str], series: dict[str, list[float]], ylabel: str,
     return _png(figure, title)
 
 
-def _line(xs: list[int], ys: list[float], xlabel: str, ylabel: str, title: str) -> str:
+def _line(xs: list[int], series: dict[str, list[float]], xlabel: str, ylabel: str, title: str) -> str:
     figure, ax = _figure(5.0, 3.2)
-    ax.plot(xs, ys, marker="o", color="#3b7dd8")
+    for label, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if len(series) > 1:
+        ax.legend(frameon=False)
     ax.set_xticks(xs)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

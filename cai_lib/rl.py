@@ -13,7 +13,10 @@ pairs themselves (chosen/rejected by the soft label's argmax, ties dropped), wit
 strength of the pull towards the reference; no PM is consulted during training.
 
 Whatever the algorithm, the mean PM score of greedy answers to the first `eval_prompts` prompts
-is measured before and after training, so a run says whether it moved the reward.
+is measured before and after training, so a run says whether it moved the reward. With
+`intermediate_checkpoints` N, the policy is also saved after N evenly spaced steps (under
+`steps/STEP/` of the output, each with its own manifest, uploaded before the final checkpoint's),
+so that evaluation can rate it over the course of RL as the paper's Figure 8 does.
 """
 
 from __future__ import annotations
@@ -91,6 +94,21 @@ class RLConfig(BaseModel):
         default=False, description="Recompute activations in the backward pass: less memory, ~20% slower."
     )
     use_cpu: bool = Field(default=False, description="Train on the CPU even when a GPU is visible.")
+    intermediate_checkpoints: int = Field(
+        default=0,
+        ge=0,
+        description="Policies saved at evenly spaced steps during training, besides the final one, so "
+        "that evaluation can rate the policy over the course of RL (the paper's Fig. 8). Each is a full "
+        "checkpoint under steps/STEP/ of the output.",
+    )
+
+    def checkpoint_steps(self) -> list[int]:
+        """The steps (1..steps-1, ascending, distinct) after which an intermediate policy is saved."""
+        wanted = {
+            round(self.steps * i / (self.intermediate_checkpoints + 1))
+            for i in range(1, self.intermediate_checkpoints + 1)
+        }
+        return sorted(step for step in wanted if 0 < step < self.steps)
 
 
 class RLMetrics(BaseModel):
@@ -113,6 +131,9 @@ class RLMetrics(BaseModel):
     reward_curve: list[float] = Field(
         description="Mean PM score of the sampled completions at each step (rloo/grpo)."
     )
+    intermediate: dict[int, str] = Field(
+        default_factory=dict, description="Step -> URI of the policy saved after that step (Fig. 8)."
+    )
     config: RLConfig
 
 
@@ -128,6 +149,20 @@ class PreferenceModelReward:
 
     def __call__(self, prompts: list[Conversation], completions: list[Conversation], **kwargs) -> list[float]:
         return self.scorer.score_conversations([p + c for p, c in zip(prompts, completions, strict=True)])
+
+
+def save_at_steps(steps: Sequence[int], folder: Path, tokenizer):
+    """A `TrainerCallback` that saves the policy and tokenizer to `folder/STEP` after each of `steps`
+    (on the main process only)."""
+    from transformers import TrainerCallback
+
+    class SaveAtSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step in steps and state.is_world_process_zero:
+                model.save_pretrained(folder / str(state.global_step))
+                tokenizer.save_pretrained(folder / str(state.global_step))
+
+    return SaveAtSteps()
 
 
 def dpo_pairs(preferences: Sequence[Preference]) -> list[dict]:
@@ -175,6 +210,8 @@ def train_rl(
 
     with tempfile.TemporaryDirectory(prefix="cai-rl-") as scratch:
         trainer = _trainer(config, policy_path, tokenizer, scorer, prompts, pairs, Path(scratch) / "trainer")
+        saved = Path(scratch) / "steps"
+        trainer.add_callback(save_at_steps(config.checkpoint_steps(), saved, tokenizer))
         policy = trainer.accelerator.unwrap_model(trainer.model)
         before = _mean_reward(policy, tokenizer, scorer, eval_conversations, config)
         trainer.train()
@@ -195,6 +232,13 @@ def train_rl(
             kl=kls[-1] if kls else None,
             loss_curve=[entry["loss"] for entry in history if "loss" in entry],
             reward_curve=[entry["reward"] for entry in history if "reward" in entry],
+            # Uploaded before the final checkpoint, whose manifest (written last) finishes the output.
+            intermediate={
+                int(path.name): store.put_dir(path, f"{key}/steps/{int(path.name):06d}")
+                for path in sorted(saved.iterdir(), key=lambda p: int(p.name))
+            }
+            if saved.is_dir()
+            else {},
             config=config,
         )
         checkpoint = Path(scratch) / "checkpoint"

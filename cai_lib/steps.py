@@ -546,8 +546,8 @@ def evaluate(
     report_path: str,
     results_path: str,
 ) -> dict[str, float]:
-    """Base, SL-CAI and RL-CAI (and the registered champion, if it is another checkpoint) on the
-    held-out prompts.
+    """Base, SL-CAI, the policies RL saved on the way (`rl-cai-step-N`) and RL-CAI (and the
+    registered champion, if it is another checkpoint) on the held-out prompts.
 
     Writes this run's HTML report (the evaluation plus which stages ran or were reused) to
     `report_path` (the KFP HTML artifact), to the run's folder and to MLflow, and a pointer to
@@ -556,6 +556,7 @@ def evaluate(
     from cai_lib.evaluate import evaluate as run_evaluation
     from cai_lib.evaluate import load_result
     from cai_lib.report import judge_note, render_report
+    from cai_lib.rl import METRICS_FILE, RLMetrics
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
@@ -572,7 +573,18 @@ def evaluate(
         )
     }
     base, judge, labeller = ctx.model(p.base_model), ctx.model(p.judge_model), ctx.model(p.feedback_model)
-    policies = {"base": base.load, "sl-cai": refs["sl-cai"].uri, "rl-cai": refs["rl-cai"].uri}
+    rl_metrics = RLMetrics.model_validate(ArtifactStore.open(refs["rl-cai"].uri).read_json(METRICS_FILE))
+    rl_steps = (
+        {"sl-cai": 0}
+        | {f"rl-cai-step-{n}": n for n in rl_metrics.intermediate}
+        | {"rl-cai": rl_metrics.steps}
+    )
+    policies = {
+        "base": base.load,
+        "sl-cai": refs["sl-cai"].uri,
+        **{f"rl-cai-step-{n}": uri for n, uri in rl_metrics.intermediate.items()},
+        "rl-cai": refs["rl-cai"].uri,
+    }
     champion = champion_source(ctx, constitution)
     # A champion that is this run's own RL-CAI checkpoint (a rerun with nothing changed) would
     # only be compared with itself.
@@ -604,6 +616,7 @@ def evaluate(
             list(read_dataset(refs["traces"].uri, Trace)),
             # The same checkpoint under two names is the same labeller.
             labeller_ref=judge.load if labeller.content == judge.content else labeller.load,
+            rl_steps=rl_steps,
         )
         return result.flat_metrics()
 

@@ -238,6 +238,26 @@ def test_the_pm_calibration_is_tabled(html):
     assert "PM calibration (Fig. 9)" in html and "[0.8, 1.0)" in html
 
 
+def test_the_elo_over_rl_steps_is_tabled_and_charted(result):
+    elo = {
+        "harmless": result.elo["harmless"] | {"rl-cai-step-50": 1060.0},
+        "helpful": result.elo["helpful"] | {"rl-cai-step-50": 1001.0},
+    }
+    during_rl = result.model_copy(
+        update={"elo": elo, "rl_steps": {"sl-cai": 0, "rl-cai-step-50": 50, "rl-cai": 100}}
+    )
+
+    html = report_html(during_rl)
+
+    section = html[html.index("Elo over RL training</h2>") :]
+    assert '<td>rl-cai-step-50</td><td class="num">50</td><td class="num">1060</td>' in section
+    assert 'alt="Elo over the course of RL (Fig. 8)"' in section
+
+
+def test_no_rl_course_section_without_intermediate_policies(html):
+    assert "Elo over RL training" not in html
+
+
 def test_render_report_writes_a_file(result, html, tmp_path):
     path = render_report(result, tmp_path / "nested" / "report.html")
     assert path.read_text(encoding="utf-8") == html

@@ -88,6 +88,32 @@ def test_rloo_checkpoint_loads_back_as_a_chat_model(rloo_run):
     assert ArtifactStore.open(out.parent).dir_exists(out.name)
 
 
+def test_intermediate_checkpoints_are_spread_evenly_over_the_steps():
+    assert RLConfig(steps=100, intermediate_checkpoints=3).checkpoint_steps() == [25, 50, 75]
+    assert RLConfig(steps=3, intermediate_checkpoints=5).checkpoint_steps() == [1, 2]
+    assert RLConfig(steps=100).checkpoint_steps() == []
+
+
+def test_rl_saves_each_intermediate_policy_beside_the_final_one(
+    tiny_model_dir, tiny_reward_model_dir, tmp_path
+):
+    config = ONE_STEP.model_copy(update={"steps": 3, "intermediate_checkpoints": 2, "eval_prompts": 0})
+
+    metrics = train_rl(str(tiny_model_dir), str(tiny_reward_model_dir), PROMPTS, str(tmp_path / "p"), config)
+
+    store = ArtifactStore.open(tmp_path / "p")
+    assert sorted(metrics.intermediate) == [1, 2]
+    assert metrics.intermediate[1] == store.uri_of("steps/000001")
+    assert store.dir_exists("steps/000001") and store.dir_exists("steps/000002")
+    # Each is a policy of its own step: weights differ from the start, from each other and from the end.
+    changed, _ = changed_weights(tmp_path / "p" / "steps" / "000001", tmp_path / "p" / "steps" / "000002")
+    assert changed
+    changed, _ = changed_weights(tmp_path / "p" / "steps" / "000002", tmp_path / "p")
+    assert changed
+    # The final checkpoint's manifest lists its own files only, so loading it never downloads the others.
+    assert not any(rel.startswith("steps/") for rel in store.read_manifest("")["files"])
+
+
 def test_one_grpo_step_runs(tiny_model_dir, tiny_reward_model_dir, tmp_path):
     config = ONE_STEP.model_copy(update={"algorithm": "grpo"})
 

@@ -77,6 +77,8 @@ def evaluate_command(
     batch_size: int = _option(EvaluationConfig, "batch_size", "--batch-size"),
     max_traces: int | None = _option(EvaluationConfig, "max_traces", "--max-traces"),
     samples: int = _option(EvaluationConfig, "num_samples_in_report", "--samples"),
+    pm_benchmark: str | None = _option(EvaluationConfig, "pm_benchmark", "--pm-benchmark"),
+    pm_benchmark_limit: int | None = _option(EvaluationConfig, "pm_benchmark_limit", "--pm-benchmark-limit"),
     seed: int = _option(EvaluationConfig, "seed", "--seed"),
     backend: Backend = BACKEND,
 ) -> None:
@@ -99,6 +101,8 @@ def evaluate_command(
         batch_size=batch_size,
         max_traces=max_traces,
         num_samples_in_report=samples,
+        pm_benchmark=pm_benchmark,
+        pm_benchmark_limit=pm_benchmark_limit,
         seed=seed,
         backend=backend.value,
     )

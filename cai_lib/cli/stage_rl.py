@@ -126,6 +126,9 @@ def rl(
     max_new_tokens: int = _option(RLConfig, "max_new_tokens", "--max-new-tokens"),
     beta: float = _option(RLConfig, "beta", "--beta"),
     eval_prompts: int = _option(RLConfig, "eval_prompts", "--eval-prompts"),
+    intermediate_checkpoints: int = _option(
+        RLConfig, "intermediate_checkpoints", "--intermediate-checkpoints"
+    ),
     seed: int = _option(RLConfig, "seed", "--seed"),
 ) -> None:
     """RL-CAI (paper §4.1): optimise the SL-CAI policy against the PM with a KL penalty (RLOO, GRPO), or DPO on AI labels.
@@ -145,6 +148,7 @@ def rl(
         max_new_tokens=max_new_tokens,
         beta=beta,
         eval_prompts=eval_prompts,
+        intermediate_checkpoints=intermediate_checkpoints,
         seed=seed,
     )
     if config.algorithm == "dpo" and preferences is None:
