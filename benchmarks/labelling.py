@@ -1,20 +1,25 @@
-"""Labelling throughput: AI feedback by log-prob scoring versus by generating a verdict.
+"""Labelling throughput: AI feedback by one-pass log-prob scoring against per-option scoring, a
+per-question loop and generated verdicts.
 
 The same human-labelled hh-rlhf pairs, the same feedback model, the same questions (paper §4.1
-form, the constitution's few-shot examples, K principles, both answer orders) are labelled three
+form, the constitution's few-shot examples, K principles, both answer orders) are labelled five
 ways:
 
-- **scoring** (`cai_lib.feedback`): the log-probabilities of "(A" and "(B" at the start of the
-  assistant turn, every question of the run batched into one `score_options` call; no text;
+- **one-pass scoring** (`cai_lib.feedback`, the default): "(A" and "(B" share the "(" token, so
+  both are read from one next-token distribution per question, every question of the run
+  batched into one `score_options` call; no text;
+- **per-option scoring**: the same, but each option scored on a row of its own (two rows per
+  question), as labelling did before one-pass reading;
+- **per-question loop**: one-pass scoring, one `score_options` call per question (no batching);
 - **verdict, per sample** (the naive baseline): one greedy `generate` call per question, the
   reply parsed for "(A)"/"(B)"; a reply naming neither counts as 0.5;
 - **verdict, batched**: the same generation in one batched `generate` call, to separate the gain
   of not generating from the gain of batching.
 
-Reported: pairs/s of each, the ratios of scoring to both verdict modes, and the agreement of the
-scoring labeller with the human choice (P(chosen better) > 0.5) over more pairs, with its Wilson
-95% interval. Results go to benchmarks/results/labelling-<device>.json; the last line printed is
-the same JSON.
+Reported: questions/s of each, the ratios of one-pass scoring to the others, the largest
+difference between one-pass and per-option labels, and the agreement of the scoring labeller with
+the human choice (P(chosen better) > 0.5) over more pairs, with its Wilson 95% interval. Results
+go to benchmarks/results/labelling-<device>.json; the last line printed is the same JSON.
 
 Run: .venv/bin/python benchmarks/labelling.py --pairs 100 --speed-pairs 8 --principles 1
 """
@@ -90,6 +95,25 @@ def timed(work):
     return result, time.perf_counter() - start
 
 
+class PerOptionScoring:
+    """A backend that scores each option on a row of its own: one `score_options` call per option
+    position, every question batched in it."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score_options(self, contexts, options, shared_prefix=None):
+        columns = [
+            self.inner.score_options(contexts, [[opts[j]] for opts in options], shared_prefix=shared_prefix)
+            for j in range(len(options[0]))
+        ]
+        self.last_one_pass = [False] * len(contexts)
+        return [[column[i][0] for column in columns] for i in range(len(contexts))]
+
+
 def main() -> None:
     args = parse_args()
     import torch
@@ -113,7 +137,10 @@ def main() -> None:
     labeller.label(rows[:1])  # warm-up: the few-shot prefix cache and lazy initialisation
 
     scored, scoring_s = timed(lambda: labeller.label(speed_rows))
+    per_option_labeller = FeedbackLabeller(PerOptionScoring(backend), constitution, args.model, config)
+    per_option, per_option_s = timed(lambda: per_option_labeller.label(speed_rows))
     questions, keys = labeller.questions(speed_rows)
+    _, per_question_s = timed(lambda: [labeller.first_option_probabilities([q]) for q in questions])
     params = SamplingParams(max_new_tokens=args.verdict_tokens, temperature=0.0)
     contexts = [[{"role": "user", "content": q}] for q in questions]
 
@@ -133,7 +160,7 @@ def main() -> None:
     agreed = sum(label > 0.5 for label in labels)
     low, high = wilson_interval(agreed, len(labels))
 
-    n = len(speed_rows)
+    n, q = len(speed_rows), len(questions)
     result = {
         "benchmark": "labelling",
         "model": args.model,
@@ -141,14 +168,21 @@ def main() -> None:
         "principles_per_pair": args.principles,
         "questions_per_pair": 2 * args.principles,
         "speed_pairs": n,
+        "speed_questions": q,
         "verdict_max_new_tokens": args.verdict_tokens,
         "batch_size": args.batch_size,
-        "scoring_pairs_per_s": n / scoring_s,
-        "verdict_per_sample_pairs_per_s": n / per_sample_s,
-        "verdict_batched_pairs_per_s": n / batched_s,
+        "one_pass_questions_per_s": q / scoring_s,
+        "per_option_questions_per_s": q / per_option_s,
+        "per_question_loop_questions_per_s": q / per_question_s,
+        "verdict_per_sample_questions_per_s": q / per_sample_s,
+        "verdict_batched_questions_per_s": q / batched_s,
+        "ratio_vs_per_option": per_option_s / scoring_s,
+        "ratio_vs_per_question_loop": per_question_s / scoring_s,
         "ratio_vs_per_sample_verdict": per_sample_s / scoring_s,
         "ratio_vs_batched_verdict": batched_s / scoring_s,
-        "bar_ratio": 20.0,
+        "one_pass_vs_per_option_max_label_difference": max(
+            abs(a.label - b.label) for a, b in zip(scored, per_option)
+        ),
         "verdict_unparsed_replies": unparsed,
         "verdict_questions": len(replies),
         "verdict_batched_equal_to_per_sample": same_verdicts,
@@ -160,7 +194,7 @@ def main() -> None:
         "agreement_ci95": [low, high],
         "mean_p_human_choice": sum(labels) / len(labels),
         "agreement_source": f"{Path(args.hh).name}, first {len(labels)} usable pairs",
-        "scoring_pairs_per_s_all": len(labels) / (scoring_s + rest_s),
+        "one_pass_pairs_per_s_all": len(labels) / (scoring_s + rest_s),
         "model_load_s": load_s,
         "machine": {
             "platform": platform.platform(),
@@ -184,19 +218,19 @@ def main() -> None:
 
 def print_table(r: dict) -> None:
     print(f"\nlabelling {r['speed_pairs']} pairs x {r['questions_per_pair']} questions with {r['model']}")
-    print(f"{'method':<24}{'pairs/s':>10}{'scoring is':>14}")
-    print(f"{'log-prob scoring':<24}{r['scoring_pairs_per_s']:>10.3f}{'1.0x':>14}")
-    per_sample = f"{r['ratio_vs_per_sample_verdict']:.1f}x faster"
-    batched = f"{r['ratio_vs_batched_verdict']:.1f}x faster"
-    print(f"{'verdict, per sample':<24}{r['verdict_per_sample_pairs_per_s']:>10.3f}{per_sample:>14}")
-    print(f"{'verdict, batched':<24}{r['verdict_batched_pairs_per_s']:>10.3f}{batched:>14}")
+    print(f"{'method':<24}{'questions/s':>12}{'one-pass is':>16}")
+    print(f"{'one-pass scoring':<24}{r['one_pass_questions_per_s']:>12.3f}{'1.0x':>16}")
+    for label, key, ratio in (
+        ("per-option scoring", "per_option_questions_per_s", "ratio_vs_per_option"),
+        ("per-question loop", "per_question_loop_questions_per_s", "ratio_vs_per_question_loop"),
+        ("verdict, per sample", "verdict_per_sample_questions_per_s", "ratio_vs_per_sample_verdict"),
+        ("verdict, batched", "verdict_batched_questions_per_s", "ratio_vs_batched_verdict"),
+    ):
+        print(f"{label:<24}{r[key]:>12.3f}{f'{r[ratio]:.1f}x faster':>16}")
     low, high = r["agreement_ci95"]
     print(
+        f"one-pass and per-option labels differ by at most {r['one_pass_vs_per_option_max_label_difference']:.2e}; "
         f"agreement with human labels: {r['agreement']:.3f} (95% CI {low:.3f}-{high:.3f}) over "
         f"{r['agreement_pairs']} hh-rlhf pairs; verdict replies naming neither option: "
         f"{r['verdict_unparsed_replies']}/{r['verdict_questions']}\n"
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -45,7 +45,7 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -180,6 +180,13 @@ def hard_outcome(label: float) -> float:
     if abs(label - 0.5) < TIE:
         return 0.5
     return 1.0 if label > 0.5 else 0.0
+
+
+def scoring_of(one_pass: Sequence[bool | None]) -> Literal["one-pass", "per-option"] | None:
+    """How a judgement's questions were read, from the backend's `last_one_pass` flags (None: unknown)."""
+    if None in one_pass:
+        return None
+    return "one-pass" if all(one_pass) else "per-option"
 
 
 def pair_label(scores: Sequence[PrincipleScore]) -> float:
@@ -346,6 +353,9 @@ class FeedbackLabeller:
         check_rows(rows)
         questions, keys = self.questions(rows)
         probabilities, reasonings = self.first_option_probabilities(questions)
+        one_pass = getattr(self.model, "last_one_pass", None)
+        if one_pass is None or len(one_pass) != len(questions):
+            one_pass = [None] * len(questions)
         scores: list[dict[str, PrincipleScore]] = [{} for _ in rows]
         for k in range(0, len(keys), 2):
             (index, principle_id), p_ab, p_ba = keys[k], probabilities[k], probabilities[k + 1]
@@ -354,6 +364,7 @@ class FeedbackLabeller:
                 p_a_first=p_ab,
                 p_a_second=unswapped(p_ba),
                 reasoning=[r for r in (reasonings[k], reasonings[k + 1]) if r is not None],
+                scoring=scoring_of(one_pass[k : k + 2]),
             )
         return [self._preference(row, list(row_scores.values())) for row, row_scores in zip(rows, scores)]
 

@@ -51,8 +51,26 @@ class GenerationBackend(Protocol):
         shared_prefix: Conversation | None = None,
     ) -> list[list[float]]:
         """For each context i, the summed log-probability of each string in options[i] as the
-        continuation of the assistant turn that follows the context."""
+        continuation of the assistant turn that follows the context, up to a term shared by all
+        options of that context: a backend may leave out the log-probability of the options'
+        common leading tokens, which cancels whenever two options are compared. After the call,
+        `last_one_pass[i]` says whether context i's options were read from one next-token
+        distribution (`one_pass_split`) or scored one row per option."""
         ...
+
+
+def one_pass_split(option_ids: Sequence[Sequence[int]]) -> tuple[list[int], list[int]] | None:
+    """(the shared leading tokens, each option's last token) when there are at least two options and
+    each is the same leading tokens plus one distinct last token, as the labeller's "(A" / "(B" are:
+    then one next-token distribution after the context and the leading tokens scores every option
+    in one forward pass. None otherwise (the options are scored one row each)."""
+    if len(option_ids) < 2 or any(not ids for ids in option_ids):
+        return None
+    shared = list(option_ids[0][:-1])
+    lasts = [ids[-1] for ids in option_ids]
+    if any(list(ids[:-1]) != shared for ids in option_ids) or len(set(lasts)) != len(lasts):
+        return None
+    return shared, lasts
 
 
 def load_backend(

@@ -90,6 +90,12 @@ class PrincipleScore(BaseModel):
         ge=0.0, le=1.0, description="P(A better) with A shown as option (B); NaN-free, already un-swapped."
     )
     reasoning: list[str] = Field(default_factory=list, description="Chain-of-thought text, one per order.")
+    scoring: Literal["one-pass", "per-option"] | None = Field(
+        default=None,
+        description="How the options were read: one-pass (one next-token distribution per question) or "
+        "per-option (a row per option, when the options are not one distinct token each); None when "
+        "the backend does not say.",
+    )
 
 
 class Preference(Record):

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from cai_lib.errors import CaiError
-from cai_lib.generation import Conversation, SamplingParams
+from cai_lib.generation import Conversation, SamplingParams, one_pass_split
 
 
 @dataclass
@@ -191,6 +191,8 @@ class TransformersBackend:
         self._histories: list[_History] = []
         self.last_reused_tokens = 0
         """Tokens of the last `generate` call whose KV came from the call before (a statistic)."""
+        self.last_one_pass: list[bool] = []
+        """Per context of the last `score_options` call: its options read in one pass."""
 
     def _eos_token_ids(self) -> list[int]:
         configured = self.model.generation_config.eos_token_id
@@ -375,44 +377,59 @@ class TransformersBackend:
         shared_prefix: Conversation | None = None,
     ) -> list[list[float]]:
         """For each context, the summed log-probability of each option's tokens (see
-        `ChatFormat.option_ids`) right after the context's rendering; one forward pass per batch
-        of (context, option) rows."""
+        `ChatFormat.option_ids`) right after the context's rendering. Options that are shared
+        leading tokens plus one distinct last token each (`one_pass_split`) are read from one row:
+        the context and the leading tokens, whose last next-token distribution gives every
+        option's last token; other options take one row each. `last_one_pass` records which."""
         import torch
 
         if len(contexts) != len(options):
             raise ValueError(f"score_options: {len(contexts)} contexts but {len(options)} option lists")
-        pairs = [(i, option) for i, opts in enumerate(options) for option in opts]
-        if not pairs:
-            return [[] for _ in contexts]
         encoded = self._encode(contexts, shared_prefix)
         prefix_messages = list(shared_prefix or [])
-        rows, option_lengths = [], []
-        for i, option in pairs:
-            option_ids = self.chat.option_ids(prefix_messages + list(contexts[i]), option)
-            rows.append(_Row(encoded.rows[i] + option_ids))
-            option_lengths.append(len(option_ids))
-        scores = [0.0] * len(pairs)
+        rows, tails, nexts, owners = [], [], [], []
+        self.last_one_pass = []
+        for i, opts in enumerate(options):
+            option_ids = [self.chat.option_ids(prefix_messages + list(contexts[i]), o) for o in opts]
+            split = one_pass_split(option_ids)
+            self.last_one_pass.append(split is not None)
+            # One pass: a row ending in the shared tokens, read at its last position for each option.
+            pieces = [(split[0], split[1])] if split else [(ids, []) for ids in option_ids]
+            for tail, next_tokens in pieces:
+                rows.append(_Row(encoded.rows[i] + tail))
+                tails.append(len(tail))
+                nexts.append(next_tokens)
+                owners.append(i)
+        scores: list[list[float]] = [[] for _ in rows]
         with torch.inference_mode():
             for batch in _batches([len(r.ids) for r in rows], self.batch_size):
                 batch_scores = self._score_batch(
-                    [rows[k] for k in batch], [option_lengths[k] for k in batch], encoded.prefix
+                    [rows[k] for k in batch],
+                    [tails[k] for k in batch],
+                    [nexts[k] for k in batch],
+                    encoded.prefix,
                 )
                 for k, score in zip(batch, batch_scores):
                     scores[k] = score
         result: list[list[float]] = [[] for _ in contexts]
-        for (i, _), score in zip(pairs, scores):
-            result[i].append(score)
+        for owner, score in zip(owners, scores):
+            result[owner] += score
         return result
 
-    def _score_batch(self, rows: list[_Row], option_lengths: list[int], prefix: list[int]) -> list[float]:
+    def _score_batch(
+        self, rows: list[_Row], tails: list[int], nexts: list[list[int]], prefix: list[int]
+    ) -> list[list[float]]:
+        """Per row: the summed log-probability of its last `tails` tokens, plus that of each of its
+        `nexts` tokens after the row when it has any (one score per next token), else alone."""
         import torch
 
         input_ids, attention_mask, _ = self._layout(rows, prefix)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._batch_cache(prefix, rows, 0, input_ids.shape[1])
         input_ids, position_ids = input_ids[:, len(prefix) :], position_ids[:, len(prefix) :]
-        # Rows end together (left padding), so only the last `keep` positions predict option tokens.
-        keep = max(option_lengths) + 1
+        # Rows end together (left padding), so only the last `keep` positions predict tail tokens
+        # and, at the very last, the next token.
+        keep = max(tails) + 1
         logits = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -420,10 +437,13 @@ class TransformersBackend:
             past_key_values=cache,
             logits_to_keep=keep,
         ).logits.float()
-        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        log_probs = torch.log_softmax(logits, dim=-1)
         targets = input_ids[:, -(keep - 1) :] if keep > 1 else input_ids[:, :0]
-        token_scores = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return [
-            float(token_scores[row, token_scores.shape[1] - length :].sum()) if length else 0.0
-            for row, length in enumerate(option_lengths)
-        ]
+        token_scores = log_probs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        scores = []
+        for row, (tail, next_tokens) in enumerate(zip(tails, nexts)):
+            base = float(token_scores[row, token_scores.shape[1] - tail :].sum()) if tail else 0.0
+            scores.append(
+                [base + float(log_probs[row, -1, t]) for t in next_tokens] if next_tokens else [base]
+            )
+        return scores

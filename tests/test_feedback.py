@@ -115,6 +115,18 @@ class RecordingBackend:
         return self.inner.score_options(contexts, *args, **kwargs)
 
 
+class PerOptionBackend(RecordingBackend):
+    """Scores each option of a context on its own row: the per-option scoring that one-pass
+    labelling replaces."""
+
+    def score_options(self, contexts, options, shared_prefix=None):
+        self.last_one_pass = [False] * len(contexts)
+        return [
+            [self.inner.score_options([c], [[o]], shared_prefix=shared_prefix)[0][0] for o in opts]
+            for c, opts in zip(contexts, options)
+        ]
+
+
 # -- label maths on hand-written numbers -----------------------------------------------------------
 
 
@@ -239,6 +251,21 @@ def test_soft_labels_lie_in_zero_one_and_sum_with_their_swap_to_one(
     assert all(0.0 <= p.label <= 1.0 for p in labels)
     assert labels[0].label + labels[2].label == pytest.approx(1.0, abs=1e-6)
     assert labels[1].label + labels[3].label == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("cot", [False, True], ids=["direct", "chain-of-thought"])
+def test_one_pass_labels_equal_per_option_labels(tiny_backend, constitution, tiny_model_dir, cot):
+    config = FeedbackConfig(principles_per_pair=2, cot=cot, max_reasoning_tokens=8)
+    one_pass = FeedbackLabeller(tiny_backend, constitution, str(tiny_model_dir), config).label(PAIRS)
+    assert all(tiny_backend.last_one_pass)
+    per_option = FeedbackLabeller(
+        PerOptionBackend(tiny_backend), constitution, str(tiny_model_dir), config
+    ).label(PAIRS)
+    for a, b in zip(one_pass, per_option):
+        assert (a.scores[0].scoring, b.scores[0].scoring) == ("one-pass", "per-option")
+        assert a.label == pytest.approx(b.label, abs=1e-5)
+        for x, y in zip(a.scores, b.scores):
+            assert (x.p_a_first, x.p_a_second) == pytest.approx((y.p_a_first, y.p_a_second), abs=1e-5)
 
 
 def test_a_label_is_the_ensemble_mean_over_k_distinct_principles(tiny_backend, constitution, tiny_model_dir):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cai_lib.generation import SamplingParams, load_backend
+from cai_lib.generation import SamplingParams, load_backend, one_pass_split
 from cai_lib.transformers_backend import TransformersBackend
 
 GREEDY = SamplingParams(max_new_tokens=10)
@@ -229,6 +229,33 @@ def test_score_options_equals_a_manual_log_softmax_sum(backend):
             assert score < 0
 
 
+def test_options_that_differ_in_their_last_token_only_are_read_in_one_pass(backend):
+    options = [["(A", "(B"], ["(A", "(B", "(C"]]
+
+    together = backend.score_options(SCORED_CONTEXTS[:2], options)
+
+    assert backend.last_one_pass == [True, True]
+    for context, row, scores in zip(SCORED_CONTEXTS, options, together):
+        alone = [backend.score_options([context], [[option]])[0][0] for option in row]
+        assert scores == pytest.approx(alone, abs=1e-5)
+
+
+def test_options_of_other_shapes_are_scored_one_row_each(backend):
+    backend.score_options(SCORED_CONTEXTS, SCORED_OPTIONS)
+    # "A"/"B" split as one token each; "A)", "B)" and a sentence, or a lone option, do not.
+    assert backend.last_one_pass == [True, False, False]
+
+
+def test_one_pass_needs_two_options_of_shared_leading_tokens_and_distinct_last_tokens():
+    assert one_pass_split([[5, 7], [5, 8]]) == ([5], [7, 8])
+    assert one_pass_split([[7], [8], [9]]) == ([], [7, 8, 9])
+    assert one_pass_split([[5, 7]]) is None
+    assert one_pass_split([[5, 7], [6, 8]]) is None
+    assert one_pass_split([[5, 7], [5, 7]]) is None
+    assert one_pass_split([[5, 7], [5, 7, 8]]) is None
+    assert one_pass_split([[], [5]]) is None
+
+
 def test_score_options_with_a_shared_prefix_equals_scoring_the_full_contexts(backend):
     reused = backend.score_options(SCORED_CONTEXTS, SCORED_OPTIONS, shared_prefix=FEW_SHOT)
     unshared = backend.score_options([FEW_SHOT + c for c in SCORED_CONTEXTS], SCORED_OPTIONS)
@@ -276,3 +303,44 @@ def test_vllm_prompt_logprobs_sum_to_the_transformers_option_score(backend):
     assert summed_option_logprob(prompt_logprobs, prompt_ids, len(option_ids)) == pytest.approx(
         expected, abs=1e-4
     )
+
+
+def tiny_model_as_vllm_output(backend, prompt_ids: list[int], params: dict):
+    """A stand-in for one `vllm.RequestOutput` (vLLM needs a GPU): the tiny model's raw
+    log-probabilities, shaped as vLLM returns them for these sampling parameters."""
+    from types import SimpleNamespace
+
+    import torch
+
+    with torch.inference_mode():
+        logits = backend.model(torch.tensor([prompt_ids])).logits[0].float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    if "allowed_token_ids" in params:
+        (token,) = params["allowed_token_ids"]
+        first = {token: SimpleNamespace(logprob=float(log_probs[-1, token]))}
+        return SimpleNamespace(outputs=[SimpleNamespace(logprobs=[first])], prompt_logprobs=None)
+    prompt_logprobs = [None] + [
+        {token: SimpleNamespace(logprob=float(log_probs[i - 1, token]))}
+        for i, token in enumerate(prompt_ids)
+        if i
+    ]
+    return SimpleNamespace(outputs=[], prompt_logprobs=prompt_logprobs)
+
+
+def test_vllm_requests_read_the_options_as_the_transformers_backend_does(backend):
+    from cai_lib.vllm_backend import option_requests
+
+    options = [["(A", "(B"], ["A)", "B)", "neither of them"], ["I can't help with that, sorry."]]
+    requests = option_requests(backend.chat, SCORED_CONTEXTS, options, [])
+    scores: list[list[float]] = [[] for _ in SCORED_CONTEXTS]
+    for prompt, params, owner, read in zip(
+        requests.prompts, requests.params, requests.owners, requests.reads
+    ):
+        scores[owner].append(read(tiny_model_as_vllm_output(backend, prompt, params)))
+
+    expected = backend.score_options(SCORED_CONTEXTS, options)
+    assert requests.one_pass == backend.last_one_pass == [True, False, False]
+    # One pass leaves out the shared "(" of both options: their difference is what must agree.
+    assert scores[0][0] - scores[0][1] == pytest.approx(expected[0][0] - expected[0][1], abs=1e-4)
+    assert scores[0][0] > expected[0][0]
+    assert scores[1:] == [pytest.approx(row, abs=1e-4) for row in expected[1:]]
