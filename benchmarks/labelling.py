@@ -10,14 +10,17 @@ ways:
   batched into one `score_options` call; no text;
 - **per-option scoring**: the same, but each option scored on a row of its own (two rows per
   question), as labelling did before one-pass reading;
-- **per-question loop**: one-pass scoring, one `score_options` call per question (no batching);
+- **naive per-question loop**: each question on its own, each option a row of its own (no
+  batching, no one-pass reading; the few-shot prefix's KV is still computed once);
 - **verdict, per sample** (the naive baseline): one greedy `generate` call per question, the
   reply parsed for "(A)"/"(B)"; a reply naming neither counts as 0.5;
 - **verdict, batched**: the same generation in one batched `generate` call, to separate the gain
   of not generating from the gain of batching.
 
-Reported: questions/s of each, the ratios of one-pass scoring to the others, the largest
-difference between one-pass and per-option labels, and the agreement of the scoring labeller with
+Reported: questions/s of each, the ratios of one-pass scoring to the others (`one_pass_vs_naive`
+against the per-question loop), the fraction of this machine's matmul ceiling that one-pass
+scoring reached (encoded tokens × 2 × parameters FLOPs, against a measured float32 GEMM rate;
+attention is not counted), the largest difference between one-pass and per-option labels, and the agreement of the scoring labeller with
 the human choice (P(chosen better) > 0.5) over more pairs, with its Wilson 95% interval. Results
 go to benchmarks/results/labelling-<device>.json; the last line printed is the same JSON.
 
@@ -114,6 +117,27 @@ class PerOptionScoring:
         return [[column[i][0] for column in columns] for i in range(len(contexts))]
 
 
+def gemm_flops_per_s(size: int = 1024, repeats: int = 20) -> float:
+    """This machine's measured float32 matrix-multiply rate: the ceiling a forward pass can reach."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def encoded_tokens(backend, labeller, questions: list[str]) -> int:
+    """Tokens the model encodes to score `questions` in one pass: each question's rendering after
+    the shared few-shot prefix (whose KV is computed once), plus the prefix once."""
+    chat = backend.chat
+    prefix = len(chat.encode_text(chat.render(labeller.prefix, reply_follows=False)))
+    rows = [len(chat.encode(labeller.prefix + [{"role": "user", "content": q}])) - prefix for q in questions]
+    return prefix + sum(rows)
+
+
 def main() -> None:
     args = parse_args()
     import torch
@@ -140,7 +164,9 @@ def main() -> None:
     per_option_labeller = FeedbackLabeller(PerOptionScoring(backend), constitution, args.model, config)
     per_option, per_option_s = timed(lambda: per_option_labeller.label(speed_rows))
     questions, keys = labeller.questions(speed_rows)
-    _, per_question_s = timed(lambda: [labeller.first_option_probabilities([q]) for q in questions])
+    _, per_question_s = timed(
+        lambda: [per_option_labeller.first_option_probabilities([q]) for q in questions]
+    )
     params = SamplingParams(max_new_tokens=args.verdict_tokens, temperature=0.0)
     contexts = [[{"role": "user", "content": q}] for q in questions]
 
@@ -161,6 +187,9 @@ def main() -> None:
     low, high = wilson_interval(agreed, len(labels))
 
     n, q = len(speed_rows), len(questions)
+    params_count = sum(p.numel() for p in backend.model.parameters())
+    tokens = encoded_tokens(backend, labeller, questions)
+    ceiling = gemm_flops_per_s()
     result = {
         "benchmark": "labelling",
         "model": args.model,
@@ -176,10 +205,15 @@ def main() -> None:
         "per_question_loop_questions_per_s": q / per_question_s,
         "verdict_per_sample_questions_per_s": q / per_sample_s,
         "verdict_batched_questions_per_s": q / batched_s,
+        "one_pass_vs_naive": per_question_s / scoring_s,
         "ratio_vs_per_option": per_option_s / scoring_s,
-        "ratio_vs_per_question_loop": per_question_s / scoring_s,
         "ratio_vs_per_sample_verdict": per_sample_s / scoring_s,
         "ratio_vs_batched_verdict": batched_s / scoring_s,
+        "one_pass_encoded_tokens": tokens,
+        "model_parameters": params_count,
+        "gemm_flops_per_s": ceiling,
+        # 2 FLOPs per parameter per encoded token: the matmul work of a forward pass, attention aside.
+        "one_pass_fraction_of_gemm_ceiling": tokens * 2 * params_count / scoring_s / ceiling,
         "one_pass_vs_per_option_max_label_difference": max(
             abs(a.label - b.label) for a, b in zip(scored, per_option)
         ),
@@ -222,11 +256,14 @@ def print_table(r: dict) -> None:
     print(f"{'one-pass scoring':<24}{r['one_pass_questions_per_s']:>12.3f}{'1.0x':>16}")
     for label, key, ratio in (
         ("per-option scoring", "per_option_questions_per_s", "ratio_vs_per_option"),
-        ("per-question loop", "per_question_loop_questions_per_s", "ratio_vs_per_question_loop"),
+        ("naive per-question loop", "per_question_loop_questions_per_s", "one_pass_vs_naive"),
         ("verdict, per sample", "verdict_per_sample_questions_per_s", "ratio_vs_per_sample_verdict"),
         ("verdict, batched", "verdict_batched_questions_per_s", "ratio_vs_batched_verdict"),
     ):
         print(f"{label:<24}{r[key]:>12.3f}{f'{r[ratio]:.1f}x faster':>16}")
+    print(
+        f"one-pass scoring reached {r['one_pass_fraction_of_gemm_ceiling']:.0%} of this machine's matmul rate"
+    )
     low, high = r["agreement_ci95"]
     print(
         f"one-pass and per-option labels differ by at most {r['one_pass_vs_per_option_max_label_difference']:.2e}; "
@@ -234,3 +271,7 @@ def print_table(r: dict) -> None:
         f"{r['agreement_pairs']} hh-rlhf pairs; verdict replies naming neither option: "
         f"{r['verdict_unparsed_replies']}/{r['verdict_questions']}\n"
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -369,7 +369,8 @@ def _fit(model, tokenizer, train_set: Sequence[Preference], config: PreferenceMo
             weight_decay=config.weight_decay,
             warmup_steps=config.warmup_steps,
             bf16=config.bf16,
-            activation_checkpointing=config.activation_checkpointing,
+            # The name transformers 5.17 (constraints.txt) knows; later releases keep it as an alias.
+            gradient_checkpointing=config.activation_checkpointing,
             seed=config.seed,
             logging_steps=1,
             save_strategy="no",

@@ -262,7 +262,8 @@ def _trainer(config: RLConfig, policy_path: Path, tokenizer, scorer, prompts, pa
         "beta": config.beta,
         "seed": config.seed,
         "bf16": config.bf16,
-        "activation_checkpointing": config.activation_checkpointing,
+        # The name transformers 5.17 (constraints.txt) knows; later releases keep it as an alias.
+        "gradient_checkpointing": config.activation_checkpointing,
         "use_cpu": config.use_cpu,
         # Dropout makes the policy's and the reference's log-probs differ on identical weights.
         "disable_dropout": True,

@@ -209,7 +209,8 @@ def _trainer(model, tokenizer, rows: list[dict], config: SFTStageConfig, output_
         max_steps=config.max_steps or -1,
         per_device_train_batch_size=config.batch_size,
         max_length=config.max_length,
-        activation_checkpointing=config.activation_checkpointing,
+        # The name transformers 5.17 (constraints.txt) knows; later releases keep it as an alias.
+        gradient_checkpointing=config.activation_checkpointing,
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=not on_gpu,

@@ -61,6 +61,11 @@ class _Row:
     reused: int = 0
 
 
+# Padded tokens per scoring batch (beyond the shared prefix). Scoring rows vary in length (a
+# comparison question holds two whole answers); one batch padded to its longest row wasted more
+# than batching saved (benchmarks/labelling.py: batched one-pass scoring 0.6 questions/s against
+# 1.05 one question at a time on 2 CPU cores), so long rows go in smaller batches.
+SCORING_BATCH_TOKENS = 4096
 # Upper bound on the conversation-history KV kept between calls. At SmolLM2-135M's 46 KB per
 # float32 token it holds ~45k tokens, e.g. 64 conversations of 700 tokens.
 HISTORY_BUDGET_BYTES = 2 * 1024**3
@@ -97,11 +102,20 @@ def _within_budget(histories: list[_History], budget: int) -> list[_History]:
     return kept
 
 
-def _batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Row indices grouped by similar length (longest first), `batch_size` at a time."""
+def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> Iterator[list[int]]:
+    """Row indices grouped by similar length (longest first), at most `batch_size` at a time and,
+    with `max_tokens`, at most that many tokens once padded to the batch's longest row."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
+    batch: list[int] = []
+    for i in order:
+        if batch and (
+            len(batch) == batch_size or (max_tokens and (len(batch) + 1) * lengths[batch[0]] > max_tokens)
+        ):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def _is_partial(conversation: Conversation) -> bool:
@@ -402,7 +416,7 @@ class TransformersBackend:
                 owners.append(i)
         scores: list[list[float]] = [[] for _ in rows]
         with torch.inference_mode():
-            for batch in _batches([len(r.ids) for r in rows], self.batch_size):
+            for batch in _batches([len(r.ids) for r in rows], self.batch_size, SCORING_BATCH_TOKENS):
                 batch_scores = self._score_batch(
                     [rows[k] for k in batch],
                     [tails[k] for k in batch],

