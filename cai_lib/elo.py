@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 ELO_SCALE = 400.0 / math.log(10.0)  # rating points per unit of natural-log strength
 ELO_MEAN = 1000.0
@@ -78,6 +79,23 @@ def expected_score(rating_a: float, rating_b: float) -> float:
 def elo_gap(win_rate: float) -> float:
     """The rating difference R_a - R_b at which a wins with probability `win_rate` (0 < win_rate < 1)."""
     return 400.0 * math.log10(win_rate / (1.0 - win_rate))
+
+
+class Agreement(NamedTuple):
+    """How often a judge agreed over `n` comparisons, with the Wilson 95% interval of the rate."""
+
+    n: int
+    agreed: float
+    rate: float
+    ci_low: float
+    ci_high: float
+
+
+def agreement(outcomes: Sequence[float]) -> Agreement:
+    """The agreement of per-comparison outcomes (1 agreed, 0 not, 0.5 a tie counted half)."""
+    agreed = sum(outcomes)
+    low, high = wilson_interval(agreed, len(outcomes))
+    return Agreement(len(outcomes), agreed, agreed / len(outcomes), low, high)
 
 
 def wilson_interval(successes: float, trials: float, z: float = 1.96) -> tuple[float, float]:

@@ -54,7 +54,7 @@ from typing import Literal, NamedTuple, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_lib.constitution import ComparisonPrinciple, Constitution
-from cai_lib.elo import ELO_MEAN, elo_ratings, wilson_interval
+from cai_lib.elo import ELO_MEAN, agreement, elo_ratings, wilson_interval
 from cai_lib.errors import CaiError
 from cai_lib.feedback import (
     FeedbackConfig,
@@ -683,15 +683,9 @@ def score_with_pm(
 
 def pm_accuracy(source: str, outcomes: Sequence[float]) -> PMAccuracy:
     """Accuracy and its Wilson 95% interval from per-pair outcomes (1 right, 0 wrong, 0.5 tie)."""
-    agreed = sum(outcomes)
-    low, high = wilson_interval(agreed, len(outcomes))
+    a = agreement(outcomes)
     return PMAccuracy(
-        source=source,
-        n=len(outcomes),
-        agreed=agreed,
-        accuracy=agreed / len(outcomes),
-        ci_low=low,
-        ci_high=high,
+        source=source, n=a.n, agreed=a.agreed, accuracy=a.rate, ci_low=a.ci_low, ci_high=a.ci_high
     )
 
 

@@ -36,7 +36,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from cai_lib.constitution import Constitution
-from cai_lib.elo import wilson_interval
+from cai_lib.elo import agreement
 from cai_lib.errors import CaiError
 from cai_lib.feedback import (
     FeedbackConfig,
@@ -182,16 +182,15 @@ def label_accuracy(
 def _report(
     common: dict, scoring: str, outcomes: list[float], config: dict, bias: float | None, mean_p: float | None
 ) -> AccuracyReport:
-    agreed = sum(outcomes)
-    low, high = wilson_interval(agreed, len(outcomes))
+    a = agreement(outcomes)
     return AccuracyReport(
         **common,
         scoring=scoring,
-        n=len(outcomes),
-        agreed=agreed,
-        agreement=agreed / len(outcomes),
-        ci_low=low,
-        ci_high=high,
+        n=a.n,
+        agreed=a.agreed,
+        agreement=a.rate,
+        ci_low=a.ci_low,
+        ci_high=a.ci_high,
         position_bias=bias,
         mean_p_human_choice=mean_p,
         config=config,

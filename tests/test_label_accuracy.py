@@ -11,6 +11,7 @@ import pytest
 from human_data import hhh_row, write_jsonl
 
 from cai_lib.constitution import load_constitution
+from cai_lib.elo import wilson_interval
 from cai_lib.errors import CaiError
 from cai_lib.feedback import FeedbackConfig
 from cai_lib.label_accuracy import (
@@ -19,7 +20,6 @@ from cai_lib.label_accuracy import (
     label_accuracy,
     multiple_choice_agrees,
     read_multiple_choice,
-    wilson_interval,
 )
 
 HARMS = [
@@ -289,7 +289,8 @@ def test_swapping_chosen_and_rejected_mirrors_hh_rlhf_agreement(
     assert report.agreed + mirror.agreed == 3
 
 
-def test_the_command_prints_the_agreement_and_its_count_last(tmp_path, tiny_model_dir):
+def run_label_accuracy(source: str, model_dir, *extra: str):
+    """`cai stage label-accuracy` on `source` with the tiny model, through the CLI."""
     import typer
     from typer.testing import CliRunner
 
@@ -297,18 +298,13 @@ def test_the_command_prints_the_agreement_and_its_count_last(tmp_path, tiny_mode
 
     app = typer.Typer()
     app.command()(label_accuracy_command)
+    args = ["--human", source, "--constitution", "harmless@1.0.0", "--model", str(model_dir), *extra]
+    return CliRunner().invoke(app, args)
+
+
+def test_the_command_prints_the_agreement_and_its_count_last(tmp_path, tiny_model_dir):
     source = write_jsonl(tmp_path / "mc.jsonl", MULTIPLE_CHOICE_ROWS)
-    args = [
-        "--human",
-        source,
-        "--constitution",
-        "harmless@1.0.0",
-        "--model",
-        str(tiny_model_dir),
-        "--limit",
-        "2",
-    ]
-    result = CliRunner().invoke(app, args)
+    result = run_label_accuracy(source, tiny_model_dir, "--limit", "2")
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("agreement ") and last.endswith("over 2 questions")
@@ -317,24 +313,7 @@ def test_the_command_prints_the_agreement_and_its_count_last(tmp_path, tiny_mode
 def test_the_command_prints_the_baselines_and_the_position_bias_before_the_agreement(
     tmp_path, tiny_model_dir
 ):
-    import typer
-    from typer.testing import CliRunner
-
-    from cai_lib.cli.stage_feedback import label_accuracy_command
-
-    app = typer.Typer()
-    app.command()(label_accuracy_command)
     source = write_jsonl(tmp_path / "hhh.jsonl", HHH_ROWS)
-    args = [
-        "--human",
-        source,
-        "--constitution",
-        "harmless@1.0.0",
-        "--model",
-        str(tiny_model_dir),
-        "--principles",
-        "1",
-    ]
-    lines = CliRunner().invoke(app, args).output.strip().splitlines()
+    lines = run_label_accuracy(source, tiny_model_dir, "--principles", "1").output.strip().splitlines()
     assert lines[-3] == "always-(A) baseline 0.500, always-(B) baseline 0.500"
     assert lines[-2].startswith("position bias ") and lines[-1].startswith("agreement ")
