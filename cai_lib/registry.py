@@ -302,7 +302,10 @@ def _try_acquire(client: MlflowClient, model_name: str, owner: str, lease_s: flo
         )
         return True
     except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+        # A server that loses the insert race looks the winner up to say so; when the winner has
+        # released the lock in between, that lookup answers RESOURCE_DOES_NOT_EXIST. Both mean:
+        # not ours this time.
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
             raise
     held = _lock_tags(client, lock_name)
     if held is None:

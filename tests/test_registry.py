@@ -298,6 +298,35 @@ def test_registry_lock_lets_one_holder_in_at_a_time(mlflow_server):
     assert connect(mlflow_server["uri"]).search_registered_models(f"name = '{name}{LOCK_SUFFIX}'") == []
 
 
+class LostCreateRace:
+    """The real client, except that its first lock create gets the reply the MLflow server sends
+    when it loses the insert race and the winner deletes the lock before the server looks it up."""
+
+    def __init__(self, client):
+        self.client, self.creates = client, 0
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def create_registered_model(self, *args, **kwargs):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+        self.creates += 1
+        if self.creates == 1:
+            raise MlflowException("Registered Model not found", error_code=RESOURCE_DOES_NOT_EXIST)
+        return self.client.create_registered_model(*args, **kwargs)
+
+
+def test_registry_lock_retries_a_create_that_lost_the_race_to_a_released_lock(mlflow_server):
+    name, client = unique(), LostCreateRace(connect(mlflow_server["uri"]))
+
+    with registry_lock(client, name, poll_s=0.01) as owner:
+        held = dict(client.get_registered_model(name + LOCK_SUFFIX).tags)
+
+    assert (client.creates, held[LOCK_OWNER_TAG]) == (2, owner)
+
+
 def held_lock(client, name: str, **holder: str) -> None:
     """A lock on `name` as another holder left it, with a lease that has not run out."""
     tags = {LOCK_FOR_TAG: name, LOCK_OWNER_TAG: "pod-a:1:abc", LOCK_EXPIRES_TAG: str(time.time() + 600)}
