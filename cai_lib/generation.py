@@ -26,8 +26,20 @@ class SamplingParams(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, description="0 for greedy; >0 samples.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sampling only).")
     seed: int = Field(
-        default=0, description="Seed for sampling; the same seed and inputs give the same replies."
+        default=0,
+        description="Seed for sampling; the same seed and conversation give the same reply, whatever "
+        "else is in the batch or shard.",
     )
+
+
+def conversation_seed(seed: int, conversation: Conversation, shared_prefix: Conversation | None = None) -> int:
+    """The sampling seed of one conversation: fixed by the call's seed and the conversation's
+    content, so a reply does not depend on which batch, shard or shard count it was sampled in."""
+    import hashlib
+    import json
+
+    text = json.dumps([seed, list(shared_prefix or []), list(conversation)], sort_keys=True)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") >> 1
 
 
 class GenerationBackend(Protocol):

@@ -6,9 +6,9 @@ come from two batched `generate` calls over a whole shard of prompts, each with 
 (answer A from one, answer B from the other), at a temperature above 0 so they can differ.
 
 Where it departs: a pair in which either answer came out empty (the model ended its reply at
-once) is dropped with a logged warning, because a comparison needs two answers. Seeds are
-derived from the base seed and the shard's prompt ids, so a resumed run resamples a missing
-shard exactly as an uninterrupted run would have.
+once) is dropped with a logged warning, because a comparison needs two answers. The two calls'
+seeds derive from the base seed only, and backends seed each prompt by its content
+(`conversation_seed`), so a prompt's pair is the same in any shard, shard count or resumed run.
 """
 
 from __future__ import annotations
@@ -88,10 +88,10 @@ def sample_pairs(
         )
 
 
-def pair_seeds(base_seed: int, prompt_ids: Sequence[str]) -> tuple[int, int]:
-    """The sampling seeds of answers A and B for one shard: distinct, and fixed by the shard's content."""
-    seed_a = int(stable_id(str(base_seed), "a", *prompt_ids), 16) % 2**31
-    seed_b = int(stable_id(str(base_seed), "b", *prompt_ids), 16) % 2**31
+def pair_seeds(base_seed: int) -> tuple[int, int]:
+    """The sampling seeds of the calls that give answers A and B: distinct, fixed by the base seed."""
+    seed_a = int(stable_id(str(base_seed), "a"), 16) % 2**31
+    seed_b = int(stable_id(str(base_seed), "b"), 16) % 2**31
     return seed_a, (seed_b if seed_b != seed_a else (seed_a + 1) % 2**31)
 
 
@@ -104,7 +104,7 @@ def _sample_shard(
 ) -> list[ResponsePair]:
     conversations = [[{"role": "user", "content": p.prompt}] for p in shard]
     answers = []
-    for seed in pair_seeds(config.seed, [p.id for p in shard]):
+    for seed in pair_seeds(config.seed):
         params = SamplingParams(
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,

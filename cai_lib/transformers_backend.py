@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from cai_lib.errors import CaiError
-from cai_lib.generation import Conversation, SamplingParams, one_pass_split
+from cai_lib.generation import Conversation, SamplingParams, conversation_seed, one_pass_split
 
 
 @dataclass
@@ -116,6 +116,33 @@ def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = N
         batch.append(i)
     if batch:
         yield batch
+
+
+class _RowSampler:
+    """A logits processor that samples each row's next token with that row's own generator
+    (temperature, then nucleus `top_p`) and leaves only that token possible, so `generate` runs
+    greedy over its output. One generator per row makes a reply depend on its seed and its
+    conversation only, not on the rows batched with it (`torch.multinomial` over a batch draws
+    from one shared stream)."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device):
+        import torch
+
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            ordered, order = probs.sort(dim=-1, descending=True)
+            outside = ordered.cumsum(dim=-1) - ordered > self.top_p  # the top token always stays
+            probs = probs.scatter(-1, order, ordered.masked_fill(outside, 0.0))
+        chosen = torch.stack(
+            [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)]
+        )
+        return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
 
 
 def _is_partial(conversation: Conversation) -> bool:
@@ -328,8 +355,9 @@ class TransformersBackend:
         shared_prefix: Conversation | None = None,
     ) -> list[str]:
         """One reply per conversation, in order. Greedy when `params.temperature` is 0; otherwise
-        sampled from a generator seeded with `params.seed` at the start of the call (the global
-        torch RNG is left untouched), so equal inputs and settings give equal replies."""
+        each conversation is sampled with its own generator, seeded by `conversation_seed` (the
+        global torch RNG is left untouched), so a conversation's reply is the same whatever it is
+        batched with."""
         import torch
 
         if not conversations:
@@ -337,15 +365,14 @@ class TransformersBackend:
         encoded = self._encode(conversations, shared_prefix)
         earlier = self._histories if self._history_prefix == tuple(encoded.prefix) else []
         rows = [_with_history(ids, earlier) for ids in encoded.rows]
+        seeds = [conversation_seed(params.seed, c, shared_prefix) for c in conversations]
         self.last_reused_tokens = sum(r.reused for r in rows)
         replies: list[str] = [""] * len(rows)
         histories: list[_History] = []
-        devices = [self.model.device] if self.model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
-            torch.manual_seed(params.seed)
+        with torch.inference_mode():
             for batch in _batches([len(r.ids) for r in rows], self.batch_size):
                 batch_replies, batch_histories = self._generate_batch(
-                    encoded.prefix, [rows[i] for i in batch], params
+                    encoded.prefix, [rows[i] for i in batch], params, [seeds[i] for i in batch]
                 )
                 for index, reply in zip(batch, batch_replies):
                     replies[index] = reply
@@ -355,16 +382,17 @@ class TransformersBackend:
         return replies
 
     def _generate_batch(
-        self, prefix: list[int], rows: list[_Row], params: SamplingParams
+        self, prefix: list[int], rows: list[_Row], params: SamplingParams, seeds: list[int]
     ) -> tuple[list[str], list[_History]]:
+        from transformers import LogitsProcessorList
+
         input_ids, attention_mask, reused_width = self._layout(rows, prefix)
         width = input_ids.shape[1]
         cache = self._batch_cache(prefix, rows, reused_width, width + params.max_new_tokens)
-        sampling = (
-            {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
-            if params.temperature > 0
-            else {"do_sample": False}
-        )
+        sampling = {"do_sample": False}
+        if params.temperature > 0:
+            sampler = _RowSampler(seeds, params.temperature, params.top_p, self.model.device)
+            sampling["logits_processor"] = LogitsProcessorList([sampler])
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

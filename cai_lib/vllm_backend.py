@@ -21,20 +21,20 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import NamedTuple
 
-from cai_lib.generation import Conversation, SamplingParams, one_pass_split
+from cai_lib.generation import Conversation, SamplingParams, conversation_seed, one_pass_split
 
 
-def vllm_sampling_kwargs(params: SamplingParams) -> dict:
-    """Keyword arguments for `vllm.SamplingParams` that sample as `params` asks.
+def vllm_sampling_kwargs(params: SamplingParams, seed: int) -> dict:
+    """Keyword arguments for `vllm.SamplingParams` of one request, sampling as `params` asks.
 
-    vLLM treats temperature 0 as greedy; a per-request `seed` makes sampling reproducible
-    regardless of how vLLM schedules the batch.
+    vLLM treats temperature 0 as greedy; a per-request `seed` (`conversation_seed`) makes sampling
+    reproducible regardless of how vLLM schedules the batch.
     """
     return {
         "max_tokens": params.max_new_tokens,
         "temperature": params.temperature,
         "top_p": params.top_p,
-        "seed": params.seed,
+        "seed": seed,
     }
 
 
@@ -79,9 +79,11 @@ class VLLMBackend:
             return []
         prefix = list(shared_prefix or [])
         prompts = [{"prompt_token_ids": self.chat.encode(prefix + list(c))} for c in conversations]
-        outputs = self.llm.generate(
-            prompts, VLLMSamplingParams(**vllm_sampling_kwargs(params)), use_tqdm=False
-        )
+        requests = [
+            VLLMSamplingParams(**vllm_sampling_kwargs(params, conversation_seed(params.seed, c, prefix)))
+            for c in conversations
+        ]
+        outputs = self.llm.generate(prompts, requests, use_tqdm=False)
         return [output.outputs[0].text.strip() for output in outputs]
 
     def score_options(

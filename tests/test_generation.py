@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cai_lib.generation import SamplingParams, load_backend, one_pass_split
+from cai_lib.generation import SamplingParams, conversation_seed, load_backend, one_pass_split
 from cai_lib.transformers_backend import TransformersBackend
 
 GREEDY = SamplingParams(max_new_tokens=10)
@@ -157,6 +157,18 @@ def test_sampling_is_reproducible_by_seed_and_varies_with_it(backend):
     assert first != backend.generate(CONVERSATIONS, GREEDY)
 
 
+def test_a_sampled_reply_does_not_depend_on_the_rows_batched_with_it(backend):
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7)
+    batched = backend.generate(CONVERSATIONS, sampled)
+    assert [backend.generate([c], sampled)[0] for c in CONVERSATIONS] == batched
+    assert backend.generate(CONVERSATIONS[::-1], sampled) == batched[::-1]
+
+
+def test_sampling_with_a_tiny_nucleus_is_greedy(backend):
+    nucleus = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=3)
+    assert backend.generate(CONVERSATIONS, nucleus) == backend.generate(CONVERSATIONS, GREEDY)
+
+
 def test_sampling_leaves_the_global_torch_rng_alone(backend):
     import torch
 
@@ -277,7 +289,15 @@ def test_vllm_sampling_parameters_carry_every_setting():
     from cai_lib.vllm_backend import vllm_sampling_kwargs
 
     params = SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=11)
-    assert vllm_sampling_kwargs(params) == {"max_tokens": 64, "temperature": 0.7, "top_p": 0.9, "seed": 11}
+    assert vllm_sampling_kwargs(params, 5) == {"max_tokens": 64, "temperature": 0.7, "top_p": 0.9, "seed": 5}
+
+
+def test_a_conversation_seed_follows_the_call_seed_and_the_conversation_only():
+    first, second = CONVERSATIONS[0], CONVERSATIONS[1]
+    assert conversation_seed(7, first) == conversation_seed(7, [dict(m) for m in first])
+    assert len({conversation_seed(7, first), conversation_seed(8, first), conversation_seed(7, second)}) == 3
+    assert conversation_seed(7, first, shared_prefix=second) != conversation_seed(7, first)
+    assert 0 <= conversation_seed(7, first) < 2**31
 
 
 def test_vllm_prompt_logprobs_sum_to_the_transformers_option_score(backend):

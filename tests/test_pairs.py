@@ -59,10 +59,17 @@ def test_the_two_answers_come_from_two_calls_with_different_seeds(tiny_backend, 
     assert recording.seeds[0] != recording.seeds[1] and recording.seeds[2] != recording.seeds[3]
 
 
-def test_shard_seeds_depend_on_the_base_seed_and_the_shard():
-    assert pair_seeds(0, ["a", "b"]) == pair_seeds(0, ["a", "b"])
-    assert pair_seeds(0, ["a", "b"]) != pair_seeds(1, ["a", "b"])
-    assert pair_seeds(0, ["a", "b"]) != pair_seeds(0, ["c", "d"])
+def test_pair_seeds_depend_on_the_base_seed_only():
+    assert pair_seeds(0) == pair_seeds(0) != pair_seeds(1)
+    assert pair_seeds(0)[0] != pair_seeds(0)[1]
+
+
+def test_a_prompts_pair_is_the_same_in_any_shard_size(tiny_backend, tmp_path):
+    sample_pairs(PROMPTS, "tiny", str(tmp_path / "one"), CONFIG.model_copy(update={"shard_size": 4}), tiny_backend)
+    sample_pairs(PROMPTS, "tiny", str(tmp_path / "many"), CONFIG.model_copy(update={"shard_size": 1}), tiny_backend)
+    assert list(read_dataset(str(tmp_path / "one"), ResponsePair)) == list(
+        read_dataset(str(tmp_path / "many"), ResponsePair)
+    )
 
 
 def test_an_interrupted_run_resumes_and_yields_the_same_pairs(tiny_backend, tmp_path):
