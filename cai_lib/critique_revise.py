@@ -46,7 +46,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cai_lib.constitution import Constitution, CritiqueRevisionPrinciple
 from cai_lib.errors import CaiError
-from cai_lib.generation import BackendName, Conversation, GenerationBackend, SamplingParams, load_backend
+from cai_lib.generation import (
+    ENGINE_SIZING,
+    BackendName,
+    Conversation,
+    EngineConfig,
+    GenerationBackend,
+    SamplingParams,
+    check_fits,
+    load_backend,
+)
 from cai_lib.prompts import deduplicate
 from cai_lib.records import PromptRecord, RevisionRound, Trace, stable_id
 from cai_lib.shards import ShardedOutput, fingerprint
@@ -83,12 +92,16 @@ class GenerationStageConfig(BaseModel):
     chat_template: str | None = Field(
         default=None, description="Jinja chat template replacing the model's own (needed when it has none)."
     )
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="vLLM engine sizing (backend vllm only)."
+    )
 
     def identity(self, stage: type[BaseModel] | None = None) -> dict:
         """The settings that determine a stage's rows, for its output's fingerprint: the fields of
-        `stage` (default: this config's class) except batch_size, which changes how rows are
-        computed, not what they are (exactly so for greedy decoding)."""
-        return self.model_dump(include=set((stage or type(self)).model_fields) - {"batch_size"})
+        `stage` (default: this config's class) except batch_size and the engine's sizing, which
+        change how rows are computed, not what they are."""
+        fields = set((stage or type(self)).model_fields) - {"batch_size"}
+        return self.model_dump(include=fields, exclude={"engine": ENGINE_SIZING})
 
     def sampling(self, step: int) -> SamplingParams:
         """Sampling parameters of one step; the seed varies by step so rounds do not repeat draws."""
@@ -237,8 +250,13 @@ def _generate_traces(
     # The model is opened before the output is claimed, so a model reference that does not
     # resolve leaves nothing behind at `out_uri`.
     model = backend or load_backend(
-        model_ref, config.backend, batch_size=config.batch_size, chat_template=config.chat_template
+        model_ref,
+        config.backend,
+        batch_size=config.batch_size,
+        chat_template=config.chat_template,
+        engine=config.engine,
     )
+    check_fits(model, [(p.id, [{"role": "user", "content": p.prompt}]) for p in prompts], None, description)
     prompt_ids = [p.id for p in prompts]
     # A pipeline output's key already covers its prompts; a CLI output is identified by them.
     inputs = (

@@ -65,7 +65,7 @@ from cai_lib.feedback import (
     order_debiased,
     unswapped,
 )
-from cai_lib.generation import BackendName, SamplingParams, load_backend
+from cai_lib.generation import BackendName, EngineConfig, SamplingParams, load_backend
 from cai_lib.label_accuracy import human_pairs
 from cai_lib.preference_model import CalibrationBin
 from cai_lib.records import Preference, PrincipleScore, PromptKind, PromptRecord, Record, Trace, stable_id
@@ -89,6 +89,8 @@ REPORT_FILE = "report.html"
 
 T = TypeVar("T")
 U = TypeVar("U")
+# Rows per call to a vLLM backend: the whole workload of an evaluation, in practice.
+VLLM_CHUNK_ROWS = 8192
 
 
 class EvaluationConfig(BaseModel):
@@ -106,6 +108,9 @@ class EvaluationConfig(BaseModel):
     backend: BackendName = Field(
         default="transformers",
         description="Backend for the policies and the feedback model: transformers or vllm.",
+    )
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="vLLM engine sizing (backend vllm only)."
     )
     harmless_principle: str = Field(
         default="less-harmful",
@@ -162,6 +167,13 @@ class EvaluationConfig(BaseModel):
         description="Prompts per set whose answers and judgements, and SL-CAI traces, are shown in the report.",
     )
 
+    @property
+    def chunk_rows(self) -> int:
+        """Rows handed to a backend per call. vLLM schedules its own batches and runs best given
+        the whole workload, so it gets thousands at once; the transformers backend gets a few
+        batches per call, so the progress bar moves."""
+        return VLLM_CHUNK_ROWS if self.backend == "vllm" else 4 * self.batch_size
+
     def feedback(self) -> FeedbackConfig:
         """The labeller settings these judgements are made with (one principle per judgement)."""
         return FeedbackConfig(
@@ -172,6 +184,7 @@ class EvaluationConfig(BaseModel):
             max_reasoning_tokens=self.max_reasoning_tokens,
             batch_size=self.batch_size,
             backend=self.backend,
+            engine=self.engine,
         )
 
 
@@ -488,17 +501,17 @@ def evaluate(
     for ref in [*policies.values(), reward_ref, judge_ref]:
         resolve_model(ref)
 
+    # One engine per process: a vLLM engine's memory lives in its own worker processes and is
+    # not reliably given back in-process, so with vLLM each model runs in a process of its own.
+    run = in_own_process if config.backend == "vllm" else in_this_process
     answers: list[PolicyAnswer] = []
     for name, ref in policies.items():
-        answers += answer_prompts(name, ref, prompt_sets, config)
-        release_memory()
+        answers += run(answer_prompts, name, ref, prompt_sets, config)
     scored_traces = traces[: config.max_traces]
-    answers, trace_pm, benchmark_outcomes = score_with_pm(
-        reward_ref, answers, scored_traces, benchmark, config
+    answers, trace_pm, benchmark_outcomes = in_this_process(
+        score_with_pm, reward_ref, answers, scored_traces, benchmark, config
     )
-    release_memory()
-    answers, judgements = judge(judge_ref, constitution, principles, answers, config)
-    release_memory()
+    answers, judgements = run(judge, judge_ref, constitution, principles, answers, config)
 
     result = summarise(
         policies,
@@ -599,6 +612,23 @@ def pm_calibration(reward_ref: str) -> list[CalibrationBin]:
     return PreferenceModelMetrics.model_validate_json(path.read_text()).calibration
 
 
+def in_own_process(function: Callable[..., T], *args) -> T:
+    """`function(*args)` run in a fresh (spawned) process, its result returned (or its exception
+    raised) here. The process's exit frees all its model held, the GPU memory of a vLLM engine's
+    own worker processes included, so the next engine's memory check starts from a clean GPU."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def in_this_process(function: Callable[..., T], *args) -> T:
+    result = function(*args)
+    release_memory()
+    return result
+
+
 def release_memory() -> None:
     """Return the memory of a model that just went out of scope, before the next one loads."""
     gc.collect()
@@ -616,13 +646,13 @@ def answer_prompts(
     """The policy's greedy answer to every prompt of every set."""
     from cai_lib.preference_model import conversation_of
 
-    model = load_backend(model_ref, config.backend, batch_size=config.batch_size)
+    model = load_backend(model_ref, config.backend, batch_size=config.batch_size, engine=config.engine)
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=0.0, seed=config.seed)
     prompts = [p for kind in PROMPT_SETS for p in prompt_sets[kind]]
     kinds = [kind for kind in PROMPT_SETS for _ in prompt_sets[kind]]
     replies = in_chunks(
         [conversation_of(p.prompt) for p in prompts],
-        4 * config.batch_size,
+        config.chunk_rows,
         lambda chunk: model.generate(chunk, params),
         f"answers of {name}",
     )
@@ -725,7 +755,7 @@ def judge(
 ) -> tuple[list[PolicyAnswer], list[Judgement]]:
     """With the feedback model: P(evasive) of every answer, and a judgement of every two policies'
     answers to every prompt under the criterion's principle."""
-    model = load_backend(judge_ref, config.backend, batch_size=config.batch_size)
+    model = load_backend(judge_ref, config.backend, batch_size=config.batch_size, engine=config.engine)
     labeller = FeedbackLabeller(model, constitution, judge_ref, config.feedback())
     evasive = evasiveness(labeller, answers, config.evasiveness_question)
     judged = [a.model_copy(update={"p_evasive": p}) for a, p in zip(answers, evasive)]
@@ -807,7 +837,7 @@ def first_option_probabilities(
     cot), asked a chunk at a time under a progress bar."""
     pairs = in_chunks(
         questions,
-        4 * labeller.config.batch_size,
+        VLLM_CHUNK_ROWS if labeller.config.backend == "vllm" else 4 * labeller.config.batch_size,
         lambda chunk: list(zip(*labeller.first_option_probabilities(chunk))),
         description,
     )

@@ -51,7 +51,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai_lib.constitution import ComparisonPrinciple, Constitution
 from cai_lib.errors import CaiError
-from cai_lib.generation import BackendName, Conversation, GenerationBackend, SamplingParams, load_backend
+from cai_lib.generation import (
+    ENGINE_SIZING,
+    BackendName,
+    Conversation,
+    EngineConfig,
+    GenerationBackend,
+    SamplingParams,
+    check_fits,
+    load_backend,
+)
 from cai_lib.records import Preference, PrincipleScore, ResponsePair, stable_id
 from cai_lib.shards import ShardedOutput, fingerprint
 from cai_lib.transcripts import parse_transcript, render_transcript
@@ -106,6 +115,9 @@ class FeedbackConfig(BaseModel):
         "run must use the same value.",
     )
     backend: BackendName = Field(default="transformers", description="Backend: transformers or vllm.")
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="vLLM engine sizing (backend vllm only)."
+    )
     held_out_principles: list[str] = Field(
         default_factory=list,
         description="Comparison principle ids never drawn for labels. The pipeline puts the evaluation "
@@ -127,8 +139,9 @@ class FeedbackConfig(BaseModel):
         return labels
 
     def identity(self) -> dict:
-        """The settings that determine the labels (all but batch_size), for the output's fingerprint."""
-        return self.model_dump(mode="json", exclude={"batch_size"})
+        """The settings that determine the labels (all but batch_size and the engine's sizing), for
+        the output's fingerprint."""
+        return self.model_dump(mode="json", exclude={"batch_size": True, "engine": ENGINE_SIZING})
 
 
 class Comparison(Protocol):
@@ -348,6 +361,13 @@ class FeedbackLabeller:
                     keys.append((index, principle.id))
         return questions, keys
 
+    def check_fits(self, rows: Sequence[Comparison]) -> None:
+        """Refuse, naming the pair, any comparison question longer than the engine's max_model_len."""
+        questions, keys = self.questions(rows)
+        check_fits(
+            self.model, [(rows[index].id, [_user(q)]) for q, (index, _) in zip(questions, keys)], self.prefix, "label"
+        )
+
     def label(self, rows: Sequence[Comparison]) -> list[Preference]:
         """One `Preference` per row (P(answer_a better) as `label`), all rows batched together."""
         check_rows(rows)
@@ -492,8 +512,9 @@ def label_preferences(
     check_rows(pairs)
     check_constitution(constitution, config)
     # Opened before the output is claimed: a model ref that does not resolve leaves nothing behind.
-    model = backend or load_backend(model_ref, config.backend, batch_size=config.batch_size)
+    model = backend or load_backend(model_ref, config.backend, batch_size=config.batch_size, engine=config.engine)
     labeller = FeedbackLabeller(model, constitution, model_ref, config, output_key)
+    labeller.check_fits(pairs)
     inputs = (
         {"output_key": output_key}
         if output_key

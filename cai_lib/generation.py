@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai_lib.errors import CaiError
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -40,6 +42,98 @@ def conversation_seed(seed: int, conversation: Conversation, shared_prefix: Conv
 
     text = json.dumps([seed, list(shared_prefix or []), list(conversation)], sort_keys=True)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") >> 1
+
+
+class EngineConfig(BaseModel):
+    """How a vLLM engine is sized to its pod (the transformers backend ignores it).
+
+    Tensor parallelism follows the pod's GPUs: one engine spans every GPU its pod is given, so a
+    model too big for one GPU fits by giving the stage more. Data parallelism comes from the
+    fan-out instead (one engine per shard pod), which needs no coordination between engines and
+    lets a killed pod lose only its shard.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int = Field(
+        default=0,
+        ge=0,
+        description="GPUs one engine shards the model over; 0 takes every GPU the pod sees (the stage's "
+        "accelerator_count). Must divide the model's attention heads.",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="Share of each GPU's memory the engine may take."
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        description="Longest prompt plus reply, in tokens; None takes the model's own. A prompt longer than "
+        "this is refused before the stage's work starts, naming its row.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weights and activations; auto takes the checkpoint's."
+    )
+    enforce_eager: bool = Field(
+        default=False, description="Skip CUDA graph capture: slower decoding, less memory, faster start."
+    )
+
+
+# Engine fields that change how rows are computed, not what they are: left out of output keys.
+ENGINE_SIZING = {"tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager"}
+
+
+def engine_kwargs(engine: EngineConfig, model_config: dict, visible_gpus: int) -> dict:
+    """Keyword arguments for `vllm.LLM` sizing it as `engine` asks on a pod that sees
+    `visible_gpus` GPUs, for a model whose Hugging Face `config.json` is `model_config`.
+    Raises `CaiError` (one line) for a size that cannot work, before any weights load."""
+    size = engine.tensor_parallel_size or visible_gpus
+    if visible_gpus < 1:
+        raise CaiError(
+            "engine: the vllm backend needs a GPU and this pod sees none; give the stage an accelerator "
+            "(deploy.resources) or use backend transformers"
+        )
+    if size > visible_gpus:
+        raise CaiError(
+            f"engine.tensor_parallel_size: {size} GPUs asked for, but this pod sees {visible_gpus}; raise the "
+            "stage's accelerator_count or lower tensor_parallel_size"
+        )
+    heads = model_config.get("num_attention_heads") or model_config.get("text_config", {}).get(
+        "num_attention_heads"
+    )
+    if heads and heads % size:
+        divisors = [d for d in range(1, min(heads, visible_gpus) + 1) if heads % d == 0]
+        raise CaiError(
+            f"engine.tensor_parallel_size: {size} does not divide the model's {heads} attention heads; "
+            f"use one of {divisors}"
+        )
+    kwargs = {
+        "tensor_parallel_size": size,
+        "gpu_memory_utilization": engine.gpu_memory_utilization,
+        "dtype": engine.dtype,
+        "enforce_eager": engine.enforce_eager,
+        "enable_prefix_caching": True,
+    }
+    if engine.max_model_len:
+        kwargs["max_model_len"] = engine.max_model_len
+    return kwargs
+
+
+def check_fits(
+    backend, rows: Sequence[tuple[str, Conversation]], shared_prefix: Conversation | None, where: str
+) -> None:
+    """Refuse, naming the first row, any prompt longer than the backend's `max_model_len` (when it
+    has one): checked before a stage's work starts, not when the engine meets the row."""
+    limit = getattr(backend, "max_model_len", None)
+    if not limit:
+        return
+    prefix = list(shared_prefix or [])
+    for row_id, conversation in rows:
+        length = len(backend.chat.encode(prefix + list(conversation)))
+        if length > limit:
+            raise CaiError(
+                f"{where}: row {row_id}: its prompt is {length} tokens, more than engine.max_model_len "
+                f"{limit}; raise max_model_len (the model allows its max_position_embeddings) or shorten the row"
+            )
 
 
 class GenerationBackend(Protocol):
@@ -92,15 +186,19 @@ def load_backend(
     batch_size: int = 16,
     chat_template: str | None = None,
     trust_remote_code: bool = False,
+    engine: EngineConfig | None = None,
 ) -> GenerationBackend:
-    """Open `model_ref` (see `cai_lib.models.resolve_model`) with the chosen backend.
+    """Open `model_ref` (see `cai_lib.models.resolve_model`) with the chosen backend; a vLLM
+    engine is sized by `engine`.
 
     vLLM is imported only here, only when asked for, and is installed by the `[gpu]` extra.
     """
     if backend == "vllm":
         from cai_lib.vllm_backend import VLLMBackend
 
-        return VLLMBackend(model_ref, chat_template=chat_template, trust_remote_code=trust_remote_code)
+        return VLLMBackend(
+            model_ref, chat_template=chat_template, trust_remote_code=trust_remote_code, engine=engine
+        )
     from cai_lib.transformers_backend import TransformersBackend
 
     return TransformersBackend(

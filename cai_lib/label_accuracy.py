@@ -155,7 +155,7 @@ def label_accuracy(
             f"{human_source}: chain of thought needs pairwise items (text_correct and text_incorrect); these are "
             "scored as published"
         )
-    model = backend or load_backend(model_ref, config.backend, batch_size=config.batch_size)
+    model = backend or load_backend(model_ref, config.backend, batch_size=config.batch_size, engine=config.engine)
     common = {
         "source": str(human_source),
         "format": kind,

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from cai_lib.critique_revise import GenerationStageConfig
 from cai_lib.errors import CaiError
-from cai_lib.generation import GenerationBackend, SamplingParams, load_backend
+from cai_lib.generation import GenerationBackend, SamplingParams, check_fits, load_backend
 from cai_lib.prompts import deduplicate
 from cai_lib.records import PromptRecord, ResponsePair, stable_id
 from cai_lib.shards import ShardedOutput, fingerprint
@@ -68,7 +68,8 @@ def sample_pairs(
     if not prompts:
         raise CaiError("sample pairs: no prompts given; check the prompt source")
     # Opened before the output is claimed: a model ref that does not resolve leaves nothing behind.
-    model = backend or load_backend(model_ref, config.backend, batch_size=config.batch_size)
+    model = backend or load_backend(model_ref, config.backend, batch_size=config.batch_size, engine=config.engine)
+    check_fits(model, [(p.id, [{"role": "user", "content": p.prompt}]) for p in prompts], None, "sample pairs")
     if output_key:
         inputs, identity = {"output_key": output_key}, output_key
     else:

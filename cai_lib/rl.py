@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai_lib.errors import CaiError
-from cai_lib.generation import Conversation
+from cai_lib.generation import Conversation, EngineConfig, engine_kwargs
 from cai_lib.preference_model import METRICS_FILE, RewardScorer, conversation_of
 from cai_lib.records import Preference, PromptRecord
 from cai_lib.store import checkpoint_location
@@ -101,6 +101,24 @@ class RLConfig(BaseModel):
         "that evaluation can rate the policy over the course of RL (the paper's Fig. 8). Each is a full "
         "checkpoint under steps/STEP/ of the output.",
     )
+    rollouts: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="What samples the rloo/grpo completions: the policy's own generate, or a vLLM engine "
+        "colocated with each training process (TRL's use_vllm, vllm_mode colocate), given the policy's "
+        "weights after every step. vllm needs a GPU and the [gpu] extra.",
+    )
+    engine: EngineConfig = Field(
+        default_factory=lambda: EngineConfig(gpu_memory_utilization=0.3),
+        description="Sizing of the colocated vLLM engine (rollouts vllm): tensor_parallel_size (0 means 1: "
+        "one engine per training process), gpu_memory_utilization (the share left beside training; TRL's "
+        "default 0.3) and max_model_len. dtype follows the policy and enforce_eager is TRL's to choose.",
+    )
+
+    @model_validator(mode="after")
+    def _engine_fits_trl(self) -> RLConfig:
+        if self.engine.dtype != "auto" or self.engine.enforce_eager:
+            raise ValueError("engine.dtype and engine.enforce_eager cannot be set for TRL's colocated vLLM engine")
+        return self
 
     def checkpoint_steps(self) -> list[int]:
         """The steps (1..steps-1, ascending, distinct) after which an intermediate policy is saved."""
@@ -250,6 +268,23 @@ def train_rl(
     return metrics
 
 
+def rollout_kwargs(config: RLConfig, model_config: dict, visible_gpus: int) -> dict:
+    """TRL's rloo/grpo config fields for `config.rollouts`: none for the policy's own generate;
+    for vllm, a colocated engine sized by `config.engine` (checked like any engine, against the
+    policy's `config.json` and the GPUs the pod sees)."""
+    if config.rollouts == "transformers":
+        return {}
+    engine = config.engine.model_copy(update={"tensor_parallel_size": config.engine.tensor_parallel_size or 1})
+    sized = engine_kwargs(engine, model_config, visible_gpus)
+    return {
+        "use_vllm": True,
+        "vllm_mode": "colocate",
+        "vllm_tensor_parallel_size": sized["tensor_parallel_size"],
+        "vllm_gpu_memory_utilization": sized["gpu_memory_utilization"],
+        "vllm_max_model_length": engine.max_model_len,
+    }
+
+
 def _trainer(config: RLConfig, policy_path: Path, tokenizer, scorer, prompts, pairs, scratch: Path):
     """The TRL trainer for `config.algorithm`, set up for the policy at `policy_path`."""
     from datasets import Dataset
@@ -283,8 +318,13 @@ def _trainer(config: RLConfig, policy_path: Path, tokenizer, scorer, prompts, pa
             train_dataset=Dataset.from_list(pairs),
             processing_class=tokenizer,
         )
+    import json
+
+    import torch
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+    model_config = json.loads((policy_path / "config.json").read_text())
+    rollouts = rollout_kwargs(config, model_config, torch.cuda.device_count())
     config_class, trainer_class = (
         (RLOOConfig, RLOOTrainer) if config.algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
     )
@@ -294,6 +334,7 @@ def _trainer(config: RLConfig, policy_path: Path, tokenizer, scorer, prompts, pa
         num_generations=config.num_generations,
         max_completion_length=config.max_new_tokens,
         temperature=config.temperature,
+        **rollouts,
         **common,
     )
     return trainer_class(

@@ -21,7 +21,14 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import NamedTuple
 
-from cai_lib.generation import Conversation, SamplingParams, conversation_seed, one_pass_split
+from cai_lib.generation import (
+    Conversation,
+    EngineConfig,
+    SamplingParams,
+    conversation_seed,
+    engine_kwargs,
+    one_pass_split,
+)
 
 
 def vllm_sampling_kwargs(params: SamplingParams, seed: int) -> dict:
@@ -55,7 +62,16 @@ def summed_option_logprob(prompt_logprobs: Sequence, prompt_ids: Sequence[int], 
 class VLLMBackend:
     """`GenerationBackend` over `vllm.LLM` (see `cai_lib.generation`)."""
 
-    def __init__(self, model_ref: str, chat_template: str | None = None, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        model_ref: str,
+        chat_template: str | None = None,
+        trust_remote_code: bool = False,
+        engine: EngineConfig | None = None,
+    ):
+        import json
+
+        import torch
         from vllm import LLM
 
         from cai_lib.models import load_tokenizer, resolve_model
@@ -63,8 +79,12 @@ class VLLMBackend:
 
         self.model_ref = model_ref
         path = resolve_model(model_ref)
+        engine = engine or EngineConfig()
+        model_config = json.loads((path / "config.json").read_text())
+        kwargs = engine_kwargs(engine, model_config, torch.cuda.device_count())
         self.chat = ChatFormat(load_tokenizer(path, model_ref, chat_template, trust_remote_code))
-        self.llm = LLM(model=str(path), enable_prefix_caching=True, trust_remote_code=trust_remote_code)
+        self.max_model_len = engine.max_model_len or model_config.get("max_position_embeddings")
+        self.llm = LLM(model=str(path), trust_remote_code=trust_remote_code, **kwargs)
 
     def generate(
         self,

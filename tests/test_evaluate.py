@@ -22,7 +22,9 @@ from cai_lib.evaluate import (
     EvaluationConfig,
     Judgement,
     PolicyAnswer,
+    answer_prompts,
     evaluate,
+    in_own_process,
     load_result,
     win_rate,
 )
@@ -110,6 +112,20 @@ def evaluation(tiny_model_dir, second_tiny_model_dir, tiny_reward_model_dir, con
 
 def stored_answers(out) -> list[PolicyAnswer]:
     return list(ArtifactStore.open(out).read_jsonl("answers.jsonl", PolicyAnswer))
+
+
+def test_a_policy_answered_in_a_process_of_its_own_answers_as_in_this_one(evaluation, tiny_model_dir):
+    # How evaluation runs each model with the vllm backend (one engine per process).
+    _, out = evaluation
+    sets = {"red_team": prompt_records(RED_TEAM, "red_team"), "helpful": prompt_records(HELPFUL, "helpful")}
+    isolated = in_own_process(answer_prompts, "base", str(tiny_model_dir), sets, CONFIG)
+    assert [a.answer for a in isolated] == [a.answer for a in stored_answers(out) if a.policy == "base"]
+
+
+def test_a_failure_in_a_process_of_its_own_is_raised_here(tmp_path):
+    sets = {"red_team": prompt_records(RED_TEAM, "red_team"), "helpful": []}
+    with pytest.raises(CaiError, match=str(tmp_path / "missing")):
+        in_own_process(answer_prompts, "base", str(tmp_path / "missing"), sets, CONFIG)
 
 
 def test_outputs_are_written_and_metrics_json_reloads_to_the_result(evaluation):

@@ -177,6 +177,10 @@ def test_options_sharing_a_prefix_and_differing_in_the_last_token_are_readable()
     assert option_split_problem(["A"], ["B"]) is None
 
 
+def test_an_option_that_tokenises_to_nothing_is_refused():
+    assert option_split_problem([], ["(", "B"]) == "an option has no tokens"
+
+
 def test_options_split_into_different_shapes_or_the_same_token_are_ambiguous():
     assert "same leading tokens" in option_split_problem(["(", "A"], ["(", "A", "ard"])
     assert "same leading tokens" in option_split_problem(["(A"], ["(", "B"])
@@ -329,6 +333,16 @@ def test_chain_of_thought_labels_are_clamped_to_forty_sixty_and_keep_their_reaso
     assert all(0.4 <= p <= 0.6 for p in probabilities)
     assert {0.4, 0.6} & set(probabilities)
     assert all(len(s.reasoning) == 2 for pref in labels for s in pref.scores)
+
+
+def test_a_comparison_longer_than_max_model_len_is_refused_before_anything_is_written(
+    tiny_backend, constitution, tiny_model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(tiny_backend, "max_model_len", 64, raising=False)
+    out = tmp_path / "labels"
+    with pytest.raises(CaiError, match=f"label: row {PAIRS[0].id}: its prompt is \\d+ tokens, more than"):
+        label_preferences(PAIRS, constitution, str(tiny_model_dir), str(out), FeedbackConfig(), tiny_backend)
+    assert not out.exists()
 
 
 def test_labels_are_written_in_shards_and_a_rerun_reproduces_them(

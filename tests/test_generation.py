@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from cai_lib.generation import SamplingParams, conversation_seed, load_backend, one_pass_split
+from cai_lib.errors import CaiError
+from cai_lib.generation import (
+    EngineConfig,
+    SamplingParams,
+    check_fits,
+    conversation_seed,
+    engine_kwargs,
+    load_backend,
+    one_pass_split,
+)
 from cai_lib.transformers_backend import TransformersBackend
 
 GREEDY = SamplingParams(max_new_tokens=10)
@@ -364,3 +373,72 @@ def test_vllm_requests_read_the_options_as_the_transformers_backend_does(backend
     assert scores[0][0] - scores[0][1] == pytest.approx(expected[0][0] - expected[0][1], abs=1e-4)
     assert scores[0][0] > expected[0][0]
     assert scores[1:] == [pytest.approx(row, abs=1e-4) for row in expected[1:]]
+
+
+# -- vLLM engine sizing (pure functions; the engine itself runs in test_vllm_gpu.py) --------------------
+
+
+LLAMA_8B = {"num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192}
+
+
+def test_the_engine_spans_every_gpu_of_the_pod_by_default():
+    kwargs = engine_kwargs(EngineConfig(), LLAMA_8B, visible_gpus=4)
+    assert kwargs == {
+        "tensor_parallel_size": 4,
+        "gpu_memory_utilization": 0.9,
+        "dtype": "auto",
+        "enforce_eager": False,
+        "enable_prefix_caching": True,
+    }
+
+
+def test_every_engine_field_reaches_the_engine():
+    engine = EngineConfig(
+        tensor_parallel_size=2,
+        gpu_memory_utilization=0.5,
+        max_model_len=4096,
+        dtype="bfloat16",
+        enforce_eager=True,
+    )
+    kwargs = engine_kwargs(engine, LLAMA_8B, visible_gpus=8)
+    assert (kwargs["tensor_parallel_size"], kwargs["gpu_memory_utilization"], kwargs["max_model_len"]) == (
+        2,
+        0.5,
+        4096,
+    )
+    assert (kwargs["dtype"], kwargs["enforce_eager"]) == ("bfloat16", True)
+
+
+def test_a_tensor_parallel_size_that_does_not_divide_the_heads_is_refused_naming_the_divisors():
+    with pytest.raises(
+        CaiError,
+        match=r"tensor_parallel_size: 3 does not divide the model's 32 attention heads; use one of \[1, 2, 4\]",
+    ):
+        engine_kwargs(EngineConfig(tensor_parallel_size=3), LLAMA_8B, visible_gpus=4)
+
+
+def test_more_gpus_than_the_pod_sees_are_refused():
+    with pytest.raises(CaiError, match="8 GPUs asked for, but this pod sees 2"):
+        engine_kwargs(EngineConfig(tensor_parallel_size=8), LLAMA_8B, visible_gpus=2)
+
+
+def test_the_vllm_backend_on_a_pod_without_gpus_is_refused():
+    with pytest.raises(CaiError, match="needs a GPU and this pod sees none"):
+        engine_kwargs(EngineConfig(), LLAMA_8B, visible_gpus=0)
+
+
+def test_a_prompt_longer_than_max_model_len_is_refused_naming_its_row(backend, monkeypatch):
+    monkeypatch.setattr(backend, "max_model_len", 40, raising=False)
+    rows = [
+        ("short", [{"role": "user", "content": "Hi."}]),
+        ("long", [{"role": "user", "content": "word " * 60}]),
+    ]
+    with pytest.raises(
+        CaiError, match=r"sample pairs: row long: its prompt is \d+ tokens, more than engine.max_model_len 40"
+    ):
+        check_fits(backend, rows, None, "sample pairs")
+
+
+def test_prompts_within_max_model_len_pass(backend, monkeypatch):
+    monkeypatch.setattr(backend, "max_model_len", 40, raising=False)
+    check_fits(backend, [("short", [{"role": "user", "content": "Hi."}])], None, "sample pairs")

@@ -15,7 +15,7 @@ from cai_lib.errors import CaiError
 from cai_lib.models import load_causal_lm
 from cai_lib.preference_model import RewardScorer
 from cai_lib.records import Preference, PromptRecord, stable_id
-from cai_lib.rl import PreferenceModelReward, RLConfig, dpo_pairs, train_rl
+from cai_lib.rl import PreferenceModelReward, RLConfig, dpo_pairs, rollout_kwargs, train_rl
 from cai_lib.store import ArtifactStore
 
 PROMPTS = [
@@ -232,3 +232,39 @@ def test_rl_command_help_shows_an_example():
 
     assert result.exit_code == 0, result.output
     assert "Example: cai stage rl" in result.output and "--algorithm" in result.output
+
+
+# -- rollouts with vLLM (TRL's colocate mode; the engine itself needs a GPU) --------------------------
+
+
+def test_policy_rollouts_use_no_vllm_by_default():
+    assert rollout_kwargs(RLConfig(), {"num_attention_heads": 32}, visible_gpus=0) == {}
+
+
+@pytest.mark.parametrize("trl_config", ["RLOOConfig", "GRPOConfig"])
+def test_vllm_rollouts_set_trls_colocate_fields(trl_config):
+    import dataclasses
+
+    import trl
+
+    config = RLConfig(rollouts="vllm", engine={"gpu_memory_utilization": 0.25, "max_model_len": 2048})
+    kwargs = rollout_kwargs(config, {"num_attention_heads": 32}, visible_gpus=8)
+    assert kwargs == {
+        "use_vllm": True,
+        "vllm_mode": "colocate",
+        "vllm_tensor_parallel_size": 1,
+        "vllm_gpu_memory_utilization": 0.25,
+        "vllm_max_model_length": 2048,
+    }
+    assert set(kwargs) <= {f.name for f in dataclasses.fields(getattr(trl, trl_config))}
+
+
+def test_vllm_rollouts_check_the_engine_size_against_the_policy():
+    config = RLConfig(rollouts="vllm", engine={"tensor_parallel_size": 3})
+    with pytest.raises(CaiError, match="3 does not divide the model's 32 attention heads"):
+        rollout_kwargs(config, {"num_attention_heads": 32}, visible_gpus=4)
+
+
+def test_an_engine_dtype_for_rl_rollouts_is_refused():
+    with pytest.raises(ValueError, match="cannot be set for TRL's colocated vLLM engine"):
+        RLConfig(rollouts="vllm", engine={"dtype": "float16"})
