@@ -118,10 +118,17 @@ class PipelineParams(Strict):
         "whole method.",
     )
     num_shards: int = Field(
-        default=2,
+        default=0,
+        ge=0,
+        le=512,
+        description="Tasks each generation stage fans out to (dsl.ParallelFor; critique-revise, helpful "
+        "samples, pair sampling, labelling), each on its own GPU; 0 derives it from rows_per_shard.",
+    )
+    rows_per_shard: int = Field(
+        default=1000,
         ge=1,
-        le=64,
-        description="Parallel generation tasks (dsl.ParallelFor), each on its own GPU.",
+        description="Red-team training prompts per generation task when num_shards is 0: the shard count "
+        "is the prompts divided by this, rounded up.",
     )
     run_name: str = Field(
         default="",
@@ -168,6 +175,11 @@ class PipelineParams(Strict):
     rl: RLConfig = Field(default_factory=RLConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     promotion: PromotionGate = Field(default_factory=PromotionGate)
+
+    def shard_count(self, prompts: int) -> int:
+        """Tasks per generation stage for `prompts` red-team training prompts: `num_shards` when
+        set, else one per `rows_per_shard` prompts (at least one)."""
+        return self.num_shards or max(1, -(-prompts // self.rows_per_shard))
 
     def labelling_settings(self, constitution: Constitution) -> FeedbackConfig:
         """The feedback settings the label stage uses: `feedback`, with the evaluation judge's

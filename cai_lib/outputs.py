@@ -79,6 +79,13 @@ class StageOutput:
     def uri(self) -> str:
         return self.store.uri
 
+    @property
+    def rows_key(self) -> str:
+        """The key without its `part` (which fan-out shard of the stage's work this output is): what
+        the output's row ids derive from, so a row has the same id in whichever shard, and at
+        whichever shard count, it was made."""
+        return fingerprint({k: v for k, v in self.identity.items() if k != "part"})[:KEY_LENGTH]
+
     def complete(self) -> OutputMarker | None:
         """The marker of the complete output, or None while there is none."""
         if not self.store.exists(MARKER):

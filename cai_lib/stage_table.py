@@ -78,15 +78,16 @@ STAGES: tuple[Stage, ...] = (
         settings="critique_revise",
         modules=("critique_revise",),
     ),
-    Stage("merge", "merge_traces", gpu=False, output="dataset", modules=("shards",)),
     Stage(
         "helpful_samples",
-        "helpful_samples",
+        "helpful_samples_shard",
         gpu=True,
         output="dataset",
         settings="helpful_samples",
         modules=("critique_revise",),
     ),
+    Stage("merge_traces", "merge_shards", gpu=False, output="dataset", modules=("shards",)),
+    Stage("merge_helpful", "merge_shards", gpu=False, output="dataset", modules=("shards",)),
     Stage(
         "sft",
         "sft",
@@ -97,7 +98,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "sample_pairs",
-        "sample_pairs",
+        "sample_pairs_shard",
         gpu=True,
         output="dataset",
         settings="pairs",
@@ -105,13 +106,14 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "label",
-        "label",
+        "label_shard",
         gpu=True,
         output="dataset",
         reads=("comparison",),
         settings="feedback",
         modules=("feedback",),
     ),
+    Stage("merge_labels", "merge_shards", gpu=False, output="dataset", modules=("shards",)),
     Stage(
         "train_pm",
         "train_pm",

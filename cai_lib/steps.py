@@ -207,8 +207,9 @@ def produce(
     then: Callable[[StageRun, OutputMarker], None] | None = None,
 ) -> OutputMarker:
     """The output of stage `name` for `identity`: the complete one if any run made it, else the
-    one `write(uri, key)` makes now. The key adds to `identity` the stage's code version and the
-    constitution parts the stage table says it reads. Either way the stage run and the run's
+    one `write(uri, rows_key)` makes now (`StageOutput.rows_key`: what row ids derive from). The
+    key adds to `identity` the stage's code version and the constitution parts the stage table
+    says it reads. Either way the stage run and the run's
     folder record what happened; `then` runs last inside the stage run (e.g. to log a report)."""
     stage = stage_table.stage(name)
     parts = {part: constitution_part(constitution, part, ctx.params) for part in stage.reads}
@@ -232,7 +233,7 @@ def make(ctx: RunContext, kind: Output, output: StageOutput, write: Write) -> Ou
     if kind == "dataset":
         uri = output.data_uri()
         if not ArtifactStore.open(uri).exists(SUCCESS):
-            write(uri, output.key)
+            write(uri, output.rows_key)
         summary = dataset_summary(uri)
         rows = summary["rows"]
         return output.commit(
@@ -336,10 +337,11 @@ def prepare_prompts(context: dict) -> dict[str, DataRef]:
     return refs
 
 
-def fan_out(context: dict) -> list[dict]:
-    """The items of the generation fan-out: the run context with one shard index each."""
-    shards = RunContext.model_validate(context).params.num_shards
-    return [{"context": context, "shard": shard} for shard in range(shards)]
+def fan_out(context: dict, prompts: int) -> list[dict]:
+    """The items of the generation fan-outs: the run context with one shard index each, and the
+    shard count (`PipelineParams.shard_count` of the `prompts` red-team training prompts)."""
+    shards = RunContext.model_validate(context).params.shard_count(prompts)
+    return [{"context": context, "shard": shard, "shards": shards} for shard in range(shards)]
 
 
 def write_finished_dataset(uri: str, rows: list[BaseModel]) -> None:
@@ -349,9 +351,15 @@ def write_finished_dataset(uri: str, rows: list[BaseModel]) -> None:
     ShardedOutput(uri, {"rows": [r.id for r in rows]}).run(rows, max(len(rows), 1), lambda chunk: list(chunk))
 
 
+def slice_of(uri: str, model: type[BaseModel], shard: int, shards: int) -> list:
+    """Shard `shard` of `shards` of a dataset: every `shards`-th row from row `shard` (interleaved,
+    so shards stay even when rows are ordered by length or source)."""
+    return list(read_dataset(uri, model))[shard::shards]
+
+
 @one_line_errors
-def critique_revise_shard(context: dict, constitution_path: str, prompts: str, shard: int) -> DataRef:
-    """SL-CAI critique→revision on one of `num_shards` interleaved slices of the training prompts."""
+def critique_revise_shard(context: dict, constitution_path: str, prompts: str, shard: int, shards: int) -> DataRef:
+    """SL-CAI critique→revision on one of `shards` interleaved slices of the training prompts."""
     from cai_lib.critique_revise import critique_revise
 
     ctx = RunContext.model_validate(context)
@@ -360,12 +368,12 @@ def critique_revise_shard(context: dict, constitution_path: str, prompts: str, s
     constitution = pinned_constitution(constitution_path)
     identity = {
         "inputs": {"prompts": source.sha256, "model": model.content},
-        "slice": [shard, p.num_shards],
+        "part": [shard, shards],
         "settings": p.critique_revise.identity(),
     }
 
     def write(uri: str, key: str) -> None:
-        rows = list(read_dataset(source.uri, PromptRecord))[shard :: p.num_shards]
+        rows = slice_of(source.uri, PromptRecord, shard, shards)
         critique_revise(rows, constitution, model.load, uri, p.critique_revise, output_key=key)
 
     return DataRef.of(produce(ctx, "critique_revise", identity, write, constitution, shard=shard))
@@ -373,18 +381,19 @@ def critique_revise_shard(context: dict, constitution_path: str, prompts: str, s
 
 @one_line_errors
 def merge(context: dict, parts: list[str], name: str) -> DataRef:
-    """Merge the shard outputs of a fan-out into one dataset (in shard order)."""
+    """Merge the shard outputs of a fan-out into one dataset (in shard order): stage `merge_<name>`."""
     ctx = RunContext.model_validate(context)
     refs = [DataRef.model_validate_json(part) for part in parts]
     identity = {"of": name, "inputs": [ref.sha256 for ref in refs]}
     return DataRef.of(
-        produce(ctx, "merge", identity, lambda uri, _: merge_datasets([r.uri for r in refs], uri))
+        produce(ctx, f"merge_{name}", identity, lambda uri, _: merge_datasets([r.uri for r in refs], uri))
     )
 
 
 @one_line_errors
-def helpful_samples(context: dict, prompts: str) -> DataRef:
-    """The base model's own answers to the helpfulness training prompts (mixed into SFT)."""
+def helpful_samples(context: dict, prompts: str, shard: int = 0, shards: int = 1) -> DataRef:
+    """The base model's own answers to one of `shards` slices of the helpfulness training prompts
+    (mixed into SFT)."""
     from cai_lib.critique_revise import sample_helpful
 
     ctx = RunContext.model_validate(context)
@@ -392,14 +401,15 @@ def helpful_samples(context: dict, prompts: str) -> DataRef:
     source, model = DataRef.read(prompts), ctx.model(p.base_model)
     identity = {
         "inputs": {"prompts": source.sha256, "model": model.content},
+        "part": [shard, shards],
         "settings": p.helpful_samples.identity(),
     }
 
     def write(uri: str, key: str) -> None:
-        rows = list(read_dataset(source.uri, PromptRecord))
+        rows = slice_of(source.uri, PromptRecord, shard, shards)
         sample_helpful(rows, model.load, uri, p.helpful_samples, output_key=key)
 
-    return DataRef.of(produce(ctx, "helpful_samples", identity, write))
+    return DataRef.of(produce(ctx, "helpful_samples", identity, write, shard=shard))
 
 
 @one_line_errors
@@ -424,24 +434,30 @@ def sft(context: dict, traces: str, helpful: str) -> tuple[DataRef, dict]:
 
 
 @one_line_errors
-def sample_pairs(context: dict, prompts: str, policy: str) -> DataRef:
-    """Two sampled answers per red-team training prompt from the SL-CAI policy."""
+def sample_pairs(context: dict, prompts: str, policy: str, shard: int = 0, shards: int = 1) -> DataRef:
+    """Two sampled answers per red-team training prompt of one of `shards` slices, from the SL-CAI
+    policy."""
     from cai_lib.pairs import sample_pairs as sample
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
     source, model = DataRef.read(prompts), DataRef.read(policy)
-    identity = {"inputs": {"prompts": source.sha256, "policy": model.sha256}, "settings": p.pairs.identity()}
+    identity = {
+        "inputs": {"prompts": source.sha256, "policy": model.sha256},
+        "part": [shard, shards],
+        "settings": p.pairs.identity(),
+    }
 
     def write(uri: str, key: str) -> None:
-        sample(list(read_dataset(source.uri, PromptRecord)), model.uri, uri, p.pairs, output_key=key)
+        sample(slice_of(source.uri, PromptRecord, shard, shards), model.uri, uri, p.pairs, output_key=key)
 
-    return DataRef.of(produce(ctx, "sample_pairs", identity, write))
+    return DataRef.of(produce(ctx, "sample_pairs", identity, write, shard=shard))
 
 
 @one_line_errors
-def label(context: dict, constitution_path: str, pairs: str) -> DataRef:
-    """AI feedback: soft preference labels from the feedback model (paper §4.1)."""
+def label(context: dict, constitution_path: str, pairs: str, shard: int | None = None) -> DataRef:
+    """AI feedback (paper §4.1): soft preference labels from the feedback model for a dataset of
+    pairs (in the pipeline, one fan-out shard's pairs: `shard` names it in the records)."""
     from cai_lib.feedback import label_preferences
 
     ctx = RunContext.model_validate(context)
@@ -449,13 +465,14 @@ def label(context: dict, constitution_path: str, pairs: str) -> DataRef:
     source, model = DataRef.read(pairs), ctx.model(p.feedback_model)
     constitution = pinned_constitution(constitution_path)
     settings = p.labelling_settings(constitution)
-    identity = {"inputs": {"pairs": source.sha256, "model": model.content}, "settings": settings.identity()}
+    # The pairs are the part: a label's id depends on its pair, not on which pairs share its shard.
+    identity = {"inputs": {"model": model.content}, "part": source.sha256, "settings": settings.identity()}
 
     def write(uri: str, key: str) -> None:
         rows = list(read_dataset(source.uri, ResponsePair))
         label_preferences(rows, constitution, model.load, uri, settings, output_key=key)
 
-    return DataRef.of(produce(ctx, "label", identity, write, constitution))
+    return DataRef.of(produce(ctx, "label", identity, write, constitution, shard=shard))
 
 
 @one_line_errors

@@ -26,6 +26,7 @@ def resolve_run(
     eval_fraction: float,
     seed: int,
     num_shards: int,
+    rows_per_shard: int,
     run_name: str,
     experiment: str,
     model_name_prefix: str,
@@ -73,34 +74,37 @@ def prepare_prompts(
         ("helpful_eval", helpful_eval),
     ):
         artifact.metadata.update(refs[name].write(artifact.path))
-    return steps.fan_out(context)
+    return steps.fan_out(context, refs["red_team_train"].rows)
 
 
 def critique_revise_shard(work: dict, pinned_constitution: Input[Artifact], prompts: Input[Dataset]) -> str:
     """SL-CAI critique→revision on one shard of the red-team prompts; returns the shard's DataRef.
 
-    `work` is one fan-out item, {"context": ..., "shard": i}: the run context travels inside the
-    item because kfp.local replaces every task-output parameter of a ParallelFor body by the item.
+    `work` is one fan-out item, {"context": ..., "shard": i, "shards": n}: the run context travels
+    inside the item because kfp.local replaces every task-output parameter of a ParallelFor body
+    by the item.
     """
     from cai_lib import steps
 
     return steps.critique_revise_shard(
-        work["context"], pinned_constitution.path, prompts.path, int(work["shard"])
+        work["context"], pinned_constitution.path, prompts.path, int(work["shard"]), int(work["shards"])
     ).model_dump_json()
 
 
-def merge_traces(context: dict, parts: list, traces: Output[Dataset]):
-    """Merge the fan-out's shard datasets into one."""
+def helpful_samples_shard(work: dict, prompts: Input[Dataset]) -> str:
+    """The base model's answers to one shard of the helpfulness prompts; returns its DataRef."""
     from cai_lib import steps
 
-    traces.metadata.update(steps.merge(context, parts, "traces").write(traces.path))
+    return steps.helpful_samples(
+        work["context"], prompts.path, int(work["shard"]), int(work["shards"])
+    ).model_dump_json()
 
 
-def helpful_samples(context: dict, prompts: Input[Dataset], samples: Output[Dataset]):
-    """The base model's answers to the helpfulness prompts."""
+def merge_shards(context: dict, parts: list, name: str, merged: Output[Dataset]):
+    """Merge a fan-out's shard datasets into one, rows in id order (the same at any shard count)."""
     from cai_lib import steps
 
-    samples.metadata.update(steps.helpful_samples(context, prompts.path).write(samples.path))
+    merged.metadata.update(steps.merge(context, parts, name).write(merged.path))
 
 
 def sft(
@@ -119,20 +123,19 @@ def sft(
         metrics.log_metric(key, value)
 
 
-def sample_pairs(context: dict, prompts: Input[Dataset], policy: Input[Model], pairs: Output[Dataset]):
-    """Two answers per red-team prompt from the SL-CAI policy."""
+def sample_pairs_shard(work: dict, prompts: Input[Dataset], policy: Input[Model], pairs: Output[Dataset]):
+    """Two answers per red-team prompt of one shard, from the SL-CAI policy."""
     from cai_lib import steps
 
-    pairs.metadata.update(steps.sample_pairs(context, prompts.path, policy.path).write(pairs.path))
+    ref = steps.sample_pairs(work["context"], prompts.path, policy.path, int(work["shard"]), int(work["shards"]))
+    pairs.metadata.update(ref.write(pairs.path))
 
 
-def label(
-    context: dict, pinned_constitution: Input[Artifact], pairs: Input[Dataset], labels: Output[Dataset]
-):
-    """AI feedback: soft preference labels from the feedback model."""
+def label_shard(work: dict, pinned_constitution: Input[Artifact], pairs: Input[Dataset]) -> str:
+    """AI feedback on one shard's pairs: soft preference labels; returns the shard's DataRef."""
     from cai_lib import steps
 
-    labels.metadata.update(steps.label(context, pinned_constitution.path, pairs.path).write(labels.path))
+    return steps.label(work["context"], pinned_constitution.path, pairs.path, int(work["shard"])).model_dump_json()
 
 
 def train_pm(context: dict, labels: Input[Dataset], reward_model: Output[Model], metrics: Output[Metrics]):

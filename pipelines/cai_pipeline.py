@@ -1,8 +1,9 @@
 """The Constitutional AI pipeline: the DAG, built from the run and deploy config.
 
-    resolve ─ prepare_prompts ─┬─ ParallelFor(shard): critique_revise ─ merge ─┐
-                               └─ helpful_samples ─────────────────────────────┴─ sft
-    sft ─ sample_pairs ─ label ─ train_pm ─ rl ─ evaluate ─ register
+    resolve ─ prepare_prompts ─ ParallelFor(shard): critique_revise, helpful_samples
+        ─ merge_traces, merge_helpful ─ sft
+        ─ ParallelFor(shard): sample_pairs ─ label ─ merge_labels
+        ─ train_pm ─ rl ─ evaluate ─ register
     exit handler: finish (closes the MLflow run, releases promotion locks)
 
 Every field of `PipelineParams` is one pipeline parameter (stage sections are `dict` parameters),
@@ -121,6 +122,11 @@ class _Tasks:
 
         return make_task
 
+    def merge(self, name: str, context, part: dsl.PipelineTask):
+        """The merge of fan-out `part`'s shard datasets (stage `merge_<name>`); returns the dataset."""
+        task = self.op(f"merge_{name}")(context=context, parts=dsl.Collected(part.output), name=name)
+        return task.outputs["merged"]
+
     def finish(self, experiment) -> dsl.PipelineTask:
         """The exit handler's task (not a stage: it closes the run whatever became of the stages)."""
         task = dsl.component(stages.finish_run, base_image=self.deploy.image_cpu)(
@@ -190,27 +196,28 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
             ctx = run.outputs["context"]
             constitution = run.outputs["pinned_constitution"]
             prompts = t.op("prepare_prompts")(context=ctx)
-            with dsl.ParallelFor(
-                prompts.outputs["Output"], parallelism=t.deploy.shard_parallelism, name="shards"
-            ) as work:
-                part = t.op("critique_revise")(
-                    work=work, pinned_constitution=constitution, prompts=prompts.outputs["red_team_train"]
+            red_team, helpful = prompts.outputs["red_team_train"], prompts.outputs["helpful_train"]
+            shards = prompts.outputs["Output"]
+            with dsl.ParallelFor(shards, parallelism=t.deploy.shard_parallelism, name="sl-shards") as work:
+                trace_part = t.op("critique_revise")(
+                    work=work, pinned_constitution=constitution, prompts=red_team
                 )
-            traces = t.op("merge")(context=ctx, parts=dsl.Collected(part.output))
-            helpful = t.op("helpful_samples")(context=ctx, prompts=prompts.outputs["helpful_train"])
-            sl = t.op("sft")(context=ctx, traces=traces.outputs["traces"], helpful=helpful.outputs["samples"])
-            pairs = t.op("sample_pairs")(
-                context=ctx, prompts=prompts.outputs["red_team_train"], policy=sl.outputs["policy"]
-            )
-            labels = t.op("label")(
-                context=ctx, pinned_constitution=constitution, pairs=pairs.outputs["pairs"]
-            )
-            pm = t.op("train_pm")(context=ctx, labels=labels.outputs["labels"])
+                helpful_part = t.op("helpful_samples")(work=work, prompts=helpful)
+            traces = t.merge("traces", ctx, trace_part)
+            samples = t.merge("helpful", ctx, helpful_part)
+            sl = t.op("sft")(context=ctx, traces=traces, helpful=samples)
+            with dsl.ParallelFor(shards, parallelism=t.deploy.shard_parallelism, name="feedback-shards") as work:
+                pairs = t.op("sample_pairs")(work=work, prompts=red_team, policy=sl.outputs["policy"])
+                label_part = t.op("label")(
+                    work=work, pinned_constitution=constitution, pairs=pairs.outputs["pairs"]
+                )
+            labels = t.merge("labels", ctx, label_part)
+            pm = t.op("train_pm")(context=ctx, labels=labels)
             rl = t.op("rl")(
                 context=ctx,
-                red_team=prompts.outputs["red_team_train"],
-                helpful=prompts.outputs["helpful_train"],
-                labels=labels.outputs["labels"],
+                red_team=red_team,
+                helpful=helpful,
+                labels=labels,
                 policy=sl.outputs["policy"],
                 reward_model=pm.outputs["reward_model"],
             )
@@ -219,7 +226,7 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 pinned_constitution=constitution,
                 red_team=prompts.outputs["red_team_eval"],
                 helpful=prompts.outputs["helpful_eval"],
-                traces=traces.outputs["traces"],
+                traces=traces,
                 sl_policy=sl.outputs["policy"],
                 rl_policy=rl.outputs["rl_policy"],
                 reward_model=pm.outputs["reward_model"],
@@ -227,8 +234,8 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
             t.op("register")(
                 context=ctx,
                 pinned_constitution=constitution,
-                traces=traces.outputs["traces"],
-                labels=labels.outputs["labels"],
+                traces=traces,
+                labels=labels,
                 sl_policy=sl.outputs["policy"],
                 rl_policy=rl.outputs["rl_policy"],
                 reward_model=pm.outputs["reward_model"],

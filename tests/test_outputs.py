@@ -157,3 +157,9 @@ def test_a_stage_code_version_covers_the_modules_its_modules_import():
 def test_infrastructure_is_in_no_stage_code_version():
     modules = set().union(*(stage_table.stage_modules(s.name) for s in stage_table.STAGES))
     assert not modules & stage_table.INFRASTRUCTURE
+
+
+def test_shards_of_one_stage_have_their_own_keys_and_share_their_rows_key(tmp_path):
+    first, second = (StageOutput(str(tmp_path), "label", {"x": 1, "part": part}) for part in ("p1", "p2"))
+    assert first.key != second.key
+    assert first.rows_key == second.rows_key != StageOutput(str(tmp_path), "label", {"x": 2}).rows_key

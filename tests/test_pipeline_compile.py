@@ -87,13 +87,27 @@ def test_every_step_gets_s3_and_mlflow_credentials_from_secrets_not_parameters(c
     assert not any("SECRET" in p.upper() for p in spec["root"]["inputDefinitions"]["parameters"])
 
 
-def test_critique_revision_fans_out_in_a_parallel_for_and_is_merged(compiled):
+def test_every_generation_stage_fans_out_in_a_parallel_for_and_is_merged(compiled):
     spec, _ = compiled
     tasks = all_tasks(spec)
-    loop = next(t for t in tasks.values() if "parameterIterator" in t)
-    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
-    assert list(body) == ["critique-revise-shard"]
-    assert "merge-traces" in tasks
+    loops = [t for t in tasks.values() if "parameterIterator" in t]
+    bodies = [sorted(spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]) for loop in loops]
+    assert sorted(bodies) == [
+        ["critique-revise-shard", "helpful-samples-shard"],
+        ["label-shard", "sample-pairs-shard"],
+    ]
+    merges = {
+        name: task["inputs"]["parameters"]["name"]["runtimeValue"]["constant"]
+        for name, task in tasks.items()
+        if task["componentRef"]["name"].startswith("comp-merge-shards")
+    }
+    assert sorted(merges.values()) == ["helpful", "labels", "traces"]
+
+
+def test_labelling_of_a_shard_reads_the_pairs_of_the_same_shard(compiled):
+    spec, _ = compiled
+    pairs = all_tasks(spec)["label-shard"]["inputs"]["artifacts"]["pairs"]["taskOutputArtifact"]
+    assert pairs == {"outputArtifactKey": "pairs", "producerTask": "sample-pairs-shard"}
 
 
 def test_every_stage_is_retried_since_a_retry_resumes_or_reuses(compiled):
@@ -160,9 +174,13 @@ def test_unknown_config_key_is_named(tmp_path):
 
 
 def test_a_gpu_on_a_cpu_stage_is_refused():
-    with pytest.raises(CaiError, match=r"resources\.merge: asks for a GPU but merge is a CPU-only stage"):
+    with pytest.raises(
+        CaiError, match=r"resources\.merge_labels: asks for a GPU but merge_labels is a CPU-only stage"
+    ):
         load_run_config(
-            overrides=["deploy.resources={merge: {accelerator_type: nvidia.com/gpu, accelerator_count: 1}}"]
+            overrides=[
+                "deploy.resources={merge_labels: {accelerator_type: nvidia.com/gpu, accelerator_count: 1}}"
+            ]
         )
 
 

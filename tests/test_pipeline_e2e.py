@@ -1,8 +1,11 @@
 """The whole pipeline end to end through kfp.local, with tiny models, against a real `mlflow
 server` and moto's S3 server, run four times on one artifact store:
 
-1. fresh: every stage runs, the three models are registered with lineage and promoted;
+1. fresh, in 3 shards: every stage runs, the three models are registered with lineage and
+   promoted;
 2. nothing changed: every model stage reuses run 1's output, no model version is added;
+2b. the same in 1 shard: the generation shards run again and make the datasets of 3 shards, so
+   every stage after them is reused;
 3. a new constitution version that edits one comparison principle: the SL-CAI stages are
    reused, and labelling and everything after it runs;
 4. a base model whose weights are corrupt: the run fails at its first model stage, and its exit
@@ -26,7 +29,7 @@ from cai_lib.config import load_run_config
 from cai_lib.constitution import constitutions_dir, load_constitution
 from cai_lib.records import Preference, ResponsePair
 from cai_lib.registry import list_models, version_by_alias
-from cai_lib.shards import read_dataset
+from cai_lib.shards import dataset_summary, read_dataset
 from cai_lib.stage_table import GPU_STAGES
 from cai_lib.store import ArtifactStore, s3_client
 from cai_lib.tracking import connect
@@ -38,6 +41,8 @@ ROLES = ("pm", "sl-cai", "rl-cai")
 MODEL_STAGES = GPU_STAGES  # the stages that load a model
 SL_STAGES = ("critique_revise", "helpful_samples", "sft", "sample_pairs")
 AFTER_LABEL = ("label", "train_pm", "rl", "evaluate")
+GENERATION = ("critique_revise", "helpful_samples", "sample_pairs", "label")
+AFTER_MERGES = ("sft", "train_pm", "rl", "evaluate")
 
 
 def tiny_run_config(path: Path, model: Path, constitution: str = "harmless", **params) -> Path:
@@ -47,22 +52,15 @@ def tiny_run_config(path: Path, model: Path, constitution: str = "harmless", **p
         "base_model": str(model),
         "feedback_model": str(model),
         "judge_model": str(model),
-        "num_red_team": 16,  # 12 train (6 per shard) / 4 eval
+        "num_red_team": 12,  # 9 train (3 per shard) / 3 eval
         "num_helpful": 4,
-        "num_shards": 2,
+        "num_shards": 3,
         "experiment": "e2e",
         "critique_revise": {"rounds": 1, "max_new_tokens": 8, "shard_size": 3, "batch_size": 4},
         "sft": {"max_steps": 1, "batch_size": 2, "max_length": 96},
         "pairs": {"max_new_tokens": 4, "batch_size": 4},
-        # Two pairs per labelling shard and 32 chain-of-thought tokens per question: a window wide
-        # enough to kill run 3 between its first and its last shard.
-        "feedback": {
-            "principles_per_pair": 1,
-            "batch_size": 4,
-            "shard_size": 1,
-            "cot": True,
-            "max_reasoning_tokens": 32,
-        },
+        # One pair per labelling batch: its labels do not depend on which pairs share its shard.
+        "feedback": {"principles_per_pair": 1, "batch_size": 4, "shard_size": 1},
         "preference_model": {"batch_size": 2, "max_length": 96, "eval_fraction": 0.2},
         "rl": {
             "steps": 2,
@@ -144,7 +142,12 @@ def second_run(e2e, first_run):
 
 
 @pytest.fixture(scope="module")
-def third_run(e2e, second_run):
+def one_shard_run(e2e, second_run):
+    return timed_run(tiny_run_config(e2e["work"] / "r2b.yaml", e2e["model"], num_shards=1), e2e["work"])
+
+
+@pytest.fixture(scope="module")
+def third_run(e2e, one_shard_run):
     """Run 3 with harmless@1.1.0 (one comparison question edited), given as a file."""
     work = e2e["work"]
     edited = edited_constitution(work / "harmless-1.1.0.yaml")
@@ -268,6 +271,28 @@ def test_reused_stage_runs_are_tagged_in_mlflow(second_run, e2e):
     assert stages[0].data.tags["cai.reuse"] == "reused"
 
 
+# -- run 2b: nothing changed but the shard count ---------------------------------------------------
+
+
+def merged(run: dict, name: str) -> dict:
+    """Rows and sha256 of the run's merged dataset `name` (traces, helpful, labels)."""
+    uri = ArtifactStore.open(run["run_root"]).read_json(f"stages/merge_{name}.json")["uri"]
+    return {key: dataset_summary(uri)[key] for key in ("rows", "sha256")}
+
+
+@pytest.mark.parametrize("name", ["traces", "helpful", "labels"])
+def test_one_shard_makes_the_datasets_that_three_shards_made(first_run, one_shard_run, name):
+    assert merged(one_shard_run, name) == merged(first_run, name)
+
+
+def test_one_shard_reruns_the_generation_shards_and_reuses_every_stage_after_them(one_shard_run):
+    status = stage_status(one_shard_run)
+    assert {stage: status[stage] for stage in GENERATION + AFTER_MERGES} == {
+        **{stage: "ran" for stage in GENERATION},
+        **{stage: "reused" for stage in AFTER_MERGES},
+    }
+
+
 # -- run 3: one comparison principle edited ---------------------------------------
 
 
@@ -282,10 +307,12 @@ def test_third_run_runs_labelling_and_everything_after_it(third_run):
 
 
 def test_labelling_labelled_every_pair_exactly_once(third_run):
-    ai = ArtifactStore.open(third_run["run_root"]).read_json("stages/label.json")["uri"]
-    pairs = ArtifactStore.open(third_run["run_root"]).read_json("stages/sample_pairs.json")["uri"]
+    folder = ArtifactStore.open(third_run["run_root"])
+    ai = folder.read_json("stages/merge_labels.json")["uri"]
+    shards = [folder.read_json(key)["uri"] for key in folder.list("stages/") if "/sample_pairs-" in key]
     labelled = [row.id for row in read_dataset(ai, Preference)]
-    assert len(labelled) == len(set(labelled)) == len(list(read_dataset(pairs, ResponsePair)))
+    pairs = [row.id for shard in shards for row in read_dataset(shard, ResponsePair)]
+    assert (len(shards), len(labelled), len(set(labelled))) == (3, len(pairs), len(pairs))
 
 
 def test_third_run_registers_its_new_pm_and_policy_under_the_edited_constitution(third_run, e2e):
