@@ -457,6 +457,7 @@ def evaluate(
     traces: Sequence[Trace] | None = None,
     labeller_ref: str | None = None,
     rl_steps: dict[str, int] | None = None,
+    answers: Sequence[PolicyAnswer] | None = None,
 ) -> EvaluationResult:
     """Evaluate `policies` (name -> model ref) on held-out prompts and write the results to `out_uri`.
 
@@ -464,7 +465,9 @@ def evaluate(
     the training labels, is recorded so the report can say when the two are the same model
     (and the evaluation therefore not independent of the training signal).
     `rl_steps` (policy name -> RL step) marks the policies that are checkpoints of one RL run, so
-    the report can chart their Elo against the step (Fig. 8).
+    the report can chart their Elo against the step (Fig. 8). `answers`, when given, are the
+    policies' answers made beforehand (the pipeline's sharded `answer_eval` stage): they must
+    answer every prompt by every policy, and no policy is loaded here.
 
     Returns the `EvaluationResult` also stored as `out_uri/metrics.json`, beside
     `answers.jsonl`, `judgements.jsonl` and `report.html`; metrics.json is written after the
@@ -498,19 +501,18 @@ def evaluate(
     store = ArtifactStore.open(out_uri)
     if store.exists(METRICS_FILE):
         return finished_evaluation(store, inputs_sha256)
-    for ref in [*policies.values(), reward_ref, judge_ref]:
+    for ref in [*([] if answers is not None else policies.values()), reward_ref, judge_ref]:
         resolve_model(ref)
 
-    # One engine per process: a vLLM engine's memory lives in its own worker processes and is
-    # not reliably given back in-process, so with vLLM each model runs in a process of its own.
-    run = in_own_process if config.backend == "vllm" else in_this_process
-    answers: list[PolicyAnswer] = []
-    for name, ref in policies.items():
-        answers += run(answer_prompts, name, ref, prompt_sets, config)
+    if answers is None:
+        answers = answer_all(policies, prompt_sets, config)
+    else:
+        answers = in_evaluation_order(answers, policies, prompt_sets)
     scored_traces = traces[: config.max_traces]
     answers, trace_pm, benchmark_outcomes = in_this_process(
         score_with_pm, reward_ref, answers, scored_traces, benchmark, config
     )
+    run = in_own_process if config.backend == "vllm" else in_this_process
     answers, judgements = run(judge, judge_ref, constitution, principles, answers, config)
 
     result = summarise(
@@ -638,6 +640,40 @@ def release_memory() -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def answer_all(
+    policies: dict[str, str], prompt_sets: dict[PromptKind, list[PromptRecord]], config: EvaluationConfig
+) -> list[PolicyAnswer]:
+    """Every policy's greedy answer to every prompt, policy by policy. With vLLM each policy runs
+    in a process of its own (one engine per process: a vLLM engine's memory lives in its own
+    worker processes and is not reliably given back in-process)."""
+    if not any(prompt_sets.values()):  # an empty shard: no model to load
+        return []
+    run = in_own_process if config.backend == "vllm" else in_this_process
+    return [a for name, ref in policies.items() for a in run(answer_prompts, name, ref, prompt_sets, config)]
+
+
+def in_evaluation_order(
+    answers: Sequence[PolicyAnswer], policies: dict[str, str], prompt_sets: dict[PromptKind, list[PromptRecord]]
+) -> list[PolicyAnswer]:
+    """`answers` made elsewhere, in the order `answer_all` gives (policy, prompt set, prompt), after
+    checking that they are exactly one answer per policy and prompt; `CaiError` names a gap."""
+    order = {
+        (name, kind, prompt.id): index
+        for index, (name, kind, prompt) in enumerate(
+            (name, kind, prompt) for name in policies for kind in PROMPT_SETS for prompt in prompt_sets[kind]
+        )
+    }
+    given = {(a.policy, a.kind, a.prompt_id): a for a in answers}
+    missing = [key for key in order if key not in given]
+    extra = [key for key, a in given.items() if key not in order or policies[a.policy] != a.model_ref]
+    if missing or extra or len(given) != len(answers):
+        raise CaiError(
+            f"answers: {len(answers)} given for {len(order)} (policy, prompt) pairs; "
+            f"missing e.g. {missing[:1]}, unexpected e.g. {extra[:1]}"
+        )
+    return sorted(answers, key=lambda a: order[(a.policy, a.kind, a.prompt_id)])
 
 
 def answer_prompts(

@@ -131,6 +131,15 @@ STAGES: tuple[Stage, ...] = (
         modules=("rl",),
     ),
     Stage(
+        "answer_eval",
+        "answer_eval_shard",
+        gpu=True,
+        output="dataset",
+        settings="evaluation",
+        modules=("evaluate",),
+    ),
+    Stage("merge_answers", "merge_shards", gpu=False, output="dataset", modules=("shards",)),
+    Stage(
         "evaluate",
         "evaluate",
         gpu=True,

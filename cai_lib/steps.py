@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -550,6 +551,86 @@ def champion_source(ctx: RunContext, constitution: Constitution) -> tuple[str, s
     return champion.version, champion.source, champion.checkpoint_sha256 or ""
 
 
+class EvaluatedPolicies(NamedTuple):
+    """What an evaluation compares: policy name -> model reference, the RL step of each policy on
+    the RL run's path (Fig. 8), and the registered champion (version, source, sha256) if any."""
+
+    policies: dict[str, str]
+    rl_steps: dict[str, int]
+    champion: tuple[str, str, str] | None
+
+
+def evaluated_policies(
+    ctx: RunContext, constitution: Constitution, sl: DataRef, rl: DataRef
+) -> EvaluatedPolicies:
+    """Base, SL-CAI, the policies RL saved on the way (`rl-cai-step-N`), RL-CAI, and the
+    registered champion when it is another checkpoint than this run's RL-CAI."""
+    from cai_lib.rl import METRICS_FILE, RLMetrics
+
+    rl_metrics = RLMetrics.model_validate(ArtifactStore.open(rl.uri).read_json(METRICS_FILE))
+    rl_steps = {"sl-cai": 0} | {f"rl-cai-step-{n}": n for n in rl_metrics.intermediate} | {"rl-cai": rl_metrics.steps}
+    policies = {
+        "base": ctx.model(ctx.params.base_model).load,
+        "sl-cai": sl.uri,
+        **{f"rl-cai-step-{n}": uri for n, uri in rl_metrics.intermediate.items()},
+        "rl-cai": rl.uri,
+    }
+    champion = champion_source(ctx, constitution)
+    # A champion that is this run's own RL-CAI checkpoint (a rerun with nothing changed) would
+    # only be compared with itself.
+    if champion and champion[2] == rl.sha256:
+        champion = None
+    if champion:
+        policies["champion"] = champion[1]
+    return EvaluatedPolicies(policies, rl_steps, champion)
+
+
+@one_line_errors
+def answer_eval(
+    context: dict,
+    constitution_path: str,
+    red_team: str,
+    helpful: str,
+    sl_policy: str,
+    rl_policy: str,
+    shard: int = 0,
+    shards: int = 1,
+) -> DataRef:
+    """Every evaluated policy's greedy answers to one of `shards` slices of the held-out prompts
+    (the generation half of evaluation, fanned out like the other generation stages)."""
+    from cai_lib.evaluate import answer_all
+    from cai_lib.shards import ShardedOutput
+
+    ctx = RunContext.model_validate(context)
+    p = ctx.params
+    constitution = pinned_constitution(constitution_path)
+    prompts = {"red_team": DataRef.read(red_team), "helpful": DataRef.read(helpful)}
+    sl, rl = DataRef.read(sl_policy), DataRef.read(rl_policy)
+    chosen = evaluated_policies(ctx, constitution, sl, rl)
+    identity = {
+        "inputs": {
+            **{kind: ref.sha256 for kind, ref in prompts.items()},
+            "base": ctx.model(p.base_model).content,
+            "sl-cai": sl.sha256,
+            "rl-cai": rl.sha256,
+            "champion": chosen.champion[2] if chosen.champion else None,
+        },
+        "part": [shard, shards],
+        # What shapes an answer; batch size and the engine's sizing only change how it is computed.
+        "settings": {
+            **p.evaluation.model_dump(mode="json", include={"max_new_tokens", "seed", "backend"}),
+            "dtype": p.evaluation.engine.dtype,
+        },
+    }
+
+    def write(uri: str, _: str) -> None:
+        sets = {kind: slice_of(ref.uri, PromptRecord, shard, shards) for kind, ref in prompts.items()}
+        answers = answer_all(chosen.policies, sets, p.evaluation)
+        ShardedOutput(uri, {"answers": identity}).run(answers, max(len(answers), 1), list)
+
+    return DataRef.of(produce(ctx, "answer_eval", identity, write, shard=shard))
+
+
 @one_line_errors
 def evaluate(
     context: dict,
@@ -560,20 +641,21 @@ def evaluate(
     sl_policy: str,
     rl_policy: str,
     reward_model: str,
+    answers: str,
     report_path: str,
     results_path: str,
 ) -> dict[str, float]:
-    """Base, SL-CAI, the policies RL saved on the way (`rl-cai-step-N`) and RL-CAI (and the
-    registered champion, if it is another checkpoint) on the held-out prompts.
+    """Judge the policies' answers (`answers`, the merged `answer_eval` shards) on the held-out
+    prompts: PM scores, evasiveness, win rates and Elo of base, SL-CAI, the policies RL saved on
+    the way (`rl-cai-step-N`), RL-CAI and the registered champion, if it is another checkpoint.
 
     Writes this run's HTML report (the evaluation plus which stages ran or were reused) to
     `report_path` (the KFP HTML artifact), to the run's folder and to MLflow, and a pointer to
     the stored results to `results_path`; returns the flat metrics.
     """
+    from cai_lib.evaluate import PolicyAnswer, load_result
     from cai_lib.evaluate import evaluate as run_evaluation
-    from cai_lib.evaluate import load_result
     from cai_lib.report import judge_note, render_report
-    from cai_lib.rl import METRICS_FILE, RLMetrics
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
@@ -587,32 +669,15 @@ def evaluate(
             ("sl-cai", sl_policy),
             ("rl-cai", rl_policy),
             ("pm", reward_model),
+            ("answers", answers),
         )
     }
     base, judge, labeller = ctx.model(p.base_model), ctx.model(p.judge_model), ctx.model(p.feedback_model)
-    rl_metrics = RLMetrics.model_validate(ArtifactStore.open(refs["rl-cai"].uri).read_json(METRICS_FILE))
-    rl_steps = (
-        {"sl-cai": 0}
-        | {f"rl-cai-step-{n}": n for n in rl_metrics.intermediate}
-        | {"rl-cai": rl_metrics.steps}
-    )
-    policies = {
-        "base": base.load,
-        "sl-cai": refs["sl-cai"].uri,
-        **{f"rl-cai-step-{n}": uri for n, uri in rl_metrics.intermediate.items()},
-        "rl-cai": refs["rl-cai"].uri,
-    }
-    champion = champion_source(ctx, constitution)
-    # A champion that is this run's own RL-CAI checkpoint (a rerun with nothing changed) would
-    # only be compared with itself.
-    if champion and champion[2] == refs["rl-cai"].sha256:
-        champion = None
-    if champion:
-        policies["champion"] = champion[1]
+    chosen = evaluated_policies(ctx, constitution, refs["sl-cai"], refs["rl-cai"])
     identity = {
         "inputs": {
             **{name: ref.sha256 for name, ref in refs.items()},
-            "champion": champion[2] if champion else None,
+            "champion": chosen.champion[2] if chosen.champion else None,
             "base": base.content,
             "judge": judge.content,
             "labeller": labeller.content,
@@ -622,7 +687,7 @@ def evaluate(
 
     def write(uri: str, _: str) -> dict:
         result = run_evaluation(
-            policies,
+            chosen.policies,
             refs["pm"].uri,
             judge.load,
             constitution,
@@ -633,7 +698,8 @@ def evaluate(
             list(read_dataset(refs["traces"].uri, Trace)),
             # The same checkpoint under two names is the same labeller.
             labeller_ref=judge.load if labeller.content == judge.content else labeller.load,
-            rl_steps=rl_steps,
+            rl_steps=chosen.rl_steps,
+            answers=list(read_dataset(refs["answers"].uri, PolicyAnswer)),
         )
         return result.flat_metrics()
 
@@ -650,7 +716,7 @@ def evaluate(
         run.log_artifact(report_path, "report")
 
     marker = produce(ctx, "evaluate", identity, write, constitution, then=report)
-    pointer = {"uri": marker.uri, "champion_version": champion[0] if champion else None}
+    pointer = {"uri": marker.uri, "champion_version": chosen.champion[0] if chosen.champion else None}
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
     Path(results_path).write_text(json.dumps(pointer))
     return marker.metrics

@@ -167,6 +167,29 @@ def rl(
         metrics.log_metric(key, value)
 
 
+def answer_eval_shard(
+    work: dict,
+    pinned_constitution: Input[Artifact],
+    red_team: Input[Dataset],
+    helpful: Input[Dataset],
+    sl_policy: Input[Model],
+    rl_policy: Input[Model],
+) -> str:
+    """Every evaluated policy's answers to one shard of the held-out prompts; returns its DataRef."""
+    from cai_lib import steps
+
+    return steps.answer_eval(
+        work["context"],
+        pinned_constitution.path,
+        red_team.path,
+        helpful.path,
+        sl_policy.path,
+        rl_policy.path,
+        int(work["shard"]),
+        int(work["shards"]),
+    ).model_dump_json()
+
+
 def evaluate(
     context: dict,
     pinned_constitution: Input[Artifact],
@@ -176,11 +199,13 @@ def evaluate(
     sl_policy: Input[Model],
     rl_policy: Input[Model],
     reward_model: Input[Model],
+    answers: Input[Dataset],
     metrics: Output[Metrics],
     report: Output[HTML],
     results: Output[Artifact],
 ):
-    """Base vs SL-CAI vs RL-CAI (and the registered champion): metrics and the HTML report."""
+    """Base vs SL-CAI vs RL-CAI (and the registered champion), judged on their answers: metrics
+    and the HTML report."""
     from cai_lib import steps
 
     values = steps.evaluate(
@@ -192,6 +217,7 @@ def evaluate(
         sl_policy.path,
         rl_policy.path,
         reward_model.path,
+        answers.path,
         report.path,
         results.path,
     )

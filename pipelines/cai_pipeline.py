@@ -3,7 +3,7 @@
     resolve ─ prepare_prompts ─ ParallelFor(shard): critique_revise, helpful_samples
         ─ merge_traces, merge_helpful ─ sft
         ─ ParallelFor(shard): sample_pairs ─ label ─ merge_labels
-        ─ train_pm ─ rl ─ evaluate ─ register
+        ─ train_pm ─ rl ─ ParallelFor(shard): answer_eval ─ merge_answers ─ evaluate ─ register
     exit handler: finish (closes the MLflow run, releases promotion locks)
 
 Every field of `PipelineParams` is one pipeline parameter (stage sections are `dict` parameters),
@@ -221,15 +221,27 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 policy=sl.outputs["policy"],
                 reward_model=pm.outputs["reward_model"],
             )
+            red_team_eval, helpful_eval = prompts.outputs["red_team_eval"], prompts.outputs["helpful_eval"]
+            with dsl.ParallelFor(shards, parallelism=t.deploy.shard_parallelism, name="eval-shards") as work:
+                answer_part = t.op("answer_eval")(
+                    work=work,
+                    pinned_constitution=constitution,
+                    red_team=red_team_eval,
+                    helpful=helpful_eval,
+                    sl_policy=sl.outputs["policy"],
+                    rl_policy=rl.outputs["rl_policy"],
+                )
+            answers = t.merge("answers", ctx, answer_part)
             evaluation = t.op("evaluate")(
                 context=ctx,
                 pinned_constitution=constitution,
-                red_team=prompts.outputs["red_team_eval"],
-                helpful=prompts.outputs["helpful_eval"],
+                red_team=red_team_eval,
+                helpful=helpful_eval,
                 traces=traces,
                 sl_policy=sl.outputs["policy"],
                 rl_policy=rl.outputs["rl_policy"],
                 reward_model=pm.outputs["reward_model"],
+                answers=answers,
             )
             t.op("register")(
                 context=ctx,

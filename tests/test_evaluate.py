@@ -93,21 +93,39 @@ def constitution():
     return load_constitution("harmless@1.0.0")
 
 
-@pytest.fixture(scope="module")
-def evaluation(tiny_model_dir, second_tiny_model_dir, tiny_reward_model_dir, constitution, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval") / "run"
-    result = evaluate(
+def evaluate_two_policies(
+    out,
+    tiny_model_dir,
+    second_tiny_model_dir,
+    tiny_reward_model_dir,
+    constitution,
+    answers=None,
+    red_team=RED_TEAM,
+):
+    """The tiny model as base and its perturbed copy as sl-cai, on the test prompts and traces."""
+    return evaluate(
         {"base": str(tiny_model_dir), "sl-cai": str(second_tiny_model_dir)},
         str(tiny_reward_model_dir),
         str(tiny_model_dir),
         constitution,
-        prompt_records(RED_TEAM, "red_team"),
+        prompt_records(red_team, "red_team"),
         prompt_records(HELPFUL, "helpful"),
         str(out),
         CONFIG,
         TRACES,
+        answers=answers,
     )
-    return result, out
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny_model_dir, second_tiny_model_dir, tiny_reward_model_dir, constitution, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    return (
+        evaluate_two_policies(
+            out, tiny_model_dir, second_tiny_model_dir, tiny_reward_model_dir, constitution
+        ),
+        out,
+    )
 
 
 def stored_answers(out) -> list[PolicyAnswer]:
@@ -126,6 +144,38 @@ def test_a_failure_in_a_process_of_its_own_is_raised_here(tmp_path):
     sets = {"red_team": prompt_records(RED_TEAM, "red_team"), "helpful": []}
     with pytest.raises(CaiError, match=str(tmp_path / "missing")):
         in_own_process(answer_prompts, "base", str(tmp_path / "missing"), sets, CONFIG)
+
+
+def test_answers_made_beforehand_in_any_order_give_the_same_evaluation(
+    evaluation, tiny_model_dir, second_tiny_model_dir, tiny_reward_model_dir, constitution, tmp_path
+):
+    # How the pipeline evaluates: the answer_eval shards answer, evaluate judges their merge.
+    result, out = evaluation
+    made = [a.model_copy(update={"pm_score": None, "p_evasive": None}) for a in stored_answers(out)]
+    again = evaluate_two_policies(
+        tmp_path / "again",
+        tiny_model_dir,
+        second_tiny_model_dir,
+        tiny_reward_model_dir,
+        constitution,
+        made[::-1],
+    )
+    assert (again.win_rates, again.pm_scores, again.elo) == (result.win_rates, result.pm_scores, result.elo)
+
+
+def test_answers_made_beforehand_that_miss_a_prompt_are_refused(
+    evaluation, tiny_model_dir, second_tiny_model_dir, tiny_reward_model_dir, constitution, tmp_path
+):
+    _, out = evaluation
+    with pytest.raises(CaiError, match=r"answers: 9 given for 10 \(policy, prompt\) pairs"):
+        evaluate_two_policies(
+            tmp_path / "gap",
+            tiny_model_dir,
+            second_tiny_model_dir,
+            tiny_reward_model_dir,
+            constitution,
+            stored_answers(out)[1:],
+        )
 
 
 def test_outputs_are_written_and_metrics_json_reloads_to_the_result(evaluation):
@@ -275,27 +325,16 @@ def test_bad_input_is_refused_before_anything_is_written(
     assert not out.exists()
 
 
-def rerun(out, tiny_model_dir, second_tiny_model_dir, tiny_reward_model_dir, constitution, red_team=RED_TEAM):
-    return evaluate(
-        {"base": str(tiny_model_dir), "sl-cai": str(second_tiny_model_dir)},
-        str(tiny_reward_model_dir),
-        str(tiny_model_dir),
-        constitution,
-        prompt_records(red_team, "red_team"),
-        prompt_records(HELPFUL, "helpful"),
-        str(out),
-        CONFIG,
-        TRACES,
-    )
-
-
 def test_a_rerun_with_the_same_inputs_returns_the_stored_result(
     evaluation, tiny_model_dir, second_tiny_model_dir, tiny_reward_model_dir, constitution
 ):
     result, out = evaluation
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     # metrics.json stays byte-identical: a recomputed result would carry a new created_at.
-    assert rerun(out, tiny_model_dir, second_tiny_model_dir, tiny_reward_model_dir, constitution) == result
+    again = evaluate_two_policies(
+        out, tiny_model_dir, second_tiny_model_dir, tiny_reward_model_dir, constitution
+    )
+    assert again == result
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
@@ -305,7 +344,14 @@ def test_an_evaluation_of_other_inputs_is_not_overwritten(
     _, out = evaluation
     before = (out / "metrics.json").read_bytes()
     with pytest.raises(CaiError, match="already holds an evaluation of other inputs"):
-        rerun(out, tiny_model_dir, second_tiny_model_dir, tiny_reward_model_dir, constitution, RED_TEAM[:2])
+        evaluate_two_policies(
+            out,
+            tiny_model_dir,
+            second_tiny_model_dir,
+            tiny_reward_model_dir,
+            constitution,
+            red_team=RED_TEAM[:2],
+        )
     assert (out / "metrics.json").read_bytes() == before
 
 

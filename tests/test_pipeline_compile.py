@@ -93,6 +93,7 @@ def test_every_generation_stage_fans_out_in_a_parallel_for_and_is_merged(compile
     loops = [t for t in tasks.values() if "parameterIterator" in t]
     bodies = [sorted(spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]) for loop in loops]
     assert sorted(bodies) == [
+        ["answer-eval-shard"],
         ["critique-revise-shard", "helpful-samples-shard"],
         ["label-shard", "sample-pairs-shard"],
     ]
@@ -101,7 +102,7 @@ def test_every_generation_stage_fans_out_in_a_parallel_for_and_is_merged(compile
         for name, task in tasks.items()
         if task["componentRef"]["name"].startswith("comp-merge-shards")
     }
-    assert sorted(merges.values()) == ["helpful", "labels", "traces"]
+    assert sorted(merges.values()) == ["answers", "helpful", "labels", "traces"]
 
 
 def test_labelling_of_a_shard_reads_the_pairs_of_the_same_shard(compiled):

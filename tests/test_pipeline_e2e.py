@@ -41,7 +41,7 @@ ROLES = ("pm", "sl-cai", "rl-cai")
 MODEL_STAGES = GPU_STAGES  # the stages that load a model
 SL_STAGES = ("critique_revise", "helpful_samples", "sft", "sample_pairs")
 AFTER_LABEL = ("label", "train_pm", "rl", "evaluate")
-GENERATION = ("critique_revise", "helpful_samples", "sample_pairs", "label")
+GENERATION = ("critique_revise", "helpful_samples", "sample_pairs", "label", "answer_eval")
 AFTER_MERGES = ("sft", "train_pm", "rl", "evaluate")
 
 
@@ -280,7 +280,7 @@ def merged(run: dict, name: str) -> dict:
     return {key: dataset_summary(uri)[key] for key in ("rows", "sha256")}
 
 
-@pytest.mark.parametrize("name", ["traces", "helpful", "labels"])
+@pytest.mark.parametrize("name", ["traces", "helpful", "labels", "answers"])
 def test_one_shard_makes_the_datasets_that_three_shards_made(first_run, one_shard_run, name):
     assert merged(one_shard_run, name) == merged(first_run, name)
 
