@@ -336,6 +336,7 @@ def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
         "sample_pairs",
         "label",
         "train_pm",
+        "answer_eval",
         "evaluate",
     }
     assert resources["label"] == default
