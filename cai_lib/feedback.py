@@ -363,6 +363,8 @@ class FeedbackLabeller:
 
     def check_fits(self, rows: Sequence[Comparison]) -> None:
         """Refuse, naming the pair, any comparison question longer than the engine's max_model_len."""
+        if not getattr(self.model, "max_model_len", None):
+            return  # no limit to check against: do not build every question twice
         questions, keys = self.questions(rows)
         check_fits(
             self.model, [(rows[index].id, [_user(q)]) for q, (index, _) in zip(questions, keys)], self.prefix, "label"
