@@ -382,7 +382,8 @@ def critique_revise_shard(context: dict, constitution_path: str, prompts: str, s
 
 @one_line_errors
 def merge(context: dict, parts: list[str], name: str) -> DataRef:
-    """Merge the shard outputs of a fan-out into one dataset (in shard order): stage `merge_<name>`."""
+    """Merge the shard outputs of a fan-out into one dataset, rows in id order (the same dataset at
+    any shard count): stage `merge_<name>`."""
     ctx = RunContext.model_validate(context)
     refs = [DataRef.model_validate_json(part) for part in parts]
     identity = {"of": name, "inputs": [ref.sha256 for ref in refs]}
@@ -599,7 +600,6 @@ def answer_eval(
     """Every evaluated policy's greedy answers to one of `shards` slices of the held-out prompts
     (the generation half of evaluation, fanned out like the other generation stages)."""
     from cai_lib.evaluate import answer_all
-    from cai_lib.shards import ShardedOutput
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
@@ -625,8 +625,7 @@ def answer_eval(
 
     def write(uri: str, _: str) -> None:
         sets = {kind: slice_of(ref.uri, PromptRecord, shard, shards) for kind, ref in prompts.items()}
-        answers = answer_all(chosen.policies, sets, p.evaluation)
-        ShardedOutput(uri, {"answers": identity}).run(answers, max(len(answers), 1), list)
+        write_finished_dataset(uri, answer_all(chosen.policies, sets, p.evaluation))
 
     return DataRef.of(produce(ctx, "answer_eval", identity, write, shard=shard))
 
