@@ -41,15 +41,14 @@ from cai_lib.generation import Conversation
 from cai_lib.prompts import split_prompts
 from cai_lib.records import Preference
 from cai_lib.store import checkpoint_location
+from cai_lib.training import TrainingSetup, WorldReport, inference_dtype
 from cai_lib.transcripts import parse_transcript, render_transcript
 
 METRICS_FILE = "metrics.json"
 
 
-class PreferenceModelConfig(BaseModel):
+class PreferenceModelConfig(TrainingSetup):
     """How to train the preference model."""
-
-    model_config = ConfigDict(extra="forbid")
 
     learning_rate: float = Field(
         default=1e-5, gt=0.0, description="Peak AdamW learning rate (linear decay to 0)."
@@ -93,10 +92,6 @@ class PreferenceModelConfig(BaseModel):
         default=0,
         ge=0,
         description="Linear learning-rate warmup: a number of steps, or a fraction in [0, 1) of all.",
-    )
-    bf16: bool = Field(default=False, description="bfloat16 mixed precision (GPUs with bf16 support only).")
-    activation_checkpointing: bool = Field(
-        default=False, description="Recompute activations in the backward pass: less memory, ~20% slower."
     )
     eval_batch_size: int = Field(default=16, ge=1, description="Sequences per forward pass when scoring.")
     labels: Literal["soft", "hard"] = Field(
@@ -146,6 +141,7 @@ class PreferenceModelMetrics(BaseModel):
         default_factory=list,
         description="Predicted against observed win probability on all held-out pairs (Fig. 9).",
     )
+    world: WorldReport = Field(description="Processes, sharding, precision and what each rank trained on.")
     config: PreferenceModelConfig
 
 
@@ -242,7 +238,7 @@ class RewardScorer:
         path = _reward_checkpoint(reward_model_ref)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), dtype=torch.float32 if device == "cpu" else "auto", use_safetensors=True
+            str(path), dtype=inference_dtype(device), use_safetensors=True
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         _agree_on_pad_token(model, tokenizer)
@@ -305,15 +301,19 @@ def train_preference_model(
     base_model_ref: str,
     out_uri: str,
     config: PreferenceModelConfig | None = None,
-) -> PreferenceModelMetrics:
+) -> PreferenceModelMetrics | None:
     """Train a PM on AI labels mixed with human pairs and save it at `out_uri`.
 
     Each source is split into train and held-out pairs (by id, seeded), the training parts are
     mixed at `config.human_fraction`, and a one-logit head on `base_model_ref` is trained with
     the soft-label loss (on labels rounded to 0/1 with `config.labels` "hard"). The metrics hold
-    the held-out accuracies and the calibration curve on all held-out pairs. The checkpoint (safetensors + tokenizer) and `metrics.json` are written
-    together to `out_uri`, which must hold nothing yet. Returns the metrics.
+    the held-out accuracies and the calibration curve on all held-out pairs, measured on the saved
+    checkpoint. The checkpoint (safetensors + tokenizer) and `metrics.json` are written together
+    to `out_uri`, which must hold nothing yet. Returns the metrics on the main process (rank 0),
+    None on the other ranks of a multi-process run.
     """
+    from cai_lib.training import current_world, device_of, log_world, record_rows, save_trained, world_report
+
     config = config or PreferenceModelConfig()
     store, key = checkpoint_location(out_uri)
     train_ai, eval_ai = split_prompts(list(ai_prefs), config.eval_fraction, config.seed)
@@ -323,33 +323,43 @@ def train_preference_model(
         train_set = hardened(train_set)
 
     model, tokenizer = _load_base(base_model_ref, config.seed)
-    loss_curve = _fit(model, tokenizer, train_set, config)
-    scorer = RewardScorer(model, tokenizer, config.eval_batch_size, config.max_length)
-    metrics = PreferenceModelMetrics(
-        base_model_ref=base_model_ref,
-        checkpoint_uri=store.uri_of(key),
-        train_pairs=len(train_set),
-        train_ai_pairs=sum(p.source == "ai" for p in train_set),
-        train_human_pairs=sum(p.source == "human" for p in train_set),
-        eval_human_pairs=len(eval_human),
-        eval_ai_pairs=len(eval_ai),
-        human_accuracy=_accuracy(scorer, eval_human),
-        ai_accuracy=_accuracy(scorer, eval_ai),
-        loss_curve=loss_curve,
-        calibration=_calibration(scorer, [*eval_human, *eval_ai], config.calibration_bins),
-        config=config,
-    )
     with tempfile.TemporaryDirectory(prefix="cai-pm-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / METRICS_FILE).write_text(metrics.model_dump_json(indent=2) + "\n")
-        store.put_dir(tmp, key)
+        trainer = _trainer(model, tokenizer, train_set, config, Path(tmp) / "trainer")
+        rows = record_rows(trainer)
+        trainer.train()
+        world = world_report(trainer, rows, config.batch_size, config.gradient_accumulation_steps)
+        checkpoint = Path(tmp) / "checkpoint"
+        save_trained(trainer, tokenizer, checkpoint)
+        if not current_world().is_main:
+            return None
+        log_world(world)
+        device = device_of(current_world(), config.use_cpu)
+        scorer = RewardScorer.load(str(checkpoint), config.eval_batch_size, config.max_length, device)
+        metrics = PreferenceModelMetrics(
+            base_model_ref=base_model_ref,
+            checkpoint_uri=store.uri_of(key),
+            train_pairs=len(train_set),
+            train_ai_pairs=sum(p.source == "ai" for p in train_set),
+            train_human_pairs=sum(p.source == "human" for p in train_set),
+            eval_human_pairs=len(eval_human),
+            eval_ai_pairs=len(eval_ai),
+            human_accuracy=_accuracy(scorer, eval_human),
+            ai_accuracy=_accuracy(scorer, eval_ai),
+            loss_curve=[entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            calibration=_calibration(scorer, [*eval_human, *eval_ai], config.calibration_bins),
+            world=world,
+            config=config,
+        )
+        (checkpoint / METRICS_FILE).write_text(metrics.model_dump_json(indent=2) + "\n")
+        store.put_dir(checkpoint, key)
     return metrics
 
 
-def _fit(model, tokenizer, train_set: Sequence[Preference], config: PreferenceModelConfig) -> list[float]:
-    """Run the Trainer with the soft-label loss; returns the loss at each optimiser step."""
+def _trainer(model, tokenizer, train_set: Sequence[Preference], config: PreferenceModelConfig, scratch: Path):
+    """A `Trainer` with the soft-label loss over the encoded pairs of `train_set`."""
     from transformers import Trainer, TrainingArguments
+
+    from cai_lib.training import hardware_arguments
 
     examples = [
         {
@@ -359,33 +369,28 @@ def _fit(model, tokenizer, train_set: Sequence[Preference], config: PreferenceMo
         }
         for p in train_set
     ]
-    with tempfile.TemporaryDirectory(prefix="cai-pm-trainer-") as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
-            learning_rate=config.learning_rate,
-            num_train_epochs=config.epochs,
-            per_device_train_batch_size=config.batch_size,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            weight_decay=config.weight_decay,
-            warmup_steps=config.warmup_steps,
-            bf16=config.bf16,
-            # The name transformers 5.17 (constraints.txt) knows; later releases keep it as an alias.
-            gradient_checkpointing=config.activation_checkpointing,
-            seed=config.seed,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            remove_unused_columns=False,
-        )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=examples,
-            data_collator=lambda batch: _collate_pairs(batch, tokenizer.pad_token_id),
-            compute_loss_func=_trainer_loss,
-        )
-        trainer.train()
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    args = TrainingArguments(
+        output_dir=str(scratch),
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        seed=config.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        **hardware_arguments(config),
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        data_collator=lambda batch: _collate_pairs(batch, tokenizer.pad_token_id),
+        compute_loss_func=_trainer_loss,
+    )
 
 
 def _collate_pairs(batch: list[dict], pad_token_id: int) -> dict:

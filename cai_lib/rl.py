@@ -34,15 +34,13 @@ from cai_lib.generation import Conversation, EngineConfig, engine_kwargs
 from cai_lib.preference_model import METRICS_FILE, RewardScorer, conversation_of
 from cai_lib.records import Preference, PromptRecord
 from cai_lib.store import checkpoint_location
+from cai_lib.training import TrainingSetup, WorldReport
 
-TRAINING_ARGS_FILE = "training_args.bin"
 Algorithm = Literal["rloo", "grpo", "dpo"]
 
 
-class RLConfig(BaseModel):
+class RLConfig(TrainingSetup):
     """How to run RL-CAI."""
-
-    model_config = ConfigDict(extra="forbid")
 
     algorithm: Algorithm = Field(
         default="rloo", description="rloo (default) or grpo against the PM; dpo on the AI-labelled pairs."
@@ -89,11 +87,12 @@ class RLConfig(BaseModel):
     eval_batch_size: int = Field(
         default=16, ge=1, description="Sequences per batch when scoring and evaluating."
     )
-    bf16: bool = Field(default=False, description="bfloat16 mixed precision (GPUs with bf16 support only).")
-    activation_checkpointing: bool = Field(
-        default=False, description="Recompute activations in the backward pass: less memory, ~20% slower."
+    reward_device: Literal["rank", "cpu"] = Field(
+        default="rank",
+        description="Where the PM scores completions: rank puts a copy on each training process's own GPU (bf16, "
+        "inference only); cpu offloads it to host memory (slower scoring, GPU memory left to the policy). The "
+        "reference model always sits with the policy, sharded the same way under FSDP.",
     )
-    use_cpu: bool = Field(default=False, description="Train on the CPU even when a GPU is visible.")
     intermediate_checkpoints: int = Field(
         default=0,
         ge=0,
@@ -117,7 +116,9 @@ class RLConfig(BaseModel):
     @model_validator(mode="after")
     def _engine_fits_trl(self) -> RLConfig:
         if self.engine.dtype != "auto" or self.engine.enforce_eager:
-            raise ValueError("engine.dtype and engine.enforce_eager cannot be set for TRL's colocated vLLM engine")
+            raise ValueError(
+                "engine.dtype and engine.enforce_eager cannot be set for TRL's colocated vLLM engine"
+            )
         return self
 
     def checkpoint_steps(self) -> list[int]:
@@ -152,6 +153,7 @@ class RLMetrics(BaseModel):
     intermediate: dict[int, str] = Field(
         default_factory=dict, description="Step -> URI of the policy saved after that step (Fig. 8)."
     )
+    world: WorldReport = Field(description="Processes, sharding, precision and what each rank trained on.")
     config: RLConfig
 
 
@@ -169,16 +171,17 @@ class PreferenceModelReward:
         return self.scorer.score_conversations([p + c for p, c in zip(prompts, completions, strict=True)])
 
 
-def save_at_steps(steps: Sequence[int], folder: Path, tokenizer):
+def save_at_steps(trainer, steps: Sequence[int], folder: Path, tokenizer):
     """A `TrainerCallback` that saves the policy and tokenizer to `folder/STEP` after each of `steps`
-    (on the main process only)."""
+    (written by the main process; every rank takes part, as gathering FSDP shards needs)."""
     from transformers import TrainerCallback
 
+    from cai_lib.training import save_trained
+
     class SaveAtSteps(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step in steps and state.is_world_process_zero:
-                model.save_pretrained(folder / str(state.global_step))
-                tokenizer.save_pretrained(folder / str(state.global_step))
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in steps:
+                save_trained(trainer, tokenizer, folder / str(state.global_step))
 
     return SaveAtSteps()
 
@@ -203,16 +206,25 @@ def train_rl(
     out_uri: str,
     config: RLConfig | None = None,
     preferences: Sequence[Preference] | None = None,
-) -> RLMetrics:
+) -> RLMetrics | None:
     """Optimise `policy_ref` (the SL-CAI model) and save the policy at `out_uri`.
 
     rloo/grpo sample answers to `prompts` and reward them with the PM at `reward_ref`; dpo
     trains on `preferences` (required then). The checkpoint (safetensors + tokenizer) and
     `metrics.json` are written together; `out_uri` must not hold a finished checkpoint. Input mistakes
     (no prompts, no usable pairs, a reward model that is not a PM) raise `CaiError` before any
-    training.
+    training. Returns the metrics on the main process (rank 0), None on the other ranks.
     """
-    from cai_lib.models import load_tokenizer, resolve_model
+    from cai_lib.models import load_causal_lm, load_tokenizer, resolve_model
+    from cai_lib.training import (
+        current_world,
+        device_of,
+        inference_dtype,
+        log_world,
+        record_rows,
+        save_trained,
+        world_report,
+    )
 
     config = config or RLConfig()
     store, key = checkpoint_location(out_uri)
@@ -221,19 +233,32 @@ def train_rl(
         raise CaiError("--algorithm dpo needs --preferences with at least one pair whose label is not 0.5")
     if config.algorithm != "dpo" and not prompts:
         raise CaiError(f"--algorithm {config.algorithm} needs at least one training prompt")
-    scorer = RewardScorer.load(reward_ref, config.eval_batch_size, config.max_length)
+    world = current_world()
+    device = device_of(world, config.use_cpu or config.reward_device == "cpu")
+    scorer = RewardScorer.load(reward_ref, config.eval_batch_size, config.max_length, device)
     policy_path = resolve_model(policy_ref)
     tokenizer = load_tokenizer(policy_path, policy_ref)
-    eval_conversations = [conversation_of(p.prompt) for p in prompts[: config.eval_prompts]]
+    eval_conversations = (
+        [conversation_of(p.prompt) for p in prompts[: config.eval_prompts]] if world.is_main else []
+    )
 
     with tempfile.TemporaryDirectory(prefix="cai-rl-") as scratch:
         trainer = _trainer(config, policy_path, tokenizer, scorer, prompts, pairs, Path(scratch) / "trainer")
         saved = Path(scratch) / "steps"
-        trainer.add_callback(save_at_steps(config.checkpoint_steps(), saved, tokenizer))
-        policy = trainer.accelerator.unwrap_model(trainer.model)
-        before = _mean_reward(policy, tokenizer, scorer, eval_conversations, config)
+        trainer.add_callback(save_at_steps(trainer, config.checkpoint_steps(), saved, tokenizer))
+        before = _mean_reward(trainer.model, tokenizer, scorer, eval_conversations, config)
+        rows = record_rows(trainer)
         trainer.train()
-        after = _mean_reward(policy, tokenizer, scorer, eval_conversations, config)
+        per_device = config.batch_size * (1 if config.algorithm == "dpo" else config.num_generations)
+        report = world_report(trainer, rows, per_device, config.gradient_accumulation_steps)
+        checkpoint = Path(scratch) / "checkpoint"
+        save_trained(trainer, tokenizer, checkpoint)
+        if not world.is_main:
+            return None
+        log_world(report)
+        device = device_of(world, config.use_cpu)
+        trained, _ = load_causal_lm(str(checkpoint), device=device, dtype=inference_dtype(device))
+        after = _mean_reward(trained, tokenizer, scorer, eval_conversations, config)
         history = trainer.state.log_history
         kls = [entry["kl"] for entry in history if "kl" in entry]
         metrics = RLMetrics(
@@ -257,12 +282,9 @@ def train_rl(
             }
             if saved.is_dir()
             else {},
+            world=report,
             config=config,
         )
-        checkpoint = Path(scratch) / "checkpoint"
-        trainer.save_model(str(checkpoint))  # the model and the trainer's tokenizer
-        # The Trainer also pickles its arguments there; loading never needs them, and we ship no pickles.
-        (checkpoint / TRAINING_ARGS_FILE).unlink(missing_ok=True)
         (checkpoint / METRICS_FILE).write_text(metrics.model_dump_json(indent=2) + "\n")
         store.put_dir(checkpoint, key)
     return metrics
@@ -274,7 +296,9 @@ def rollout_kwargs(config: RLConfig, model_config: dict, visible_gpus: int) -> d
     policy's `config.json` and the GPUs the pod sees)."""
     if config.rollouts == "transformers":
         return {}
-    engine = config.engine.model_copy(update={"tensor_parallel_size": config.engine.tensor_parallel_size or 1})
+    engine = config.engine.model_copy(
+        update={"tensor_parallel_size": config.engine.tensor_parallel_size or 1}
+    )
     sized = engine_kwargs(engine, model_config, visible_gpus)
     return {
         "use_vllm": True,
@@ -289,6 +313,8 @@ def _trainer(config: RLConfig, policy_path: Path, tokenizer, scorer, prompts, pa
     """The TRL trainer for `config.algorithm`, set up for the policy at `policy_path`."""
     from datasets import Dataset
 
+    from cai_lib.training import hardware_arguments
+
     common = {
         "output_dir": str(scratch),
         "learning_rate": config.learning_rate,
@@ -296,10 +322,7 @@ def _trainer(config: RLConfig, policy_path: Path, tokenizer, scorer, prompts, pa
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "beta": config.beta,
         "seed": config.seed,
-        "bf16": config.bf16,
-        # The name transformers 5.17 (constraints.txt) knows; later releases keep it as an alias.
-        "gradient_checkpointing": config.activation_checkpointing,
-        "use_cpu": config.use_cpu,
+        **hardware_arguments(config),
         # Dropout makes the policy's and the reference's log-probs differ on identical weights.
         "disable_dropout": True,
         "logging_steps": 1,

@@ -29,12 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from cai_lib.errors import CaiError
 from cai_lib.records import Trace
 from cai_lib.store import ArtifactStore, checkpoint_location
+from cai_lib.training import TrainingSetup, WorldReport
 
 log = logging.getLogger(__name__)
 PROVENANCE_FILE = "cai_sft.json"
 
 
-class SFTStageConfig(BaseModel):
+class SFTStageConfig(TrainingSetup):
     """Settings of the SL-CAI fine-tuning stage (mapped onto TRL's `SFTConfig`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -48,7 +49,13 @@ class SFTStageConfig(BaseModel):
     max_steps: int | None = Field(
         default=None, ge=1, description="Stop after this many optimiser steps; overrides `epochs` when set."
     )
-    batch_size: int = Field(default=8, ge=1, description="Examples per optimiser step (per device).")
+    batch_size: int = Field(default=8, ge=1, description="Examples per device and optimiser step.")
+    gradient_accumulation_steps: int = Field(
+        default=1,
+        ge=1,
+        description="Steps whose gradients are summed before one update; the effective batch is batch_size x "
+        "gradient_accumulation_steps x processes.",
+    )
     max_length: int = Field(
         default=1024,
         ge=8,
@@ -72,10 +79,6 @@ class SFTStageConfig(BaseModel):
     lora_alpha: int = Field(
         default=32, ge=1, description="LoRA scaling numerator; the update is scaled by alpha/r."
     )
-    activation_checkpointing: bool = Field(
-        default=False,
-        description="Gradient checkpointing: recompute activations in the backward pass; less memory, ~20% slower.",
-    )
     chat_template: str | None = Field(
         default=None,
         description="Jinja chat template replacing the base model's own (needed when it has none); the "
@@ -97,6 +100,7 @@ class SFTMetrics(BaseModel):
     skipped_empty: int = Field(description="Pairs left out because the answer was empty.")
     train_loss_first: float = Field(description="Training loss at the first logged step.")
     train_loss_last: float = Field(description="Training loss at the last logged step.")
+    world: WorldReport = Field(description="Processes, sharding, precision and what each rank trained on.")
 
 
 def revision_examples(traces: Sequence[Trace], include_intermediate: bool) -> list[dict]:
@@ -161,12 +165,20 @@ def train_sft(
     usable = [*revisions, *helpfuls]
     parent, name = checkpoint_location(out_uri)
 
-    from cai_lib.models import load_causal_lm
+    import torch
 
-    model, tokenizer = load_causal_lm(base_model_ref, chat_template=config.chat_template)
+    from cai_lib.models import load_causal_lm
+    from cai_lib.training import current_world, log_world, record_rows, save_trained, world_report
+
+    # float32 master weights whatever the checkpoint holds; bf16 is autocast (TrainingSetup).
+    model, tokenizer = load_causal_lm(
+        base_model_ref, chat_template=config.chat_template, dtype=torch.float32, device="cpu"
+    )
     with tempfile.TemporaryDirectory(prefix="cai-sft-") as work:
         trainer = _trainer(model, tokenizer, usable, config, Path(work) / "trainer")
+        rows = record_rows(trainer)
         trainer.train()
+        world = world_report(trainer, rows, config.batch_size, config.gradient_accumulation_steps)
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         metrics = SFTMetrics(
             checkpoint_uri=out_uri,
@@ -177,9 +189,13 @@ def train_sft(
             skipped_empty=len(all_revisions) + len(drawn) - len(usable),
             train_loss_first=losses[0],
             train_loss_last=losses[-1],
+            world=world,
         )
         checkpoint = Path(work) / "checkpoint"
-        _save_plain_model(trainer.model, tokenizer, checkpoint)
+        save_trained(trainer, tokenizer, checkpoint)
+        if not current_world().is_main:
+            return metrics
+        log_world(world)
         provenance = {
             "base_model_ref": base_model_ref,
             "constitutions": sorted({f"{t.constitution_ref} {t.constitution_sha256}" for t in traces}),
@@ -197,28 +213,25 @@ def _with_answer(rows: list[dict]) -> list[dict]:
 
 
 def _trainer(model, tokenizer, rows: list[dict], config: SFTStageConfig, output_dir: Path):
-    import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    on_gpu = torch.cuda.is_available()
+    from cai_lib.training import hardware_arguments
+
     args = SFTConfig(
         output_dir=str(output_dir),
         learning_rate=config.learning_rate,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
         per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_length=config.max_length,
-        # The name transformers 5.17 (constraints.txt) knows; later releases keep it as an alias.
-        gradient_checkpointing=config.activation_checkpointing,
         seed=config.seed,
         data_seed=config.seed,
-        use_cpu=not on_gpu,
-        # TRL turns bf16 on by default; CPUs (and older GPUs) train in float32.
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
         logging_steps=1,
         save_strategy="no",
         report_to="none",
+        **hardware_arguments(config, lora=config.lora),
     )
     peft_config = None
     if config.lora:
@@ -234,13 +247,3 @@ def _trainer(model, tokenizer, rows: list[dict], config: SFTStageConfig, output_
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-
-
-def _save_plain_model(model, tokenizer, directory: Path) -> None:
-    """Save a plain causal LM: a peft model is merged into its base weights first."""
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)

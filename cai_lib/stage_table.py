@@ -94,7 +94,7 @@ STAGES: tuple[Stage, ...] = (
         gpu=True,
         output="checkpoint",
         settings="sft",
-        modules=("sft",),
+        modules=("sft", "launch"),
     ),
     Stage(
         "sample_pairs",
@@ -120,7 +120,7 @@ STAGES: tuple[Stage, ...] = (
         gpu=True,
         output="checkpoint",
         settings="preference_model",
-        modules=("preference_model", "human_preferences"),
+        modules=("preference_model", "human_preferences", "launch"),
     ),
     Stage(
         "rl",
@@ -128,7 +128,7 @@ STAGES: tuple[Stage, ...] = (
         gpu=True,
         output="checkpoint",
         settings="rl",
-        modules=("rl",),
+        modules=("rl", "launch"),
     ),
     Stage(
         "answer_eval",

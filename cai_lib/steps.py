@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,12 +37,14 @@ from cai_lib.constitution import (
     parse_constitution,
 )
 from cai_lib.errors import CaiError
+from cai_lib.launch import TrainingJob, launch, stage_config, staged_rows
 from cai_lib.outputs import OutputMarker, StageOutput, StageRecord, record_of, summary_lines
 from cai_lib.records import PromptRecord, ResponsePair, Trace
 from cai_lib.shards import SUCCESS, dataset_summary, fingerprint, merge_datasets, read_dataset
 from cai_lib.stage_table import NAMES, ConstitutionPart, Output, code_version
 from cai_lib.store import ArtifactStore, join_uri
 from cai_lib.tracking import StageRun, finish_pipeline_run, stage_run, start_pipeline_run
+from cai_lib.training import process_count, visible_gpus
 
 STAGES_DIR = "stages"
 REPORT_FILE = "report.html"
@@ -359,7 +362,9 @@ def slice_of(uri: str, model: type[BaseModel], shard: int, shards: int) -> list:
 
 
 @one_line_errors
-def critique_revise_shard(context: dict, constitution_path: str, prompts: str, shard: int, shards: int) -> DataRef:
+def critique_revise_shard(
+    context: dict, constitution_path: str, prompts: str, shard: int, shards: int
+) -> DataRef:
     """SL-CAI critique→revision on one of `shards` interleaved slices of the training prompts."""
     from cai_lib.critique_revise import critique_revise
 
@@ -417,8 +422,6 @@ def helpful_samples(context: dict, prompts: str, shard: int = 0, shards: int = 1
 @one_line_errors
 def sft(context: dict, traces: str, helpful: str) -> tuple[DataRef, dict]:
     """Fine-tune the base model on the final revisions mixed with helpfulness samples (SL-CAI)."""
-    from cai_lib.sft import train_sft
-
     ctx = RunContext.model_validate(context)
     p = ctx.params
     data, samples, model = DataRef.read(traces), DataRef.read(helpful), ctx.model(p.base_model)
@@ -428,8 +431,10 @@ def sft(context: dict, traces: str, helpful: str) -> tuple[DataRef, dict]:
     }
 
     def write(uri: str, _: str) -> dict:
-        rows = list(read_dataset(data.uri, Trace))
-        return train_sft(rows, list(read_dataset(samples.uri, Trace)), model.load, uri, p.sft).model_dump()
+        data_uris = {"traces": [data.uri], "helpful": [samples.uri]}
+        return train(
+            TrainingJob(stage="sft", model=model.load, out=uri, data=data_uris, config=p.sft.model_dump())
+        )
 
     marker = produce(ctx, "sft", identity, write)
     return DataRef.of(marker), marker.metrics
@@ -481,8 +486,6 @@ def label(context: dict, constitution_path: str, pairs: str, shard: int | None =
 def train_pm(context: dict, labels: str) -> tuple[DataRef, dict]:
     """The preference model on AI harmlessness labels mixed with human pairs (paper §4.1)."""
     from cai_lib.human_preferences import read_human_preferences
-    from cai_lib.preference_model import train_preference_model
-    from cai_lib.records import Preference
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
@@ -498,8 +501,12 @@ def train_pm(context: dict, labels: str) -> tuple[DataRef, dict]:
     }
 
     def write(uri: str, _: str) -> dict:
-        rows = list(read_dataset(ai.uri, Preference))
-        return train_preference_model(rows, human, model.load, uri, p.preference_model).model_dump()
+        with tempfile.TemporaryDirectory(prefix="cai-train-pm-") as folder:
+            data_uris = {"ai": [ai.uri], "human": staged_rows(Path(folder), "human", human)}
+            config = p.preference_model.model_dump()
+            return train(
+                TrainingJob(stage="train_pm", model=model.load, out=uri, data=data_uris, config=config)
+            )
 
     marker = produce(ctx, "train_pm", identity, write)
     return DataRef.of(marker), marker.metrics
@@ -510,9 +517,6 @@ def rl(
     context: dict, red_team: str, helpful: str, labels: str, policy: str, reward_model: str
 ) -> tuple[DataRef, dict]:
     """RL-CAI: the SL-CAI policy against the PM with a KL penalty (RLOO/GRPO), or DPO on the labels."""
-    from cai_lib.records import Preference
-    from cai_lib.rl import train_rl
-
     ctx = RunContext.model_validate(context)
     p = ctx.params
     sources = {name: DataRef.read(path) for name, path in (("red_team", red_team), ("helpful", helpful))}
@@ -529,12 +533,23 @@ def rl(
     }
 
     def write(uri: str, _: str) -> dict:
-        prompts = [row for ref in sources.values() for row in read_dataset(ref.uri, PromptRecord)]
-        preferences = list(read_dataset(pairs.uri, Preference)) if dpo else None
-        return train_rl(start.uri, reward.uri, prompts, uri, p.rl, preferences).model_dump()
+        data_uris = {
+            "prompts": [ref.uri for ref in sources.values()],
+            **({"preferences": [pairs.uri]} if dpo else {}),
+        }
+        job = TrainingJob(
+            stage="rl", model=start.uri, reward=reward.uri, out=uri, data=data_uris, config=p.rl.model_dump()
+        )
+        return train(job)
 
     marker = produce(ctx, "rl", identity, write)
     return DataRef.of(marker), marker.metrics
+
+
+def train(job: TrainingJob) -> dict:
+    """Run a training stage with one process per GPU the pod sees (under torchrun when more than
+    one), or as the stage's `processes` setting says; returns rank 0's metrics."""
+    return launch(job, process_count(stage_config(job), visible_gpus()))
 
 
 def model_name(params: PipelineParams, constitution: Constitution, role: str) -> str:
@@ -569,7 +584,11 @@ def evaluated_policies(
     from cai_lib.rl import METRICS_FILE, RLMetrics
 
     rl_metrics = RLMetrics.model_validate(ArtifactStore.open(rl.uri).read_json(METRICS_FILE))
-    rl_steps = {"sl-cai": 0} | {f"rl-cai-step-{n}": n for n in rl_metrics.intermediate} | {"rl-cai": rl_metrics.steps}
+    rl_steps = (
+        {"sl-cai": 0}
+        | {f"rl-cai-step-{n}": n for n in rl_metrics.intermediate}
+        | {"rl-cai": rl_metrics.steps}
+    )
     policies = {
         "base": ctx.model(ctx.params.base_model).load,
         "sl-cai": sl.uri,

@@ -328,7 +328,7 @@ def test_train_pm_command_help_shows_an_example():
     app = typer.Typer()
     app.command()(train_pm)
 
-    result = CliRunner().invoke(app, ["--help"])
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "100"})
 
     assert result.exit_code == 0, result.output
     assert "Example: cai stage train-pm" in result.output and "--human-fraction" in result.output

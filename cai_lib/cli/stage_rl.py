@@ -6,22 +6,19 @@ defaults and help come from the stage configs, so the CLI and the run config can
 
 from __future__ import annotations
 
-import enum
+import tempfile
+from pathlib import Path
 
 import typer
 
-from cai_lib.cli.stage_sl import _option, config_from
+from cai_lib.cli.config_options import config_options
+from cai_lib.cli.stage_sl import _world_line
 from cai_lib.errors import CaiError
-from cai_lib.preference_model import PreferenceModelConfig
+from cai_lib.launch import TrainingJob, launch, staged_rows
+from cai_lib.preference_model import PreferenceModelConfig, PreferenceModelMetrics
 from cai_lib.records import PromptKind, PromptRecord
-from cai_lib.rl import RLConfig
-
-
-class Algorithm(str, enum.Enum):
-    rloo = "rloo"
-    grpo = "grpo"
-    dpo = "dpo"
-
+from cai_lib.rl import RLConfig, RLMetrics
+from cai_lib.training import process_count, visible_gpus
 
 PROMPT_SOURCES = "a JSONL or hh-rlhf .jsonl(.gz) file, an s3:// URI of one, hf:ORG/NAME (optionally /DATA_DIR and :SPLIT), or builtin:NAME"
 
@@ -31,9 +28,9 @@ RED_TEAM_PROMPTS = typer.Option(
 HELPFUL_PROMPTS = typer.Option(
     [], "--helpful-prompts", help="Helpfulness training prompts (repeatable), in the same formats."
 )
-ALGORITHM = typer.Option(Algorithm.rloo, "--algorithm", help=RLConfig.model_fields["algorithm"].description)
 
 
+@config_options(PreferenceModelConfig)
 def train_pm(
     ai: str = typer.Option(
         ...,
@@ -56,50 +53,40 @@ def train_pm(
         "adds human harm labels to the AI ones.",
     ),
     human_limit: int | None = typer.Option(None, "--human-limit", help="Use the first K usable human pairs."),
-    human_fraction: float = _option(PreferenceModelConfig, "human_fraction", "--human-fraction"),
-    eval_fraction: float = _option(PreferenceModelConfig, "eval_fraction", "--eval-fraction"),
-    epochs: float = _option(PreferenceModelConfig, "epochs", "--epochs"),
-    learning_rate: float = _option(PreferenceModelConfig, "learning_rate", "--learning-rate"),
-    batch_size: int = _option(PreferenceModelConfig, "batch_size", "--batch-size"),
-    gradient_accumulation_steps: int = _option(
-        PreferenceModelConfig, "gradient_accumulation_steps", "--gradient-accumulation-steps"
-    ),
-    max_length: int = _option(PreferenceModelConfig, "max_length", "--max-length"),
-    seed: int = _option(PreferenceModelConfig, "seed", "--seed"),
-    labels: str = _option(PreferenceModelConfig, "labels", "--labels"),
+    *,
+    config: PreferenceModelConfig,
 ) -> None:
     """Train the preference model (paper §4.1) on AI harmlessness labels mixed with human helpfulness pairs; print its held-out accuracy.
+
+    With --processes N, N processes train under torchrun (gloo on a CPU, one per GPU otherwise); rank 0 writes the checkpoint.
 
     Example: cai stage train-pm --ai runs/labels --human data/hh-rlhf/helpful-base/train.jsonl.gz --model smollm2-135m-instruct --epochs 1 --out runs/pm
     """
     from cai_lib.human_preferences import read_human_preferences, read_preferences
-    from cai_lib.preference_model import train_preference_model
 
-    config = config_from(
-        PreferenceModelConfig,
-        human_fraction=human_fraction,
-        labels=labels,
-        eval_fraction=eval_fraction,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        max_length=max_length,
-        seed=seed,
-    )
     ai_prefs = read_preferences(ai)
     human_prefs = read_human_preferences(human, limit=human_limit) if human else []
     typer.echo(f"read {len(ai_prefs)} AI-labelled pair(s) from {ai} and {len(human_prefs)} human pair(s)")
-    metrics = train_preference_model(ai_prefs, human_prefs, model, out, config)
+    with tempfile.TemporaryDirectory(prefix="cai-train-pm-") as folder:
+        job = TrainingJob(
+            stage="train_pm",
+            model=model,
+            out=out,
+            data={"ai": [ai], "human": staged_rows(Path(folder), "human", human_prefs)},
+            config=config.model_dump(mode="json"),
+        )
+        metrics = PreferenceModelMetrics.model_validate(launch(job, process_count(config, visible_gpus())))
     typer.echo(
         f"trained on {metrics.train_pairs} pair(s) ({metrics.train_ai_pairs} AI, {metrics.train_human_pairs} "
         f"human) in {len(metrics.loss_curve)} step(s); loss {_curve(metrics.loss_curve)}"
     )
+    typer.echo(_world_line(metrics.world))
     typer.echo(f"held-out AI agreement: {_share(metrics.ai_accuracy, metrics.eval_ai_pairs)}")
     typer.echo(f"checkpoint written to {metrics.checkpoint_uri}")
     typer.echo(f"held-out human accuracy: {_share(metrics.human_accuracy, metrics.eval_human_pairs)}")
 
 
+@config_options(RLConfig)
 def rl(
     policy: str = typer.Option(..., "--policy", help="The SL-CAI policy checkpoint to optimise (model ref)."),
     reward: str = typer.Option(
@@ -110,7 +97,6 @@ def rl(
         ..., "--out", help="Local directory or s3:// prefix for the policy checkpoint; must be empty."
     ),
     helpful_prompts: list[str] = HELPFUL_PROMPTS,
-    algorithm: Algorithm = ALGORITHM,
     preferences: str | None = typer.Option(
         None,
         "--preferences",
@@ -119,38 +105,17 @@ def rl(
     limit: int | None = typer.Option(
         None, "--limit", help="Use the first K distinct prompts of each source."
     ),
-    steps: int = _option(RLConfig, "steps", "--steps"),
-    learning_rate: float = _option(RLConfig, "learning_rate", "--learning-rate"),
-    batch_size: int = _option(RLConfig, "batch_size", "--batch-size"),
-    num_generations: int = _option(RLConfig, "num_generations", "--num-generations"),
-    max_new_tokens: int = _option(RLConfig, "max_new_tokens", "--max-new-tokens"),
-    beta: float = _option(RLConfig, "beta", "--beta"),
-    eval_prompts: int = _option(RLConfig, "eval_prompts", "--eval-prompts"),
-    intermediate_checkpoints: int = _option(
-        RLConfig, "intermediate_checkpoints", "--intermediate-checkpoints"
-    ),
-    seed: int = _option(RLConfig, "seed", "--seed"),
+    *,
+    config: RLConfig,
 ) -> None:
     """RL-CAI (paper §4.1): optimise the SL-CAI policy against the PM with a KL penalty (RLOO, GRPO), or DPO on AI labels.
+
+    With --processes N, N processes train under torchrun (gloo on a CPU, one per GPU otherwise); rank 0 writes the checkpoint.
 
     Example: cai stage rl --policy runs/sl-cai --reward runs/pm --prompts builtin:red_team --helpful-prompts builtin:helpful --steps 10 --out runs/rl-cai
     """
     from cai_lib.human_preferences import read_preferences
-    from cai_lib.rl import train_rl
 
-    config = config_from(
-        RLConfig,
-        algorithm=algorithm.value,
-        steps=steps,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        num_generations=num_generations,
-        max_new_tokens=max_new_tokens,
-        beta=beta,
-        eval_prompts=eval_prompts,
-        intermediate_checkpoints=intermediate_checkpoints,
-        seed=seed,
-    )
     if config.algorithm == "dpo" and preferences is None:
         raise CaiError("--algorithm dpo: needs --preferences (the AI-labelled pairs to train on)")
     records = _prompts(prompts, "red_team", limit) + _prompts(helpful_prompts, "helpful", limit)
@@ -159,8 +124,21 @@ def rl(
         f"{config.algorithm}: {len(records)} prompt(s)"
         + (f", {len(pairs)} preference pair(s)" if pairs else "")
     )
-    metrics = train_rl(policy, reward, records, out, config, pairs)
+    with tempfile.TemporaryDirectory(prefix="cai-rl-") as folder:
+        job = TrainingJob(
+            stage="rl",
+            model=policy,
+            reward=reward,
+            out=out,
+            data={
+                "prompts": staged_rows(Path(folder), "prompts", records),
+                **({"preferences": [preferences]} if preferences else {}),
+            },
+            config=config.model_dump(mode="json"),
+        )
+        metrics = RLMetrics.model_validate(launch(job, process_count(config, visible_gpus())))
     typer.echo(f"ran {metrics.steps} step(s); loss {_curve(metrics.loss_curve)}")
+    typer.echo(_world_line(metrics.world))
     if metrics.kl is not None:
         typer.echo(f"KL to the initial policy (last step, per token): {metrics.kl:.4f}")
     typer.echo(f"checkpoint written to {metrics.checkpoint_uri}")

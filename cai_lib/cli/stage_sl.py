@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import TypeVar
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
+from cai_lib.cli.config_options import config_from, config_options
 from cai_lib.critique_revise import CritiqueReviseConfig, GenerationStageConfig, HelpfulSamplesConfig
 from cai_lib.errors import CaiError
 from cai_lib.records import PromptKind, PromptRecord
-from cai_lib.sft import SFTStageConfig
-
-Config = TypeVar("Config", bound=BaseModel)
+from cai_lib.sft import SFTMetrics, SFTStageConfig
+from cai_lib.training import WorldReport
 
 
 class Backend(str, enum.Enum):
@@ -30,16 +29,6 @@ def _option(config: type[BaseModel], field: str, flag: str):
     """A typer option whose default and help are the config field's."""
     info = config.model_fields[field]
     return typer.Option(info.default, flag, help=info.description)
-
-
-def config_from(config: type[Config], **values) -> Config:
-    """Validate command-line values into `config`; a bad value is a `CaiError` naming its option."""
-    try:
-        return config(**values)
-    except ValidationError as err:
-        first = err.errors()[0]
-        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
-        raise CaiError(f"{option}: {first['msg']}") from None
 
 
 PROMPTS = typer.Option(
@@ -152,6 +141,7 @@ def helpful_samples_command(
     typer.echo(_summary(out, rows))
 
 
+@config_options(SFTStageConfig, skip=frozenset({"chat_template"}))
 def sft_command(
     data: str = typer.Option(..., "--data", help="SL-CAI traces written by `cai stage critique-revise`."),
     model: str = typer.Option(..., "--model", help="Base model ref to fine-tune."),
@@ -161,47 +151,40 @@ def sft_command(
     helpful: str | None = typer.Option(
         None, "--helpful", help="Helpfulness samples from `cai stage helpful-samples`."
     ),
-    lora: bool = _option(SFTStageConfig, "lora", "--lora"),
-    max_steps: int | None = _option(SFTStageConfig, "max_steps", "--max-steps"),
-    epochs: float = _option(SFTStageConfig, "epochs", "--epochs"),
-    learning_rate: float = _option(SFTStageConfig, "learning_rate", "--learning-rate"),
-    batch_size: int = _option(SFTStageConfig, "batch_size", "--batch-size"),
-    max_length: int = _option(SFTStageConfig, "max_length", "--max-length"),
-    include_intermediate_revisions: bool = _option(
-        SFTStageConfig, "include_intermediate_revisions", "--include-intermediate-revisions"
-    ),
-    helpful_ratio: float = _option(SFTStageConfig, "helpful_ratio", "--helpful-ratio"),
-    seed: int = _option(SFTStageConfig, "seed", "--seed"),
     chat_template: Path | None = CHAT_TEMPLATE,
+    *,
+    config: SFTStageConfig,
 ) -> None:
     """SL-CAI fine-tuning (paper §3.1): train on (prompt, revision) pairs mixed with helpfulness samples.
 
-    Example: cai stage sft --data runs/traces --helpful runs/helpful --model smollm2-135m-instruct --max-steps 20 --out runs/sl-cai
-    """
-    from cai_lib.records import Trace
-    from cai_lib.sft import train_sft
-    from cai_lib.shards import read_dataset
+    With --processes N, N processes train under torchrun (gloo on a CPU, one per GPU otherwise); rank 0 writes the checkpoint.
 
-    config = config_from(
-        SFTStageConfig,
-        lora=lora,
-        max_steps=max_steps,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        max_length=max_length,
-        include_intermediate_revisions=include_intermediate_revisions,
-        helpful_ratio=helpful_ratio,
-        seed=seed,
-        chat_template=_read_template(chat_template),
+    Example: cai stage sft --data runs/traces --helpful runs/helpful --model smollm2-135m-instruct --max-steps 20 --processes 2 --out runs/sl-cai
+    """
+    from cai_lib.launch import TrainingJob, launch
+    from cai_lib.training import process_count, visible_gpus
+
+    config = config.model_copy(update={"chat_template": _read_template(chat_template)})
+    job = TrainingJob(
+        stage="sft",
+        model=model,
+        out=out,
+        data={"traces": [data], **({"helpful": [helpful]} if helpful else {})},
+        config=config.model_dump(mode="json"),
     )
-    traces = list(read_dataset(data, Trace))
-    helpful_rows = list(read_dataset(helpful, Trace)) if helpful else []
-    metrics = train_sft(traces, helpful_rows, model, out, config)
+    metrics = SFTMetrics.model_validate(launch(job, process_count(config, visible_gpus())))
     typer.echo(
         f"trained {metrics.steps} step(s) on {metrics.examples} examples ({metrics.revision_examples} revisions, "
-        f"{metrics.helpful_examples} helpful); loss {metrics.train_loss_first:.4f} -> {metrics.train_loss_last:.4f}; "
-        f"checkpoint written to {metrics.checkpoint_uri}"
+        f"{metrics.helpful_examples} helpful); loss {metrics.train_loss_first:.4f} -> {metrics.train_loss_last:.4f}"
+    )
+    typer.echo(_world_line(metrics.world))
+    typer.echo(f"checkpoint written to {metrics.checkpoint_uri}")
+
+
+def _world_line(world: WorldReport) -> str:
+    return (
+        f"world size {world.world_size} ({world.sharding}, bf16 {str(world.bf16).lower()}), effective batch "
+        f"{world.effective_batch}, rows per rank {[rank.rows for rank in world.ranks]}"
     )
 
 

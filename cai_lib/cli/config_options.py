@@ -1,0 +1,133 @@
+"""Command-line options built from a config model: one flag per field, its help the field's description.
+
+As TRL's parser builds flags from its config dataclasses, `config_options` gives a typer command one
+option per field of a pydantic config (a nested model's fields flattened under its name, as in
+`--engine-max-model-len`) and calls the command with the validated config. A flag left out keeps
+the config's default, so the command line, the run config and the defaults cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+import types
+from collections.abc import Callable, Iterator
+from typing import Literal, TypeVar, Union, get_args, get_origin
+
+import typer
+from pydantic import BaseModel, ValidationError
+
+from cai_lib.errors import CaiError
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+class Flag:
+    """One generated option: the config field it sets (a path through nested models) and its type."""
+
+    def __init__(self, path: tuple[str, ...], annotation: type, description: str | None, default: object):
+        self.path = path
+        self.name = "cfg_" + "__".join(path)
+        self.flag = "--" + "-".join(path).replace("_", "-")
+        self.annotation = annotation
+        self.default = default
+        choices = f" One of: {', '.join(m.value for m in annotation)}." if isinstance(annotation, enum.EnumMeta) else ""
+        self.help = f"{description or ''}{choices} [config default: {_shown(default)}]".strip()
+        # Short type names keep the flag column wide enough for the longest flag.
+        self.metavar = "CHOICE" if choices else annotation.__name__.upper()
+
+    def parameter(self) -> inspect.Parameter:
+        # A switch that is off by default needs no --no- form (it keeps help readable at 80 columns).
+        decls = f"{self.flag}/--no-{self.flag[2:]}" if self.annotation is bool and self.default else self.flag
+        return inspect.Parameter(
+            self.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, decls, help=self.help, show_default=False, metavar=self.metavar),
+            annotation=self.annotation | None,
+        )
+
+
+def flags_of(
+    config: type[BaseModel], skip: frozenset[str] = frozenset(), prefix: tuple[str, ...] = ()
+) -> Iterator[Flag]:
+    """A `Flag` for each field of `config` (recursing into nested models) except those in `skip`."""
+    # The config's own fields first, then inherited ones (the shared hardware settings).
+    own = inspect.get_annotations(config)
+    for name, info in sorted(config.model_fields.items(), key=lambda item: item[0] not in own):
+        if name in skip:
+            continue
+        annotation = _required(info.annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from flags_of(annotation, frozenset(), (*prefix, name))
+            continue
+        default = info.get_default(call_default_factory=True)
+        yield Flag((*prefix, name), _option_type(annotation, name), info.description, default)
+
+
+def config_options(config: type[Config], skip: frozenset[str] = frozenset()) -> Callable:
+    """Decorate a command taking `config: Config` so that it takes one option per field instead.
+
+    The command's own parameters stay first; `skip` names fields the command sets itself (it then
+    receives their config default unless it builds the config again).
+    """
+    flags = list(flags_of(config, skip))
+
+    def decorate(command: Callable) -> Callable:
+        own = [p for p in inspect.signature(command).parameters.values() if p.name != "config"]
+
+        @functools.wraps(command)
+        def wrapper(**values):
+            settings: dict = {}
+            for flag in flags:
+                value = values.pop(flag.name)
+                if value is not None:
+                    _put(settings, flag.path, value.value if isinstance(value, enum.Enum) else value)
+            return command(**values, config=config_from(config, **settings))
+
+        wrapper.__signature__ = inspect.Signature([*own, *(flag.parameter() for flag in flags)])
+        return wrapper
+
+    return decorate
+
+
+def config_from(config: type[Config], **values) -> Config:
+    """Validate command-line values into `config`; a bad value is a `CaiError` naming its option."""
+    try:
+        return config(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        option = (
+            "--" + "-".join(str(part) for part in first["loc"]).replace("_", "-")
+            if first["loc"]
+            else "options"
+        )
+        raise CaiError(f"{option}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+def _put(settings: dict, path: tuple[str, ...], value: object) -> None:
+    for part in path[:-1]:
+        settings = settings.setdefault(part, {})
+    settings[path[-1]] = value
+
+
+def _required(annotation):
+    """`X` for `X | None`; the annotation itself otherwise."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        present = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(present) == 1:
+            return present[0]
+    return annotation
+
+
+def _option_type(annotation, name: str) -> type:
+    if get_origin(annotation) is Literal:
+        choices = [str(choice) for choice in get_args(annotation)]
+        return enum.Enum(name.title().replace("_", ""), {choice: choice for choice in choices}, type=str)
+    if annotation in (bool, int, float, str):
+        return annotation
+    raise TypeError(f"config field '{name}': no command-line option for type {annotation!r}")
+
+
+def _shown(default: object) -> str:
+    return "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)

@@ -1,0 +1,190 @@
+"""Run a training stage in this process or under `torchrun`: the one entry point of every trainer.
+
+A `TrainingJob` names the stage, its model, its datasets (JSONL files or dataset URIs) and its
+config. `launch` runs it here when one process trains, or writes it to a file and starts
+`torchrun --standalone` with one process per accelerator (or N gloo processes on a CPU); each rank
+runs `python -m cai_lib.launch JOB` and rank 0 writes the checkpoint and the metrics. A Kubeflow
+TrainJob runs the same module under the runtime's `torchrun`, which reads its `PET_*` variables.
+
+Example (what `cai stage sft --processes 2` runs):
+    torchrun --standalone --nproc-per-node 2 -m cai_lib.launch /tmp/cai-job/job.json
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cai_lib.errors import CaiError
+from cai_lib.store import ArtifactStore, join_uri
+
+log = logging.getLogger(__name__)
+JOB_FILE = "job.json"
+METRICS_FILE = "metrics.json"
+Stage = Literal["sft", "train_pm", "rl"]
+# What each stage reads: dataset roles, required or optional.
+DATA_ROLES: dict[str, tuple[set[str], set[str]]] = {
+    "sft": ({"traces"}, {"helpful"}),
+    "train_pm": ({"ai"}, {"human"}),
+    "rl": ({"prompts"}, {"preferences"}),
+}
+
+
+class TrainingJob(BaseModel):
+    """Everything a training process needs, as plain locations every rank can read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Stage
+    model: str = Field(
+        description="The model to train: the base model (sft, train_pm) or the starting policy (rl)."
+    )
+    out: str = Field(description="Where rank 0 writes the checkpoint (a directory or s3:// prefix).")
+    data: dict[str, list[str]] = Field(
+        description="Dataset role (see DATA_ROLES) -> JSONL files or dataset URIs, read in order as one."
+    )
+    reward: str | None = Field(default=None, description="The preference model (rl).")
+    config: dict = Field(
+        description="The stage's config (SFTStageConfig, PreferenceModelConfig or RLConfig)."
+    )
+    metrics: str | None = Field(default=None, description="Where rank 0 also writes the metrics JSON.")
+
+    def checked(self) -> TrainingJob:
+        """The job with its config validated by the stage's model; raises `CaiError` naming what is wrong."""
+        required, optional = DATA_ROLES[self.stage]
+        missing, unknown = required - self.data.keys(), self.data.keys() - required - optional
+        if missing or unknown:
+            raise CaiError(f"{self.stage}: datasets missing {sorted(missing)}, unknown {sorted(unknown)}")
+        if self.stage == "rl" and not self.reward:
+            raise CaiError("rl: needs a reward model")
+        stage_config(self)
+        return self
+
+
+def stage_config(job: TrainingJob):
+    """The job's config as the stage's own config model."""
+    from cai_lib.config import format_validation_error
+    from cai_lib.preference_model import PreferenceModelConfig
+    from cai_lib.rl import RLConfig
+    from cai_lib.sft import SFTStageConfig
+
+    model = {"sft": SFTStageConfig, "train_pm": PreferenceModelConfig, "rl": RLConfig}[job.stage]
+    try:
+        return model.model_validate(job.config)
+    except ValidationError as err:
+        raise CaiError(format_validation_error(err, f"{job.stage} config")) from None
+
+
+def run(job: TrainingJob) -> BaseModel | None:
+    """Train `job` in this process (one rank of many under torchrun); returns the stage's metrics
+    on the main process, None on the others."""
+    from cai_lib.records import Preference, PromptRecord, Trace
+
+    config = stage_config(job)
+
+    def rows(role: str, model: type[BaseModel]) -> list:
+        from cai_lib.shards import read_dataset
+
+        return [row for uri in job.data.get(role, []) for row in read_dataset(uri, model)]
+
+    if job.stage == "sft":
+        from cai_lib.sft import train_sft
+
+        return train_sft(rows("traces", Trace), rows("helpful", Trace), job.model, job.out, config)
+    if job.stage == "train_pm":
+        from cai_lib.preference_model import train_preference_model
+
+        return train_preference_model(
+            rows("ai", Preference), rows("human", Preference), job.model, job.out, config
+        )
+    from cai_lib.rl import train_rl
+
+    preferences = rows("preferences", Preference) if "preferences" in job.data else None
+    return train_rl(job.model, job.reward, rows("prompts", PromptRecord), job.out, config, preferences)
+
+
+def staged_rows(folder: Path, name: str, rows: Sequence[BaseModel]) -> list[str]:
+    """Write `rows` to `folder/name.jsonl` for a job's ranks to read (rows read from sources that
+    are not datasets: prompt files, hub datasets, human comparisons); returns the job's data entry."""
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(row.model_dump_json() + "\n" for row in rows), encoding="utf-8")
+    return [str(path)]
+
+
+def launch(job: TrainingJob, processes: int) -> dict:
+    """Train `job` with `processes` processes on this machine; returns rank 0's metrics as a dict.
+
+    One process runs here. More start under `torchrun --standalone` (a free local rendezvous);
+    their output goes to this process's stdout and stderr. Raises `CaiError` when a rank fails.
+    """
+    job.checked()
+    if processes == 1:
+        return run(job).model_dump(mode="json")
+    with tempfile.TemporaryDirectory(prefix="cai-job-") as folder:
+        metrics = Path(folder) / METRICS_FILE
+        path = Path(folder) / JOB_FILE
+        path.write_text(job.model_copy(update={"metrics": str(metrics)}).model_dump_json())
+        log.info("%s: starting %d training processes under torchrun", job.stage, processes)
+        status = subprocess.run(torchrun_command(processes, str(path)), check=False).returncode
+        if status != 0:
+            raise CaiError(
+                f"{job.stage}: training under torchrun with {processes} processes failed (exit status {status}); "
+                "the ranks' errors are above"
+            )
+        import json
+
+        return json.loads(metrics.read_text())
+
+
+def torchrun_command(processes: int | None, job_uri: str) -> list[str]:
+    """The command that trains the job at `job_uri` under torchrun: `processes` local ranks on one
+    machine, or (None) the world the environment describes (`PET_*`, as a TrainJob's runtime sets)."""
+    if processes is None:
+        return ["torchrun", "-m", "cai_lib.launch", job_uri]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+        "-m", "cai_lib.launch", job_uri,
+    ]  # fmt: skip
+
+
+def read_job(uri: str) -> TrainingJob:
+    """The job at `uri` (a local file or an s3:// object)."""
+    parent, _, name = uri.rpartition("/")
+    return TrainingJob.model_validate(ArtifactStore.open(parent or ".").read_json(name)).checked()
+
+
+def write_job(job: TrainingJob, folder_uri: str) -> str:
+    """Write `job` under `folder_uri` (where every node of a TrainJob can read it); returns its URI."""
+    ArtifactStore.open(folder_uri).write_json(JOB_FILE, job.model_dump(mode="json"))
+    return join_uri(folder_uri, JOB_FILE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m cai_lib.launch JOB_URI`: one rank of a training job; rank 0 writes the metrics."""
+    from cai_lib.training import current_world
+
+    args = sys.argv[1:] if argv is None else argv
+    world = current_world()
+    logging.basicConfig(
+        level=logging.INFO, format=f"[rank {world.rank}/{world.size}] %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        job = read_job(args[0])
+        metrics = run(job)
+    except CaiError as err:
+        print(f"error: [rank {world.rank}] {err}", file=sys.stderr)
+        sys.exit(2)
+    if world.is_main and job.metrics:
+        parent, _, name = job.metrics.rpartition("/")
+        ArtifactStore.open(parent).write_json(name, metrics.model_dump(mode="json"))
+
+
+if __name__ == "__main__":
+    main()
