@@ -41,6 +41,9 @@ PLATFORM_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_S3_ADDRESSING_STYLE",
 )
+# The stages that train, and their section of the run parameters: they can run under torchrun and
+# as multi-node TrainJobs.
+TRAINING_STAGES = {"sft": "sft", "train_pm": "preference_model", "rl": "rl"}
 
 # Names that end up in MLflow search filters, registered model names and Kubernetes objects: no
 # quotes, no path separators, no "..".
@@ -227,6 +230,22 @@ class ResourceProfile(Strict):
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Taints of GPU nodes to tolerate."
     )
+    num_nodes: int = Field(
+        default=1,
+        ge=1,
+        description="Nodes to train on (training stages only). More than 1 runs the stage as a Kubeflow "
+        "Trainer TrainJob of that many nodes, each with this profile's accelerators, cpu and memory; the "
+        "step's own pod then only launches and watches it.",
+    )
+    deadline_seconds: int = Field(
+        default=7 * 24 * 3600, ge=60, description="A multi-node TrainJob's activeDeadlineSeconds."
+    )
+    schedule_timeout_seconds: int = Field(
+        default=1800,
+        ge=1,
+        description="How long a multi-node TrainJob's nodes may take to be all running before the step "
+        "deletes it and fails.",
+    )
 
     @property
     def wants_gpu(self) -> bool:
@@ -317,6 +336,13 @@ class DeployConfig(Strict):
                 raise ValueError(
                     f"resources.{stage}: a GPU profile needs both accelerator_type and accelerator_count"
                 )
+            if profile.num_nodes > 1 and stage not in TRAINING_STAGES:
+                raise ValueError(
+                    f"resources.{stage}: num_nodes {profile.num_nodes}, but only the training stages "
+                    f"({', '.join(TRAINING_STAGES)}) run on several nodes"
+                )
+            if profile.num_nodes > 1 and not profile.wants_gpu:
+                raise ValueError(f"resources.{stage}: num_nodes {profile.num_nodes} needs GPUs on each node")
         return self
 
 
@@ -351,6 +377,18 @@ class RunConfig(Strict):
 
     params: PipelineParams = Field(default_factory=PipelineParams)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+
+    @model_validator(mode="after")
+    def _processes_fit_the_profiles(self) -> RunConfig:
+        for stage, section in TRAINING_STAGES.items():
+            profile = self.deploy.resources.get(stage)
+            processes = getattr(self.params, section).processes
+            if profile and profile.wants_gpu and processes > profile.accelerator_count:
+                raise ValueError(
+                    f"params.{section}.processes {processes}: more than the {profile.accelerator_count} "
+                    f"accelerator(s) per pod of resources.{stage}"
+                )
+        return self
 
 
 def format_validation_error(err: ValidationError, where: str) -> str:

@@ -138,9 +138,7 @@ def launch(job: TrainingJob, processes: int) -> dict:
                 f"{job.stage}: training under torchrun with {processes} processes failed (exit status {status}); "
                 "the ranks' errors are above"
             )
-        import json
-
-        return json.loads(metrics.read_text())
+        return read_metrics(str(metrics))
 
 
 def torchrun_command(processes: int | None, job_uri: str) -> list[str]:
@@ -164,6 +162,15 @@ def write_job(job: TrainingJob, folder_uri: str) -> str:
     """Write `job` under `folder_uri` (where every node of a TrainJob can read it); returns its URI."""
     ArtifactStore.open(folder_uri).write_json(JOB_FILE, job.model_dump(mode="json"))
     return join_uri(folder_uri, JOB_FILE)
+
+
+def read_metrics(uri: str) -> dict:
+    """The metrics rank 0 wrote at `uri`; `CaiError` when there are none (the job did not finish)."""
+    parent, _, name = uri.rpartition("/")
+    store = ArtifactStore.open(parent)
+    if not store.exists(name):
+        raise CaiError(f"{uri}: no metrics; the training job ended without rank 0 writing them")
+    return store.read_json(name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -547,8 +547,14 @@ def rl(
 
 
 def train(job: TrainingJob) -> dict:
-    """Run a training stage with one process per GPU the pod sees (under torchrun when more than
-    one), or as the stage's `processes` setting says; returns rank 0's metrics."""
+    """Run a training stage: as a multi-node TrainJob when the pipeline compiled one into this
+    step's environment, else here with one process per GPU the pod sees (under torchrun when
+    more than one) or as the stage's `processes` setting says. Returns rank 0's metrics."""
+    from cai_lib.trainjob import TrainJobPlan, run_trainjob, trainer_client
+
+    plan = TrainJobPlan.from_environment()
+    if plan is not None:
+        return run_trainjob(trainer_client(), plan, job)
     return launch(job, process_count(stage_config(job), visible_gpus()))
 
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from cai_lib.config import PLATFORM_ENV, DeployConfig, PipelineParams, params_as_pipeline_arguments
 from cai_lib.stage_table import BY_NAME, STAGES
+from cai_lib.trainjob import TRAINJOB_ENV, plan_of
 from components import stages
 
 PIPELINE_NAME = "constitutional-ai"
@@ -142,6 +143,13 @@ class _Tasks:
     def resources(self, task: dsl.PipelineTask, name: str) -> None:
         profile = self.deploy.resources.get(name)
         if profile is None:
+            return
+        plan = plan_of(name, self.deploy)
+        if plan is not None:
+            # The TrainJob's nodes hold the accelerators; this pod only launches and watches it.
+            task.set_env_variable(TRAINJOB_ENV, plan.model_dump_json())
+            task.set_cpu_request("500m")
+            task.set_memory_request("1Gi")
             return
         if profile.wants_gpu:
             task.set_accelerator_type(profile.accelerator_type)

@@ -72,7 +72,10 @@ def test_sft_with_two_processes_writes_one_checkpoint_that_generates(tiny_model_
     assert "world size 2 (ddp, bf16 false), effective batch 4, rows per rank [4, 4]" in result.output
     model, tokenizer = load_causal_lm(str(only_checkpoint_in(folder)))
     inputs = tokenizer("Hello", return_tensors="pt")
-    assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
+    assert (
+        model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1]
+        == inputs["input_ids"].shape[1] + 3
+    )
 
 
 def run_pm(tiny_model_dir, tmp_path) -> tuple[PreferenceModelMetrics, Path]:
@@ -119,7 +122,9 @@ def test_pm_checkpoint_from_two_processes_scores(pm_run):
     assert len(scores) == 2 and scores[0] != scores[1]
 
 
-def test_dpo_with_two_processes_trains_identical_ranks_and_saves_a_policy(tiny_model_dir, tiny_reward_model_dir, tmp_path):
+def test_dpo_with_two_processes_trains_identical_ranks_and_saves_a_policy(
+    tiny_model_dir, tiny_reward_model_dir, tmp_path
+):
     folder = tmp_path / "outputs"
     folder.mkdir()
     job = TrainingJob(
@@ -127,7 +132,10 @@ def test_dpo_with_two_processes_trains_identical_ranks_and_saves_a_policy(tiny_m
         model=str(tiny_model_dir),
         reward=str(tiny_reward_model_dir),
         out=str(folder / "out"),
-        data={"prompts": [], "preferences": staged_rows(tmp_path, "pairs", [preference(i) for i in range(4)])},
+        data={
+            "prompts": [],
+            "preferences": staged_rows(tmp_path, "pairs", [preference(i) for i in range(4)]),
+        },
         config={"algorithm": "dpo", "steps": 1, "batch_size": 2, "max_length": 64, "eval_prompts": 0},
     )
     metrics = RLMetrics.model_validate(launch(job, 2))
@@ -141,7 +149,9 @@ def test_dpo_with_two_processes_trains_identical_ranks_and_saves_a_policy(tiny_m
 def test_one_rloo_step_runs_under_two_processes(tiny_model_dir, tiny_reward_model_dir, tmp_path):
     folder = tmp_path / "outputs"
     folder.mkdir()
-    prompts = [PromptRecord(id=f"p{i}", prompt=f"Tell me about topic {i}.", kind="red_team") for i in range(4)]
+    prompts = [
+        PromptRecord(id=f"p{i}", prompt=f"Tell me about topic {i}.", kind="red_team") for i in range(4)
+    ]
     job = TrainingJob(
         stage="rl",
         model=str(tiny_model_dir),

@@ -191,21 +191,26 @@ def test_the_run_config_is_accepted_by_the_pipelines_run_config_model(variant, t
 def test_defaults_install_rbac_config_the_retrain_cronjob_and_an_mlflow_server():
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in render_objects())
     assert kinds == [
+        ("ClusterRole", f"{FULLNAME}-{NAMESPACE}-training-runtimes"),
+        ("ClusterRoleBinding", f"{FULLNAME}-{NAMESPACE}-training-runtimes"),
         ("ConfigMap", f"{FULLNAME}-config"),
         ("ConfigMap", ENV_CONFIGMAP),
         ("ConfigMap", "kfp-launcher"),
         ("CronJob", f"{FULLNAME}-retrain"),
         ("Deployment", f"{FULLNAME}-mlflow"),
         ("Role", f"{FULLNAME}-retrain"),
+        ("Role", f"{FULLNAME}-trainjobs"),
         ("RoleBinding", f"{FULLNAME}-retrain"),
+        ("RoleBinding", f"{FULLNAME}-trainjobs"),
         ("Service", f"{FULLNAME}-mlflow"),
         ("ServiceAccount", FULLNAME),
     ]
-    assert {o["metadata"]["namespace"] for o in render_objects()} == {NAMESPACE}
+    namespaced = [o for o in render_objects() if not o["kind"].startswith("Cluster")]
+    assert {o["metadata"]["namespace"] for o in namespaced} == {NAMESPACE}
 
 
 def test_the_role_grants_exactly_what_cai_retrain_needs():
-    role = find(render_objects(), "Role")
+    role = find(render_objects(), "Role", f"{FULLNAME}-retrain")
     assert role["rules"] == [
         {
             "apiGroups": [""],
@@ -221,9 +226,41 @@ def test_the_role_grants_exactly_what_cai_retrain_needs():
     ]
 
 
+def test_the_pipeline_service_account_may_run_trainjobs_and_nothing_more():
+    objects = render_objects()
+    role = find(objects, "Role", f"{FULLNAME}-trainjobs")
+    runtimes = find(objects, "ClusterRole", f"{FULLNAME}-{NAMESPACE}-training-runtimes")
+
+    assert role["rules"] == [
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+         "verbs": ["create", "get", "list", "watch", "delete"]},
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainingruntimes"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
+    ]  # fmt: skip
+    assert runtimes["rules"] == [
+        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["clustertrainingruntimes"], "verbs": ["get"]}
+    ]
+
+
+def test_the_trainjob_roles_are_bound_to_the_pipelines_service_account():
+    objects = render_objects({"trainJobs": {"pipelineServiceAccount": "default-editor"}})
+    subject = {"kind": "ServiceAccount", "name": "default-editor", "namespace": NAMESPACE}
+
+    assert find(objects, "RoleBinding", f"{FULLNAME}-trainjobs")["subjects"] == [subject]
+    assert find(objects, "ClusterRoleBinding", f"{FULLNAME}-{NAMESPACE}-training-runtimes")["subjects"] == [subject]
+
+
+def test_trainjob_permissions_can_be_left_out():
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in render_objects({"trainJobs": {"enabled": False}})}
+
+    assert not {name for _, name in kinds if "trainjobs" in name or "training-runtimes" in name}
+
+
 def test_the_role_binding_gives_the_role_to_the_retrain_service_account():
     objects = render_objects()
-    binding = find(objects, "RoleBinding")
+    binding = find(objects, "RoleBinding", f"{FULLNAME}-retrain")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "Role",

@@ -51,7 +51,9 @@ def test_lora_on_gpus_uses_ddp():
 
 def test_fsdp_with_lora_is_refused():
     with pytest.raises(CaiError, match="sharding fsdp with lora"):
-        trainer_arguments(TrainingSetup(sharding="fsdp"), EIGHT_RANKS, lora=True, on_gpu=True, bf16_supported=True)
+        trainer_arguments(
+            TrainingSetup(sharding="fsdp"), EIGHT_RANKS, lora=True, on_gpu=True, bf16_supported=True
+        )
 
 
 def test_cpu_processes_never_ask_for_fsdp_and_train_on_the_cpu():
@@ -78,7 +80,9 @@ def test_fp32_precision_turns_autocast_off_on_a_gpu():
 
 def test_bf16_on_a_cpu_is_refused():
     with pytest.raises(CaiError, match="precision bf16: needs a GPU"):
-        trainer_arguments(TrainingSetup(precision="bf16"), World(), lora=False, on_gpu=False, bf16_supported=False)
+        trainer_arguments(
+            TrainingSetup(precision="bf16"), World(), lora=False, on_gpu=False, bf16_supported=False
+        )
 
 
 def test_activation_checkpointing_is_fsdps_own_when_sharded():
@@ -86,7 +90,10 @@ def test_activation_checkpointing_is_fsdps_own_when_sharded():
     sharded = trainer_arguments(setup, EIGHT_RANKS, lora=False, on_gpu=True, bf16_supported=True)
     single = trainer_arguments(setup, World(), lora=False, on_gpu=True, bf16_supported=True)
 
-    assert sharded["gradient_checkpointing"] is False and sharded["fsdp_config"]["activation_checkpointing"] is True
+    assert (
+        sharded["gradient_checkpointing"] is False
+        and sharded["fsdp_config"]["activation_checkpointing"] is True
+    )
     assert single["gradient_checkpointing"] is True
 
 
@@ -108,7 +115,12 @@ def test_every_training_config_field_has_a_flag(config):
 def test_nested_engine_fields_get_flags_under_their_section():
     flags = {flag.flag for flag in flags_of(RLConfig)}
 
-    assert {"--engine-gpu-memory-utilization", "--engine-max-model-len", "--processes", "--precision"} <= flags
+    assert {
+        "--engine-gpu-memory-utilization",
+        "--engine-max-model-len",
+        "--processes",
+        "--precision",
+    } <= flags
 
 
 def test_the_rl_command_sets_a_nested_field_and_a_bad_value_names_its_flag(tmp_path):
@@ -154,4 +166,9 @@ def test_local_processes_start_under_a_standalone_torchrun():
 
 
 def test_a_trainjob_node_runs_torchrun_configured_by_the_runtime():
-    assert torchrun_command(None, "s3://b/job.json") == ["torchrun", "-m", "cai_lib.launch", "s3://b/job.json"]
+    assert torchrun_command(None, "s3://b/job.json") == [
+        "torchrun",
+        "-m",
+        "cai_lib.launch",
+        "s3://b/job.json",
+    ]

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from cai_lib.cli import constitution, models, pipeline, pipeline_submit, prompts, stage, stage_eval
+from cai_lib.cli import constitution, models, pipeline, pipeline_submit, prompts, stage, stage_eval, trainjob
 from cai_lib.errors import CaiError
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.add_typer(constitution.app, name="constitution")
 app.add_typer(prompts.app, name="prompts")
 app.add_typer(stage.app, name="stage")
 app.add_typer(models.app, name="models")
+app.add_typer(trainjob.app, name="trainjob")
 app.command("run")(pipeline.run_command)
 app.command("compile")(pipeline.compile_command)
 app.command("submit")(pipeline_submit.submit_command)

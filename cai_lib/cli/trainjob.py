@@ -1,0 +1,51 @@
+"""`cai trainjob render`: the Kubeflow Trainer TrainJob a multi-node training step would create."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import typer
+
+from cai_lib.cli.pipeline import ConfigOption, SetOption, load_config
+from cai_lib.config import TRAINING_STAGES
+from cai_lib.errors import CaiError
+
+app = typer.Typer(help="Multi-node training through Kubeflow Trainer v2.", no_args_is_help=True)
+TrainingStage = enum.Enum("TrainingStage", {name: name for name in TRAINING_STAGES}, type=str)
+
+
+@app.command("render")
+def render_command(
+    stage: Annotated[TrainingStage, typer.Option("--stage", help="The training stage.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    artifact_root: Annotated[
+        str,
+        typer.Option(
+            "--artifact-root",
+            help="The installation's artifact root, for the job's location in the printed command.",
+        ),
+    ] = "s3://BUCKET/artifacts",
+    namespace: Annotated[
+        str, typer.Option("--namespace", help="The namespace the pipeline runs in.")
+    ] = "default",
+) -> None:
+    """Print, as YAML, the TrainJob the stage's pipeline step creates when its profile has num_nodes > 1.
+
+    The output attempt is a placeholder (ATTEMPT); the step fills in its own.
+
+    Example: cai trainjob render --stage sft --config pipelines/configs/llama-8b-two-nodes.yaml
+    """
+    from cai_lib.trainjob import manifest_yaml, plan_of, render
+
+    deploy = load_config(config, set_).deploy
+    plan = plan_of(stage.value, deploy)
+    if plan is None:
+        nodes = deploy.resources[stage.value].num_nodes if stage.value in deploy.resources else 1
+        raise CaiError(
+            f"--stage {stage.value}: its resource profile has num_nodes {nodes}; the step trains in its own pod "
+            "and creates no TrainJob"
+        )
+    out = f"{artifact_root.rstrip('/')}/outputs/{stage.value}/KEY/ATTEMPT"
+    typer.echo(manifest_yaml(render(plan, f"{out}.trainjob/job.json", out, namespace)), nl=False)

@@ -1,0 +1,227 @@
+"""Multi-node training through Kubeflow Trainer v2: the TrainJob a step creates, field by field,
+and the step's launch-wait-logs-fail logic against a STAND-IN for the Kubernetes API
+(tests/kubernetes_standin.py; no cluster runs here). In the success and failure cases the
+stand-in runs the TrainJob's own command for real: two local torchrun "nodes" on the CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+from kubernetes_standin import KubernetesStandIn
+
+from cai_lib.config import DeployConfig, default_gpu_profile
+from cai_lib.errors import CaiError
+from cai_lib.launch import TrainingJob, staged_rows
+from cai_lib.records import Preference, stable_id
+from cai_lib.store import MANIFEST
+from cai_lib.trainjob import (
+    Cancelled,
+    TrainJobPlan,
+    job_name,
+    plan_of,
+    render,
+    run_trainjob,
+    trainer_and_options,
+)
+
+NAMESPACE = "team-a"
+OUT = "s3://bucket/artifacts/outputs/sft/0123abcd/attempt-20261202T000000-abcdef12"
+JOB_URI = f"{OUT}.trainjob/job.json"
+
+
+def two_node_deploy(**profile) -> DeployConfig:
+    settings = {
+        "num_nodes": 2,
+        "accelerator_count": 8,
+        "cpu_request": "64",
+        "memory_request": "900Gi",
+        **profile,
+    }
+    return DeployConfig(resources={"sft": default_gpu_profile().model_copy(update=settings)})
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict:
+    return render(plan_of("sft", two_node_deploy()), JOB_URI, OUT, NAMESPACE)
+
+
+def node_container_env(manifest: dict) -> dict[str, dict]:
+    patch = manifest["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
+        "replicatedJobs"
+    ][0]
+    (container,) = patch["template"]["spec"]["template"]["spec"]["containers"]
+    assert patch["name"] == container["name"] == "node"
+    return {entry["name"]: entry["valueFrom"] for entry in container["env"]}
+
+
+def test_the_trainjob_runs_on_the_torch_distributed_cluster_runtime(manifest):
+    assert manifest["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and manifest["kind"] == "TrainJob"
+    assert manifest["spec"]["runtimeRef"] == {"kind": "ClusterTrainingRuntime", "name": "torch-distributed"}
+
+
+def test_the_trainjob_asks_for_each_node_and_its_gpus(manifest):
+    trainer = manifest["spec"]["trainer"]
+
+    assert trainer["numNodes"] == 2
+    assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "8", "cpu": "64", "memory": "900Gi"}
+    assert trainer["image"] == DeployConfig().image_gpu
+
+
+def test_the_trainjob_runs_the_training_entry_point_under_torchrun(manifest):
+    assert manifest["spec"]["trainer"]["command"] == ["torchrun", "-m", "cai_lib.launch", JOB_URI]
+
+
+def test_the_trainjob_gets_the_steps_secrets_and_settings_as_env(manifest):
+    env = node_container_env(manifest)
+
+    assert env["AWS_ACCESS_KEY_ID"] == {
+        "secretKeyRef": {"name": "cai-s3", "key": "AWS_ACCESS_KEY_ID", "optional": False}
+    }
+    assert env["MLFLOW_TRACKING_PASSWORD"]["secretKeyRef"]["name"] == "cai-mlflow"
+    assert env["CAI_ARTIFACT_ROOT"] == {
+        "configMapKeyRef": {"name": "cai-env", "key": "CAI_ARTIFACT_ROOT", "optional": True}
+    }
+
+
+def test_the_trainjob_has_a_deadline_and_lands_on_gpu_nodes(manifest):
+    patch = manifest["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
+        "replicatedJobs"
+    ][0]
+    pod = patch["template"]["spec"]["template"]["spec"]
+
+    assert manifest["spec"]["activeDeadlineSeconds"] == 7 * 24 * 3600
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_the_sdks_trainjob_model_accepts_the_manifest(manifest):
+    from kubeflow_trainer_api import models
+
+    assert models.TrainerV1alpha1TrainJob.from_dict(manifest).to_dict() == manifest
+
+
+def test_a_single_node_profile_makes_no_trainjob():
+    assert plan_of("sft", DeployConfig()) is None
+
+
+def test_several_nodes_for_a_stage_that_cannot_run_distributed_are_refused():
+    profile = default_gpu_profile().model_copy(update={"num_nodes": 2})
+
+    with pytest.raises(ValueError, match="resources.label: num_nodes 2, but only the training stages"):
+        DeployConfig(resources={"label": profile})
+
+
+def test_more_processes_than_accelerators_in_a_profile_are_refused():
+    from cai_lib.config import load_run_config
+
+    with pytest.raises(CaiError, match=r"params.sft.processes 4: more than the 1 accelerator\(s\) per pod"):
+        load_run_config(overrides=["sft.processes=4"])
+
+
+# -- the step against the stand-in Kubernetes API ---------------------------------------------------
+
+
+def client_of(standin: KubernetesStandIn, namespace: str = NAMESPACE):
+    from kubeflow.trainer import KubernetesBackendConfig, TrainerClient
+    from kubernetes.client import Configuration
+
+    configuration = Configuration()
+    configuration.host = standin.url
+    return TrainerClient(KubernetesBackendConfig(namespace=namespace, client_configuration=configuration))
+
+
+def pm_job(tmp_path, model: str) -> TrainingJob:
+    pairs = [
+        Preference(id=stable_id("ai", str(i)), prompt=f"Like? {i}", answer_a=f"Apples {i}.", answer_b=f"Stones {i}.",
+                   label=0.9, source="ai")
+        for i in range(8)
+    ]  # fmt: skip
+    (tmp_path / "outputs").mkdir()
+    return TrainingJob(
+        stage="train_pm",
+        model=model,
+        out=str(tmp_path / "outputs" / "attempt-1"),
+        data={"ai": staged_rows(tmp_path, "ai", pairs)},
+        config={"batch_size": 2, "eval_fraction": 0.25, "max_length": 48, "use_cpu": True},
+    )
+
+
+def pm_plan(**overrides) -> TrainJobPlan:
+    deploy = DeployConfig(resources={"train_pm": default_gpu_profile().model_copy(update={"num_nodes": 2})})
+    return plan_of("train_pm", deploy).model_copy(update={"poll_seconds": 1, **overrides})
+
+
+def test_a_two_node_trainjob_trains_streams_node_0s_log_and_returns_rank_0s_metrics(tiny_model_dir, tmp_path):
+    job, lines = pm_job(tmp_path, str(tiny_model_dir)), []
+    with KubernetesStandIn(tmp_path) as standin:
+        metrics = run_trainjob(client_of(standin), pm_plan(schedule_timeout_seconds=60), job, lines.append)
+        (created,) = standin.created
+
+    assert metrics["world"]["world_size"] == 2 and [r["rank"] for r in metrics["world"]["ranks"]] == [0, 1]
+    assert (tmp_path / "outputs" / "attempt-1" / MANIFEST).is_file()
+    assert any("trained on 2 process(es)" in line for line in lines), lines
+    assert created["metadata"]["name"] == job_name("train_pm", job.out)
+    assert created["spec"] == render(pm_plan(), f"{job.out}.trainjob/job.json", job.out, NAMESPACE)["spec"]
+
+
+def test_a_failed_trainjob_fails_the_step_with_its_events(tmp_path):
+    job = pm_job(tmp_path, str(tmp_path / "no-such-model"))
+    with KubernetesStandIn(tmp_path) as standin, pytest.raises(CaiError) as failure:
+        run_trainjob(client_of(standin), pm_plan(schedule_timeout_seconds=60), job, lambda line: None)
+
+    assert f"TrainJob {job_name('train_pm', job.out)} failed" in str(failure.value)
+    assert "BackoffLimitExceeded: container node exited with code" in str(failure.value)
+
+
+def test_a_trainjob_whose_nodes_never_run_is_deleted_after_the_schedule_timeout(tmp_path):
+    job = pm_job(tmp_path, "unused")
+    with KubernetesStandIn(tmp_path, schedulable=False) as standin, pytest.raises(CaiError) as failure:
+        run_trainjob(client_of(standin), pm_plan(schedule_timeout_seconds=3), job, lambda line: None)
+
+    assert "were not all running after 3 s; deleted it" in str(failure.value)
+    assert "FailedScheduling: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in str(failure.value)
+    assert standin.deleted == [(NAMESPACE, job_name("train_pm", job.out))]
+
+
+def test_a_cancelled_step_deletes_its_trainjob(tmp_path):
+    job = pm_job(tmp_path, "unused")
+    # KFP cancels a run by deleting its pods: the step's process receives SIGTERM.
+    threading.Timer(3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    with KubernetesStandIn(tmp_path, schedulable=False) as standin, pytest.raises(Cancelled):
+        run_trainjob(client_of(standin), pm_plan(schedule_timeout_seconds=60), job, lambda line: None)
+
+    assert standin.deleted == [(NAMESPACE, job_name("train_pm", job.out))]
+
+
+def test_a_retried_step_deletes_the_trainjob_an_earlier_attempt_left(tmp_path):
+    job = pm_job(tmp_path, "unused")
+    earlier_out = job.out.replace("attempt-1", "attempt-0")
+    earlier = job_name("train_pm", earlier_out)
+    with KubernetesStandIn(tmp_path, schedulable=False) as standin:
+        client = client_of(standin)
+        trainer, options = trainer_and_options(
+            pm_plan(), f"{earlier_out}.trainjob/job.json", earlier, earlier_out
+        )
+        client.train(runtime=client.get_runtime("torch-distributed"), trainer=trainer, options=options)
+        with pytest.raises(CaiError):
+            run_trainjob(client, pm_plan(schedule_timeout_seconds=2), job, lambda line: None)
+
+    assert standin.deleted[0] == (NAMESPACE, earlier)
+
+
+def test_the_standin_keeps_trainjobs_in_their_namespace_and_refuses_a_second_create(tmp_path):
+    job = pm_job(tmp_path, "unused")
+    name = job_name("train_pm", job.out)
+    with KubernetesStandIn(tmp_path, schedulable=False) as standin:
+        client = client_of(standin)
+        trainer, options = trainer_and_options(pm_plan(), "job.json", name, job.out)
+        client.train(runtime=client.get_runtime("torch-distributed"), trainer=trainer, options=options)
+
+        assert client.get_job(name).name == name
+        with pytest.raises(RuntimeError):
+            client_of(standin, "team-b").get_job(name)
+        with pytest.raises(RuntimeError, match="Failed to create TrainJob"):
+            client.train(runtime=client.get_runtime("torch-distributed"), trainer=trainer, options=options)
