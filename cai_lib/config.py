@@ -416,27 +416,45 @@ def parse_override(item: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A run config file as a mapping. A file may name another as its `base` (relative to itself):
+    it is read first and this file's settings are laid over it, section by section."""
+    if path.is_dir():
+        raise CaiError(
+            f"{path}: is a directory; --config takes a run config YAML file (see pipelines/configs/)"
+        )
+    if path.resolve() in chain:
+        raise CaiError(f"{path}: its base chain comes back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise CaiError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise CaiError(f"{path}: YAML error: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CaiError(f"{path}: a run config must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _laid_over(read_config_file(path.parent / str(base), (*chain, path.resolve())), data)
+
+
+def _laid_over(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _laid_over(merged[key], value) if both_sections else value
+    return merged
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a run config YAML (or the defaults) and apply `key=value` overrides; validate it all.
 
-    A top-level key that is a `params` field may be given without the `params.` prefix.
+    A file may build on another (`base: FILE`, see `read_config_file`). A top-level key that is a `params` field may be given without the `params.` prefix.
     Unknown keys and bad values raise `CaiError` naming the file and the field.
     """
-    data: dict = {}
+    data = read_config_file(Path(path)) if path else {}
     where = str(path) if path else "defaults"
-    if path:
-        if Path(path).is_dir():
-            raise CaiError(
-                f"{path}: is a directory; --config takes a run config YAML file (see pipelines/configs/)"
-            )
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise CaiError(f"{path}: no such config file") from None
-        except yaml.YAMLError as err:
-            raise CaiError(f"{path}: YAML error: {str(err).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise CaiError(f"{path}: a run config must be a mapping")
     for item in overrides:
         keys, value = parse_override(item)
         if keys[0] not in RunConfig.model_fields:
