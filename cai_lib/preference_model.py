@@ -57,12 +57,6 @@ class PreferenceModelConfig(TrainingSetup):
     batch_size: int = Field(
         default=8, ge=1, description="Preference pairs per device and step (each pair is two sequences)."
     )
-    gradient_accumulation_steps: int = Field(
-        default=1,
-        ge=1,
-        description="Steps whose gradients are summed before one optimiser update; the effective "
-        "batch is batch_size × gradient_accumulation_steps × devices pairs.",
-    )
     max_length: int = Field(
         default=1024,
         ge=8,
@@ -359,7 +353,7 @@ def _trainer(model, tokenizer, train_set: Sequence[Preference], config: Preferen
     """A `Trainer` with the soft-label loss over the encoded pairs of `train_set`."""
     from transformers import Trainer, TrainingArguments
 
-    from cai_lib.training import hardware_arguments
+    from cai_lib.training import common_arguments
 
     examples = [
         {
@@ -374,15 +368,11 @@ def _trainer(model, tokenizer, train_set: Sequence[Preference], config: Preferen
         learning_rate=config.learning_rate,
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_steps,
         seed=config.seed,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
         remove_unused_columns=False,
-        **hardware_arguments(config),
+        **common_arguments(config),
     )
     return Trainer(
         model=model,

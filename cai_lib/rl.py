@@ -55,9 +55,6 @@ class RLConfig(TrainingSetup):
         description="Prompts per device and step for rloo/grpo (each sampled num_generations "
         "times); preference pairs per device and step for dpo.",
     )
-    gradient_accumulation_steps: int = Field(
-        default=1, ge=1, description="Steps whose gradients are summed before one update."
-    )
     num_generations: int = Field(
         default=4,
         ge=2,
@@ -313,21 +310,17 @@ def _trainer(config: RLConfig, policy_path: Path, tokenizer, scorer, prompts, pa
     """The TRL trainer for `config.algorithm`, set up for the policy at `policy_path`."""
     from datasets import Dataset
 
-    from cai_lib.training import hardware_arguments
+    from cai_lib.training import common_arguments
 
     common = {
         "output_dir": str(scratch),
         "learning_rate": config.learning_rate,
         "max_steps": config.steps,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "beta": config.beta,
         "seed": config.seed,
-        **hardware_arguments(config),
+        **common_arguments(config),
         # Dropout makes the policy's and the reference's log-probs differ on identical weights.
         "disable_dropout": True,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
     }
     if config.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer

@@ -50,12 +50,6 @@ class SFTStageConfig(TrainingSetup):
         default=None, ge=1, description="Stop after this many optimiser steps; overrides `epochs` when set."
     )
     batch_size: int = Field(default=8, ge=1, description="Examples per device and optimiser step.")
-    gradient_accumulation_steps: int = Field(
-        default=1,
-        ge=1,
-        description="Steps whose gradients are summed before one update; the effective batch is batch_size x "
-        "gradient_accumulation_steps x processes.",
-    )
     max_length: int = Field(
         default=1024,
         ge=8,
@@ -216,7 +210,7 @@ def _trainer(model, tokenizer, rows: list[dict], config: SFTStageConfig, output_
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from cai_lib.training import hardware_arguments
+    from cai_lib.training import common_arguments
 
     args = SFTConfig(
         output_dir=str(output_dir),
@@ -224,14 +218,10 @@ def _trainer(model, tokenizer, rows: list[dict], config: SFTStageConfig, output_
         num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1,
         per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
         max_length=config.max_length,
         seed=config.seed,
         data_seed=config.seed,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        **hardware_arguments(config, lora=config.lora),
+        **common_arguments(config, lora=config.lora),
     )
     peft_config = None
     if config.lora:

@@ -74,6 +74,12 @@ class TrainingSetup(BaseModel):
         default=False,
         description="Recompute activations in the backward pass: less memory, ~20% slower.",
     )
+    gradient_accumulation_steps: int = Field(
+        default=1,
+        ge=1,
+        description="Steps whose gradients are summed before one optimiser update; the effective batch is "
+        "batch_size x gradient_accumulation_steps x processes.",
+    )
     use_cpu: bool = Field(default=False, description="Train on the CPU even when a GPU is visible.")
 
 
@@ -181,12 +187,20 @@ def trainer_arguments(
     return arguments
 
 
-def hardware_arguments(setup: TrainingSetup, lora: bool = False) -> dict:
-    """`trainer_arguments` for this process's world and the hardware it sees."""
+def common_arguments(setup: TrainingSetup, lora: bool = False) -> dict:
+    """The `TrainingArguments` fields every training stage shares: `trainer_arguments` for this
+    process's world and hardware, gradient accumulation, a log entry per step, and no Trainer
+    checkpoints or trackers (the stage saves its own checkpoint and the pipeline records it)."""
     import torch
 
     on_gpu = torch.cuda.is_available() and not setup.use_cpu
-    return trainer_arguments(setup, current_world(), lora, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+    return {
+        **trainer_arguments(setup, current_world(), lora, on_gpu, on_gpu and torch.cuda.is_bf16_supported()),
+        "gradient_accumulation_steps": setup.gradient_accumulation_steps,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+    }
 
 
 class RankReport(BaseModel):
