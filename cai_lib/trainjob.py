@@ -237,7 +237,8 @@ def run_trainjob(client, plan: TrainJobPlan, job: TrainingJob, echo: Callable[[s
     """
     folder = f"{job.out.rstrip('/')}.trainjob"
     metrics_uri = f"{folder}/metrics.json"
-    job_uri = write_job(job.model_copy(update={"metrics": metrics_uri}), folder)
+    shared = job.model_copy(update={"metrics": metrics_uri, "data": shared_data(job.data, folder)})
+    job_uri = write_job(shared, folder)
     name = job_name(plan.stage, job.out)
     delete_earlier_attempts(client, job.out)
     trainer, options = trainer_and_options(plan, job_uri, name, job.out)
@@ -254,6 +255,26 @@ def run_trainjob(client, plan: TrainJobPlan, job: TrainingJob, echo: Callable[[s
             echo(f"deleted TrainJob {name}: the step was cancelled")
             raise
     return read_metrics(metrics_uri)
+
+
+def shared_data(data: dict[str, list[str]], folder: str) -> dict[str, list[str]]:
+    """`data` with every file on this pod's disk (rows the step staged, e.g. human comparisons)
+    copied under `folder`, where the TrainJob's nodes can read it; dataset URIs stay as they are."""
+    from pathlib import Path
+
+    from cai_lib.store import ArtifactStore, is_s3, join_uri
+
+    shared: dict[str, list[str]] = {}
+    for role, uris in data.items():
+        shared[role] = []
+        for index, uri in enumerate(uris):
+            if is_s3(uri) or not Path(uri).is_file():
+                shared[role].append(uri)
+                continue
+            key = f"data/{role}-{index}.jsonl"
+            ArtifactStore.open(folder).put_file(uri, key)
+            shared[role].append(join_uri(folder, key))
+    return shared
 
 
 def _watch(client, plan: TrainJobPlan, name: str, echo: Callable[[str], None]) -> None:

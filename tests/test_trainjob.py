@@ -24,6 +24,7 @@ from cai_lib.trainjob import (
     plan_of,
     render,
     run_trainjob,
+    shared_data,
     trainer_and_options,
 )
 
@@ -225,3 +226,14 @@ def test_the_standin_keeps_trainjobs_in_their_namespace_and_refuses_a_second_cre
             client_of(standin, "team-b").get_job(name)
         with pytest.raises(RuntimeError, match="Failed to create TrainJob"):
             client.train(runtime=client.get_runtime("torch-distributed"), trainer=trainer, options=options)
+
+
+def test_rows_staged_on_the_steps_disk_are_shared_with_the_nodes_and_datasets_stay_put(tmp_path):
+    staged = tmp_path / "human.jsonl"
+    staged.write_text('{"id": "h1"}\n')
+    folder = str(tmp_path / "attempt-1.trainjob")
+
+    shared = shared_data({"human": [str(staged)], "ai": ["s3://bucket/outputs/label/k/data"]}, folder)
+
+    assert shared == {"human": [f"{folder}/data/human-0.jsonl"], "ai": ["s3://bucket/outputs/label/k/data"]}
+    assert (tmp_path / "attempt-1.trainjob" / "data" / "human-0.jsonl").read_text() == '{"id": "h1"}\n'
