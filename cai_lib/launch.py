@@ -152,10 +152,16 @@ def torchrun_command(processes: int | None, job_uri: str) -> list[str]:
     ]  # fmt: skip
 
 
+def file_at(uri: str) -> tuple[ArtifactStore, str]:
+    """(the store of the folder holding the file at `uri`, the file's name): a local path or s3://."""
+    parent, _, name = uri.rpartition("/")
+    return ArtifactStore.open(parent or "."), name
+
+
 def read_job(uri: str) -> TrainingJob:
     """The job at `uri` (a local file or an s3:// object)."""
-    parent, _, name = uri.rpartition("/")
-    return TrainingJob.model_validate(ArtifactStore.open(parent or ".").read_json(name)).checked()
+    store, name = file_at(uri)
+    return TrainingJob.model_validate(store.read_json(name)).checked()
 
 
 def write_job(job: TrainingJob, folder_uri: str) -> str:
@@ -166,8 +172,7 @@ def write_job(job: TrainingJob, folder_uri: str) -> str:
 
 def read_metrics(uri: str) -> dict:
     """The metrics rank 0 wrote at `uri`; `CaiError` when there are none (the job did not finish)."""
-    parent, _, name = uri.rpartition("/")
-    store = ArtifactStore.open(parent)
+    store, name = file_at(uri)
     if not store.exists(name):
         raise CaiError(f"{uri}: no metrics; the training job ended without rank 0 writing them")
     return store.read_json(name)
@@ -189,8 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: [rank {world.rank}] {err}", file=sys.stderr)
         sys.exit(2)
     if world.is_main and job.metrics:
-        parent, _, name = job.metrics.rpartition("/")
-        ArtifactStore.open(parent).write_json(name, metrics.model_dump(mode="json"))
+        store, name = file_at(job.metrics)
+        store.write_json(name, metrics.model_dump(mode="json"))
 
 
 if __name__ == "__main__":

@@ -231,8 +231,8 @@ def train_rl(
     if config.algorithm != "dpo" and not prompts:
         raise CaiError(f"--algorithm {config.algorithm} needs at least one training prompt")
     world = current_world()
-    device = device_of(world, config.use_cpu or config.reward_device == "cpu")
-    scorer = RewardScorer.load(reward_ref, config.eval_batch_size, config.max_length, device)
+    reward_device = device_of(world, config.use_cpu or config.reward_device == "cpu")
+    scorer = RewardScorer.load(reward_ref, config.eval_batch_size, config.max_length, reward_device)
     policy_path = resolve_model(policy_ref)
     tokenizer = load_tokenizer(policy_path, policy_ref)
     eval_conversations = (

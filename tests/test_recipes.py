@@ -26,8 +26,12 @@ def test_every_recipe_compiles(recipe, tmp_path):
     out = tmp_path / "pipeline.yaml"
 
     compile_pipeline(str(out), config.params, config.deploy)
+    pipeline_spec, _ = yaml.safe_load_all(out.read_text())
 
-    assert yaml.safe_load_all(out.read_text())
+    run = pipeline_spec["root"]["dag"]["tasks"]["exit-handler-1"]["componentRef"]["name"]
+    assert {"resolve-run", "sft", "train-pm", "rl", "evaluate", "register"} <= set(
+        pipeline_spec["components"][run]["dag"]["tasks"]
+    )
 
 
 def test_the_one_node_recipe_trains_on_a_whole_8_gpu_node_and_generates_on_single_gpus():
