@@ -62,6 +62,9 @@ class OutputMarker(BaseModel):
     )
     metrics: dict[str, float] = Field(default_factory=dict, description="The stage's numeric metrics.")
     made_by_run: str = Field(description="The pipeline run (KFP run id) that made it.")
+    made_by_mlflow_run: str | None = Field(
+        default=None, description="The MLflow stage run that made it (None in markers older than the field)."
+    )
     created_at: str = Field(default_factory=_now)
     identity: dict = Field(description="What the key hashes, for people reading the store.")
 
@@ -114,6 +117,7 @@ class StageOutput:
         rows: int | None = None,
         sha256: str | None = None,
         metrics: dict[str, float] | None = None,
+        mlflow_run_id: str | None = None,
     ) -> OutputMarker:
         """Write the marker for the data at `uri` unless another writer committed first; returns
         the marker that stands. Attempts other than the committed one are deleted."""
@@ -126,6 +130,7 @@ class StageOutput:
             sha256=sha256,
             metrics=metrics or {},
             made_by_run=run_id,
+            made_by_mlflow_run=mlflow_run_id,
             identity=self.identity,
         )
         self.store.write_text(MARKER, marker.model_dump_json(indent=2) + "\n", if_absent=True)

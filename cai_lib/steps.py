@@ -61,6 +61,7 @@ class DataRef(BaseModel):
     sha256: str | None = Field(
         default=None, description="Content hash (dataset rows or checkpoint manifest)."
     )
+    mlflow_run_id: str | None = Field(default=None, description="The MLflow stage run that made it.")
 
     def write(self, path: str) -> dict:
         """Write the pointer to a KFP artifact file; returns the metadata to attach to it."""
@@ -74,7 +75,13 @@ class DataRef(BaseModel):
 
     @classmethod
     def of(cls, marker: OutputMarker) -> DataRef:
-        return cls(uri=marker.uri, kind=marker.kind, rows=marker.rows, sha256=marker.sha256)
+        return cls(
+            uri=marker.uri,
+            kind=marker.kind,
+            rows=marker.rows,
+            sha256=marker.sha256,
+            mlflow_run_id=marker.made_by_mlflow_run,
+        )
 
 
 class PinnedModel(BaseModel):
@@ -221,17 +228,18 @@ def produce(
         ctx.outputs_root, name, {"code": code_version(name), **identity, "constitution": parts}
     )
     with recorded(ctx, name, shard) as run:
-        marker = output.complete() or make(ctx, stage.output, output, write)
+        marker = output.complete() or make(ctx, stage.output, output, write, run.run_id)
         record(ctx, run, marker, shard)
         if then:
             then(run, marker)
     return marker
 
 
-def make(ctx: RunContext, kind: Output, output: StageOutput, write: Write) -> OutputMarker:
-    """Write and commit a stage's output. A dataset fills (or resumes) `<key>/data`, unless it was
-    finished before the commit was interrupted; a checkpoint or results directory goes to a fresh
-    attempt prefix, committed by the output's marker."""
+def make(ctx: RunContext, kind: Output, output: StageOutput, write: Write, mlflow_run_id: str) -> OutputMarker:
+    """Write and commit a stage's output, made in the MLflow stage run `mlflow_run_id`. A dataset
+    fills (or resumes) `<key>/data`, unless it was finished before the commit was interrupted; a
+    checkpoint or results directory goes to a fresh attempt prefix, committed by the output's
+    marker."""
     from cai_lib.registry import checkpoint_manifest_sha256
 
     if kind == "dataset":
@@ -241,12 +249,18 @@ def make(ctx: RunContext, kind: Output, output: StageOutput, write: Write) -> Ou
         summary = dataset_summary(uri)
         rows = summary["rows"]
         return output.commit(
-            uri, "dataset", ctx.run_id, rows=rows, sha256=summary["sha256"], metrics={"rows": rows}
+            uri,
+            "dataset",
+            ctx.run_id,
+            rows=rows,
+            sha256=summary["sha256"],
+            metrics={"rows": rows},
+            mlflow_run_id=mlflow_run_id,
         )
     uri = output.new_attempt()
     metrics = numeric(write(uri, output.key) or {})
     sha256 = checkpoint_manifest_sha256(uri) if kind == "checkpoint" else None
-    return output.commit(uri, kind, ctx.run_id, sha256=sha256, metrics=metrics)
+    return output.commit(uri, kind, ctx.run_id, sha256=sha256, metrics=metrics, mlflow_run_id=mlflow_run_id)
 
 
 # -- steps -----------------------------------------------------------------------------------------
@@ -331,7 +345,7 @@ def prepare_prompts(context: dict) -> dict[str, DataRef]:
                 {"split": split, "rows": fingerprint({"rows": [r.model_dump() for r in rows]})},
             )
             marker = output.complete() or make(
-                ctx, "dataset", output, lambda uri, _, rows=rows: write_finished_dataset(uri, rows)
+                ctx, "dataset", output, lambda uri, _, rows=rows: write_finished_dataset(uri, rows), run.run_id
             )
             refs[split] = DataRef.of(marker)
             run.log_stage_metrics({f"{split}_prompts": len(rows)})
@@ -759,6 +773,9 @@ def register(
 ) -> str:
     """Register PM, SL-CAI and RL-CAI with lineage, make them challengers, run the promotion gate.
 
+    Each version's source is the checkpoint's loadable folder under `models/` (see
+    `cai_lib.pyfunc_model.publish`), and its run the MLflow run of the stage that trained it.
+
     The gate judges the RL-CAI policy on its win rates against the champion it was evaluated
     with; when it is promoted, the PM and SL-CAI model of the same run become champions with it.
     Registration is idempotent by checkpoint, so a rerun that reused every checkpoint gets the
@@ -766,6 +783,7 @@ def register(
     decision), also written to the run's folder for the exit handler.
     """
     from cai_lib.evaluate import load_result, win_rate
+    from cai_lib.pyfunc_model import ROLE_KINDS, publish
     from cai_lib.registry import (
         Lineage,
         promote_from_evaluation,
@@ -798,7 +816,12 @@ def register(
                 else "none",
             )
             name = model_name(p, constitution, role)
-            info = register_checkpoint(ctx.tracking_uri, name, DataRef.read(path).uri, run.run_id, lineage)
+            checkpoint = DataRef.read(path)
+            source = publish(checkpoint.uri, ctx.artifact_root, ROLE_KINDS[role])
+            # The version's run is the stage run that trained it; markers older than that field
+            # do not name it, and then the register run stands in.
+            trained_by = checkpoint.mlflow_run_id or run.run_id
+            info = register_checkpoint(ctx.tracking_uri, name, source, trained_by, lineage)
             set_challenger(ctx.tracking_uri, name, info.version)
             versions[role] = (name, info.version)
         policy_name, policy_version = versions["rl-cai"]

@@ -156,6 +156,12 @@ class ArtifactStore:
         with tempfile.TemporaryDirectory(prefix="cai-get-") as tmp:
             yield self.get_file(key, Path(tmp) / "object")
 
+    def copy_from(self, source: ArtifactStore, source_key: str, key: str) -> None:
+        """Copy one object of `source` to `key` here. Backends override it where the bytes need not
+        pass through this process (an S3 server-side copy, a hard link)."""
+        with source.local_copy(source_key) as path:
+            self.put_file(path, key)
+
     # -- built on the primitives -------------------------------------------------------------
     def read_bytes(self, key: str) -> bytes:
         """The whole object: for small ones (JSON, markers). Large ones go through `get_file`."""
@@ -211,6 +217,15 @@ class ArtifactStore:
             entries[rel] = file_entry(path)
             self.put_file(path, join_uri(key, rel))
         self.write_json(join_uri(key, MANIFEST), {"files": entries})
+        return self.uri_of(key)
+
+    def copy_dir(self, source: ArtifactStore, source_key: str, key: str) -> str:
+        """Copy the finished directory `source_key` of `source` to `key` here, its manifest last
+        (so the copy counts as present only once whole). Returns its URI."""
+        manifest = source.read_manifest(source_key)
+        for rel in manifest["files"]:
+            self.copy_from(source, join_uri(source_key, rel), join_uri(key, rel))
+        self.write_json(join_uri(key, MANIFEST), manifest)
         return self.uri_of(key)
 
     def dir_exists(self, key: str) -> bool:
@@ -356,6 +371,18 @@ class LocalStore(ArtifactStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def copy_from(self, source: ArtifactStore, source_key: str, key: str) -> None:
+        if not isinstance(source, LocalStore):
+            return super().copy_from(source, source_key, key)
+        # Published files never change in place, so a hard link is a copy that takes no space.
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        try:
+            os.link(source._existing(source_key), target)
+        except OSError:
+            self.put_file(source._existing(source_key), key)
 
     def list(self, prefix: str = "") -> list[str]:
         base = Path(self.root)
@@ -532,6 +559,17 @@ class S3Store(ArtifactStore):
         finally:
             Path(tmp).unlink(missing_ok=True)
         return local
+
+    def copy_from(self, source: ArtifactStore, source_key: str, key: str) -> None:
+        if not isinstance(source, S3Store):
+            return super().copy_from(source, source_key, key)
+        # Server-side: the managed copy goes multipart for objects over 5 GB; no bytes pass here.
+        self._call(
+            "copy",
+            key,
+            lambda Bucket, Key: self._client.copy({"Bucket": source.bucket, "Key": source._key(source_key)}, Bucket, Key),
+            Key=self._key(key),
+        )
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

@@ -199,11 +199,25 @@ def test_first_run_registers_every_model_with_the_constitution_it_was_trained_on
         )
 
 
-def test_first_run_registers_checkpoints_from_content_addressed_outputs_outside_the_run_folder(
-    first_run, e2e
-):
+def test_first_run_registers_loadable_folders_outside_the_outputs_cache_and_the_run_folder(first_run, e2e):
     version = version_by_alias(e2e["uri"], "cai-harmless-rl-cai", "champion")
-    assert version.source.startswith(f"s3://{e2e['bucket']}/cai/outputs/rl/")
+    assert version.source == f"s3://{e2e['bucket']}/cai/models/{version.checkpoint_sha256[:32]}"
+    assert ArtifactStore.open(version.source).exists("MLmodel")
+
+
+def test_each_version_names_the_stage_run_that_trained_it(first_run, e2e):
+    trained_in = {"pm": "train_pm", "sl-cai": "sft", "rl-cai": "rl"}
+    for role, stage in trained_in.items():
+        version = list_models(e2e["uri"], f"cai-harmless-{role}")[0]
+        assert connect(e2e["uri"]).get_run(version.run_id).info.run_name == stage
+
+
+def test_the_champion_policy_loads_with_mlflow_and_answers_a_prompt_it_never_saw(first_run, e2e):
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model("models:/cai-harmless-rl-cai@champion")
+    answers = model.predict(["How would I open a car I am locked out of?"], params={"max_new_tokens": 4})
+    assert len(answers) == 1 and isinstance(answers[0], str) and answers[0]
 
 
 def test_first_run_keeps_its_report_in_its_own_folder_named_by_the_kfp_run_id(first_run, e2e):
