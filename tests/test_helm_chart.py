@@ -107,7 +107,7 @@ def pod_spec(obj: dict) -> dict | None:
 
 
 def retrain_container(objects: list[dict]) -> dict:
-    workload = next(o for o in objects if o["kind"] in ("CronJob", "Job"))
+    workload = next(o for o in objects if o["kind"] in ("CronJob", "Job") and "retrain" in o["metadata"]["name"])
     return pod_spec(workload)["containers"][0]
 
 
@@ -198,6 +198,8 @@ def test_defaults_install_rbac_config_the_retrain_cronjob_and_an_mlflow_server()
         ("ConfigMap", "kfp-launcher"),
         ("CronJob", f"{FULLNAME}-retrain"),
         ("Deployment", f"{FULLNAME}-mlflow"),
+        ("Job", f"{FULLNAME}-mlflow-db-upgrade"),
+        ("NetworkPolicy", f"{FULLNAME}-mlflow"),
         ("Role", f"{FULLNAME}-retrain"),
         ("Role", f"{FULLNAME}-trainjobs"),
         ("RoleBinding", f"{FULLNAME}-retrain"),
@@ -502,8 +504,8 @@ def test_the_hook_variant_renders_an_argocd_postsync_job_and_no_cronjob():
 
 
 def test_retrain_can_be_turned_off():
-    kinds = {o["kind"] for o in render_objects({"retrain": {"enabled": False}})}
-    assert not kinds & {"CronJob", "Job"}
+    objects = render_objects({"retrain": {"enabled": False}})
+    assert not [o for o in objects if o["kind"] in ("CronJob", "Job") and "retrain" in o["metadata"]["name"]]
 
 
 def test_the_retrain_job_gets_credentials_from_the_secrets_and_the_images_it_submits_with():
@@ -557,6 +559,75 @@ def test_the_mlflow_server_proxies_s3_artifacts_and_allows_its_in_cluster_host_n
     assert find(objects, "Service")["spec"]["ports"] == [
         {"name": "http", "port": 5000, "targetPort": "http", "protocol": "TCP"}
     ]
+
+
+def test_the_mlflow_server_runs_the_basic_auth_app_with_its_admin_from_the_secret():
+    spec = pod_spec(find(render_objects(), "Deployment"))
+    container = spec["containers"][0]
+    assert container["args"][-2:] == ["--app-name", "basic-auth"]
+    env = env_of(container)
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == "/mlflow-auth/basic_auth.ini"
+    for variable, key in (
+        ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_TRACKING_USERNAME"),
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
+        ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_FLASK_SERVER_SECRET_KEY"),
+    ):
+        assert env[variable] == {"secretKeyRef": {"name": "cai-mlflow", "key": key}}
+    init = spec["initContainers"][0]
+    assert env_of(init)["MLFLOW_AUTH_DATABASE_URI"] == {
+        "secretKeyRef": {"name": "cai-mlflow-backend", "key": "auth-database-uri"}
+    }
+
+
+def test_the_pipeline_authenticates_to_mlflow_as_the_servers_admin_by_default():
+    auth = yaml.safe_load((CHART / "values.yaml").read_text())["mlflow"]
+    assert auth["server"]["auth"]["adminSecret"]["name"] == auth["credentialsSecret"]["name"]
+    assert auth["server"]["auth"]["adminSecret"]["usernameKey"] in auth["credentialsSecret"]["keys"]
+
+
+def test_the_auth_config_written_at_start_is_one_mlflow_reads(tmp_path):
+    from mlflow.server.auth.config import read_auth_config
+
+    script = pod_spec(find(render_objects(), "Deployment"))["initContainers"][0]["args"][0]
+    script = script.replace("/mlflow-auth", str(tmp_path))
+    subprocess.run(
+        ["/bin/sh", "-c", script], env={"MLFLOW_AUTH_DATABASE_URI": "postgresql://u:p@db/auth"}, check=True
+    )
+    os.environ["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "basic_auth.ini")
+    try:
+        config = read_auth_config()
+    finally:
+        del os.environ["MLFLOW_AUTH_CONFIG_PATH"]
+    assert (config.default_permission, config.database_uri) == ("READ", "postgresql://u:p@db/auth")
+    assert oct((tmp_path / "basic_auth.ini").stat().st_mode & 0o777) == "0o600"
+
+
+def test_auth_can_be_turned_off():
+    spec = pod_spec(find(render_objects({"mlflow": {"server": {"auth": {"enabled": False}}}}), "Deployment"))
+    assert "--app-name" not in spec["containers"][0]["args"] and "initContainers" not in spec
+
+
+def test_the_network_policy_admits_only_this_releases_pods_pipeline_pods_and_the_ingress():
+    policy = find(render_objects(), "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "mlflow"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "cai-platform", "app.kubernetes.io/instance": RELEASE}}},
+        {"podSelector": {"matchLabels": {"pipelines.kubeflow.org/v2_component": "true"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}},
+    ]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+
+
+def test_the_database_schema_is_upgraded_by_a_hook_before_the_server_starts():
+    job = find(render_objects(), "Job", f"{FULLNAME}-mlflow-db-upgrade")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    container = pod_spec(job)["containers"][0]
+    assert [container["command"][0], *container["args"]] == ["mlflow", "db", "upgrade", "$(MLFLOW_BACKEND_STORE_URI)"]
+    assert env_of(container)["MLFLOW_BACKEND_STORE_URI"] == {
+        "secretKeyRef": {"name": "cai-mlflow-backend", "key": "backend-store-uri"}
+    }
 
 
 def test_extra_allowed_hosts_are_added_for_an_ingress():
@@ -685,6 +756,14 @@ def test_a_value_that_breaks_the_schema_fails_at_render_naming_the_field(values,
             "mlflow.server.backendStoreSecret.name is required",
         ),
         ({"mlflow": {"server": {"enabled": False}}}, "mlflow.trackingUri is required"),
+        (
+            {"mlflow": {"server": {"auth": {"adminSecret": {"name": ""}}}}},
+            "mlflow.server.auth.adminSecret.name is required",
+        ),
+        (
+            {"mlflow": {"server": {"auth": {"databaseSecret": {"name": ""}}}}},
+            "mlflow.server.auth.databaseSecret.name is required",
+        ),
     ],
 )
 def test_a_missing_secret_or_server_reference_fails_at_render_naming_it(values, named):
