@@ -23,7 +23,11 @@ ExperimentOption = Annotated[
 ]
 NamespaceOption = Annotated[
     str | None,
-    typer.Option("--namespace", help="Profile namespace on multi-user Kubeflow (default: single-user mode)."),
+    typer.Option(
+        "--namespace",
+        help="Profile namespace on multi-user Kubeflow, where the pipeline, experiment and run go "
+        "(default: the pod's namespace in the cluster; none on single-user KFP).",
+    ),
 ]
 
 
