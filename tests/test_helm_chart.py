@@ -107,7 +107,9 @@ def pod_spec(obj: dict) -> dict | None:
 
 
 def retrain_container(objects: list[dict]) -> dict:
-    workload = next(o for o in objects if o["kind"] in ("CronJob", "Job") and "retrain" in o["metadata"]["name"])
+    workload = next(
+        o for o in objects if o["kind"] in ("CronJob", "Job") and "retrain" in o["metadata"]["name"]
+    )
     return pod_spec(workload)["containers"][0]
 
 
@@ -251,7 +253,9 @@ def test_the_trainjob_roles_are_bound_to_the_pipelines_service_account():
     subject = {"kind": "ServiceAccount", "name": "default-editor", "namespace": NAMESPACE}
 
     assert find(objects, "RoleBinding", f"{FULLNAME}-trainjobs")["subjects"] == [subject]
-    assert find(objects, "ClusterRoleBinding", f"{FULLNAME}-{NAMESPACE}-training-runtimes")["subjects"] == [subject]
+    assert find(objects, "ClusterRoleBinding", f"{FULLNAME}-{NAMESPACE}-training-runtimes")["subjects"] == [
+        subject
+    ]
 
 
 def test_trainjob_permissions_can_be_left_out():
@@ -613,7 +617,14 @@ def test_the_network_policy_admits_only_this_releases_pods_pipeline_pods_and_the
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = policy["spec"]["ingress"]
     assert rule["from"] == [
-        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "cai-platform", "app.kubernetes.io/instance": RELEASE}}},
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "cai-platform",
+                    "app.kubernetes.io/instance": RELEASE,
+                }
+            }
+        },
         {"podSelector": {"matchLabels": {"pipelines.kubeflow.org/v2_component": "true"}}},
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}},
     ]
@@ -624,7 +635,12 @@ def test_the_database_schema_is_upgraded_by_a_hook_before_the_server_starts():
     job = find(render_objects(), "Job", f"{FULLNAME}-mlflow-db-upgrade")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
     container = pod_spec(job)["containers"][0]
-    assert [container["command"][0], *container["args"]] == ["mlflow", "db", "upgrade", "$(MLFLOW_BACKEND_STORE_URI)"]
+    assert [container["command"][0], *container["args"]] == [
+        "mlflow",
+        "db",
+        "upgrade",
+        "$(MLFLOW_BACKEND_STORE_URI)",
+    ]
     assert env_of(container)["MLFLOW_BACKEND_STORE_URI"] == {
         "secretKeyRef": {"name": "cai-mlflow-backend", "key": "backend-store-uri"}
     }
@@ -786,3 +802,80 @@ def test_the_committed_pipeline_reads_only_configmaps_and_secrets_the_default_ch
         values["mlflow"]["credentialsSecret"]["name"],
     }
     assert secrets == {SecretRefs().s3_secret, SecretRefs().mlflow_secret}
+
+
+@pytest.mark.integration
+def test_the_rendered_auth_server_refuses_anonymous_alias_writes_and_admits_the_pipelines_account(
+    tmp_path, tiny_model_dir, s3_bucket, monkeypatch
+):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from cai_lib.registry import Lineage, register_checkpoint
+    from cai_lib.store import ArtifactStore
+
+    port = free_port()
+    spec = pod_spec(find(render_objects({"mlflow": {"server": {"port": port, "workers": 1}}}), "Deployment"))
+    # The init container's script writes the auth config; here into tmp_path, on a SQLite auth store.
+    script = spec["initContainers"][0]["args"][0].replace("/mlflow-auth", str(tmp_path))
+    subprocess.run(
+        ["/bin/sh", "-c", script],
+        env={"MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path / 'auth.db'}"},
+        check=True,
+    )
+    args = spec["containers"][0]["args"]
+    local = {"$(MLFLOW_BACKEND_STORE_URI)": f"sqlite:///{tmp_path / 'mlflow.db'}", "0.0.0.0": "127.0.0.1"}
+    env = dict(
+        os.environ,
+        MLFLOW_AUTH_CONFIG_PATH=str(tmp_path / "basic_auth.ini"),
+        MLFLOW_AUTH_ADMIN_USERNAME="pipeline",
+        MLFLOW_AUTH_ADMIN_PASSWORD="s3cret-pipeline",
+        MLFLOW_FLASK_SERVER_SECRET_KEY="test-key",
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+    )
+    uri = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "mlflow.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", *(local.get(arg, arg) for arg in args)],
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        try:
+            wait_for_port(port, server, f"mlflow server (log: {tmp_path / 'mlflow.log'})", timeout=240)
+            monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pipeline")
+            checkpoint = ArtifactStore.open(f"s3://{s3_bucket}").put_dir(tiny_model_dir, "ck")
+            lineage = Lineage(
+                constitution_name="harmless",
+                constitution_version="1.0.0",
+                constitution_sha256="0" * 64,
+                pipeline_run_id="run-1",
+                base_model="tiny",
+            )
+            version = register_checkpoint(uri, "cai-harmless-rl-cai", checkpoint, None, lineage).version
+            MlflowClient(uri).set_registered_model_alias("cai-harmless-rl-cai", "champion", version)
+            monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+            monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+            with pytest.raises(MlflowException) as anonymous:
+                MlflowClient(uri).set_registered_model_alias("cai-harmless-rl-cai", "champion", version)
+            champion = http_json(
+                uri,
+                "/api/2.0/mlflow/registered-models/get?name=cai-harmless-rl-cai",
+                ("pipeline", "s3cret-pipeline"),
+            )
+        finally:
+            stop_session(server)
+    assert "401" in str(anonymous.value) or "Unauthorized" in str(anonymous.value)
+    assert champion["registered_model"]["aliases"] == [{"alias": "champion", "version": version}]
+
+
+def http_json(uri: str, path: str, credentials: tuple[str, str]) -> dict:
+    import base64
+    import urllib.request
+
+    token = base64.b64encode(":".join(credentials).encode()).decode()
+    request = urllib.request.Request(uri + path, headers={"Authorization": f"Basic {token}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
