@@ -1,10 +1,13 @@
-"""Fixtures that start the real parts tests need: moto's S3 server and an `mlflow server`.
+"""Fixtures that start the real parts tests need: moto's S3 server, an `mlflow server` and the
+PostgreSQL cluster it stores its runs and registry in (tests/postgres_fixture.py).
 
-Both run as separate processes on 127.0.0.1 with free ports, for the whole test session.
+All run as separate processes on 127.0.0.1 with free ports, for the whole test session.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -103,15 +106,70 @@ def s3_bucket(s3_env) -> str:
     return name
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory, s3_server):
-    """A real `mlflow server` (SQLite backend, artifacts in a bucket on the moto server).
+# Lines for the end of the test log, e.g. which backend store the mlflow server ran on.
+SESSION_NOTES: list[str] = []
 
-    Yields a dict with `uri` (tracking URI), `port`, `restart()` to bounce the process, and `env`.
+
+def say(config: pytest.Config, line: str) -> None:
+    """Write `line` to the terminal now, past output capture, and again in the final summary."""
+    SESSION_NOTES.append(line)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        if getattr(getattr(reporter, "_tw", None), "width_of_current_line", 0):
+            reporter.write("\n")  # after -q's progress dots
+        reporter.write_line(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in SESSION_NOTES:
+        terminalreporter.write_line(line)
+
+
+def mlflow_backend_store(request, work: Path) -> tuple[str, str, str]:
+    """(backend, --backend-store-uri, what it is) for the mlflow server: PostgreSQL as in
+    production where its server binaries and psycopg2 are here, else SQLite. The environment
+    variable CAI_TEST_MLFLOW_BACKEND=postgresql makes a missing PostgreSQL an error (for CI),
+    =sqlite forces SQLite.
+    """
+    from postgres_fixture import find_postgres
+
+    wanted = os.environ.get("CAI_TEST_MLFLOW_BACKEND", "")
+    if wanted not in ("", "postgresql", "sqlite"):
+        raise RuntimeError(f"CAI_TEST_MLFLOW_BACKEND={wanted!r}: expected postgresql or sqlite")
+    if wanted == "sqlite":
+        reason = "CAI_TEST_MLFLOW_BACKEND=sqlite"
+    else:
+        binaries, reason = find_postgres()
+        if binaries is not None and importlib.util.find_spec("psycopg2") is None:
+            binaries, reason = None, "psycopg2 is not installed (the dev extras install psycopg2-binary)"
+        if binaries is not None:
+            pg = request.getfixturevalue("postgres_server")
+            return (
+                "postgresql",
+                pg["uri"],
+                f"PostgreSQL {pg['version']} on 127.0.0.1:{pg['port']}, cluster up in {pg['started_s']:.1f}s",
+            )
+        if wanted == "postgresql":
+            raise RuntimeError(f"CAI_TEST_MLFLOW_BACKEND=postgresql but {reason}")
+    return "sqlite", f"sqlite:///{work / 'mlflow.db'}", f"not PostgreSQL: {reason}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(request, tmp_path_factory, s3_server):
+    """A real `mlflow server` (PostgreSQL backend store, else SQLite; artifacts in a bucket on the
+    moto server).
+
+    Yields a dict with `uri` (tracking URI), `port`, `restart()` to bounce the process, `env`,
+    `backend` ("postgresql" or "sqlite"), `backend_store_uri` and `backend_note` (which server, or
+    why not PostgreSQL).
     """
     from cai_lib.store import s3_client
 
     work = tmp_path_factory.mktemp("mlflow")
+    backend, backend_store_uri, backend_note = mlflow_backend_store(request, work)
     env = dict(
         os.environ,
         AWS_ENDPOINT_URL_S3=s3_server,
@@ -144,7 +202,7 @@ def mlflow_server(tmp_path_factory, s3_server):
         "--port",
         str(port),
         "--backend-store-uri",
-        f"sqlite:///{work / 'mlflow.db'}",
+        backend_store_uri,
         "--artifacts-destination",
         "s3://mlflow-artifacts/mlflow",
         "--workers",
@@ -171,12 +229,27 @@ def mlflow_server(tmp_path_factory, s3_server):
         stop()
         start()
 
+    began = time.monotonic()
     start()
+    say(
+        request.config,
+        f"mlflow server: backend store {backend} ({backend_note}); "
+        f"server answered in {time.monotonic() - began:.1f}s",
+    )
     try:
-        yield {"uri": f"http://127.0.0.1:{port}", "port": port, "restart": restart, "env": env}
+        yield {
+            "uri": f"http://127.0.0.1:{port}",
+            "port": port,
+            "restart": restart,
+            "env": env,
+            "backend": backend,
+            "backend_store_uri": backend_store_uri,
+            "backend_note": backend_note,
+        }
     finally:
         stop()
         log.close()
 
 
 from model_fixtures import smollm2_tokenizer_dir, tiny_model_dir, tiny_reward_model_dir  # noqa: F401
+from postgres_fixture import postgres_server  # noqa: F401

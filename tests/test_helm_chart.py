@@ -655,7 +655,8 @@ def test_extra_allowed_hosts_are_added_for_an_ingress():
 @pytest.mark.integration
 def test_a_real_mlflow_server_accepts_the_rendered_arguments_and_only_the_allowed_host_names(tmp_path):
     port = free_port()
-    rendered = render_objects({"mlflow": {"server": {"port": port, "workers": 1}}})
+    # Without auth: the host check is the point here (the basic-auth test below starts it with auth).
+    rendered = render_objects({"mlflow": {"server": {"port": port, "workers": 1, "auth": {"enabled": False}}}})
     args = pod_spec(find(rendered, "Deployment"))["containers"][0]["args"]
     # the pod's secret-held backend URI becomes a local SQLite file; it listens on loopback only here
     local = {"$(MLFLOW_BACKEND_STORE_URI)": f"sqlite:///{tmp_path / 'mlflow.db'}", "0.0.0.0": "127.0.0.1"}

@@ -1,5 +1,6 @@
-"""The model registry and the promotion gate, against a real `mlflow server` (SQLite backend,
-artifacts in moto's S3) with checkpoints written to S3 by the artifact store."""
+"""The model registry and the promotion gate, against a real `mlflow server` (PostgreSQL backend
+store as in production, SQLite where PostgreSQL is not installed; artifacts in moto's S3) with
+checkpoints written to S3 by the artifact store."""
 
 from __future__ import annotations
 
@@ -399,6 +400,69 @@ def test_registry_lock_left_by_a_dead_holder_is_taken_over_after_its_lease(mlflo
 
     with registry_lock(client, name, wait_s=5, poll_s=0.1) as owner:
         assert client.get_registered_model(name + LOCK_SUFFIX).tags[LOCK_OWNER_TAG] == owner
+
+
+# -- concurrent promotions on the production backend --------------------------------------------
+
+PROMOTE_ONE = """
+import json, sys, time
+from cai_lib.registry import PromotionGate, promote
+from cai_lib.tracking import connect
+uri, name, version = sys.argv[1:]
+connect(uri)  # imports mlflow and reaches the server before the start line, not after it
+print("ready", flush=True)
+sys.stdin.readline()  # the go signal, written to every promoter at once
+began = time.time()
+decision = promote(uri, name, version, 0.7, 0.5, PromotionGate(), compared_with="1")
+print(json.dumps({"promote": decision.promote, "reason": decision.reason, "began": began, "ended": time.time()}))
+"""
+
+
+def test_two_concurrent_promotions_on_postgresql_leave_one_champion(mlflow_server, checkpoints):
+    if mlflow_server["backend"] != "postgresql":
+        pytest.skip(
+            "production's MLflow runs on PostgreSQL and this race is about its transactions; the "
+            f"mlflow_server fixture is on {mlflow_server['backend']} here ({mlflow_server['backend_note']})"
+        )
+    uri, name = mlflow_server["uri"], unique()
+    champion, second = with_champion(uri, name, checkpoints)
+    third = register(uri, name, checkpoints("weights-3"))
+    # Two pipeline pods promoting at once: separate processes, both judged against champion 1.
+    promoters = {
+        version: subprocess.Popen(
+            [sys.executable, "-c", PROMOTE_ONE, uri, name, version],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for version in (second, third)
+    }
+    for proc in promoters.values():
+        assert proc.stdout.readline().strip() == "ready", proc.communicate(timeout=60)[1]
+    for proc in promoters.values():
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    decisions = {}
+    for version, proc in promoters.items():
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        decisions[version] = json.loads(out)
+
+    assert max(d["began"] for d in decisions.values()) < min(d["ended"] for d in decisions.values())
+    winners = [version for version, decision in decisions.items() if decision["promote"]]
+    assert len(winners) == 1, decisions
+    winner, loser = winners[0], ({second, third} - set(winners)).pop()
+    listed = {info.version: info for info in list_models(uri, name)}
+    assert [version for version, info in listed.items() if CHAMPION in info.aliases] == [winner]
+    assert connect(uri).get_registered_model(name).aliases[CHAMPION] == winner
+    assert listed[winner].tags[GATE_DECISION_TAG] == "promoted"
+    assert listed[winner].tags["cai.gate.champion_before"] == champion
+    assert listed[loser].tags[GATE_DECISION_TAG] == "rejected"
+    assert listed[loser].tags["cai.gate.champion_before"] == winner
+    assert listed[loser].tags[GATE_REASON_TAG] == decisions[loser]["reason"]
+    assert f"the champion is now version {winner}" in decisions[loser]["reason"]
+    assert connect(uri).search_registered_models(f"name = '{name}{LOCK_SUFFIX}'") == []
 
 
 # -- listing and the CLI -------------------------------------------------------------------------
