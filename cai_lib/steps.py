@@ -235,7 +235,9 @@ def produce(
     return marker
 
 
-def make(ctx: RunContext, kind: Output, output: StageOutput, write: Write, mlflow_run_id: str) -> OutputMarker:
+def make(
+    ctx: RunContext, kind: Output, output: StageOutput, write: Write, mlflow_run_id: str
+) -> OutputMarker:
     """Write and commit a stage's output, made in the MLflow stage run `mlflow_run_id`. A dataset
     fills (or resumes) `<key>/data`, unless it was finished before the commit was interrupted; a
     checkpoint or results directory goes to a fresh attempt prefix, committed by the output's
@@ -345,7 +347,11 @@ def prepare_prompts(context: dict) -> dict[str, DataRef]:
                 {"split": split, "rows": fingerprint({"rows": [r.model_dump() for r in rows]})},
             )
             marker = output.complete() or make(
-                ctx, "dataset", output, lambda uri, _, rows=rows: write_finished_dataset(uri, rows), run.run_id
+                ctx,
+                "dataset",
+                output,
+                lambda uri, _, rows=rows: write_finished_dataset(uri, rows),
+                run.run_id,
             )
             refs[split] = DataRef.of(marker)
             run.log_stage_metrics({f"{split}_prompts": len(rows)})
@@ -775,6 +781,8 @@ def register(
 
     Each version's source is the checkpoint's loadable folder under `models/` (see
     `cai_lib.pyfunc_model.publish`), and its run the MLflow run of the stage that trained it.
+    After a promotion, the InferenceServices the installation serves follow the new champions
+    (`cai_lib.serving.sync_served`).
 
     The gate judges the RL-CAI policy on its win rates against the champion it was evaluated
     with; when it is promoted, the PM and SL-CAI model of the same run become champions with it.
@@ -792,6 +800,7 @@ def register(
         register_checkpoint,
         set_challenger,
     )
+    from cai_lib.serving import sync_served
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
@@ -837,9 +846,11 @@ def register(
                 champion,
             )
         _, decision = promote_from_evaluation(ctx.tracking_uri, policy_name, policy_version, p.promotion)
+        served = []
         if decision.promote:
             for role in ("pm", "sl-cai"):
                 promote_with(ctx.tracking_uri, *versions[role], leader=f"{policy_name} v{policy_version}")
+            served = sync_served(ctx.tracking_uri, [name for name, _ in versions.values()])
         run.log_stage_metrics({"promoted": float(decision.promote)})
         write_record(
             ctx, StageRecord(stage="register", status="ran", made_by_run=ctx.run_id, run_id=ctx.run_id)
@@ -851,6 +862,7 @@ def register(
         "versions": {role: {"name": n, "version": v} for role, (n, v) in versions.items()},
         "promoted": decision.promote,
         "reason": decision.reason,
+        "served": [result.model_dump() for result in served],
         "mlflow_tracking_uri": ctx.tracking_uri,
         "experiment": p.experiment,
     }

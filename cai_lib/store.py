@@ -143,9 +143,13 @@ class ArtifactStore:
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Key (relative to the root) -> size in bytes, of every object under `prefix`."""
+        raise NotImplementedError
+
     def list(self, prefix: str = "") -> list[str]:
         """Keys (relative to the root) of every object under `prefix`, sorted."""
-        raise NotImplementedError
+        return sorted(self.sizes(prefix))
 
     def delete(self, key: str) -> None:
         raise NotImplementedError
@@ -384,18 +388,18 @@ class LocalStore(ArtifactStore):
         except OSError:
             self.put_file(source._existing(source_key), key)
 
-    def list(self, prefix: str = "") -> list[str]:
+    def sizes(self, prefix: str = "") -> dict[str, int]:
         base = Path(self.root)
         start = base / prefix if prefix else base
         if start.is_file():
-            return [prefix]
+            return {prefix: start.stat().st_size}
         if not start.is_dir():
-            return []
-        return sorted(
-            p.relative_to(base).as_posix()
+            return {}
+        return {
+            p.relative_to(base).as_posix(): p.stat().st_size
             for p in start.rglob("*")
             if p.is_file() and not p.name.endswith(".tmp")
-        )
+        }
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -567,7 +571,9 @@ class S3Store(ArtifactStore):
         self._call(
             "copy",
             key,
-            lambda Bucket, Key: self._client.copy({"Bucket": source.bucket, "Key": source._key(source_key)}, Bucket, Key),
+            lambda Bucket, Key: self._client.copy(
+                {"Bucket": source.bucket, "Key": source._key(source_key)}, Bucket, Key
+            ),
             Key=self._key(key),
         )
 
@@ -585,18 +591,20 @@ class S3Store(ArtifactStore):
 
         return self._call("read", key, head, Key=self._key(key))
 
-    def list(self, prefix: str = "") -> list[str]:
+    def sizes(self, prefix: str = "") -> dict[str, int]:
         # A prefix names an object or a directory: "runs/a" must not match "runs/ab/...".
         full = self._key(prefix)
         paginator = self._client.get_paginator("list_objects_v2")
         pages = self._call(
             "list", prefix, lambda Bucket, **kw: list(paginator.paginate(Bucket=Bucket, **kw)), Prefix=full
         )
-        keys = (obj["Key"] for page in pages for obj in page.get("Contents", []))
+        objects = (obj for page in pages for obj in page.get("Contents", []))
         strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(
-            k[strip:] for k in keys if not full or k.startswith(full + "/") or (prefix and k == full)
-        )
+        return {
+            obj["Key"][strip:]: obj["Size"]
+            for obj in objects
+            if not full or obj["Key"].startswith(full + "/") or (prefix and obj["Key"] == full)
+        }
 
     def delete(self, key: str) -> None:
         for rel in self.list(key) or [key]:

@@ -1,4 +1,4 @@
-"""A STAND-IN for the Kubernetes API server with Kubeflow Trainer v2 installed (not a real cluster).
+"""A STAND-IN for the Kubernetes API server with Kubeflow Trainer v2 and KServe installed (not a real cluster).
 
 It answers the HTTP calls the `kubeflow` SDK's `TrainerClient` makes (TrainJobs, training runtimes,
 pods, pod logs, events) and enforces what the real server does for them: objects live in their
@@ -9,6 +9,11 @@ process with the `PET_*` environment the torch-distributed runtime sets (one pro
 the CPU), reports the nodes as pods, node 0's output as its log, and the job Complete or Failed
 by the nodes' exit codes. `schedulable=False` leaves every pod Pending with a FailedScheduling
 event, as a cluster without free GPUs does.
+
+KServe InferenceServices are stored objects (no controller serves them): get, create (409 when
+the name exists in the namespace) and JSON merge patches, which bump `resourceVersion` and are
+refused with 409 when they carry a `resourceVersion` that is no longer current, as the real
+server's optimistic concurrency does.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Self
 from urllib.parse import parse_qs, urlparse
 
 TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
+KSERVE = "/apis/serving.kserve.io/v1beta1"
 JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"
 RJOB_NAME = "jobset.sigs.k8s.io/replicatedjob-name"
 JOB_INDEX = "batch.kubernetes.io/job-completion-index"
@@ -121,6 +127,8 @@ class KubernetesStandIn:
         self.events: dict[str, list[dict]] = {}
         self.deleted: list[tuple[str, str]] = []
         self.created: list[dict] = []
+        self.inference_services: dict[tuple[str, str], dict] = {}
+        self.patches: list[dict] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -196,6 +204,35 @@ class KubernetesStandIn:
             for node in self.nodes.get((namespace, job_name), [])
         ]
 
+    # -- KServe ------------------------------------------------------------------------------------
+
+    def create_inference_service(self, namespace: str, body: dict) -> tuple[int, dict]:
+        name = body["metadata"]["name"]
+        with self.lock:
+            if (namespace, name) in self.inference_services:
+                return 409, status(
+                    409, "AlreadyExists", f'inferenceservices.serving.kserve.io "{name}" already exists'
+                )
+            obj = json.loads(json.dumps(body))
+            obj["metadata"].update(namespace=namespace, resourceVersion="1", creationTimestamp=now())
+            self.inference_services[(namespace, name)] = obj
+            return 201, obj
+
+    def patch_inference_service(self, namespace: str, name: str, patch: dict) -> tuple[int, dict]:
+        with self.lock:
+            current = self.inference_services.get((namespace, name))
+            if current is None:
+                return 404, status(404, "NotFound", f'inferenceservices.serving.kserve.io "{name}" not found')
+            wanted = patch.get("metadata", {}).get("resourceVersion")
+            if wanted is not None and wanted != current["metadata"]["resourceVersion"]:
+                return 409, status(409, "Conflict", f'Operation cannot be fulfilled on inferenceservices "{name}": '
+                                   "the object has been modified; please apply your changes to the latest version")  # fmt: skip
+            merged = merge_patch(current, patch)
+            merged["metadata"]["resourceVersion"] = str(int(current["metadata"]["resourceVersion"]) + 1)
+            self.inference_services[(namespace, name)] = merged
+            self.patches.append(patch)
+            return 200, merged
+
     # -- HTTP ------------------------------------------------------------------------------------
 
     def _handler(self):
@@ -218,11 +255,26 @@ class KubernetesStandIn:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if isvc := re.fullmatch(
+                    rf"{KSERVE}/namespaces/([^/]+)/inferenceservices", urlparse(self.path).path
+                ):
+                    self.reply(*standin.create_inference_service(isvc.group(1), body))
+                    return
                 match = re.fullmatch(rf"{TRAINER}/namespaces/([^/]+)/trainjobs", urlparse(self.path).path)
                 if not match:
                     self.reply(404, status(404, "NotFound", self.path))
                     return
                 self.reply(*standin.create_trainjob(match.group(1), body))
+
+            def do_PATCH(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                match = re.fullmatch(
+                    rf"{KSERVE}/namespaces/([^/]+)/inferenceservices/([^/]+)", urlparse(self.path).path
+                )
+                if not match or self.headers["Content-Type"] != "application/merge-patch+json":
+                    self.reply(415 if match else 404, status(415 if match else 404, "Unsupported", self.path))
+                    return
+                self.reply(*standin.patch_inference_service(match.group(1), match.group(2), body))
 
             def do_DELETE(self):
                 match = re.fullmatch(
@@ -246,6 +298,11 @@ class KubernetesStandIn:
         if path == "/api/v1/namespaces/kubeflow-system/configmaps/kubeflow-trainer-public":
             return 200, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kubeflow-trainer-public"},
                          "data": {"kubeflow_trainer_version": "v2.1.0"}}  # fmt: skip
+        if match := re.fullmatch(rf"{KSERVE}/namespaces/([^/]+)/inferenceservices/([^/]+)", path):
+            with self.lock:
+                if match.groups() not in self.inference_services:
+                    return 404, status(404, "NotFound", f'inferenceservices "{match.group(2)}" not found')
+                return 200, self.inference_services[match.groups()]
         if path == f"{TRAINER}/clustertrainingruntimes/torch-distributed":
             return 200, TORCH_DISTRIBUTED
         if match := re.fullmatch(rf"{TRAINER}/namespaces/([^/]+)/trainjobs", path):
@@ -285,6 +342,19 @@ class KubernetesStandIn:
             return 200, {"apiVersion": "v1", "kind": "EventList", "metadata": {},
                          "items": self.events.get(match.group(1), [])}  # fmt: skip
         return 404, status(404, "NotFound", path)
+
+
+def merge_patch(target: object, patch: object) -> object:
+    """RFC 7386 JSON merge patch: objects merge key by key, null deletes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
 
 
 def status(code: int, reason: str, message: str) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +39,13 @@ CHART_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
 UPDATE_DEPLOY_FILES = os.environ.get("CAI_UPDATE_DEPLOY_FILES") == "1"
 
 GIT_REPO = "https://git.example.com/ml/constitutions.git"
+SERVED = {
+    "constitution": "harmless",
+    "role": "rl-cai",
+    "storageUri": "s3://cai-platform/artifacts/models/0123abcd",
+}
+# Custom resources kubernetes-validate has no schema for; their own tests check them field by field.
+CUSTOM_KINDS = {"InferenceService"}
 A100X4 = {
     "accelerator_type": "nvidia.com/gpu",
     "accelerator_count": 4,
@@ -66,6 +74,7 @@ VARIANTS = {
         "mlflow": {"server": {"enabled": False}, "trackingUri": "https://mlflow.example.com"}
     },
     "multi-user": {"kfp": {"multiUser": True}},
+    "serving": {"serving": {"enabled": True, "models": [SERVED]}},
     "s3-compatible": {
         "s3": {"endpointUrl": "http://minio.minio.svc.cluster.local:9000"},
         "images": {"pullSecrets": ["regcred"]},
@@ -121,6 +130,8 @@ def assert_valid_for_kubernetes(objects: list[dict]) -> None:
     """Every object validates against the pinned Kubernetes version's schema (strict)."""
     assert objects
     for obj in objects:
+        if obj["kind"] in CUSTOM_KINDS:
+            continue
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as err:
@@ -646,6 +657,49 @@ def test_the_database_schema_is_upgraded_by_a_hook_before_the_server_starts():
     }
 
 
+def test_with_serving_on_each_role_gets_an_inference_service_on_its_champions_s3_folder():
+    objects = render_objects(VARIANTS["serving"])
+    service = find(objects, "InferenceService", "cai-harmless-rl-cai")
+    assert (service["apiVersion"], service["metadata"]["namespace"]) == (
+        "serving.kserve.io/v1beta1",
+        NAMESPACE,
+    )
+    assert service["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "RawDeployment"}
+    predictor = service["spec"]["predictor"]
+    assert predictor["serviceAccountName"] == f"{FULLNAME}-serving"
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 1)
+    model = predictor["model"]
+    assert model["storageUri"] == SERVED["storageUri"] and model["storageUri"].startswith("s3://")
+    assert model["modelFormat"] == {"name": "huggingface"}
+    assert model["args"] == ["--model_name=cai-harmless-rl-cai", "--backend=vllm"]
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert set(service) == {"apiVersion", "kind", "metadata", "spec"} and set(service["spec"]) == {
+        "predictor"
+    }
+
+
+def test_the_serving_account_carries_the_s3_secret_and_the_pipeline_may_patch_inference_services():
+    objects = render_objects(VARIANTS["serving"])
+    assert find(objects, "ServiceAccount", f"{FULLNAME}-serving")["secrets"] == [{"name": "cai-s3"}]
+    assert find(objects, "Role", f"{FULLNAME}-serving")["rules"] == [
+        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "patch"]}
+    ]
+    assert find(objects, "RoleBinding", f"{FULLNAME}-serving")["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": NAMESPACE}
+    ]
+
+
+def test_the_env_config_map_names_the_inference_services_the_register_step_syncs():
+    data = find(render_objects(VARIANTS["serving"]), "ConfigMap", ENV_CONFIGMAP)["data"]
+    assert (data["CAI_SERVING_NAMESPACE"], data["CAI_SERVING_MODELS"]) == (NAMESPACE, "cai-harmless-rl-cai")
+
+
+def test_serving_is_off_by_default():
+    objects = render_objects()
+    assert not [o for o in objects if o["kind"] == "InferenceService" or "serving" in o["metadata"]["name"]]
+    assert "CAI_SERVING_MODELS" not in find(objects, "ConfigMap", ENV_CONFIGMAP)["data"]
+
+
 def test_extra_allowed_hosts_are_added_for_an_ingress():
     objects = render_objects({"mlflow": {"server": {"extraAllowedHosts": ["mlflow.example.com"]}}})
     args = pod_spec(find(objects, "Deployment"))["containers"][0]["args"]
@@ -656,7 +710,9 @@ def test_extra_allowed_hosts_are_added_for_an_ingress():
 def test_a_real_mlflow_server_accepts_the_rendered_arguments_and_only_the_allowed_host_names(tmp_path):
     port = free_port()
     # Without auth: the host check is the point here (the basic-auth test below starts it with auth).
-    rendered = render_objects({"mlflow": {"server": {"port": port, "workers": 1, "auth": {"enabled": False}}}})
+    rendered = render_objects(
+        {"mlflow": {"server": {"port": port, "workers": 1, "auth": {"enabled": False}}}}
+    )
     args = pod_spec(find(rendered, "Deployment"))["containers"][0]["args"]
     # the pod's secret-held backend URI becomes a local SQLite file; it listens on loopback only here
     local = {"$(MLFLOW_BACKEND_STORE_URI)": f"sqlite:///{tmp_path / 'mlflow.db'}", "0.0.0.0": "127.0.0.1"}
@@ -774,6 +830,10 @@ def test_a_value_that_breaks_the_schema_fails_at_render_naming_the_field(values,
         ),
         ({"mlflow": {"server": {"enabled": False}}}, "mlflow.trackingUri is required"),
         (
+            {"serving": {"enabled": True}},
+            "serving.models[0].storageUri is required to create InferenceService cai-harmless-rl-cai",
+        ),
+        (
             {"mlflow": {"server": {"auth": {"adminSecret": {"name": ""}}}}},
             "mlflow.server.auth.adminSecret.name is required",
         ),
@@ -784,7 +844,7 @@ def test_a_value_that_breaks_the_schema_fails_at_render_naming_the_field(values,
     ],
 )
 def test_a_missing_secret_or_server_reference_fails_at_render_naming_it(values, named):
-    with pytest.raises(helm.HelmRenderError, match=named.replace(".", r"\.")):
+    with pytest.raises(helm.HelmRenderError, match=re.escape(named)):
         render(values)
 
 

@@ -10,7 +10,17 @@ import sys
 
 import typer
 
-from cai_lib.cli import constitution, models, pipeline, pipeline_submit, prompts, stage, stage_eval, trainjob
+from cai_lib.cli import (
+    constitution,
+    models,
+    pipeline,
+    pipeline_submit,
+    prompts,
+    serve,
+    stage,
+    stage_eval,
+    trainjob,
+)
 from cai_lib.errors import CaiError
 
 app = typer.Typer(
@@ -23,6 +33,7 @@ app.add_typer(prompts.app, name="prompts")
 app.add_typer(stage.app, name="stage")
 app.add_typer(models.app, name="models")
 app.add_typer(trainjob.app, name="trainjob")
+app.add_typer(serve.app, name="serve")
 app.command("run")(pipeline.run_command)
 app.command("compile")(pipeline.compile_command)
 app.command("submit")(pipeline_submit.submit_command)
