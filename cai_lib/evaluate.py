@@ -388,9 +388,14 @@ class EvaluationResult(BaseModel):
 
 def win_rate(result: EvaluationResult, criterion: Criterion, a: str, b: str) -> float:
     """How often policy `a` beat policy `b` under `criterion` (harmless or helpful) in `result`."""
+    return find_win_rate(result, criterion, a, b).win_rate
+
+
+def find_win_rate(result: EvaluationResult, criterion: Criterion, a: str, b: str) -> WinRate:
+    """`a`'s win rate against `b` under `criterion` in `result`, with its interval and count."""
     for rate in result.win_rates:
         if (rate.criterion, rate.policy_a, rate.policy_b) == (criterion, a, b):
-            return rate.win_rate
+            return rate
     compared = sorted({r.policy_a for r in result.win_rates if r.criterion == criterion})
     raise CaiError(
         f"no {criterion} win rate of '{a}' against '{b}' (policies compared: {', '.join(compared)})"

@@ -785,21 +785,23 @@ def register(
     (`cai_lib.serving.sync_served`).
 
     The gate judges the RL-CAI policy on its win rates against the champion it was evaluated
-    with; when it is promoted, the PM and SL-CAI model of the same run become champions with it.
-    Registration is idempotent by checkpoint, so a rerun that reused every checkpoint gets the
+    with (with no champion yet, against the SL-CAI policy); when it is promoted, the PM and
+    SL-CAI model of the same run become champions with it. Registration is idempotent by checkpoint, so a rerun that reused every checkpoint gets the
     versions the first run registered. Returns a JSON summary (run root, report, versions,
     decision), also written to the run's folder for the exit handler.
     """
-    from cai_lib.evaluate import load_result, win_rate
+    from cai_lib.evaluate import find_win_rate, load_result
     from cai_lib.pyfunc_model import ROLE_KINDS, publish
     from cai_lib.registry import (
         Lineage,
+        WinRateEvidence,
         promote_from_evaluation,
         promote_with,
         record_evaluation,
         register_checkpoint,
         set_challenger,
     )
+    from cai_lib.retrain import run_config_sha256
     from cai_lib.serving import sync_served
 
     ctx = RunContext.model_validate(context)
@@ -823,6 +825,7 @@ def register(
                 human_data=f"{p.human_preference_kind}: {p.human_preferences}"
                 if p.human_preferences
                 else "none",
+                run_config_sha256=run_config_sha256(p),
             )
             name = model_name(p, constitution, role)
             checkpoint = DataRef.read(path)
@@ -834,17 +837,21 @@ def register(
             set_challenger(ctx.tracking_uri, name, info.version)
             versions[role] = (name, info.version)
         policy_name, policy_version = versions["rl-cai"]
+        # Judged against the champion it was evaluated with; the first champion against SL-CAI.
         champion = pointer.get("champion_version")
-        if champion:
-            result = load_result(pointer["uri"])
-            record_evaluation(
-                ctx.tracking_uri,
-                policy_name,
-                policy_version,
-                win_rate(result, "harmless", "rl-cai", "champion"),
-                win_rate(result, "helpful", "rl-cai", "champion"),
-                champion,
-            )
+        result = load_result(pointer["uri"])
+        rival = "champion" if champion else "sl-cai"
+        harmless, helpful = (
+            find_win_rate(result, criterion, "rl-cai", rival) for criterion in ("harmless", "helpful")
+        )
+        record_evaluation(
+            ctx.tracking_uri,
+            policy_name,
+            policy_version,
+            WinRateEvidence(rate=harmless.win_rate, ci_low=harmless.ci_low, n=harmless.n),
+            WinRateEvidence(rate=helpful.win_rate, ci_low=helpful.ci_low, n=helpful.n),
+            champion or rival,
+        )
         _, decision = promote_from_evaluation(ctx.tracking_uri, policy_name, policy_version, p.promotion)
         served = []
         if decision.promote:

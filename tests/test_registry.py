@@ -25,7 +25,7 @@ from cai_lib.models import resolve_model
 from cai_lib.registry import (
     CHALLENGER,
     CHAMPION,
-    EVAL_HARMLESS_TAG,
+    EVAL_HARMLESS_LOW_TAG,
     GATE_DECISION_TAG,
     GATE_REASON_TAG,
     LOCK_EXPIRES_TAG,
@@ -38,6 +38,7 @@ from cai_lib.registry import (
     LOCK_SUFFIX,
     Lineage,
     PromotionGate,
+    WinRateEvidence,
     checkpoint_manifest_sha256,
     decide_promotion,
     list_models,
@@ -90,7 +91,7 @@ def register(uri: str, name: str, checkpoint_uri: str) -> str:
 def with_champion(uri: str, name: str, checkpoints) -> tuple[str, str]:
     """A model whose version 1 is champion and version 2 the challenger; returns both versions."""
     champion = register(uri, name, checkpoints("weights-1"))
-    promote(uri, name, champion, None, None, GATE)
+    promote(uri, name, champion, 0.7, 0.5, GATE, compared_with="sl-cai")
     challenger = register(uri, name, checkpoints("weights-2"))
     set_challenger(uri, name, challenger)
     return champion, challenger
@@ -121,7 +122,7 @@ def test_decide_promotion_names_every_failed_condition():
 
     assert decision.reason == (
         "harmlessness win rate 0.300 is below the required 0.600; "
-        "helpfulness fell by 0.300 (win rate 0.200), more than the allowed 0.100"
+        "helpfulness fell by 0.300 (win rate 0.200), more than the allowed 0.100 (lower bounds of 95% intervals)"
     )
 
 
@@ -185,15 +186,38 @@ def test_a_local_checkpoint_registers_with_a_local_sqlite_tracking_store(tmp_pat
 # -- promotion -----------------------------------------------------------------------------------
 
 
-def test_first_version_becomes_champion_without_metrics(mlflow_server, checkpoints):
+def test_a_first_version_that_beats_sl_cai_by_the_gate_becomes_champion(mlflow_server, checkpoints):
+    name = unique()
+    version = register(mlflow_server["uri"], name, checkpoints("weights-1"))
+
+    decision = promote(mlflow_server["uri"], name, version, 0.62, 0.47, GATE, compared_with="sl-cai")
+
+    assert decision.promote
+    assert decision.reason.startswith("harmlessness win rate 0.620 >= 0.500")
+    assert version_by_alias(mlflow_server["uri"], name, CHAMPION).version == "1"
+
+
+def test_a_first_version_that_does_not_beat_sl_cai_stays_a_challenger(mlflow_server, checkpoints):
+    name = unique()
+    version = register(mlflow_server["uri"], name, checkpoints("weights-1"))
+
+    decision = promote(mlflow_server["uri"], name, version, 0.41, 0.5, GATE, compared_with="sl-cai")
+
+    assert not decision.promote and "harmlessness win rate 0.410 is below" in decision.reason
+    assert version_by_alias(mlflow_server["uri"], name, CHAMPION) is None
+
+
+def test_a_first_version_with_no_evidence_against_a_baseline_is_not_promoted(mlflow_server, checkpoints):
     name = unique()
     version = register(mlflow_server["uri"], name, checkpoints("weights-1"))
 
     decision = promote(mlflow_server["uri"], name, version, None, None, GATE)
 
-    assert decision.promote
-    assert decision.reason == "no champion yet: version 1 becomes the first champion"
-    assert version_by_alias(mlflow_server["uri"], name, CHAMPION).version == "1"
+    assert not decision.promote
+    assert decision.reason == (
+        "there is no champion yet, so version 1 must beat a baseline (sl-cai or base; no champion yet), "
+        "but its win rates were measured against nothing; evaluate it"
+    )
 
 
 def test_passing_gate_moves_champion_to_the_challenger(mlflow_server, checkpoints):
@@ -220,7 +244,7 @@ def test_failing_gate_keeps_the_champion_and_records_the_reason(mlflow_server, c
     rejected = version_by_alias(mlflow_server["uri"], name, CHALLENGER)
     assert rejected.tags[GATE_DECISION_TAG] == "rejected"
     assert rejected.tags[GATE_REASON_TAG] == (
-        "helpfulness fell by 0.200 (win rate 0.300), more than the allowed 0.050"
+        "helpfulness fell by 0.200 (win rate 0.300), more than the allowed 0.050 (lower bounds of 95% intervals)"
     )
     evidence = json.loads(rejected.tags["cai.gate.evidence"])
     assert (evidence["harmless_win_rate"], evidence["helpful_win_rate"]) == (0.7, 0.3)
@@ -270,7 +294,7 @@ def test_promoting_without_win_rates_against_a_champion_is_a_cai_error(mlflow_se
     _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
 
     with pytest.raises(
-        CaiError, match=f"version 2: no win rate against champion version 1 .*{EVAL_HARMLESS_TAG}"
+        CaiError, match=f"version 2: no win rate against champion version 1 .*{EVAL_HARMLESS_LOW_TAG}"
     ):
         promote(mlflow_server["uri"], name, challenger, None, 0.5, GATE)
 
@@ -529,7 +553,14 @@ def test_cli_models_list_json_has_one_object_per_version(mlflow_server, checkpoi
 def test_cli_promote_judges_the_challenger_on_its_evaluation_tags(mlflow_server, checkpoints):
     name = unique()
     _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
-    record_evaluation(mlflow_server["uri"], name, challenger, 0.66, 0.52, champion_version="1")
+    record_evaluation(
+        mlflow_server["uri"],
+        name,
+        challenger,
+        WinRateEvidence(rate=0.71, ci_low=0.66, n=200),
+        WinRateEvidence(rate=0.55, ci_low=0.52, n=200),
+        compared_with="1",
+    )
 
     result = CliRunner().invoke(
         cai_cli(), ["promote", "--model", name, "--tracking-uri", mlflow_server["uri"]]
@@ -549,7 +580,7 @@ def test_cli_promote_without_evaluation_tags_names_the_missing_tag(mlflow_server
     )
 
     assert isinstance(result.exception, CaiError)
-    assert EVAL_HARMLESS_TAG in str(result.exception)
+    assert EVAL_HARMLESS_LOW_TAG in str(result.exception)
 
 
 # -- following the champion: models:/NAME@champion ----------------------------------------------
@@ -638,7 +669,15 @@ def test_a_champion_whose_s3_weights_grew_by_one_byte_is_refused_naming_the_file
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
     name = unique()
     source = checkpoints("weights-1")
-    promote(mlflow_server["uri"], name, register(mlflow_server["uri"], name, source), None, None, GATE)
+    promote(
+        mlflow_server["uri"],
+        name,
+        register(mlflow_server["uri"], name, source),
+        0.7,
+        0.5,
+        GATE,
+        compared_with="sl-cai",
+    )
     store = ArtifactStore.open(source)
     store.write_bytes("model.safetensors", store.read_bytes("model.safetensors") + b"\0")
 
@@ -651,7 +690,13 @@ def test_cai_models_fetch_of_a_local_champion_whose_weights_grew_is_one_line_nam
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     source = write_checkpoint(str(tmp_path / "artifacts"), tmp_path, "weights-1")
     promote(
-        tracking, "cai-harmless-sl-cai", register(tracking, "cai-harmless-sl-cai", source), None, None, GATE
+        tracking,
+        "cai-harmless-sl-cai",
+        register(tracking, "cai-harmless-sl-cai", source),
+        0.7,
+        0.5,
+        GATE,
+        compared_with="sl-cai",
     )
     with open(f"{source}/model.safetensors", "ab") as weights:
         weights.write(b"\0")

@@ -19,10 +19,12 @@ import sys
 import uuid
 
 import pytest
+from evaluation_data import sample_result
 from fault_proxy import FaultProxy
 
 from cai_lib import steps
 from cai_lib.config import load_run_config
+from cai_lib.evaluate import METRICS_FILE
 from cai_lib.outputs import ATTEMPT_PREFIX, MARKER
 from cai_lib.records import Preference, ResponsePair, RevisionRound, Trace
 from cai_lib.registry import LOCK_RUN_TAG, LOCK_SUFFIX, list_models, version_by_alias
@@ -239,8 +241,12 @@ def checkpoints(env) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def register_inputs(env):
+    # No champion yet: the gate judges RL-CAI against SL-CAI, on a result written by hand
+    # (rl-cai beats sl-cai 0.6 harmless, 0.55 helpful, lower bounds 0.5 and 0.45).
+    evaluation = ArtifactStore.open(f"s3://{env['bucket']}/upstream/eval")
+    evaluation.write_text(METRICS_FILE, sample_result().model_dump_json())
     results = env["work"] / "results.json"
-    results.write_text(json.dumps({"uri": "unused: no champion to compare with", "champion_version": None}))
+    results.write_text(json.dumps({"uri": evaluation.uri, "champion_version": None}))
     refs = checkpoints(env)
     return {
         "traces": dataset(env, "traces-r", [trace(0, rounds=True)]),

@@ -16,8 +16,20 @@ app = typer.Typer(help="Registered models in MLflow: versions, aliases and linea
 TRACKING_OPTION = typer.Option(
     None,
     "--tracking-uri",
-    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI), e.g. http://mlflow:5000.",
+    help="MLflow tracking URI, e.g. http://mlflow:5000 (default: $MLFLOW_TRACKING_URI, else the store "
+    "of the last `cai run` in this directory, recorded in .cai/last-run.json).",
 )
+
+
+def registry_uri(tracking_uri: str | None) -> str:
+    """The registry by the one rule of `cai_lib.registry_lookup.find_registry`; says on stderr, in
+    one line, where it was found (not for --tracking-uri, which the user just typed)."""
+    from cai_lib.registry_lookup import find_registry
+
+    found = find_registry(tracking_uri)
+    if not found.from_flag:
+        typer.echo(f"registry: {found.uri} (from {found.source})", err=True)
+    return found.uri
 
 
 @app.command("list")
@@ -37,7 +49,7 @@ def list_command(
 
     from cai_lib.registry import GATE_DECISION_TAG, list_models
 
-    versions = list_models(tracking_uri, model)
+    versions = list_models(registry_uri(tracking_uri), model)
     if as_json:
         for info in versions:
             typer.echo(info.model_dump_json())
@@ -99,7 +111,7 @@ def fetch_command(
 
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CaiError(f"--out {out}: exists and is not an empty directory")
-    info = registered_checkpoint(ref, tracking_uri)
+    info = registered_checkpoint(ref, registry_uri(tracking_uri))
     path = resolve_model(info.source)
     if out is not None:
         shutil.copytree(path, out, dirs_exist_ok=True)
@@ -128,10 +140,11 @@ def promote_command(
 ) -> None:
     """Run the promotion gate on a model version and move the 'champion' alias if it passes.
 
-    The win rates against the champion come from the version's tags
-    cai.eval.harmless_win_rate_vs_champion and cai.eval.helpful_win_rate_vs_champion, written by
-    the evaluation step. The first version of a model becomes champion without them. The decision
-    and its reason are always recorded as tags cai.gate.decision and cai.gate.reason.
+    The gate reads the lower bounds of the 95% intervals of the version's win rates, from its tags
+    cai.eval.harmless_win_rate_ci_low and cai.eval.helpful_win_rate_ci_low, written by the register
+    step against the champion it was evaluated with; with no champion yet, against the SL-CAI
+    policy, by the same gate. The decision and its reason are always recorded as tags
+    cai.gate.decision and cai.gate.reason.
 
     Example: cai promote --model cai-rl-policy
 
@@ -149,7 +162,7 @@ def promote_command(
     except ValidationError as err:
         first = err.errors()[0]
         raise CaiError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-    judged, decision = promote_from_evaluation(tracking_uri, model, version, gate, force=force)
+    judged, decision = promote_from_evaluation(registry_uri(tracking_uri), model, version, gate, force=force)
     if as_json:
         typer.echo(json.dumps({"model": model, "version": judged, **decision.model_dump()}))
     elif decision.promote:
