@@ -58,12 +58,15 @@ def run_command(
     smollm2-135m-instruct, the constitution harmless and the built-in prompt sets. Every stage's
     output is kept by a key of what made it: running again reuses what did not change, and a run
     that was interrupted continues where it stopped. The last lines say, per stage, whether it
-    ran or reused an earlier run's output.
+    ran or reused an earlier run's output. Where its MLflow store and artifacts are is recorded in
+    .cai/last-run.json, where `cai models list`, `cai promote` and `cai models fetch` run in the same
+    directory find them.
 
     Example: cai run --quick --set constitution=harmless@1.0.0
     """
     from rich.console import Console
 
+    from cai_lib.registry_lookup import LAST_RUN, record_last_run
     from pipelines.local import RunFailed, local_platform, run_local
 
     console = Console(stderr=True)
@@ -76,9 +79,12 @@ def run_command(
     try:
         summary = run_local(run_config, Path.cwd(), platform)
     except RunFailed as err:
+        record_last_run(Path.cwd(), platform.tracking_uri, platform.artifact_root)
         for line in err.stages:
             print(line)
         raise
+    # Where `cai models list`, `cai promote` and `cai models fetch` in this directory find the registry.
+    record_last_run(Path.cwd(), platform.tracking_uri, platform.artifact_root, summary["run_id"])
     print(f"run:          {summary['run_id']} ({summary['run_root']})")
     print(f"report:       {summary['report']}")
     for role, version in summary["versions"].items():
@@ -86,7 +92,10 @@ def run_command(
     print(
         f"promotion:    {'promoted to champion' if summary['promoted'] else 'not promoted'}: {summary['reason']}"
     )
-    print(f"MLflow:       {summary['mlflow_tracking_uri']} (experiment {summary['experiment']!r})")
+    print(
+        f"MLflow:       {summary['mlflow_tracking_uri']} (experiment {summary['experiment']!r}; "
+        f"recorded in {LAST_RUN} for `cai models` and `cai promote` here)"
+    )
     print(f"open the UI:  {summary['ui_command']}")
     for line in summary["stages"]:
         print(line)
