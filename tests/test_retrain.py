@@ -6,11 +6,14 @@ in for it, injected as the client `submit_run` uses; the compilation inside is r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -21,11 +24,20 @@ from test_submit import RecordingKfpClient
 from typer.testing import CliRunner
 
 from cai_lib.cli.pipeline_submit import retrain_command
-from cai_lib.config import load_run_config
+from cai_lib.config import PipelineParams, load_run_config, params_as_pipeline_arguments
 from cai_lib.constitution import load_constitution
 from cai_lib.errors import CaiError
 from cai_lib.registry import Lineage
-from cai_lib.retrain import retrain, submission_key
+from cai_lib.retrain import (
+    LEASE_SECONDS,
+    Submission,
+    fingerprint,
+    legacy_submission_key,
+    retrain,
+    run_config_sha256,
+    submission_key,
+)
+from cai_lib.steps import RunContext
 from cai_lib.store import ArtifactStore
 
 HOST = "http://kfp.example:8888"
@@ -106,8 +118,16 @@ def run_retrain(repo, registry, config, kfp, dry_run=False, **kwargs):
     return retrain(repo, registry, HOST, None, config, dry_run, client=kfp, **kwargs)
 
 
-def set_champion(config, repo: Path, ref: str, tracking_uri: str | None = None) -> None:
-    """Register an RL-CAI version trained on `ref` (of the checkout) and make it champion."""
+def set_champion(
+    config,
+    repo: Path,
+    ref: str,
+    tracking_uri: str | None = None,
+    run_id: str = "run-earlier",
+    **lineage_fields,
+) -> None:
+    """Register an RL-CAI version trained on `ref` (of the checkout) by run `run_id` and make it
+    champion (`lineage_fields`: e.g. the run_config_sha256 its register step recorded)."""
     from mlflow import MlflowClient
 
     constitution = load_constitution(ref, repo / "constitutions")
@@ -115,13 +135,15 @@ def set_champion(config, repo: Path, ref: str, tracking_uri: str | None = None) 
         constitution_name=constitution.name,
         constitution_version=constitution.version,
         constitution_sha256=constitution.sha256,
-        pipeline_run_id="run-earlier",
+        pipeline_run_id=run_id,
         base_model="smollm2-135m-instruct",
+        **lineage_fields,
     )
     name = f"{config.params.model_name_prefix}-{constitution.name}-rl-cai"
     uri = tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
     client = MlflowClient(uri, uri)
-    client.create_registered_model(name)
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
     version = client.create_model_version(name, "s3://checkpoints/rl-cai", tags=lineage.to_tags())
     client.set_registered_model_alias(name, "champion", version.version)
 
@@ -141,11 +163,22 @@ def test_first_call_publishes_and_submits_the_newest_version(checkout, registry,
 def test_submission_is_recorded_in_the_registry(checkout, registry, config, kfp):
     plan = run_retrain(checkout, registry, config, kfp)
     constitution = load_constitution("harmless@1.0.0", checkout / "constitutions")
-    record = ArtifactStore.open(registry).read_json(submission_key(constitution))
+    change = fingerprint(constitution, config)
+    assert plan.to_retrain[0].fingerprint == change
+    record = ArtifactStore.open(registry).read_json(submission_key(constitution, change))
     assert record["run_id"] == kfp.runs[0]["run_id"] == plan.to_retrain[0].submission.run_id
     assert record["constitution_sha256"] == constitution.sha256
     assert record["revision"] == git(checkout, "rev-parse", "HEAD") == plan.revision
     assert record["host"] == HOST
+    assert (record["state"], record["attempt"], record["kind"], record["lease_expires_at"]) == (
+        "submitted",
+        1,
+        "change",
+        "",
+    )
+    assert record["run_config_sha256"] == run_config_sha256(config.params)
+    assert record["run_config"]["base_model"] == config.params.base_model
+    assert (record["image_cpu"], record["image_gpu"]) == (config.deploy.image_cpu, config.deploy.image_gpu)
 
 
 def test_second_call_submits_nothing(checkout, registry, config, kfp):
@@ -158,14 +191,34 @@ def test_second_call_submits_nothing(checkout, registry, config, kfp):
 
 
 def test_a_submission_recorded_by_an_earlier_release_still_counts(checkout, registry, config, kfp):
-    run_retrain(checkout, registry, config, kfp)
+    """A record of the release before fingerprints (no run config, no images, `git_sha`) stands for
+    the current settings, and is recorded as such, so that a later change is still seen."""
     store = ArtifactStore.open(registry)
-    key = submission_key(load_constitution("harmless@1.0.0", checkout / "constitutions"))
-    record = store.read_json(key)
-    record["git_sha"] = record.pop("revision")
-    store.write_json(key, record)
+    constitution = load_constitution("harmless@1.0.0", checkout / "constitutions")
+    store.write_json(
+        legacy_submission_key(constitution),
+        {
+            "constitution_ref": constitution.ref,
+            "constitution_sha256": constitution.sha256,
+            "constitution_uri": f"{registry}/harmless/1.0.0.yaml",
+            "run_id": "run-of-an-earlier-release",
+            "url": "http://kfp.example:8888/#/runs/details/run-of-an-earlier-release",
+            "host": HOST,
+            "experiment": "constitutional-ai",
+            "git_sha": "0" * 40,
+            "submitted_at": "2024-01-01T00:00:00Z",
+        },
+    )
     plan = run_retrain(checkout, registry, config, kfp)
     assert plan.to_retrain == []
+    assert "run run-of-an-earlier-release was submitted for it" in plan.decisions[0].reason
+    assert kfp.runs == []
+    adopted = store.read_json(submission_key(constitution, fingerprint(constitution, config)))
+    assert (adopted["state"], adopted["run_id"]) == ("adopted", "run-of-an-earlier-release")
+    assert run_retrain(checkout, registry, config, kfp).to_retrain == []
+    changed = with_settings(config, "params.base_model=smollm2-360m-instruct")
+    plan = run_retrain(checkout, registry, changed, kfp)
+    assert [d.ref for d in plan.to_retrain] == ["harmless@1.0.0"]
     assert len(kfp.runs) == 1
 
 
@@ -186,7 +239,7 @@ def test_champion_trained_on_the_newest_version_means_up_to_date(checkout, regis
     plan = run_retrain(checkout, registry, config, kfp)
     assert plan.to_retrain == []
     assert kfp.runs == []
-    assert plan.decisions[0].reason.endswith("version 1 was trained on it")
+    assert "version 1 was trained on it (its run config and images not recorded" in plan.decisions[0].reason
 
 
 def test_champion_on_an_older_version_triggers_a_run_naming_both(checkout, registry, config, kfp):
@@ -364,7 +417,9 @@ def test_a_plain_directory_with_a_revision_submits_once_recording_it(plain_dir, 
     plan = run_retrain(plain_dir, registry, config, kfp, revision="cai-platform-0.1.0")
     again = run_retrain(plain_dir, registry, config, kfp, revision="cai-platform-0.1.0")
     constitution = load_constitution("harmless@1.0.0", plain_dir / "constitutions")
-    record = ArtifactStore.open(registry).read_json(submission_key(constitution))
+    record = ArtifactStore.open(registry).read_json(
+        submission_key(constitution, plan.to_retrain[0].fingerprint)
+    )
     assert [d.ref for d in plan.to_retrain] == ["harmless@1.0.0"]
     assert again.to_retrain == []
     assert len(kfp.runs) == 1
@@ -416,3 +471,335 @@ def test_only_the_named_constitutions_are_considered(checkout, registry, config,
         run_retrain(checkout, registry, config, kfp, names=["helpful"])
     plan = run_retrain(checkout, registry, config, kfp, names=["harmless"])
     assert [d.ref for d in plan.to_retrain] == ["harmless@1.0.0"]
+
+
+# --- changes other than a new constitution version, failed runs, concurrent retrains -------------
+
+
+def with_settings(config, *overrides: str):
+    """The test's run config (same model name prefix) with `overrides`, as `--set` gives them."""
+    return load_run_config(None, [f"model_name_prefix={config.params.model_name_prefix}", *overrides])
+
+
+def set_run_state(kfp, run_id: str, state: str | None) -> None:
+    """Make the stand-in report run `run_id` in `state` (None: the run is gone)."""
+    run = next(r for r in kfp.standin.runs if r["run_id"] == run_id)
+    if state is None:
+        kfp.standin.runs.remove(run)
+    else:
+        run["state"] = state
+
+
+def harmless(repo: Path):
+    return load_constitution("harmless@1.0.0", repo / "constitutions")
+
+
+def stamp(seconds_from_now: float) -> str:
+    return (datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_the_run_config_hash_is_the_one_a_pipeline_step_records():
+    """register computes it from the params the pipeline gave it; retrain from the config in git."""
+    config = load_run_config(REPO_ROOT / "pipelines" / "configs" / "quick.yaml")
+    arguments = params_as_pipeline_arguments(config.params)
+    arguments["constitution"] = "s3://registry/harmless/1.0.0.yaml"
+    ctx = RunContext(
+        params=PipelineParams.model_validate(arguments),
+        run_id="run-1",
+        run_name="run",
+        artifact_root="/artifacts",
+        tracking_uri="http://mlflow",
+        parent_run_id="parent",
+    )
+    in_step = RunContext.model_validate(ctx.model_dump(mode="json", exclude_none=True)).params
+    expected = run_config_sha256(config.params)
+    assert run_config_sha256(in_step) == expected
+    renamed = config.params.model_copy(update={"run_name": "nightly", "experiment": "other"})
+    assert run_config_sha256(renamed) == expected
+    assert run_config_sha256(with_settings(config, "params.seed=7").params) != expected
+    lineage = Lineage(
+        constitution_name="harmless",
+        constitution_version="1.0.0",
+        constitution_sha256="0" * 64,
+        pipeline_run_id="run-1",
+        base_model="tiny",
+        run_config_sha256=expected,
+    )
+    tags = lineage.to_tags()
+    assert tags["cai.run_config.sha256"] == expected
+    assert Lineage.from_tags(tags).run_config_sha256 == expected
+    del tags["cai.run_config.sha256"]
+    assert Lineage.from_tags(tags).run_config_sha256 == "unknown"
+
+
+@pytest.mark.parametrize(
+    "setting, named",
+    [
+        (
+            "params.base_model=smollm2-360m-instruct",
+            "params.base_model smollm2-135m-instruct -> smollm2-360m-instruct",
+        ),
+        ("params.sft.learning_rate=0.0001", "params.sft.learning_rate 2e-05 -> 0.0001"),
+        (
+            "params.helpful_prompts=s3://prompts/helpful.jsonl",
+            "params.helpful_prompts builtin:helpful -> s3://",
+        ),
+    ],
+)
+def test_a_run_config_change_submits_one_run_naming_it(checkout, registry, config, kfp, setting, named):
+    run_retrain(checkout, registry, config, kfp)
+    changed = with_settings(config, setting)
+    plan = run_retrain(checkout, registry, changed, kfp)
+    assert [d.ref for d in plan.to_retrain] == ["harmless@1.0.0"]
+    assert named in plan.to_retrain[0].reason
+    assert len(kfp.runs) == 2
+    value = setting.split("=", 1)[1]
+    assert str(yaml.safe_load(value)) in json.dumps(kfp.runs[1]["params"])
+    assert run_retrain(checkout, registry, changed, kfp).to_retrain == []
+    assert len(kfp.runs) == 2
+
+
+def test_a_change_of_names_only_submits_nothing(checkout, registry, config, kfp):
+    run_retrain(checkout, registry, config, kfp)
+    renamed = with_settings(config, "run_name=nightly", "experiment=other")
+    plan = run_retrain(checkout, registry, renamed, kfp)
+    assert plan.to_retrain == []
+    assert len(kfp.runs) == 1
+
+
+def test_an_image_change_submits_one_run_naming_it(checkout, registry, config, kfp):
+    run_retrain(checkout, registry, config, kfp)
+    changed = with_settings(config, "deploy.image_gpu=ghcr.io/cai-platform/cai-gpu:0.2.0")
+    plan = run_retrain(checkout, registry, changed, kfp)
+    assert [d.ref for d in plan.to_retrain] == ["harmless@1.0.0"]
+    assert (
+        "deploy.image_gpu ghcr.io/cai-platform/cai-gpu:0.1.0 -> ghcr.io/cai-platform/cai-gpu:0.2.0"
+        in plan.to_retrain[0].reason
+    )
+    assert len(kfp.runs) == 2
+    assert "ghcr.io/cai-platform/cai-gpu:0.2.0" in kfp.package_of(kfp.runs[1]["version_id"])
+    assert run_retrain(checkout, registry, changed, kfp).to_retrain == []
+    assert len(kfp.runs) == 2
+
+
+def test_a_champion_trained_by_a_submitted_run_is_compared_with_that_runs_record(
+    checkout, registry, config, kfp
+):
+    run_id = run_retrain(checkout, registry, config, kfp).to_retrain[0].submission.run_id
+    set_run_state(kfp, run_id, "SUCCEEDED")
+    set_champion(
+        config, checkout, "harmless@1.0.0", run_id=run_id, run_config_sha256=run_config_sha256(config.params)
+    )
+    plan = run_retrain(checkout, registry, config, kfp)
+    assert plan.to_retrain == []
+    assert plan.decisions[0].reason.endswith("version 1 was trained on it")
+    changed = with_settings(config, "deploy.image_cpu=ghcr.io/cai-platform/cai:0.2.0")
+    plan = run_retrain(checkout, registry, changed, kfp)
+    assert (
+        "version 1 was trained on it with other settings: "
+        "deploy.image_cpu ghcr.io/cai-platform/cai:0.1.0 -> ghcr.io/cai-platform/cai:0.2.0"
+    ) in plan.to_retrain[0].reason
+    assert len(kfp.runs) == 2
+
+
+def test_a_champion_trained_with_another_run_config_triggers_a_run(checkout, registry, config, kfp):
+    other = with_settings(config, "params.seed=7")
+    set_champion(config, checkout, "harmless@1.0.0", run_config_sha256=run_config_sha256(other.params))
+    plan = run_retrain(checkout, registry, config, kfp)
+    assert "version 1 was trained on it with other settings: run config sha256" in plan.to_retrain[0].reason
+    assert len(kfp.runs) == 1
+
+
+def test_a_champion_with_unrecorded_images_is_adopted_and_an_image_change_then_submits(
+    checkout, registry, config, kfp
+):
+    set_champion(config, checkout, "harmless@1.0.0", run_config_sha256=run_config_sha256(config.params))
+    plan = run_retrain(checkout, registry, config, kfp)
+    assert plan.to_retrain == []
+    assert "(its images not recorded: taken to be the current ones)" in plan.decisions[0].reason
+    assert kfp.runs == []
+    changed = with_settings(config, "deploy.image_gpu=ghcr.io/cai-platform/cai-gpu:0.2.0")
+    plan = run_retrain(checkout, registry, changed, kfp)
+    assert "version 1 was trained on it with other settings: deploy.image_gpu" in plan.to_retrain[0].reason
+    assert len(kfp.runs) == 1
+
+
+def test_a_failed_run_is_resubmitted_once_and_only_once(checkout, registry, config, kfp):
+    store = ArtifactStore.open(registry)
+    first = run_retrain(checkout, registry, config, kfp).to_retrain[0].submission
+    set_run_state(kfp, first.run_id, "FAILED")
+    plan = run_retrain(checkout, registry, config, kfp)
+    [item] = plan.to_retrain
+    assert (item.kind, item.attempt, item.replaces) == ("resubmit", 2, first.run_id)
+    assert (
+        f"run {first.run_id} was submitted for it at {first.submitted_at} and failed; resubmitting"
+        in item.reason
+    )
+    assert len(kfp.runs) == 2
+    assert "attempt 2" in kfp.runs[1]["job_name"]
+    second = item.submission
+    record = store.read_json(submission_key(harmless(checkout), item.fingerprint, 2))
+    assert (record["kind"], record["replaces"], record["run_id"]) == ("resubmit", first.run_id, second.run_id)
+
+    running = run_retrain(checkout, registry, config, kfp)
+    assert running.to_retrain == []
+    assert running.decisions[0].action == "in-progress"
+    assert f"run {second.run_id} was submitted for it" in running.decisions[0].reason
+    assert running.decisions[0].reason.endswith("and is PENDING")
+
+    set_run_state(kfp, second.run_id, "FAILED")
+    for _ in range(2):
+        plan = run_retrain(checkout, registry, config, kfp)
+        assert plan.to_retrain == []
+        assert plan.decisions[0].action == "needs-attention"
+        assert f"already resubmitted once (after run {first.run_id} failed)" in plan.decisions[0].reason
+    assert len(kfp.runs) == 2
+
+
+@pytest.mark.parametrize(
+    "state, action, words",
+    [
+        ("SUCCEEDED", "up-to-date", "and succeeded"),
+        ("RUNNING", "in-progress", "and is RUNNING"),
+        ("CANCELED", "needs-attention", "and was canceled; delete "),
+        (None, "needs-attention", f"but {HOST} has no such run; delete "),
+    ],
+)
+def test_the_last_runs_state_decides_and_only_a_failure_is_resubmitted(
+    checkout, registry, config, kfp, state, action, words
+):
+    run_id = run_retrain(checkout, registry, config, kfp).to_retrain[0].submission.run_id
+    set_run_state(kfp, run_id, state)
+    plan = run_retrain(checkout, registry, config, kfp)
+    assert plan.decisions[0].action == action
+    assert words in plan.decisions[0].reason
+    assert len(kfp.standin.runs) == (1 if state else 0)
+
+
+def test_a_dry_run_with_a_host_names_the_resubmission(checkout, registry, config, kfp):
+    first = run_retrain(checkout, registry, config, kfp).to_retrain[0].submission
+    set_run_state(kfp, first.run_id, "FAILED")
+    app = typer.Typer()
+    app.command()(retrain_command)
+    args = ["--repo", str(checkout), "--registry", registry, "--dry-run", "--host", kfp.standin.url]
+    result = CliRunner().invoke(app, [*args, "--config", str(write_config(checkout, config))])
+    assert result.exit_code == 0, result.output
+    assert f"would retrain harmless@1.0.0: run {first.run_id} was submitted for it" in result.output
+    assert "and failed; resubmitting it once" in result.output
+    assert len(kfp.runs) == 1
+
+
+def write_config(repo: Path, config) -> Path:
+    path = repo.parent / "run-config.yaml"
+    path.write_text(yaml.safe_dump({"params": {"model_name_prefix": config.params.model_name_prefix}}))
+    return path
+
+
+def test_two_concurrent_retrains_for_one_change_submit_one_run(checkout, registry, config, kfp, monkeypatch):
+    """Both decide to retrain, then race on the create-only write of the claim: one run."""
+    import cai_lib.retrain as retrain_module
+
+    barrier = threading.Barrier(2, timeout=120)
+    claim = retrain_module.claim_attempt
+
+    def racing_claim(*args, **kwargs):
+        barrier.wait()  # both have decided to retrain; now both write
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(retrain_module, "claim_attempt", racing_claim)
+    plans, errors = [], []
+
+    def one_retrain():
+        try:
+            plans.append(run_retrain(checkout, registry, config, kfp))
+        except Exception as err:  # noqa: BLE001 - surfaced below; the other thread must not wait
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=one_retrain) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert errors == []
+    assert len(kfp.runs) == 1
+    assert sorted(p.decisions[0].action for p in plans) == ["in-progress", "retrain"]
+    loser = next(p for p in plans if p.decisions[0].action == "in-progress")
+    assert "another retrain claimed it first" in loser.decisions[0].reason
+    winner = next(p for p in plans if p.decisions[0].action == "retrain")
+    assert winner.decisions[0].submission.run_id == kfp.runs[0]["run_id"]
+    assert run_retrain(checkout, registry, config, kfp).to_retrain == []
+    assert len(kfp.runs) == 1
+
+
+def claimed(repo: Path, registry: str, config, lease_from_now: float) -> str:
+    """A claim of attempt 1 by a retrain that crashed before it created a run; its key."""
+    constitution = harmless(repo)
+    change = fingerprint(constitution, config)
+    record = Submission(
+        constitution_ref=constitution.ref,
+        constitution_sha256=constitution.sha256,
+        fingerprint=change,
+        state="submitting",
+        owner="retrain on crashed-pod pid 1 (0000)",
+        lease_expires_at=stamp(lease_from_now),
+        submitted_at=stamp(-60),
+    )
+    key = submission_key(constitution, change, 1)
+    ArtifactStore.open(registry).write_json(key, record.model_dump())
+    return key
+
+
+def test_a_claim_still_under_lease_holds_other_retrains_off(checkout, registry, config, kfp):
+    claimed(checkout, registry, config, LEASE_SECONDS)
+    plan = run_retrain(checkout, registry, config, kfp)
+    assert plan.to_retrain == []
+    assert plan.decisions[0].action == "in-progress"
+    assert "retrain on crashed-pod pid 1 (0000) claimed it" in plan.decisions[0].reason
+    assert kfp.runs == []
+
+
+def test_a_claim_whose_lease_expired_is_taken_over_once(checkout, registry, config, kfp):
+    claimed(checkout, registry, config, -1)
+    plan = run_retrain(checkout, registry, config, kfp)
+    [item] = plan.to_retrain
+    assert (item.kind, item.attempt) == ("takeover", 2)
+    assert "recorded no run before its lease expired" in item.reason
+    assert len(kfp.runs) == 1
+    record = ArtifactStore.open(registry).read_json(submission_key(harmless(checkout), item.fingerprint, 2))
+    assert (record["state"], record["run_id"]) == ("submitted", kfp.runs[0]["run_id"])
+    assert run_retrain(checkout, registry, config, kfp).to_retrain == []
+    assert len(kfp.runs) == 1
+
+
+def test_a_submission_that_fails_releases_its_claim(checkout, registry, config, kfp, monkeypatch):
+    import pipelines.submit
+
+    def refused(*args, **kwargs):
+        raise CaiError(f"Kubeflow Pipelines host {HOST}: 403 Forbidden")
+
+    submit_run = pipelines.submit.submit_run
+    monkeypatch.setattr(pipelines.submit, "submit_run", refused)
+    with pytest.raises(CaiError, match="403 Forbidden"):
+        run_retrain(checkout, registry, config, kfp)
+    assert ArtifactStore.open(registry).list("_submissions") == []
+    monkeypatch.setattr(pipelines.submit, "submit_run", submit_run)
+    assert [d.ref for d in run_retrain(checkout, registry, config, kfp).to_retrain] == ["harmless@1.0.0"]
+    assert len(kfp.runs) == 1
+
+
+def test_a_damaged_record_is_refused_in_one_line_naming_it(checkout, registry, config, kfp):
+    key = claimed(checkout, registry, config, -1)
+    ArtifactStore.open(registry).write_text(key, "{not json")
+    with pytest.raises(CaiError, match=rf"{registry}/{key}: not a submission record .*; delete it$"):
+        run_retrain(checkout, registry, config, kfp)
+    assert kfp.runs == []
+
+
+def test_a_dry_run_with_a_host_that_does_not_answer_reads_no_run_state(checkout, registry, config, kfp):
+    """The chart's job passes --host; a dry run of it elsewhere still works, leaving states unread."""
+    run_id = run_retrain(checkout, registry, config, kfp).to_retrain[0].submission.run_id
+    set_run_state(kfp, run_id, "FAILED")
+    plan = retrain(checkout, registry, f"http://127.0.0.1:{free_port()}", None, config, dry_run=True)
+    assert plan.to_retrain == []
+    assert plan.decisions[0].reason.endswith("(its state is not read without a KFP host that answers)")

@@ -98,14 +98,22 @@ def retrain_command(
         ),
     ] = None,
 ) -> None:
-    """Publish new constitution versions from git and submit a run for each one not yet trained.
+    """Publish new constitution versions from git and submit a run for each change not yet trained.
 
-    A constitution's newest version is up to date when the RL-CAI champion's lineage has its
-    sha256 or a run was already submitted for it (recorded in the registry under _submissions/).
-    Exits with status 2 and one line if the registry, MLflow or the KFP host is unreachable, or
-    if a published version's content changed.
+    A change is the newest version of a constitution together with the run config's training
+    params (base model, prompt sources, stage settings; not the names constitution, run_name,
+    experiment, model_name_prefix) and the images deploy.image_cpu / image_gpu. It is up to date
+    when the RL-CAI champion was trained on it (its lineage tags and the record of its run) or a
+    run was already submitted for it (recorded in the registry under _submissions/). A submitted
+    run that failed is resubmitted once; one that fails again is reported as needing attention.
+    Concurrent retrains submit one run per change: each claims it with a create-only write first.
+    A dry run reads run states only when --host or KFP_HOST answers. Exits with status 2 and one
+    line if the registry, MLflow or the KFP host is unreachable, or if a published version's
+    content changed.
 
     Example: cai retrain --repo . --dry-run
+
+    Example: cai retrain --repo . --config my-run.yaml --dry-run   # names a changed base_model or image too
 
     Example: cai retrain --repo . --registry s3://my-bucket/constitutions --dry-run
 
@@ -133,14 +141,16 @@ def retrain_command(
         typer.echo("warning: constitutions/ has uncommitted changes")
     for ref in plan.publish:
         typer.echo(f"{would}publish {ref} to {plan.registry_uri}")
+    labels = {"up-to-date": "up to date", "in-progress": "in progress", "needs-attention": "needs attention"}
     for decision in plan.decisions:
-        if decision.action == "up-to-date":
-            typer.echo(f"up to date: {decision.ref}: {decision.reason}")
+        if decision.action in labels:
+            typer.echo(f"{labels[decision.action]}: {decision.ref}: {decision.reason}")
         elif decision.submission is None:
             typer.echo(f"{would}retrain {decision.ref}: {decision.reason}")
         else:
             typer.echo(
-                f"submitted {decision.ref}: run {decision.submission.run_id} {decision.submission.url}"
+                f"submitted {decision.ref}: run {decision.submission.run_id} {decision.submission.url} "
+                f"({decision.reason})"
             )
     if not plan.to_retrain:
         typer.echo("nothing to retrain")
