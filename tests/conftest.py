@@ -6,6 +6,7 @@ All run as separate processes on 127.0.0.1 with free ports, for the whole test s
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib.util
 import os
@@ -180,6 +181,11 @@ def mlflow_server(request, tmp_path_factory, s3_server):
         # Without this, `mlflow server` also starts a job runner and seven huey consumers, each
         # importing mlflow: minutes of CPU on a 2-core machine, for jobs no test runs.
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        # Webhooks to a receiver on 127.0.0.1 over http, with secrets the restarted server can still read.
+        MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
+        MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https",
+        MLFLOW_WEBHOOK_CACHE_TTL="1",  # a webhook registered by one test is used by the next at once
+        MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=base64.urlsafe_b64encode(b"cai-test-webhook-key-32-bytes!!!").decode(),
     )
     saved = {
         k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")

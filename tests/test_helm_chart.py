@@ -685,8 +685,39 @@ def test_the_serving_account_carries_the_s3_secret_and_the_pipeline_may_patch_in
         {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "patch"]}
     ]
     assert find(objects, "RoleBinding", f"{FULLNAME}-serving")["subjects"] == [
-        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": NAMESPACE}
+        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": NAMESPACE},
+        {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE},  # the webhook receiver's
     ]
+
+
+def test_the_webhook_receiver_serves_the_models_and_verifies_with_the_secret():
+    objects = render_objects(VARIANTS["serving"])
+    container = pod_spec(find(objects, "Deployment", f"{FULLNAME}-serve-webhook"))["containers"][0]
+    assert container["args"] == ["serve", "webhook", "cai-harmless-rl-cai", "--port", "8080"]
+    assert env_of(container)["CAI_WEBHOOK_SECRET"] == {
+        "secretKeyRef": {"name": "cai-mlflow-webhook", "key": "CAI_WEBHOOK_SECRET"}
+    }
+    policy = find(objects, "NetworkPolicy", f"{FULLNAME}-serve-webhook")
+    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"][
+        "app.kubernetes.io/component"
+    ] == ("mlflow")
+
+
+def test_a_hook_registers_the_webhook_after_install_and_the_server_may_deliver_it_in_cluster():
+    objects = render_objects(VARIANTS["serving"])
+    job = find(objects, "Job", f"{FULLNAME}-serve-webhook-register")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert pod_spec(job)["containers"][0]["args"] == [
+        "serve", "register-webhook", f"http://{FULLNAME}-serve-webhook:8080/"
+    ]  # fmt: skip
+    server = env_of(pod_spec(find(objects, "Deployment", f"{FULLNAME}-mlflow"))["containers"][0])
+    assert (server["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"], server["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"]) == (
+        "true",
+        "http,https",
+    )
+    assert server["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] == {
+        "secretKeyRef": {"name": "cai-mlflow-webhook", "key": "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"}
+    }
 
 
 def test_the_env_config_map_names_the_inference_services_the_register_step_syncs():

@@ -8,7 +8,13 @@ reached through the Kubernetes client's real `CustomObjectsApi`.
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.error
+import urllib.request
+
 import pytest
+from conftest import free_port
 from kubernetes_standin import KubernetesStandIn
 from test_helm_chart import SERVED, VARIANTS, find, render_objects
 
@@ -137,3 +143,75 @@ def test_the_register_step_syncs_the_models_the_installation_serves(registry, cl
     results = serving.sync_served(registry["uri"], [registry["name"], "cai-harmless-pm"])
     assert [r.inference_service for r in results] == [f"{NAMESPACE}/{registry['name']}"]
     assert version_by_alias(registry["uri"], registry["name"], "champion").version == results[0].version
+
+
+# -- the webhook receiver: a real alias event from the real server ---------------------------------
+
+
+@pytest.fixture
+def receiving(registry, cluster):
+    """`cai serve webhook`'s receiver on 127.0.0.1, registered on the MLflow server with a secret."""
+    import threading
+
+    from cai_lib.webhook import receiver, register_webhook
+
+    api = api_of(cluster)
+    server = receiver(
+        free_port(), "s3cret", [registry["name"]],
+        lambda model: sync(api, registry["uri"], model, NAMESPACE).model_dump(), host="127.0.0.1",
+    )  # fmt: skip
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    webhook = register_webhook(registry["uri"], url, "s3cret")
+    try:
+        yield {"url": url}
+    finally:
+        connect(registry["uri"]).delete_webhook(webhook)
+        server.shutdown()
+
+
+def test_a_champion_alias_set_on_the_server_reaches_the_inference_service_through_the_webhook(
+    registry, cluster, receiving
+):
+    crown(registry)
+    deadline = time.monotonic() + 60
+    while not cluster.patches and time.monotonic() < deadline:
+        time.sleep(0.5)
+    model = served(cluster, registry["name"])["spec"]["predictor"]["model"]
+    assert model["storageUri"] == registry["version"].source
+
+
+def test_a_delivery_without_a_valid_signature_is_refused_and_changes_nothing(registry, cluster, receiving):
+    from cai_lib.webhook import signature
+
+    body = json.dumps(
+        {"entity": "model_version_alias", "action": "created",
+         "data": {"name": registry["name"], "alias": "champion", "version": "1"}}
+    ).encode()  # fmt: skip
+    stamp = str(int(time.time()))
+    forged = {
+        "X-MLflow-Delivery-Id": "d1",
+        "X-MLflow-Timestamp": stamp,
+        "X-MLflow-Signature": signature("wrong-secret", "d1", stamp, body),
+    }
+    statuses = [post(receiving["url"], body, headers) for headers in ({}, forged)]
+    assert statuses == [401, 401] and cluster.patches == []
+
+
+def test_a_replayed_delivery_is_refused(registry, cluster, receiving):
+    from cai_lib.webhook import signature
+
+    body = b'{"entity": "model_version_alias", "action": "created", "data": {}}'
+    old = str(int(time.time()) - 3600)
+    headers = {"X-MLflow-Delivery-Id": "d2", "X-MLflow-Timestamp": old,
+               "X-MLflow-Signature": signature("s3cret", "d2", old, body)}  # fmt: skip
+    assert post(receiving["url"], body, headers) == 401
+
+
+def post(url: str, body: bytes, headers: dict) -> int:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code

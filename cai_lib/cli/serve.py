@@ -41,3 +41,60 @@ def sync_command(
         typer.echo(
             f"{result.inference_service} {verb} {result.model} (version {result.version}, {result.storage_uri})"
         )
+
+
+@app.command("webhook")
+def webhook_command(
+    models: Annotated[
+        list[str], typer.Argument(help="Registered model names served here (InferenceService names).")
+    ],
+    namespace: str = typer.Option(
+        ..., "--namespace", "-n", envvar="CAI_SERVING_NAMESPACE", help="Namespace of the InferenceServices."
+    ),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    tracking_uri: str = TRACKING_OPTION,
+) -> None:
+    """Receive MLflow's model_version_alias.created webhooks and run `cai serve sync` for a
+    champion alias set on a served model. Deliveries are verified with the secret in
+    $CAI_WEBHOOK_SECRET (the webhook's, see `cai serve register-webhook`); others get 401.
+
+    Example: CAI_WEBHOOK_SECRET=... cai serve webhook cai-harmless-rl-cai --namespace ml-team
+    """
+    import os
+
+    from cai_lib.errors import CaiError
+    from cai_lib.serving import custom_objects_api, sync
+    from cai_lib.webhook import SECRET_ENV, receiver
+
+    secret = os.environ.get(SECRET_ENV)
+    if not secret:
+        raise CaiError(
+            f"${SECRET_ENV} is empty: the receiver verifies every delivery with the webhook's secret"
+        )
+    api = custom_objects_api()
+    server = receiver(
+        port, secret, models, lambda model: sync(api, tracking_uri, model, namespace).model_dump()
+    )
+    typer.echo(f"listening on :{port} for champion aliases of {', '.join(models)}", err=True)
+    server.serve_forever()
+
+
+@app.command("register-webhook")
+def register_webhook_command(
+    url: Annotated[str, typer.Argument(help="The receiver's URL, as the MLflow server reaches it.")],
+    tracking_uri: str = TRACKING_OPTION,
+) -> None:
+    """Create (or update) the MLflow webhook that posts alias changes to `cai serve webhook`,
+    signed with $CAI_WEBHOOK_SECRET.
+
+    Example: CAI_WEBHOOK_SECRET=... cai serve register-webhook http://cai-cai-platform-serve-webhook:8080/
+    """
+    import os
+
+    from cai_lib.errors import CaiError
+    from cai_lib.webhook import SECRET_ENV, register_webhook
+
+    secret = os.environ.get(SECRET_ENV)
+    if not secret:
+        raise CaiError(f"${SECRET_ENV} is empty: the webhook's deliveries must be signed")
+    typer.echo(f"webhook {register_webhook(tracking_uri, url, secret)} posts alias changes to {url}")

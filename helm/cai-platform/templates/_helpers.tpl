@@ -159,6 +159,18 @@ capabilities:
       key: {{ .Values.s3.credentialsSecret.secretKeyKey }}
 {{- end -}}
 
+{{/* The MLflow client's credentials, as optional keys (a server without auth needs none). */}}
+{{- define "cai-platform.mlflowCredentialsEnv" -}}
+{{- range $key, $variable := .Values.mlflow.credentialsSecret.keys }}
+- name: {{ $variable }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cai-platform.mlflowSecretName" $ }}
+      key: {{ $key }}
+      optional: true
+{{- end }}
+{{- end -}}
+
 {{/*
 The retrain pod: an optional git clone, then `cai retrain` on the checkout (or, with no
 retrain.gitRepo.url, on the chart's constitutions, mounted from the config ConfigMap at /etc/cai;
@@ -236,14 +248,7 @@ containers:
           name: {{ include "cai-platform.envName" . }}
     env:
       {{- include "cai-platform.s3CredentialsEnv" . | nindent 6 }}
-      {{- range $key, $variable := .Values.mlflow.credentialsSecret.keys }}
-      - name: {{ $variable }}
-        valueFrom:
-          secretKeyRef:
-            name: {{ include "cai-platform.mlflowSecretName" $ }}
-            key: {{ $key }}
-            optional: true
-      {{- end }}
+      {{- include "cai-platform.mlflowCredentialsEnv" . | trim | nindent 6 }}
       - name: CAI_IMAGE_CPU
         value: {{ $cpuImage | quote }}
       - name: CAI_IMAGE_GPU
