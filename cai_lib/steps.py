@@ -43,7 +43,7 @@ from cai_lib.records import PromptRecord, ResponsePair, Trace
 from cai_lib.shards import SUCCESS, dataset_summary, fingerprint, merge_datasets, read_dataset
 from cai_lib.stage_table import NAMES, ConstitutionPart, Output, code_version
 from cai_lib.store import ArtifactStore, join_uri
-from cai_lib.tracking import StageRun, finish_pipeline_run, stage_run, start_pipeline_run
+from cai_lib.tracking import StageRun, finish_pipeline_run, run_url, stage_run, start_pipeline_run
 from cai_lib.training import process_count, visible_gpus
 
 STAGES_DIR = "stages"
@@ -101,6 +101,9 @@ class RunContext(BaseModel):
     artifact_root: str
     tracking_uri: str
     parent_run_id: str = Field(description="MLflow parent run id.")
+    mlflow_run_url: str = Field(
+        default="", description="The parent run's page in the MLflow UI (empty for a local store)."
+    )
     models: dict[str, PinnedModel] = Field(
         default_factory=dict, description="Each model reference of the run, pinned once by the first step."
     )
@@ -315,6 +318,7 @@ def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) ->
         artifact_root=platform.artifact_root,
         tracking_uri=platform.tracking_uri,
         parent_run_id=parent,
+        mlflow_run_url=run_url(platform.tracking_uri, parent),
         models=models,
     )
     folder = ArtifactStore.open(ctx.run_root)
@@ -907,6 +911,7 @@ def finish(run_id: str, experiment: str, state: str, error: str = "") -> str:
             "state": state,
             "error": error,
             "mlflow_run": parent,
+            "mlflow_run_url": run_url(platform.tracking_uri, parent) if parent else "",
             "locks_released": released,
             "stages": run_summary(folder.uri),
             "summary": folder.read_json(SUMMARY_FILE) if folder.exists(SUMMARY_FILE) else None,

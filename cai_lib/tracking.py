@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 RUN_KIND_TAG = "cai.run_kind"
 STAGE_TAG = "cai.stage"
 PIPELINE_RUN_TAG = "cai.pipeline_run_id"
+# The KFP run's page, tagged on its MLflow parent run when the installation names the KFP UI.
+KFP_RUN_URL_TAG = "cai.kfp.run_url"
+# Browser addresses of the two UIs (the chart's kfp.uiUrl and mlflow.uiUrl): in a cluster the
+# tracking URI is a Service name no browser reaches.
+KFP_UI_ENV = "CAI_KFP_UI_URL"
+MLFLOW_UI_ENV = "CAI_MLFLOW_UI_URL"
 # Set inside a stage run's block to the KFP run id, so that what a step does (e.g. hold the
 # promotion lock) can be traced to its pipeline run.
 PIPELINE_RUN_ENV = "CAI_PIPELINE_RUN_ID"
@@ -179,6 +185,8 @@ def start_pipeline_run(
     client = connect(tracking_uri)
     experiment_id = _experiment_id(client, experiment)
     run_tags = {PIPELINE_RUN_TAG: pipeline_run_id, RUN_KIND_TAG: "pipeline"}
+    if os.environ.get(KFP_UI_ENV):
+        run_tags[KFP_RUN_URL_TAG] = f"{os.environ[KFP_UI_ENV].rstrip('/')}/#/runs/details/{pipeline_run_id}"
     run_id = _find_or_create_run(
         client, experiment_id, _pipeline_filter(pipeline_run_id), display_name, run_tags
     )
@@ -198,6 +206,16 @@ def start_pipeline_run(
     client.log_batch(run_id, tags=[RunTag(key, value) for key, value in run_tags.items()])
     client.log_dict(run_id, dict(config), CONFIG_ARTIFACT)
     return run_id
+
+
+def run_url(tracking_uri: str | None, run_id: str) -> str:
+    """The MLflow UI's page of `run_id`: under $CAI_MLFLOW_UI_URL, else under an http(s) tracking
+    URI; "" for a local store, which has no UI until `mlflow ui` serves it."""
+    base = os.environ.get(MLFLOW_UI_ENV) or resolve_tracking_uri(tracking_uri)[0]
+    if not base.startswith(("http://", "https://")):
+        return ""
+    experiment_id = connect(tracking_uri).get_run(run_id).info.experiment_id
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _pipeline_filter(pipeline_run_id: str) -> str:

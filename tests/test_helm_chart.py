@@ -725,6 +725,18 @@ def test_the_env_config_map_names_the_inference_services_the_register_step_syncs
     assert (data["CAI_SERVING_NAMESPACE"], data["CAI_SERVING_MODELS"]) == (NAMESPACE, "cai-harmless-rl-cai")
 
 
+def test_the_env_config_map_names_the_kfp_and_mlflow_uis_for_run_links():
+    values = {
+        "kfp": {"uiUrl": "https://kf.example.com/pipelines"},
+        "mlflow": {"uiUrl": "https://mlflow.example.com"},
+    }
+    data = find(render_objects(values), "ConfigMap", ENV_CONFIGMAP)["data"]
+    assert (data["CAI_KFP_UI_URL"], data["CAI_MLFLOW_UI_URL"]) == (
+        "https://kf.example.com/pipelines",
+        "https://mlflow.example.com",
+    )
+
+
 def test_serving_is_off_by_default():
     objects = render_objects()
     assert not [o for o in objects if o["kind"] == "InferenceService" or "serving" in o["metadata"]["name"]]

@@ -18,6 +18,7 @@ from cai_lib.tracking import (
     TRUNCATED,
     connect,
     finish_pipeline_run,
+    run_url,
     stage_run,
     start_pipeline_run,
 )
@@ -66,6 +67,28 @@ def test_parent_run_logs_the_config_flattened_and_the_constitution_as_params(mlf
     assert params["constitution.ref"] == "harmless@1.0.0"
     assert params["constitution.sha256"] == CONSTITUTION_SHA
     assert run.data.tags["cai.pipeline_run_id"] == "kfp-123"
+
+
+def test_the_parent_run_is_tagged_with_its_kfp_runs_page_when_the_kfp_ui_is_named(mlflow_server, monkeypatch):
+    monkeypatch.setenv("CAI_KFP_UI_URL", "https://kubeflow.example.com/pipelines/")
+    run = connect(mlflow_server["uri"]).get_run(start(mlflow_server["uri"], pipeline_run_id="kfp-run-7"))
+
+    assert (
+        run.data.tags["cai.kfp.run_url"] == "https://kubeflow.example.com/pipelines/#/runs/details/kfp-run-7"
+    )
+
+
+def test_the_parent_runs_page_is_under_the_mlflow_ui_or_else_the_tracking_server(mlflow_server, monkeypatch):
+    parent = start(mlflow_server["uri"])
+    experiment = connect(mlflow_server["uri"]).get_run(parent).info.experiment_id
+    direct = run_url(mlflow_server["uri"], parent)
+    monkeypatch.setenv("CAI_MLFLOW_UI_URL", "https://mlflow.example.com")
+
+    assert direct == f"{mlflow_server['uri']}/#/experiments/{experiment}/runs/{parent}"
+    assert (
+        run_url(mlflow_server["uri"], parent)
+        == f"https://mlflow.example.com/#/experiments/{experiment}/runs/{parent}"
+    )
 
 
 def test_long_config_value_is_truncated_in_params_and_kept_whole_in_config_json(mlflow_server, tmp_path):
