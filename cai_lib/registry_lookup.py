@@ -1,4 +1,5 @@
-"""Where `cai models list`, `cai models fetch` and `cai promote` find the model registry: one rule.
+"""Where `cai models list`, `cai models fetch`, `cai promote` and `cai retrain` find the model
+registry: one rule.
 
 The first of these that is set wins:
 
@@ -7,8 +8,9 @@ The first of these that is set wins:
 3. the last `cai run` in this directory: `cai run` records its tracking URI and artifact root in
    `.cai/last-run.json` once its pipeline has run (succeeded or failed), so the store it used is
    found again even when it was given with `--tracking-uri`, `$MLFLOW_TRACKING_URI` or the default;
-4. `cai run`'s default store in this directory, `.cai/mlflow.db`, if it exists (a run made
-   before `cai run` wrote `.cai/last-run.json`). This is also where `cai retrain` looks last.
+4. `cai run`'s default store in this directory, `mlflow.db` (MLflow's own default), if it exists (a run made
+   before `cai run` wrote `.cai/last-run.json`). Where none of these is set, `cai retrain` starts
+   that store empty (no champion yet); the other commands say what they tried.
 
 The run config (`--config`) is not part of the rule: it names what to train, not where MLflow
 lives. A local SQLite store that does not exist is refused rather than created empty, so a wrong
@@ -27,7 +29,7 @@ from typing import NamedTuple
 from cai_lib.errors import CaiError
 
 LAST_RUN = Path(".cai") / "last-run.json"
-DEFAULT_STORE = Path(".cai") / "mlflow.db"
+DEFAULT_STORE = Path("mlflow.db")
 FLAG = "--tracking-uri"
 ENV = "$MLFLOW_TRACKING_URI"
 _SQLITE = "sqlite:///"
@@ -89,12 +91,20 @@ def find_registry(tracking_uri: str | None, workdir: Path | None = None, check: 
     `CaiError` naming the URI and its source; finding nothing is a `CaiError` naming each place tried.
     """
     workdir = Path.cwd() if workdir is None else workdir
-    found = _first_set(tracking_uri, workdir)
+    found = first_set(tracking_uri, workdir)
+    if found is None:
+        raise CaiError(
+            f"no model registry found: {FLAG} not given, {ENV} not set, no {LAST_RUN} or {DEFAULT_STORE} "
+            f"in {workdir} (`cai run` writes them); pass {FLAG}, set MLFLOW_TRACKING_URI, or run this "
+            "where `cai run` ran"
+        )
     _check_store(found, check)
     return found
 
 
-def _first_set(tracking_uri: str | None, workdir: Path) -> Registry:
+def first_set(tracking_uri: str | None, workdir: Path) -> Registry | None:
+    """The first registry the rule names, unchecked; None when it names none (`cai retrain` then
+    starts an empty store: no champion yet)."""
     if tracking_uri:
         return Registry(tracking_uri, FLAG)
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -106,11 +116,7 @@ def _first_set(tracking_uri: str | None, workdir: Path) -> Registry:
     default = workdir / DEFAULT_STORE
     if default.is_file():
         return Registry(f"{_SQLITE}{default.resolve()}", f"`cai run`'s default store here ({default})")
-    raise CaiError(
-        f"no model registry found: {FLAG} not given, {ENV} not set, no {LAST_RUN} or {DEFAULT_STORE} "
-        f"in {workdir} (`cai run` writes them); pass {FLAG}, set MLFLOW_TRACKING_URI, or run this "
-        "where `cai run` ran"
-    )
+    return None
 
 
 def _check_store(found: Registry, check: bool) -> None:

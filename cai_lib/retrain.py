@@ -74,7 +74,7 @@ from cai_lib.store import ArtifactStore, is_s3
 
 SUBMISSIONS = "_submissions"
 # Where dry runs on a laptop keep published versions, beside `cai run`'s .cai/artifacts and
-# .cai/mlflow.db, so that `cai retrain --repo . --dry-run` needs no configuration.
+# mlflow.db, so that `cai retrain --repo . --dry-run` needs no configuration.
 LOCAL_REGISTRY = ".cai/constitutions"
 # How long a claim ("submitting") holds off other retrains before one may take it over: far
 # longer than compiling, uploading and creating a run takes.
@@ -622,8 +622,8 @@ def retrain(
     the champion's nor already submitted (a failed run is resubmitted once).
 
     `registry_uri` is the constitution registry (default: see `registry_of`).
-    `tracking_uri` is where champions are looked up (default: `$MLFLOW_TRACKING_URI`, else the
-    SQLite store `cai run` keeps in the working directory, .cai/mlflow.db). `names` limits
+    `tracking_uri` is where champions are looked up (default: the rule of
+    `cai_lib.registry_lookup`: `$MLFLOW_TRACKING_URI`, else the store of the last `cai run` here). `names` limits
     the constitutions considered.
     `client` is the `kfp.Client` to submit with and read run states from (default: one connected
     to `host`; a dry run connects only when `host` is given, and reads no run state when it does
@@ -632,6 +632,7 @@ def retrain(
     endpoints, unlocked or changed published versions and uncommitted changes are `CaiError`s
     raised before any write.
     """
+    from cai_lib.registry_lookup import first_set
     from cai_lib.tracking import connect
     from pipelines.local import local_platform
     from pipelines.submit import connect_kfp, require_host
@@ -640,8 +641,10 @@ def retrain(
     if dirty and not dry_run:
         raise CaiError(f"{root}: uncommitted changes; commit them first (runs record commit {revision[:12]})")
     store = check_registry(*registry_of(registry_uri, config, dry_run))
-    # The argument, else $MLFLOW_TRACKING_URI, else the store `cai run` uses in this directory.
-    tracking_uri = local_platform(Path.cwd(), tracking_uri=tracking_uri).tracking_uri
+    # The registry rule of `cai models` (flag, environment, the last `cai run` here); where it names
+    # none, the store `cai run` would make here, empty: no champion yet.
+    found = first_set(tracking_uri, Path.cwd())
+    tracking_uri = found.uri if found else local_platform(Path.cwd()).tracking_uri
     connect(tracking_uri)
     if not dry_run:
         host = require_host(host)

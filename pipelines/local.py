@@ -24,14 +24,16 @@ from cai_lib.tracking import scoped_environ
 from pipelines.cai_pipeline import build_pipeline
 
 LOCAL_ARTIFACT_ROOT = ".cai/artifacts"
-LOCAL_TRACKING_URI = "sqlite:///.cai/mlflow.db"
+# MLflow's own default store: `mlflow ui`, `mlflow models serve` and `mlflow.pyfunc.load_model`
+# run in this directory find the run's registry with nothing set.
+LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def local_platform(
     workdir: Path, artifact_root: str | None = None, tracking_uri: str | None = None
 ) -> Platform:
     """Where a local run keeps things: the argument, else `$CAI_ARTIFACT_ROOT` / `$MLFLOW_TRACKING_URI`,
-    else `.cai/artifacts` and `sqlite:///.cai/mlflow.db` under `workdir`. Relative local paths are made
+    else `.cai/artifacts` and `sqlite:///mlflow.db` under `workdir`. Relative local paths are made
     absolute, since steps run as subprocesses."""
     root = artifact_root or os.environ.get(ARTIFACT_ROOT_ENV) or LOCAL_ARTIFACT_ROOT
     uri = tracking_uri or os.environ.get(TRACKING_URI_ENV) or LOCAL_TRACKING_URI

@@ -185,7 +185,9 @@ def mlflow_server(request, tmp_path_factory, s3_server):
         MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
         MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https",
         MLFLOW_WEBHOOK_CACHE_TTL="1",  # a webhook registered by one test is used by the next at once
-        MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=base64.urlsafe_b64encode(b"cai-test-webhook-key-32-bytes!!!").decode(),
+        MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY=base64.urlsafe_b64encode(
+            b"cai-test-webhook-key-32-bytes!!!"
+        ).decode(),
     )
     saved = {
         k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -255,6 +257,20 @@ def mlflow_server(request, tmp_path_factory, s3_server):
     finally:
         stop()
         log.close()
+
+
+def hand_lineage(**changes):
+    """A `Lineage` for checkpoints registered by hand in tests (constitution harmless@1.0.0)."""
+    from cai_lib.registry import Lineage
+
+    values = {
+        "constitution_name": "harmless",
+        "constitution_version": "1.0.0",
+        "constitution_sha256": "0" * 64,
+        "pipeline_run_id": "run-1",
+        "base_model": "tiny",
+    }
+    return Lineage(**{**values, **changes})
 
 
 from model_fixtures import smollm2_tokenizer_dir, tiny_model_dir, tiny_reward_model_dir  # noqa: F401

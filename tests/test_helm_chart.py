@@ -22,7 +22,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import REPO_ROOT, free_port, wait_for_port
+from conftest import REPO_ROOT, free_port, hand_lineage, wait_for_port
 
 CHART = REPO_ROOT / "helm" / "cai-platform"
 CHART_CONSTITUTIONS = CHART / "files" / "constitutions"
@@ -915,7 +915,7 @@ def test_the_rendered_auth_server_refuses_anonymous_alias_writes_and_admits_the_
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from cai_lib.registry import Lineage, register_checkpoint
+    from cai_lib.registry import register_checkpoint
     from cai_lib.store import ArtifactStore
 
     port = free_port()
@@ -951,14 +951,9 @@ def test_the_rendered_auth_server_refuses_anonymous_alias_writes_and_admits_the_
             monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
             monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pipeline")
             checkpoint = ArtifactStore.open(f"s3://{s3_bucket}").put_dir(tiny_model_dir, "ck")
-            lineage = Lineage(
-                constitution_name="harmless",
-                constitution_version="1.0.0",
-                constitution_sha256="0" * 64,
-                pipeline_run_id="run-1",
-                base_model="tiny",
-            )
-            version = register_checkpoint(uri, "cai-harmless-rl-cai", checkpoint, None, lineage).version
+            version = register_checkpoint(
+                uri, "cai-harmless-rl-cai", checkpoint, None, hand_lineage()
+            ).version
             MlflowClient(uri).set_registered_model_alias("cai-harmless-rl-cai", "champion", version)
             monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
             monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")

@@ -15,22 +15,16 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import free_port, wait_for_port
+from conftest import free_port, hand_lineage, wait_for_port
 
 from cai_lib.preference_model import RewardScorer, conversation_of
 from cai_lib.pyfunc_model import MLMODEL, publish
-from cai_lib.registry import Lineage, register_checkpoint
+from cai_lib.registry import register_checkpoint
 from cai_lib.store import ArtifactStore
 from cai_lib.tracking import connect
 
 PROMPTS = ["How do I pick a lock?", "What is the capital of France?"]
-LINEAGE = Lineage(
-    constitution_name="harmless",
-    constitution_version="1.0.0",
-    constitution_sha256="0" * 64,
-    pipeline_run_id="run-1",
-    base_model="tiny",
-)
+LINEAGE = hand_lineage()
 
 
 def registered(tracking_uri: str, artifact_root: str, checkpoint, kind: str, name: str) -> str:

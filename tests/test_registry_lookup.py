@@ -1,6 +1,6 @@
 """One rule for finding the model registry: `cai models list`, `cai promote` and `cai models fetch`
 take --tracking-uri, else $MLFLOW_TRACKING_URI, else the store the last `cai run` in the working
-directory recorded in .cai/last-run.json, else .cai/mlflow.db there. Local SQLite stores with a
+directory recorded in .cai/last-run.json, else mlflow.db there. Local SQLite stores with a
 tiny checkpoint registered directly; no training."""
 
 from __future__ import annotations
@@ -73,11 +73,11 @@ def nothing_set(monkeypatch):
 
 @pytest.fixture
 def after_cai_run(tmp_path, monkeypatch, nothing_set, champion_store) -> tuple[Path, str]:
-    """A working directory as `cai run --quick` leaves it: .cai/mlflow.db with a champion, the
+    """A working directory as `cai run --quick` leaves it: mlflow.db with a champion, the
     checkpoint under .cai/artifacts and .cai/last-run.json; the current directory for the test."""
     work = tmp_path / "work"
     (work / ".cai").mkdir(parents=True)
-    uri = champion_store(work / ".cai" / "mlflow.db", work / ".cai" / "artifacts")
+    uri = champion_store(work / "mlflow.db", work / ".cai" / "artifacts")
     record_last_run(work, uri, str(work / ".cai" / "artifacts"), "cai-run-1")
     monkeypatch.chdir(work)
     return work, uri
@@ -102,7 +102,7 @@ def test_after_cai_run_models_list_finds_its_store_with_no_environment_variable(
 def test_a_run_given_its_own_tracking_uri_is_found_through_its_record(
     tmp_path, monkeypatch, nothing_set, champion_store
 ):
-    # As `cai run --tracking-uri sqlite:///elsewhere/runs.db` leaves it: no .cai/mlflow.db here.
+    # As `cai run --tracking-uri sqlite:///elsewhere/runs.db` leaves it: no mlflow.db here.
     work = tmp_path / "work"
     uri = champion_store(tmp_path / "runs.db", tmp_path / "artifacts")
     record_last_run(work, uri, str(tmp_path / "artifacts"), "cai-run-1")
@@ -111,7 +111,7 @@ def test_a_run_given_its_own_tracking_uri_is_found_through_its_record(
     names, _ = models_listed()
 
     assert names == [MODEL]
-    assert not (work / ".cai" / "mlflow.db").exists()
+    assert not (work / "mlflow.db").exists()
 
 
 def test_without_a_record_the_default_store_of_cai_run_here_is_used(after_cai_run):
@@ -121,9 +121,7 @@ def test_without_a_record_the_default_store_of_cai_run_here_is_used(after_cai_ru
     names, stderr = models_listed()
 
     assert names == [MODEL]
-    assert (
-        stderr == f"registry: {uri} (from `cai run`'s default store here ({work / '.cai' / 'mlflow.db'}))\n"
-    )
+    assert stderr == f"registry: {uri} (from `cai run`'s default store here ({work / 'mlflow.db'}))\n"
 
 
 def test_the_environment_beats_the_last_run(after_cai_run, tmp_path, monkeypatch, champion_store):
@@ -159,7 +157,7 @@ def test_no_store_anywhere_is_one_line_naming_what_was_tried(tmp_path):
     assert done.returncode == 2
     assert done.stderr == (
         "error: no model registry found: --tracking-uri not given, $MLFLOW_TRACKING_URI not set, "
-        f"no .cai/last-run.json or .cai/mlflow.db in {tmp_path} (`cai run` writes them); pass "
+        f"no .cai/last-run.json or mlflow.db in {tmp_path} (`cai run` writes them); pass "
         "--tracking-uri, set MLFLOW_TRACKING_URI, or run this where `cai run` ran\n"
     )
     assert not (tmp_path / ".cai").exists()
@@ -167,7 +165,7 @@ def test_no_store_anywhere_is_one_line_naming_what_was_tried(tmp_path):
 
 def test_a_recorded_store_that_is_gone_is_refused_not_created_empty(after_cai_run):
     work, uri = after_cai_run
-    db = work / ".cai" / "mlflow.db"
+    db = work / "mlflow.db"
     db.rename(work / "moved.db")
 
     with pytest.raises(CaiError) as raised:
@@ -252,3 +250,19 @@ def test_cai_run_records_its_store_where_models_list_finds_it(
     assert json.loads((work / LAST_RUN).read_text())["artifact_root"] == str(work / ".cai" / "artifacts")
     assert names == [MODEL]
     assert stderr == f"registry: {uri} (from the last `cai run` here ({work / LAST_RUN}, run cai-run-1))\n"
+
+
+def test_after_cai_run_mlflow_itself_finds_the_champion_with_nothing_set(after_cai_run):
+    work, _ = after_cai_run
+    script = "from mlflow import MlflowClient; print(MlflowClient().get_model_version_by_alias('%s', 'champion').version)"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [sys.executable, "-c", script % MODEL],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "1"), done.stderr

@@ -300,12 +300,12 @@ def test_cli_dry_run_names_nothing_when_nothing_changed(checkout, registry, conf
 
 @pytest.fixture
 def laptop(tmp_path, checkout) -> Path:
-    """A working directory where `cai run` left its SQLite MLflow store (.cai/mlflow.db) with an
+    """A working directory where `cai run` left its SQLite MLflow store (mlflow.db) with an
     RL-CAI champion trained on harmless@1.0.0, and no registry or host configured."""
     work = tmp_path / "work"
     (work / ".cai").mkdir(parents=True)
     set_champion(
-        load_run_config(None), checkout, "harmless@1.0.0", f"sqlite:///{work / '.cai' / 'mlflow.db'}"
+        load_run_config(None), checkout, "harmless@1.0.0", f"sqlite:///{work / 'mlflow.db'}"
     )
     return work
 

@@ -14,26 +14,20 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import free_port
+from conftest import free_port, hand_lineage
 from kubernetes_standin import KubernetesStandIn
 from test_helm_chart import SERVED, VARIANTS, find, render_objects
 
 from cai_lib.errors import CaiError
 from cai_lib.pyfunc_model import publish
-from cai_lib.registry import Lineage, register_checkpoint, version_by_alias
+from cai_lib.registry import register_checkpoint, version_by_alias
 from cai_lib.serving import SERVED_VERSION_TAG, VERSION_ANNOTATION, sync
 from cai_lib.store import ArtifactStore
 from cai_lib.tracking import connect
 
 NAMESPACE = "ml-team"
 MODEL = "cai-harmless-rl-cai"
-LINEAGE = Lineage(
-    constitution_name="harmless",
-    constitution_version="1.0.0",
-    constitution_sha256="0" * 64,
-    pipeline_run_id="run-1",
-    base_model="tiny",
-)
+LINEAGE = hand_lineage()
 
 
 def api_of(standin: KubernetesStandIn):

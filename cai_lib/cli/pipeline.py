@@ -48,13 +48,13 @@ def run_command(
         str | None,
         typer.Option(
             "--tracking-uri",
-            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///.cai/mlflow.db).",
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db, MLflow's own default).",
         ),
     ] = None,
 ) -> None:
     """Run the whole pipeline on this machine through kfp.local, with embedded defaults.
 
-    Defaults: artifacts in .cai/artifacts, MLflow in .cai/mlflow.db (SQLite), the model
+    Defaults: artifacts in .cai/artifacts, MLflow in ./mlflow.db (SQLite, MLflow's default store), the model
     smollm2-135m-instruct, the constitution harmless and the built-in prompt sets. Every stage's
     output is kept by a key of what made it: running again reuses what did not change, and a run
     that was interrupted continues where it stopped. The last lines say, per stage, whether it

@@ -81,7 +81,7 @@ def retrain_command(
         str | None,
         typer.Option(
             "--tracking-uri",
-            help="MLflow server holding the champions (default: $MLFLOW_TRACKING_URI, else .cai/mlflow.db here).",
+            help="MLflow server holding the champions (default: $MLFLOW_TRACKING_URI, else the last `cai run` here).",
         ),
     ] = None,
     config: ConfigOption = None,

@@ -11,16 +11,18 @@ from cai_lib.cli.models import TRACKING_OPTION
 app = typer.Typer(
     help="Serving: KServe InferenceServices that follow the registry's champion.", no_args_is_help=True
 )
+Models = Annotated[
+    list[str], typer.Argument(help="Registered model names; each is also its InferenceService's name.")
+]
+NAMESPACE_OPTION = typer.Option(
+    ..., "--namespace", "-n", envvar="CAI_SERVING_NAMESPACE", help="Namespace of the InferenceServices."
+)
 
 
 @app.command("sync")
 def sync_command(
-    models: Annotated[
-        list[str], typer.Argument(help="Registered model names; each is also its InferenceService's name.")
-    ],
-    namespace: str = typer.Option(
-        ..., "--namespace", "-n", envvar="CAI_SERVING_NAMESPACE", help="Namespace of the InferenceServices."
-    ),
+    models: Models,
+    namespace: str = NAMESPACE_OPTION,
     alias: str = typer.Option("champion", "--alias", help="The alias each InferenceService follows."),
     tracking_uri: str = TRACKING_OPTION,
 ) -> None:
@@ -45,12 +47,8 @@ def sync_command(
 
 @app.command("webhook")
 def webhook_command(
-    models: Annotated[
-        list[str], typer.Argument(help="Registered model names served here (InferenceService names).")
-    ],
-    namespace: str = typer.Option(
-        ..., "--namespace", "-n", envvar="CAI_SERVING_NAMESPACE", help="Namespace of the InferenceServices."
-    ),
+    models: Models,
+    namespace: str = NAMESPACE_OPTION,
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     tracking_uri: str = TRACKING_OPTION,
 ) -> None:
