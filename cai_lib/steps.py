@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -45,6 +45,9 @@ from cai_lib.stage_table import NAMES, ConstitutionPart, Output, code_version
 from cai_lib.store import ArtifactStore, join_uri
 from cai_lib.tracking import StageRun, finish_pipeline_run, run_url, stage_run, start_pipeline_run
 from cai_lib.training import process_count, visible_gpus
+
+if TYPE_CHECKING:
+    from cai_lib.registry import Lineage
 
 STAGES_DIR = "stages"
 REPORT_FILE = "report.html"
@@ -770,6 +773,44 @@ def evaluate(
     return marker.metrics
 
 
+def lineage_of(ctx: RunContext, constitution: Constitution, base_model: str, data: dict[str, str]) -> Lineage:
+    """The lineage tags of a checkpoint this run trained from `base_model` on `data`."""
+    from cai_lib.registry import Lineage
+    from cai_lib.retrain import run_config_sha256
+
+    p = ctx.params
+    return Lineage(
+        constitution_name=constitution.name,
+        constitution_version=constitution.version,
+        constitution_sha256=constitution.sha256,
+        pipeline_run_id=ctx.run_id,
+        base_model=base_model,
+        data_uris=data,
+        human_data=f"{p.human_preference_kind}: {p.human_preferences}" if p.human_preferences else "none",
+        run_config_sha256=run_config_sha256(p),
+    )
+
+
+def record_gate_evidence(ctx: RunContext, pointer: dict, policy_name: str, version: str) -> None:
+    """Tag the RL-CAI version with its win rates against the champion it was evaluated with (the
+    evaluation's `pointer`), or against the SL-CAI policy when there is no champion yet."""
+    from cai_lib.evaluate import find_win_rate, load_result
+    from cai_lib.registry import WinRateEvidence, record_evaluation
+
+    champion = pointer.get("champion_version")
+    result = load_result(pointer["uri"])
+    rival = "champion" if champion else "sl-cai"
+    harmless, helpful = (find_win_rate(result, c, "rl-cai", rival) for c in ("harmless", "helpful"))
+    record_evaluation(
+        ctx.tracking_uri,
+        policy_name,
+        version,
+        WinRateEvidence(rate=harmless.win_rate, ci_low=harmless.ci_low, n=harmless.n),
+        WinRateEvidence(rate=helpful.win_rate, ci_low=helpful.ci_low, n=helpful.n),
+        champion or rival,
+    )
+
+
 @one_line_errors
 def register(
     context: dict,
@@ -790,28 +831,18 @@ def register(
 
     The gate judges the RL-CAI policy on its win rates against the champion it was evaluated
     with (with no champion yet, against the SL-CAI policy); when it is promoted, the PM and
-    SL-CAI model of the same run become champions with it. Registration is idempotent by checkpoint, so a rerun that reused every checkpoint gets the
-    versions the first run registered. Returns a JSON summary (run root, report, versions,
-    decision), also written to the run's folder for the exit handler.
+    SL-CAI model of the same run become champions with it. Registration is idempotent by
+    checkpoint, so a rerun that reused every checkpoint gets the versions the first run
+    registered. Returns a JSON summary (run root, report, versions, decision, what serving now
+    serves), also written to the run's folder for the exit handler.
     """
-    from cai_lib.evaluate import find_win_rate, load_result
     from cai_lib.pyfunc_model import ROLE_KINDS, publish
-    from cai_lib.registry import (
-        Lineage,
-        WinRateEvidence,
-        promote_from_evaluation,
-        promote_with,
-        record_evaluation,
-        register_checkpoint,
-        set_challenger,
-    )
-    from cai_lib.retrain import run_config_sha256
+    from cai_lib.registry import promote_from_evaluation, promote_with, register_checkpoint, set_challenger
     from cai_lib.serving import sync_served
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
     constitution = pinned_constitution(constitution_path)
-    pointer = json.loads(Path(results).read_text())
     data = {"traces": DataRef.read(traces).uri, "preferences": DataRef.read(labels).uri}
     checkpoints = {"pm": reward_model, "sl-cai": sl_policy, "rl-cai": rl_policy}
     base = ctx.model(p.base_model).load  # a models:/ alias as the version it named when the run began
@@ -819,43 +850,18 @@ def register(
     versions = {}
     with recorded(ctx, "register") as run:
         for role, path in checkpoints.items():
-            lineage = Lineage(
-                constitution_name=constitution.name,
-                constitution_version=constitution.version,
-                constitution_sha256=constitution.sha256,
-                pipeline_run_id=ctx.run_id,
-                base_model=bases[role],
-                data_uris=data,
-                human_data=f"{p.human_preference_kind}: {p.human_preferences}"
-                if p.human_preferences
-                else "none",
-                run_config_sha256=run_config_sha256(p),
-            )
             name = model_name(p, constitution, role)
             checkpoint = DataRef.read(path)
             source = publish(checkpoint.uri, ctx.artifact_root, ROLE_KINDS[role])
             # The version's run is the stage run that trained it; markers older than that field
             # do not name it, and then the register run stands in.
             trained_by = checkpoint.mlflow_run_id or run.run_id
+            lineage = lineage_of(ctx, constitution, bases[role], data)
             info = register_checkpoint(ctx.tracking_uri, name, source, trained_by, lineage)
             set_challenger(ctx.tracking_uri, name, info.version)
             versions[role] = (name, info.version)
         policy_name, policy_version = versions["rl-cai"]
-        # Judged against the champion it was evaluated with; the first champion against SL-CAI.
-        champion = pointer.get("champion_version")
-        result = load_result(pointer["uri"])
-        rival = "champion" if champion else "sl-cai"
-        harmless, helpful = (
-            find_win_rate(result, criterion, "rl-cai", rival) for criterion in ("harmless", "helpful")
-        )
-        record_evaluation(
-            ctx.tracking_uri,
-            policy_name,
-            policy_version,
-            WinRateEvidence(rate=harmless.win_rate, ci_low=harmless.ci_low, n=harmless.n),
-            WinRateEvidence(rate=helpful.win_rate, ci_low=helpful.ci_low, n=helpful.n),
-            champion or rival,
-        )
+        record_gate_evidence(ctx, json.loads(Path(results).read_text()), policy_name, policy_version)
         _, decision = promote_from_evaluation(ctx.tracking_uri, policy_name, policy_version, p.promotion)
         served = []
         if decision.promote:
@@ -873,7 +879,7 @@ def register(
         "versions": {role: {"name": n, "version": v} for role, (n, v) in versions.items()},
         "promoted": decision.promote,
         "reason": decision.reason,
-        "served": [result.model_dump() for result in served],
+        "served": [sync.model_dump() for sync in served],
         "mlflow_tracking_uri": ctx.tracking_uri,
         "experiment": p.experiment,
     }
