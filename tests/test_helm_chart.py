@@ -7,6 +7,7 @@ tests/test_kustomize.py reuses `render`, `assert_valid_for_kubernetes` and `asse
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -757,30 +758,38 @@ def test_a_real_mlflow_server_accepts_the_rendered_arguments_and_only_the_allowe
         {"mlflow": {"server": {"port": port, "workers": 1, "auth": {"enabled": False}}}}
     )
     args = pod_spec(find(rendered, "Deployment"))["containers"][0]["args"]
-    # the pod's secret-held backend URI becomes a local SQLite file; it listens on loopback only here
+    with rendered_mlflow_server(args, port, tmp_path):
+        service = f"{FULLNAME}-mlflow"
+        statuses = {
+            host: status_for_host(port, host)
+            for host in (
+                f"{service}:{port}",
+                f"{service}.{NAMESPACE}.svc:{port}",
+                f"attacker.example.com:{port}",
+            )
+        }
+    assert list(statuses.values()) == [200, 200, 403]
+
+
+@contextlib.contextmanager
+def rendered_mlflow_server(args: list[str], port: int, tmp_path: Path, env: dict | None = None):
+    """`mlflow` run with the chart's rendered server arguments until the block ends: the pod's
+    secret-held backend URI becomes a SQLite file in `tmp_path`, and it listens on loopback only."""
     local = {"$(MLFLOW_BACKEND_STORE_URI)": f"sqlite:///{tmp_path / 'mlflow.db'}", "0.0.0.0": "127.0.0.1"}
     with open(tmp_path / "mlflow.log", "w") as log:
         # its own session, so that stopping it also stops the uvicorn workers it spawns
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", *(local.get(arg, arg) for arg in args)],
+            env={**os.environ, **(env or {})},
             stdout=log,
             stderr=log,
             start_new_session=True,
         )
         try:
             wait_for_port(port, server, f"mlflow server (log: {tmp_path / 'mlflow.log'})", timeout=240)
-            service = f"{FULLNAME}-mlflow"
-            statuses = {
-                host: status_for_host(port, host)
-                for host in (
-                    f"{service}:{port}",
-                    f"{service}.{NAMESPACE}.svc:{port}",
-                    f"attacker.example.com:{port}",
-                )
-            }
+            yield
         finally:
             stop_session(server)
-    assert list(statuses.values()) == [200, 200, 403]
 
 
 def stop_session(process: subprocess.Popen) -> None:
@@ -928,44 +937,29 @@ def test_the_rendered_auth_server_refuses_anonymous_alias_writes_and_admits_the_
         check=True,
     )
     args = spec["containers"][0]["args"]
-    local = {"$(MLFLOW_BACKEND_STORE_URI)": f"sqlite:///{tmp_path / 'mlflow.db'}", "0.0.0.0": "127.0.0.1"}
-    env = dict(
-        os.environ,
-        MLFLOW_AUTH_CONFIG_PATH=str(tmp_path / "basic_auth.ini"),
-        MLFLOW_AUTH_ADMIN_USERNAME="pipeline",
-        MLFLOW_AUTH_ADMIN_PASSWORD="s3cret-pipeline",
-        MLFLOW_FLASK_SERVER_SECRET_KEY="test-key",
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-    )
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+        "MLFLOW_AUTH_ADMIN_USERNAME": "pipeline",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret-pipeline",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     uri = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "mlflow.log", "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", *(local.get(arg, arg) for arg in args)],
-            env=env,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-        try:
-            wait_for_port(port, server, f"mlflow server (log: {tmp_path / 'mlflow.log'})", timeout=240)
-            monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
-            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pipeline")
-            checkpoint = ArtifactStore.open(f"s3://{s3_bucket}").put_dir(tiny_model_dir, "ck")
-            version = register_checkpoint(
-                uri, "cai-harmless-rl-cai", checkpoint, None, hand_lineage()
-            ).version
+    with rendered_mlflow_server(args, port, tmp_path, env):
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pipeline")
+        checkpoint = ArtifactStore.open(f"s3://{s3_bucket}").put_dir(tiny_model_dir, "ck")
+        version = register_checkpoint(uri, "cai-harmless-rl-cai", checkpoint, None, hand_lineage()).version
+        MlflowClient(uri).set_registered_model_alias("cai-harmless-rl-cai", "champion", version)
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        with pytest.raises(MlflowException) as anonymous:
             MlflowClient(uri).set_registered_model_alias("cai-harmless-rl-cai", "champion", version)
-            monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
-            monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
-            with pytest.raises(MlflowException) as anonymous:
-                MlflowClient(uri).set_registered_model_alias("cai-harmless-rl-cai", "champion", version)
-            champion = http_json(
-                uri,
-                "/api/2.0/mlflow/registered-models/get?name=cai-harmless-rl-cai",
-                ("pipeline", "s3cret-pipeline"),
-            )
-        finally:
-            stop_session(server)
+        champion = http_json(
+            uri,
+            "/api/2.0/mlflow/registered-models/get?name=cai-harmless-rl-cai",
+            ("pipeline", "s3cret-pipeline"),
+        )
     assert "401" in str(anonymous.value) or "Unauthorized" in str(anonymous.value)
     assert champion["registered_model"]["aliases"] == [{"alias": "champion", "version": version}]
 

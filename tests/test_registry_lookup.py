@@ -14,22 +14,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import hand_lineage
 from typer.testing import CliRunner
 
 from cai_lib.cli import app
 from cai_lib.errors import CaiError
-from cai_lib.registry import Lineage, PromotionGate, promote, register_checkpoint, set_challenger
+from cai_lib.registry import PromotionGate, promote, register_checkpoint, set_challenger
 from cai_lib.registry_lookup import LAST_RUN, find_registry, record_last_run
 from cai_lib.store import ArtifactStore
 
 CAI = Path(sys.executable).parent / "cai"
 MODEL = "cai-harmless-rl-cai"
-LINEAGE = Lineage(
-    constitution_name="harmless",
-    constitution_version="1.0.0",
-    constitution_sha256="c0" * 32,
-    pipeline_run_id="cai-run-1",
-    base_model="smollm2-135m-instruct",
+LINEAGE = hand_lineage(
+    constitution_sha256="c0" * 32, pipeline_run_id="cai-run-1", base_model="smollm2-135m-instruct"
 )
 
 
