@@ -15,6 +15,11 @@ Two kinds of key/value (KV) cache reuse spare the model from encoding the same t
   reply) is kept, and a row of the next call that starts with the same tokens, such as the same
   conversation one critique or revision later, reuses it and encodes only its new tokens.
 
+- the stem of a scoring call: rows of one `score_options` call that start with the same tokens
+  (the questions about one comparison repeat its conversation, and both answer orders of a
+  principle repeat the principle too) have that common start encoded once, and each row encodes
+  only the rest after it.
+
 A batch row is laid out as `[prefix | padding | reused tokens | padding | new tokens]` with an
 attention mask that is 0 on padding; position ids follow the mask's cumulative sum, so every
 token sits at the position it has in the plain rendering and the results equal those without
@@ -61,11 +66,19 @@ class _Row:
     reused: int = 0
 
 
-# Padded tokens per scoring batch (beyond the shared prefix). Scoring rows vary in length (a
-# comparison question holds two whole answers); one batch padded to its longest row wasted more
-# than batching saved (benchmarks/labelling.py: batched one-pass scoring 0.6 questions/s against
-# 1.05 one question at a time on 2 CPU cores), so long rows go in smaller batches.
+# Padded tokens per scoring batch (beyond the shared prefix), and the padding a scoring batch may
+# hold. Scoring rows vary in length (a comparison question holds two whole answers); one batch
+# padded to its longest row wasted more than batching saved (benchmarks/labelling.py: batched
+# one-pass scoring 0.6 questions/s against 1.05 one question at a time on 2 CPU cores), so rows
+# are batched only with rows of about their length.
 SCORING_BATCH_TOKENS = 4096
+SCORING_MAX_PADDING = 0.1
+# Rows sharing at least this many leading tokens share a stem. Shorter shared starts (the chat
+# template's opening, the question's first words) are not worth a forward pass of their own.
+MIN_STEM_TOKENS = 32
+# Stem tokens whose KV is held at once while their rows are scored: bounds a scoring call's
+# memory whatever its size (~1.5 GB for SmolLM2-135M in float32).
+STEM_CHUNK_TOKENS = 8 * SCORING_BATCH_TOKENS
 # Upper bound on the conversation-history KV kept between calls. At SmolLM2-135M's 46 KB per
 # float32 token it holds ~45k tokens, e.g. 64 conversations of 700 tokens.
 HISTORY_BUDGET_BYTES = 2 * 1024**3
@@ -102,20 +115,62 @@ def _within_budget(histories: list[_History], budget: int) -> list[_History]:
     return kept
 
 
-def _batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> Iterator[list[int]]:
-    """Row indices grouped by similar length (longest first), at most `batch_size` at a time and,
-    with `max_tokens`, at most that many tokens once padded to the batch's longest row."""
+def _batches(
+    lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, max_padding: float | None = None
+) -> Iterator[list[int]]:
+    """Row indices grouped by similar length (longest first), at most `batch_size` at a time;
+    with `max_tokens`, at most that many tokens once padded to the batch's longest row; with
+    `max_padding`, at most that fraction of the padded batch being padding."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batch: list[int] = []
+    filled = 0
     for i in order:
+        padded = (len(batch) + 1) * lengths[batch[0]] if batch else 0
         if batch and (
-            len(batch) == batch_size or (max_tokens and (len(batch) + 1) * lengths[batch[0]] > max_tokens)
+            len(batch) == batch_size
+            or (max_tokens and padded > max_tokens)
+            or (max_padding is not None and padded - filled - lengths[i] > max_padding * padded)
         ):
             yield batch
-            batch = []
+            batch, filled = [], 0
         batch.append(i)
+        filled += lengths[i]
     if batch:
         yield batch
+
+
+def _stem_groups(rows: Sequence[list[int]], new_tokens: Sequence[int]) -> list[tuple[list[int], int]]:
+    """Row indices grouped by a shared start (the stem) of at least `MIN_STEM_TOKENS`, with its
+    length; row i keeps at least its last `new_tokens[i]` tokens out of the stem. A row that
+    shares no such start with another is a group of its own with a stem of 0."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i])
+    groups: list[list[int]] = []
+    for i in order:
+        # In lexicographic order a run's common start is that of its first and its last row.
+        if groups and _common_prefix_length(rows[groups[-1][0]], rows[i]) >= MIN_STEM_TOKENS:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    result = []
+    for group in groups:
+        shared = _common_prefix_length(rows[group[0]], rows[group[-1]])
+        stem = min([shared] + [len(rows[i]) - new_tokens[i] for i in group])
+        result.append((group, stem if len(group) > 1 and stem >= MIN_STEM_TOKENS else 0))
+    return result
+
+
+def _chunks(groups: list[tuple[list[int], int]], max_stem_tokens: int) -> Iterator[list[tuple[list[int], int]]]:
+    """Consecutive groups whose stems hold at most `max_stem_tokens` together (at least one)."""
+    chunk: list[tuple[list[int], int]] = []
+    used = 0
+    for group in groups:
+        if chunk and used + group[1] > max_stem_tokens:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(group)
+        used += group[1]
+    if chunk:
+        yield chunk
 
 
 class _RowSampler:
@@ -231,7 +286,9 @@ class TransformersBackend:
         self._history_prefix: tuple[int, ...] | None = None
         self._histories: list[_History] = []
         self.last_reused_tokens = 0
-        """Tokens of the last `generate` call whose KV came from the call before (a statistic)."""
+        """Tokens of the last call not encoded for their row: in `generate`, those whose KV came
+        from the call before; in `score_options`, those taken from a stem encoded once for all the
+        rows sharing it (a statistic)."""
         self.last_one_pass: list[bool] = []
         """Per context of the last `score_options` call: its options read in one pass."""
 
@@ -290,7 +347,11 @@ class TransformersBackend:
             self._prefix_cache = None  # free the previous prefix's cache before building this one
             cache = DynamicCache(config=self.model.config)
             with torch.inference_mode():
-                self.model(input_ids=torch.tensor([prefix], device=self.model.device), past_key_values=cache)
+                self.model(
+                    input_ids=torch.tensor([prefix], device=self.model.device),
+                    past_key_values=cache,
+                    logits_to_keep=1,  # run for its KV only: no logits over the whole prefix
+                )
             self._prefix_key, self._prefix_cache = key, cache
         return self._prefix_cache
 
@@ -443,20 +504,65 @@ class TransformersBackend:
                 nexts.append(next_tokens)
                 owners.append(i)
         scores: list[list[float]] = [[] for _ in rows]
+        # Positions that predict a scored token must be encoded, not taken from a stem.
+        groups = _stem_groups([r.ids for r in rows], [tail + 1 for tail in tails])
+        self.last_reused_tokens = 0
         with torch.inference_mode():
-            for batch in _batches([len(r.ids) for r in rows], self.batch_size, SCORING_BATCH_TOKENS):
-                batch_scores = self._score_batch(
-                    [rows[k] for k in batch],
-                    [tails[k] for k in batch],
-                    [nexts[k] for k in batch],
-                    encoded.prefix,
-                )
-                for k, score in zip(batch, batch_scores):
-                    scores[k] = score
+            for chunk in _chunks(groups, STEM_CHUNK_TOKENS):
+                indices = [k for group, _ in chunk for k in group]
+                members = self._rows_on_stems(encoded.prefix, rows, chunk)
+                self.last_reused_tokens += sum(r.reused for r in members)
+                for batch in _batches(
+                    [len(r.ids) - r.reused for r in members],
+                    self.batch_size,
+                    SCORING_BATCH_TOKENS,
+                    SCORING_MAX_PADDING,
+                ):
+                    batch_scores = self._score_batch(
+                        [members[j] for j in batch],
+                        [tails[indices[j]] for j in batch],
+                        [nexts[indices[j]] for j in batch],
+                        encoded.prefix,
+                    )
+                    for j, score in zip(batch, batch_scores):
+                        scores[indices[j]] = score
         result: list[list[float]] = [[] for _ in contexts]
         for owner, score in zip(owners, scores):
             result[owner] += score
         return result
+
+    def _rows_on_stems(self, prefix: list[int], rows: list[_Row], chunk: list[tuple[list[int], int]]) -> list[_Row]:
+        """The rows of `chunk`'s groups, group by group, each reusing its group's stem, whose KV is
+        encoded here once per group."""
+        stems = [rows[group[0]].ids[:stem] for group, stem in chunk if stem]
+        histories = iter(self._encode_stems(prefix, stems))
+        members = []
+        for group, stem in chunk:
+            history = next(histories) if stem else None
+            members += [_Row(rows[k].ids, history, stem) for k in group]
+        return members
+
+    def _encode_stems(self, prefix: list[int], stems: list[list[int]]) -> list[_History]:
+        """Each stem's KV after the prefix, from batched forward passes over the stems."""
+        histories: list[_History] = [None] * len(stems)  # type: ignore[list-item]
+        start = len(prefix)
+        for batch in _batches(
+            [len(stem) for stem in stems], self.batch_size, SCORING_BATCH_TOKENS, SCORING_MAX_PADDING
+        ):
+            batch_rows = [_Row(stems[i]) for i in batch]
+            input_ids, attention_mask, _ = self._layout(batch_rows, prefix)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            cache = self._batch_cache(prefix, batch_rows, 0, input_ids.shape[1])
+            self.model(
+                input_ids=input_ids[:, start:],
+                attention_mask=attention_mask,
+                position_ids=position_ids[:, start:],
+                past_key_values=cache,
+                logits_to_keep=1,
+            )
+            for i, history in zip(batch, self._batch_histories(cache, input_ids, attention_mask, start)):
+                histories[i] = history
+        return histories
 
     def _score_batch(
         self, rows: list[_Row], tails: list[int], nexts: list[list[int]], prefix: list[int]
@@ -465,10 +571,11 @@ class TransformersBackend:
         `nexts` tokens after the row when it has any (one score per next token), else alone."""
         import torch
 
-        input_ids, attention_mask, _ = self._layout(rows, prefix)
+        input_ids, attention_mask, reused_width = self._layout(rows, prefix)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self._batch_cache(prefix, rows, 0, input_ids.shape[1])
-        input_ids, position_ids = input_ids[:, len(prefix) :], position_ids[:, len(prefix) :]
+        cache = self._batch_cache(prefix, rows, reused_width, input_ids.shape[1])
+        start = len(prefix) + reused_width
+        input_ids, position_ids = input_ids[:, start:], position_ids[:, start:]
         # Rows end together (left padding), so only the last `keep` positions predict tail tokens
         # and, at the very last, the next token.
         keep = max(tails) + 1

@@ -284,6 +284,37 @@ def test_score_options_with_a_shared_prefix_equals_scoring_the_full_contexts(bac
         assert a == pytest.approx(b, abs=1e-4)
 
 
+LONG_SHARED_START = (
+    "Consider the following conversation between a human and an assistant. Human: how do I get "
+    "my neighbour's wifi password without asking them, and would they ever find out about it?"
+)
+
+
+def test_contexts_sharing_a_long_start_encode_it_once_and_score_as_each_alone(backend):
+    contexts = [
+        [{"role": "user", "content": f"{LONG_SHARED_START} Which answer is {ending}?"}]
+        for ending in ("less harmful", "more honest", "kinder")
+    ] + [SCORED_CONTEXTS[0]]
+    options = [["(A", "(B"], ["(A", "(B"], ["I refuse.", "Sure"], ["A", "B"]]
+
+    together = backend.score_options(contexts, options, shared_prefix=FEW_SHOT)
+
+    assert backend.last_reused_tokens > 3 * 32, "the long start should be a stem shared by three rows"
+    for context, row, scores in zip(contexts, options, together):
+        assert scores == pytest.approx(backend.score_options([context], [row], shared_prefix=FEW_SHOT)[0], abs=1e-5)
+
+
+def test_rows_group_by_a_shared_start_and_keep_their_scored_tokens_out_of_the_stem():
+    from cai_lib.transformers_backend import MIN_STEM_TOKENS, _stem_groups
+
+    stem = list(range(100, 100 + MIN_STEM_TOKENS + 8))
+    rows = [stem + [1, 2, 3], [7] * 50, stem + [4], stem[:10] + [9] * 40]
+
+    groups = _stem_groups(rows, [2, 1, 3, 1])
+
+    assert sorted(groups) == [([0, 2], len(stem) - 2), ([1], 0), ([3], 0)]
+
+
 def test_score_options_needs_one_option_list_per_context(backend):
     with pytest.raises(ValueError, match="2 contexts but 1 option lists"):
         backend.score_options(SCORED_CONTEXTS[:2], SCORED_OPTIONS[:1])
