@@ -1,4 +1,4 @@
-"""Generation benchmark: the critique→revision workload run three ways, in one process.
+"""Generation benchmark: the critique→revision workload run four ways, in one process.
 
 The real `critique_revise` stage (answer, then per round a critique and a revision, the
 constitution's few-shot examples before every critique and revision request) runs on red-team
@@ -15,6 +15,16 @@ Greedy decoding gives the paths the same replies (checked and reported), so they
 same tokens and their tokens/s ratio is their time ratio. Tokens are counted by re-tokenizing
 the replies. Model loading and a warm-up call are excluded from the timings.
 
+Each variant also reports the FLOPs its forward passes needed (`flops`) and the fraction of this
+machine's matmul ceiling it reached (`fraction_of_gemm_ceiling`: flops / seconds / the measured
+GEMM rate `gemm_flops_per_s` of `benchmarks/ceiling.py`, float32 on a CPU). The FLOPs are counted
+from the forward passes that actually ran (`FlopCounter`), so the variants differ by the prompt
+tokens they encode: every forward token costs 2 × the non-embedding matmul parameters, every
+position whose logits are computed 2 × the lm_head's, and every query token 4 × its context ×
+heads × head_dim per layer of attention. Padding, decoding steps of rows that already ended and
+the discarded logits of the shared-prefix pass run but are not counted: they are waste the
+fraction should show.
+
 Run: .venv/bin/python benchmarks/generation.py --prompts 32 --rounds 2
 """
 
@@ -30,6 +40,9 @@ import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+
+# benchmarks/ceiling.py: this script's directory is on sys.path
+from ceiling import FlopCounter, gemm_flops_per_s
 
 from cai_lib.constitution import load_constitution
 from cai_lib.critique_revise import CritiqueReviseConfig, critique_revise, few_shot_messages
@@ -88,11 +101,13 @@ class PrefixInlined:
 
 
 class Metered:
-    """Records every reply, the tokens it holds, and the tokens whose KV the backend reused."""
+    """Records every reply, the tokens it holds, the tokens whose KV the backend reused, and the
+    FLOPs of the forward passes it ran."""
 
     def __init__(self, inner, backend: TransformersBackend):
         self.inner, self.backend = inner, backend
         self.model_ref = inner.model_ref
+        self.flops = FlopCounter(backend.model, backend.eos_token_ids + [backend.tokenizer.pad_token_id])
         self.replies: list[str] = []
         self.tokens = 0
         self.calls = 0
@@ -114,7 +129,7 @@ def open_variant(name: str, model: str, batch_size: int) -> Metered:
     """A fresh backend (no KV kept from another variant) behind the generation path `name`."""
     backend = TransformersBackend(model, batch_size=batch_size, keep_history=name == "batched+prefix+history")
     backend.generate([[{"role": "user", "content": "Hello"}]], SamplingParams(max_new_tokens=4))  # warm-up
-    backend.last_reused_tokens = 0
+    backend.last_reused_tokens = 0  # and the FLOPs are counted from here on (Metered installs the counter)
     wrapper = {"naive": NaiveLoop, "batched": PrefixInlined}.get(name)
     return Metered(wrapper(backend) if wrapper else backend, backend)
 
@@ -135,6 +150,8 @@ def summary(metered: Metered) -> dict:
         "tokens_per_s": round(metered.tokens / metered.seconds, 2),
         "reused_history_tokens": metered.reused_tokens,
         "speedup_vs_naive": None,
+        **metered.flops.totals(),
+        "fraction_of_gemm_ceiling": None,
     }
 
 
@@ -214,11 +231,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 [[{"role": "user", "content": p.prompt}] for p in prompts[:1]],
                 few_shot_messages(constitution),
             )
+            counter, device, dtype = metered.flops, metered.backend.model.device, metered.backend.model.dtype
+            counter.detach(metered.backend.model)
             del metered  # frees the model and its KV before the next variant loads its own
+    # Measured after the variants, on the model's device and dtype (float32 on a CPU); a larger
+    # product on a GPU, where 1024² is too small to reach its rate.
+    ceiling = gemm_flops_per_s(size=4096 if device.type == "cuda" else 1024, device=device, dtype=dtype)
     for name, row in rows.items():
         row["same_replies_as_first_variant"] = replies[name] == replies[variants[0]]
         if "naive" in rows:
             row["speedup_vs_naive"] = round(rows["naive"]["seconds"] / row["seconds"], 2)
+        row["fraction_of_gemm_ceiling"] = round(row["flops"] / row["seconds"] / ceiling, 4)
     report = {
         "benchmark": "generation",
         "workload": {
@@ -232,6 +255,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "constitution": constitution.ref,
             "few_shot_prefix_tokens": prefix_tokens,
         },
+        "flop_counting": {
+            "non_embedding_matmul_parameters": counter.matmul_parameters,
+            "lm_head_parameters": counter.lm_head_parameters,
+            "layers": counter.layers,
+            "attention_heads_x_head_dim": counter.attention_width,
+            "per_forward_token": "2 x non_embedding_matmul_parameters",
+            "per_used_logit_position": "2 x lm_head_parameters",
+            "attention_per_query_token": "4 x context x attention_heads_x_head_dim x layers",
+            "not_counted": "padding; decoding steps of rows whose reply has ended; "
+            "the shared-prefix pass's logits (computed, discarded)",
+        },
+        "gemm_flops_per_s": ceiling,
+        "gemm_dtype": str(dtype).removeprefix("torch."),
         "environment": env,
         "variants": rows,
     }
@@ -251,13 +287,21 @@ def print_table(report: dict) -> None:
         f"≤{work['max_new_tokens']} new tokens per turn, few-shot prefix {work['few_shot_prefix_tokens']} tokens, "
         f"{report['environment']['cpu_count']} CPUs ({report['environment']['device']})"
     )
-    print(f"{'variant':<24}{'seconds':>10}{'tokens':>10}{'tokens/s':>11}{'vs naive':>10}  same replies")
+    print(
+        f"{'variant':<24}{'seconds':>10}{'tokens':>10}{'tokens/s':>11}{'vs naive':>10}"
+        f"{'GFLOP':>10}{'of ceiling':>12}  same replies"
+    )
     for name, row in report["variants"].items():
         ratio = f"{row['speedup_vs_naive']:.2f}x" if row["speedup_vs_naive"] is not None else "-"
         print(
             f"{name:<24}{row['seconds']:>10.1f}{row['tokens']:>10}{row['tokens_per_s']:>11.1f}{ratio:>10}"
+            f"{row['flops'] / 1e9:>10.1f}{row['fraction_of_gemm_ceiling']:>12.1%}"
             f"  {row['same_replies_as_first_variant']}"
         )
+    print(
+        f"ceiling: measured {report['gemm_dtype']} GEMM rate {report['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s; "
+        "FLOPs: the forward passes' matmuls and attention, padding, finished rows and unused logits excluded"
+    )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,17 @@ ways:
 - **verdict, batched**: the same generation in one batched `generate` call, to separate the gain
   of not generating from the gain of batching.
 
+One-pass scoring encodes each question's tokens after its stem only: the questions about one
+pair share their start (the conversation, and for both orders of a principle the principle), which
+the backend encodes once per pair (`one_pass_stem_reused_tokens` counts the tokens spared).
+
 Reported: questions/s of each, the ratios of one-pass scoring to the others (`one_pass_vs_naive`
-against the naive loop), the fraction of this machine's matmul ceiling that one-pass
-scoring reached (encoded tokens × 2 × parameters FLOPs, against a measured float32 GEMM rate;
-attention is not counted), the largest difference between one-pass and per-option labels, and the agreement of the scoring labeller with
-the human choice (P(chosen better) > 0.5) over more pairs, with its Wilson 95% interval. Results
+against the naive loop), the fraction of this machine's matmul ceiling that one-pass scoring
+reached (the FLOPs of the forward passes that ran, attention included and padding excluded, as
+`FlopCounter` in benchmarks/ceiling.py counts them, against a measured float32 GEMM rate), the
+largest difference between one-pass and per-option labels, and the agreement of the scoring
+labeller with the human choice (P(chosen better) > 0.5) over more pairs, with its Wilson 95%
+interval. Results
 go to benchmarks/results/labelling-<device>.json; the last line printed is the same JSON.
 
 Run: .venv/bin/python benchmarks/labelling.py --pairs 100 --speed-pairs 8 --principles 1
@@ -41,6 +47,9 @@ import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
+
+# benchmarks/ceiling.py: this script's directory is on sys.path
+from ceiling import FlopCounter, gemm_flops_per_s
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HH_RLHF = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test-dev.jsonl.gz"
@@ -120,27 +129,6 @@ class PerOptionScoring:
         return [[column[i][0] for column in columns] for i in range(len(contexts))]
 
 
-def gemm_flops_per_s(size: int = 1024, repeats: int = 20) -> float:
-    """This machine's measured float32 matrix-multiply rate: the ceiling a forward pass can reach."""
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
-
-
-def encoded_tokens(backend, labeller, questions: list[str]) -> int:
-    """Tokens the model encodes to score `questions` in one pass: each question's rendering after
-    the shared few-shot prefix (whose KV is computed once), plus the prefix once."""
-    chat = backend.chat
-    prefix = len(chat.encode_text(chat.render(labeller.prefix, reply_follows=False)))
-    rows = [len(chat.encode(labeller.prefix + [{"role": "user", "content": q}])) - prefix for q in questions]
-    return prefix + sum(rows)
-
-
 def main() -> None:
     args = parse_args()
     import torch
@@ -163,7 +151,10 @@ def main() -> None:
     labeller = FeedbackLabeller(backend, constitution, args.model, config)
     labeller.label(rows[:1])  # warm-up: the few-shot prefix cache and lazy initialisation
 
+    flops = FlopCounter(backend.model, stop_token_ids=[])
     scored, scoring_s = timed(lambda: labeller.label(speed_rows))
+    counted, stem_reused = flops.totals(), backend.last_reused_tokens
+    flops.detach(backend.model)
     per_option_labeller = FeedbackLabeller(PerOptionScoring(backend), constitution, args.model, config)
     per_option, per_option_s = timed(lambda: per_option_labeller.label(speed_rows))
     questions, keys = labeller.questions(speed_rows)
@@ -198,8 +189,6 @@ def main() -> None:
     low, high = wilson_interval(agreed, len(labels))
 
     n, q = len(speed_rows), len(questions)
-    params_count = sum(p.numel() for p in backend.model.parameters())
-    tokens = encoded_tokens(backend, labeller, questions)
     ceiling = gemm_flops_per_s()
     result = {
         "benchmark": "labelling",
@@ -222,11 +211,13 @@ def main() -> None:
         "ratio_vs_per_option": per_option_s / scoring_s,
         "ratio_vs_per_sample_verdict": per_sample_s / scoring_s,
         "ratio_vs_batched_verdict": batched_s / scoring_s,
-        "one_pass_encoded_tokens": tokens,
-        "model_parameters": params_count,
+        "one_pass_encoded_tokens": counted["prompt_tokens_encoded"],
+        "one_pass_stem_reused_tokens": stem_reused,
+        "one_pass_padding_tokens": counted["uncounted_tokens"],
+        "one_pass_flops": counted["flops"],
+        "one_pass_attention_flops": counted["attention_flops"],
         "gemm_flops_per_s": ceiling,
-        # 2 FLOPs per parameter per encoded token: the matmul work of a forward pass, attention aside.
-        "one_pass_fraction_of_gemm_ceiling": tokens * 2 * params_count / scoring_s / ceiling,
+        "one_pass_fraction_of_gemm_ceiling": counted["flops"] / scoring_s / ceiling,
         "one_pass_vs_per_option_max_label_difference": max(
             abs(a.label - b.label) for a, b in zip(scored, per_option)
         ),
