@@ -62,8 +62,9 @@ def prepare_prompts(
     red_team_eval: Output[Dataset],
     helpful_train: Output[Dataset],
     helpful_eval: Output[Dataset],
-) -> list:
-    """Read, deduplicate and split the prompt sets; returns the fan-out's work items."""
+) -> NamedTuple("FanOuts", [("work", list), ("eval_work", list)]):
+    """Read, deduplicate and split the prompt sets; returns the work items of the generation
+    fan-outs (`work`) and of evaluation's (`eval_work`)."""
     from cai_lib import steps
 
     refs = steps.prepare_prompts(context)
@@ -74,7 +75,7 @@ def prepare_prompts(
         ("helpful_eval", helpful_eval),
     ):
         artifact.metadata.update(refs[name].write(artifact.path))
-    return steps.fan_out(context, refs["red_team_train"].rows)
+    return steps.fan_outs(context, refs)
 
 
 def critique_revise_shard(work: dict, pinned_constitution: Input[Artifact], prompts: Input[Dataset]) -> str:

@@ -205,7 +205,7 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
             constitution = run.outputs["pinned_constitution"]
             prompts = t.op("prepare_prompts")(context=ctx)
             red_team, helpful = prompts.outputs["red_team_train"], prompts.outputs["helpful_train"]
-            shards = prompts.outputs["Output"]
+            shards = prompts.outputs["work"]
             with dsl.ParallelFor(shards, parallelism=t.deploy.shard_parallelism, name="sl-shards") as work:
                 trace_part = t.op("critique_revise")(
                     work=work, pinned_constitution=constitution, prompts=red_team
@@ -230,7 +230,9 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 reward_model=pm.outputs["reward_model"],
             )
             red_team_eval, helpful_eval = prompts.outputs["red_team_eval"], prompts.outputs["helpful_eval"]
-            with dsl.ParallelFor(shards, parallelism=t.deploy.shard_parallelism, name="eval-shards") as work:
+            with dsl.ParallelFor(
+                prompts.outputs["eval_work"], parallelism=t.deploy.shard_parallelism, name="eval-shards"
+            ) as work:
                 answer_part = t.op("answer_eval")(
                     work=work,
                     pinned_constitution=constitution,

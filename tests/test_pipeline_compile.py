@@ -105,6 +105,22 @@ def test_every_generation_stage_fans_out_in_a_parallel_for_and_is_merged(compile
     assert sorted(merges.values()) == ["answers", "helpful", "labels", "traces"]
 
 
+def test_evaluation_fans_out_over_its_own_work_items_and_training_stages_over_theirs(compiled):
+    spec, _ = compiled
+    iterated = {
+        min(spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]): loop["parameterIterator"]["items"][
+            "inputParameter"
+        ]
+        for loop in all_tasks(spec).values()
+        if "parameterIterator" in loop
+    }
+    assert iterated == {
+        "answer-eval-shard": "pipelinechannel--prepare-prompts-eval_work",
+        "critique-revise-shard": "pipelinechannel--prepare-prompts-work",
+        "label-shard": "pipelinechannel--prepare-prompts-work",
+    }
+
+
 def test_labelling_of_a_shard_reads_the_pairs_of_the_same_shard(compiled):
     spec, _ = compiled
     pairs = all_tasks(spec)["label-shard"]["inputs"]["artifacts"]["pairs"]["taskOutputArtifact"]
@@ -226,3 +242,11 @@ def test_stage_seeds_derive_from_the_run_seed_unless_pinned():
 def test_a_derived_stage_seed_is_not_a_pipeline_parameter_default(compiled):
     spec, _ = compiled
     assert "seed" not in spec["root"]["inputDefinitions"]["parameters"]["sft"]["defaultValue"]
+
+
+def test_evaluation_never_fans_out_to_a_shard_without_held_out_prompts():
+    eight = load_run_config(overrides=["num_shards=8"]).params
+    assert eight.eval_shard_count(red_team=5, helpful=2) == 5
+    assert eight.eval_shard_count(red_team=40, helpful=60) == 8
+    per_hundred = load_run_config(overrides=["rows_per_shard=100"]).params
+    assert per_hundred.eval_shard_count(red_team=150, helpful=100) == 3
