@@ -670,9 +670,16 @@ def in_evaluation_order(
             (name, kind, prompt) for name in policies for kind in PROMPT_SETS for prompt in prompt_sets[kind]
         )
     }
+    for a in answers:
+        if a.policy in policies and policies[a.policy] != a.model_ref:
+            why = " (the champion alias moved after they were made)" if a.policy == "champion" else ""
+            raise CaiError(
+                f"answers: {a.policy!r} is {policies[a.policy]} now, but its answers were made by "
+                f"{a.model_ref}{why}; run again, and the answers are made for {policies[a.policy]}"
+            )
     given = {(a.policy, a.kind, a.prompt_id): a for a in answers}
     missing = [key for key in order if key not in given]
-    extra = [key for key, a in given.items() if key not in order or policies[a.policy] != a.model_ref]
+    extra = [key for key in given if key not in order]
     if missing or extra or len(given) != len(answers):
         raise CaiError(
             f"answers: {len(answers)} given for {len(order)} (policy, prompt) pairs; "

@@ -24,6 +24,7 @@ from cai_lib.evaluate import (
     PolicyAnswer,
     answer_prompts,
     evaluate,
+    in_evaluation_order,
     in_own_process,
     load_result,
     win_rate,
@@ -176,6 +177,29 @@ def test_answers_made_beforehand_that_miss_a_prompt_are_refused(
             constitution,
             stored_answers(out)[1:],
         )
+
+
+def test_answers_of_a_champion_that_moved_since_they_were_made_are_refused_naming_both_checkpoints():
+    sets = {"red_team": prompt_records(RED_TEAM[:1], "red_team"), "helpful": prompt_records(HELPFUL[:1], "helpful")}
+    answers = [
+        PolicyAnswer(
+            id=stable_id("champion", kind, prompt.id),
+            policy="champion",
+            model_ref="s3://bucket/models/old",
+            prompt_id=prompt.id,
+            prompt=prompt.prompt,
+            kind=kind,
+            answer="An answer.",
+        )
+        for kind, prompts in sets.items()
+        for prompt in prompts
+    ]
+    with pytest.raises(
+        CaiError,
+        match=r"'champion' is s3://bucket/models/new now, but its answers were made by s3://bucket/models/old "
+        r"\(the champion alias moved",
+    ):
+        in_evaluation_order(answers, {"champion": "s3://bucket/models/new"}, sets)
 
 
 def test_outputs_are_written_and_metrics_json_reloads_to_the_result(evaluation):
