@@ -16,7 +16,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cai_lib.cli.stage_sl import config_from, critique_revise_command, helpful_samples_command
+from cai_lib.cli.config_options import config_from
+from cai_lib.cli.stage_sl import critique_revise_command, helpful_samples_command
 from cai_lib.constitution import Constitution, dump_constitution, parse_constitution
 from cai_lib.critique_revise import (
     CritiqueReviseConfig,

@@ -26,10 +26,18 @@ Config = TypeVar("Config", bound=BaseModel)
 class Flag:
     """One generated option: the config field it sets (a path through nested models) and its type."""
 
-    def __init__(self, path: tuple[str, ...], annotation: type, description: str | None, default: object):
+    def __init__(
+        self,
+        path: tuple[str, ...],
+        annotation: type,
+        description: str | None,
+        default: object,
+        alias: str | None = None,
+    ):
         self.path = path
         self.name = "cfg_" + "__".join(path)
         self.flag = "--" + "-".join(path).replace("_", "-")
+        self.alias = alias
         self.annotation = annotation
         self.default = default
         choices = f" One of: {', '.join(m.value for m in annotation)}." if isinstance(annotation, enum.EnumMeta) else ""
@@ -43,15 +51,21 @@ class Flag:
         return inspect.Parameter(
             self.name,
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, decls, help=self.help, show_default=False, metavar=self.metavar),
+            default=typer.Option(
+                None, decls, *filter(None, [self.alias]), help=self.help, show_default=False, metavar=self.metavar
+            ),
             annotation=self.annotation | None,
         )
 
 
 def flags_of(
-    config: type[BaseModel], skip: frozenset[str] = frozenset(), prefix: tuple[str, ...] = ()
+    config: type[BaseModel],
+    skip: frozenset[str] = frozenset(),
+    prefix: tuple[str, ...] = (),
+    aliases: dict[str, str] | None = None,
 ) -> Iterator[Flag]:
-    """A `Flag` for each field of `config` (recursing into nested models) except those in `skip`."""
+    """A `Flag` for each field of `config` (recursing into nested models) except those in `skip`;
+    `aliases` gives a top-level field a second, shorter flag."""
     # The config's own fields first, then inherited ones (the shared hardware settings).
     own = inspect.get_annotations(config)
     for name, info in sorted(config.model_fields.items(), key=lambda item: item[0] not in own):
@@ -62,16 +76,20 @@ def flags_of(
             yield from flags_of(annotation, frozenset(), (*prefix, name))
             continue
         default = info.get_default(call_default_factory=True)
-        yield Flag((*prefix, name), _option_type(annotation, name), info.description, default)
+        alias = (aliases or {}).get(name) if not prefix else None
+        yield Flag((*prefix, name), _option_type(annotation, name), info.description, default, alias)
 
 
-def config_options(config: type[Config], skip: frozenset[str] = frozenset()) -> Callable:
+def config_options(
+    config: type[Config], skip: frozenset[str] = frozenset(), aliases: dict[str, str] | None = None
+) -> Callable:
     """Decorate a command taking `config: Config` so that it takes one option per field instead.
 
     The command's own parameters stay first; `skip` names fields the command sets itself (it then
-    receives their config default unless it builds the config again).
+    receives their config default unless it builds the config again); `aliases` keeps a shorter
+    flag a field had before its flag was generated (`{"principles_per_pair": "--principles"}`).
     """
-    flags = list(flags_of(config, skip))
+    flags = list(flags_of(config, skip, aliases=aliases))
 
     def decorate(command: Callable) -> Callable:
         own = [p for p in inspect.signature(command).parameters.values() if p.name != "config"]

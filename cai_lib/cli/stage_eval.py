@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from cai_lib.cli.stage_sl import BACKEND, Backend, _option, _read_prompts, config_from
+from cai_lib.cli.config_options import config_options
+from cai_lib.cli.stage_sl import _read_prompts
 from cai_lib.errors import CaiError
 from cai_lib.evaluate import EvaluationConfig
 from cai_lib.models import EMBEDDED_ALIAS
@@ -34,6 +35,12 @@ def parse_policies(values: list[str]) -> dict[str, str]:
     return policies
 
 
+@config_options(
+    EvaluationConfig,
+    # The pipeline's rule for its labelling stage, not a setting of an evaluation.
+    skip=frozenset({"hold_out_judge_principles"}),
+    aliases={"num_samples_in_report": "--samples"},
+)
 def evaluate_command(
     policy: list[str] = POLICIES,
     reward: str = typer.Option(..., "--reward", help="Preference model ref (from `cai stage train-pm`)."),
@@ -69,18 +76,8 @@ def evaluate_command(
         help="SL-CAI traces (from `cai stage critique-revise`) for per-principle statistics.",
     ),
     limit: int | None = typer.Option(None, "--limit", help="Use the first K distinct prompts of each set."),
-    harmless_principle: str = _option(EvaluationConfig, "harmless_principle", "--harmless-principle"),
-    helpful_principle: str = _option(EvaluationConfig, "helpful_principle", "--helpful-principle"),
-    cot: bool = _option(EvaluationConfig, "cot", "--cot"),
-    max_reasoning_tokens: int = _option(EvaluationConfig, "max_reasoning_tokens", "--max-reasoning-tokens"),
-    max_new_tokens: int = _option(EvaluationConfig, "max_new_tokens", "--max-new-tokens"),
-    batch_size: int = _option(EvaluationConfig, "batch_size", "--batch-size"),
-    max_traces: int | None = _option(EvaluationConfig, "max_traces", "--max-traces"),
-    samples: int = _option(EvaluationConfig, "num_samples_in_report", "--samples"),
-    pm_benchmark: str | None = _option(EvaluationConfig, "pm_benchmark", "--pm-benchmark"),
-    pm_benchmark_limit: int | None = _option(EvaluationConfig, "pm_benchmark_limit", "--pm-benchmark-limit"),
-    seed: int = _option(EvaluationConfig, "seed", "--seed"),
-    backend: Backend = BACKEND,
+    *,
+    config: EvaluationConfig,
 ) -> None:
     """Evaluate policies (paper §3.3, §4.3-4.4): PM scores, win rates, Elo, evasiveness, per-principle effects.
 
@@ -91,21 +88,6 @@ def evaluate_command(
     from cai_lib.constitution import load_constitution
     from cai_lib.evaluate import evaluate
 
-    config = config_from(
-        EvaluationConfig,
-        harmless_principle=harmless_principle,
-        helpful_principle=helpful_principle,
-        cot=cot,
-        max_reasoning_tokens=max_reasoning_tokens,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        max_traces=max_traces,
-        num_samples_in_report=samples,
-        pm_benchmark=pm_benchmark,
-        pm_benchmark_limit=pm_benchmark_limit,
-        seed=seed,
-        backend=backend.value,
-    )
     policies = parse_policies(policy)
     loaded = load_constitution(constitution)
     red_team = _read_prompts(prompts, "red_team", limit)

@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from cai_lib.cli.stage_sl import (
-    BACKEND,
-    LIMIT,
-    OUT_DATASET,
-    PROMPTS,
-    Backend,
-    _option,
-    _read_prompts,
-    config_from,
-)
+from cai_lib.cli.config_options import config_options
+from cai_lib.cli.stage_sl import LIMIT, OUT_DATASET, PROMPTS, _read_prompts
 from cai_lib.feedback import FeedbackConfig
 from cai_lib.pairs import SamplePairsConfig
 
@@ -29,13 +21,12 @@ FEEDBACK_MODEL = typer.Option(
     "--model",
     help="Feedback model ref: local checkpoint, s3:// checkpoint, models:/NAME@ALIAS, HF id or smollm2-135m-instruct.",
 )
-PRINCIPLES = _option(FeedbackConfig, "principles_per_pair", "--principles")
-COT = _option(FeedbackConfig, "cot", "--cot")
-FEEDBACK_SEED = _option(FeedbackConfig, "seed", "--seed")
-FEEDBACK_BATCH_SIZE = _option(FeedbackConfig, "batch_size", "--batch-size")
-MAX_REASONING_TOKENS = _option(FeedbackConfig, "max_reasoning_tokens", "--max-reasoning-tokens")
+# Set by the run config only: the option letters and the principles held out for the evaluation judge.
+RUN_CONFIG_ONLY = frozenset({"option_labels", "held_out_principles"})
+SHORT_FLAGS = {"principles_per_pair": "--principles"}
 
 
+@config_options(SamplePairsConfig)
 def sample_pairs_command(
     prompts: str = PROMPTS,
     model: str = typer.Option(
@@ -43,13 +34,8 @@ def sample_pairs_command(
     ),
     out: str = OUT_DATASET,
     limit: int | None = LIMIT,
-    temperature: float = _option(SamplePairsConfig, "temperature", "--temperature"),
-    top_p: float = _option(SamplePairsConfig, "top_p", "--top-p"),
-    max_new_tokens: int = _option(SamplePairsConfig, "max_new_tokens", "--max-new-tokens"),
-    seed: int = _option(SamplePairsConfig, "seed", "--seed"),
-    backend: Backend = BACKEND,
-    batch_size: int = _option(SamplePairsConfig, "batch_size", "--batch-size"),
-    shard_size: int = _option(SamplePairsConfig, "shard_size", "--shard-size"),
+    *,
+    config: SamplePairsConfig,
 ) -> None:
     """Response pairs (paper §4.1): the policy samples two answers to each red-team prompt.
 
@@ -57,16 +43,6 @@ def sample_pairs_command(
     """
     from cai_lib.pairs import sample_pairs
 
-    config = config_from(
-        SamplePairsConfig,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        backend=backend.value,
-        batch_size=batch_size,
-        shard_size=shard_size,
-    )
     records = _read_prompts(prompts, "red_team", limit)
     rows = sample_pairs(records, model, out, config)
     dropped = len(records) - rows
@@ -75,6 +51,7 @@ def sample_pairs_command(
     )
 
 
+@config_options(FeedbackConfig, skip=RUN_CONFIG_ONLY, aliases=SHORT_FLAGS)
 def label_command(
     pairs: str = typer.Option(
         ..., "--pairs", help="Response pairs written by `cai stage sample-pairs` (dir, file or s3://)."
@@ -82,13 +59,8 @@ def label_command(
     constitution: str = CONSTITUTION,
     model: str = FEEDBACK_MODEL,
     out: str = OUT_DATASET,
-    principles: int = PRINCIPLES,
-    cot: bool = COT,
-    seed: int = FEEDBACK_SEED,
-    max_reasoning_tokens: int = MAX_REASONING_TOKENS,
-    backend: Backend = BACKEND,
-    batch_size: int = FEEDBACK_BATCH_SIZE,
-    shard_size: int = _option(FeedbackConfig, "shard_size", "--shard-size"),
+    *,
+    config: FeedbackConfig,
 ) -> None:
     """AI feedback (paper §4.1): soft labels P(A better) from option log-probs, over K principles and both orders.
 
@@ -99,16 +71,6 @@ def label_command(
     from cai_lib.records import Preference, ResponsePair
     from cai_lib.shards import read_dataset
 
-    config = config_from(
-        FeedbackConfig,
-        principles_per_pair=principles,
-        cot=cot,
-        seed=seed,
-        max_reasoning_tokens=max_reasoning_tokens,
-        backend=backend.value,
-        batch_size=batch_size,
-        shard_size=shard_size,
-    )
     loaded = load_constitution(constitution)
     rows = list(read_dataset(pairs, ResponsePair))
     written = label_preferences(rows, loaded, model, out, config)
@@ -120,6 +82,7 @@ def label_command(
     )
 
 
+@config_options(FeedbackConfig, skip=RUN_CONFIG_ONLY | {"shard_size"}, aliases=SHORT_FLAGS)
 def label_accuracy_command(
     human: str = typer.Option(
         ...,
@@ -131,15 +94,11 @@ def label_accuracy_command(
     constitution: str = CONSTITUTION,
     model: str = FEEDBACK_MODEL,
     limit: int | None = typer.Option(None, "--limit", help="Use the first K comparisons (default: all)."),
-    principles: int = PRINCIPLES,
-    cot: bool = COT,
-    seed: int = FEEDBACK_SEED,
-    max_reasoning_tokens: int = MAX_REASONING_TOKENS,
-    backend: Backend = BACKEND,
-    batch_size: int = FEEDBACK_BATCH_SIZE,
     as_json: bool = typer.Option(
         False, "--json", help="Also print the full report as one JSON line before the summary."
     ),
+    *,
+    config: FeedbackConfig,
 ) -> None:
     """Agreement of the AI feedback labeller with human labels, with a Wilson 95% interval; printed last.
 
@@ -152,15 +111,6 @@ def label_accuracy_command(
     from cai_lib.constitution import load_constitution
     from cai_lib.label_accuracy import label_accuracy
 
-    config = config_from(
-        FeedbackConfig,
-        principles_per_pair=principles,
-        cot=cot,
-        seed=seed,
-        max_reasoning_tokens=max_reasoning_tokens,
-        backend=backend.value,
-        batch_size=batch_size,
-    )
     report = label_accuracy(human, load_constitution(constitution), model, limit, config)
     typer.echo(
         f"{report.format} comparisons from {report.source}, scored {'by the training labeller' if report.scoring == 'labeller' else 'as published'}; "

@@ -6,30 +6,16 @@ defaults and help come from the stage configs, so the CLI and the run config can
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 
 import typer
-from pydantic import BaseModel
 
-from cai_lib.cli.config_options import config_from, config_options
-from cai_lib.critique_revise import CritiqueReviseConfig, GenerationStageConfig, HelpfulSamplesConfig
+from cai_lib.cli.config_options import config_options
+from cai_lib.critique_revise import CritiqueReviseConfig, HelpfulSamplesConfig
 from cai_lib.errors import CaiError
 from cai_lib.records import PromptKind, PromptRecord
 from cai_lib.sft import SFTMetrics, SFTStageConfig
 from cai_lib.training import WorldReport
-
-
-class Backend(str, enum.Enum):
-    transformers = "transformers"
-    vllm = "vllm"
-
-
-def _option(config: type[BaseModel], field: str, flag: str):
-    """A typer option whose default and help are the config field's."""
-    info = config.model_fields[field]
-    return typer.Option(info.default, flag, help=info.description)
-
 
 PROMPTS = typer.Option(
     ...,
@@ -46,14 +32,6 @@ OUT_DATASET = typer.Option(
     ..., "--out", help="Local directory or s3:// prefix for the JSONL shards; a rerun resumes there."
 )
 LIMIT = typer.Option(None, "--limit", help="Use the first K distinct prompts.")
-SEED = _option(GenerationStageConfig, "seed", "--seed")
-BACKEND = typer.Option(
-    Backend.transformers, "--backend", help="Generation backend (vllm needs the [gpu] extra)."
-)
-BATCH_SIZE = _option(GenerationStageConfig, "batch_size", "--batch-size")
-MAX_NEW_TOKENS = _option(GenerationStageConfig, "max_new_tokens", "--max-new-tokens")
-TEMPERATURE = _option(GenerationStageConfig, "temperature", "--temperature")
-SHARD_SIZE = _option(GenerationStageConfig, "shard_size", "--shard-size")
 CHAT_TEMPLATE = typer.Option(
     None,
     "--chat-template",
@@ -61,6 +39,7 @@ CHAT_TEMPLATE = typer.Option(
 )
 
 
+@config_options(CritiqueReviseConfig, skip=frozenset({"chat_template"}))
 def critique_revise_command(
     prompts: str = PROMPTS,
     constitution: str = typer.Option(
@@ -68,16 +47,10 @@ def critique_revise_command(
     ),
     model: str = MODEL,
     out: str = OUT_DATASET,
-    rounds: int = _option(CritiqueReviseConfig, "rounds", "--rounds"),
-    no_critique: bool = _option(CritiqueReviseConfig, "no_critique", "--no-critique"),
     limit: int | None = LIMIT,
-    seed: int = SEED,
-    backend: Backend = BACKEND,
-    batch_size: int = BATCH_SIZE,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    temperature: float = TEMPERATURE,
-    shard_size: int = SHARD_SIZE,
     chat_template: Path | None = CHAT_TEMPLATE,
+    *,
+    config: CritiqueReviseConfig,
 ) -> None:
     """SL-CAI data (paper §3.1): answer red-team prompts, then critique and revise each answer N times.
 
@@ -86,18 +59,7 @@ def critique_revise_command(
     from cai_lib.constitution import load_constitution
     from cai_lib.critique_revise import critique_revise
 
-    config = config_from(
-        CritiqueReviseConfig,
-        rounds=rounds,
-        no_critique=no_critique,
-        seed=seed,
-        backend=backend.value,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        shard_size=shard_size,
-        chat_template=_read_template(chat_template),
-    )
+    config = config.model_copy(update={"chat_template": _read_template(chat_template)})
     loaded = load_constitution(constitution)
     records = _read_prompts(prompts, "red_team", limit)
     rows = critique_revise(records, loaded, model, out, config)
@@ -106,19 +68,15 @@ def critique_revise_command(
     )
 
 
+@config_options(HelpfulSamplesConfig, skip=frozenset({"chat_template"}))
 def helpful_samples_command(
     prompts: str = PROMPTS,
     model: str = MODEL,
     out: str = OUT_DATASET,
     limit: int | None = LIMIT,
-    seed: int = SEED,
-    backend: Backend = BACKEND,
-    batch_size: int = BATCH_SIZE,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    temperature: float = TEMPERATURE,
-    shard_size: int = SHARD_SIZE,
     chat_template: Path | None = CHAT_TEMPLATE,
-    samples_per_prompt: int = _option(HelpfulSamplesConfig, "samples_per_prompt", "--samples-per-prompt"),
+    *,
+    config: HelpfulSamplesConfig,
 ) -> None:
     """The model's own answers to helpfulness prompts (paper §3.1), mixed into SFT to keep it helpful.
 
@@ -126,17 +84,7 @@ def helpful_samples_command(
     """
     from cai_lib.critique_revise import sample_helpful
 
-    config = config_from(
-        HelpfulSamplesConfig,
-        seed=seed,
-        backend=backend.value,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        shard_size=shard_size,
-        chat_template=_read_template(chat_template),
-        samples_per_prompt=samples_per_prompt,
-    )
+    config = config.model_copy(update={"chat_template": _read_template(chat_template)})
     rows = sample_helpful(_read_prompts(prompts, "helpful", limit), model, out, config)
     typer.echo(_summary(out, rows))
 
