@@ -22,8 +22,8 @@ from the forward passes that actually ran (`FlopCounter`), so the variants diffe
 tokens they encode: every forward token costs 2 × the non-embedding matmul parameters, every
 position whose logits are computed 2 × the lm_head's, and every query token 4 × its context ×
 heads × head_dim per layer of attention. Padding, decoding steps of rows that already ended and
-the discarded logits of the shared-prefix pass run but are not counted: they are waste the
-fraction should show.
+logits computed only to be discarded run but are not counted: they are waste the fraction should
+show.
 
 Run: .venv/bin/python benchmarks/generation.py --prompts 32 --rounds 2
 """
@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "per_used_logit_position": "2 x lm_head_parameters",
             "attention_per_query_token": "4 x context x attention_heads_x_head_dim x layers",
             "not_counted": "padding; decoding steps of rows whose reply has ended; "
-            "the shared-prefix pass's logits (computed, discarded)",
+            "logits computed and discarded (unused_logit_positions)",
         },
         "gemm_flops_per_s": ceiling,
         "gemm_dtype": str(dtype).removeprefix("torch."),

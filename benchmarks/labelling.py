@@ -13,8 +13,9 @@ ways:
 - **naive per-question loop** (labelling as it was before one-pass reading and prefix reuse): each
   question on its own, each option a full prompt of its own, few-shot prefix included, so the
   prefix is encoded again for every option of every question;
-- **per-question loop, prefix cached**: the same loop with the few-shot prefix's KV computed once,
-  to separate the gain of the prefix cache from that of one-pass reading and batching;
+- **per-question loop, prefix cached**: the same loop with the few-shot prefix's KV computed once
+  (and a question's two option rows sharing the question's KV, their stem), to separate the gain
+  of the prefix cache from that of one-pass reading, stems shared across questions and batching;
 - **verdict, per sample** (the naive baseline): one greedy `generate` call per question, the
   reply parsed for "(A)"/"(B)"; a reply naming neither counts as 0.5;
 - **verdict, batched**: the same generation in one batched `generate` call, to separate the gain
@@ -30,8 +31,8 @@ reached (the FLOPs of the forward passes that ran, attention included and paddin
 `FlopCounter` in benchmarks/ceiling.py counts them, against a measured float32 GEMM rate), the
 largest difference between one-pass and per-option labels, and the agreement of the scoring
 labeller with the human choice (P(chosen better) > 0.5) over more pairs, with its Wilson 95%
-interval. Results
-go to benchmarks/results/labelling-<device>.json; the last line printed is the same JSON.
+interval. Results go to benchmarks/results/labelling-<device>.json; the last line printed is the
+same JSON.
 
 Run: .venv/bin/python benchmarks/labelling.py --pairs 100 --speed-pairs 8 --principles 1
 """
