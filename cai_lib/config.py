@@ -125,7 +125,8 @@ class PipelineParams(Strict):
         ge=0,
         le=512,
         description="Tasks each generation stage fans out to (dsl.ParallelFor; critique-revise, helpful "
-        "samples, pair sampling, labelling), each on its own GPU; 0 derives it from rows_per_shard.",
+        "samples, pair sampling, labelling), each on its own GPU; 0 derives it from rows_per_shard. "
+        "Evaluation's answers fan out by the same rule over the held-out prompts, never to a task without one.",
     )
     rows_per_shard: int = Field(
         default=1000,
