@@ -80,7 +80,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."
     )
-    parser.add_argument("--device", default="cpu", help="Label of the machine in the results file name.")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="Label of the machine in the results file name (default: cuda on a GPU, where the model "
+        "loads, else cpu).",
+    )
     parser.add_argument(
         "--out", default=None, help="Results JSON (default benchmarks/results/labelling-<device>.json)."
     )
@@ -190,7 +195,13 @@ def main() -> None:
     low, high = wilson_interval(agreed, len(labels))
 
     n, q = len(speed_rows), len(questions)
-    ceiling = gemm_flops_per_s()
+    # On the model's device and dtype (float32 on a CPU); a larger product on a GPU, where 1024² is
+    # too small to reach its rate.
+    model_device, model_dtype = backend.model.device, backend.model.dtype
+    ceiling = gemm_flops_per_s(
+        size=4096 if model_device.type == "cuda" else 1024, device=model_device, dtype=model_dtype
+    )
+    device_label = args.device or model_device.type
     result = {
         "benchmark": "labelling",
         "model": args.model,
@@ -218,6 +229,7 @@ def main() -> None:
         "one_pass_flops": counted["flops"],
         "one_pass_attention_flops": counted["attention_flops"],
         "gemm_flops_per_s": ceiling,
+        "gemm_dtype": str(model_dtype).removeprefix("torch."),
         "one_pass_fraction_of_gemm_ceiling": counted["flops"] / scoring_s / ceiling,
         "one_pass_vs_per_option_max_label_difference": max(
             abs(a.label - b.label) for a, b in zip(scored, per_option)
@@ -241,7 +253,7 @@ def main() -> None:
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "load_average_1m_at_end": os.getloadavg()[0],
-            "device": args.device,
+            "device": device_label,
         },
         "versions": {
             "python": platform.python_version(),
@@ -249,7 +261,7 @@ def main() -> None:
         },
     }
     print_table(result)
-    out = Path(args.out or REPO_ROOT / "benchmarks" / "results" / f"labelling-{args.device}.json")
+    out = Path(args.out or REPO_ROOT / "benchmarks" / "results" / f"labelling-{device_label}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
