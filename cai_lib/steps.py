@@ -368,17 +368,21 @@ def prepare_prompts(context: dict) -> dict[str, DataRef]:
     return refs
 
 
-def fan_outs(context: dict, splits: dict[str, DataRef]) -> tuple[list[dict], list[dict]]:
-    """The items of the generation fan-outs over the red-team training prompts
-    (`PipelineParams.shard_count`) and of evaluation's over the held-out prompts
-    (`PipelineParams.eval_shard_count`): the run context with one shard index each, and the count."""
+def fan_out(context: dict, prompts: int) -> list[dict]:
+    """The items of the generation fan-outs: the run context with one shard index each, and the
+    shard count (`PipelineParams.shard_count` of the `prompts` red-team training prompts)."""
+    return _work_items(context, RunContext.model_validate(context).params.shard_count(prompts))
+
+
+def eval_fan_out(context: dict, red_team: str, helpful: str) -> list[dict]:
+    """The items of evaluation's fan-out over the held-out prompts (DataRef files `red_team` and
+    `helpful`), `PipelineParams.eval_shard_count` of them."""
     params = RunContext.model_validate(context).params
-    train = params.shard_count(splits["red_team_train"].rows)
-    held_out = params.eval_shard_count(splits["red_team_eval"].rows, splits["helpful_eval"].rows)
-    return (
-        [{"context": context, "shard": shard, "shards": train} for shard in range(train)],
-        [{"context": context, "shard": shard, "shards": held_out} for shard in range(held_out)],
-    )
+    return _work_items(context, params.eval_shard_count(DataRef.read(red_team).rows, DataRef.read(helpful).rows))
+
+
+def _work_items(context: dict, shards: int) -> list[dict]:
+    return [{"context": context, "shard": shard, "shards": shards} for shard in range(shards)]
 
 
 def write_finished_dataset(uri: str, rows: list[BaseModel]) -> None:

@@ -62,9 +62,9 @@ def prepare_prompts(
     red_team_eval: Output[Dataset],
     helpful_train: Output[Dataset],
     helpful_eval: Output[Dataset],
-) -> NamedTuple("FanOuts", [("work", list), ("eval_work", list)]):
+) -> list:
     """Read, deduplicate and split the prompt sets; returns the work items of the generation
-    fan-outs (`work`) and of evaluation's (`eval_work`)."""
+    fan-outs over the training prompts."""
     from cai_lib import steps
 
     refs = steps.prepare_prompts(context)
@@ -75,7 +75,16 @@ def prepare_prompts(
         ("helpful_eval", helpful_eval),
     ):
         artifact.metadata.update(refs[name].write(artifact.path))
-    return steps.fan_outs(context, refs)
+    return steps.fan_out(context, refs["red_team_train"].rows)
+
+
+def plan_eval_shards(context: dict, red_team: Input[Dataset], helpful: Input[Dataset]) -> list:
+    """The work items of evaluation's fan-out, sized by the held-out prompts (not a stage: it
+    reads two row counts). A task of its own because kfp.local iterates a ParallelFor only over a
+    task's single `Output`, which prepare_prompts' holds the training fan-out's items."""
+    from cai_lib import steps
+
+    return steps.eval_fan_out(context, red_team.path, helpful.path)
 
 
 def critique_revise_shard(work: dict, pinned_constitution: Input[Artifact], prompts: Input[Dataset]) -> str:

@@ -130,10 +130,14 @@ class _Tasks:
 
     def finish(self, experiment) -> dsl.PipelineTask:
         """The exit handler's task (not a stage: it closes the run whatever became of the stages)."""
-        task = dsl.component(stages.finish_run, base_image=self.deploy.image_cpu)(
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment
+        return self.bookkeeping(
+            stages.finish_run, "finish", run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment
         )
-        task.set_display_name("finish")
+
+    def bookkeeping(self, function: Callable, display_name: str, **kwargs) -> dsl.PipelineTask:
+        """A task that is not a stage (no output of its own, no MLflow record) on the CPU image."""
+        task = dsl.component(function, base_image=self.deploy.image_cpu)(**kwargs)
+        task.set_display_name(display_name)
         task.set_caching_options(False)
         if self.deploy.retries:
             task.set_retry(self.deploy.retries, backoff_duration="30s")
@@ -205,7 +209,7 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
             constitution = run.outputs["pinned_constitution"]
             prompts = t.op("prepare_prompts")(context=ctx)
             red_team, helpful = prompts.outputs["red_team_train"], prompts.outputs["helpful_train"]
-            shards = prompts.outputs["work"]
+            shards = prompts.outputs["Output"]
             with dsl.ParallelFor(shards, parallelism=t.deploy.shard_parallelism, name="sl-shards") as work:
                 trace_part = t.op("critique_revise")(
                     work=work, pinned_constitution=constitution, prompts=red_team
@@ -230,8 +234,11 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 reward_model=pm.outputs["reward_model"],
             )
             red_team_eval, helpful_eval = prompts.outputs["red_team_eval"], prompts.outputs["helpful_eval"]
+            eval_shards = t.bookkeeping(
+                stages.plan_eval_shards, "plan eval shards", context=ctx, red_team=red_team_eval, helpful=helpful_eval
+            )
             with dsl.ParallelFor(
-                prompts.outputs["eval_work"], parallelism=t.deploy.shard_parallelism, name="eval-shards"
+                eval_shards.output, parallelism=t.deploy.shard_parallelism, name="eval-shards"
             ) as work:
                 answer_part = t.op("answer_eval")(
                     work=work,

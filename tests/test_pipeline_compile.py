@@ -115,9 +115,9 @@ def test_evaluation_fans_out_over_its_own_work_items_and_training_stages_over_th
         if "parameterIterator" in loop
     }
     assert iterated == {
-        "answer-eval-shard": "pipelinechannel--prepare-prompts-eval_work",
-        "critique-revise-shard": "pipelinechannel--prepare-prompts-work",
-        "label-shard": "pipelinechannel--prepare-prompts-work",
+        "answer-eval-shard": "pipelinechannel--plan-eval-shards-Output",
+        "critique-revise-shard": "pipelinechannel--prepare-prompts-Output",
+        "label-shard": "pipelinechannel--prepare-prompts-Output",
     }
 
 
