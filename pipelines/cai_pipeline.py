@@ -3,7 +3,8 @@
     resolve ─ prepare_prompts ─ ParallelFor(shard): critique_revise, helpful_samples
         ─ merge_traces, merge_helpful ─ sft
         ─ ParallelFor(shard): sample_pairs ─ label ─ merge_labels
-        ─ train_pm ─ rl ─ ParallelFor(shard): answer_eval ─ merge_answers ─ evaluate ─ register
+        ─ train_pm ─ rl ─ ParallelFor(eval shard): answer_eval ─ merge_answers ─ evaluate ─ register
+    plan_eval_shards (after prepare_prompts): evaluation's shards, sized by the held-out prompts
     exit handler: finish (closes the MLflow run, releases promotion locks)
 
 Every field of `PipelineParams` is one pipeline parameter (stage sections are `dict` parameters),
