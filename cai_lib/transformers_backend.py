@@ -512,12 +512,7 @@ class TransformersBackend:
                 indices = [k for group, _ in chunk for k in group]
                 members = self._rows_on_stems(encoded.prefix, rows, chunk)
                 self.last_reused_tokens += sum(r.reused for r in members)
-                for batch in _batches(
-                    [len(r.ids) - r.reused for r in members],
-                    self.batch_size,
-                    SCORING_BATCH_TOKENS,
-                    SCORING_MAX_PADDING,
-                ):
+                for batch in self._scoring_batches([len(r.ids) - r.reused for r in members]):
                     batch_scores = self._score_batch(
                         [members[j] for j in batch],
                         [tails[indices[j]] for j in batch],
@@ -545,24 +540,32 @@ class TransformersBackend:
     def _encode_stems(self, prefix: list[int], stems: list[list[int]]) -> list[_History]:
         """Each stem's KV after the prefix, from batched forward passes over the stems."""
         histories: list[_History] = [None] * len(stems)  # type: ignore[list-item]
-        start = len(prefix)
-        for batch in _batches(
-            [len(stem) for stem in stems], self.batch_size, SCORING_BATCH_TOKENS, SCORING_MAX_PADDING
-        ):
+        for batch in self._scoring_batches([len(stem) for stem in stems]):
             batch_rows = [_Row(stems[i]) for i in batch]
-            input_ids, attention_mask, _ = self._layout(batch_rows, prefix)
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            cache = self._batch_cache(prefix, batch_rows, 0, input_ids.shape[1])
-            self.model(
-                input_ids=input_ids[:, start:],
-                attention_mask=attention_mask,
-                position_ids=position_ids[:, start:],
-                past_key_values=cache,
-                logits_to_keep=1,
-            )
-            for i, history in zip(batch, self._batch_histories(cache, input_ids, attention_mask, start)):
+            _, input_ids, attention_mask, cache = self._forward(batch_rows, prefix, logits_to_keep=1)
+            for i, history in zip(batch, self._batch_histories(cache, input_ids, attention_mask, len(prefix))):
                 histories[i] = history
         return histories
+
+    def _scoring_batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
+        return _batches(lengths, self.batch_size, SCORING_BATCH_TOKENS, SCORING_MAX_PADDING)
+
+    def _forward(self, rows: list[_Row], prefix: list[int], logits_to_keep: int):
+        """One forward pass over `rows` laid out as `_layout` does, encoding only their new tokens:
+        (logits of the last `logits_to_keep` positions, the full input ids, the attention mask,
+        the KV cache it filled)."""
+        input_ids, attention_mask, reused_width = self._layout(rows, prefix)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self._batch_cache(prefix, rows, reused_width, input_ids.shape[1])
+        start = len(prefix) + reused_width
+        logits = self.model(
+            input_ids=input_ids[:, start:],
+            attention_mask=attention_mask,
+            position_ids=position_ids[:, start:],
+            past_key_values=cache,
+            logits_to_keep=logits_to_keep,
+        ).logits
+        return logits, input_ids, attention_mask, cache
 
     def _score_batch(
         self, rows: list[_Row], tails: list[int], nexts: list[list[int]], prefix: list[int]
@@ -571,21 +574,11 @@ class TransformersBackend:
         `nexts` tokens after the row when it has any (one score per next token), else alone."""
         import torch
 
-        input_ids, attention_mask, reused_width = self._layout(rows, prefix)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self._batch_cache(prefix, rows, reused_width, input_ids.shape[1])
-        start = len(prefix) + reused_width
-        input_ids, position_ids = input_ids[:, start:], position_ids[:, start:]
         # Rows end together (left padding), so only the last `keep` positions predict tail tokens
         # and, at the very last, the next token.
         keep = max(tails) + 1
-        logits = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            logits_to_keep=keep,
-        ).logits.float()
+        logits, input_ids, _, _ = self._forward(rows, prefix, logits_to_keep=keep)
+        logits = logits.float()
         log_probs = torch.log_softmax(logits, dim=-1)
         targets = input_ids[:, -(keep - 1) :] if keep > 1 else input_ids[:, :0]
         token_scores = log_probs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
