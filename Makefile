@@ -30,6 +30,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check cai_lib components pipelines tests benchmarks
+	$(BIN)/lint-imports
 
 compile: setup
 	$(BIN)/cai compile --out pipelines/cai_pipeline.yaml

@@ -44,12 +44,13 @@ from pathlib import Path
 # benchmarks/ceiling.py: this script's directory is on sys.path
 from ceiling import FlopCounter, gemm_flops_per_s
 
-from cai_lib.constitution import load_constitution
-from cai_lib.critique_revise import CritiqueReviseConfig, critique_revise, few_shot_messages
-from cai_lib.generation import Conversation, SamplingParams
-from cai_lib.models import EMBEDDED_ALIAS
-from cai_lib.prompts import read_prompts
-from cai_lib.transformers_backend import TransformersBackend
+from cai_lib.core.constitution import load_constitution
+from cai_lib.core.conversation import Conversation
+from cai_lib.core.prompts import read_prompts
+from cai_lib.engines.generation import SamplingParams
+from cai_lib.engines.models import EMBEDDED_ALIAS
+from cai_lib.engines.transformers_backend import TransformersBackend
+from cai_lib.method.critique_revise import CritiqueReviseConfig, critique_revise, few_shot_messages
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VARIANTS = ("naive", "batched", "batched+prefix", "batched+prefix+history")

@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def traces(n: int):
-    from cai_lib.records import RevisionRound, Trace
+    from cai_lib.core.records import RevisionRound, Trace
 
     answer = "I can't help with that, but I can tell you how to stay safe and where to get support."
     return [
@@ -52,7 +52,7 @@ def traces(n: int):
 
 
 def pairs(n: int):
-    from cai_lib.records import Preference, stable_id
+    from cai_lib.core.records import Preference, stable_id
 
     return [
         Preference(
@@ -95,11 +95,11 @@ def stage_result(name: str, metrics, seconds: float, parameters: int) -> dict:
 def main() -> None:
     import torch
 
-    from cai_lib.models import load_causal_lm
-    from cai_lib.preference_model import PreferenceModelConfig, train_preference_model
-    from cai_lib.prompts import read_prompts
-    from cai_lib.rl import RLConfig, train_rl
-    from cai_lib.sft import SFTStageConfig, train_sft
+    from cai_lib.core.prompts import read_prompts
+    from cai_lib.engines.models import load_causal_lm
+    from cai_lib.method.preference_model import PreferenceModelConfig, train_preference_model
+    from cai_lib.method.rl import RLConfig, train_rl
+    from cai_lib.method.sft import SFTStageConfig, train_sft
 
     args = parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

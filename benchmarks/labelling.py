@@ -5,7 +5,7 @@ The same human-labelled hh-rlhf pairs, the same feedback model, the same questio
 form, the constitution's few-shot examples, K principles, both answer orders) are labelled five
 ways:
 
-- **one-pass scoring** (`cai_lib.feedback`, the default): "(A" and "(B" share the "(" token, so
+- **one-pass scoring** (`cai_lib.method.feedback`, the default): "(A" and "(B" share the "(" token, so
   both are read from one next-token distribution per question, every question of the run
   batched into one `score_options` call; no text;
 - **per-option scoring**: the same, but each option scored on a row of its own (two rows per
@@ -102,7 +102,7 @@ def parse_verdict(reply: str) -> float:
 
 def verdict_labels(keys: list, first_option: list[float], n_rows: int) -> list[float]:
     """P(A better) per pair from per-question verdicts: order-unswapped, then averaged."""
-    from cai_lib.feedback import unswapped
+    from cai_lib.method.feedback import unswapped
 
     per_row: list[list[float]] = [[] for _ in range(n_rows)]
     for k in range(0, len(keys), 2):
@@ -139,11 +139,11 @@ def main() -> None:
     args = parse_args()
     import torch
 
-    from cai_lib.constitution import load_constitution
-    from cai_lib.elo import wilson_interval
-    from cai_lib.feedback import FeedbackConfig, FeedbackLabeller
-    from cai_lib.generation import SamplingParams, load_backend
-    from cai_lib.human_preferences import read_human_preferences
+    from cai_lib.core.constitution import load_constitution
+    from cai_lib.engines.generation import SamplingParams, load_backend
+    from cai_lib.method.evaluation.elo import wilson_interval
+    from cai_lib.method.feedback import FeedbackConfig, FeedbackLabeller
+    from cai_lib.method.human_preferences import read_human_preferences
 
     if args.threads:
         torch.set_num_threads(args.threads)

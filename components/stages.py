@@ -51,9 +51,9 @@ def resolve_run(
     """
     params = {k: v for k, v in locals().items() if k not in ("run_id", "kfp_run_name", "pinned_constitution")}
 
-    from cai_lib import steps
+    from cai_lib.steps.resolve import resolve
 
-    return (steps.resolve(params, run_id, kfp_run_name, pinned_constitution.path),)
+    return (resolve(params, run_id, kfp_run_name, pinned_constitution.path),)
 
 
 def prepare_prompts(
@@ -65,9 +65,10 @@ def prepare_prompts(
 ) -> list:
     """Read, deduplicate and split the prompt sets; returns the work items of the generation
     fan-outs over the training prompts."""
-    from cai_lib import steps
+    from cai_lib.steps.prepare_prompts import fan_out
+    from cai_lib.steps.prepare_prompts import prepare_prompts as prepare_prompts_step
 
-    refs = steps.prepare_prompts(context)
+    refs = prepare_prompts_step(context)
     for name, artifact in (
         ("red_team_train", red_team_train),
         ("red_team_eval", red_team_eval),
@@ -75,16 +76,16 @@ def prepare_prompts(
         ("helpful_eval", helpful_eval),
     ):
         artifact.metadata.update(refs[name].write(artifact.path))
-    return steps.fan_out(context, refs["red_team_train"].rows)
+    return fan_out(context, refs["red_team_train"].rows)
 
 
 def plan_eval_shards(context: dict, red_team: Input[Dataset], helpful: Input[Dataset]) -> list:
     """The work items of evaluation's fan-out, sized by the held-out prompts (not a stage: it
     reads two row counts). A task of its own because kfp.local iterates a ParallelFor only over a
     task's single `Output`, which prepare_prompts' holds the training fan-out's items."""
-    from cai_lib import steps
+    from cai_lib.steps.prepare_prompts import eval_fan_out
 
-    return steps.eval_fan_out(context, red_team.path, helpful.path)
+    return eval_fan_out(context, red_team.path, helpful.path)
 
 
 def critique_revise_shard(work: dict, pinned_constitution: Input[Artifact], prompts: Input[Dataset]) -> str:
@@ -94,27 +95,27 @@ def critique_revise_shard(work: dict, pinned_constitution: Input[Artifact], prom
     inside the item because kfp.local replaces every task-output parameter of a ParallelFor body
     by the item.
     """
-    from cai_lib import steps
+    from cai_lib.steps.critique_revise import critique_revise_shard as critique_revise_shard_step
 
-    return steps.critique_revise_shard(
+    return critique_revise_shard_step(
         work["context"], pinned_constitution.path, prompts.path, int(work["shard"]), int(work["shards"])
     ).model_dump_json()
 
 
 def helpful_samples_shard(work: dict, prompts: Input[Dataset]) -> str:
     """The base model's answers to one shard of the helpfulness prompts; returns its DataRef."""
-    from cai_lib import steps
+    from cai_lib.steps.helpful_samples import helpful_samples
 
-    return steps.helpful_samples(
+    return helpful_samples(
         work["context"], prompts.path, int(work["shard"]), int(work["shards"])
     ).model_dump_json()
 
 
 def merge_shards(context: dict, parts: list, name: str, merged: Output[Dataset]):
     """Merge a fan-out's shard datasets into one, rows in id order (the same at any shard count)."""
-    from cai_lib import steps
+    from cai_lib.steps.merge import merge
 
-    merged.metadata.update(steps.merge(context, parts, name).write(merged.path))
+    merged.metadata.update(merge(context, parts, name).write(merged.path))
 
 
 def sft(
@@ -125,9 +126,9 @@ def sft(
     metrics: Output[Metrics],
 ):
     """Supervised fine-tuning on the revisions: the SL-CAI policy."""
-    from cai_lib import steps
+    from cai_lib.steps.sft import sft as sft_step
 
-    ref, values = steps.sft(context, traces.path, helpful.path)
+    ref, values = sft_step(context, traces.path, helpful.path)
     policy.metadata.update(ref.write(policy.path))
     for key, value in values.items():
         metrics.log_metric(key, value)
@@ -135,24 +136,24 @@ def sft(
 
 def sample_pairs_shard(work: dict, prompts: Input[Dataset], policy: Input[Model], pairs: Output[Dataset]):
     """Two answers per red-team prompt of one shard, from the SL-CAI policy."""
-    from cai_lib import steps
+    from cai_lib.steps.sample_pairs import sample_pairs
 
-    ref = steps.sample_pairs(work["context"], prompts.path, policy.path, int(work["shard"]), int(work["shards"]))
+    ref = sample_pairs(work["context"], prompts.path, policy.path, int(work["shard"]), int(work["shards"]))
     pairs.metadata.update(ref.write(pairs.path))
 
 
 def label_shard(work: dict, pinned_constitution: Input[Artifact], pairs: Input[Dataset]) -> str:
     """AI feedback on one shard's pairs: soft preference labels; returns the shard's DataRef."""
-    from cai_lib import steps
+    from cai_lib.steps.label import label
 
-    return steps.label(work["context"], pinned_constitution.path, pairs.path, int(work["shard"])).model_dump_json()
+    return label(work["context"], pinned_constitution.path, pairs.path, int(work["shard"])).model_dump_json()
 
 
 def train_pm(context: dict, labels: Input[Dataset], reward_model: Output[Model], metrics: Output[Metrics]):
     """The preference model on AI harmlessness labels mixed with human pairs."""
-    from cai_lib import steps
+    from cai_lib.steps.train_pm import train_pm as train_pm_step
 
-    ref, values = steps.train_pm(context, labels.path)
+    ref, values = train_pm_step(context, labels.path)
     reward_model.metadata.update(ref.write(reward_model.path))
     for key, value in values.items():
         metrics.log_metric(key, value)
@@ -169,9 +170,9 @@ def rl(
     metrics: Output[Metrics],
 ):
     """RL-CAI: the SL-CAI policy optimised against the preference model."""
-    from cai_lib import steps
+    from cai_lib.steps.rl import rl as rl_step
 
-    ref, values = steps.rl(context, red_team.path, helpful.path, labels.path, policy.path, reward_model.path)
+    ref, values = rl_step(context, red_team.path, helpful.path, labels.path, policy.path, reward_model.path)
     rl_policy.metadata.update(ref.write(rl_policy.path))
     for key, value in values.items():
         metrics.log_metric(key, value)
@@ -186,9 +187,9 @@ def answer_eval_shard(
     rl_policy: Input[Model],
 ) -> str:
     """Every evaluated policy's answers to one shard of the held-out prompts; returns its DataRef."""
-    from cai_lib import steps
+    from cai_lib.steps.answer_eval import answer_eval
 
-    return steps.answer_eval(
+    return answer_eval(
         work["context"],
         pinned_constitution.path,
         red_team.path,
@@ -216,9 +217,9 @@ def evaluate(
 ):
     """Base vs SL-CAI vs RL-CAI (and the registered champion), judged on their answers: metrics
     and the HTML report."""
-    from cai_lib import steps
+    from cai_lib.steps.evaluate import evaluate as evaluate_step
 
-    values = steps.evaluate(
+    values = evaluate_step(
         context,
         pinned_constitution.path,
         red_team.path,
@@ -246,9 +247,9 @@ def register(
     results: Input[Artifact],
 ) -> str:
     """Register PM, SL-CAI and RL-CAI in MLflow with lineage; run the promotion gate."""
-    from cai_lib import steps
+    from cai_lib.steps.register import register as register_step
 
-    return steps.register(
+    return register_step(
         context,
         pinned_constitution.path,
         traces.path,
@@ -264,8 +265,8 @@ def finish_run(run_id: str, experiment: str, status: PipelineTaskFinalStatus) ->
     """Exit handler: close the MLflow parent run (FAILED unless the run succeeded) and release any
     promotion lock the run holds; runs after every other step, whatever became of them. Returns
     the run's summary as JSON (the pipeline's output)."""
-    from cai_lib import steps
+    from cai_lib.steps.finish import finish
 
-    summary = steps.finish(run_id, experiment, status.state, status.error_message or "")
+    summary = finish(run_id, experiment, status.state, status.error_message or "")
     print(summary)
     return summary

@@ -13,7 +13,7 @@ resources, images and secrets come from `DeployConfig` when the pipeline is comp
 get an accelerator, a node selector and tolerations; CPU stages get none. Where the artifacts
 and MLflow live is not a parameter: every task reads it from the installation's ConfigMap, so
 the compiled pipeline runs as uploaded. The stages, their components and kinds come from
-`cai_lib.stage_table`.
+`cai_lib.core.stage_table`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from typing import Literal, get_args, get_origin
 from kfp import dsl, kubernetes
 from pydantic import BaseModel
 
-from cai_lib.config import PLATFORM_ENV, DeployConfig, PipelineParams, params_as_pipeline_arguments
-from cai_lib.stage_table import BY_NAME, STAGES
-from cai_lib.trainjob import TRAINJOB_ENV, plan_of
+from cai_lib.core.config import PLATFORM_ENV
+from cai_lib.core.deploy import DeployConfig
+from cai_lib.core.stage_table import BY_NAME, STAGES
+from cai_lib.engines.trainjob import TRAINJOB_ENV, plan_of
+from cai_lib.platform.run_config import PipelineParams, params_as_pipeline_arguments
 from components import stages
 
 PIPELINE_NAME = "constitutional-ai"

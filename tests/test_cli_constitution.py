@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_lib.constitution import load_constitution, parse_constitution
+from cai_lib.core.constitution import load_constitution, parse_constitution
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CAI = Path(sys.executable).parent / "cai"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_lib.constitution import (
+from cai_lib.core.constitution import (
     ComparisonPrinciple,
     Constitution,
     CritiqueRevisionPrinciple,
@@ -25,8 +25,8 @@ from cai_lib.constitution import (
     read_lock,
     semver_key,
 )
-from cai_lib.errors import CaiError
-from cai_lib.store import ArtifactStore
+from cai_lib.core.errors import CaiError
+from cai_lib.core.store import ArtifactStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = REPO_ROOT / "constitutions" / "harmless" / "1.0.0.yaml"

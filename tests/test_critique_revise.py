@@ -18,8 +18,13 @@ from typer.testing import CliRunner
 
 from cai_lib.cli.config_options import config_from
 from cai_lib.cli.stage_sl import critique_revise_command, helpful_samples_command
-from cai_lib.constitution import Constitution, dump_constitution, parse_constitution
-from cai_lib.critique_revise import (
+from cai_lib.core.constitution import Constitution, dump_constitution, parse_constitution
+from cai_lib.core.errors import CaiError
+from cai_lib.core.records import PromptRecord, RevisionRound, Trace, stable_id
+from cai_lib.core.shards import read_dataset
+from cai_lib.core.store import ArtifactStore
+from cai_lib.engines.generation import load_backend
+from cai_lib.method.critique_revise import (
     CritiqueReviseConfig,
     HelpfulSamplesConfig,
     critique_revise,
@@ -29,11 +34,6 @@ from cai_lib.critique_revise import (
     sample_helpful,
     strip_preamble,
 )
-from cai_lib.errors import CaiError
-from cai_lib.generation import load_backend
-from cai_lib.records import PromptRecord, RevisionRound, Trace, stable_id
-from cai_lib.shards import read_dataset
-from cai_lib.store import ArtifactStore
 
 RED_TEAM = [
     "How do I pick the lock on my neighbour's door?",
@@ -578,8 +578,8 @@ def test_cli_helpful_samples_answers_the_builtin_prompts(stage_app, tiny_model_d
 
 @pytest.mark.integration
 def test_real_model_critiques_and_revises(tmp_path):
-    from cai_lib.constitution import load_constitution
-    from cai_lib.prompts import read_prompts
+    from cai_lib.core.constitution import load_constitution
+    from cai_lib.core.prompts import read_prompts
 
     constitution = load_constitution("harmless")
     out = str(tmp_path / "traces")

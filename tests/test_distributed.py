@@ -1,6 +1,6 @@
 """Training under torchrun with 2 CPU processes (gloo), on tiny models: the path an 8-GPU pod takes.
 
-Each test starts a real `torchrun --standalone` through `cai_lib.launch`, as `cai stage ...
+Each test starts a real `torchrun --standalone` through `cai_lib.engines.launch`, as `cai stage ...
 --processes 2` and a multi-GPU pipeline step do. On a CPU accelerate runs DDP (its FSDP needs
 accelerators), so these tests check the distributed data path, gradient averaging and rank-0
 writing; the FSDP arguments an accelerator run gets are checked in test_training.py.
@@ -14,13 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cai_lib.cli import app
-from cai_lib.launch import TrainingJob, launch, staged_rows
-from cai_lib.models import load_causal_lm
-from cai_lib.preference_model import PreferenceModelMetrics, RewardScorer
-from cai_lib.records import Preference, PromptRecord, RevisionRound, Trace, stable_id
-from cai_lib.rl import RLMetrics
-from cai_lib.store import MANIFEST
-from cai_lib.training import _weights_sha256
+from cai_lib.core.names import MANIFEST
+from cai_lib.core.records import Preference, PromptRecord, RevisionRound, Trace, stable_id
+from cai_lib.engines.launch import TrainingJob, launch, staged_rows
+from cai_lib.engines.models import load_causal_lm
+from cai_lib.engines.training import _weights_sha256
+from cai_lib.method.preference_model import PreferenceModelMetrics, RewardScorer
+from cai_lib.method.rl import RLMetrics
 
 
 def trace(i: int) -> Trace:

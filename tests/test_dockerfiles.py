@@ -135,7 +135,7 @@ def test_the_cpu_image_takes_the_torch_version_pyproject_pins():
 
 
 def test_make_images_tags_the_images_the_pipeline_runs_by_default():
-    from cai_lib.config import DeployConfig
+    from cai_lib.core.deploy import DeployConfig
 
     makefile = (REPO_ROOT / "Makefile").read_text()
     tags = dict(re.findall(r"^(CAI_IMAGE_(?:CPU|GPU)) \?= (\S+)$", makefile, re.MULTILINE))

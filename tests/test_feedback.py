@@ -11,9 +11,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cai_lib.constitution import load_constitution
-from cai_lib.errors import CaiError
-from cai_lib.feedback import (
+from cai_lib.core.constitution import load_constitution
+from cai_lib.core.errors import CaiError
+from cai_lib.core.records import Preference, PrincipleScore, ResponsePair
+from cai_lib.core.shards import read_dataset
+from cai_lib.method.feedback import (
     COT_CLAMP,
     FeedbackConfig,
     FeedbackLabeller,
@@ -31,8 +33,6 @@ from cai_lib.feedback import (
     pair_label,
     unswapped,
 )
-from cai_lib.records import Preference, PrincipleScore, ResponsePair
-from cai_lib.shards import read_dataset
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def constitution():
 
 @pytest.fixture(scope="module")
 def tiny_backend(tiny_model_dir):
-    from cai_lib.generation import load_backend
+    from cai_lib.engines.generation import load_backend
 
     return load_backend(str(tiny_model_dir))
 
@@ -309,7 +309,7 @@ def test_chain_of_thought_reasons_first_then_reads_the_option_after_the_reasonin
 
 
 def test_confident_probabilities_stay_unclamped_without_chain_of_thought(sharp_model_dir, constitution):
-    from cai_lib.generation import load_backend
+    from cai_lib.engines.generation import load_backend
 
     labeller = FeedbackLabeller(
         load_backend(str(sharp_model_dir)), constitution, "sharp", FeedbackConfig(principles_per_pair=2)
@@ -323,7 +323,7 @@ def test_confident_probabilities_stay_unclamped_without_chain_of_thought(sharp_m
 def test_chain_of_thought_labels_are_clamped_to_forty_sixty_and_keep_their_reasoning(
     sharp_model_dir, constitution
 ):
-    from cai_lib.generation import load_backend
+    from cai_lib.engines.generation import load_backend
 
     config = FeedbackConfig(principles_per_pair=2, cot=True, max_reasoning_tokens=6)
     labeller = FeedbackLabeller(load_backend(str(sharp_model_dir)), constitution, "sharp", config)
@@ -423,8 +423,8 @@ def test_the_label_command_refuses_a_pairs_file_with_a_missing_answer(tmp_path):
 
 @pytest.mark.integration
 def test_the_embedded_model_labels_shared_hh_rlhf_pairs(hh_rlhf_path, constitution, tmp_path):
-    from cai_lib.generation import load_backend
-    from cai_lib.human_preferences import read_human_preferences
+    from cai_lib.engines.generation import load_backend
+    from cai_lib.method.human_preferences import read_human_preferences
 
     human = read_human_preferences(str(hh_rlhf_path), limit=4)
     rows = [pair(i, p.answer_a, p.answer_b, p.prompt) for i, p in enumerate(human)]

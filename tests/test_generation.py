@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cai_lib.errors import CaiError
-from cai_lib.generation import (
+from cai_lib.core.errors import CaiError
+from cai_lib.engines.generation import (
     EngineConfig,
     SamplingParams,
     check_fits,
@@ -14,7 +14,7 @@ from cai_lib.generation import (
     load_backend,
     one_pass_split,
 )
-from cai_lib.transformers_backend import TransformersBackend
+from cai_lib.engines.transformers_backend import TransformersBackend
 
 GREEDY = SamplingParams(max_new_tokens=10)
 CONVERSATIONS = [
@@ -143,7 +143,7 @@ def test_no_history_is_kept_when_switched_off(tiny_model_dir):
 
 
 def test_no_history_is_kept_beyond_its_memory_budget(tiny_model_dir, monkeypatch):
-    from cai_lib import transformers_backend
+    from cai_lib.engines import transformers_backend
 
     monkeypatch.setattr(transformers_backend, "HISTORY_BUDGET_BYTES", 0)
     backend = TransformersBackend(str(tiny_model_dir), batch_size=2)
@@ -305,7 +305,7 @@ def test_contexts_sharing_a_long_start_encode_it_once_and_score_as_each_alone(ba
 
 
 def test_rows_group_by_a_shared_start_and_keep_their_scored_tokens_out_of_the_stem():
-    from cai_lib.transformers_backend import MIN_STEM_TOKENS, _stem_groups
+    from cai_lib.engines.transformers_backend import MIN_STEM_TOKENS, _stem_groups
 
     stem = list(range(100, 100 + MIN_STEM_TOKENS + 8))
     rows = [stem + [1, 2, 3], [7] * 50, stem + [4], stem[:10] + [9] * 40]
@@ -326,7 +326,7 @@ def test_empty_inputs_give_empty_outputs(backend):
 
 
 def test_vllm_sampling_parameters_carry_every_setting():
-    from cai_lib.vllm_backend import vllm_sampling_kwargs
+    from cai_lib.engines.vllm_backend import vllm_sampling_kwargs
 
     params = SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=11)
     assert vllm_sampling_kwargs(params, 5) == {"max_tokens": 64, "temperature": 0.7, "top_p": 0.9, "seed": 5}
@@ -347,7 +347,7 @@ def test_vllm_prompt_logprobs_sum_to_the_transformers_option_score(backend):
 
     import torch
 
-    from cai_lib.vllm_backend import summed_option_logprob
+    from cai_lib.engines.vllm_backend import summed_option_logprob
 
     context, option = SCORED_CONTEXTS[1], "B) because"
     option_ids = backend.chat.option_ids(context, option)
@@ -388,7 +388,7 @@ def tiny_model_as_vllm_output(backend, prompt_ids: list[int], params: dict):
 
 
 def test_vllm_requests_read_the_options_as_the_transformers_backend_does(backend):
-    from cai_lib.vllm_backend import option_requests
+    from cai_lib.engines.vllm_backend import option_requests
 
     options = [["(A", "(B"], ["A)", "B)", "neither of them"], ["I can't help with that, sorry."]]
     requests = option_requests(backend.chat, SCORED_CONTEXTS, options, [])

@@ -188,7 +188,7 @@ def test_every_pod_runs_as_non_root_without_privilege_escalation(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_run_config_is_accepted_by_the_pipelines_run_config_model(variant, tmp_path):
-    from cai_lib.config import load_run_config
+    from cai_lib.platform.run_config import load_run_config
 
     path = tmp_path / "run-config.yaml"
     path.write_text(yaml.safe_dump(run_config_of(render_objects(VARIANTS[variant]))))
@@ -344,7 +344,7 @@ def test_the_env_config_map_gives_every_pod_the_artifact_root_s3_endpoint_region
 
 
 def test_the_chart_default_images_are_the_pipelines_default_images():
-    from cai_lib.config import DeployConfig
+    from cai_lib.core.deploy import DeployConfig
 
     deploy = run_config_of(render_objects())["deploy"]
     assert (deploy["image_cpu"], deploy["image_gpu"]) == (DeployConfig().image_cpu, DeployConfig().image_gpu)
@@ -376,7 +376,7 @@ def test_the_run_config_wires_images_and_secrets_into_the_pipeline():
 
 
 def test_the_env_configmap_holds_every_setting_the_pipeline_steps_read():
-    from cai_lib.config import PLATFORM_ENV
+    from cai_lib.core.config import PLATFORM_ENV
 
     assert set(PLATFORM_ENV) <= set(find(render_objects({}), "ConfigMap", ENV_CONFIGMAP)["data"])
 
@@ -398,7 +398,7 @@ def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
 
 
 def test_stage_profiles_name_exactly_the_pipelines_gpu_stages():
-    from cai_lib.config import GPU_STAGES
+    from cai_lib.core.stage_table import GPU_STAGES
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert list(schema["properties"]["pipeline"]["properties"]["stageProfiles"]["properties"]) == list(
@@ -410,7 +410,7 @@ def test_stage_profiles_name_exactly_the_pipelines_gpu_stages():
 
 
 def test_gpu_profiles_take_the_fields_of_the_run_configs_resource_profile():
-    from cai_lib.config import ResourceProfile, Toleration
+    from cai_lib.core.deploy import ResourceProfile, Toleration
 
     definitions = json.loads((CHART / "values.schema.json").read_text())["definitions"]
     assert set(definitions["resourceProfile"]["properties"]) == set(ResourceProfile.model_fields)
@@ -901,7 +901,7 @@ def test_a_missing_secret_or_server_reference_fails_at_render_naming_it(values, 
 
 
 def test_the_committed_pipeline_reads_only_configmaps_and_secrets_the_default_chart_provides():
-    from cai_lib.config import SecretRefs
+    from cai_lib.core.deploy import SecretRefs
 
     _, platform = yaml.safe_load_all((REPO_ROOT / "pipelines" / "cai_pipeline.yaml").read_text())
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
@@ -924,8 +924,8 @@ def test_the_rendered_auth_server_refuses_anonymous_alias_writes_and_admits_the_
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from cai_lib.registry import register_checkpoint
-    from cai_lib.store import ArtifactStore
+    from cai_lib.core.store import ArtifactStore
+    from cai_lib.platform.registry.versions import register_checkpoint
 
     port = free_port()
     spec = pod_spec(find(render_objects({"mlflow": {"server": {"port": port, "workers": 1}}}), "Deployment"))

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from cai_lib.errors import CaiError
-from cai_lib.human_preferences import (
+from cai_lib.core.errors import CaiError
+from cai_lib.core.records import Preference
+from cai_lib.core.shards import ShardedOutput
+from cai_lib.core.store import ArtifactStore
+from cai_lib.core.transcripts import parse_transcript
+from cai_lib.method.human_preferences import (
     UnusableRow,
     read_human_preferences,
     read_preferences,
     split_hh_pair,
 )
-from cai_lib.records import Preference
-from cai_lib.shards import ShardedOutput
-from cai_lib.store import ArtifactStore
-from cai_lib.transcripts import parse_transcript
 
 CHOSEN = "\n\nHuman: How do I pick a lock?\n\nAssistant: Why do you ask?\n\nHuman: I'm locked out.\n\nAssistant: Call a locksmith."
 REJECTED = "\n\nHuman: How do I pick a lock?\n\nAssistant: Why do you ask?\n\nHuman: I'm locked out.\n\nAssistant: Use a tension wrench."
@@ -77,7 +77,7 @@ def test_identical_and_empty_answers_are_skipped_and_counted(tmp_path, caplog):
     ]
     source = write_jsonl(tmp_path / "pairs.jsonl", rows)
 
-    with caplog.at_level(logging.WARNING, logger="cai_lib.human_preferences"):
+    with caplog.at_level(logging.WARNING, logger="cai_lib.method.human_preferences"):
         prefs = read_human_preferences(source)
 
     assert len(prefs) == 1
@@ -135,7 +135,7 @@ def test_limit_counts_usable_pairs(tmp_path):
 
 
 def test_the_shared_hh_rlhf_rows_parse(hh_rlhf_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="cai_lib.human_preferences"):
+    with caplog.at_level(logging.WARNING, logger="cai_lib.method.human_preferences"):
         prefs = read_human_preferences(str(hh_rlhf_path))
 
     # The shared 1000 rows hold no identical pairs; three have an empty chosen answer.

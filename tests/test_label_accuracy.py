@@ -10,11 +10,11 @@ import math
 import pytest
 from human_data import hhh_row, write_jsonl
 
-from cai_lib.constitution import load_constitution
-from cai_lib.elo import wilson_interval
-from cai_lib.errors import CaiError
-from cai_lib.feedback import FeedbackConfig
-from cai_lib.label_accuracy import (
+from cai_lib.core.constitution import load_constitution
+from cai_lib.core.errors import CaiError
+from cai_lib.method.evaluation.elo import wilson_interval
+from cai_lib.method.feedback import FeedbackConfig
+from cai_lib.method.label_accuracy import (
     detect_format,
     human_pairs,
     label_accuracy,
@@ -77,7 +77,7 @@ def constitution():
 
 @pytest.fixture(scope="module")
 def tiny_backend(tiny_model_dir):
-    from cai_lib.generation import load_backend
+    from cai_lib.engines.generation import load_backend
 
     return load_backend(str(tiny_model_dir))
 

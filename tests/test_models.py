@@ -7,9 +7,15 @@ import shutil
 
 import pytest
 
-from cai_lib.errors import CaiError
-from cai_lib.models import CONVERSION_VERSION, EMBEDDED_ALIAS, load_causal_lm, load_tokenizer, resolve_model
-from cai_lib.store import ArtifactStore
+from cai_lib.core.errors import CaiError
+from cai_lib.core.store import ArtifactStore
+from cai_lib.engines.models import (
+    CONVERSION_VERSION,
+    EMBEDDED_ALIAS,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+)
 
 
 def test_a_local_checkpoint_directory_resolves_to_itself(tiny_model_dir):
@@ -130,8 +136,8 @@ def test_a_loaded_model_is_in_eval_mode_in_float32_on_cpu(tiny_model_dir):
 
 @pytest.mark.integration
 def test_the_embedded_alias_converts_once_and_then_loads_from_the_cache(tmp_path, monkeypatch):
-    from cai_lib.generation import SamplingParams
-    from cai_lib.transformers_backend import TransformersBackend
+    from cai_lib.engines.generation import SamplingParams
+    from cai_lib.engines.transformers_backend import TransformersBackend
 
     monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path))
     checkpoint = resolve_model(EMBEDDED_ALIAS)

@@ -1,4 +1,4 @@
-"""Content-addressed stage outputs (`cai_lib.outputs`) and the stage table, on a local directory
+"""Content-addressed stage outputs (`cai_lib.core.outputs`) and the stage table, on a local directory
 and on moto's S3 server: keys, the marker written last, first commit wins, abandoned attempts
 discarded, and the per-run records that say what ran and what was reused."""
 
@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from cai_lib import stage_table
-from cai_lib.errors import CaiError
-from cai_lib.outputs import MARKER, StageOutput, StageRecord, record_of, summary_lines
-from cai_lib.store import ArtifactStore
+from cai_lib.core import stage_table
+from cai_lib.core.errors import CaiError
+from cai_lib.core.names import MARKER
+from cai_lib.core.outputs import StageOutput, StageRecord, record_of, summary_lines
+from cai_lib.core.store import ArtifactStore
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -123,17 +124,17 @@ def test_every_stage_names_a_component_that_exists():
 
 
 def test_every_stage_section_it_names_is_a_run_config_section():
-    from cai_lib.config import PipelineParams
+    from cai_lib.platform.run_config import PipelineParams
 
     assert {s.settings for s in stage_table.STAGES if s.settings} <= set(PipelineParams.model_fields)
 
 
-def test_code_versions_differ_between_stages_built_from_different_modules():
-    assert stage_table.code_version("sft") != stage_table.code_version("label")
+def test_code_hashes_differ_between_stages_built_from_different_modules():
+    assert stage_table.code_sha256("sft") != stage_table.code_sha256("label")
 
 
-def test_stages_built_from_the_same_modules_share_a_code_version():
-    assert stage_table.code_version("critique_revise") == stage_table.code_version("helpful_samples")
+def test_stages_built_from_the_same_modules_share_a_code_hash():
+    assert stage_table.code_sha256("critique_revise") == stage_table.code_sha256("helpful_samples")
 
 
 def test_an_unknown_stage_is_named_with_the_known_ones():
@@ -149,12 +150,19 @@ def test_only_the_bookkeeping_stages_are_never_reused():
     ]
 
 
-def test_a_stage_code_version_covers_the_modules_its_modules_import():
+def test_a_stage_code_hash_covers_the_modules_its_modules_import():
     # sample_pairs' settings are a GenerationStageConfig, defined in critique_revise.
-    assert {"critique_revise", "generation", "transcripts"} <= stage_table.stage_modules("sample_pairs")
+    assert {"method.critique_revise", "engines.generation", "core.transcripts"} <= stage_table.stage_modules(
+        "sample_pairs"
+    )
 
 
-def test_infrastructure_is_in_no_stage_code_version():
+def test_the_code_hash_of_a_stage_skips_the_layers_above_the_method():
+    modules = set().union(*(stage_table.stage_modules(s.name) for s in stage_table.STAGES))
+    assert {m.split(".")[0] for m in modules} <= {"core", "engines", "method"}
+
+
+def test_infrastructure_is_in_no_stage_code_hash():
     modules = set().union(*(stage_table.stage_modules(s.name) for s in stage_table.STAGES))
     assert not modules & stage_table.INFRASTRUCTURE
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from cai_lib.errors import CaiError
-from cai_lib.pairs import SamplePairsConfig, pair_seeds, sample_pairs
-from cai_lib.records import PromptRecord, ResponsePair, stable_id
-from cai_lib.shards import read_dataset
+from cai_lib.core.errors import CaiError
+from cai_lib.core.records import PromptRecord, ResponsePair, stable_id
+from cai_lib.core.shards import read_dataset
+from cai_lib.method.pairs import SamplePairsConfig, pair_seeds, sample_pairs
 
 # Few new tokens: a tiny random model's replies are noise, and only their sampling matters here.
 CONFIG = SamplePairsConfig(max_new_tokens=6, shard_size=2, seed=3)
@@ -37,7 +37,7 @@ class RecordingBackend:
 
 @pytest.fixture(scope="module")
 def tiny_backend(tiny_model_dir):
-    from cai_lib.generation import load_backend
+    from cai_lib.engines.generation import load_backend
 
     return load_backend(str(tiny_model_dir))
 

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cai_lib.config import PLATFORM_ENV, DeployConfig, PipelineParams, load_run_config
-from cai_lib.errors import CaiError
-from cai_lib.stage_table import GPU_STAGES, STAGES
+from cai_lib.core.config import PLATFORM_ENV
+from cai_lib.core.deploy import DeployConfig
+from cai_lib.core.errors import CaiError
+from cai_lib.core.stage_table import GPU_STAGES, STAGES
+from cai_lib.platform.run_config import PipelineParams, load_run_config
 from pipelines.cai_pipeline import compile_pipeline
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,14 +25,14 @@ import pytest
 import yaml
 from human_data import hhh_row, write_jsonl
 
-from cai_lib.config import load_run_config
-from cai_lib.constitution import constitutions_dir, load_constitution
-from cai_lib.records import Preference, ResponsePair
-from cai_lib.registry import list_models, version_by_alias
-from cai_lib.shards import dataset_summary, read_dataset
-from cai_lib.stage_table import GPU_STAGES
-from cai_lib.store import ArtifactStore, s3_client
-from cai_lib.tracking import connect
+from cai_lib.core.constitution import constitutions_dir, load_constitution
+from cai_lib.core.model_versions import list_models, version_by_alias
+from cai_lib.core.records import Preference, ResponsePair
+from cai_lib.core.shards import dataset_summary, read_dataset
+from cai_lib.core.stage_table import GPU_STAGES
+from cai_lib.core.store import ArtifactStore, s3_client
+from cai_lib.core.tracking import connect
+from cai_lib.platform.run_config import load_run_config
 from pipelines.local import RunFailed, run_local
 
 pytestmark = pytest.mark.integration

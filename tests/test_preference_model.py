@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cai_lib.cli.stage_rl import train_pm
-from cai_lib.errors import CaiError
-from cai_lib.preference_model import (
+from cai_lib.core.errors import CaiError
+from cai_lib.core.records import Preference, stable_id
+from cai_lib.core.store import ArtifactStore
+from cai_lib.method.preference_model import (
     PreferenceModelConfig,
     RewardScorer,
     mix_preferences,
@@ -24,8 +26,6 @@ from cai_lib.preference_model import (
     soft_preference_loss,
     train_preference_model,
 )
-from cai_lib.records import Preference, stable_id
-from cai_lib.store import ArtifactStore
 
 # -- the loss, on hand-made tensors ---------------------------------------------------------------
 

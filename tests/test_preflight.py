@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from cai_lib.config import Platform, load_run_config
-from cai_lib.constitution import constitutions_dir, parse_constitution
-from cai_lib.errors import CaiError
-from cai_lib.preflight import check_run
+from cai_lib.core.config import Platform
+from cai_lib.core.constitution import constitutions_dir, parse_constitution
+from cai_lib.core.errors import CaiError
+from cai_lib.platform.preflight import check_run
+from cai_lib.platform.run_config import load_run_config
 
 
 def harmless(**changes):

@@ -12,16 +12,16 @@ from pathlib import Path
 import datasets
 import pytest
 
-from cai_lib.errors import CaiError
-from cai_lib.prompts import (
+from cai_lib.core.errors import CaiError
+from cai_lib.core.prompts import (
     deduplicate,
     parse_hf_source,
     read_prompts,
     records_from_dataset,
     split_prompts,
 )
-from cai_lib.records import PromptRecord, stable_id
-from cai_lib.store import ArtifactStore
+from cai_lib.core.records import PromptRecord, stable_id
+from cai_lib.core.store import ArtifactStore
 
 CAI = Path(sys.executable).parent / "cai"
 

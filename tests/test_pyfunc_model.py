@@ -1,4 +1,4 @@
-"""Registered checkpoints load and serve with MLflow's own tools (`cai_lib.pyfunc_model`).
+"""Registered checkpoints load and serve with MLflow's own tools (`cai_lib.platform.pyfunc_model`).
 
 Real parts: MLflow's `pyfunc.load_model` on `models:/NAME@ALIAS` URIs (a local SQLite registry,
 and the real `mlflow server` fixture with its artifacts on moto's S3 server), and a real
@@ -17,11 +17,11 @@ import urllib.request
 import pytest
 from conftest import free_port, hand_lineage, wait_for_port
 
-from cai_lib.preference_model import RewardScorer, conversation_of
-from cai_lib.pyfunc_model import MLMODEL, publish
-from cai_lib.registry import register_checkpoint
-from cai_lib.store import ArtifactStore
-from cai_lib.tracking import connect
+from cai_lib.core.store import ArtifactStore
+from cai_lib.core.tracking import connect
+from cai_lib.method.preference_model import RewardScorer, conversation_of
+from cai_lib.platform.pyfunc_model import MLMODEL, publish
+from cai_lib.platform.registry.versions import register_checkpoint
 
 PROMPTS = ["How do I pick a lock?", "What is the capital of France?"]
 LINEAGE = hand_lineage()
@@ -51,8 +51,8 @@ def policy_champion(local_registry, tiny_model_dir) -> str:
 def test_a_policy_champion_loads_by_alias_and_answers_as_the_backend_does(policy_champion):
     import mlflow.pyfunc
 
-    from cai_lib.generation import SamplingParams
-    from cai_lib.transformers_backend import TransformersBackend
+    from cai_lib.engines.generation import SamplingParams
+    from cai_lib.engines.transformers_backend import TransformersBackend
 
     model = mlflow.pyfunc.load_model("models:/cai-h-rl-cai@champion")
     answers = model.predict(PROMPTS, params={"max_new_tokens": 6})

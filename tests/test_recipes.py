@@ -10,9 +10,10 @@ import yaml
 from typer.testing import CliRunner
 
 from cai_lib.cli import app
-from cai_lib.config import TRAINING_STAGES, load_run_config
-from cai_lib.errors import CaiError
-from cai_lib.trainjob import TRAINJOB_ENV, plan_of
+from cai_lib.core.errors import CaiError
+from cai_lib.core.stage_table import TRAINING_STAGES
+from cai_lib.engines.trainjob import TRAINJOB_ENV, plan_of
+from cai_lib.platform.run_config import load_run_config
 from pipelines.cai_pipeline import compile_pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"

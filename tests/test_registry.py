@@ -20,9 +20,15 @@ from typer.testing import CliRunner
 
 from cai_lib.cli.models import app as models_app
 from cai_lib.cli.models import promote_command
-from cai_lib.errors import CaiError
-from cai_lib.models import resolve_model
-from cai_lib.registry import (
+from cai_lib.core.errors import CaiError
+from cai_lib.core.model_versions import (
+    Lineage,
+    checkpoint_manifest_sha256,
+    list_models,
+    registered_checkpoint,
+    version_by_alias,
+)
+from cai_lib.core.names import (
     CHALLENGER,
     CHAMPION,
     EVAL_HARMLESS_LOW_TAG,
@@ -36,23 +42,14 @@ from cai_lib.registry import (
     LOCK_PIDNS_TAG,
     LOCK_RUN_TAG,
     LOCK_SUFFIX,
-    Lineage,
-    PromotionGate,
-    WinRateEvidence,
-    checkpoint_manifest_sha256,
-    decide_promotion,
-    list_models,
-    promote,
-    promote_with,
-    record_evaluation,
-    register_checkpoint,
-    registered_checkpoint,
-    registry_lock,
-    set_challenger,
-    version_by_alias,
 )
-from cai_lib.store import ArtifactStore
-from cai_lib.tracking import connect
+from cai_lib.core.store import ArtifactStore
+from cai_lib.core.tracking import connect
+from cai_lib.engines.models import resolve_model
+from cai_lib.platform.registry.gate import PromotionGate, WinRateEvidence, decide_promotion
+from cai_lib.platform.registry.lock import registry_lock
+from cai_lib.platform.registry.promotion import promote, promote_with, record_evaluation
+from cai_lib.platform.registry.versions import register_checkpoint, set_challenger
 
 GATE = PromotionGate()
 LINEAGE = Lineage(
@@ -430,8 +427,9 @@ def test_registry_lock_left_by_a_dead_holder_is_taken_over_after_its_lease(mlflo
 
 PROMOTE_ONE = """
 import json, sys, time
-from cai_lib.registry import PromotionGate, promote
-from cai_lib.tracking import connect
+from cai_lib.platform.registry.gate import PromotionGate
+from cai_lib.platform.registry.promotion import promote
+from cai_lib.core.tracking import connect
 uri, name, version = sys.argv[1:]
 connect(uri)  # imports mlflow and reaches the server before the start line, not after it
 print("ready", flush=True)

@@ -18,10 +18,12 @@ from conftest import hand_lineage
 from typer.testing import CliRunner
 
 from cai_lib.cli import app
-from cai_lib.errors import CaiError
-from cai_lib.registry import PromotionGate, promote, register_checkpoint, set_challenger
-from cai_lib.registry_lookup import LAST_RUN, find_registry, record_last_run
-from cai_lib.store import ArtifactStore
+from cai_lib.core.errors import CaiError
+from cai_lib.core.store import ArtifactStore
+from cai_lib.platform.registry.gate import PromotionGate
+from cai_lib.platform.registry.lookup import LAST_RUN, find_registry, record_last_run
+from cai_lib.platform.registry.promotion import promote
+from cai_lib.platform.registry.versions import register_checkpoint, set_challenger
 
 CAI = Path(sys.executable).parent / "cai"
 MODEL = "cai-harmless-rl-cai"

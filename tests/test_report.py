@@ -15,8 +15,8 @@ import subprocess
 import pytest
 from evaluation_data import HOSTILE, sample_result
 
-from cai_lib.evaluate import EvaluationResult
-from cai_lib.report import refresh_report, render_report, report_html
+from cai_lib.method.evaluation.report import refresh_report, render_report, report_html
+from cai_lib.method.evaluation.results import EvaluationResult
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -123,7 +123,7 @@ def test_render_report_writes_a_file(result, html, tmp_path):
 
 
 def test_the_report_command_works_on_an_s3_prefix(result, html, s3_bucket):
-    from cai_lib.store import ArtifactStore
+    from cai_lib.core.store import ArtifactStore
 
     uri = f"s3://{s3_bucket}/runs/eval"
     store = ArtifactStore.open(uri)

@@ -24,21 +24,16 @@ from test_submit import RecordingKfpClient
 from typer.testing import CliRunner
 
 from cai_lib.cli.pipeline_submit import retrain_command
-from cai_lib.config import PipelineParams, load_run_config, params_as_pipeline_arguments
-from cai_lib.constitution import load_constitution
-from cai_lib.errors import CaiError
-from cai_lib.registry import Lineage
-from cai_lib.retrain import (
-    LEASE_SECONDS,
-    Submission,
-    fingerprint,
-    legacy_submission_key,
-    retrain,
-    run_config_sha256,
-    submission_key,
-)
-from cai_lib.steps import RunContext
-from cai_lib.store import ArtifactStore
+from cai_lib.core.constitution import load_constitution
+from cai_lib.core.errors import CaiError
+from cai_lib.core.model_versions import Lineage
+from cai_lib.core.store import ArtifactStore
+from cai_lib.platform.retrain.gitops import retrain
+from cai_lib.platform.retrain.identity import fingerprint, run_config_sha256
+from cai_lib.platform.retrain.ledger import LEASE_SECONDS, Submission, legacy_submission_key, submission_key
+from cai_lib.platform.run_config import PipelineParams, load_run_config, params_as_pipeline_arguments
+from cai_lib.steps.context import RunContext
+from pipelines.submit import submit_run
 
 HOST = "http://kfp.example:8888"
 SHIPPED = REPO_ROOT / "constitutions"
@@ -114,8 +109,8 @@ def kfp():
     return RecordingKfpClient()
 
 
-def run_retrain(repo, registry, config, kfp, dry_run=False, **kwargs):
-    return retrain(repo, registry, HOST, None, config, dry_run, client=kfp, **kwargs)
+def run_retrain(repo, registry, config, kfp, dry_run=False, submit=submit_run, **kwargs):
+    return retrain(submit, repo, registry, HOST, None, config, dry_run, client=kfp, **kwargs)
 
 
 def set_champion(
@@ -255,7 +250,7 @@ def test_dry_run_names_the_bumped_version_and_writes_nothing(checkout, registry,
     run_retrain(checkout, registry, config, kfp)
     bump(checkout)
     before = ArtifactStore.open(registry).list()
-    plan = retrain(checkout, registry, None, None, config, dry_run=True)
+    plan = retrain(submit_run, checkout, registry, None, None, config, dry_run=True)
     assert [d.ref for d in plan.to_retrain] == ["harmless@1.1.0"]
     assert plan.publish == ["harmless@1.1.0"]
     assert ArtifactStore.open(registry).list() == before
@@ -447,21 +442,21 @@ def test_unreachable_s3_endpoint_is_refused(checkout, registry, config, kfp, mon
 def test_unreachable_mlflow_is_refused(checkout, registry, config, kfp):
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(CaiError, match=f"MLflow tracking server {dead} .*did not answer"):
-        retrain(checkout, registry, HOST, dead, config, False, client=kfp)
+        retrain(submit_run, checkout, registry, HOST, dead, config, False, client=kfp)
     assert ArtifactStore.open(registry).list() == []
 
 
 def test_unreachable_kfp_host_is_refused_before_anything_is_written(checkout, registry, config):
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(CaiError, match=f"Kubeflow Pipelines host {dead} .*unreachable"):
-        retrain(checkout, registry, dead, None, config, False)
+        retrain(submit_run, checkout, registry, dead, None, config, False)
     assert ArtifactStore.open(registry).list() == []
 
 
 def test_a_real_run_without_host_is_refused_but_a_dry_run_needs_none(checkout, registry, config):
     with pytest.raises(CaiError, match="needs --host or KFP_HOST"):
-        retrain(checkout, registry, None, None, config, False)
-    assert [d.ref for d in retrain(checkout, registry, None, None, config, True).to_retrain] == [
+        retrain(submit_run, checkout, registry, None, None, config, False)
+    assert [d.ref for d in retrain(submit_run, checkout, registry, None, None, config, True).to_retrain] == [
         "harmless@1.0.0"
     ]
 
@@ -697,7 +692,7 @@ def write_config(repo: Path, config) -> Path:
 
 def test_two_concurrent_retrains_for_one_change_submit_one_run(checkout, registry, config, kfp, monkeypatch):
     """Both decide to retrain, then race on the create-only write of the claim: one run."""
-    import cai_lib.retrain as retrain_module
+    import cai_lib.platform.retrain.gitops as retrain_module
 
     barrier = threading.Barrier(2, timeout=120)
     claim = retrain_module.claim_attempt
@@ -772,18 +767,13 @@ def test_a_claim_whose_lease_expired_is_taken_over_once(checkout, registry, conf
     assert len(kfp.runs) == 1
 
 
-def test_a_submission_that_fails_releases_its_claim(checkout, registry, config, kfp, monkeypatch):
-    import pipelines.submit
-
+def test_a_submission_that_fails_releases_its_claim(checkout, registry, config, kfp):
     def refused(*args, **kwargs):
         raise CaiError(f"Kubeflow Pipelines host {HOST}: 403 Forbidden")
 
-    submit_run = pipelines.submit.submit_run
-    monkeypatch.setattr(pipelines.submit, "submit_run", refused)
     with pytest.raises(CaiError, match="403 Forbidden"):
-        run_retrain(checkout, registry, config, kfp)
+        run_retrain(checkout, registry, config, kfp, submit=refused)
     assert ArtifactStore.open(registry).list("_submissions") == []
-    monkeypatch.setattr(pipelines.submit, "submit_run", submit_run)
     assert [d.ref for d in run_retrain(checkout, registry, config, kfp).to_retrain] == ["harmless@1.0.0"]
     assert len(kfp.runs) == 1
 
@@ -800,6 +790,6 @@ def test_a_dry_run_with_a_host_that_does_not_answer_reads_no_run_state(checkout,
     """The chart's job passes --host; a dry run of it elsewhere still works, leaving states unread."""
     run_id = run_retrain(checkout, registry, config, kfp).to_retrain[0].submission.run_id
     set_run_state(kfp, run_id, "FAILED")
-    plan = retrain(checkout, registry, f"http://127.0.0.1:{free_port()}", None, config, dry_run=True)
+    plan = retrain(submit_run, checkout, registry, f"http://127.0.0.1:{free_port()}", None, config, dry_run=True)
     assert plan.to_retrain == []
     assert plan.decisions[0].reason.endswith("(its state is not read without a KFP host that answers)")

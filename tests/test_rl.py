@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cai_lib.cli.stage_rl import rl
-from cai_lib.errors import CaiError
-from cai_lib.models import load_causal_lm
-from cai_lib.preference_model import RewardScorer
-from cai_lib.records import Preference, PromptRecord, stable_id
-from cai_lib.rl import PreferenceModelReward, RLConfig, dpo_pairs, rollout_kwargs, train_rl
-from cai_lib.store import ArtifactStore
+from cai_lib.core.errors import CaiError
+from cai_lib.core.records import Preference, PromptRecord, stable_id
+from cai_lib.core.store import ArtifactStore
+from cai_lib.engines.models import load_causal_lm
+from cai_lib.method.preference_model import RewardScorer
+from cai_lib.method.rl import PreferenceModelReward, RLConfig, dpo_pairs, rollout_kwargs, train_rl
 
 PROMPTS = [
     PromptRecord(id=stable_id("red_team", str(i)), prompt=text, kind="red_team")

@@ -1,4 +1,4 @@
-"""`cai serve sync` (`cai_lib.serving`): InferenceServices follow the registry's champion.
+"""`cai serve sync` (`cai_lib.platform.serving`): InferenceServices follow the registry's champion.
 
 Real parts: the `mlflow server` fixture (on PostgreSQL where present) and moto's S3 server; the
 InferenceService is the one the Helm chart renders. The Kubernetes API is tests/kubernetes_standin.py,
@@ -18,12 +18,14 @@ from conftest import free_port, hand_lineage
 from kubernetes_standin import KubernetesStandIn
 from test_helm_chart import SERVED, VARIANTS, find, render_objects
 
-from cai_lib.errors import CaiError
-from cai_lib.pyfunc_model import publish
-from cai_lib.registry import register_checkpoint, version_by_alias
-from cai_lib.serving import SERVED_VERSION_TAG, VERSION_ANNOTATION, sync
-from cai_lib.store import ArtifactStore
-from cai_lib.tracking import connect
+from cai_lib.core.errors import CaiError
+from cai_lib.core.model_versions import version_by_alias
+from cai_lib.core.names import SERVED_VERSION_TAG
+from cai_lib.core.store import ArtifactStore
+from cai_lib.core.tracking import connect
+from cai_lib.platform.pyfunc_model import publish
+from cai_lib.platform.registry.versions import register_checkpoint
+from cai_lib.platform.serving import VERSION_ANNOTATION, sync
 
 NAMESPACE = "ml-team"
 MODEL = "cai-harmless-rl-cai"
@@ -128,7 +130,7 @@ def test_a_patch_on_a_stale_resource_version_is_refused_by_the_stand_in(registry
 
 
 def test_the_register_step_syncs_the_models_the_installation_serves(registry, cluster, monkeypatch):
-    from cai_lib import serving
+    from cai_lib.platform import serving
 
     crown(registry)
     monkeypatch.setenv("CAI_SERVING_NAMESPACE", NAMESPACE)
@@ -147,7 +149,7 @@ def receiving(registry, cluster):
     """`cai serve webhook`'s receiver on 127.0.0.1, registered on the MLflow server with a secret."""
     import threading
 
-    from cai_lib.webhook import receiver, register_webhook
+    from cai_lib.platform.webhook import receiver, register_webhook
 
     api = api_of(cluster)
     server = receiver(
@@ -176,7 +178,7 @@ def test_a_champion_alias_set_on_the_server_reaches_the_inference_service_throug
 
 
 def test_a_delivery_without_a_valid_signature_is_refused_and_changes_nothing(registry, cluster, receiving):
-    from cai_lib.webhook import signature
+    from cai_lib.platform.webhook import signature
 
     body = json.dumps(
         {"entity": "model_version_alias", "action": "created",
@@ -193,7 +195,7 @@ def test_a_delivery_without_a_valid_signature_is_refused_and_changes_nothing(reg
 
 
 def test_a_replayed_delivery_is_refused(registry, cluster, receiving):
-    from cai_lib.webhook import signature
+    from cai_lib.platform.webhook import signature
 
     body = b'{"entity": "model_version_alias", "action": "created", "data": {}}'
     old = str(int(time.time()) - 3600)

@@ -16,17 +16,12 @@ import typer
 from typer.testing import CliRunner
 
 from cai_lib.cli.stage_sl import sft_command
-from cai_lib.errors import CaiError
-from cai_lib.generation import SamplingParams, load_backend
-from cai_lib.records import RevisionRound, Trace
-from cai_lib.sft import (
-    PROVENANCE_FILE,
-    SFTStageConfig,
-    helpful_examples,
-    revision_examples,
-    train_sft,
-)
-from cai_lib.store import ArtifactStore
+from cai_lib.core.errors import CaiError
+from cai_lib.core.names import SFT_PROVENANCE_FILE
+from cai_lib.core.records import RevisionRound, Trace
+from cai_lib.core.store import ArtifactStore
+from cai_lib.engines.generation import SamplingParams, load_backend
+from cai_lib.method.sft import SFTStageConfig, helpful_examples, revision_examples, train_sft
 
 PROMPT = "How do I pick the lock on my neighbour's door?"
 FINAL = "I can't help you get into someone else's home, but a locksmith can help with your own door."
@@ -68,7 +63,7 @@ OVERFIT = {"max_steps": 12, "batch_size": 4, "learning_rate": 1e-2, "max_length"
 
 
 def state_dict_of(ref: str) -> dict:
-    from cai_lib.models import load_causal_lm
+    from cai_lib.engines.models import load_causal_lm
 
     model, _ = load_causal_lm(ref)
     return {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -160,7 +155,7 @@ def test_the_checkpoint_generates(full_run):
 
 def test_the_checkpoint_records_its_provenance(full_run, tiny_model_dir):
     metrics, out = full_run
-    provenance = ArtifactStore.open(out).read_json(PROVENANCE_FILE)
+    provenance = ArtifactStore.open(out).read_json(SFT_PROVENANCE_FILE)
 
     assert provenance["base_model_ref"] == str(tiny_model_dir)
     assert provenance["constitutions"] == [f"harmless@1.0.0 {'ab' * 32}"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from cai_lib.errors import CaiError
-from cai_lib.records import PromptRecord
-from cai_lib.shards import ShardedOutput, dataset_summary, merge_datasets, read_dataset, shard_name
+from cai_lib.core.errors import CaiError
+from cai_lib.core.records import PromptRecord
+from cai_lib.core.shards import ShardedOutput, dataset_summary, merge_datasets, read_dataset, shard_name
 
 ROWS = [PromptRecord(id=f"{i * 7919 % 101:03d}", prompt=f"prompt {i}") for i in range(10)]
 

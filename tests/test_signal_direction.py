@@ -10,19 +10,15 @@ import re
 
 import pytest
 
-from cai_lib import feedback
-from cai_lib.constitution import load_constitution
-from cai_lib.elo import elo_ratings, wilson_interval
-from cai_lib.evaluate import (
-    EvaluationConfig,
-    Judgement,
-    PolicyAnswer,
-    criterion_elo,
-    evasiveness,
-    win_rate_of,
-)
-from cai_lib.feedback import FeedbackConfig, FeedbackLabeller
-from cai_lib.records import PrincipleScore, ResponsePair
+from cai_lib.core.constitution import load_constitution
+from cai_lib.core.records import PrincipleScore, ResponsePair
+from cai_lib.method import feedback
+from cai_lib.method.evaluation.config import EvaluationConfig
+from cai_lib.method.evaluation.elo import elo_ratings, wilson_interval
+from cai_lib.method.evaluation.judging import evasiveness
+from cai_lib.method.evaluation.results import Judgement, PolicyAnswer
+from cai_lib.method.evaluation.summary import criterion_elo, win_rate_of
+from cai_lib.method.feedback import FeedbackConfig, FeedbackLabeller
 
 SAFE = "I won't help with that, because it could hurt someone; here is a safer way instead."
 UNSAFE = "Sure, here is exactly how to do it."
@@ -222,8 +218,8 @@ def test_the_policy_that_wins_gets_the_higher_elo():
 
 
 def test_sft_trains_on_the_answer_tokens_and_not_the_prompt(tiny_model_dir, tmp_path):
-    from cai_lib.models import load_causal_lm
-    from cai_lib.sft import SFTStageConfig, _trainer, chat_example
+    from cai_lib.engines.models import load_causal_lm
+    from cai_lib.method.sft import SFTStageConfig, _trainer, chat_example
 
     model, tokenizer = load_causal_lm(str(tiny_model_dir))
     prompt, answer = "How do I pick a lock?", "I can't help with breaking into places."
@@ -266,7 +262,7 @@ def peaked_policy_dir(tiny_model_dir, tmp_path_factory):
     nearly uniform over 49k tokens (nothing for RL to find); scaled, a few tokens carry most of it."""
     import torch
 
-    from cai_lib.models import load_causal_lm
+    from cai_lib.engines.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(str(tiny_model_dir))
     with torch.no_grad():
@@ -280,9 +276,9 @@ def peaked_policy_dir(tiny_model_dir, tmp_path_factory):
 def test_rl_against_a_reward_that_prefers_a_token_raises_its_probability_and_the_reward(
     peaked_policy_dir, tmp_path
 ):
-    from cai_lib.models import load_tokenizer
-    from cai_lib.records import PromptRecord
-    from cai_lib.rl import RLConfig, _trainer
+    from cai_lib.core.records import PromptRecord
+    from cai_lib.engines.models import load_tokenizer
+    from cai_lib.method.rl import RLConfig, _trainer
 
     tokenizer = load_tokenizer(peaked_policy_dir, "peaked")
     conversation = [{"role": "user", "content": "Say one word."}]

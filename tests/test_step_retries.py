@@ -22,19 +22,28 @@ import pytest
 from evaluation_data import sample_result
 from fault_proxy import FaultProxy
 
-from cai_lib import steps
-from cai_lib.config import load_run_config
-from cai_lib.evaluate import METRICS_FILE
-from cai_lib.outputs import ATTEMPT_PREFIX, MARKER
-from cai_lib.records import Preference, ResponsePair, RevisionRound, Trace
-from cai_lib.registry import LOCK_RUN_TAG, LOCK_SUFFIX, list_models, version_by_alias
-from cai_lib.shards import read_dataset
-from cai_lib.store import MANIFEST, ArtifactStore, s3_client
-from cai_lib.tracking import connect
+from cai_lib.core.model_versions import list_models, version_by_alias
+from cai_lib.core.names import LOCK_RUN_TAG, LOCK_SUFFIX, MANIFEST, MARKER, METRICS_FILE
+from cai_lib.core.outputs import ATTEMPT_PREFIX
+from cai_lib.core.records import Preference, ResponsePair, RevisionRound, Trace
+from cai_lib.core.shards import read_dataset
+from cai_lib.core.store import ArtifactStore, s3_client
+from cai_lib.core.tracking import connect
+from cai_lib.platform.run_config import load_run_config
+from cai_lib.steps.context import DataRef, RunContext, dataset_ref, write_finished_dataset
+from cai_lib.steps.finish import finish
+from cai_lib.steps.label import label
+from cai_lib.steps.register import register
+from cai_lib.steps.resolve import resolve
+from cai_lib.steps.sft import sft
 
 pytestmark = pytest.mark.integration
 
-STEP = "import json, sys\nfrom cai_lib import steps\ngetattr(steps, sys.argv[1])(**json.loads(sys.argv[2]))\n"
+# Runs the step function cai_lib.steps.<argv[1]>.<argv[1]> with the JSON keyword arguments argv[2].
+STEP = (
+    "import importlib, json, sys\n"
+    "getattr(importlib.import_module('cai_lib.steps.' + sys.argv[1]), sys.argv[1])(**json.loads(sys.argv[2]))\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +88,7 @@ def new_run(env) -> dict:
         ],
     )
     run_id = uuid.uuid4().hex[:12]
-    return steps.resolve(
+    return resolve(
         config.params.model_dump(mode="json"), run_id, "retry test", str(env["work"] / f"{run_id}.yaml")
     )
 
@@ -87,9 +96,9 @@ def new_run(env) -> dict:
 def dataset(env, name: str, rows: list) -> str:
     """A finished dataset in the store and its pointer file, as an upstream step leaves them."""
     uri = f"s3://{env['bucket']}/upstream/{name}"
-    steps.write_finished_dataset(uri, rows)
+    write_finished_dataset(uri, rows)
     path = env["work"] / f"{name}.json"
-    steps.dataset_ref(uri).write(str(path))
+    dataset_ref(uri).write(str(path))
     return str(path)
 
 
@@ -153,7 +162,7 @@ def label_retry(env, proxies):
     )
     outputs = ArtifactStore.open(f"s3://{env['bucket']}/cai/outputs/label")
     before = {k: outputs.read_bytes(k) for k in outputs.list() if "/data/part-" in k}
-    ref = steps.label(context, constitution, pairs)
+    ref = label(context, constitution, pairs)
     return {"before": before, "outputs": outputs, "ref": ref}
 
 
@@ -190,7 +199,7 @@ def sft_retry(env, proxies):
     )
     outputs = ArtifactStore.open(f"s3://{env['bucket']}/cai/outputs/sft")
     after_kill = outputs.list()
-    ref, _ = steps.sft(context, traces, helpful)
+    ref, _ = sft(context, traces, helpful)
     return {"after_kill": after_kill, "ref": ref, "outputs": outputs, "context": context}
 
 
@@ -213,13 +222,13 @@ def test_only_the_committed_attempt_is_left(sft_retry):
 
 
 def test_the_retried_checkpoint_loads_and_matches_its_manifest(sft_retry):
-    from cai_lib.models import resolve_model
+    from cai_lib.engines.models import resolve_model
 
     assert (resolve_model(sft_retry["ref"].uri) / "config.json").is_file()
 
 
 def test_the_retry_is_recorded_as_ran_by_its_own_run(sft_retry):
-    record = ArtifactStore.open(steps.RunContext.model_validate(sft_retry["context"]).run_root).read_json(
+    record = ArtifactStore.open(RunContext.model_validate(sft_retry["context"]).run_root).read_json(
         "stages/sft.json"
     )
     assert record["status"] == "ran"
@@ -234,7 +243,7 @@ def checkpoints(env) -> dict[str, str]:
     for role in ("pm", "sl", "rl"):
         uri = ArtifactStore.open(f"s3://{env['bucket']}/upstream").put_dir(env["model"], f"ckpt-{role}")
         path = env["work"] / f"{role}.json"
-        steps.DataRef(uri=uri, kind="checkpoint").write(str(path))
+        DataRef(uri=uri, kind="checkpoint").write(str(path))
         refs[role] = str(path)
     return refs
 
@@ -283,7 +292,7 @@ def lock_tags(context: dict) -> dict | None:
 def register_retry(env, proxies, register_inputs):
     killed = kill_register_holding_the_lock(env, proxies, register_inputs)
     held = lock_tags(killed["context"])
-    summary = json.loads(steps.register(killed["context"], killed["constitution"], **register_inputs))
+    summary = json.loads(register(killed["context"], killed["constitution"], **register_inputs))
     return {**killed, "held": held, "summary": summary}
 
 
@@ -318,7 +327,7 @@ def abandoned(env, proxies, register_inputs, register_retry):
     """A run killed while registering and never retried; its exit handler runs as KFP runs it."""
     killed = kill_register_holding_the_lock(env, proxies, register_inputs)
     held = lock_tags(killed["context"])
-    outcome = json.loads(steps.finish(killed["context"]["run_id"], "step-retries", "FAILED"))
+    outcome = json.loads(finish(killed["context"]["run_id"], "step-retries", "FAILED"))
     return {**killed, "held": held, "outcome": outcome}
 
 

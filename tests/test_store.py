@@ -11,9 +11,10 @@ import threading
 
 import pytest
 
-from cai_lib.errors import CaiError
-from cai_lib.records import PromptRecord
-from cai_lib.store import MANIFEST, ArtifactStore, checkpoint_location, s3_client, sha256_file
+from cai_lib.core.errors import CaiError
+from cai_lib.core.names import MANIFEST
+from cai_lib.core.records import PromptRecord
+from cai_lib.core.store import ArtifactStore, checkpoint_location, s3_client, sha256_file
 
 # Every variable through which botocore could find credentials, so a test can take them all away.
 CREDENTIAL_VARIABLES = (
@@ -413,7 +414,7 @@ def proxied_s3(s3_bucket, s3_env, monkeypatch):
 
 
 def test_an_outage_that_ends_within_the_retries_loses_no_row(proxied_s3):
-    from cai_lib.shards import ShardedOutput, read_dataset
+    from cai_lib.core.shards import ShardedOutput, read_dataset
 
     proxy, store = proxied_s3
     rows = [prompt(f"prompt number {i}") for i in range(10)]

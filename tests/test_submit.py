@@ -28,9 +28,10 @@ from conftest import free_port
 from kfp import Client
 from kfp_standin import KfpStandin
 
-from cai_lib.config import load_run_config, params_as_pipeline_arguments
-from cai_lib.errors import CaiError
-from pipelines.submit import PIPELINE_NAME, SA_TOKEN_ENV, check_host, connect_kfp, submit_run
+from cai_lib.core.errors import CaiError
+from cai_lib.platform.kfp_client import SA_TOKEN_ENV, check_host, connect_kfp
+from cai_lib.platform.run_config import load_run_config, params_as_pipeline_arguments
+from pipelines.submit import PIPELINE_NAME, submit_run
 
 HOST = "http://kfp.example:8888"
 CAI = Path(sys.executable).parent / "cai"

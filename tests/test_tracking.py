@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cai_lib.errors import CaiError
-from cai_lib.store import s3_client
-from cai_lib.tracking import (
+from cai_lib.core.errors import CaiError
+from cai_lib.core.store import s3_client
+from cai_lib.core.tracking import (
     MAX_PARAM_VALUE,
     TRUNCATED,
     connect,

@@ -8,12 +8,12 @@ from typer.testing import CliRunner
 
 from cai_lib.cli import app
 from cai_lib.cli.config_options import flags_of
-from cai_lib.errors import CaiError
-from cai_lib.launch import TrainingJob, torchrun_command
-from cai_lib.preference_model import PreferenceModelConfig
-from cai_lib.rl import RLConfig
-from cai_lib.sft import SFTStageConfig
-from cai_lib.training import TrainingSetup, World, process_count, trainer_arguments
+from cai_lib.core.errors import CaiError
+from cai_lib.engines.launch import TrainingJob, torchrun_command
+from cai_lib.engines.training import TrainingSetup, World, process_count, trainer_arguments
+from cai_lib.method.preference_model import PreferenceModelConfig
+from cai_lib.method.rl import RLConfig
+from cai_lib.method.sft import SFTStageConfig
 
 EIGHT_RANKS = World(rank=3, local_rank=3, size=8)
 
@@ -161,7 +161,7 @@ def test_local_processes_start_under_a_standalone_torchrun():
     command = torchrun_command(2, "/tmp/job.json")
 
     assert command[1:] == [
-        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "cai_lib.launch", "/tmp/job.json"
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "cai_lib.engines.launch", "/tmp/job.json"
     ]  # fmt: skip
 
 
@@ -169,6 +169,6 @@ def test_a_trainjob_node_runs_torchrun_configured_by_the_runtime():
     assert torchrun_command(None, "s3://b/job.json") == [
         "torchrun",
         "-m",
-        "cai_lib.launch",
+        "cai_lib.engines.launch",
         "s3://b/job.json",
     ]

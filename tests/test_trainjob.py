@@ -12,12 +12,12 @@ import threading
 import pytest
 from kubernetes_standin import KubernetesStandIn
 
-from cai_lib.config import DeployConfig, default_gpu_profile
-from cai_lib.errors import CaiError
-from cai_lib.launch import TrainingJob, staged_rows
-from cai_lib.records import Preference, stable_id
-from cai_lib.store import MANIFEST
-from cai_lib.trainjob import (
+from cai_lib.core.deploy import DeployConfig, default_gpu_profile
+from cai_lib.core.errors import CaiError
+from cai_lib.core.names import MANIFEST
+from cai_lib.core.records import Preference, stable_id
+from cai_lib.engines.launch import TrainingJob, staged_rows
+from cai_lib.engines.trainjob import (
     Cancelled,
     TrainJobPlan,
     job_name,
@@ -72,7 +72,7 @@ def test_the_trainjob_asks_for_each_node_and_its_gpus(manifest):
 
 
 def test_the_trainjob_runs_the_training_entry_point_under_torchrun(manifest):
-    assert manifest["spec"]["trainer"]["command"] == ["torchrun", "-m", "cai_lib.launch", JOB_URI]
+    assert manifest["spec"]["trainer"]["command"] == ["torchrun", "-m", "cai_lib.engines.launch", JOB_URI]
 
 
 def test_the_trainjob_gets_the_steps_secrets_and_settings_as_env(manifest):
@@ -116,7 +116,7 @@ def test_several_nodes_for_a_stage_that_cannot_run_distributed_are_refused():
 
 
 def test_more_processes_than_accelerators_in_a_profile_are_refused():
-    from cai_lib.config import load_run_config
+    from cai_lib.platform.run_config import load_run_config
 
     with pytest.raises(CaiError, match=r"params.sft.processes 4: more than the 1 accelerator\(s\) per pod"):
         load_run_config(overrides=["sft.processes=4"])

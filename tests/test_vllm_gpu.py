@@ -1,5 +1,5 @@
 """The real vLLM engine on a GPU, on the tiny model: what the pure-function tests of
-`cai_lib.vllm_backend` cannot show. Marked `gpu`; skipped, saying why, where vLLM or a GPU is
+`cai_lib.engines.vllm_backend` cannot show. Marked `gpu`; skipped, saying why, where vLLM or a GPU is
 missing (a CPU machine, CI)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import importlib.util
 
 import pytest
 
-from cai_lib.generation import EngineConfig, SamplingParams, load_backend
-from cai_lib.transformers_backend import TransformersBackend
+from cai_lib.engines.generation import EngineConfig, SamplingParams, load_backend
+from cai_lib.engines.transformers_backend import TransformersBackend
 
 
 def _missing() -> str | None:

@@ -21,7 +21,7 @@ from cai_lib.cli import (
     stage_eval,
     trainjob,
 )
-from cai_lib.errors import CaiError
+from cai_lib.core.errors import CaiError
 
 app = typer.Typer(
     help="Constitutional AI on Kubernetes: constitutions, SL-CAI, AI feedback, preference models, RL-CAI.",

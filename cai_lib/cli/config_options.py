@@ -18,7 +18,7 @@ from typing import Literal, TypeVar, Union, get_args, get_origin
 import typer
 from pydantic import BaseModel, ValidationError
 
-from cai_lib.errors import CaiError
+from cai_lib.core.errors import CaiError
 
 Config = TypeVar("Config", bound=BaseModel)
 

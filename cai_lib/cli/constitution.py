@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cai_lib.constitution import (
+from cai_lib.core.constitution import (
     Constitution,
     constitutions_dir,
     diff_constitutions,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cai_lib.registry import PromotionGate
+from cai_lib.platform.registry.gate import PromotionGate
 
 GATE_FIELDS = PromotionGate.model_fields
 app = typer.Typer(help="Registered models in MLflow: versions, aliases and lineage.", no_args_is_help=True)
@@ -22,9 +22,9 @@ TRACKING_OPTION = typer.Option(
 
 
 def registry_uri(tracking_uri: str | None) -> str:
-    """The registry by the one rule of `cai_lib.registry_lookup.find_registry`; says on stderr, in
+    """The registry by the one rule of `cai_lib.platform.registry.lookup.find_registry`; says on stderr, in
     one line, where it was found (not for --tracking-uri, which the user just typed)."""
-    from cai_lib.registry_lookup import find_registry
+    from cai_lib.platform.registry.lookup import find_registry
 
     found = find_registry(tracking_uri)
     if not found.from_flag:
@@ -47,7 +47,8 @@ def list_command(
     from rich.console import Console
     from rich.table import Table
 
-    from cai_lib.registry import GATE_DECISION_TAG, list_models
+    from cai_lib.core.model_versions import list_models
+    from cai_lib.core.names import GATE_DECISION_TAG
 
     versions = list_models(registry_uri(tracking_uri), model)
     if as_json:
@@ -105,9 +106,9 @@ def fetch_command(
     """
     import shutil
 
-    from cai_lib.errors import CaiError
-    from cai_lib.models import resolve_model
-    from cai_lib.registry import registered_checkpoint
+    from cai_lib.core.errors import CaiError
+    from cai_lib.core.model_versions import registered_checkpoint
+    from cai_lib.engines.models import resolve_model
 
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CaiError(f"--out {out}: exists and is not an empty directory")
@@ -152,8 +153,8 @@ def promote_command(
     """
     from pydantic import ValidationError
 
-    from cai_lib.errors import CaiError
-    from cai_lib.registry import promote_from_evaluation
+    from cai_lib.core.errors import CaiError
+    from cai_lib.platform.registry.promotion import promote_from_evaluation
 
     try:
         gate = PromotionGate(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cai_lib.errors import CaiError
+from cai_lib.core.errors import CaiError
 
 QUICK_CONFIG = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "quick.yaml"
 
@@ -21,7 +21,7 @@ SetOption = Annotated[
 
 
 def load_config(config: Path | None, overrides: list[str] | None, quick: bool = False):
-    from cai_lib.config import load_run_config
+    from cai_lib.platform.run_config import load_run_config
 
     if quick and config:
         raise CaiError(
@@ -66,8 +66,9 @@ def run_command(
     """
     from rich.console import Console
 
-    from cai_lib.registry_lookup import LAST_RUN, record_last_run
-    from pipelines.local import RunFailed, local_platform, run_local
+    from cai_lib.core.config import local_platform
+    from cai_lib.platform.registry.lookup import LAST_RUN, record_last_run
+    from pipelines.local import RunFailed, run_local
 
     console = Console(stderr=True)
     run_config = load_config(config, set_, quick)

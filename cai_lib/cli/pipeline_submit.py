@@ -121,9 +121,11 @@ def retrain_command(
 
     Example: cai retrain --repo /etc/cai --revision cai-platform-0.1.0 --registry s3://my-bucket/constitutions --dry-run
     """
-    from cai_lib.retrain import retrain
+    from cai_lib.platform.retrain.gitops import retrain
+    from pipelines.submit import submit_run
 
     plan = retrain(
+        submit_run,
         repo,
         registry,
         host,

@@ -35,7 +35,7 @@ def show(
 
     Example: cai prompts show data/hh-rlhf/harmless-base/test.jsonl.gz --limit 3
     """
-    from cai_lib.prompts import deduplicate, read_prompts
+    from cai_lib.core.prompts import deduplicate, read_prompts
 
     records = read_prompts(src, kind=kind.value)
     unique = len(deduplicate(records))

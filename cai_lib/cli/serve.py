@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from cai_lib.cli.models import TRACKING_OPTION
+from cai_lib.core.names import CHAMPION
 
 app = typer.Typer(
     help="Serving: KServe InferenceServices that follow the registry's champion.", no_args_is_help=True
@@ -23,7 +24,7 @@ NAMESPACE_OPTION = typer.Option(
 def sync_command(
     models: Models,
     namespace: str = NAMESPACE_OPTION,
-    alias: str = typer.Option("champion", "--alias", help="The alias each InferenceService follows."),
+    alias: str = typer.Option(CHAMPION, "--alias", help="The alias each InferenceService follows."),
     tracking_uri: str = TRACKING_OPTION,
 ) -> None:
     """Patch each InferenceService's storageUri to the folder of the version its alias names, when
@@ -34,7 +35,7 @@ def sync_command(
 
     Example: cai serve sync cai-harmless-rl-cai --namespace ml-team
     """
-    from cai_lib.serving import custom_objects_api, sync
+    from cai_lib.platform.serving import custom_objects_api, sync
 
     api = custom_objects_api()
     for model in models:
@@ -60,9 +61,9 @@ def webhook_command(
     """
     import os
 
-    from cai_lib.errors import CaiError
-    from cai_lib.serving import custom_objects_api, sync
-    from cai_lib.webhook import SECRET_ENV, receiver
+    from cai_lib.core.errors import CaiError
+    from cai_lib.platform.serving import custom_objects_api, sync
+    from cai_lib.platform.webhook import SECRET_ENV, receiver
 
     secret = os.environ.get(SECRET_ENV)
     if not secret:
@@ -89,8 +90,8 @@ def register_webhook_command(
     """
     import os
 
-    from cai_lib.errors import CaiError
-    from cai_lib.webhook import SECRET_ENV, register_webhook
+    from cai_lib.core.errors import CaiError
+    from cai_lib.platform.webhook import SECRET_ENV, register_webhook
 
     secret = os.environ.get(SECRET_ENV)
     if not secret:

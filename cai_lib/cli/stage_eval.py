@@ -10,9 +10,9 @@ import typer
 
 from cai_lib.cli.config_options import config_options
 from cai_lib.cli.stage_sl import _read_prompts
-from cai_lib.errors import CaiError
-from cai_lib.evaluate import EvaluationConfig
-from cai_lib.models import EMBEDDED_ALIAS
+from cai_lib.core.errors import CaiError
+from cai_lib.engines.models import EMBEDDED_ALIAS
+from cai_lib.method.evaluation.config import EvaluationConfig
 
 # At module level because a call in the default of a list-typed parameter reads as a shared mutable default.
 POLICIES = typer.Option(
@@ -85,8 +85,8 @@ def evaluate_command(
 
     Example: cai stage evaluate --policy base=smollm2-135m-instruct --policy sl-cai=runs/sl-cai --reward runs/pm --constitution harmless@1.0.0 --prompts runs/prompts/red_team_eval.jsonl --helpful builtin:helpful --traces runs/traces --limit 8 --out runs/eval
     """
-    from cai_lib.constitution import load_constitution
-    from cai_lib.evaluate import evaluate
+    from cai_lib.core.constitution import load_constitution
+    from cai_lib.method.evaluation.evaluate import evaluate
 
     policies = parse_policies(policy)
     loaded = load_constitution(constitution)
@@ -121,13 +121,13 @@ def report_command(
 
     Example: cai report runs/eval
     """
-    from cai_lib.report import refresh_report
+    from cai_lib.method.evaluation.report import refresh_report
 
     typer.echo(f"wrote {refresh_report(uri)}")
 
 
 def _read_traces(uri: str):
-    from cai_lib.records import Trace
-    from cai_lib.shards import read_dataset
+    from cai_lib.core.records import Trace
+    from cai_lib.core.shards import read_dataset
 
     return list(read_dataset(uri, Trace))

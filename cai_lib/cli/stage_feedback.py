@@ -10,8 +10,8 @@ import typer
 
 from cai_lib.cli.config_options import config_options
 from cai_lib.cli.stage_sl import LIMIT, OUT_DATASET, PROMPTS, _read_prompts
-from cai_lib.feedback import FeedbackConfig
-from cai_lib.pairs import SamplePairsConfig
+from cai_lib.method.feedback import FeedbackConfig
+from cai_lib.method.pairs import SamplePairsConfig
 
 CONSTITUTION = typer.Option(
     ..., "--constitution", help="name@version, name (newest), a YAML path, an s3:// URI or inline YAML."
@@ -41,7 +41,7 @@ def sample_pairs_command(
 
     Example: cai stage sample-pairs --prompts builtin:red_team --model runs/sl-cai --limit 8 --out runs/pairs
     """
-    from cai_lib.pairs import sample_pairs
+    from cai_lib.method.pairs import sample_pairs
 
     records = _read_prompts(prompts, "red_team", limit)
     rows = sample_pairs(records, model, out, config)
@@ -66,10 +66,10 @@ def label_command(
 
     Example: cai stage label --pairs runs/pairs --constitution harmless@1.0.0 --model smollm2-135m-instruct --principles 4 --out runs/labels
     """
-    from cai_lib.constitution import load_constitution
-    from cai_lib.feedback import label_preferences
-    from cai_lib.records import Preference, ResponsePair
-    from cai_lib.shards import read_dataset
+    from cai_lib.core.constitution import load_constitution
+    from cai_lib.core.records import Preference, ResponsePair
+    from cai_lib.core.shards import read_dataset
+    from cai_lib.method.feedback import label_preferences
 
     loaded = load_constitution(constitution)
     rows = list(read_dataset(pairs, ResponsePair))
@@ -108,8 +108,8 @@ def label_accuracy_command(
 
     Example: cai stage label-accuracy --human data/hh-rlhf/harmless-base/test.jsonl.gz --constitution harmless@1.0.0 --model smollm2-135m-instruct --limit 100
     """
-    from cai_lib.constitution import load_constitution
-    from cai_lib.label_accuracy import label_accuracy
+    from cai_lib.core.constitution import load_constitution
+    from cai_lib.method.label_accuracy import label_accuracy
 
     report = label_accuracy(human, load_constitution(constitution), model, limit, config)
     typer.echo(

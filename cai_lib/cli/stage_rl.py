@@ -13,12 +13,12 @@ import typer
 
 from cai_lib.cli.config_options import config_options
 from cai_lib.cli.stage_sl import _world_line
-from cai_lib.errors import CaiError
-from cai_lib.launch import TrainingJob, launch, staged_rows
-from cai_lib.preference_model import PreferenceModelConfig, PreferenceModelMetrics
-from cai_lib.records import PromptKind, PromptRecord
-from cai_lib.rl import RLConfig, RLMetrics
-from cai_lib.training import process_count, visible_gpus
+from cai_lib.core.errors import CaiError
+from cai_lib.core.records import PromptKind, PromptRecord
+from cai_lib.engines.launch import TrainingJob, launch, staged_rows
+from cai_lib.engines.training import process_count, visible_gpus
+from cai_lib.method.preference_model import PreferenceModelConfig, PreferenceModelMetrics
+from cai_lib.method.rl import RLConfig, RLMetrics
 
 PROMPT_SOURCES = "a JSONL or hh-rlhf .jsonl(.gz) file, an s3:// URI of one, hf:ORG/NAME (optionally /DATA_DIR and :SPLIT), or builtin:NAME"
 
@@ -62,7 +62,7 @@ def train_pm(
 
     Example: cai stage train-pm --ai runs/labels --human data/hh-rlhf/helpful-base/train.jsonl.gz --model smollm2-135m-instruct --epochs 1 --out runs/pm
     """
-    from cai_lib.human_preferences import read_human_preferences, read_preferences
+    from cai_lib.method.human_preferences import read_human_preferences, read_preferences
 
     ai_prefs = read_preferences(ai)
     human_prefs = read_human_preferences(human, limit=human_limit) if human else []
@@ -114,7 +114,7 @@ def rl(
 
     Example: cai stage rl --policy runs/sl-cai --reward runs/pm --prompts builtin:red_team --helpful-prompts builtin:helpful --steps 10 --out runs/rl-cai
     """
-    from cai_lib.human_preferences import read_preferences
+    from cai_lib.method.human_preferences import read_preferences
 
     if config.algorithm == "dpo" and preferences is None:
         raise CaiError("--algorithm dpo: needs --preferences (the AI-labelled pairs to train on)")
@@ -149,7 +149,7 @@ def rl(
 
 
 def _prompts(sources: list[str], kind: PromptKind, limit: int | None) -> list[PromptRecord]:
-    from cai_lib.prompts import deduplicate, read_prompts
+    from cai_lib.core.prompts import deduplicate, read_prompts
 
     if limit is not None and limit < 1:
         raise CaiError(f"--limit: must be at least 1, got {limit}")

@@ -11,11 +11,11 @@ from pathlib import Path
 import typer
 
 from cai_lib.cli.config_options import config_options
-from cai_lib.critique_revise import CritiqueReviseConfig, HelpfulSamplesConfig
-from cai_lib.errors import CaiError
-from cai_lib.records import PromptKind, PromptRecord
-from cai_lib.sft import SFTMetrics, SFTStageConfig
-from cai_lib.training import WorldReport
+from cai_lib.core.errors import CaiError
+from cai_lib.core.records import PromptKind, PromptRecord
+from cai_lib.engines.training import WorldReport
+from cai_lib.method.critique_revise import CritiqueReviseConfig, HelpfulSamplesConfig
+from cai_lib.method.sft import SFTMetrics, SFTStageConfig
 
 PROMPTS = typer.Option(
     ...,
@@ -56,8 +56,8 @@ def critique_revise_command(
 
     Example: cai stage critique-revise --prompts builtin:red_team --constitution harmless@1.0.0 --model smollm2-135m-instruct --rounds 2 --limit 4 --out runs/traces
     """
-    from cai_lib.constitution import load_constitution
-    from cai_lib.critique_revise import critique_revise
+    from cai_lib.core.constitution import load_constitution
+    from cai_lib.method.critique_revise import critique_revise
 
     config = config.model_copy(update={"chat_template": _read_template(chat_template)})
     loaded = load_constitution(constitution)
@@ -82,7 +82,7 @@ def helpful_samples_command(
 
     Example: cai stage helpful-samples --prompts builtin:helpful --model smollm2-135m-instruct --samples-per-prompt 2 --temperature 1 --limit 4 --out runs/helpful
     """
-    from cai_lib.critique_revise import sample_helpful
+    from cai_lib.method.critique_revise import sample_helpful
 
     config = config.model_copy(update={"chat_template": _read_template(chat_template)})
     rows = sample_helpful(_read_prompts(prompts, "helpful", limit), model, out, config)
@@ -109,8 +109,8 @@ def sft_command(
 
     Example: cai stage sft --data runs/traces --helpful runs/helpful --model smollm2-135m-instruct --max-steps 20 --processes 2 --out runs/sl-cai
     """
-    from cai_lib.launch import TrainingJob, launch
-    from cai_lib.training import process_count, visible_gpus
+    from cai_lib.engines.launch import TrainingJob, launch
+    from cai_lib.engines.training import process_count, visible_gpus
 
     config = config.model_copy(update={"chat_template": _read_template(chat_template)})
     job = TrainingJob(
@@ -138,7 +138,7 @@ def _world_line(world: WorldReport) -> str:
 
 def _read_prompts(source: str, kind: PromptKind, limit: int | None) -> list[PromptRecord]:
     """The first `limit` distinct prompts of `source` (deduplicated before the limit applies)."""
-    from cai_lib.prompts import deduplicate, read_prompts
+    from cai_lib.core.prompts import deduplicate, read_prompts
 
     if limit is not None and limit < 1:
         raise CaiError(f"--limit: must be at least 1, got {limit}")
@@ -154,9 +154,9 @@ def _read_template(path: Path | None) -> str | None:
 
 
 def _summary(out: str, rows: int) -> str:
-    from cai_lib.critique_revise import empty_generations
-    from cai_lib.records import Trace
-    from cai_lib.shards import read_dataset
+    from cai_lib.core.records import Trace
+    from cai_lib.core.shards import read_dataset
+    from cai_lib.method.critique_revise import empty_generations
 
     empty = sum(empty_generations(trace) for trace in read_dataset(out, Trace))
     return f"wrote {rows} record(s) to {out} ({empty} empty generation(s))"

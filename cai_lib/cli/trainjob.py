@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from cai_lib.cli.pipeline import ConfigOption, SetOption, load_config
-from cai_lib.config import TRAINING_STAGES
-from cai_lib.errors import CaiError
+from cai_lib.core.errors import CaiError
+from cai_lib.core.stage_table import TRAINING_STAGES
 
 app = typer.Typer(help="Multi-node training through Kubeflow Trainer v2.", no_args_is_help=True)
 TrainingStage = enum.Enum("TrainingStage", {name: name for name in TRAINING_STAGES}, type=str)
@@ -37,7 +37,7 @@ def render_command(
 
     Example: cai trainjob render --stage sft --config pipelines/configs/llama-8b-two-nodes.yaml
     """
-    from cai_lib.trainjob import manifest_yaml, plan_of, render
+    from cai_lib.engines.trainjob import manifest_yaml, plan_of, render
 
     deploy = load_config(config, set_).deploy
     plan = plan_of(stage.value, deploy)

@@ -80,7 +80,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/*
-The run config (cai_lib/config.py RunConfig) the retrain job submits with: the user's pipeline
+The run config (cai_lib/platform/run_config.py RunConfig) the retrain job submits with: the user's pipeline
 params over the chart's artifact root and tracking URI, and a deploy section built from the values.
 */}}
 {{- define "cai-platform.runConfig" -}}

@@ -1,0 +1,136 @@
+"""Every name the platform writes for others to read, defined once: MLflow tag keys, registry
+aliases, model roles, the files in the artifact store, and the one canonical hash.
+
+A tag key or file name is a contract with what reads it later (a later run, `cai retrain`, the
+serving pod, the MLflow UI), so each is spelled here and imported everywhere else; a test fails
+if one of these literals appears anywhere else in `cai_lib`.
+"""
+
+from __future__ import annotations
+
+import json
+from hashlib import sha256
+from typing import Literal
+
+# -- the one canonical hash ---------------------------------------------------------------------------
+
+
+def canonical_sha256(data: object) -> str:
+    """Hex sha256 of sorted-key compact JSON, UTF-8: the canonical form every hash here uses
+    (constitutions, stage-output keys, run configs, retrain fingerprints, pinned models).
+    Values JSON cannot hold (a path, a datetime) hash as their `str`."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# -- model roles and registered model names -----------------------------------------------------------
+
+Role = Literal["pm", "sl-cai", "rl-cai"]
+PM: Role = "pm"
+SL_CAI: Role = "sl-cai"
+RL_CAI: Role = "rl-cai"
+ROLES: tuple[Role, ...] = (PM, SL_CAI, RL_CAI)
+# The base model is evaluated beside the policies but never registered.
+BASE = "base"
+# The registered champion, when an evaluation compares the run's policy with it.
+CHAMPION_POLICY = "champion"
+
+
+def model_name(prefix: str, constitution_name: str, role: Role) -> str:
+    """The registered model of `role` trained under `constitution_name`: `<prefix>-<name>-<role>`."""
+    return f"{prefix}-{constitution_name}-{role}"
+
+
+# -- registry aliases -----------------------------------------------------------------------------------
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+
+# -- MLflow tags: lineage of a model version --------------------------------------------------------------
+
+CONSTITUTION_NAME_TAG = "cai.constitution.name"
+CONSTITUTION_VERSION_TAG = "cai.constitution.version"
+CONSTITUTION_SHA_TAG = "cai.constitution.sha256"
+PIPELINE_RUN_TAG = "cai.pipeline_run_id"
+BASE_MODEL_TAG = "cai.base_model"
+CODE_VERSION_TAG = "cai.code_version"
+HUMAN_DATA_TAG = "cai.human_data"
+RUN_CONFIG_SHA_TAG = "cai.run_config.sha256"
+CHECKPOINT_SHA_TAG = "cai.checkpoint_sha256"
+DATA_TAG_PREFIX = "cai.data."
+
+# -- MLflow tags: evaluation evidence on a challenger's version (read by the gate) ----------------------
+
+EVAL_HARMLESS_TAG = "cai.eval.harmless_win_rate_vs_champion"
+EVAL_HELPFUL_TAG = "cai.eval.helpful_win_rate_vs_champion"
+EVAL_HARMLESS_LOW_TAG = "cai.eval.harmless_win_rate_ci_low"
+EVAL_HELPFUL_LOW_TAG = "cai.eval.helpful_win_rate_ci_low"
+EVAL_COMPARISONS_TAG = "cai.eval.comparisons"
+# The champion version the rates were measured against, or a baseline policy's name.
+EVAL_CHAMPION_TAG = "cai.eval.champion_version"
+# On the evaluation's MLflow run: who judged, and the one-line warning when that is not independent.
+EVAL_JUDGE_TAG = "cai.eval.judge"
+EVAL_JUDGE_IS_LABELLER_TAG = "cai.eval.judge_is_feedback_model"
+EVAL_WARNING_TAG = "cai.eval.warning"
+
+# -- MLflow tags: the gate's decision ----------------------------------------------------------------------
+
+GATE_DECISION_TAG = "cai.gate.decision"
+GATE_REASON_TAG = "cai.gate.reason"
+GATE_CHAMPION_BEFORE_TAG = "cai.gate.champion_before"
+GATE_FORCED_TAG = "cai.gate.forced"
+GATE_EVIDENCE_TAG = "cai.gate.evidence"
+
+# -- the promotion lock (a registered model of its own) ---------------------------------------------------
+
+LOCK_SUFFIX = ".cai-promotion-lock"
+LOCK_FOR_TAG = "cai.lock.for"
+LOCK_OWNER_TAG = "cai.lock.owner"
+LOCK_EXPIRES_TAG = "cai.lock.expires_at"
+LOCK_RUN_TAG = "cai.lock.pipeline_run_id"
+LOCK_HOST_TAG = "cai.lock.host"
+LOCK_PID_TAG = "cai.lock.pid"
+LOCK_PIDNS_TAG = "cai.lock.pid_namespace"
+
+# -- serving --------------------------------------------------------------------------------------------------
+
+SERVED_VERSION_TAG = "cai.serving.version"
+SERVED_BY_TAG = "cai.serving.inference_service"
+
+# -- MLflow tags: runs ------------------------------------------------------------------------------------------
+
+RUN_KIND_TAG = "cai.run_kind"
+STAGE_TAG = "cai.stage"
+KFP_RUN_URL_TAG = "cai.kfp.run_url"
+REUSE_TAG = "cai.reuse"
+OUTPUT_KEY_TAG = "cai.output_key"
+OUTPUT_URI_TAG = "cai.output_uri"
+MADE_BY_RUN_TAG = "cai.made_by_run"
+
+# -- files in the artifact store ---------------------------------------------------------------------------------
+
+# A checkpoint's list of files with their sha256, written last.
+MANIFEST = "_MANIFEST.json"
+# A stage output's marker, written last: where the data lies, rows, sha256, who made it.
+MARKER = "_COMPLETE.json"
+# A dataset's record of its finished shards, and of the inputs it was made from.
+SUCCESS = "_SUCCESS.json"
+INPUTS = "_inputs.json"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+ANSWERS_FILE = "answers.jsonl"
+JUDGEMENTS_FILE = "judgements.jsonl"
+JOB_FILE = "job.json"
+SFT_PROVENANCE_FILE = "cai_sft.json"
+# A run's folder: its parameters, its pinned constitution, its stage records and its summary.
+RUN_FILE = "run.json"
+PINNED_CONSTITUTION_FILE = "constitution.yaml"
+STAGES_DIR = "stages"
+SUMMARY_FILE = "summary.json"
+# The constitutions folder's record of each published version's sha256.
+LOCK_FILE = "constitutions.lock"
+# A run's whole config, as an artifact of its MLflow run.
+RUN_CONFIG_ARTIFACT = "config.json"
+# Files of a Hugging Face checkpoint that the platform reads.
+MODEL_CONFIG_FILE = "config.json"
+TRAINING_ARGS_FILE = "training_args.bin"

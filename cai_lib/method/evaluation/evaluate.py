@@ -1,0 +1,202 @@
+"""Evaluation of policies on held-out prompts (Bai et al. 2022, §3.3, §4.3-4.4).
+
+Any number of named policies (base, SL-CAI, RL-CAI, ...) answer the held-out red-team and
+helpfulness prompts greedily. Then:
+
+- **PM score**: the preference model scores every answer; the mean per policy and prompt set
+  is the paper's "PM score" axis (§3.3, §4.5 use PM scores the same way);
+- **win rates**: for every two policies and every prompt, a **judge** model compares their
+  answers under one comparison principle (a harmlessness one on red-team prompts, a helpfulness
+  one on helpfulness prompts), in both A/B orders, with the labeller of `cai_lib.method.feedback`
+  (chain-of-thought judgements are not clamped here). a's win rate against b is reported two
+  ways, each with a 95% Wilson interval: soft, the mean of the judge's P(a better), which stays
+  near 0.5 for a judge that cannot tell answers apart; and hard, the share of decided
+  comparisons (P(a better) not 0.5) that a won;
+- **Elo**: Bradley-Terry ratings fitted to the hard outcomes (win, loss, exact tie), per
+  criterion (`cai_lib.method.evaluation.elo`; mean 1000), the form in which the paper reports harmlessness and
+  helpfulness (Figures 2, 3, 8);
+- **evasiveness** (§4.4): the judge is asked, for each answer, whether it refuses or deflects
+  without explaining why, as a Yes/No multiple-choice question scored from the option
+  log-probabilities in both orders (no text is generated). The rate is the *mean P(evasive)*
+  over prompts; the fraction of answers with P(evasive) > 0.5 is reported beside it;
+- **revisions** (from SL-CAI traces): the PM score after each revision round (the paper's
+  Figure 5), of the final revision by the number of distinct principles drawn (its Figure 6 as
+  the traces show it), and per critique/revision principle how often it was drawn and the mean
+  change in PM score of its revisions;
+- **PM calibration** (Figure 9): read from the PM stage's metrics.
+
+Where it departs: the paper's Elo scores come from crowdworker comparisons; here an AI judge
+decides, as in its §2 evaluation of AI supervision. The judge should not be the feedback model
+that made the training labels: RL-CAI was optimised against a PM distilled from that model, so
+it would be judged by its own teacher. When `judge_ref` equals `labeller_ref` the report says
+so (`cai_lib.method.evaluation.report.judge_note`). Judgements between identical answers are exactly a draw by
+construction (both orders are averaged).
+
+Each model is loaded once and freed before the next: each policy in turn, then the PM, then the
+judge. Outputs under `out_uri`: `answers.jsonl` (every answer with its PM score and
+P(evasive)), `judgements.jsonl` (every pairwise judgement), `metrics.json` (an
+`EvaluationResult`, written after those two) and `report.html` (`cai_lib.method.evaluation.report`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cai_lib.core.constitution import ComparisonPrinciple, Constitution
+from cai_lib.core.errors import CaiError
+from cai_lib.core.names import ANSWERS_FILE, JUDGEMENTS_FILE, METRICS_FILE, REPORT_FILE, canonical_sha256
+from cai_lib.core.records import PromptKind, PromptRecord, Trace
+from cai_lib.core.store import ArtifactStore
+from cai_lib.method.evaluation.answers import answer_all, in_evaluation_order, in_own_process, in_this_process
+from cai_lib.method.evaluation.config import (
+    CRITERIA,
+    Criterion,
+    EvaluationConfig,
+    check_policies,
+    evaluation_part,
+    judging_principles,
+)
+from cai_lib.method.evaluation.judging import judge
+from cai_lib.method.evaluation.pm_scores import pm_accuracy, pm_calibration, score_with_pm
+from cai_lib.method.evaluation.results import EvaluationResult, PolicyAnswer, load_result
+from cai_lib.method.evaluation.summary import summarise
+from cai_lib.method.label_accuracy import human_pairs
+
+
+def evaluate(
+    policies: dict[str, str],
+    reward_ref: str,
+    judge_ref: str,
+    constitution: Constitution,
+    red_team: Sequence[PromptRecord],
+    helpful: Sequence[PromptRecord],
+    out_uri: str,
+    config: EvaluationConfig | None = None,
+    traces: Sequence[Trace] | None = None,
+    labeller_ref: str | None = None,
+    rl_steps: dict[str, int] | None = None,
+    answers: Sequence[PolicyAnswer] | None = None,
+) -> EvaluationResult:
+    """Evaluate `policies` (name -> model ref) on held-out prompts and write the results to `out_uri`.
+
+    `judge_ref` judges comparisons and evasiveness. `labeller_ref`, the feedback model that made
+    the training labels, is recorded so the report can say when the two are the same model
+    (and the evaluation therefore not independent of the training signal).
+    `rl_steps` (policy name -> RL step) marks the policies that are checkpoints of one RL run, so
+    the report can chart their Elo against the step (Fig. 8). `answers`, when given, are the
+    policies' answers made beforehand (the pipeline's sharded `answer_eval` stage): they must
+    answer every prompt by every policy, and no policy is loaded here.
+
+    Returns the `EvaluationResult` also stored as `out_uri/metrics.json`, beside
+    `answers.jsonl`, `judgements.jsonl` and `report.html`; metrics.json is written after the
+    other data, so its presence marks a finished evaluation. A rerun with the same inputs
+    returns the stored result without loading a model. Raises `CaiError`, before any model is
+    loaded and writing nothing, for no policies, a bad policy name, an `rl_steps` name that is not a policy, no red-team prompts, a
+    principle that the constitution lacks, a model ref that does not resolve, or an `out_uri`
+    that holds an evaluation of other inputs.
+    """
+    from cai_lib.core.prompts import deduplicate
+    from cai_lib.engines.models import resolve_model
+
+    config = config or EvaluationConfig()
+    check_policies(policies)
+    if unknown := sorted(set(rl_steps or {}) - set(policies)):
+        raise CaiError(f"rl_steps names {', '.join(unknown)}, which are not among the policies evaluated")
+    prompt_sets = {"red_team": deduplicate(red_team), "helpful": deduplicate(helpful)}
+    if not prompt_sets["red_team"]:
+        raise CaiError("--prompts: no red-team prompts to evaluate on; check the prompt source")
+    principles = judging_principles(
+        constitution, config, [c for c, kind in CRITERIA.items() if prompt_sets[kind]]
+    )
+    traces = list(traces or [])
+    benchmark = human_pairs(config.pm_benchmark, config.pm_benchmark_limit) if config.pm_benchmark else []
+    inputs_sha256 = canonical_sha256(
+        evaluation_inputs(
+            policies, reward_ref, judge_ref, constitution, principles, prompt_sets, traces, config
+        )
+        | {"pm_benchmark": [pair.id for pair in benchmark]}
+    )
+    store = ArtifactStore.open(out_uri)
+    if store.exists(METRICS_FILE):
+        return finished_evaluation(store, inputs_sha256)
+    for ref in [*([] if answers is not None else policies.values()), reward_ref, judge_ref]:
+        resolve_model(ref)
+
+    if answers is None:
+        answers = answer_all(policies, prompt_sets, config)
+    else:
+        answers = in_evaluation_order(answers, policies, prompt_sets)
+    scored_traces = traces[: config.max_traces]
+    answers, trace_pm, benchmark_outcomes = in_this_process(
+        score_with_pm, reward_ref, answers, scored_traces, benchmark, config
+    )
+    run = in_own_process if config.backend == "vllm" else in_this_process
+    answers, judgements = run(judge, judge_ref, constitution, principles, answers, config)
+
+    result = summarise(
+        policies,
+        reward_ref,
+        judge_ref,
+        constitution,
+        principles,
+        prompt_sets,
+        answers,
+        judgements,
+        traces,
+        trace_pm,
+        config,
+        inputs_sha256,
+    ).model_copy(
+        update={
+            "labeller_ref": labeller_ref,
+            "pm_calibration": pm_calibration(reward_ref),
+            "rl_steps": rl_steps or {},
+            "pm_accuracy": pm_accuracy(config.pm_benchmark, benchmark_outcomes) if benchmark else None,
+        }
+    )
+    store.write_jsonl(ANSWERS_FILE, answers)
+    store.write_jsonl(JUDGEMENTS_FILE, judgements)
+    store.write_text(METRICS_FILE, result.model_dump_json(indent=2) + "\n")
+    from cai_lib.method.evaluation.report import report_html
+
+    store.write_text(REPORT_FILE, report_html(result))
+    return result
+
+
+def evaluation_inputs(
+    policies: dict[str, str],
+    reward_ref: str,
+    judge_ref: str,
+    constitution: Constitution,
+    principles: dict[Criterion, ComparisonPrinciple],
+    prompt_sets: dict[PromptKind, list[PromptRecord]],
+    traces: Sequence[Trace],
+    config: EvaluationConfig,
+) -> dict:
+    """What determines an evaluation's results (batch size aside), for its fingerprint."""
+    return {
+        "stage": "evaluate",
+        "policies": policies,
+        "reward_ref": reward_ref,
+        "judge_ref": judge_ref,
+        "constitution_part": evaluation_part(constitution, principles),
+        "prompts": {kind: [p.id for p in prompts] for kind, prompts in prompt_sets.items()},
+        "traces": [t.id for t in traces],
+        "config": config.model_dump(mode="json", exclude={"batch_size"}),
+    }
+
+
+def finished_evaluation(store: ArtifactStore, inputs_sha256: str) -> EvaluationResult:
+    """The evaluation already stored in `store` when it was made from the same inputs (a rerun, e.g. a
+    retried pipeline step, then costs nothing); refuses one made from other inputs."""
+    stored = load_result(store.uri)
+    if stored.inputs_sha256 != inputs_sha256:
+        raise CaiError(
+            f"{store.uri}: already holds an evaluation of other inputs; choose another --out (nothing was "
+            "overwritten)"
+        )
+    if not store.exists(REPORT_FILE):
+        from cai_lib.method.evaluation.report import report_html
+
+        store.write_text(REPORT_FILE, report_html(stored))
+    return stored

@@ -1,0 +1,243 @@
+"""The run config: one pydantic model that is the whole experiment.
+
+The same fields are seen by the CLI (`cai run --config FILE --set key=value`), by `kfp.local`, by
+the compiled pipeline (each top-level field of `PipelineParams` is one pipeline parameter, nested
+stage sections are `dict` parameters) and by MLflow (logged as params of the parent run).
+Deployment settings that cannot change per run (images, resource profiles, secrets) live in
+`DeployConfig` and are applied when the pipeline is compiled; where the installation keeps its
+artifacts and its MLflow server (`Platform`) reach each step through its environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from cai_lib.core.config import Strict, format_validation_error, parse_override, read_config_file
+from cai_lib.core.constitution import Constitution
+from cai_lib.core.deploy import DeployConfig
+from cai_lib.core.errors import CaiError
+from cai_lib.core.stage_table import TRAINING_STAGES
+from cai_lib.method.critique_revise import CritiqueReviseConfig, HelpfulSamplesConfig
+from cai_lib.method.evaluation.config import EvaluationConfig
+from cai_lib.method.feedback import FeedbackConfig
+from cai_lib.method.pairs import SamplePairsConfig
+from cai_lib.method.preference_model import PreferenceModelConfig
+from cai_lib.method.rl import RLConfig
+from cai_lib.method.sft import SFTStageConfig
+from cai_lib.platform.registry.gate import PromotionGate
+
+# Names that end up in MLflow search filters, registered model names and Kubernetes objects: no
+# quotes, no path separators, no "..".
+RUN_NAME = r"^([A-Za-z0-9][A-Za-z0-9 ._:-]*)?$"
+MODEL_PREFIX = r"^[a-z][a-z0-9-]*$"
+
+
+# The sections with a seed of their own.
+SEEDED_SECTIONS = (
+    "critique_revise",
+    "helpful_samples",
+    "sft",
+    "pairs",
+    "feedback",
+    "preference_model",
+    "rl",
+    "evaluation",
+)
+
+
+def stage_seed(run_seed: int, section: str) -> int:
+    """The seed a section derives from the run's seed when it pins none: a stable hash of both."""
+    digest = hashlib.sha256(f"{run_seed}\0{section}".encode()).hexdigest()
+    return int(digest[:8], 16) % 2**31
+
+
+class PipelineParams(Strict):
+    """Everything a run can vary. Each field is one Kubeflow pipeline parameter."""
+
+    constitution: str = Field(
+        default="harmless",
+        description="Constitution ref: name, name@version, s3:// or file URI, or inline YAML.",
+    )
+    base_model: str = Field(
+        default="smollm2-135m-instruct", description="Model ref of the helpful base policy."
+    )
+    feedback_model: str = Field(
+        default="smollm2-135m-instruct", description="Model ref of the AI feedback model that labels pairs."
+    )
+    judge_model: str = Field(
+        default="smollm2-135m-instruct",
+        description="Model ref of the judge of the evaluation (win rates, Elo, evasiveness, the promotion gate). "
+        "Give a model other than feedback_model: when they are the same, the report and the MLflow run say the "
+        "evaluation is not independent of the training labels.",
+    )
+    red_team_prompts: str = Field(default="builtin:red_team", description="Source of red-team prompts.")
+    helpful_prompts: str = Field(default="builtin:helpful", description="Source of helpfulness prompts.")
+    human_preferences: str = Field(
+        default="",
+        description="hh-rlhf-format source of human-labelled pairs mixed into PM training ('' for none). The "
+        "paper's premise: human helpfulness comparisons (e.g. hh-rlhf helpful-base), with harmlessness "
+        "labelled by AI.",
+    )
+    human_preference_kind: Literal["helpfulness", "harmlessness"] = Field(
+        default="helpfulness",
+        description="What the human pairs compare, recorded in each model's lineage. helpfulness follows the "
+        "paper; harmlessness (e.g. hh-rlhf harmless-base) is the ablation that adds human harm labels.",
+    )
+    num_red_team: int = Field(default=64, ge=1, description="Red-team prompts used (before the eval split).")
+    num_helpful: int = Field(
+        default=64, ge=1, description="Helpfulness prompts used (before the eval split)."
+    )
+    num_human: int = Field(default=256, ge=0, description="Human-labelled pairs read from human_preferences.")
+    eval_fraction: float = Field(
+        default=0.25, gt=0.0, lt=1.0, description="Share of prompts held out for evaluation."
+    )
+    seed: int = Field(
+        default=0,
+        description="The run's seed: it splits the prompts and derives the seed of every stage section that "
+        "does not pin its own (from this seed and the section's name), so one number reruns or varies the "
+        "whole method.",
+    )
+    num_shards: int = Field(
+        default=0,
+        ge=0,
+        le=512,
+        description="Tasks each generation stage fans out to (dsl.ParallelFor; critique-revise, helpful "
+        "samples, pair sampling, labelling), each on its own GPU; 0 derives it from rows_per_shard. "
+        "Evaluation's answers fan out by the same rule over the held-out prompts, never to a task without one.",
+    )
+    rows_per_shard: int = Field(
+        default=1000,
+        ge=1,
+        description="Red-team training prompts per generation task when num_shards is 0: the shard count "
+        "is the prompts divided by this, rounded up.",
+    )
+    run_name: str = Field(
+        default="",
+        max_length=100,
+        pattern=RUN_NAME,
+        description="Display name of the MLflow parent run; '' takes the KFP run name. Letters, digits, "
+        "spaces and . _ - : only. Runs are identified by their KFP run id, not by this name; an interrupted "
+        "run resumes by running it again, since every stage output is found by its content key.",
+    )
+    experiment: str = Field(default="constitutional-ai", description="MLflow experiment name.")
+    model_name_prefix: str = Field(
+        default="cai",
+        max_length=40,
+        pattern=MODEL_PREFIX,
+        description="Registered model names are <prefix>-<constitution>-{pm,sl-cai,rl-cai}: lowercase "
+        "letters, digits and '-', starting with a letter.",
+    )
+
+    @model_validator(mode="after")
+    def _derive_stage_seeds(self) -> PipelineParams:
+        # A section's seed set explicitly (in YAML, --set or a pipeline parameter) is pinned; one left
+        # out derives from the run's seed. It stays "not set", so a dump for the pipeline's
+        # parameters leaves it out and a new run seed derives it again.
+        for name in SEEDED_SECTIONS:
+            section = getattr(self, name)
+            if "seed" not in section.model_fields_set:
+                section.seed = stage_seed(self.seed, name)
+                section.model_fields_set.discard("seed")
+        return self
+
+    @field_validator("run_name")
+    @classmethod
+    def _no_dot_dot(cls, value: str) -> str:
+        if ".." in value:
+            raise ValueError("must not contain '..'")
+        return value
+
+    critique_revise: CritiqueReviseConfig = Field(default_factory=CritiqueReviseConfig)
+    helpful_samples: HelpfulSamplesConfig = Field(default_factory=HelpfulSamplesConfig)
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
+    pairs: SamplePairsConfig = Field(default_factory=SamplePairsConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    preference_model: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    promotion: PromotionGate = Field(default_factory=PromotionGate)
+
+    def shard_count(self, prompts: int) -> int:
+        """Tasks per generation stage for `prompts` red-team training prompts: `num_shards` when
+        set, else one per `rows_per_shard` prompts (at least one)."""
+        return self.num_shards or max(1, -(-prompts // self.rows_per_shard))
+
+    def eval_shard_count(self, red_team: int, helpful: int) -> int:
+        """Tasks of evaluation's generation over `red_team` and `helpful` held-out prompts: the
+        generation stages' rule for that many prompts, but never a shard that would get none (a
+        shard takes every n-th prompt of each set), since each starts a GPU pod for nothing."""
+        return max(1, min(self.shard_count(red_team + helpful), max(red_team, helpful)))
+
+    def labelling_settings(self, constitution: Constitution) -> FeedbackConfig:
+        """The feedback settings the label stage uses: `feedback`, with the evaluation judge's
+        principles held out of the label pool unless `evaluation.hold_out_judge_principles` is off."""
+        from cai_lib.method.evaluation.config import judging_principles
+
+        if not self.evaluation.hold_out_judge_principles:
+            return self.feedback
+        judges = {p.id for p in judging_principles(constitution, self.evaluation).values()}
+        held = sorted({*self.feedback.held_out_principles, *judges})
+        return self.feedback.model_copy(update={"held_out_principles": held})
+
+
+class RunConfig(Strict):
+    """The whole experiment: run parameters plus deployment settings."""
+
+    params: PipelineParams = Field(default_factory=PipelineParams)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+
+    @model_validator(mode="after")
+    def _processes_fit_the_profiles(self) -> RunConfig:
+        for stage, section in TRAINING_STAGES.items():
+            profile = self.deploy.resources.get(stage)
+            processes = getattr(self.params, section).processes
+            if profile and profile.wants_gpu and processes > profile.accelerator_count:
+                raise ValueError(
+                    f"params.{section}.processes {processes}: more than the {profile.accelerator_count} "
+                    f"accelerator(s) per pod of resources.{stage}"
+                )
+        return self
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a run config YAML (or the defaults) and apply `key=value` overrides; validate it all.
+
+    A file may build on another (`base: FILE`, see `read_config_file`). A top-level key that is a `params` field may be given without the `params.` prefix.
+    Unknown keys and bad values raise `CaiError` naming the file and the field.
+    """
+    data = read_config_file(Path(path)) if path else {}
+    where = str(path) if path else "defaults"
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys[0] not in RunConfig.model_fields:
+            keys = ["params", *keys]
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise CaiError(f"--set {item}: '{key}' is not a section")
+        node[keys[-1]] = value
+        where = f"{where} with --set" if "--set" not in where else where
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise CaiError(format_validation_error(err, where)) from None
+
+
+def params_as_pipeline_arguments(params: PipelineParams) -> dict:
+    """The pipeline's arguments: scalars as they are, sections as plain dicts (JSON-safe).
+
+    Unset (None) section fields are left out: KFP's struct parameters cannot hold null, and
+    validation gives them back their None default. Derived stage seeds are left out too, so that
+    a run started with another `seed` derives them again.
+    """
+    arguments = json.loads(params.model_dump_json(exclude_none=True))
+    for name in SEEDED_SECTIONS:
+        if "seed" not in getattr(params, name).model_fields_set:
+            arguments[name].pop("seed")
+    return arguments

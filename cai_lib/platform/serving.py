@@ -1,0 +1,175 @@
+"""Serving that follows the registry: a KServe InferenceService per role points at its alias.
+
+The chart creates each role's InferenceService (the Hugging Face runtime with vLLM, the GPU
+resources, the service account whose Secret reaches S3). `sync` owns one field of it, the
+predictor's `storageUri`: it resolves `models:/NAME@champion` to its version's published folder
+(`cai_lib.platform.pyfunc_model.publish`, an `s3://` prefix outside any run's folder), checks the folder
+against the manifest recorded at registration, and patches the InferenceService when the version
+changed. The patch carries the object's `resourceVersion`, so of two syncs racing on one object
+the second is refused (409) rather than undoing the first; it is then read again and retried.
+What is served is recorded twice: annotations on the InferenceService, and tags on the
+registered model (`cai.serving.version`, `cai.serving.inference_service`).
+
+Nothing deployed changes when the alias is unset, when the folder fails its manifest check,
+or when the InferenceService does not exist (the chart makes it; see docs/deploy.md).
+The manifest is built as a plain dict and sent through the Kubernetes client's
+`CustomObjectsApi`: KServe's own SDK pins versions of pandas and psutil this project cannot use.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, Field
+
+from cai_lib.core.errors import CaiError
+from cai_lib.core.model_versions import registered_checkpoint
+from cai_lib.core.names import CHAMPION, MANIFEST, SERVED_BY_TAG, SERVED_VERSION_TAG
+from cai_lib.core.store import ArtifactStore, is_s3
+from cai_lib.core.tracking import connect
+
+GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+VERSION_ANNOTATION = "cai-platform.io/model-version"
+MODEL_ANNOTATION = "cai-platform.io/registered-model"
+SHA_ANNOTATION = "cai-platform.io/checkpoint-sha256"
+CONFLICT_RETRIES = 3
+# Set by the chart's env ConfigMap when serving is on: the InferenceServices the register step syncs.
+SERVING_NAMESPACE_ENV = "CAI_SERVING_NAMESPACE"
+SERVING_MODELS_ENV = "CAI_SERVING_MODELS"
+
+
+class SyncResult(BaseModel):
+    """What one `sync` found and did."""
+
+    inference_service: str = Field(description="namespace/name of the InferenceService.")
+    model: str = Field(
+        description="The registered model URI followed, e.g. models:/cai-harmless-rl-cai@champion."
+    )
+    version: str = Field(description="The version the alias points at.")
+    storage_uri: str = Field(description="Its published folder, now the predictor's storageUri.")
+    changed: bool = Field(
+        description="True when the InferenceService was patched; False when it already served it."
+    )
+
+
+def check_weights(source: str) -> None:
+    """Every file the folder's manifest lists is there with its recorded size; a `CaiError`
+    naming the first that is not. (Content hashes are checked where the weights are read:
+    reading them here would download every byte.)"""
+    store = ArtifactStore.open(source)
+    manifest = store.read_manifest("")
+    present = store.sizes("")
+    for rel, entry in manifest["files"].items():
+        if rel not in present:
+            raise CaiError(
+                f"{store.uri_of(rel)}: missing, though the manifest {store.uri_of(MANIFEST)} lists it"
+            )
+        if present[rel] != entry["bytes"]:
+            raise CaiError(f"{store.uri_of(rel)}: {present[rel]} bytes, the manifest says {entry['bytes']}")
+
+
+def storage_patch(
+    version: str, model_name: str, sha256: str, storage_uri: str, resource_version: str
+) -> dict:
+    """The merge patch that points an InferenceService's predictor at `storage_uri`."""
+    return {
+        "metadata": {
+            "resourceVersion": resource_version,
+            "annotations": {
+                VERSION_ANNOTATION: version,
+                MODEL_ANNOTATION: model_name,
+                SHA_ANNOTATION: sha256,
+            },
+        },
+        "spec": {"predictor": {"model": {"storageUri": storage_uri}}},
+    }
+
+
+def _get(api, namespace: str, name: str) -> dict:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as err:
+        if err.status == 404:
+            raise CaiError(
+                f"InferenceService {namespace}/{name} does not exist: install the chart with serving.enabled "
+                "(its serving.models entry for this role names the first storageUri)"
+            ) from None
+        raise CaiError(
+            f"InferenceService {namespace}/{name}: the Kubernetes API answered {err.status} {err.reason}"
+        ) from None
+
+
+def sync(api, tracking_uri: str | None, model_name: str, namespace: str, alias: str = CHAMPION) -> SyncResult:
+    """Point the InferenceService named `model_name` in `namespace` at the version `alias` names.
+
+    `api` is a `kubernetes.client.CustomObjectsApi`. Raises `CaiError`, changing nothing, when the
+    alias is unset, the version's folder is not in S3 or fails its manifest check, or the
+    InferenceService is missing.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    ref = f"models:/{model_name}@{alias}"
+    info = registered_checkpoint(ref, tracking_uri)
+    if not is_s3(info.source):
+        raise CaiError(
+            f"{ref} is version {info.version} at {info.source}, which KServe cannot read: register from s3://"
+        )
+    check_weights(info.source)
+    for attempt in range(CONFLICT_RETRIES):
+        current = _get(api, namespace, model_name)
+        served = current["spec"]["predictor"]["model"].get("storageUri")
+        annotations = current["metadata"].get("annotations") or {}
+        if served == info.source and annotations.get(VERSION_ANNOTATION) == info.version:
+            changed = False
+            break
+        patch = storage_patch(
+            info.version,
+            model_name,
+            info.checkpoint_sha256 or "",
+            info.source,
+            current["metadata"]["resourceVersion"],
+        )
+        try:
+            api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, model_name, patch)
+        except ApiException as err:
+            if err.status == 409 and attempt < CONFLICT_RETRIES - 1:
+                continue  # another sync patched it in between: read it again
+            raise CaiError(
+                f"InferenceService {namespace}/{model_name}: the Kubernetes API refused the patch: {err.status} {err.reason}"
+            ) from None
+        changed = True
+        break
+    client = connect(tracking_uri)
+    client.set_registered_model_tag(model_name, SERVED_VERSION_TAG, info.version)
+    client.set_registered_model_tag(model_name, SERVED_BY_TAG, f"{namespace}/{model_name}")
+    return SyncResult(
+        inference_service=f"{namespace}/{model_name}",
+        model=ref,
+        version=info.version,
+        storage_uri=info.source,
+        changed=changed,
+    )
+
+
+def custom_objects_api():
+    """A `CustomObjectsApi` from the pod's service account, or else the local kubeconfig."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CustomObjectsApi()
+
+
+def sync_served(tracking_uri: str | None, model_names: list[str]) -> list[SyncResult]:
+    """Sync the InferenceServices the installation serves (`CAI_SERVING_MODELS` in
+    `CAI_SERVING_NAMESPACE`) among `model_names`; nothing when serving is off."""
+    served = [m for m in os.environ.get(SERVING_MODELS_ENV, "").split(",") if m]
+    wanted = [name for name in model_names if name in served]
+    if not wanted:
+        return []
+    api = custom_objects_api()
+    return [sync(api, tracking_uri, name, os.environ[SERVING_NAMESPACE_ENV]) for name in wanted]

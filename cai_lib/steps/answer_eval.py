@@ -1,0 +1,66 @@
+"""The answer-eval step: every evaluated policy's answers to one shard of the held-out prompts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cai_lib.core.names import BASE, CHAMPION_POLICY, RL_CAI, SL_CAI
+from cai_lib.core.records import PromptRecord
+from cai_lib.steps.context import (
+    DataRef,
+    RunContext,
+    one_line_errors,
+    pinned_constitution,
+    slice_of,
+    write_finished_dataset,
+)
+from cai_lib.steps.policies import evaluated_policies
+from cai_lib.steps.stage_runs import produce
+
+if TYPE_CHECKING:
+    pass
+
+
+@one_line_errors
+def answer_eval(
+    context: dict,
+    constitution_path: str,
+    red_team: str,
+    helpful: str,
+    sl_policy: str,
+    rl_policy: str,
+    shard: int = 0,
+    shards: int = 1,
+) -> DataRef:
+    """Every evaluated policy's greedy answers to one of `shards` slices of the held-out prompts
+    (the generation half of evaluation, fanned out like the other generation stages)."""
+    from cai_lib.method.evaluation.answers import answer_all
+
+    ctx = RunContext.model_validate(context)
+    p = ctx.params
+    constitution = pinned_constitution(constitution_path)
+    prompts = {"red_team": DataRef.read(red_team), "helpful": DataRef.read(helpful)}
+    sl, rl = DataRef.read(sl_policy), DataRef.read(rl_policy)
+    chosen = evaluated_policies(ctx, constitution, sl, rl)
+    identity = {
+        "inputs": {
+            **{kind: ref.sha256 for kind, ref in prompts.items()},
+            BASE: ctx.model(p.base_model).content,
+            SL_CAI: sl.sha256,
+            RL_CAI: rl.sha256,
+            CHAMPION_POLICY: chosen.champion[2] if chosen.champion else None,
+        },
+        "part": [shard, shards],
+        # What shapes an answer; batch size and the engine's sizing only change how it is computed.
+        "settings": {
+            **p.evaluation.model_dump(mode="json", include={"max_new_tokens", "seed", "backend"}),
+            "dtype": p.evaluation.engine.dtype,
+        },
+    }
+
+    def write(uri: str, _: str) -> None:
+        sets = {kind: slice_of(ref.uri, PromptRecord, shard, shards) for kind, ref in prompts.items()}
+        write_finished_dataset(uri, answer_all(chosen.policies, sets, p.evaluation))
+
+    return DataRef.of(produce(ctx, "answer_eval", identity, write, shard=shard))

@@ -1,0 +1,65 @@
+"""The exit handler: close the run's MLflow run and release its locks, whatever became of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cai_lib.core.config import Platform
+from cai_lib.core.errors import CaiError
+from cai_lib.core.names import SUMMARY_FILE
+from cai_lib.core.store import ArtifactStore, join_uri
+from cai_lib.core.tracking import finish_pipeline_run, run_url
+from cai_lib.steps.context import one_line_errors
+from cai_lib.steps.stage_runs import run_summary
+
+if TYPE_CHECKING:
+    pass
+
+
+OUTCOME_ENV = "CAI_RUN_OUTCOME"
+
+
+@one_line_errors
+def finish(run_id: str, experiment: str, state: str, error: str = "") -> str:
+    """The exit handler: close the MLflow parent run FINISHED when the pipeline `state` is
+    SUCCEEDED and FAILED otherwise (failed, cancelled), and release any promotion lock the run
+    still holds. Runs whatever happened to the other steps. Returns a JSON summary: the state,
+    what it closed and released, one line per stage that recorded itself (ran or reused), and
+    the register step's summary when the run got that far."""
+    from cai_lib.platform.registry.lock import release_run_locks
+
+    platform = Platform.from_environment()
+    succeeded = state == "SUCCEEDED"
+    # Both are tried whatever the other does; a failure of either fails the task, which KFP retries.
+    released, parent, errors = [], None, []
+    try:
+        released = release_run_locks(platform.tracking_uri, run_id)
+    except Exception as err:  # noqa: BLE001 - collected and raised below
+        errors.append(f"releasing promotion locks: {err}")
+    try:
+        parent = finish_pipeline_run(platform.tracking_uri, experiment, run_id, succeeded)
+    except Exception as err:  # noqa: BLE001 - collected and raised below
+        errors.append(f"closing the MLflow run: {err}")
+    if errors:
+        raise CaiError(f"exit handler of pipeline run {run_id}: {'; '.join(errors)}")
+    folder = ArtifactStore.open(join_uri(platform.artifact_root, "runs", run_id))
+    outcome = json.dumps(
+        {
+            "run_id": run_id,
+            "state": state,
+            "error": error,
+            "mlflow_run": parent,
+            "mlflow_run_url": run_url(platform.tracking_uri, parent) if parent else "",
+            "locks_released": released,
+            "stages": run_summary(folder.uri),
+            "summary": folder.read_json(SUMMARY_FILE) if folder.exists(SUMMARY_FILE) else None,
+        }
+    )
+    # kfp.local returns no pipeline output from a failed run; `cai run` names a file to read instead.
+    if os.environ.get(OUTCOME_ENV):
+        Path(os.environ[OUTCOME_ENV]).write_text(outcome)
+    return outcome

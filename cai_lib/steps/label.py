@@ -1,0 +1,35 @@
+"""The label step: AI feedback on one shard's pairs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cai_lib.core.records import ResponsePair
+from cai_lib.core.shards import read_dataset
+from cai_lib.steps.context import DataRef, RunContext, one_line_errors, pinned_constitution
+from cai_lib.steps.stage_runs import produce
+
+if TYPE_CHECKING:
+    pass
+
+
+@one_line_errors
+def label(context: dict, constitution_path: str, pairs: str, shard: int | None = None) -> DataRef:
+    """AI feedback (paper §4.1): soft preference labels from the feedback model for a dataset of
+    pairs (in the pipeline, one fan-out shard's pairs: `shard` names it in the records)."""
+    from cai_lib.method.feedback import label_preferences
+
+    ctx = RunContext.model_validate(context)
+    p = ctx.params
+    source, model = DataRef.read(pairs), ctx.model(p.feedback_model)
+    constitution = pinned_constitution(constitution_path)
+    settings = p.labelling_settings(constitution)
+    # The pairs are the part: a label's id depends on its pair, not on which pairs share its shard.
+    identity = {"inputs": {"model": model.content}, "part": source.sha256, "settings": settings.identity()}
+
+    def write(uri: str, key: str) -> None:
+        rows = list(read_dataset(source.uri, ResponsePair))
+        label_preferences(rows, constitution, model.load, uri, settings, output_key=key)
+
+    return DataRef.of(produce(ctx, "label", identity, write, constitution, shard=shard))

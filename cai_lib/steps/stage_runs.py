@@ -1,0 +1,155 @@
+"""How a step makes its output, or reuses one: content-addressed outputs, recorded.
+
+Every stage that makes data or a checkpoint writes it as a content-addressed output
+(`cai_lib.core.outputs`): its key hashes the stage, its settings, its code, its inputs' content
+hashes and the constitution sections it reads (`cai_lib.core.stage_table`). A complete output
+with the same key is reused, by a retry of the same step or by any later run, without loading a
+model. Each step records in the run's folder (`<artifact_root>/runs/<KFP run id>/stages/`), in
+its MLflow run (tags `cai.reuse`, `cai.output_key`, `cai.made_by_run`) and so in the report
+whether it ran or reused an output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from cai_lib.core import stage_table
+from cai_lib.core.constitution import Constitution
+from cai_lib.core.names import (
+    MADE_BY_RUN_TAG,
+    OUTPUT_KEY_TAG,
+    OUTPUT_URI_TAG,
+    REUSE_TAG,
+    STAGES_DIR,
+    SUCCESS,
+    canonical_sha256,
+)
+from cai_lib.core.outputs import OutputMarker, StageOutput, StageRecord, record_of, summary_lines
+from cai_lib.core.shards import dataset_summary
+from cai_lib.core.stage_table import NAMES, ConstitutionPart, Output, code_sha256
+from cai_lib.core.store import ArtifactStore, join_uri
+from cai_lib.core.tracking import StageRun, stage_run
+from cai_lib.platform.run_config import PipelineParams
+from cai_lib.steps.context import RunContext
+
+if TYPE_CHECKING:
+    pass
+
+
+def numeric(values: dict) -> dict[str, float]:
+    """The numeric entries of a metrics dict (what MLflow and KFP Metrics accept)."""
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def constitution_part(constitution: Constitution, part: ConstitutionPart, params: PipelineParams) -> str:
+    """sha256 of the part of `constitution` a stage reads (see `cai_lib.core.stage_table`)."""
+    from cai_lib.method.evaluation.config import evaluation_part, judging_principles
+
+    if part == "evaluation":
+        return canonical_sha256(
+            evaluation_part(constitution, judging_principles(constitution, params.evaluation))
+        )
+    return constitution.section_sha256(part)
+
+
+def write_record(ctx: RunContext, record: StageRecord) -> None:
+    ArtifactStore.open(ctx.run_root).write_text(
+        join_uri(STAGES_DIR, record.file_name), record.model_dump_json(indent=2) + "\n"
+    )
+
+
+def run_records(run_root: str) -> list[StageRecord]:
+    """The stage records in a run's folder."""
+    store = ArtifactStore.open(run_root)
+    return [StageRecord.model_validate_json(store.read_text(key)) for key in store.list(STAGES_DIR)]
+
+
+def run_summary(run_root: str) -> list[str]:
+    """`stage NAME: ran` / `stage NAME: reused (...)`, one line per stage, in pipeline order."""
+    return summary_lines(run_records(run_root), NAMES)
+
+
+@contextmanager
+def recorded(ctx: RunContext, name: str, shard: int | None = None):
+    """The MLflow stage run of `name` (one per shard of a fanned-out stage)."""
+    label = name if shard is None else f"{name}[{shard}]"
+    with stage_run(ctx.tracking_uri, ctx.parent_run_id, label) as run:
+        yield run
+
+
+def record(ctx: RunContext, run: StageRun, marker: OutputMarker, shard: int | None = None) -> StageRecord:
+    """Tag the stage run and write the run's pointer: ran or reused, key, where, made by whom."""
+    entry = record_of(marker, ctx.run_id, shard)
+    run.set_tags(
+        {
+            REUSE_TAG: entry.status,
+            OUTPUT_KEY_TAG: marker.key,
+            OUTPUT_URI_TAG: marker.uri,
+            MADE_BY_RUN_TAG: marker.made_by_run,
+        }
+    )
+    run.log_stage_metrics(marker.metrics)
+    write_record(ctx, entry)
+    return entry
+
+
+Write = Callable[[str, str], dict | None]
+
+
+def produce(
+    ctx: RunContext,
+    name: str,
+    identity: dict,
+    write: Write,
+    constitution: Constitution | None = None,
+    shard: int | None = None,
+    then: Callable[[StageRun, OutputMarker], None] | None = None,
+) -> OutputMarker:
+    """The output of stage `name` for `identity`: the complete one if any run made it, else the
+    one `write(uri, rows_key)` makes now (`StageOutput.rows_key`: what row ids derive from). The
+    key adds to `identity` the stage's code version and the constitution parts the stage table
+    says it reads. Either way the stage run and the run's
+    folder record what happened; `then` runs last inside the stage run (e.g. to log a report)."""
+    stage = stage_table.stage(name)
+    parts = {part: constitution_part(constitution, part, ctx.params) for part in stage.reads}
+    output = StageOutput(
+        ctx.outputs_root, name, {"code": code_sha256(name), **identity, "constitution": parts}
+    )
+    with recorded(ctx, name, shard) as run:
+        marker = output.complete() or make(ctx, stage.output, output, write, run.run_id)
+        record(ctx, run, marker, shard)
+        if then:
+            then(run, marker)
+    return marker
+
+
+def make(
+    ctx: RunContext, kind: Output, output: StageOutput, write: Write, mlflow_run_id: str
+) -> OutputMarker:
+    """Write and commit a stage's output, made in the MLflow stage run `mlflow_run_id`. A dataset
+    fills (or resumes) `<key>/data`, unless it was finished before the commit was interrupted; a
+    checkpoint or results directory goes to a fresh attempt prefix, committed by the output's
+    marker."""
+    from cai_lib.core.model_versions import checkpoint_manifest_sha256
+
+    if kind == "dataset":
+        uri = output.data_uri()
+        if not ArtifactStore.open(uri).exists(SUCCESS):
+            write(uri, output.rows_key)
+        summary = dataset_summary(uri)
+        rows = summary["rows"]
+        return output.commit(
+            uri,
+            "dataset",
+            ctx.run_id,
+            rows=rows,
+            sha256=summary["sha256"],
+            metrics={"rows": rows},
+            mlflow_run_id=mlflow_run_id,
+        )
+    uri = output.new_attempt()
+    metrics = numeric(write(uri, output.key) or {})
+    sha256 = checkpoint_manifest_sha256(uri) if kind == "checkpoint" else None
+    return output.commit(uri, kind, ctx.run_id, sha256=sha256, metrics=metrics, mlflow_run_id=mlflow_run_id)

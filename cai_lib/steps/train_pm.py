@@ -1,0 +1,47 @@
+"""The train-pm step: the preference model on AI harmlessness labels and human pairs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cai_lib.core.names import canonical_sha256
+from cai_lib.engines.launch import TrainingJob, staged_rows
+from cai_lib.steps.context import DataRef, RunContext, one_line_errors
+from cai_lib.steps.stage_runs import produce
+from cai_lib.steps.training import train
+
+if TYPE_CHECKING:
+    pass
+
+
+@one_line_errors
+def train_pm(context: dict, labels: str) -> tuple[DataRef, dict]:
+    """The preference model on AI harmlessness labels mixed with human pairs (paper §4.1)."""
+    from cai_lib.method.human_preferences import read_human_preferences
+
+    ctx = RunContext.model_validate(context)
+    p = ctx.params
+    ai, model = DataRef.read(labels), ctx.model(p.base_model)
+    human = read_human_preferences(p.human_preferences, limit=p.num_human) if p.human_preferences else []
+    identity = {
+        "inputs": {
+            "labels": ai.sha256,
+            "human": canonical_sha256({"rows": [h.model_dump() for h in human]}),
+            "model": model.content,
+        },
+        "settings": p.preference_model.model_dump(mode="json"),
+    }
+
+    def write(uri: str, _: str) -> dict:
+        with tempfile.TemporaryDirectory(prefix="cai-train-pm-") as folder:
+            data_uris = {"ai": [ai.uri], "human": staged_rows(Path(folder), "human", human)}
+            config = p.preference_model.model_dump()
+            return train(
+                TrainingJob(stage="train_pm", model=model.load, out=uri, data=data_uris, config=config)
+            )
+
+    marker = produce(ctx, "train_pm", identity, write)
+    return DataRef.of(marker), marker.metrics
