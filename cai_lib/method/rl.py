@@ -34,6 +34,7 @@ from cai_lib.core.errors import CaiError
 from cai_lib.core.names import METRICS_FILE, MODEL_CONFIG_FILE
 from cai_lib.core.records import Preference, PromptRecord
 from cai_lib.core.store import checkpoint_location
+from cai_lib.engines.attention import grouped_sdpa_init_kwargs
 from cai_lib.engines.generation import EngineConfig, engine_kwargs
 from cai_lib.engines.launch import TrainingJob
 from cai_lib.engines.training import TrainingSetup, WorldReport
@@ -324,6 +325,8 @@ def _trainer(config: RLConfig, policy_path: Path, tokenizer, scorer, prompts, pa
         **common_arguments(config),
         # Dropout makes the policy's and the reference's log-probs differ on identical weights.
         "disable_dropout": True,
+        # TRL loads the policy (and its reference) itself; dtype stays TRL's default, float32.
+        "model_init_kwargs": grouped_sdpa_init_kwargs() or None,
     }
     if config.algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
