@@ -101,7 +101,12 @@ def pipeline_docstring() -> str:
 
 
 class _Tasks:
-    """Turns component functions into KFP components and applies the deploy config to tasks."""
+    """Turns component functions into KFP components and applies the deploy config to tasks.
+
+    Components do not `pip install kfp` when they start (`install_kfp_package=False`): the
+    project's images install it with the package (kfp is pinned in its dependencies), so the
+    install could only repeat it, at every pod start, and needs a package index that an
+    air-gapped cluster does not have; `kfp.local` ran that pip in every task."""
 
     def __init__(self, deploy: DeployConfig):
         self.deploy = deploy
@@ -110,7 +115,7 @@ class _Tasks:
         """A factory of tasks of stage `name`, configured from the stage table and the deploy config."""
         stage = BY_NAME[name]
         image = self.deploy.image_gpu if stage.gpu else self.deploy.image_cpu
-        component = dsl.component(getattr(stages, stage.component), base_image=image)
+        component = dsl.component(getattr(stages, stage.component), base_image=image, install_kfp_package=False)
 
         def make_task(**kwargs) -> dsl.PipelineTask:
             task = component(**kwargs)
@@ -139,7 +144,7 @@ class _Tasks:
 
     def bookkeeping(self, function: Callable, display_name: str, **kwargs) -> dsl.PipelineTask:
         """A task that is not a stage (no output of its own, no MLflow record) on the CPU image."""
-        task = dsl.component(function, base_image=self.deploy.image_cpu)(**kwargs)
+        task = dsl.component(function, base_image=self.deploy.image_cpu, install_kfp_package=False)(**kwargs)
         task.set_display_name(display_name)
         task.set_caching_options(False)
         if self.deploy.retries:

@@ -122,10 +122,15 @@ ANSWERS_FILE = "answers.jsonl"
 JUDGEMENTS_FILE = "judgements.jsonl"
 JOB_FILE = "job.json"
 SFT_PROVENANCE_FILE = "cai_sft.json"
+# Under the artifact root: content-addressed stage outputs, and one folder per pipeline run.
+OUTPUTS_DIR = "outputs"
+RUNS_DIR = "runs"
 # A run's folder: its parameters, its pinned constitution, its stage records and its summary.
 RUN_FILE = "run.json"
 PINNED_CONSTITUTION_FILE = "constitution.yaml"
 STAGES_DIR = "stages"
+# Under STAGES_DIR: files of reused stages' MLflow runs, kept for the exit handler to upload.
+DEFERRED_ARTIFACTS = "deferred-artifacts"
 SUMMARY_FILE = "summary.json"
 # The constitutions folder's record of each published version's sha256.
 LOCK_FILE = "constitutions.lock"

@@ -147,6 +147,22 @@ class StageOutput:
         return sorted({k.split("/", 1)[0] for k in self.store.list("") if k.startswith(ATTEMPT_PREFIX)})
 
 
+class DeferredRecord(BaseModel):
+    """What a stage that reused its output would have written to its MLflow stage run: a reused
+    stage loads no model and does no work, so opening MLflow (seconds of imports and a store
+    connection, most of such a step's time) is left to the exit handler, which writes these for
+    every stage of the run at once."""
+
+    parent_run_id: str = Field(description="The pipeline's MLflow parent run.")
+    label: str = Field(description="The stage run's name: the stage, with its shard as `name[i]`.")
+    tags: dict[str, str] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    artifacts: dict[str, str] = Field(
+        default_factory=dict,
+        description="Key in the run's folder -> artifact path in the stage run (files to upload).",
+    )
+
+
 class StageRecord(BaseModel):
     """What one stage did in one run: the pointer a run's folder keeps."""
 
@@ -157,6 +173,11 @@ class StageRecord(BaseModel):
     uri: str | None = Field(default=None, description="Where the output lies.")
     made_by_run: str = Field(description="The run that made the output (this run when it ran).")
     run_id: str
+    deferred: DeferredRecord | None = Field(
+        default=None,
+        description="The MLflow record of a stage that reused its output, left for the exit handler "
+        "to write; None once written, or for a stage that recorded itself in MLflow.",
+    )
 
     @property
     def file_name(self) -> str:

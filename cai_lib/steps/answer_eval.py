@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from cai_lib.core.names import BASE, CHAMPION_POLICY, RL_CAI, SL_CAI
 from cai_lib.core.records import PromptRecord
 from cai_lib.steps.context import (
@@ -17,9 +15,6 @@ from cai_lib.steps.context import (
 )
 from cai_lib.steps.policies import evaluated_policies
 from cai_lib.steps.stage_runs import produce
-
-if TYPE_CHECKING:
-    pass
 
 
 @one_line_errors

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
 from cai_lib.core.constitution import Constitution, parse_constitution
 from cai_lib.core.errors import CaiError
+from cai_lib.core.names import OUTPUTS_DIR, RUNS_DIR
 from cai_lib.core.outputs import OutputMarker
 from cai_lib.core.shards import dataset_summary, read_dataset
 from cai_lib.core.store import join_uri
 from cai_lib.platform.run_config import PipelineParams
-
-if TYPE_CHECKING:
-    pass
 
 
 class DataRef(BaseModel):
@@ -92,12 +89,12 @@ class RunContext(BaseModel):
     @property
     def run_root(self) -> str:
         """The run's folder: pointers to the outputs it used, its pinned constitution, its report."""
-        return join_uri(self.artifact_root, "runs", self.run_id)
+        return join_uri(self.artifact_root, RUNS_DIR, self.run_id)
 
     @property
     def outputs_root(self) -> str:
         """Where content-addressed stage outputs lie, shared by every run."""
-        return join_uri(self.artifact_root, "outputs")
+        return join_uri(self.artifact_root, OUTPUTS_DIR)
 
 
 def one_line_errors(step: Callable) -> Callable:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cai_lib.core.names import (
     BASE,
@@ -26,9 +25,6 @@ from cai_lib.core.tracking import StageRun
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors, pinned_constitution
 from cai_lib.steps.policies import evaluated_policies
 from cai_lib.steps.stage_runs import produce, run_summary
-
-if TYPE_CHECKING:
-    pass
 
 
 @one_line_errors

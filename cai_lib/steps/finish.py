@@ -6,26 +6,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cai_lib.core.config import Platform
 from cai_lib.core.errors import CaiError
-from cai_lib.core.names import SUMMARY_FILE
+from cai_lib.core.names import RUNS_DIR, SUMMARY_FILE
 from cai_lib.core.store import ArtifactStore, join_uri
 from cai_lib.core.tracking import finish_pipeline_run, run_url
 from cai_lib.steps.context import one_line_errors
-from cai_lib.steps.stage_runs import run_summary
-
-if TYPE_CHECKING:
-    pass
-
+from cai_lib.steps.stage_runs import run_summary, write_deferred
 
 OUTCOME_ENV = "CAI_RUN_OUTCOME"
 
 
 @one_line_errors
 def finish(run_id: str, experiment: str, state: str, error: str = "") -> str:
-    """The exit handler: close the MLflow parent run FINISHED when the pipeline `state` is
+    """The exit handler: write the MLflow stage runs that reused stages left for it
+    (`write_deferred`), close the MLflow parent run FINISHED when the pipeline `state` is
     SUCCEEDED and FAILED otherwise (failed, cancelled), and release any promotion lock the run
     still holds. Runs whatever happened to the other steps. Returns a JSON summary: the state,
     what it closed and released, one line per stage that recorded itself (ran or reused), and
@@ -36,6 +32,11 @@ def finish(run_id: str, experiment: str, state: str, error: str = "") -> str:
     succeeded = state == "SUCCEEDED"
     # Both are tried whatever the other does; a failure of either fails the task, which KFP retries.
     released, parent, errors = [], None, []
+    folder = ArtifactStore.open(join_uri(platform.artifact_root, RUNS_DIR, run_id))
+    try:
+        write_deferred(platform.tracking_uri, folder.uri)
+    except Exception as err:  # noqa: BLE001 - collected and raised below
+        errors.append(f"writing the MLflow runs of reused stages: {err}")
     try:
         released = release_run_locks(platform.tracking_uri, run_id)
     except Exception as err:  # noqa: BLE001 - collected and raised below
@@ -46,7 +47,6 @@ def finish(run_id: str, experiment: str, state: str, error: str = "") -> str:
         errors.append(f"closing the MLflow run: {err}")
     if errors:
         raise CaiError(f"exit handler of pipeline run {run_id}: {'; '.join(errors)}")
-    folder = ArtifactStore.open(join_uri(platform.artifact_root, "runs", run_id))
     outcome = json.dumps(
         {
             "run_id": run_id,

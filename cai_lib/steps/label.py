@@ -3,15 +3,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from cai_lib.core.records import ResponsePair
 from cai_lib.core.shards import read_dataset
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors, pinned_constitution
 from cai_lib.steps.stage_runs import produce
-
-if TYPE_CHECKING:
-    pass
 
 
 @one_line_errors

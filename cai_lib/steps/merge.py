@@ -3,14 +3,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from cai_lib.core.shards import merge_datasets
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors
 from cai_lib.steps.stage_runs import produce
-
-if TYPE_CHECKING:
-    pass
 
 
 @one_line_errors

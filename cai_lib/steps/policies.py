@@ -4,15 +4,12 @@ and the registered champion when it is another checkpoint.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from cai_lib.core.constitution import Constitution
 from cai_lib.core.names import BASE, CHAMPION, CHAMPION_POLICY, RL_CAI, SL_CAI, model_name
 from cai_lib.core.store import ArtifactStore
 from cai_lib.steps.context import DataRef, RunContext
-
-if TYPE_CHECKING:
-    pass
 
 
 def champion_source(ctx: RunContext, constitution: Constitution) -> tuple[str, str, str] | None:

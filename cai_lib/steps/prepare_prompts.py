@@ -4,15 +4,12 @@ items of the fan-outs over them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import nullcontext
 
 from cai_lib.core.names import canonical_sha256
 from cai_lib.core.outputs import StageOutput, StageRecord
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors, work_items, write_finished_dataset
-from cai_lib.steps.stage_runs import make, recorded, write_record
-
-if TYPE_CHECKING:
-    pass
+from cai_lib.steps.stage_runs import DeferredStageRun, make, recorded, write_record
 
 
 @one_line_errors
@@ -25,27 +22,37 @@ def prepare_prompts(context: dict) -> dict[str, DataRef]:
     from cai_lib.platform.preflight import prompt_splits
 
     ctx = RunContext.model_validate(context)
-    refs = {}
-    with recorded(ctx, "prepare_prompts") as run:
-        for split, rows in prompt_splits(ctx.params).items():
-            output = StageOutput(
+    splits = {
+        split: (
+            rows,
+            StageOutput(
                 ctx.outputs_root,
                 "prepare_prompts",
                 {"split": split, "rows": canonical_sha256({"rows": [r.model_dump() for r in rows]})},
-            )
-            marker = output.complete() or make(
+            ),
+        )
+        for split, rows in prompt_splits(ctx.params).items()
+    }
+    markers = {split: output.complete() for split, (_, output) in splits.items()}
+    # Every split stored before: the exit handler writes the MLflow record (see DeferredStageRun).
+    reused = all(markers.values())
+    deferred = DeferredStageRun(ctx, "prepare_prompts")
+    with nullcontext(deferred) if reused else recorded(ctx, "prepare_prompts") as run:
+        for split, (rows, output) in splits.items():
+            marker = markers[split] or make(
                 ctx,
                 "dataset",
                 output,
                 lambda uri, _, rows=rows: write_finished_dataset(uri, rows),
                 run.run_id,
             )
-            refs[split] = DataRef.of(marker)
+            markers[split] = marker
             run.log_stage_metrics({f"{split}_prompts": len(rows)})
-        write_record(
-            ctx, StageRecord(stage="prepare_prompts", status="ran", made_by_run=ctx.run_id, run_id=ctx.run_id)
-        )
-    return refs
+    entry = StageRecord(stage="prepare_prompts", status="ran", made_by_run=ctx.run_id, run_id=ctx.run_id)
+    if reused:
+        entry = entry.model_copy(update={"deferred": deferred.content})
+    write_record(ctx, entry)
+    return {split: DataRef.of(marker) for split, marker in markers.items()}
 
 
 def fan_out(context: dict, prompts: int) -> list[dict]:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cai_lib.core.config import Platform
 from cai_lib.core.constitution import dump_constitution, load_constitution
@@ -16,9 +15,6 @@ from cai_lib.core.tracking import run_url, start_pipeline_run
 from cai_lib.platform.run_config import PipelineParams
 from cai_lib.steps.context import PinnedModel, RunContext, one_line_errors
 from cai_lib.steps.stage_runs import recorded, write_record
-
-if TYPE_CHECKING:
-    pass
 
 
 @one_line_errors

@@ -3,15 +3,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from cai_lib.engines.launch import TrainingJob
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors
 from cai_lib.steps.stage_runs import produce
 from cai_lib.steps.training import train
-
-if TYPE_CHECKING:
-    pass
 
 
 @one_line_errors

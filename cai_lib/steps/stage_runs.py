@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from cai_lib.core import stage_table
 from cai_lib.core.constitution import Constitution
+from cai_lib.core.errors import CaiError
 from cai_lib.core.names import (
+    DEFERRED_ARTIFACTS,
     MADE_BY_RUN_TAG,
     OUTPUT_KEY_TAG,
     OUTPUT_URI_TAG,
@@ -26,16 +28,20 @@ from cai_lib.core.names import (
     SUCCESS,
     canonical_sha256,
 )
-from cai_lib.core.outputs import OutputMarker, StageOutput, StageRecord, record_of, summary_lines
+from cai_lib.core.outputs import (
+    DeferredRecord,
+    OutputMarker,
+    StageOutput,
+    StageRecord,
+    record_of,
+    summary_lines,
+)
 from cai_lib.core.shards import dataset_summary
 from cai_lib.core.stage_table import NAMES, ConstitutionPart, Output, code_sha256
 from cai_lib.core.store import ArtifactStore, join_uri
 from cai_lib.core.tracking import StageRun, stage_run
 from cai_lib.platform.run_config import PipelineParams
 from cai_lib.steps.context import RunContext
-
-if TYPE_CHECKING:
-    pass
 
 
 def numeric(values: dict) -> dict[str, float]:
@@ -55,15 +61,18 @@ def constitution_part(constitution: Constitution, part: ConstitutionPart, params
 
 
 def write_record(ctx: RunContext, record: StageRecord) -> None:
-    ArtifactStore.open(ctx.run_root).write_text(
-        join_uri(STAGES_DIR, record.file_name), record.model_dump_json(indent=2) + "\n"
-    )
+    write_record_at(ArtifactStore.open(ctx.run_root), record)
+
+
+def write_record_at(folder: ArtifactStore, record: StageRecord) -> None:
+    folder.write_text(join_uri(STAGES_DIR, record.file_name), record.model_dump_json(indent=2) + "\n")
 
 
 def run_records(run_root: str) -> list[StageRecord]:
     """The stage records in a run's folder."""
     store = ArtifactStore.open(run_root)
-    return [StageRecord.model_validate_json(store.read_text(key)) for key in store.list(STAGES_DIR)]
+    keys = [key for key in store.list(STAGES_DIR) if "/" not in key.removeprefix(STAGES_DIR + "/")]
+    return [StageRecord.model_validate_json(store.read_text(key)) for key in keys]
 
 
 def run_summary(run_root: str) -> list[str]:
@@ -74,13 +83,42 @@ def run_summary(run_root: str) -> list[str]:
 @contextmanager
 def recorded(ctx: RunContext, name: str, shard: int | None = None):
     """The MLflow stage run of `name` (one per shard of a fanned-out stage)."""
-    label = name if shard is None else f"{name}[{shard}]"
-    with stage_run(ctx.tracking_uri, ctx.parent_run_id, label) as run:
+    with stage_run(ctx.tracking_uri, ctx.parent_run_id, stage_label(name, shard)) as run:
         yield run
 
 
-def record(ctx: RunContext, run: StageRun, marker: OutputMarker, shard: int | None = None) -> StageRecord:
-    """Tag the stage run and write the run's pointer: ran or reused, key, where, made by whom."""
+def stage_label(name: str, shard: int | None) -> str:
+    """The name of a stage's MLflow run: the stage, and its shard as `name[i]`."""
+    return name if shard is None else f"{name}[{shard}]"
+
+
+class DeferredStageRun:
+    """A `StageRun` whose tags, metrics and artifacts go into the run's folder, for the exit
+    handler to write to MLflow (`write_deferred`); see `DeferredRecord` for why."""
+
+    run_id = None
+
+    def __init__(self, ctx: RunContext, label: str):
+        self.folder = ArtifactStore.open(ctx.run_root)
+        self.content = DeferredRecord(parent_run_id=ctx.parent_run_id, label=label)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.content.tags.update({key: str(value) for key, value in tags.items()})
+
+    def log_stage_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.content.metrics.update(numeric(metrics))
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(local_path)
+        if not path.is_file():
+            raise CaiError(f"{path}: no such file to keep for the stage run {self.content.label}")
+        key = join_uri(STAGES_DIR, DEFERRED_ARTIFACTS, self.content.label, artifact_path or "", path.name)
+        self.folder.put_file(str(path), key)
+        self.content.artifacts[key] = artifact_path or ""
+
+
+def record(ctx: RunContext, run: StageRun | DeferredStageRun, marker: OutputMarker, shard: int | None = None) -> StageRecord:
+    """Tag the stage run: ran or reused, key, where, made by whom; returns the run's pointer to it."""
     entry = record_of(marker, ctx.run_id, shard)
     run.set_tags(
         {
@@ -91,7 +129,6 @@ def record(ctx: RunContext, run: StageRun, marker: OutputMarker, shard: int | No
         }
     )
     run.log_stage_metrics(marker.metrics)
-    write_record(ctx, entry)
     return entry
 
 
@@ -105,24 +142,60 @@ def produce(
     write: Write,
     constitution: Constitution | None = None,
     shard: int | None = None,
-    then: Callable[[StageRun, OutputMarker], None] | None = None,
+    then: Callable[[StageRun | DeferredStageRun, OutputMarker], None] | None = None,
 ) -> OutputMarker:
     """The output of stage `name` for `identity`: the complete one if any run made it, else the
     one `write(uri, rows_key)` makes now (`StageOutput.rows_key`: what row ids derive from). The
-    key adds to `identity` the stage's code version and the constitution parts the stage table
-    says it reads. Either way the stage run and the run's
-    folder record what happened; `then` runs last inside the stage run (e.g. to log a report)."""
+    key adds to `identity` the stage's code hash and the constitution parts the stage table says
+    it reads. Either way the run's folder records what happened, and the stage's MLflow run: at
+    once when the stage runs, by the exit handler when it reuses an output (`DeferredStageRun`).
+    `then` runs last, with the stage run (e.g. to log a report)."""
     stage = stage_table.stage(name)
     parts = {part: constitution_part(constitution, part, ctx.params) for part in stage.reads}
     output = StageOutput(
         ctx.outputs_root, name, {"code": code_sha256(name), **identity, "constitution": parts}
     )
+    marker = output.complete()
+    if marker is not None:
+        deferred = DeferredStageRun(ctx, stage_label(name, shard))
+        entry = record(ctx, deferred, marker, shard)
+        if then:
+            then(deferred, marker)
+        write_record(ctx, entry.model_copy(update={"deferred": deferred.content}))
+        return marker
     with recorded(ctx, name, shard) as run:
         marker = output.complete() or make(ctx, stage.output, output, write, run.run_id)
-        record(ctx, run, marker, shard)
+        entry = record(ctx, run, marker, shard)
         if then:
             then(run, marker)
+    write_record(ctx, entry)
     return marker
+
+
+def write_deferred(tracking_uri: str, run_root: str) -> list[str]:
+    """Write to MLflow the stage runs the stages of the run at `run_root` left for later (they
+    reused their outputs), and mark them written; returns their labels. Idempotent: a retried exit
+    handler finds each stage run by its parent and name and sets the same values again."""
+    import tempfile
+
+    folder = ArtifactStore.open(run_root)
+    written = []
+    for entry in run_records(run_root):
+        if entry.deferred is None:
+            continue
+        content = entry.deferred
+        with stage_run(tracking_uri, content.parent_run_id, content.label) as run:
+            run.set_tags(content.tags)
+            if content.metrics:
+                run.log_stage_metrics(content.metrics)
+            with tempfile.TemporaryDirectory(prefix="cai-deferred-") as scratch:
+                for key, artifact_path in content.artifacts.items():
+                    local = Path(scratch) / key.rsplit("/", 1)[-1]
+                    folder.get_file(key, str(local))
+                    run.log_artifact(local, artifact_path or None)
+        write_record_at(folder, entry.model_copy(update={"deferred": None}))
+        written.append(content.label)
+    return written
 
 
 def make(

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cai_lib.core.names import canonical_sha256
 from cai_lib.engines.launch import TrainingJob, staged_rows
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors
 from cai_lib.steps.stage_runs import produce
 from cai_lib.steps.training import train
-
-if TYPE_CHECKING:
-    pass
 
 
 @one_line_errors

@@ -4,13 +4,8 @@ step's environment, else in the step's pod (under torchrun with more than one pr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from cai_lib.engines.launch import TrainingJob, launch, stage_config
 from cai_lib.engines.training import process_count, visible_gpus
-
-if TYPE_CHECKING:
-    pass
 
 
 def train(job: TrainingJob) -> dict:

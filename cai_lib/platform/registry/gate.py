@@ -10,16 +10,10 @@ baseline the evaluation also ran, the SL-CAI policy (or the base model).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import BASE, SL_CAI
-
-if TYPE_CHECKING:
-    pass
-
 
 # What a first champion is judged against: policies every evaluation runs.
 BASELINES = (SL_CAI, BASE)
