@@ -49,6 +49,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cai_lib.core.config import Seed
 from cai_lib.core.constitution import ComparisonPrinciple, Constitution
 from cai_lib.core.conversation import Conversation
 from cai_lib.core.errors import CaiError
@@ -92,7 +93,7 @@ class FeedbackConfig(BaseModel):
         description="Chain of thought: the model reasons before the option is read, and probabilities are "
         "clamped to [0.4, 0.6]. Costs one generation per principle and order.",
     )
-    seed: int = Field(
+    seed: Seed = Field(
         default=0, description="Seeds the principle draws; same seed, same principles per pair."
     )
     max_reasoning_tokens: int = Field(

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cai_lib.core.config import Strict, format_validation_error, parse_override, read_config_file
+from cai_lib.core.config import Seed, Strict, format_validation_error, parse_override, read_config_file
 from cai_lib.core.constitution import Constitution
 from cai_lib.core.deploy import DeployConfig
 from cai_lib.core.errors import CaiError
@@ -96,7 +96,7 @@ class PipelineParams(Strict):
     eval_fraction: float = Field(
         default=0.25, gt=0.0, lt=1.0, description="Share of prompts held out for evaluation."
     )
-    seed: int = Field(
+    seed: Seed = Field(
         default=0,
         description="The run's seed: it splits the prompts and derives the seed of every stage section that "
         "does not pin its own (from this seed and the section's name), so one number reruns or varies the "
