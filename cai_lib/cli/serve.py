@@ -11,7 +11,9 @@ from cai_lib.core.errors import CaiError
 from cai_lib.core.names import CHAMPION
 
 app = typer.Typer(
-    help="Serving: KServe InferenceServices that follow the registry's champion.", no_args_is_help=True
+    help="Serving: KServe InferenceServices that follow the registry's champion (docs/deploy.md).\n\n"
+    "Example: cai serve sync cai-harmless-rl-cai --namespace ml-team",
+    no_args_is_help=True,
 )
 Models = Annotated[
     list[str], typer.Argument(help="Registered model names; each is also its InferenceService's name.")

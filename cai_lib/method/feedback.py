@@ -123,7 +123,7 @@ class FeedbackConfig(BaseModel):
     held_out_principles: list[str] = Field(
         default_factory=list,
         description="Comparison principle ids never drawn for labels. The pipeline puts the evaluation "
-        "judge's principles here (unless evaluation.hold_out_judge_principles is off), so the principles "
+        "judge's principles here (unless evaluate.hold_out_judge_principles is off), so the principles "
         "that judge the trained policies are not the ones they were trained on.",
     )
     clamp_cot: bool = Field(
