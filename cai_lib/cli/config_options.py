@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from cai_lib.core.errors import CaiError
 from cai_lib.core.text import read_text_file
+from cai_lib.core.uris import is_s3
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -120,9 +121,23 @@ def config_options(
 
     def decorate(command: Callable) -> Callable:
         own = [p for p in inspect.signature(command).parameters.values() if p.name != "config"]
+        taken = {decl for p in own for decl in getattr(p.default, "param_decls", None) or ()}
+        clashes = sorted(taken & {name for flag in flags for name in (flag.flag, flag.alias) if name})
+        if clashes:
+            raise TypeError(f"{command.__name__}: options {clashes} are also flags of {config.__name__}'s fields")
 
         @functools.wraps(command)
         def wrapper(ctx: typer.Context, **values):
+            # Every reference a stage takes (an output, a model, a dataset, a prompt source) is
+            # checked before any model loads: a mistyped `s3:` URI is one line now, not after minutes.
+            for param in ctx.command.params:
+                value = values.get(param.name)
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, str):
+                        try:
+                            is_s3(item)
+                        except CaiError as err:
+                            raise CaiError(f"{param.opts[0]}: {err}") from None
             settings: dict = {}
             for flag in flags:
                 value = values.pop(flag.name)

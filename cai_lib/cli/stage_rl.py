@@ -31,7 +31,7 @@ LABELS = "AI preference labels written by `cai stage label`: a directory of shar
 
 @config_options(PreferenceModelConfig)
 def train_pm(
-    labels: str = typer.Option(..., "--labels", help=f"{LABELS}."),
+    ai_labels: str = typer.Option(..., "--ai-labels", help=f"{LABELS}."),
     base_model: str = typer.Option(
         ...,
         "--base-model",
@@ -54,19 +54,19 @@ def train_pm(
 
     With --processes N, N processes train under torchrun (gloo on a CPU, one per GPU otherwise); rank 0 writes the checkpoint.
 
-    Example: cai stage train_pm --labels runs/demo/labels --base-model smollm2-135m-instruct --epochs 1 --out runs/demo/pm
+    Example: cai stage train_pm --ai-labels runs/demo/labels --base-model smollm2-135m-instruct --epochs 1 --out runs/demo/pm
     """
     from cai_lib.method.human_preferences import read_human_preferences, read_preferences
 
-    ai_prefs = read_preferences(labels)
+    ai_prefs = read_preferences(ai_labels)
     human_prefs = read_human_preferences(human, limit=human_limit) if human else []
-    typer.echo(f"read {len(ai_prefs)} AI-labelled pair(s) from {labels} and {len(human_prefs)} human pair(s)")
+    typer.echo(f"read {len(ai_prefs)} AI-labelled pair(s) from {ai_labels} and {len(human_prefs)} human pair(s)")
     with tempfile.TemporaryDirectory(prefix="cai-train-pm-") as folder:
         job = TrainingJob(
             stage="train_pm",
             model=base_model,
             out=out,
-            data={"ai": [labels], "human": staged_rows(Path(folder), "human", human_prefs)},
+            data={"ai": [ai_labels], "human": staged_rows(Path(folder), "human", human_prefs)},
             config=config.model_dump(mode="json"),
         )
         metrics = PreferenceModelMetrics.model_validate(launch(job, process_count(config, visible_gpus())))
@@ -87,7 +87,7 @@ def rl(
     prompts: list[str] = RED_TEAM_PROMPTS,
     out: str = OUT_CHECKPOINT,
     helpful_prompts: list[str] = HELPFUL_PROMPTS,
-    labels: str | None = typer.Option(None, "--labels", help=f"{LABELS}; what --algorithm dpo trains on."),
+    ai_labels: str | None = typer.Option(None, "--ai-labels", help=f"{LABELS}; what --algorithm dpo trains on."),
     limit: int | None = typer.Option(
         None, "--limit", help="Use the first K distinct prompts of each source."
     ),
@@ -102,10 +102,10 @@ def rl(
     """
     from cai_lib.method.human_preferences import read_preferences
 
-    if config.algorithm == "dpo" and labels is None:
-        raise CaiError("--algorithm dpo: needs --labels (the AI-labelled pairs to train on)")
+    if config.algorithm == "dpo" and ai_labels is None:
+        raise CaiError("--algorithm dpo: needs --ai-labels (the AI-labelled pairs to train on)")
     records = _prompts(prompts, "red_team", limit) + _prompts(helpful_prompts, "helpful", limit)
-    pairs = read_preferences(labels) if labels else None
+    pairs = read_preferences(ai_labels) if ai_labels else None
     typer.echo(
         f"{config.algorithm}: {len(records)} prompt(s)"
         + (f", {len(pairs)} preference pair(s)" if pairs else "")
@@ -118,7 +118,7 @@ def rl(
             out=out,
             data={
                 "prompts": staged_rows(Path(folder), "prompts", records),
-                **({"preferences": [labels]} if labels else {}),
+                **({"preferences": [ai_labels]} if ai_labels else {}),
             },
             config=config.model_dump(mode="json"),
         )

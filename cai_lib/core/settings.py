@@ -11,6 +11,7 @@ work (`core.tracking.scoped_environ`), and the steps of a pipeline run in their 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -108,9 +109,18 @@ def settings() -> Settings:
     except ValidationError as err:
         first = err.errors()[0]
         field = str(first["loc"][0])
-        name = field if field.isupper() else variable(field)
+        name = _set_variable(field) if field.isupper() else variable(field)
         if first["type"] == "value_error":
             message = first["msg"].removeprefix("Value error, ")
         else:
             message = f"{first['input']!r}: {first['msg']}"
         raise CaiError(f"${name}: {message}") from None
+
+
+def _set_variable(alias: str) -> str:
+    """The variable that was set, of the field whose first variable is `alias` (pydantic names the first)."""
+    for field in Settings.model_fields.values():
+        choices = field.validation_alias.choices if isinstance(field.validation_alias, AliasChoices) else []
+        if alias in choices:
+            return next((name for name in choices if os.environ.get(name)), alias)
+    return alias

@@ -231,7 +231,7 @@ def train_rl(
     store, key = checkpoint_location(out_uri)
     pairs = dpo_pairs(preferences or []) if config.algorithm == "dpo" else []
     if config.algorithm == "dpo" and not pairs:
-        raise CaiError("--algorithm dpo needs --preferences with at least one pair whose label is not 0.5")
+        raise CaiError("--algorithm dpo needs --ai-labels with at least one pair whose label is not 0.5")
     if config.algorithm != "dpo" and not prompts:
         raise CaiError(f"--algorithm {config.algorithm} needs at least one training prompt")
     world = current_world()
