@@ -51,7 +51,7 @@ class Flag:
         self.annotation = Path if self.is_file else annotation
         self.default = default
         choices = f" One of: {', '.join(m.value for m in annotation)}." if isinstance(annotation, enum.EnumMeta) else ""
-        self.help = f"{description or ''}{choices}".strip() + (" A file holding it." if self.is_file else "")
+        self.help = f"{description or ''}{choices}".strip() + (" Give the path of a file that holds it." if self.is_file else "")
 
     def parameter(self) -> inspect.Parameter:
         # Every switch has both forms, so a command line can turn off what a default turns on.

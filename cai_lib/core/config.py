@@ -59,8 +59,8 @@ def make_local_store(tracking_uri: str) -> None:
         Path(tracking_uri.removeprefix(SQLITE).split("?", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
 
 
-# numpy's and torch's generators take any seed below 2**32; 2**31 - 1 also fits a signed 32-bit
-# integer, which some samplers (vLLM's per-request seed) require.
+# A seed is non-negative and fits a signed 32-bit integer, which every random generator the
+# stages hand it to accepts; the seeds a run derives for its stages (`stage_seed`) lie in it too.
 MAX_SEED = 2**31 - 1
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 

@@ -431,9 +431,8 @@ TRANSIENT_CODES = {
 class S3Store(ArtifactStore):
     def __init__(self, root: str):
         super().__init__(root)
+        # The root names a bucket: `is_s3` refused one without when the store was opened.
         bucket, _, prefix = self.root[len("s3://") :].partition("/")
-        if not bucket:
-            raise CaiError(f"{root}: an s3:// URI needs a bucket name")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         from botocore.exceptions import PartialCredentialsError
 
