@@ -16,7 +16,7 @@ class StageGroup(TyperGroup):
     """A command group that finds `train-pm` as `train_pm`."""
 
     def get_command(self, ctx, cmd_name: str):
-        return super().get_command(ctx, canonical(cmd_name))
+        return super().get_command(ctx, cmd_name) or super().get_command(ctx, canonical(cmd_name))
 
 
 app = typer.Typer(
