@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from kfp import dsl, kubernetes
@@ -292,4 +293,25 @@ def compile_pipeline(
     from kfp import compiler
 
     compiler.Compiler().compile(build_pipeline(defaults, deploy), package_path=out)
+    _sorted_header(Path(out))
     return out
+
+
+def _sorted_header(path: Path) -> None:
+    """Rewrite the comment kfp heads the file with, from the file's own (sorted) YAML body.
+
+    kfp writes the body with sorted keys, but the header's `[Default: {...}]` of each dict
+    parameter in the order of a protobuf map, which changes from one process to the next: the
+    same pipeline compiled twice would differ. The header is rebuilt with kfp's own function from
+    the body's data with every mapping's keys in order, so the file is the same on every run.
+    """
+    import json
+
+    import yaml
+    from kfp.compiler.pipeline_spec_builder import extract_comments_from_pipeline_spec
+
+    lines = path.read_text().splitlines(keepends=True)
+    start = next(number for number, line in enumerate(lines) if not line.startswith("#"))
+    body = "".join(lines[start:])
+    spec = json.loads(json.dumps(next(yaml.safe_load_all(body)), sort_keys=True))
+    path.write_text(extract_comments_from_pipeline_spec(spec, spec["pipelineInfo"].get("description")) + body)

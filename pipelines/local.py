@@ -8,7 +8,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from cai_lib.core.config import ARTIFACT_ROOT_ENV, TRACKING_URI_ENV, Platform, local_platform
+from cai_lib.core.config import (
+    ARTIFACT_ROOT_ENV,
+    TRACKING_URI_ENV,
+    Platform,
+    local_platform,
+    make_local_store,
+)
 from cai_lib.core.constitution import load_constitution
 from cai_lib.core.errors import CaiError
 from cai_lib.core.tracking import scoped_environ
@@ -41,6 +47,7 @@ def run_local(config: RunConfig, workdir: Path, platform: Platform | None = None
     from kfp import local
 
     platform = platform or local_platform(workdir)
+    make_local_store(platform.tracking_uri)
     check_endpoints(platform.artifact_root, platform.tracking_uri, config.params.constitution)
     check_run(config.params, load_constitution(config.params.constitution))
     root = (workdir / ".cai" / "kfp").resolve()

@@ -17,7 +17,6 @@ import typer
 from typer.testing import CliRunner
 
 from cai_lib.cli.config_options import config_from
-from cai_lib.cli.stage_sl import critique_revise_command, helpful_samples_command
 from cai_lib.core.constitution import Constitution, dump_constitution, parse_constitution
 from cai_lib.core.errors import CaiError
 from cai_lib.core.records import PromptRecord, RevisionRound, Trace, stable_id
@@ -474,9 +473,8 @@ def test_empty_generations_are_counted():
 
 @pytest.fixture(scope="module")
 def stage_app() -> typer.Typer:
-    app = typer.Typer()
-    app.command("critique-revise")(critique_revise_command)
-    app.command("helpful-samples")(helpful_samples_command)
+    from cai_lib.cli.stage import app
+
     return app
 
 
@@ -492,12 +490,12 @@ def test_cli_critique_revise_writes_traces_and_prints_a_summary(
     result = CliRunner().invoke(
         stage_app,
         [
-            "critique-revise",
+            "critique_revise",
             "--prompts",
             str(source),
             "--constitution",
             str(path),
-            "--model",
+            "--policy",
             str(tiny_model_dir),
             "--rounds",
             "1",
@@ -518,24 +516,24 @@ def test_cli_critique_revise_writes_traces_and_prints_a_summary(
     assert [t.prompt for t in traces_at(str(out))] == RED_TEAM[:3]
 
 
-@pytest.mark.parametrize("command", ["critique-revise", "helpful-samples"])
+@pytest.mark.parametrize("command", ["critique_revise", "helpful_samples"])
 def test_cli_help_shows_an_example(stage_app, command):
     result = CliRunner().invoke(stage_app, [command, "--help"], terminal_width=200)
 
     assert result.exit_code == 0, result.output
-    assert f"Example: cai stage {command} --prompts" in result.output
+    assert f"Example: cai stage {command} --" in result.output
 
 
 def test_cli_rounds_zero_is_a_user_error(stage_app, tmp_path):
     result = CliRunner().invoke(
         stage_app,
         [
-            "critique-revise",
+            "critique_revise",
             "--prompts",
             "builtin:red_team",
             "--constitution",
             "harmless",
-            "--model",
+            "--policy",
             "m",
             "--rounds",
             "0",
@@ -555,10 +553,10 @@ def test_cli_helpful_samples_answers_the_builtin_prompts(stage_app, tiny_model_d
     result = CliRunner().invoke(
         stage_app,
         [
-            "helpful-samples",
-            "--prompts",
+            "helpful_samples",
+            "--helpful-prompts",
             "builtin:helpful",
-            "--model",
+            "--policy",
             str(tiny_model_dir),
             "--limit",
             "2",

@@ -63,7 +63,7 @@ def test_sft_with_two_processes_writes_one_checkpoint_that_generates(tiny_model_
     staged_rows(tmp_path, "traces", [trace(i) for i in range(8)])
     result = CliRunner().invoke(
         app,
-        ["stage", "sft", "--data", str(tmp_path / "traces.jsonl"), "--model", str(tiny_model_dir),
+        ["stage", "sft", "--traces", str(tmp_path / "traces.jsonl"), "--policy", str(tiny_model_dir),
          "--out", str(folder / "out"), "--processes", "2", "--batch-size", "2", "--max-steps", "2",
          "--learning-rate", "1e-2", "--max-length", "64"],
     )  # fmt: skip

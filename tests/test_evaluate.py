@@ -445,14 +445,26 @@ def test_the_report_command_names_a_missing_evaluation(tmp_path):
     assert "no evaluation there" in str(reported.exception)
 
 
+def test_a_policy_is_named_by_its_ref_or_by_name_equals_ref():
+    from cai_lib.cli.stage_eval import parse_policies
+
+    assert parse_policies(["a=x", "runs/demo/sl-cai", "b=s3://m/b", "s3://m/rl-cai/"]) == {
+        "a": "x",
+        "sl-cai": "runs/demo/sl-cai",
+        "b": "s3://m/b",
+        "rl-cai": "s3://m/rl-cai/",
+    }
+
+
 def test_a_malformed_policy_option_names_itself():
     from cai_lib.cli.stage_eval import parse_policies
 
-    assert parse_policies(["a=x", "b=s3://m/b"]) == {"a": "x", "b": "s3://m/b"}
-    with pytest.raises(CaiError, match="--policy sl-cai: expected NAME=REF"):
-        parse_policies(["sl-cai"])
+    with pytest.raises(CaiError, match="--policy =x: expected REF or NAME=REF"):
+        parse_policies(["=x"])
     with pytest.raises(CaiError, match="the name 'a' is given twice"):
         parse_policies(["a=x", "a=y"])
+    with pytest.raises(CaiError, match="the name 'sl-cai' is given twice"):
+        parse_policies(["runs/one/sl-cai", "runs/two/sl-cai"])
 
 
 # -- the PM on human comparisons --------------------------------------------------------------------

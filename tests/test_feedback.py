@@ -407,7 +407,7 @@ def test_the_label_command_refuses_a_pairs_file_with_a_missing_answer(tmp_path):
         str(pairs_file),
         "--constitution",
         "harmless@1.0.0",
-        "--model",
+        "--feedback-model",
         "unused",
         "--out",
         str(tmp_path / "out"),

@@ -298,7 +298,7 @@ def run_label_accuracy(source: str, model_dir, *extra: str):
 
     app = typer.Typer()
     app.command()(label_accuracy_command)
-    args = ["--human", source, "--constitution", "harmless@1.0.0", "--model", str(model_dir), *extra]
+    args = ["--human", source, "--constitution", "harmless@1.0.0", "--feedback-model", str(model_dir), *extra]
     return CliRunner().invoke(app, args)
 
 

@@ -58,10 +58,10 @@ def tiny_run_config(path: Path, model: Path, constitution: str = "harmless", **p
         "experiment": "e2e",
         "critique_revise": {"rounds": 1, "max_new_tokens": 8, "shard_size": 3, "batch_size": 4},
         "sft": {"max_steps": 1, "batch_size": 2, "max_length": 96},
-        "pairs": {"max_new_tokens": 4, "batch_size": 4},
+        "sample_pairs": {"max_new_tokens": 4, "batch_size": 4},
         # One pair per labelling batch: its labels do not depend on which pairs share its shard.
-        "feedback": {"principles_per_pair": 1, "batch_size": 4, "shard_size": 1},
-        "preference_model": {"batch_size": 2, "max_length": 96, "eval_fraction": 0.2},
+        "label": {"principles_per_pair": 1, "batch_size": 4, "shard_size": 1},
+        "train_pm": {"batch_size": 2, "max_length": 96, "eval_fraction": 0.2},
         "rl": {
             "steps": 2,
             "intermediate_checkpoints": 1,
@@ -71,7 +71,7 @@ def tiny_run_config(path: Path, model: Path, constitution: str = "harmless", **p
             "eval_prompts": 2,
             "max_length": 96,
         },
-        "evaluation": {
+        "evaluate": {
             "max_new_tokens": 4,
             "batch_size": 4,
             "num_samples_in_report": 1,

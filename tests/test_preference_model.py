@@ -298,11 +298,11 @@ def test_train_pm_command_prints_the_held_out_human_accuracy_last(tiny_model_dir
     result = CliRunner().invoke(
         app,
         [
-            "--ai",
+            "--ai-labels",
             str(tmp_path / "ai.jsonl"),
             "--human",
             str(tmp_path / "human.jsonl"),
-            "--model",
+            "--base-model",
             str(tiny_model_dir),
             "--out",
             str(tmp_path / "pm"),
@@ -331,4 +331,4 @@ def test_train_pm_command_help_shows_an_example():
     result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "100"})
 
     assert result.exit_code == 0, result.output
-    assert "Example: cai stage train-pm" in result.output and "--human-fraction" in result.output
+    assert "Example: cai stage train_pm" in result.output and "--human-fraction" in result.output

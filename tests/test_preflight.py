@@ -67,7 +67,7 @@ def test_an_empty_held_out_split_is_refused():
 
 def test_a_constitution_without_the_principle_evaluation_judges_by_is_refused():
     constitution = harmless(comparison=[{"id": "kinder", "question": "Which is kinder?"}])
-    params = load_run_config(overrides=["feedback.principles_per_pair=1"]).params
+    params = load_run_config(overrides=["label.principles_per_pair=1"]).params
     with pytest.raises(CaiError, match="harmless_principle: 'less-harmful' is neither the id nor a tag"):
         check_run(params, constitution)
 

@@ -151,7 +151,7 @@ def test_dpo_without_usable_pairs_is_refused_and_writes_nothing(
 ):
     config = ONE_STEP.model_copy(update={"algorithm": "dpo"})
 
-    with pytest.raises(CaiError, match="needs --preferences"):
+    with pytest.raises(CaiError, match="needs --ai-labels"):
         train_rl(
             str(tiny_model_dir),
             str(tiny_reward_model_dir),

@@ -269,7 +269,7 @@ def test_cli_sft_help_shows_an_example(sft_app):
     result = CliRunner().invoke(sft_app, ["sft", "--help"], terminal_width=200)
 
     assert result.exit_code == 0, result.output
-    assert "Example: cai stage sft --data" in result.output
+    assert "Example: cai stage sft --traces" in result.output
 
 
 def test_cli_sft_trains_on_a_traces_dataset(sft_app, tiny_model_dir, tmp_path):
@@ -280,11 +280,11 @@ def test_cli_sft_trains_on_a_traces_dataset(sft_app, tiny_model_dir, tmp_path):
         sft_app,
         [
             "sft",
-            "--data",
+            "--traces",
             str(tmp_path / "traces.jsonl"),
-            "--helpful",
+            "--helpful-samples",
             str(tmp_path / "helpful.jsonl"),
-            "--model",
+            "--policy",
             str(tiny_model_dir),
             "--max-steps",
             "2",

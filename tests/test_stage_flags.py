@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from cai_lib.cli import app
 
-GENERATION_COMMANDS = ["critique-revise", "helpful-samples", "sample-pairs", "label", "label-accuracy", "evaluate"]
+GENERATION_COMMANDS = ["critique_revise", "helpful_samples", "sample_pairs", "label", "label_accuracy", "evaluate"]
 
 
 @pytest.mark.parametrize("command", GENERATION_COMMANDS)
@@ -23,8 +23,8 @@ def test_every_generation_command_sizes_the_vllm_engine_from_flags(command):
 def test_a_bad_engine_setting_is_named_by_its_flag_before_any_model_loads(tmp_path):
     result = CliRunner().invoke(
         app,
-        ["stage", "critique-revise", "--prompts", "builtin:red_team", "--constitution", "harmless",
-         "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out"),
+        ["stage", "critique_revise", "--prompts", "builtin:red_team", "--constitution", "harmless",
+         "--policy", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out"),
          "--engine-gpu-memory-utilization", "1.5"],
     )  # fmt: skip
 
@@ -37,7 +37,7 @@ def test_a_bad_engine_setting_is_named_by_its_flag_before_any_model_loads(tmp_pa
 def test_the_principles_per_pair_flag_keeps_its_short_name(tmp_path, flag):
     result = CliRunner().invoke(
         app,
-        ["stage", "label", "--pairs", str(tmp_path), "--constitution", "harmless", "--model", "m",
+        ["stage", "label", "--pairs", str(tmp_path), "--constitution", "harmless", "--feedback-model", "m",
          "--out", str(tmp_path / "labels"), flag, "0"],
     )  # fmt: skip
 

@@ -84,7 +84,7 @@ def new_run(env) -> dict:
             "experiment=step-retries",
             f"model_name_prefix=r{uuid.uuid4().hex[:8]}",
             "sft={max_steps: 1, batch_size: 2, max_length: 64}",
-            "feedback={principles_per_pair: 1, shard_size: 1, batch_size: 4}",
+            "label={principles_per_pair: 1, shard_size: 1, batch_size: 4}",
         ],
     )
     run_id = uuid.uuid4().hex[:12]

@@ -137,7 +137,7 @@ def test_the_rl_command_sets_a_nested_field_and_a_bad_value_names_its_flag(tmp_p
 def test_an_sft_flag_that_is_out_of_range_names_the_flag(tmp_path):
     result = CliRunner().invoke(
         app,
-        ["stage", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--processes", "-1"],
+        ["stage", "sft", "--traces", "d", "--policy", "m", "--out", str(tmp_path / "o"), "--processes", "-1"],
     )
 
     assert "--processes" in str(result.exception)

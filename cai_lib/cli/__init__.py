@@ -24,7 +24,8 @@ from cai_lib.cli import (
 from cai_lib.core.errors import CaiError
 
 app = typer.Typer(
-    help="Constitutional AI on Kubernetes: constitutions, SL-CAI, AI feedback, preference models, RL-CAI.",
+    help="Constitutional AI on Kubernetes: constitutions, SL-CAI, AI feedback, preference models, RL-CAI.\n\n"
+    "Example: cai run --quick",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )

@@ -4,6 +4,8 @@ As TRL's parser builds flags from its config dataclasses, `config_options` gives
 option per field of a pydantic config (a nested model's fields flattened under its name, as in
 `--engine-max-model-len`) and calls the command with the validated config. A flag left out keeps
 the config's default, so the command line, the run config and the defaults cannot drift apart.
+Help shows each default; a switch is `--x/--no-x`; a field holding a file's content (a chat
+template) takes the file's path.
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ import functools
 import inspect
 import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Literal, TypeVar, Union, get_args, get_origin
 
 import typer
 from pydantic import BaseModel, ValidationError
 
 from cai_lib.core.errors import CaiError
+from cai_lib.core.text import read_text_file
+from cai_lib.core.uris import is_s3
 
 Config = TypeVar("Config", bound=BaseModel)
+
+
+# Fields whose value is a file's content: on the command line the flag takes the file's path.
+FILE_FIELDS = frozenset({"chat_template"})
 
 
 class Flag:
@@ -38,24 +47,43 @@ class Flag:
         self.name = "cfg_" + "__".join(path)
         self.flag = "--" + "-".join(path).replace("_", "-")
         self.alias = alias
-        self.annotation = annotation
+        self.is_file = path[-1] in FILE_FIELDS
+        self.annotation = Path if self.is_file else annotation
         self.default = default
         choices = f" One of: {', '.join(m.value for m in annotation)}." if isinstance(annotation, enum.EnumMeta) else ""
-        self.help = f"{description or ''}{choices} [config default: {_shown(default)}]".strip()
-        # Short type names keep the flag column wide enough for the longest flag.
-        self.metavar = "CHOICE" if choices else annotation.__name__.upper()
+        self.help = f"{description or ''}{choices}".strip() + (" Give the path of a file that holds it." if self.is_file else "")
 
     def parameter(self) -> inspect.Parameter:
-        # A switch that is off by default needs no --no- form (it keeps help readable at 80 columns).
-        decls = f"{self.flag}/--no-{self.flag[2:]}" if self.annotation is bool and self.default else self.flag
+        # Every switch has both forms, so a command line can turn off what a default turns on.
+        decls = f"{self.flag}/--no-{self.flag[2:]}" if self.annotation is bool else self.flag
         return inspect.Parameter(
             self.name,
             inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option(
-                None, decls, *filter(None, [self.alias]), help=self.help, show_default=False, metavar=self.metavar
+                self.shown_default,
+                decls,
+                *filter(None, [self.alias]),
+                help=self.help,
+                show_default=True,
+                metavar=None if self.annotation is bool else _metavar(self.annotation),
             ),
             annotation=self.annotation | None,
         )
+
+    @property
+    def shown_default(self) -> object:
+        """The config's default as the option's own, for help to show (a file field has none)."""
+        if self.is_file or self.default is None:
+            return None
+        return self.annotation(self.default) if isinstance(self.annotation, enum.EnumMeta) else self.default
+
+    def value(self, given: object) -> object:
+        """The config value of what the command line gave: an enum's value, a file's text."""
+        if isinstance(given, enum.Enum):
+            return given.value
+        if self.is_file:
+            return read_text_file(given)
+        return given
 
 
 def flags_of(
@@ -93,17 +121,34 @@ def config_options(
 
     def decorate(command: Callable) -> Callable:
         own = [p for p in inspect.signature(command).parameters.values() if p.name != "config"]
+        taken = {decl for p in own for decl in getattr(p.default, "param_decls", None) or ()}
+        clashes = sorted(taken & {name for flag in flags for name in (flag.flag, flag.alias) if name})
+        if clashes:
+            raise TypeError(f"{command.__name__}: options {clashes} are also flags of {config.__name__}'s fields")
 
         @functools.wraps(command)
-        def wrapper(**values):
+        def wrapper(ctx: typer.Context, **values):
+            # Every reference a stage takes (an output, a model, a dataset, a prompt source) is
+            # checked before any model loads: a mistyped `s3:` URI is one line now, not after minutes.
+            for param in ctx.command.params:
+                value = values.get(param.name)
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, str):
+                        try:
+                            is_s3(item)
+                        except CaiError as err:
+                            raise CaiError(f"{param.opts[0]}: {err}") from None
             settings: dict = {}
             for flag in flags:
                 value = values.pop(flag.name)
-                if value is not None:
-                    _put(settings, flag.path, value.value if isinstance(value, enum.Enum) else value)
+                # Only what the command line gave is set: a field left out keeps the config's
+                # default and stays "not set" (a seed, for one, is then derived, not pinned).
+                if ctx.get_parameter_source(flag.name).name != "DEFAULT":
+                    _put(settings, flag.path, flag.value(value))
             return command(**values, config=config_from(config, **settings))
 
-        wrapper.__signature__ = inspect.Signature([*own, *(flag.parameter() for flag in flags)])
+        context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+        wrapper.__signature__ = inspect.Signature([context, *own, *(flag.parameter() for flag in flags)])
         return wrapper
 
     return decorate
@@ -147,5 +192,8 @@ def _option_type(annotation, name: str) -> type:
     raise TypeError(f"config field '{name}': no command-line option for type {annotation!r}")
 
 
-def _shown(default: object) -> str:
-    return "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+def _metavar(annotation: type) -> str:
+    # Short type names keep the flag column wide enough for the longest flag.
+    if isinstance(annotation, enum.EnumMeta):
+        return "CHOICE"
+    return "FILE" if annotation is Path else annotation.__name__.upper()

@@ -21,7 +21,8 @@ from cai_lib.core.constitution import (
 )
 
 app = typer.Typer(
-    help="Versioned constitutions: constitutions/<name>/<version>.yaml, locked by content hash.",
+    help="Versioned constitutions: constitutions/<name>/<version>.yaml, locked by content hash.\n\n"
+    "Example: cai constitution show harmless@1.0.0",
     no_args_is_help=True,
 )
 
@@ -94,7 +95,7 @@ def diff(
 ) -> None:
     """List principle ids added, removed and changed between two constitutions.
 
-    Example: cai constitution diff harmless@1.0.0 harmless@1.1.0
+    Example: cai constitution diff harmless@1.0.0 constitutions/harmless/1.0.0.yaml
     """
     result = diff_constitutions(load_constitution(old, root), load_constitution(new, root))
     typer.echo(f"{result.old_ref} -> {result.new_ref}")
@@ -123,8 +124,7 @@ def import_(
     Ids are kept (harmful0, ...); comparison questions get ids comparison0, comparison1, ...
     An existing file with other content is never overwritten.
 
-    Example: cai constitution import --critiques CritiqueRevisionInstructions.json
-    --comparisons RLMadisonInstructions.json --name paper --version 1.0.0 --out constitutions
+    Example: cai constitution import --critiques tests/data/paper_format/CritiqueRevisionInstructions.json --comparisons tests/data/paper_format/RLMadisonInstructions.json --name paper --version 1.0.0 --out runs/constitutions
     """
     constitution = import_paper_format(critiques, comparisons, name, version)
     uri = publish_constitution(constitution, out)

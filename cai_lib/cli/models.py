@@ -11,7 +11,11 @@ import typer
 from cai_lib.platform.registry.gate import PromotionGate
 
 GATE_FIELDS = PromotionGate.model_fields
-app = typer.Typer(help="Registered models in MLflow: versions, aliases and lineage.", no_args_is_help=True)
+app = typer.Typer(
+    help="Registered models in MLflow: versions, aliases and lineage. Run where `cai run` ran, they find "
+    "its registry.\n\nExample: cai models list",
+    no_args_is_help=True,
+)
 
 TRACKING_OPTION = typer.Option(
     None,
@@ -42,7 +46,7 @@ def list_command(
 
     Example: cai models list
 
-    Example: cai models list --model cai-rl-policy --json
+    Example: cai models list --model cai-harmless-rl-cai --json
     """
     from rich.console import Console
     from rich.table import Table
@@ -102,7 +106,7 @@ def fetch_command(
     The checkpoint's manifest must still match the hash recorded at registration. The last line
     printed is the local checkpoint directory, which transformers or vLLM load as it is.
 
-    Example: cai models fetch models:/cai-harmless-rl-cai@champion --out /models/current && vllm serve /models/current
+    Example: cai models fetch models:/cai-harmless-rl-cai@champion --out served/
     """
     import shutil
 
@@ -147,9 +151,9 @@ def promote_command(
     policy, by the same gate. The decision and its reason are always recorded as tags
     cai.gate.decision and cai.gate.reason.
 
-    Example: cai promote --model cai-rl-policy
+    Example: cai promote --model cai-harmless-rl-cai
 
-    Example: cai promote --model cai-rl-policy --version 3 --force
+    Example: cai promote --model cai-harmless-rl-cai --version 1 --force
     """
     from pydantic import ValidationError
 

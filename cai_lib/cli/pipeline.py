@@ -112,7 +112,7 @@ def compile_command(
     The run config's params become the pipeline parameters' defaults; its deploy section sets
     images, per-stage GPU resources, node selectors, tolerations and secrets.
 
-    Example: cai compile --out pipeline.yaml --config my-run.yaml
+    Example: cai compile --out pipeline.yaml --config pipelines/configs/paper.yaml
     """
     from pipelines.cai_pipeline import compile_pipeline
 

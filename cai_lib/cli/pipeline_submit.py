@@ -47,7 +47,7 @@ def submit_command(
     profiles and secrets. In a pod, a projected ServiceAccount token at
     KF_PIPELINES_SA_TOKEN_PATH authenticates against multi-user Kubeflow.
 
-    Example: cai submit --host http://localhost:8080 --config my-run.yaml --set constitution=harmless@1.0.0
+    Example: cai submit --host http://localhost:8080 --config pipelines/configs/paper.yaml --set constitution=harmless@1.0.0
     """
     from pipelines.submit import submit_run
 
@@ -113,13 +113,9 @@ def retrain_command(
 
     Example: cai retrain --repo . --dry-run
 
-    Example: cai retrain --repo . --config my-run.yaml --dry-run   # names a changed base_model or image too
+    Example: cai retrain --repo . --config pipelines/configs/paper.yaml --dry-run
 
-    Example: cai retrain --repo . --registry s3://my-bucket/constitutions --dry-run
-
-    Example: cai retrain --repo /workspace/repo --registry s3://my-bucket/constitutions --host http://ml-pipeline.kubeflow:8888
-
-    Example: cai retrain --repo /etc/cai --revision cai-platform-0.1.0 --registry s3://my-bucket/constitutions --dry-run
+    Example: cai retrain --repo . --registry s3://my-bucket/constitutions --host http://localhost:8080
     """
     from cai_lib.platform.retrain.gitops import retrain
     from pipelines.submit import submit_run

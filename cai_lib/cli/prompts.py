@@ -7,7 +7,11 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Prompt sources: JSONL, hh-rlhf transcripts, s3:// URIs, hf: datasets, built-in sets.")
+app = typer.Typer(
+    help="Prompt sources: JSONL, hh-rlhf transcripts, s3:// URIs, hf: datasets, built-in sets.\n\n"
+    "Example: cai prompts show builtin:helpful",
+    no_args_is_help=True,
+)
 
 LINE_WIDTH = 100
 
@@ -33,7 +37,7 @@ def show(
 ) -> None:
     """Print how many prompts SRC holds (and how many are unique), then the first ones, one line each.
 
-    Example: cai prompts show data/hh-rlhf/harmless-base/test.jsonl.gz --limit 3
+    Example: cai prompts show builtin:red_team --limit 3
     """
     from cai_lib.core.prompts import deduplicate, read_prompts
 

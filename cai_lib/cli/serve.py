@@ -7,23 +7,48 @@ from typing import Annotated
 import typer
 
 from cai_lib.cli.models import TRACKING_OPTION
+from cai_lib.core.errors import CaiError
 from cai_lib.core.names import CHAMPION
 
 app = typer.Typer(
-    help="Serving: KServe InferenceServices that follow the registry's champion.", no_args_is_help=True
+    help="Serving: KServe InferenceServices that follow the registry's champion (docs/deploy.md).\n\n"
+    "Example: cai serve sync cai-harmless-rl-cai --namespace ml-team",
+    no_args_is_help=True,
 )
 Models = Annotated[
     list[str], typer.Argument(help="Registered model names; each is also its InferenceService's name.")
 ]
 NAMESPACE_OPTION = typer.Option(
-    ..., "--namespace", "-n", envvar="CAI_SERVING_NAMESPACE", help="Namespace of the InferenceServices."
+    None, "--namespace", "-n", help="Namespace of the InferenceServices (default: $CAI_SERVING_NAMESPACE)."
 )
+
+
+def serving_namespace(namespace: str | None) -> str:
+    """--namespace, else $CAI_SERVING_NAMESPACE; one line when neither is given."""
+    from cai_lib.core.settings import settings
+    from cai_lib.platform.serving import SERVING_NAMESPACE_ENV
+
+    chosen = namespace or settings().serving_namespace
+    if not chosen:
+        raise CaiError(f"--namespace: not given and ${SERVING_NAMESPACE_ENV} is not set")
+    return chosen
+
+
+def webhook_secret(why: str) -> str:
+    """$CAI_WEBHOOK_SECRET; one line naming it when it is empty."""
+    from cai_lib.core.settings import settings
+    from cai_lib.platform.webhook import SECRET_ENV
+
+    secret = settings().webhook_secret
+    if secret is None:
+        raise CaiError(f"${SECRET_ENV} is empty: {why}")
+    return secret.get_secret_value()
 
 
 @app.command("sync")
 def sync_command(
     models: Models,
-    namespace: str = NAMESPACE_OPTION,
+    namespace: str | None = NAMESPACE_OPTION,
     alias: str = typer.Option(CHAMPION, "--alias", help="The alias each InferenceService follows."),
     tracking_uri: str = TRACKING_OPTION,
 ) -> None:
@@ -37,6 +62,7 @@ def sync_command(
     """
     from cai_lib.platform.serving import custom_objects_api, sync
 
+    namespace = serving_namespace(namespace)
     api = custom_objects_api()
     for model in models:
         result = sync(api, tracking_uri, model, namespace, alias)
@@ -49,7 +75,7 @@ def sync_command(
 @app.command("webhook")
 def webhook_command(
     models: Models,
-    namespace: str = NAMESPACE_OPTION,
+    namespace: str | None = NAMESPACE_OPTION,
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     tracking_uri: str = TRACKING_OPTION,
 ) -> None:
@@ -59,17 +85,11 @@ def webhook_command(
 
     Example: CAI_WEBHOOK_SECRET=... cai serve webhook cai-harmless-rl-cai --namespace ml-team
     """
-    import os
-
-    from cai_lib.core.errors import CaiError
     from cai_lib.platform.serving import custom_objects_api, sync
-    from cai_lib.platform.webhook import SECRET_ENV, receiver
+    from cai_lib.platform.webhook import receiver
 
-    secret = os.environ.get(SECRET_ENV)
-    if not secret:
-        raise CaiError(
-            f"${SECRET_ENV} is empty: the receiver verifies every delivery with the webhook's secret"
-        )
+    secret = webhook_secret("the receiver verifies every delivery with the webhook's secret")
+    namespace = serving_namespace(namespace)
     api = custom_objects_api()
     server = receiver(
         port, secret, models, lambda model: sync(api, tracking_uri, model, namespace).model_dump()
@@ -88,12 +108,7 @@ def register_webhook_command(
 
     Example: CAI_WEBHOOK_SECRET=... cai serve register-webhook http://cai-cai-platform-serve-webhook:8080/
     """
-    import os
+    from cai_lib.platform.webhook import register_webhook
 
-    from cai_lib.core.errors import CaiError
-    from cai_lib.platform.webhook import SECRET_ENV, register_webhook
-
-    secret = os.environ.get(SECRET_ENV)
-    if not secret:
-        raise CaiError(f"${SECRET_ENV} is empty: the webhook's deliveries must be signed")
+    secret = webhook_secret("the webhook's deliveries must be signed")
     typer.echo(f"webhook {register_webhook(tracking_uri, url, secret)} posts alias changes to {url}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from cai_lib.cli.config_options import config_options
-from cai_lib.cli.stage_sl import _read_prompts
+from cai_lib.cli.stage_sl import CONSTITUTION, PROMPT_SOURCES, _read_prompts
 from cai_lib.core.errors import CaiError
 from cai_lib.engines.models import EMBEDDED_ALIAS
 from cai_lib.method.evaluation.config import EvaluationConfig
@@ -18,19 +18,25 @@ from cai_lib.method.evaluation.config import EvaluationConfig
 POLICIES = typer.Option(
     ...,
     "--policy",
-    help="A policy to evaluate as NAME=REF (model ref); repeat for each policy, in order.",
+    help="A policy to evaluate, as in the other stages; repeat it for each policy, in order. Each is named "
+    "in the report by the last part of its ref (runs/demo/sl-cai is sl-cai), or by NAME in NAME=REF.",
 )
 
 
 def parse_policies(values: list[str]) -> dict[str, str]:
-    """`NAME=REF` strings as an ordered name -> ref mapping; a malformed or repeated name is a `CaiError`."""
+    """`REF` or `NAME=REF` strings as an ordered name -> ref mapping (a bare ref is named by its last
+    path part); an empty or repeated name is a `CaiError`."""
     policies: dict[str, str] = {}
     for value in values:
         name, sep, ref = value.partition("=")
-        if not sep or not name.strip() or not ref.strip():
-            raise CaiError(f"--policy {value}: expected NAME=REF, e.g. --policy sl-cai=runs/sl-cai")
+        if not sep:
+            name, ref = value.rstrip("/").rpartition("/")[2], value
+        if not name.strip() or not ref.strip():
+            raise CaiError(f"--policy {value}: expected REF or NAME=REF, e.g. --policy runs/demo/sl-cai")
         if name.strip() in policies:
-            raise CaiError(f"--policy {value}: the name '{name.strip()}' is given twice")
+            raise CaiError(
+                f"--policy {value}: the name '{name.strip()}' is given twice; name them apart with NAME=REF"
+            )
         policies[name.strip()] = ref.strip()
     return policies
 
@@ -43,23 +49,16 @@ def parse_policies(values: list[str]) -> dict[str, str]:
 )
 def evaluate_command(
     policy: list[str] = POLICIES,
-    reward: str = typer.Option(..., "--reward", help="Preference model ref (from `cai stage train-pm`)."),
-    constitution: str = typer.Option(
-        ..., "--constitution", help="name@version, name (newest), a YAML path, an s3:// URI or inline YAML."
-    ),
-    prompts: str = typer.Option(
-        ...,
-        "--prompts",
-        help="Held-out red-team prompts: a JSONL or hh-rlhf .jsonl(.gz) file, an s3:// URI of one, hf:ORG/NAME "
-        "(optionally hf:ORG/NAME/DATA_DIR:SPLIT), or builtin:red_team.",
-    ),
+    reward: str = typer.Option(..., "--reward", help="The preference model written by `cai stage train_pm`."),
+    constitution: str = CONSTITUTION,
+    prompts: str = typer.Option(..., "--prompts", help=f"Held-out red-team prompts: {PROMPT_SOURCES}."),
     out: str = typer.Option(
         ...,
         "--out",
         help="Local directory or s3:// prefix for metrics.json, answers, judgements and report.html.",
     ),
-    helpful: str | None = typer.Option(
-        None, "--helpful", help="Held-out helpfulness prompts (same sources as --prompts); omit to skip them."
+    helpful_prompts: str | None = typer.Option(
+        None, "--helpful-prompts", help="Held-out helpfulness prompts (same sources); omit to skip them."
     ),
     judge_model: str = typer.Option(
         EMBEDDED_ALIAS, "--judge-model", help="Model that judges comparisons and evasiveness."
@@ -73,7 +72,7 @@ def evaluate_command(
     traces: str | None = typer.Option(
         None,
         "--traces",
-        help="SL-CAI traces (from `cai stage critique-revise`) for per-principle statistics.",
+        help="SL-CAI traces (written by `cai stage critique_revise`) for per-principle statistics.",
     ),
     limit: int | None = typer.Option(None, "--limit", help="Use the first K distinct prompts of each set."),
     *,
@@ -83,7 +82,7 @@ def evaluate_command(
 
     Writes metrics.json, answers.jsonl, judgements.jsonl and a self-contained report.html to --out.
 
-    Example: cai stage evaluate --policy base=smollm2-135m-instruct --policy sl-cai=runs/sl-cai --reward runs/pm --constitution harmless@1.0.0 --prompts runs/prompts/red_team_eval.jsonl --helpful builtin:helpful --traces runs/traces --limit 8 --out runs/eval
+    Example: cai stage evaluate --policy base=smollm2-135m-instruct --policy runs/demo/sl-cai --policy runs/demo/rl-cai --reward runs/demo/pm --constitution harmless@1.0.0 --prompts builtin:red_team --helpful-prompts builtin:helpful --traces runs/demo/traces --limit 4 --out runs/demo/eval
     """
     from cai_lib.core.constitution import load_constitution
     from cai_lib.method.evaluation.evaluate import evaluate
@@ -91,7 +90,7 @@ def evaluate_command(
     policies = parse_policies(policy)
     loaded = load_constitution(constitution)
     red_team = _read_prompts(prompts, "red_team", limit)
-    helpful_prompts = _read_prompts(helpful, "helpful", limit) if helpful else []
+    helpful = _read_prompts(helpful_prompts, "helpful", limit) if helpful_prompts else []
     trace_rows = _read_traces(traces) if traces else None
     result = evaluate(
         policies,
@@ -99,7 +98,7 @@ def evaluate_command(
         judge_model,
         loaded,
         red_team,
-        helpful_prompts,
+        helpful,
         out,
         config,
         trace_rows,
@@ -119,7 +118,7 @@ def report_command(
 ) -> None:
     """Write or refresh the HTML report of an evaluation from its metrics.json.
 
-    Example: cai report runs/eval
+    Example: cai report runs/demo/eval
     """
     from cai_lib.method.evaluation.report import refresh_report
 

@@ -9,17 +9,22 @@ from __future__ import annotations
 import typer
 
 from cai_lib.cli.config_options import config_options
-from cai_lib.cli.stage_sl import LIMIT, OUT_DATASET, PROMPTS, _read_prompts
+from cai_lib.cli.stage_sl import CONSTITUTION, LIMIT, OUT_DATASET, PROMPTS, _read_prompts
 from cai_lib.method.feedback import FeedbackConfig
 from cai_lib.method.pairs import SamplePairsConfig
 
-CONSTITUTION = typer.Option(
-    ..., "--constitution", help="name@version, name (newest), a YAML path, an s3:// URI or inline YAML."
-)
 FEEDBACK_MODEL = typer.Option(
     ...,
-    "--model",
-    help="Feedback model ref: local checkpoint, s3:// checkpoint, models:/NAME@ALIAS, HF id or smollm2-135m-instruct.",
+    "--feedback-model",
+    help="The feedback model that labels: a local or s3:// checkpoint, models:/NAME@ALIAS, a Hugging Face id or "
+    "smollm2-135m-instruct.",
+)
+HUMAN = typer.Option(
+    ...,
+    "--human",
+    help="Human-labelled comparisons: an hh-rlhf .jsonl(.gz) file ({chosen, rejected}), a multiple-choice "
+    ".jsonl file ({prompt, corrects, incorrects}) as the paper's authors published, an s3:// URI of one, "
+    "or an hf:ORG/NAME dataset (hh-rlhf).",
 )
 # Set by the run config only: the option letters and the principles held out for the evaluation judge.
 RUN_CONFIG_ONLY = frozenset({"option_labels", "held_out_principles"})
@@ -29,8 +34,8 @@ SHORT_FLAGS = {"principles_per_pair": "--principles"}
 @config_options(SamplePairsConfig)
 def sample_pairs_command(
     prompts: str = PROMPTS,
-    model: str = typer.Option(
-        ..., "--model", help="Policy model ref (the SL-CAI checkpoint) that samples both answers."
+    policy: str = typer.Option(
+        ..., "--policy", help="The policy (the SL-CAI checkpoint) that samples both answers."
     ),
     out: str = OUT_DATASET,
     limit: int | None = LIMIT,
@@ -39,12 +44,12 @@ def sample_pairs_command(
 ) -> None:
     """Response pairs (paper §4.1): the policy samples two answers to each red-team prompt.
 
-    Example: cai stage sample-pairs --prompts builtin:red_team --model runs/sl-cai --limit 8 --out runs/pairs
+    Example: cai stage sample_pairs --prompts builtin:red_team --policy runs/demo/sl-cai --limit 4 --out runs/demo/pairs
     """
     from cai_lib.method.pairs import sample_pairs
 
     records = _read_prompts(prompts, "red_team", limit)
-    rows = sample_pairs(records, model, out, config)
+    rows = sample_pairs(records, policy, out, config)
     dropped = len(records) - rows
     typer.echo(
         f"wrote {rows} pair(s) to {out}" + (f" ({dropped} dropped for an empty answer)" if dropped else "")
@@ -54,17 +59,17 @@ def sample_pairs_command(
 @config_options(FeedbackConfig, skip=RUN_CONFIG_ONLY, aliases=SHORT_FLAGS)
 def label_command(
     pairs: str = typer.Option(
-        ..., "--pairs", help="Response pairs written by `cai stage sample-pairs` (dir, file or s3://)."
+        ..., "--pairs", help="Response pairs written by `cai stage sample_pairs` (a directory, a file or s3://)."
     ),
     constitution: str = CONSTITUTION,
-    model: str = FEEDBACK_MODEL,
+    feedback_model: str = FEEDBACK_MODEL,
     out: str = OUT_DATASET,
     *,
     config: FeedbackConfig,
 ) -> None:
     """AI feedback (paper §4.1): soft labels P(A better) from option log-probs, over K principles and both orders.
 
-    Example: cai stage label --pairs runs/pairs --constitution harmless@1.0.0 --model smollm2-135m-instruct --principles 4 --out runs/labels
+    Example: cai stage label --pairs runs/demo/pairs --constitution harmless@1.0.0 --feedback-model smollm2-135m-instruct --principles 2 --out runs/demo/labels
     """
     from cai_lib.core.constitution import load_constitution
     from cai_lib.core.records import Preference, ResponsePair
@@ -73,7 +78,7 @@ def label_command(
 
     loaded = load_constitution(constitution)
     rows = list(read_dataset(pairs, ResponsePair))
-    written = label_preferences(rows, loaded, model, out, config)
+    written = label_preferences(rows, loaded, feedback_model, out, config)
     labels = [p.label for p in read_dataset(out, Preference)]
     prefer_a = sum(label > 0.5 for label in labels)
     typer.echo(
@@ -84,15 +89,9 @@ def label_command(
 
 @config_options(FeedbackConfig, skip=RUN_CONFIG_ONLY | {"shard_size"}, aliases=SHORT_FLAGS)
 def label_accuracy_command(
-    human: str = typer.Option(
-        ...,
-        "--human",
-        help="Human-labelled comparisons: an hh-rlhf .jsonl(.gz) file ({chosen, rejected}), a multiple-choice "
-        ".jsonl file ({prompt, corrects, incorrects}) as the paper's authors published, an s3:// URI of one, "
-        "or an hf:ORG/NAME dataset (hh-rlhf).",
-    ),
+    human: str = HUMAN,
     constitution: str = CONSTITUTION,
-    model: str = FEEDBACK_MODEL,
+    feedback_model: str = FEEDBACK_MODEL,
     limit: int | None = typer.Option(None, "--limit", help="Use the first K comparisons (default: all)."),
     as_json: bool = typer.Option(
         False, "--json", help="Also print the full report as one JSON line before the summary."
@@ -106,12 +105,12 @@ def label_accuracy_command(
     option orders, chain of thought with --cot). Also printed: the always-(A) and always-(B)
     baselines of a multiple-choice file and the labeller's position bias.
 
-    Example: cai stage label-accuracy --human data/hh-rlhf/harmless-base/test.jsonl.gz --constitution harmless@1.0.0 --model smollm2-135m-instruct --limit 100
+    Example: cai stage label_accuracy --human hf:Anthropic/hh-rlhf/harmless-base:test --constitution harmless@1.0.0 --feedback-model smollm2-135m-instruct --limit 20
     """
     from cai_lib.core.constitution import load_constitution
     from cai_lib.method.label_accuracy import label_accuracy
 
-    report = label_accuracy(human, load_constitution(constitution), model, limit, config)
+    report = label_accuracy(human, load_constitution(constitution), feedback_model, limit, config)
     typer.echo(
         f"{report.format} comparisons from {report.source}, scored {'by the training labeller' if report.scoring == 'labeller' else 'as published'}; "
         f"feedback model {report.model_ref}, {report.constitution_ref}"

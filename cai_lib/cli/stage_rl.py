@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from cai_lib.cli.config_options import config_options
-from cai_lib.cli.stage_sl import _world_line
+from cai_lib.cli.stage_sl import OUT_CHECKPOINT, PROMPT_SOURCES, _world_line
 from cai_lib.core.errors import CaiError
 from cai_lib.core.records import PromptKind, PromptRecord
 from cai_lib.engines.launch import TrainingJob, launch, staged_rows
@@ -20,31 +20,25 @@ from cai_lib.engines.training import process_count, visible_gpus
 from cai_lib.method.preference_model import PreferenceModelConfig, PreferenceModelMetrics
 from cai_lib.method.rl import RLConfig, RLMetrics
 
-PROMPT_SOURCES = "a JSONL or hh-rlhf .jsonl(.gz) file, an s3:// URI of one, hf:ORG/NAME (optionally /DATA_DIR and :SPLIT), or builtin:NAME"
-
 RED_TEAM_PROMPTS = typer.Option(
     ..., "--prompts", help=f"Red-team training prompts (repeatable): {PROMPT_SOURCES}."
 )
 HELPFUL_PROMPTS = typer.Option(
     [], "--helpful-prompts", help="Helpfulness training prompts (repeatable), in the same formats."
 )
+LABELS = "AI preference labels written by `cai stage label`: a directory of shards, a JSONL file or s3://"
 
 
 @config_options(PreferenceModelConfig)
 def train_pm(
-    ai: str = typer.Option(
+    ai_labels: str = typer.Option(..., "--ai-labels", help=f"{LABELS}."),
+    base_model: str = typer.Option(
         ...,
-        "--ai",
-        help="AI preference labels from `cai stage label`: a JSONL file or a directory of shards.",
+        "--base-model",
+        help="The model the PM starts from: a local or s3:// checkpoint, models:/NAME@ALIAS, a Hugging Face id or "
+        "smollm2-135m-instruct.",
     ),
-    model: str = typer.Option(
-        ...,
-        "--model",
-        help="Base model ref for the PM: local or s3:// checkpoint, models:/NAME@ALIAS, HF id or smollm2-135m-instruct.",
-    ),
-    out: str = typer.Option(
-        ..., "--out", help="Local directory or s3:// prefix for the PM checkpoint; must be empty."
-    ),
+    out: str = OUT_CHECKPOINT,
     human: str | None = typer.Option(
         None,
         "--human",
@@ -60,19 +54,19 @@ def train_pm(
 
     With --processes N, N processes train under torchrun (gloo on a CPU, one per GPU otherwise); rank 0 writes the checkpoint.
 
-    Example: cai stage train-pm --ai runs/labels --human data/hh-rlhf/helpful-base/train.jsonl.gz --model smollm2-135m-instruct --epochs 1 --out runs/pm
+    Example: cai stage train_pm --ai-labels runs/demo/labels --base-model smollm2-135m-instruct --epochs 1 --out runs/demo/pm
     """
     from cai_lib.method.human_preferences import read_human_preferences, read_preferences
 
-    ai_prefs = read_preferences(ai)
+    ai_prefs = read_preferences(ai_labels)
     human_prefs = read_human_preferences(human, limit=human_limit) if human else []
-    typer.echo(f"read {len(ai_prefs)} AI-labelled pair(s) from {ai} and {len(human_prefs)} human pair(s)")
+    typer.echo(f"read {len(ai_prefs)} AI-labelled pair(s) from {ai_labels} and {len(human_prefs)} human pair(s)")
     with tempfile.TemporaryDirectory(prefix="cai-train-pm-") as folder:
         job = TrainingJob(
             stage="train_pm",
-            model=model,
+            model=base_model,
             out=out,
-            data={"ai": [ai], "human": staged_rows(Path(folder), "human", human_prefs)},
+            data={"ai": [ai_labels], "human": staged_rows(Path(folder), "human", human_prefs)},
             config=config.model_dump(mode="json"),
         )
         metrics = PreferenceModelMetrics.model_validate(launch(job, process_count(config, visible_gpus())))
@@ -88,20 +82,12 @@ def train_pm(
 
 @config_options(RLConfig)
 def rl(
-    policy: str = typer.Option(..., "--policy", help="The SL-CAI policy checkpoint to optimise (model ref)."),
-    reward: str = typer.Option(
-        ..., "--reward", help="The preference model from `cai stage train-pm` (model ref)."
-    ),
+    policy: str = typer.Option(..., "--policy", help="The policy to optimise (the SL-CAI checkpoint)."),
+    reward: str = typer.Option(..., "--reward", help="The preference model written by `cai stage train_pm`."),
     prompts: list[str] = RED_TEAM_PROMPTS,
-    out: str = typer.Option(
-        ..., "--out", help="Local directory or s3:// prefix for the policy checkpoint; must be empty."
-    ),
+    out: str = OUT_CHECKPOINT,
     helpful_prompts: list[str] = HELPFUL_PROMPTS,
-    preferences: str | None = typer.Option(
-        None,
-        "--preferences",
-        help="AI preference labels for --algorithm dpo: a JSONL file or a directory of shards.",
-    ),
+    ai_labels: str | None = typer.Option(None, "--ai-labels", help=f"{LABELS}; what --algorithm dpo trains on."),
     limit: int | None = typer.Option(
         None, "--limit", help="Use the first K distinct prompts of each source."
     ),
@@ -112,14 +98,14 @@ def rl(
 
     With --processes N, N processes train under torchrun (gloo on a CPU, one per GPU otherwise); rank 0 writes the checkpoint.
 
-    Example: cai stage rl --policy runs/sl-cai --reward runs/pm --prompts builtin:red_team --helpful-prompts builtin:helpful --steps 10 --out runs/rl-cai
+    Example: cai stage rl --policy runs/demo/sl-cai --reward runs/demo/pm --prompts builtin:red_team --helpful-prompts builtin:helpful --limit 4 --steps 2 --out runs/demo/rl-cai
     """
     from cai_lib.method.human_preferences import read_preferences
 
-    if config.algorithm == "dpo" and preferences is None:
-        raise CaiError("--algorithm dpo: needs --preferences (the AI-labelled pairs to train on)")
+    if config.algorithm == "dpo" and ai_labels is None:
+        raise CaiError("--algorithm dpo: needs --ai-labels (the AI-labelled pairs to train on)")
     records = _prompts(prompts, "red_team", limit) + _prompts(helpful_prompts, "helpful", limit)
-    pairs = read_preferences(preferences) if preferences else None
+    pairs = read_preferences(ai_labels) if ai_labels else None
     typer.echo(
         f"{config.algorithm}: {len(records)} prompt(s)"
         + (f", {len(pairs)} preference pair(s)" if pairs else "")
@@ -132,7 +118,7 @@ def rl(
             out=out,
             data={
                 "prompts": staged_rows(Path(folder), "prompts", records),
-                **({"preferences": [preferences]} if preferences else {}),
+                **({"preferences": [ai_labels]} if ai_labels else {}),
             },
             config=config.model_dump(mode="json"),
         )

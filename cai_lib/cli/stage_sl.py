@@ -6,8 +6,6 @@ defaults and help come from the stage configs, so the CLI and the run config can
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from cai_lib.cli.config_options import config_options
@@ -17,89 +15,88 @@ from cai_lib.engines.training import WorldReport
 from cai_lib.method.critique_revise import CritiqueReviseConfig, HelpfulSamplesConfig
 from cai_lib.method.sft import SFTMetrics, SFTStageConfig
 
-PROMPTS = typer.Option(
-    ...,
-    "--prompts",
-    help="A JSONL or hh-rlhf .jsonl/.jsonl.gz file, an s3:// URI of one, a Hugging Face dataset (hf:ORG/NAME, "
-    "optionally hf:ORG/NAME/DATA_DIR:SPLIT), or builtin:red_team / builtin:helpful.",
+PROMPT_SOURCES = (
+    "a JSONL or hh-rlhf .jsonl/.jsonl.gz file, an s3:// URI of one, a Hugging Face dataset (hf:ORG/NAME, "
+    "optionally hf:ORG/NAME/DATA_DIR:SPLIT), or builtin:NAME"
 )
-MODEL = typer.Option(
+# The flags every stage spells the same way: --prompts (red-team prompts), --helpful-prompts,
+# --policy (the model that answers and is trained), --constitution, --out, --limit.
+PROMPTS = typer.Option(..., "--prompts", help=f"Red-team prompts: {PROMPT_SOURCES} (builtin:red_team).")
+HELPFUL_PROMPTS = typer.Option(
+    ..., "--helpful-prompts", help=f"Helpfulness prompts: {PROMPT_SOURCES} (builtin:helpful)."
+)
+POLICY = typer.Option(
     ...,
-    "--model",
-    help="Model ref: local checkpoint, s3:// checkpoint, models:/NAME@ALIAS, HF id or smollm2-135m-instruct.",
+    "--policy",
+    help="The policy: a local or s3:// checkpoint, models:/NAME@ALIAS, a Hugging Face id or smollm2-135m-instruct.",
+)
+CONSTITUTION = typer.Option(
+    ..., "--constitution", help="name@version, name (newest), a YAML path, an s3:// URI or inline YAML."
 )
 OUT_DATASET = typer.Option(
     ..., "--out", help="Local directory or s3:// prefix for the JSONL shards; a rerun resumes there."
 )
 LIMIT = typer.Option(None, "--limit", help="Use the first K distinct prompts.")
-CHAT_TEMPLATE = typer.Option(
-    None,
-    "--chat-template",
-    help="A Jinja file replacing the model's chat template (needed when it has none).",
+OUT_CHECKPOINT = typer.Option(
+    ..., "--out", help="Local directory or s3:// prefix for the checkpoint; must be empty."
+)
+TRACES = typer.Option(
+    ..., "--traces", help="SL-CAI traces written by `cai stage critique_revise` (a directory, a file or s3://)."
 )
 
 
-@config_options(CritiqueReviseConfig, skip=frozenset({"chat_template"}))
+@config_options(CritiqueReviseConfig)
 def critique_revise_command(
     prompts: str = PROMPTS,
-    constitution: str = typer.Option(
-        ..., "--constitution", help="name@version, name (newest), a YAML path, an s3:// URI or inline YAML."
-    ),
-    model: str = MODEL,
+    constitution: str = CONSTITUTION,
+    policy: str = POLICY,
     out: str = OUT_DATASET,
     limit: int | None = LIMIT,
-    chat_template: Path | None = CHAT_TEMPLATE,
     *,
     config: CritiqueReviseConfig,
 ) -> None:
-    """SL-CAI data (paper §3.1): answer red-team prompts, then critique and revise each answer N times.
+    """SL-CAI data (paper §3.1): the policy answers red-team prompts, then critiques and revises each answer N times.
 
-    Example: cai stage critique-revise --prompts builtin:red_team --constitution harmless@1.0.0 --model smollm2-135m-instruct --rounds 2 --limit 4 --out runs/traces
+    Example: cai stage critique_revise --prompts builtin:red_team --constitution harmless@1.0.0 --policy smollm2-135m-instruct --rounds 2 --limit 4 --out runs/demo/traces
     """
     from cai_lib.core.constitution import load_constitution
     from cai_lib.method.critique_revise import critique_revise
 
-    config = config.model_copy(update={"chat_template": _read_template(chat_template)})
     loaded = load_constitution(constitution)
     records = _read_prompts(prompts, "red_team", limit)
-    rows = critique_revise(records, loaded, model, out, config)
+    rows = critique_revise(records, loaded, policy, out, config)
     typer.echo(
         f"{_summary(out, rows)}; {config.rounds} round(s) each under {loaded.ref} ({loaded.sha256[:12]})"
     )
 
 
-@config_options(HelpfulSamplesConfig, skip=frozenset({"chat_template"}))
+@config_options(HelpfulSamplesConfig)
 def helpful_samples_command(
-    prompts: str = PROMPTS,
-    model: str = MODEL,
+    helpful_prompts: str = HELPFUL_PROMPTS,
+    policy: str = POLICY,
     out: str = OUT_DATASET,
     limit: int | None = LIMIT,
-    chat_template: Path | None = CHAT_TEMPLATE,
     *,
     config: HelpfulSamplesConfig,
 ) -> None:
-    """The model's own answers to helpfulness prompts (paper §3.1), mixed into SFT to keep it helpful.
+    """The policy's own answers to helpfulness prompts (paper §3.1), mixed into SFT to keep it helpful.
 
-    Example: cai stage helpful-samples --prompts builtin:helpful --model smollm2-135m-instruct --samples-per-prompt 2 --temperature 1 --limit 4 --out runs/helpful
+    Example: cai stage helpful_samples --helpful-prompts builtin:helpful --policy smollm2-135m-instruct --samples-per-prompt 2 --temperature 1 --limit 4 --out runs/demo/helpful
     """
     from cai_lib.method.critique_revise import sample_helpful
 
-    config = config.model_copy(update={"chat_template": _read_template(chat_template)})
-    rows = sample_helpful(_read_prompts(prompts, "helpful", limit), model, out, config)
+    rows = sample_helpful(_read_prompts(helpful_prompts, "helpful", limit), policy, out, config)
     typer.echo(_summary(out, rows))
 
 
-@config_options(SFTStageConfig, skip=frozenset({"chat_template"}))
+@config_options(SFTStageConfig)
 def sft_command(
-    data: str = typer.Option(..., "--data", help="SL-CAI traces written by `cai stage critique-revise`."),
-    model: str = typer.Option(..., "--model", help="Base model ref to fine-tune."),
-    out: str = typer.Option(
-        ..., "--out", help="Local directory or s3:// prefix for the checkpoint; must be empty."
+    traces: str = TRACES,
+    policy: str = typer.Option(..., "--policy", help="The policy to fine-tune (the helpful base model)."),
+    out: str = OUT_CHECKPOINT,
+    helpful_samples: str | None = typer.Option(
+        None, "--helpful-samples", help="Helpfulness samples written by `cai stage helpful_samples`."
     ),
-    helpful: str | None = typer.Option(
-        None, "--helpful", help="Helpfulness samples from `cai stage helpful-samples`."
-    ),
-    chat_template: Path | None = CHAT_TEMPLATE,
     *,
     config: SFTStageConfig,
 ) -> None:
@@ -107,17 +104,16 @@ def sft_command(
 
     With --processes N, N processes train under torchrun (gloo on a CPU, one per GPU otherwise); rank 0 writes the checkpoint.
 
-    Example: cai stage sft --data runs/traces --helpful runs/helpful --model smollm2-135m-instruct --max-steps 20 --processes 2 --out runs/sl-cai
+    Example: cai stage sft --traces runs/demo/traces --helpful-samples runs/demo/helpful --policy smollm2-135m-instruct --max-steps 4 --out runs/demo/sl-cai
     """
     from cai_lib.engines.launch import TrainingJob, launch
     from cai_lib.engines.training import process_count, visible_gpus
 
-    config = config.model_copy(update={"chat_template": _read_template(chat_template)})
     job = TrainingJob(
         stage="sft",
-        model=model,
+        model=policy,
         out=out,
-        data={"traces": [data], **({"helpful": [helpful]} if helpful else {})},
+        data={"traces": [traces], **({"helpful": [helpful_samples]} if helpful_samples else {})},
         config=config.model_dump(mode="json"),
     )
     metrics = SFTMetrics.model_validate(launch(job, process_count(config, visible_gpus())))
@@ -143,14 +139,6 @@ def _read_prompts(source: str, kind: PromptKind, limit: int | None) -> list[Prom
     if limit is not None and limit < 1:
         raise CaiError(f"--limit: must be at least 1, got {limit}")
     return deduplicate(read_prompts(source, kind=kind))[:limit]
-
-
-def _read_template(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    if not path.is_file():
-        raise CaiError(f"--chat-template: {path} is not a file")
-    return path.read_text(encoding="utf-8")
 
 
 def _summary(out: str, rows: int) -> str:

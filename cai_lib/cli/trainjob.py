@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import enum
 from typing import Annotated
 
 import typer
 
 from cai_lib.cli.pipeline import ConfigOption, SetOption, load_config
 from cai_lib.core.errors import CaiError
-from cai_lib.core.stage_table import TRAINING_STAGES
+from cai_lib.core.stage_table import TRAINING_STAGES, canonical
 
-app = typer.Typer(help="Multi-node training through Kubeflow Trainer v2.", no_args_is_help=True)
-TrainingStage = enum.Enum("TrainingStage", {name: name for name in TRAINING_STAGES}, type=str)
+app = typer.Typer(
+    help="Multi-node training through Kubeflow Trainer v2.\n\n"
+    "Example: cai trainjob render --stage train_pm --config pipelines/configs/llama-8b-two-nodes.yaml",
+    no_args_is_help=True,
+)
 
 
 @app.command("render")
 def render_command(
-    stage: Annotated[TrainingStage, typer.Option("--stage", help="The training stage.")],
+    stage: Annotated[
+        str, typer.Option("--stage", help=f"The training stage: {', '.join(TRAINING_STAGES)} (train-pm works too).")
+    ],
     config: ConfigOption = None,
     set_: SetOption = None,
     artifact_root: Annotated[
@@ -39,13 +43,16 @@ def render_command(
     """
     from cai_lib.engines.trainjob import manifest_yaml, plan_of, render
 
+    name = canonical(stage)
+    if name not in TRAINING_STAGES:
+        raise CaiError(f"--stage {stage}: not a training stage; one of {', '.join(TRAINING_STAGES)}")
     deploy = load_config(config, set_).deploy
-    plan = plan_of(stage.value, deploy)
+    plan = plan_of(name, deploy)
     if plan is None:
-        nodes = deploy.resources[stage.value].num_nodes if stage.value in deploy.resources else 1
+        nodes = deploy.resources[name].num_nodes if name in deploy.resources else 1
         raise CaiError(
-            f"--stage {stage.value}: its resource profile has num_nodes {nodes}; the step trains in its own pod "
+            f"--stage {name}: its resource profile has num_nodes {nodes}; the step trains in its own pod "
             "and creates no TrainJob"
         )
-    out = f"{artifact_root.rstrip('/')}/outputs/{stage.value}/KEY/ATTEMPT"
+    out = f"{artifact_root.rstrip('/')}/outputs/{name}/KEY/ATTEMPT"
     typer.echo(manifest_yaml(render(plan, f"{out}.trainjob/job.json", out, namespace)), nl=False)

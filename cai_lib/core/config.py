@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cai_lib.core.errors import CaiError
+from cai_lib.core.settings import settings, variable
+from cai_lib.core.text import read_text_file
+from cai_lib.core.uris import is_s3
+from cai_lib.core.yaml_text import UniqueKeyLoader, load_yaml, yaml_problem
 
-ARTIFACT_ROOT_ENV = "CAI_ARTIFACT_ROOT"
+ARTIFACT_ROOT_ENV = variable("artifact_root")
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # What the installation's ConfigMap gives every step, besides the secrets.
 PLATFORM_ENV = (
@@ -29,6 +34,7 @@ LOCAL_ARTIFACT_ROOT = ".cai/artifacts"
 # MLflow's own default store: `mlflow ui`, `mlflow models serve` and `mlflow.pyfunc.load_model`
 # run in this directory find the run's registry with nothing set.
 LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
+SQLITE = "sqlite:///"
 
 
 def local_platform(
@@ -36,17 +42,27 @@ def local_platform(
 ) -> Platform:
     """Where a local run keeps things: the argument, else `$CAI_ARTIFACT_ROOT` / `$MLFLOW_TRACKING_URI`,
     else `.cai/artifacts` and `sqlite:///mlflow.db` under `workdir`. Relative local paths are made
-    absolute, since steps run as subprocesses."""
-    root = artifact_root or os.environ.get(ARTIFACT_ROOT_ENV) or LOCAL_ARTIFACT_ROOT
+    absolute, since steps run as subprocesses. Nothing is created: `make_local_store` makes the
+    SQLite file's folder when a run starts."""
+    root = artifact_root or settings().artifact_root or LOCAL_ARTIFACT_ROOT
     uri = tracking_uri or os.environ.get(TRACKING_URI_ENV) or LOCAL_TRACKING_URI
-    if "://" not in root:
+    if not is_s3(root) and "://" not in root:
         root = str((workdir / root).resolve())
-    sqlite = "sqlite:///"
-    if uri.startswith(sqlite) and not uri.startswith(sqlite + "/"):
-        db = (workdir / uri.removeprefix(sqlite)).resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"{sqlite}{db}"
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
+        uri = f"{SQLITE}{(workdir / uri.removeprefix(SQLITE)).resolve()}"
     return Platform(artifact_root=root, tracking_uri=uri)
+
+
+def make_local_store(tracking_uri: str) -> None:
+    """Make the folder of a SQLite tracking store, which MLflow creates the file in but not its folder."""
+    if tracking_uri.startswith(SQLITE):
+        Path(tracking_uri.removeprefix(SQLITE).split("?", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
+
+
+# A seed is non-negative and fits a signed 32-bit integer, which every random generator the
+# stages hand it to accepts; the seeds a run derives for its stages (`stage_seed`) lie in it too.
+MAX_SEED = 2**31 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class Strict(BaseModel):
@@ -69,14 +85,16 @@ class Platform(Strict):
     @classmethod
     def from_environment(cls) -> Platform:
         """The settings from `$CAI_ARTIFACT_ROOT` and `$MLFLOW_TRACKING_URI`; `CaiError` naming what is unset."""
-        missing = [name for name in (ARTIFACT_ROOT_ENV, TRACKING_URI_ENV) if not os.environ.get(name)]
+        artifact_root, tracking_uri = settings().artifact_root, os.environ.get(TRACKING_URI_ENV)
+        given = {ARTIFACT_ROOT_ENV: artifact_root, TRACKING_URI_ENV: tracking_uri}
+        missing = [name for name, value in given.items() if not value]
         if missing:
             raise CaiError(
                 f"{' and '.join(missing)} not set: pipeline steps read the artifact root and the MLflow tracking "
                 "URI from the environment (the Helm chart's ConfigMap cai-env sets both; `cai run` sets them "
                 "for local runs)"
             )
-        return cls(artifact_root=os.environ[ARTIFACT_ROOT_ENV], tracking_uri=os.environ[TRACKING_URI_ENV])
+        return cls(artifact_root=artifact_root, tracking_uri=tracking_uri)
 
 
 def format_validation_error(err: ValidationError, where: str) -> str:
@@ -95,11 +113,10 @@ def parse_override(item: str) -> tuple[list[str], object]:
     if not sep or not key:
         raise CaiError(f"--set {item!r}: expected key=value, e.g. params.critique_revise.rounds=2")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""
     except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise CaiError(
-            f"--set {item!r}: the value is not valid YAML ({problem}); quote it, e.g. key='a: b'"
+            f"--set {item!r}: the value is not valid YAML ({yaml_problem(err)}); quote it, e.g. key='a: b'"
         ) from None
     return key.strip().split("."), value
 
@@ -113,12 +130,7 @@ def read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         )
     if path.resolve() in chain:
         raise CaiError(f"{path}: its base chain comes back to itself")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise CaiError(f"{path}: no such config file") from None
-    except yaml.YAMLError as err:
-        raise CaiError(f"{path}: YAML error: {str(err).splitlines()[0]}") from None
+    data = load_yaml(read_text_file(path, "config file"), str(path)) or {}
     if not isinstance(data, dict):
         raise CaiError(f"{path}: a run config must be a mapping")
     base = data.pop("base", None)

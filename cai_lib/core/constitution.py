@@ -21,7 +21,6 @@ The paper's authors published their principles as JSON (`CritiqueRevisionInstruc
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -39,9 +38,12 @@ from pydantic import (
 
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import LOCK_FILE, canonical_sha256
+from cai_lib.core.settings import settings, variable
 from cai_lib.core.store import ArtifactStore, LocalStore, is_s3
+from cai_lib.core.text import BOM, read_text_file, text_lines
+from cai_lib.core.yaml_text import load_yaml
 
-REGISTRY_ENV = "CAI_CONSTITUTION_REGISTRY"
+REGISTRY_ENV = variable("constitution_registry")
 SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
@@ -218,30 +220,9 @@ def semver_key(version: str) -> tuple:
     return (major, minor, patch, 0, parts)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses repeated mapping keys, which PyYAML would silently drop."""
-
-    def construct_mapping(self, node, deep=False):
-        keys = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in keys:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}'", key_node.start_mark
-                )
-            keys.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def parse_constitution(text: str, source: str) -> Constitution:
     """Validate YAML text; errors are one line naming `source` and the line or field."""
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise CaiError(f"{source}: {where}YAML syntax error: {problem}") from None
+    data = load_yaml(text.removeprefix(BOM), source)
     if not isinstance(data, dict):
         raise CaiError(f"{source}: expected a YAML mapping with name, version and critique_revision")
     if "sha256" in data:
@@ -295,9 +276,9 @@ def dump_constitution(constitution: Constitution) -> str:
 
 def constitutions_dir() -> Path:
     """`$CAI_CONSTITUTIONS_DIR`, else the repository's `constitutions/` directory."""
-    env = os.environ.get("CAI_CONSTITUTIONS_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
+    configured = settings().constitutions_dir
+    if configured:
+        return configured.expanduser().resolve()
     import cai_lib
 
     return Path(cai_lib.__file__).resolve().parents[1] / "constitutions"
@@ -309,7 +290,7 @@ def read_lock(root: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
     entries: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text_lines(read_text_file(path)), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -358,9 +339,7 @@ def _home_dir(path: Path, root: Path) -> Path | None:
 
 
 def _load_file(path: Path, root: Path) -> Constitution:
-    if not path.is_file():
-        raise CaiError(f"{path}: no such file")
-    constitution = parse_constitution(path.read_text(encoding="utf-8"), str(path))
+    constitution = parse_constitution(read_text_file(path), str(path))
     home = _home_dir(path, root)
     if home is not None:
         expected = (constitution.name, f"{constitution.version}.yaml")
@@ -413,7 +392,7 @@ def _registry_uri(ref: str) -> str | None:
     """The URI of `name@version` in the S3 registry named by $CAI_CONSTITUTION_REGISTRY, if it is
     published there. Pods resolve refs this way first: a version published after the image was
     built exists only there; the bundled copies are the fallback."""
-    registry = os.environ.get(REGISTRY_ENV)
+    registry = settings().constitution_registry
     name, at, version = ref.partition("@")
     if not (registry and at):
         return None
@@ -501,10 +480,8 @@ _COMPARISON_FRAME = re.compile(r"^\s*(.*?)\s*Options:\s*$", re.DOTALL)
 
 
 def _read_json(path: Path) -> object:
-    if not path.is_file():
-        raise CaiError(f"{path}: no such file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text_file(path))
     except json.JSONDecodeError as err:
         raise CaiError(f"{path}: line {err.lineno}, column {err.colno}: invalid JSON: {err.msg}") from None
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cai_lib.core.config import PLATFORM_ENV, Strict
-from cai_lib.core.stage_table import GPU_STAGES, NAMES, TRAINING_STAGES
+from cai_lib.core.stage_table import GPU_STAGES, NAMES, TRAINING_STAGES, canonical
 
 
 class Toleration(Strict):
@@ -140,6 +140,11 @@ class DeployConfig(Strict):
         "labelling resume from their finished shards, and a complete output of any stage is reused.",
     )
     secrets: SecretRefs = Field(default_factory=SecretRefs)
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _stage_names(cls, resources: object) -> object:
+        return {canonical(str(k)): v for k, v in resources.items()} if isinstance(resources, dict) else resources
 
     @model_validator(mode="after")
     def _gpu_only_on_gpu_stages(self) -> DeployConfig:

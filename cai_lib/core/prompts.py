@@ -31,6 +31,7 @@ from pathlib import Path
 from cai_lib.core.errors import CaiError
 from cai_lib.core.records import PromptKind, PromptRecord, stable_id
 from cai_lib.core.store import ArtifactStore, is_s3
+from cai_lib.core.text import decode_text, text_lines
 from cai_lib.core.transcripts import parse_transcript
 
 BUILTIN_PREFIX = "builtin:"
@@ -165,8 +166,10 @@ def _first_user_turn(messages: list) -> str:
     for message in messages:
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise RowError("a chat message must be an object with 'role' and 'content'")
+        if not isinstance(message["content"], str):
+            raise RowError(f"a chat message's 'content' must be a string, got {type(message['content']).__name__}")
         if message["role"] == "user":
-            return str(message["content"]).strip()
+            return message["content"].strip()
     raise RowError("conversation has no Human turn")
 
 
@@ -186,7 +189,7 @@ def _read_text(source: str) -> str:
                 f"{source}: unknown built-in prompt set; choose one of "
                 f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_SETS)}"
             )
-        return (resources.files("cai_lib") / "data" / f"{name}.jsonl").read_text(encoding="utf-8")
+        return decode_text((resources.files("cai_lib") / "data" / f"{name}.jsonl").read_bytes(), source)
     if is_s3(source):
         if "/" not in source[len("s3://") :].strip("/"):
             raise CaiError(f"{source}: an s3:// prompt source must name an object, s3://BUCKET/KEY")
@@ -200,10 +203,7 @@ def _read_text(source: str) -> str:
             data = gzip.decompress(data)
         except (OSError, EOFError) as err:
             raise CaiError(f"{source}: not a readable gzip file ({err})") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise CaiError(f"{source}: not UTF-8 text (byte {err.start})") from None
+    return decode_text(data, source)
 
 
 def _parse_prompt_rows(source: str, kind: PromptKind) -> Iterator[PromptRecord]:
@@ -227,7 +227,7 @@ def json_rows(source: str) -> Iterator[tuple[str, object]]:
             raise CaiError(f"{source}: not a valid JSON array (line {err.lineno}: {err.msg})") from None
         yield from ((f"item {number}", row) for number, row in enumerate(items, start=1))
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text_lines(text), start=1):
         if not line.strip():
             continue
         try:

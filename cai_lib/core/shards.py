@@ -20,9 +20,12 @@ import heapq
 import itertools
 import json
 import os
+import shlex
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
+from pathlib import Path
 from typing import TypeVar
 
 from pydantic import BaseModel
@@ -30,6 +33,7 @@ from pydantic import BaseModel
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import INPUTS, SUCCESS, canonical_sha256
 from cai_lib.core.store import ArtifactStore, parse_jsonl_lines, verify_file
+from cai_lib.core.text import decoded_lines
 
 MERGED_PART_ROWS = 10_000  # rows per part of a merged dataset
 In = TypeVar("In")
@@ -63,7 +67,9 @@ class ShardedOutput:
                 f"{self.uri}: is not empty and was not written by this stage; choose another --out"
             )
         self.store.write_json(
-            INPUTS, {"fingerprint": self.fingerprint, "inputs": self.inputs}, if_absent=True
+            INPUTS,
+            {"fingerprint": self.fingerprint, "inputs": self.inputs, "command": resume_command()},
+            if_absent=True,
         )
         recorded = self.store.read_json(INPUTS)
         if recorded.get("fingerprint") != self.fingerprint:
@@ -136,13 +142,13 @@ def read_dataset(uri: str, model: type[Out]) -> Iterator[Out]:
             with store.local_copy(key) as path:
                 if files is not None:
                     verify_file(path, files[key], store.uri_of(key))
-                with open(path, encoding="utf-8") as handle:
+                with open(path, "rb") as handle:
                     yield from parse_jsonl_lines(
-                        (line.rstrip("\n") for line in handle), model, store.uri_of(key)
+                        decoded_lines(handle, store.uri_of(key)), model, store.uri_of(key)
                     )
         return
-    if any(is_shard(k) for k in store.list("")):
-        raise CaiError(f"{uri}: dataset is not finished (no {SUCCESS}); rerun the stage that writes it")
+    if store.exists(INPUTS) or any(is_shard(k) for k in store.list("")):
+        raise incomplete(uri, store)
     parent, _, name = uri.rstrip("/").rpartition("/")
     yield from ArtifactStore.open(parent).read_jsonl(name, model)
 
@@ -151,8 +157,30 @@ def dataset_summary(uri: str) -> dict:
     """Row count, sha256 and per-shard manifest of a finished sharded dataset."""
     store = ArtifactStore.open(uri)
     if not store.exists(SUCCESS):
-        raise CaiError(f"{uri}: dataset is not finished (no {SUCCESS})")
+        raise incomplete(uri, store)
     return store.read_json(SUCCESS)
+
+
+def resume_command() -> str | None:
+    """The `cai` command line this process runs, which resumes the output it writes; None in a
+    pipeline step (the pipeline run resumes it)."""
+    if Path(sys.argv[0]).name != "cai":
+        return None
+    return shlex.join(["cai", *sys.argv[1:]])
+
+
+def incomplete(uri: str, store: ArtifactStore) -> CaiError:
+    """The error for a dataset whose writer stopped before it finished (no success marker)."""
+    shards = sum(is_shard(k) for k in store.list(""))
+    command = store.read_json(INPUTS).get("command") if store.exists(INPUTS) else None
+    how = (
+        f"run `{command}` again to finish it" if command
+        else "rerun the stage that writes it (`cai run` again, or retry the pipeline run)"
+    )
+    return CaiError(
+        f"{uri}: incomplete: its writer stopped after {shards} shard(s), before {SUCCESS}; {how} "
+        "(finished shards are kept)"
+    )
 
 
 def _row_order(line: str) -> tuple[str, str]:

@@ -103,7 +103,7 @@ STAGES: tuple[Stage, ...] = (
         "sample_pairs_shard",
         gpu=True,
         output="dataset",
-        settings="pairs",
+        settings="sample_pairs",
         modules=("method.pairs",),
     ),
     Stage(
@@ -112,7 +112,7 @@ STAGES: tuple[Stage, ...] = (
         gpu=True,
         output="dataset",
         reads=("comparison",),
-        settings="feedback",
+        settings="label",
         modules=("method.feedback",),
     ),
     Stage("merge_labels", "merge_shards", gpu=False, output="dataset", modules=("core.shards",)),
@@ -121,7 +121,7 @@ STAGES: tuple[Stage, ...] = (
         "train_pm",
         gpu=True,
         output="checkpoint",
-        settings="preference_model",
+        settings="train_pm",
         modules=("method.preference_model", "method.human_preferences"),
     ),
     Stage(
@@ -137,7 +137,7 @@ STAGES: tuple[Stage, ...] = (
         "answer_eval_shard",
         gpu=True,
         output="dataset",
-        settings="evaluation",
+        settings="evaluate",
         modules=("method.evaluation.answers",),
     ),
     Stage("merge_answers", "merge_shards", gpu=False, output="dataset", modules=("core.shards",)),
@@ -147,7 +147,7 @@ STAGES: tuple[Stage, ...] = (
         gpu=True,
         output="directory",
         reads=("evaluation",),
-        settings="evaluation",
+        settings="evaluate",
         modules=("method.evaluation.evaluate",),
     ),
     Stage("register", "register", gpu=False, output=None, settings="promotion"),
@@ -156,18 +156,24 @@ STAGES: tuple[Stage, ...] = (
 BY_NAME = {stage.name: stage for stage in STAGES}
 NAMES = tuple(BY_NAME)
 GPU_STAGES = tuple(s.name for s in STAGES if s.gpu)
-# The stages that train, and their section of the run parameters: they can run under torchrun and
-# as multi-node TrainJobs.
-TRAINING_STAGES = {"sft": "sft", "train_pm": "preference_model", "rl": "rl"}
+# The stages that train: they can run under torchrun and as multi-node TrainJobs.
+TRAINING_STAGES = ("sft", "train_pm", "rl")
 
 
 
 def stage(name: str) -> Stage:
-    """The stage called `name`; `CaiError` naming the known ones otherwise."""
+    """The stage called `name` (see `canonical`); `CaiError` naming the known ones otherwise."""
     try:
-        return BY_NAME[name]
+        return BY_NAME[canonical(name)]
     except KeyError:
         raise CaiError(f"unknown stage '{name}'; stages are {', '.join(NAMES)}") from None
+
+
+def canonical(name: str) -> str:
+    """A stage's name as this table spells it: a user may write `train-pm` or `train_pm` anywhere a
+    stage is named (`cai stage`, `--stage`, `--set`, a run config's `resources`), and every output
+    shows `train_pm`."""
+    return name.replace("-", "_")
 
 
 @cache

@@ -43,12 +43,11 @@ from pydantic import BaseModel, ValidationError
 
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import MANIFEST
+from cai_lib.core.settings import settings
+from cai_lib.core.text import decode_text, decoded_lines
+from cai_lib.core.uris import is_s3
 
 T = TypeVar("T", bound=BaseModel)
-
-
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
 
 
 def join_uri(base: str, *keys: str) -> str:
@@ -176,7 +175,7 @@ class ArtifactStore:
         return self.write_bytes(key, text.encode("utf-8"), if_absent=if_absent)
 
     def read_text(self, key: str) -> str:
-        return self.read_bytes(key).decode("utf-8")
+        return decode_text(self.read_bytes(key), self.uri_of(key))
 
     def write_json(self, key: str, obj: object, if_absent: bool = False) -> bool:
         return self.write_text(key, json.dumps(obj, indent=2, sort_keys=True) + "\n", if_absent=if_absent)
@@ -185,10 +184,9 @@ class ArtifactStore:
         return json.loads(self.read_text(key))
 
     def iter_lines(self, key: str) -> Iterator[str]:
-        """The text lines of an object, read as a stream from a local copy."""
-        with self.local_copy(key) as path, open(path, encoding="utf-8") as handle:
-            for line in handle:
-                yield line.rstrip("\n")
+        """The text lines of an object, read as a stream from a local copy (split as `core.text` says)."""
+        with self.local_copy(key) as path, open(path, "rb") as handle:
+            yield from decoded_lines(handle, self.uri_of(key))
 
     def write_jsonl(self, key: str, records: Iterable[BaseModel], if_absent: bool = False) -> int:
         """Stream records into one JSONL object (spooled through a local temporary file, then
@@ -433,9 +431,8 @@ TRANSIENT_CODES = {
 class S3Store(ArtifactStore):
     def __init__(self, root: str):
         super().__init__(root)
+        # The root names a bucket: `is_s3` refused one without when the store was opened.
         bucket, _, prefix = self.root[len("s3://") :].partition("/")
-        if not bucket:
-            raise CaiError(f"{root}: an s3:// URI needs a bucket name")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         from botocore.exceptions import PartialCredentialsError
 
@@ -615,33 +612,36 @@ def s3_client():
     """A boto3 S3 client configured from the standard AWS environment variables.
 
     Uses botocore's `standard` retry mode (exponential backoff with jitter on throttling, 5xx
-    and connection errors); `CAI_S3_MAX_ATTEMPTS` sets the attempt count (default 8). One client
-    is kept per distinct configuration: building one costs about a second.
+    and connection errors); `CAI_S3_MAX_ATTEMPTS` sets the attempt count (default 8). The
+    endpoint and the attempt count come through `core.settings`, so a bad value is one line
+    naming its variable. One client is kept per distinct configuration: building one costs
+    about a second.
     """
+    environment = settings()
     names = (
-        "AWS_ENDPOINT_URL_S3",
-        "AWS_ENDPOINT_URL",
         "AWS_DEFAULT_REGION",
         "AWS_REGION",
-        "CAI_S3_MAX_ATTEMPTS",
         "AWS_S3_ADDRESSING_STYLE",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "AWS_SESSION_TOKEN",
         "AWS_PROFILE",
     )
-    return _cached_client(tuple(os.environ.get(name) for name in names))
+    return _cached_client(
+        environment.s3_endpoint,
+        environment.s3_max_attempts,
+        tuple(os.environ.get(name) for name in names),
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_client(environment: tuple) -> object:
+def _cached_client(endpoint: str | None, max_attempts: int, environment: tuple) -> object:
     # `environment` only keys the cache; the client reads the same variables itself.
     import boto3
     from botocore.config import Config
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     config = Config(
-        retries={"mode": "standard", "total_max_attempts": int(os.environ.get("CAI_S3_MAX_ATTEMPTS", "8"))},
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
         s3={"addressing_style": os.environ.get("AWS_S3_ADDRESSING_STYLE", "path" if endpoint else "auto")},
     )
     return boto3.session.Session().client(

@@ -30,17 +30,18 @@ from cai_lib.core.names import (
     RUN_KIND_TAG,
     STAGE_TAG,
 )
+from cai_lib.core.settings import settings, variable
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 # Browser addresses of the two UIs (the chart's kfp.uiUrl and mlflow.uiUrl): in a cluster the
 # tracking URI is a Service name no browser reaches.
-KFP_UI_ENV = "CAI_KFP_UI_URL"
-MLFLOW_UI_ENV = "CAI_MLFLOW_UI_URL"
+KFP_UI_ENV = variable("kfp_ui_url")
+MLFLOW_UI_ENV = variable("mlflow_ui_url")
 # Set inside a stage run's block to the KFP run id, so that what a step does (e.g. hold the
 # promotion lock) can be traced to its pipeline run.
-PIPELINE_RUN_ENV = "CAI_PIPELINE_RUN_ID"
+PIPELINE_RUN_ENV = variable("pipeline_run_id")
 PARENT_RUN_TAG = "mlflow.parentRunId"
 # MLflow refuses longer param values; the full value is kept in the config.json artifact.
 MAX_PARAM_VALUE = 6000
@@ -186,8 +187,9 @@ def start_pipeline_run(
     client = connect(tracking_uri)
     experiment_id = _experiment_id(client, experiment)
     run_tags = {PIPELINE_RUN_TAG: pipeline_run_id, RUN_KIND_TAG: "pipeline"}
-    if os.environ.get(KFP_UI_ENV):
-        run_tags[KFP_RUN_URL_TAG] = f"{os.environ[KFP_UI_ENV].rstrip('/')}/#/runs/details/{pipeline_run_id}"
+    kfp_ui = settings().kfp_ui_url
+    if kfp_ui:
+        run_tags[KFP_RUN_URL_TAG] = f"{kfp_ui.rstrip('/')}/#/runs/details/{pipeline_run_id}"
     run_id = _find_or_create_run(
         client, experiment_id, _pipeline_filter(pipeline_run_id), display_name, run_tags
     )
@@ -212,7 +214,7 @@ def start_pipeline_run(
 def run_url(tracking_uri: str | None, run_id: str) -> str:
     """The MLflow UI's page of `run_id`: under $CAI_MLFLOW_UI_URL, else under an http(s) tracking
     URI; "" for a local store, which has no UI until `mlflow ui` serves it."""
-    base = os.environ.get(MLFLOW_UI_ENV) or resolve_tracking_uri(tracking_uri)[0]
+    base = settings().mlflow_ui_url or resolve_tracking_uri(tracking_uri)[0]
     if not base.startswith(("http://", "https://")):
         return ""
     experiment_id = connect(tracking_uri).get_run(run_id).info.experiment_id

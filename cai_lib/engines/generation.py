@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cai_lib.core.config import Seed
 from cai_lib.core.conversation import Conversation
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import canonical_sha256
@@ -26,7 +27,7 @@ class SamplingParams(BaseModel):
     max_new_tokens: int = Field(default=256, ge=1, description="Upper bound on generated tokens per reply.")
     temperature: float = Field(default=0.0, ge=0.0, description="0 for greedy; >0 samples.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sampling only).")
-    seed: int = Field(
+    seed: Seed = Field(
         default=0,
         description="Seed for sampling; the same seed and conversation give the same reply, whatever "
         "else is in the batch or shard.",

@@ -31,8 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cai_lib.core.config import format_validation_error
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import JOB_FILE, METRICS_FILE
+from cai_lib.core.records import Preference, PromptRecord, Trace
 from cai_lib.core.shards import read_dataset
-from cai_lib.core.store import ArtifactStore, join_uri
+from cai_lib.core.store import ArtifactStore, checkpoint_location, join_uri
 
 log = logging.getLogger(__name__)
 # The method module that trains each stage (see the module docstring).
@@ -48,6 +49,15 @@ DATA_ROLES: dict[str, tuple[set[str], set[str]]] = {
     "sft": ({"traces"}, {"helpful"}),
     "train_pm": ({"ai"}, {"human"}),
     "rl": ({"prompts"}, {"preferences"}),
+}
+# The record each dataset role holds (what the trainers read with `TrainingJob.rows`).
+ROW_MODELS: dict[str, type[BaseModel]] = {
+    "traces": Trace,
+    "helpful": Trace,
+    "ai": Preference,
+    "human": Preference,
+    "prompts": PromptRecord,
+    "preferences": Preference,
 }
 
 
@@ -118,6 +128,7 @@ def launch(job: TrainingJob, processes: int) -> dict:
     job.checked()
     if processes == 1:
         return run(job).model_dump(mode="json")
+    check_inputs(job)
     with tempfile.TemporaryDirectory(prefix="cai-job-") as folder:
         metrics = Path(folder) / METRICS_FILE
         path = Path(folder) / JOB_FILE
@@ -130,6 +141,22 @@ def launch(job: TrainingJob, processes: int) -> dict:
                 "the ranks' errors are above"
             )
         return read_metrics(str(metrics))
+
+
+def check_inputs(job: TrainingJob) -> None:
+    """Read everything the ranks will read, once, before torchrun starts them: a bad dataset row,
+    an unfinished dataset, a model ref that names nothing or an output that is not empty is one
+    line here rather than one traceback per rank. Resolving the models also fills the model cache
+    that the ranks then share."""
+    from cai_lib.engines.models import resolve_model
+
+    checkpoint_location(job.out)
+    for role, uris in job.data.items():
+        for uri in uris:
+            for _ in read_dataset(uri, ROW_MODELS[role]):
+                pass
+    for ref in filter(None, (job.model, job.reward)):
+        resolve_model(ref)
 
 
 def torchrun_command(processes: int | None, job_uri: str) -> list[str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import re
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ from typing import NamedTuple
 
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import MANIFEST, MODEL_CONFIG_FILE, canonical_sha256
+from cai_lib.core.settings import settings
 from cai_lib.core.store import ArtifactStore, file_entry, is_s3, verify_dir
 from cai_lib.engines.attention import use_grouped_sdpa
 
@@ -46,7 +46,7 @@ _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w./-]+)?$")
 
 def cache_dir() -> Path:
     """The root of cai's local cache: `$CAI_CACHE_DIR`, default `~/.cache/cai`."""
-    return Path(os.environ.get("CAI_CACHE_DIR") or "~/.cache/cai").expanduser()
+    return settings().cache_dir.expanduser()
 
 
 def resolve_model(ref: str) -> Path:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,10 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from cai_lib.core.config import PLATFORM_ENV
 from cai_lib.core.deploy import DeployConfig, SecretRefs, Toleration
 from cai_lib.core.errors import CaiError
+from cai_lib.core.kubeconfig import no_cluster
+from cai_lib.core.settings import settings, variable
 from cai_lib.engines.launch import TrainingJob, read_metrics, torchrun_command, write_job
 
 log = logging.getLogger(__name__)
-TRAINJOB_ENV = "CAI_TRAINJOB"
+TRAINJOB_ENV = variable("trainjob")
 NODE_CONTAINER = "node"  # the trainer container (and replicated job) of the torch-distributed runtime
 STAGE_LABEL = "cai-platform.io/stage"
 OUTPUT_LABEL = "cai-platform.io/output"
@@ -61,7 +62,7 @@ class TrainJobPlan(BaseModel):
     @classmethod
     def from_environment(cls) -> TrainJobPlan | None:
         """The plan the pipeline compiled into this step's environment (`CAI_TRAINJOB`), if any."""
-        text = os.environ.get(TRAINJOB_ENV)
+        text = settings().trainjob
         return cls.model_validate_json(text) if text else None
 
 
@@ -332,8 +333,12 @@ def delete_earlier_attempts(client, out_uri: str) -> None:
 def trainer_client():
     """A `TrainerClient` for the namespace this pod runs in (in-cluster credentials)."""
     from kubeflow.trainer import KubernetesBackendConfig, TrainerClient
+    from kubernetes.config import ConfigException
 
-    return TrainerClient(backend_config=KubernetesBackendConfig())
+    try:
+        return TrainerClient(backend_config=KubernetesBackendConfig())
+    except (ConfigException, OSError) as err:
+        raise no_cluster(err) from None
 
 
 def manifest_yaml(manifest: dict) -> str:

@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cai_lib.core.config import Seed
 from cai_lib.core.constitution import Constitution, CritiqueRevisionPrinciple
 from cai_lib.core.conversation import Conversation
 from cai_lib.core.errors import CaiError
@@ -69,7 +70,7 @@ class GenerationStageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = Field(default=0, description="Seeds principle draws and sampling; same seed, same rows.")
+    seed: Seed = Field(default=0, description="Seeds principle draws and sampling; same seed, same rows.")
     max_new_tokens: int = Field(default=256, ge=1, description="Upper bound on tokens per generated turn.")
     temperature: float = Field(
         default=0.0, ge=0.0, description="0 decodes greedily; >0 samples at this temperature."

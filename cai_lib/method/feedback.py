@@ -49,6 +49,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cai_lib.core.config import Seed
 from cai_lib.core.constitution import ComparisonPrinciple, Constitution
 from cai_lib.core.conversation import Conversation
 from cai_lib.core.errors import CaiError
@@ -92,7 +93,7 @@ class FeedbackConfig(BaseModel):
         description="Chain of thought: the model reasons before the option is read, and probabilities are "
         "clamped to [0.4, 0.6]. Costs one generation per principle and order.",
     )
-    seed: int = Field(
+    seed: Seed = Field(
         default=0, description="Seeds the principle draws; same seed, same principles per pair."
     )
     max_reasoning_tokens: int = Field(
@@ -122,7 +123,7 @@ class FeedbackConfig(BaseModel):
     held_out_principles: list[str] = Field(
         default_factory=list,
         description="Comparison principle ids never drawn for labels. The pipeline puts the evaluation "
-        "judge's principles here (unless evaluation.hold_out_judge_principles is off), so the principles "
+        "judge's principles here (unless evaluate.hold_out_judge_principles is off), so the principles "
         "that judge the trained policies are not the ones they were trained on.",
     )
     clamp_cot: bool = Field(

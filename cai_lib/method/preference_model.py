@@ -36,6 +36,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cai_lib.core.config import Seed
 from cai_lib.core.conversation import Conversation
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import METRICS_FILE
@@ -79,7 +80,7 @@ class PreferenceModelConfig(TrainingSetup):
         description="Share of each source (human, AI) held out for evaluation before "
         "mixing; accuracy on the held-out human pairs is the PM's headline metric.",
     )
-    seed: int = Field(
+    seed: Seed = Field(
         default=0, description="Seed for the split, the mix, the head's initialisation and shuffling."
     )
     weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")

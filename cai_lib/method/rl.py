@@ -29,6 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cai_lib.core.config import Seed
 from cai_lib.core.conversation import Conversation
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import METRICS_FILE, MODEL_CONFIG_FILE
@@ -78,7 +79,7 @@ class RLConfig(TrainingSetup):
         ge=8,
         description="Longest prompt + answer in tokens, for DPO pairs and for the PM's input.",
     )
-    seed: int = Field(default=0, description="Seed for sampling, shuffling and initialisation.")
+    seed: Seed = Field(default=0, description="Seed for sampling, shuffling and initialisation.")
     eval_prompts: int = Field(
         default=16,
         ge=0,
@@ -231,7 +232,7 @@ def train_rl(
     store, key = checkpoint_location(out_uri)
     pairs = dpo_pairs(preferences or []) if config.algorithm == "dpo" else []
     if config.algorithm == "dpo" and not pairs:
-        raise CaiError("--algorithm dpo needs --preferences with at least one pair whose label is not 0.5")
+        raise CaiError("--algorithm dpo needs --ai-labels with at least one pair whose label is not 0.5")
     if config.algorithm != "dpo" and not prompts:
         raise CaiError(f"--algorithm {config.algorithm} needs at least one training prompt")
     world = current_world()

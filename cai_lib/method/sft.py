@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cai_lib.core.config import Seed
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import SFT_PROVENANCE_FILE
 from cai_lib.core.records import Trace
@@ -79,7 +80,7 @@ class SFTStageConfig(TrainingSetup):
         description="Jinja chat template replacing the base model's own (needed when it has none); the "
         "checkpoint keeps it.",
     )
-    seed: int = Field(
+    seed: Seed = Field(
         default=0, description="Seeds the helpfulness draw, data order and initialisation of LoRA."
     )
 

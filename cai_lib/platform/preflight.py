@@ -84,7 +84,7 @@ def check_run(params: PipelineParams, constitution: Constitution) -> dict[str, l
             "set num_human to at least 1, or human_preferences to '' for no human pairs"
         )
     try:
-        judging_principles(constitution, params.evaluation)
+        judging_principles(constitution, params.evaluate)
         check_constitution(constitution, params.labelling_settings(constitution))
     except CaiError as err:
         raise CaiError(f"params.constitution {constitution.ref}: {err}") from None

@@ -17,11 +17,11 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cai_lib.core.config import Strict, format_validation_error, parse_override, read_config_file
+from cai_lib.core.config import Seed, Strict, format_validation_error, parse_override, read_config_file
 from cai_lib.core.constitution import Constitution
 from cai_lib.core.deploy import DeployConfig
 from cai_lib.core.errors import CaiError
-from cai_lib.core.stage_table import TRAINING_STAGES
+from cai_lib.core.stage_table import TRAINING_STAGES, canonical
 from cai_lib.method.critique_revise import CritiqueReviseConfig, HelpfulSamplesConfig
 from cai_lib.method.evaluation.config import EvaluationConfig
 from cai_lib.method.feedback import FeedbackConfig
@@ -42,12 +42,22 @@ SEEDED_SECTIONS = (
     "critique_revise",
     "helpful_samples",
     "sft",
-    "pairs",
-    "feedback",
-    "preference_model",
+    "sample_pairs",
+    "label",
+    "train_pm",
     "rl",
-    "evaluation",
+    "evaluate",
 )
+
+
+# Sections named after a concept before they took the name of the stage they configure; a run
+# config that still uses one is told the new name.
+RENAMED_SECTIONS = {
+    "pairs": "sample_pairs",
+    "feedback": "label",
+    "preference_model": "train_pm",
+    "evaluation": "evaluate",
+}
 
 
 def stage_seed(run_seed: int, section: str) -> int:
@@ -96,7 +106,7 @@ class PipelineParams(Strict):
     eval_fraction: float = Field(
         default=0.25, gt=0.0, lt=1.0, description="Share of prompts held out for evaluation."
     )
-    seed: int = Field(
+    seed: Seed = Field(
         default=0,
         description="The run's seed: it splits the prompts and derives the seed of every stage section that "
         "does not pin its own (from this seed and the section's name), so one number reruns or varies the "
@@ -155,11 +165,11 @@ class PipelineParams(Strict):
     critique_revise: CritiqueReviseConfig = Field(default_factory=CritiqueReviseConfig)
     helpful_samples: HelpfulSamplesConfig = Field(default_factory=HelpfulSamplesConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
-    pairs: SamplePairsConfig = Field(default_factory=SamplePairsConfig)
-    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
-    preference_model: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
+    sample_pairs: SamplePairsConfig = Field(default_factory=SamplePairsConfig)
+    label: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    train_pm: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    evaluate: EvaluationConfig = Field(default_factory=EvaluationConfig)
     promotion: PromotionGate = Field(default_factory=PromotionGate)
 
     def shard_count(self, prompts: int) -> int:
@@ -174,15 +184,15 @@ class PipelineParams(Strict):
         return max(1, min(self.shard_count(red_team + helpful), max(red_team, helpful)))
 
     def labelling_settings(self, constitution: Constitution) -> FeedbackConfig:
-        """The feedback settings the label stage uses: `feedback`, with the evaluation judge's
-        principles held out of the label pool unless `evaluation.hold_out_judge_principles` is off."""
+        """The feedback settings the label stage uses: `label`, with the evaluation judge's
+        principles held out of the label pool unless `evaluate.hold_out_judge_principles` is off."""
         from cai_lib.method.evaluation.config import judging_principles
 
-        if not self.evaluation.hold_out_judge_principles:
-            return self.feedback
-        judges = {p.id for p in judging_principles(constitution, self.evaluation).values()}
-        held = sorted({*self.feedback.held_out_principles, *judges})
-        return self.feedback.model_copy(update={"held_out_principles": held})
+        if not self.evaluate.hold_out_judge_principles:
+            return self.label
+        judges = {p.id for p in judging_principles(constitution, self.evaluate).values()}
+        held = sorted({*self.label.held_out_principles, *judges})
+        return self.label.model_copy(update={"held_out_principles": held})
 
 
 class RunConfig(Strict):
@@ -193,12 +203,12 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _processes_fit_the_profiles(self) -> RunConfig:
-        for stage, section in TRAINING_STAGES.items():
+        for stage in TRAINING_STAGES:
             profile = self.deploy.resources.get(stage)
-            processes = getattr(self.params, section).processes
+            processes = getattr(self.params, stage).processes
             if profile and profile.wants_gpu and processes > profile.accelerator_count:
                 raise ValueError(
-                    f"params.{section}.processes {processes}: more than the {profile.accelerator_count} "
+                    f"params.{stage}.processes {processes}: more than the {profile.accelerator_count} "
                     f"accelerator(s) per pod of resources.{stage}"
                 )
         return self
@@ -214,8 +224,10 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
     where = str(path) if path else "defaults"
     for item in overrides:
         keys, value = parse_override(item)
+        keys = [canonical(keys[0]), *keys[1:]]
         if keys[0] not in RunConfig.model_fields:
             keys = ["params", *keys]
+        keys = [keys[0], canonical(keys[1]), *keys[2:]] if len(keys) > 2 else keys
         node = data
         for key in keys[:-1]:
             node = node.setdefault(key, {})
@@ -223,6 +235,12 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple
                 raise CaiError(f"--set {item}: '{key}' is not a section")
         node[keys[-1]] = value
         where = f"{where} with --set" if "--set" not in where else where
+    params = data.get("params")
+    for old, new in RENAMED_SECTIONS.items():
+        if isinstance(params, dict) and old in params:
+            raise CaiError(
+                f"{where}: field 'params.{old}': renamed 'params.{new}', after the stage it configures"
+            )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:

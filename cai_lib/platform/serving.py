@@ -18,13 +18,13 @@ The manifest is built as a plain dict and sent through the Kubernetes client's
 
 from __future__ import annotations
 
-import os
-
 from pydantic import BaseModel, Field
 
 from cai_lib.core.errors import CaiError
+from cai_lib.core.kubeconfig import load_kubernetes_config
 from cai_lib.core.model_versions import registered_checkpoint
 from cai_lib.core.names import CHAMPION, MANIFEST, SERVED_BY_TAG, SERVED_VERSION_TAG
+from cai_lib.core.settings import settings, variable
 from cai_lib.core.store import ArtifactStore, is_s3
 from cai_lib.core.tracking import connect
 
@@ -34,8 +34,8 @@ MODEL_ANNOTATION = "cai-platform.io/registered-model"
 SHA_ANNOTATION = "cai-platform.io/checkpoint-sha256"
 CONFLICT_RETRIES = 3
 # Set by the chart's env ConfigMap when serving is on: the InferenceServices the register step syncs.
-SERVING_NAMESPACE_ENV = "CAI_SERVING_NAMESPACE"
-SERVING_MODELS_ENV = "CAI_SERVING_MODELS"
+SERVING_NAMESPACE_ENV = variable("serving_namespace")
+SERVING_MODELS_ENV = variable("serving_models")
 
 
 class SyncResult(BaseModel):
@@ -155,21 +155,20 @@ def sync(api, tracking_uri: str | None, model_name: str, namespace: str, alias: 
 
 def custom_objects_api():
     """A `CustomObjectsApi` from the pod's service account, or else the local kubeconfig."""
-    from kubernetes import client, config
+    from kubernetes import client
 
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
+    load_kubernetes_config()
     return client.CustomObjectsApi()
 
 
 def sync_served(tracking_uri: str | None, model_names: list[str]) -> list[SyncResult]:
     """Sync the InferenceServices the installation serves (`CAI_SERVING_MODELS` in
     `CAI_SERVING_NAMESPACE`) among `model_names`; nothing when serving is off."""
-    served = [m for m in os.environ.get(SERVING_MODELS_ENV, "").split(",") if m]
-    wanted = [name for name in model_names if name in served]
+    environment = settings()
+    wanted = [name for name in model_names if name in environment.serving_models]
     if not wanted:
         return []
+    if not environment.serving_namespace:
+        raise CaiError(f"${SERVING_MODELS_ENV} names models to serve but ${SERVING_NAMESPACE_ENV} is not set")
     api = custom_objects_api()
-    return [sync(api, tracking_uri, name, os.environ[SERVING_NAMESPACE_ENV]) for name in wanted]
+    return [sync(api, tracking_uri, name, environment.serving_namespace) for name in wanted]

@@ -21,9 +21,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import CHAMPION
+from cai_lib.core.settings import variable
 from cai_lib.core.tracking import connect
 
-SECRET_ENV = "CAI_WEBHOOK_SECRET"
+SECRET_ENV = variable("webhook_secret")
 WEBHOOK_NAME = "cai-serve-sync"
 SIGNATURE_HEADER = "X-MLflow-Signature"
 TIMESTAMP_HEADER = "X-MLflow-Timestamp"

@@ -49,13 +49,13 @@ def answer_eval(
         "part": [shard, shards],
         # What shapes an answer; batch size and the engine's sizing only change how it is computed.
         "settings": {
-            **p.evaluation.model_dump(mode="json", include={"max_new_tokens", "seed", "backend"}),
-            "dtype": p.evaluation.engine.dtype,
+            **p.evaluate.model_dump(mode="json", include={"max_new_tokens", "seed", "backend"}),
+            "dtype": p.evaluate.engine.dtype,
         },
     }
 
     def write(uri: str, _: str) -> None:
         sets = {kind: slice_of(ref.uri, PromptRecord, shard, shards) for kind, ref in prompts.items()}
-        write_finished_dataset(uri, answer_all(chosen.policies, sets, p.evaluation))
+        write_finished_dataset(uri, answer_all(chosen.policies, sets, p.evaluate))
 
     return DataRef.of(produce(ctx, "answer_eval", identity, write, shard=shard))

@@ -78,7 +78,7 @@ def evaluate(
             "judge": judge.content,
             "labeller": labeller.content,
         },
-        "settings": p.evaluation.model_dump(mode="json", exclude={"batch_size"}),
+        "settings": p.evaluate.model_dump(mode="json", exclude={"batch_size"}),
     }
 
     def write(uri: str, _: str) -> dict:
@@ -90,7 +90,7 @@ def evaluate(
             list(read_dataset(refs["red_team"].uri, PromptRecord)),
             list(read_dataset(refs["helpful"].uri, PromptRecord)),
             uri,
-            p.evaluation,
+            p.evaluate,
             list(read_dataset(refs["traces"].uri, Trace)),
             # The same checkpoint under two names is the same labeller.
             labeller_ref=judge.load if labeller.content == judge.content else labeller.load,

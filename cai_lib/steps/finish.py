@@ -4,18 +4,17 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 from cai_lib.core.config import Platform
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import RUNS_DIR, SUMMARY_FILE
+from cai_lib.core.settings import settings, variable
 from cai_lib.core.store import ArtifactStore, join_uri
 from cai_lib.core.tracking import finish_pipeline_run, run_url
 from cai_lib.steps.context import one_line_errors
 from cai_lib.steps.stage_runs import run_summary, write_deferred
 
-OUTCOME_ENV = "CAI_RUN_OUTCOME"
+OUTCOME_ENV = variable("run_outcome")
 
 
 @one_line_errors
@@ -60,6 +59,7 @@ def finish(run_id: str, experiment: str, state: str, error: str = "") -> str:
         }
     )
     # kfp.local returns no pipeline output from a failed run; `cai run` names a file to read instead.
-    if os.environ.get(OUTCOME_ENV):
-        Path(os.environ[OUTCOME_ENV]).write_text(outcome)
+    outcome_file = settings().run_outcome
+    if outcome_file:
+        outcome_file.write_text(outcome)
     return outcome

@@ -20,10 +20,10 @@ def sample_pairs(context: dict, prompts: str, policy: str, shard: int = 0, shard
     identity = {
         "inputs": {"prompts": source.sha256, "policy": model.sha256},
         "part": [shard, shards],
-        "settings": p.pairs.identity(),
+        "settings": p.sample_pairs.identity(),
     }
 
     def write(uri: str, key: str) -> None:
-        sample(slice_of(source.uri, PromptRecord, shard, shards), model.uri, uri, p.pairs, output_key=key)
+        sample(slice_of(source.uri, PromptRecord, shard, shards), model.uri, uri, p.sample_pairs, output_key=key)
 
     return DataRef.of(produce(ctx, "sample_pairs", identity, write, shard=shard))

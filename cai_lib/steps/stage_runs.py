@@ -55,7 +55,7 @@ def constitution_part(constitution: Constitution, part: ConstitutionPart, params
 
     if part == "evaluation":
         return canonical_sha256(
-            evaluation_part(constitution, judging_principles(constitution, params.evaluation))
+            evaluation_part(constitution, judging_principles(constitution, params.evaluate))
         )
     return constitution.section_sha256(part)
 

@@ -28,13 +28,13 @@ def train_pm(context: dict, labels: str) -> tuple[DataRef, dict]:
             "human": canonical_sha256({"rows": [h.model_dump() for h in human]}),
             "model": model.content,
         },
-        "settings": p.preference_model.model_dump(mode="json"),
+        "settings": p.train_pm.model_dump(mode="json"),
     }
 
     def write(uri: str, _: str) -> dict:
         with tempfile.TemporaryDirectory(prefix="cai-train-pm-") as folder:
             data_uris = {"ai": [ai.uri], "human": staged_rows(Path(folder), "human", human)}
-            config = p.preference_model.model_dump()
+            config = p.train_pm.model_dump()
             return train(
                 TrainingJob(stage="train_pm", model=model.load, out=uri, data=data_uris, config=config)
             )

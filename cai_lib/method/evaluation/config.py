@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cai_lib.core.config import Seed
 from cai_lib.core.constitution import ComparisonPrinciple, Constitution
 from cai_lib.core.errors import CaiError
 from cai_lib.core.records import PromptKind
@@ -44,7 +45,7 @@ class EvaluationConfig(BaseModel):
     batch_size: int = Field(
         default=16, ge=1, description="Rows per forward pass for every model (policies, PM, feedback model)."
     )
-    seed: int = Field(
+    seed: Seed = Field(
         default=0, description="Seeds generation and the choice of samples shown in the report."
     )
     backend: BackendName = Field(

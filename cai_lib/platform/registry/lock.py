@@ -36,7 +36,8 @@ from cai_lib.core.names import (
     LOCK_RUN_TAG,
     LOCK_SUFFIX,
 )
-from cai_lib.core.tracking import PIPELINE_RUN_ENV, connect
+from cai_lib.core.settings import settings
+from cai_lib.core.tracking import connect
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -71,7 +72,7 @@ def _lock_holder() -> dict[str, str]:
     except OSError:
         namespace = ""
     return {
-        LOCK_RUN_TAG: os.environ.get(PIPELINE_RUN_ENV, ""),
+        LOCK_RUN_TAG: settings().pipeline_run_id or "",
         LOCK_HOST_TAG: socket.gethostname(),
         LOCK_PID_TAG: str(os.getpid()),
         LOCK_PIDNS_TAG: namespace,

@@ -39,6 +39,7 @@ from cai_lib.core.constitution import (
 )
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import LOCK_FILE
+from cai_lib.core.settings import settings
 from cai_lib.core.store import ArtifactStore, is_s3
 from cai_lib.platform.retrain.ledger import (
     LEASE_SECONDS,
@@ -146,8 +147,8 @@ def registry_of(registry_uri: str | None, config: RunConfig, dry_run: bool) -> t
     A real submission needs an S3 registry: the run on the cluster reads its constitution from it."""
     if registry_uri:
         uri, source = registry_uri, "--registry"
-    elif os.environ.get(REGISTRY_ENV):
-        uri, source = os.environ[REGISTRY_ENV], f"${REGISTRY_ENV}"
+    elif settings().constitution_registry:
+        uri, source = settings().constitution_registry, f"${REGISTRY_ENV}"
     elif config.deploy.constitution_registry:
         uri, source = config.deploy.constitution_registry, "deploy.constitution_registry of the run config"
     else:
@@ -235,7 +236,7 @@ def retrain(
     endpoints, unlocked or changed published versions and uncommitted changes are `CaiError`s
     raised before any write.
     """
-    from cai_lib.core.config import local_platform
+    from cai_lib.core.config import local_platform, make_local_store
     from cai_lib.core.tracking import connect
     from cai_lib.platform.kfp_client import connect_kfp, require_host
     from cai_lib.platform.registry.lookup import first_set
@@ -245,10 +246,18 @@ def retrain(
         raise CaiError(f"{root}: uncommitted changes; commit them first (runs record commit {revision[:12]})")
     store = check_registry(*registry_of(registry_uri, config, dry_run))
     # The registry rule of `cai models` (flag, environment, the last `cai run` here); where it names
-    # none, the store `cai run` would make here, empty: no champion yet.
+    # none, there is no champion yet: a dry run leaves it at that (it writes nothing), a real one
+    # starts the store `cai run` would make here.
     found = first_set(tracking_uri, Path.cwd())
-    tracking_uri = found.uri if found else local_platform(Path.cwd()).tracking_uri
-    connect(tracking_uri)
+    if found:
+        tracking_uri = found.uri
+    elif dry_run:
+        tracking_uri = None
+    else:
+        tracking_uri = local_platform(Path.cwd()).tracking_uri
+        make_local_store(tracking_uri)
+    if tracking_uri:
+        connect(tracking_uri)
     if not dry_run:
         host = require_host(host)
         client = client or connect_kfp(host, namespace)

@@ -239,7 +239,8 @@ def decide(
     """Whether the newest version, trained with `config`, needs a run: not if the champion was
     trained on it or a run for it was submitted (and has not failed, or was resubmitted once).
 
-    `client` (a `kfp.Client`) reads the state of the last run submitted; without one it is not read."""
+    `client` (a `kfp.Client`) reads the state of the last run submitted; without one it is not read.
+    Without a `tracking_uri` there is no model registry yet, so no champion."""
     from cai_lib.core.model_versions import version_by_alias
     from cai_lib.core.names import CHAMPION
 
@@ -256,7 +257,7 @@ def decide(
         )
 
     name = model_name(config.params.model_name_prefix, constitution.name, RL_CAI)
-    champion = version_by_alias(tracking_uri, name, CHAMPION)
+    champion = version_by_alias(tracking_uri, name, CHAMPION) if tracking_uri else None
     records = records_of(store, constitution)
     attempts = records.get(change[:16], {})
     status, reason, adopt = _champion_status(name, champion, constitution, config, records)
