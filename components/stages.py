@@ -35,6 +35,8 @@ def resolve_run(
     sft: dict,
     pairs: dict,
     feedback: dict,
+    label_validation: dict,
+    gates: dict,
     preference_model: dict,
     rl: dict,
     evaluation: dict,
@@ -147,6 +149,15 @@ def label_shard(work: dict, pinned_constitution: Input[Artifact], pairs: Input[D
     from cai_lib.steps.label import label
 
     return label(work["context"], pinned_constitution.path, pairs.path, int(work["shard"])).model_dump_json()
+
+
+def validate_labels(context: dict, pinned_constitution: Input[Artifact], metrics: Output[Metrics]):
+    """The feedback labeller, as training uses it, scored on held-out human comparisons; stops the
+    run when gates.min_label_accuracy is set and not met."""
+    from cai_lib.steps.validate_labels import validate_labels as validate_labels_step
+
+    for key, value in validate_labels_step(context, pinned_constitution.path).items():
+        metrics.log_metric(key, value)
 
 
 def train_pm(context: dict, labels: Input[Dataset], reward_model: Output[Model], metrics: Output[Metrics]):

@@ -4,6 +4,8 @@
         ─ merge_traces, merge_helpful ─ sft
         ─ ParallelFor(shard): sample_pairs ─ label ─ merge_labels
         ─ train_pm ─ rl ─ ParallelFor(eval shard): answer_eval ─ merge_answers ─ evaluate ─ register
+    validate_labels (after resolve; train_pm waits for it): the labeller on held-out human
+        comparisons, whose gate can stop the run
     plan_eval_shards (after prepare_prompts): evaluation's shards, sized by the held-out prompts
     exit handler: finish (closes the MLflow run, releases promotion locks)
 
@@ -227,7 +229,10 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                     work=work, pinned_constitution=constitution, pairs=pairs.outputs["pairs"]
                 )
             labels = t.merge("labels", ctx, label_part)
-            pm = t.op("train_pm")(context=ctx, labels=labels)
+            # Needs only the run: on a cluster it runs beside SL-CAI, and its gate stops the run
+            # before the preference model trains on labels that agree with no human.
+            validation = t.op("validate_labels")(context=ctx, pinned_constitution=constitution)
+            pm = t.op("train_pm")(context=ctx, labels=labels).after(validation)
             rl = t.op("rl")(
                 context=ctx,
                 red_team=red_team,

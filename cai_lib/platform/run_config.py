@@ -25,6 +25,7 @@ from cai_lib.core.stage_table import TRAINING_STAGES
 from cai_lib.method.critique_revise import CritiqueReviseConfig, HelpfulSamplesConfig
 from cai_lib.method.evaluation.config import EvaluationConfig
 from cai_lib.method.feedback import FeedbackConfig
+from cai_lib.method.label_validation import Gates, LabelValidationConfig
 from cai_lib.method.pairs import SamplePairsConfig
 from cai_lib.method.preference_model import PreferenceModelConfig
 from cai_lib.method.rl import RLConfig
@@ -157,6 +158,8 @@ class PipelineParams(Strict):
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     pairs: SamplePairsConfig = Field(default_factory=SamplePairsConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    label_validation: LabelValidationConfig = Field(default_factory=LabelValidationConfig)
+    gates: Gates = Field(default_factory=Gates)
     preference_model: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

@@ -26,6 +26,7 @@ from cai_lib.core.tracking import StageRun
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors, pinned_constitution
 from cai_lib.steps.policies import evaluated_policies
 from cai_lib.steps.stage_runs import produce, run_summary
+from cai_lib.steps.validate_labels import run_validation_of
 
 if TYPE_CHECKING:
     pass
@@ -111,7 +112,7 @@ def evaluate(
         )
         if note:
             run.set_tags({EVAL_WARNING_TAG: note})
-        render_report(result, report_path, run_summary(ctx.run_root))
+        render_report(result, report_path, run_summary(ctx.run_root), run_validation_of(ctx.run_root))
         ArtifactStore.open(ctx.run_root).put_file(report_path, REPORT_FILE)
         run.log_artifact(report_path, "report")
 

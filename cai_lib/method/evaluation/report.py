@@ -23,6 +23,7 @@ from cai_lib.core.store import ArtifactStore
 from cai_lib.method.evaluation.config import CRITERIA
 from cai_lib.method.evaluation.elo import ELO_MEAN
 from cai_lib.method.evaluation.results import EvaluationResult, Judgement, PolicyAnswer, load_result
+from cai_lib.method.label_validation import LabelValidation
 
 SET_TITLES = {"red_team": "red-team prompts", "helpful": "helpfulness prompts"}
 PROMPT_TITLES = {"red_team": "Red-team prompt", "helpful": "Helpfulness prompt"}
@@ -57,13 +58,16 @@ code { background: #eef1f6; padding: 1px 4px; border-radius: 3px; }
 """
 
 
-def report_html(result: EvaluationResult, stage_lines: Sequence[str] = ()) -> str:
+def report_html(
+    result: EvaluationResult, stage_lines: Sequence[str] = (), label_validation: LabelValidation | None = None
+) -> str:
     """The report of `result` as one HTML document with everything inline. `stage_lines` (one
     `stage NAME: ran|reused (...)` line per stage of the pipeline run that shows the report) are
-    listed in a section of their own."""
+    listed in a section of their own, and so is the run's `label_validation`, when given."""
     sections = [
         _summary(result),
         _stages_section(stage_lines),
+        _label_validation_section(label_validation),
         _pm_section(result),
         _win_rate_section(result),
         _elo_section(result),
@@ -99,11 +103,16 @@ def _with_contents(sections: Sequence[str]) -> str:
     return f'<nav class="meta">Contents: {links}</nav>\n{body}'
 
 
-def render_report(result: EvaluationResult, out_path: str | Path, stage_lines: Sequence[str] = ()) -> Path:
+def render_report(
+    result: EvaluationResult,
+    out_path: str | Path,
+    stage_lines: Sequence[str] = (),
+    label_validation: LabelValidation | None = None,
+) -> Path:
     """Write the report of `result` to the local file `out_path`; returns its path."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(report_html(result, stage_lines), encoding="utf-8")
+    out_path.write_text(report_html(result, stage_lines, label_validation), encoding="utf-8")
     return out_path
 
 
@@ -450,6 +459,65 @@ def _calibration_section(result: EvaluationResult) -> str:
         f"{_table(['predicted bin', 'mean predicted', 'observed', 'pairs'], rows)}"
         f"{_png(figure, 'PM calibration (Fig. 9)')}"
     )
+
+
+def _label_validation_section(validation: LabelValidation | None) -> str:
+    if validation is None:
+        return ""
+    rows = [
+        [
+            escape(labeller.model_ref) + (" <b>(feedback model)</b>" if labeller.configured else ""),
+            f"<code>{escape(s.source)}</code>",
+            _num(f"{s.n}" + (f" ({s.excluded_training_pairs} left out)" if s.excluded_training_pairs else "")),
+            _num(f"{s.agreement:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}]"),
+            _num(f"{s.always_a_baseline:.3f} / {s.always_b_baseline:.3f} ({s.baselines_from})"),
+            _num(f"{s.position_bias:+.3f}"),
+        ]
+        for labeller in validation.labellers
+        for s in labeller.sources
+    ]
+    table = _table(
+        ["labeller", "human comparisons", "n", "accuracy [95% CI]", "always-(A) / always-(B)", "position bias"],
+        rows,
+    )
+    chart = _label_accuracy_chart(validation) if len(validation.labellers) > 1 else ""
+    return (
+        "<h2>Labeller validation</h2>\n<p>Before the preference model trained, the feedback labeller was scored "
+        "exactly as the label stage uses it (the same model and settings: principles drawn per pair, both option "
+        "orders, chain of thought when set) on held-out human comparisons, as the paper's Figure 4 does. A "
+        "comparison agrees when the labeller's P(the human's choice better) is above 0.5 (a tie counts half). "
+        "Pairs the preference model trains on are left out. Always-(A)/(B): the accuracy of answering by "
+        "position, as a multiple-choice file was published, or 0.5 where every comparison is asked both ways "
+        "round. Position bias: the labeller's mean P(first-shown answer better) minus 0.5.</p>"
+        f"{table}{chart}"
+    )
+
+
+def _label_accuracy_chart(validation: LabelValidation) -> str:
+    title = "Labeller accuracy against model (Fig. 4)"
+    names = [labeller.model_ref for labeller in validation.labellers]
+    sources = list(dict.fromkeys(s.source for labeller in validation.labellers for s in labeller.sources))
+    figure, ax = _figure(max(5.0, 1.4 * len(names) + 2), 3.6)
+    width = 0.8 / len(sources)
+    for k, source in enumerate(sources):
+        found = [next((s for s in labeller.sources if s.source == source), None) for labeller in validation.labellers]
+        positions = [i + (k - (len(sources) - 1) / 2) * width for i in range(len(names))]
+        shown = [(x, s) for x, s in zip(positions, found) if s is not None]
+        ax.errorbar(
+            [x for x, _ in shown],
+            [s.agreement for _, s in shown],
+            yerr=[[s.agreement - s.ci_low for _, s in shown], [s.ci_high - s.agreement for _, s in shown]],
+            fmt="o",
+            capsize=4,
+            label=source,
+        )
+    ax.axhline(0.5, color="#999", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy on human comparisons")
+    ax.set_title(title)
+    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8)
+    return _png(figure, title)
 
 
 def _sample_answers_section(answers: Sequence[PolicyAnswer], names: list[str]) -> str:
