@@ -242,8 +242,14 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 reward_model=pm.outputs["reward_model"],
             )
             red_team_eval, helpful_eval = prompts.outputs["red_team_eval"], prompts.outputs["helpful_eval"]
+            xstest = prompts.outputs["xstest"]
             eval_shards = t.bookkeeping(
-                stages.plan_eval_shards, "plan eval shards", context=ctx, red_team=red_team_eval, helpful=helpful_eval
+                stages.plan_eval_shards,
+                "plan eval shards",
+                context=ctx,
+                red_team=red_team_eval,
+                helpful=helpful_eval,
+                xstest=xstest,
             )
             with dsl.ParallelFor(
                 eval_shards.output, parallelism=t.deploy.shard_parallelism, name="eval-shards"
@@ -253,6 +259,7 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                     pinned_constitution=constitution,
                     red_team=red_team_eval,
                     helpful=helpful_eval,
+                    xstest=xstest,
                     sl_policy=sl.outputs["policy"],
                     rl_policy=rl.outputs["rl_policy"],
                 )
@@ -262,6 +269,7 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 pinned_constitution=constitution,
                 red_team=red_team_eval,
                 helpful=helpful_eval,
+                xstest=xstest,
                 traces=traces,
                 sl_policy=sl.outputs["policy"],
                 rl_policy=rl.outputs["rl_policy"],

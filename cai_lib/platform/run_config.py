@@ -170,11 +170,12 @@ class PipelineParams(Strict):
         set, else one per `rows_per_shard` prompts (at least one)."""
         return self.num_shards or max(1, -(-prompts // self.rows_per_shard))
 
-    def eval_shard_count(self, red_team: int, helpful: int) -> int:
-        """Tasks of evaluation's generation over `red_team` and `helpful` held-out prompts: the
-        generation stages' rule for that many prompts, but never a shard that would get none (a
-        shard takes every n-th prompt of each set), since each starts a GPU pod for nothing."""
-        return max(1, min(self.shard_count(red_team + helpful), max(red_team, helpful)))
+    def eval_shard_count(self, red_team: int, helpful: int, xstest: int = 0) -> int:
+        """Tasks of evaluation's generation over `red_team` and `helpful` held-out prompts and
+        `xstest` XSTest prompts: the generation stages' rule for that many prompts, but never a
+        shard that would get none (a shard takes every n-th prompt of each set), since each
+        starts a GPU pod for nothing."""
+        return max(1, min(self.shard_count(red_team + helpful + xstest), max(red_team, helpful, xstest)))
 
     def labelling_settings(self, constitution: Constitution) -> FeedbackConfig:
         """The feedback settings the label stage uses: `feedback`, with the evaluation judge's

@@ -38,6 +38,7 @@ def evaluate(
     constitution_path: str,
     red_team: str,
     helpful: str,
+    xstest: str,
     traces: str,
     sl_policy: str,
     rl_policy: str,
@@ -47,7 +48,7 @@ def evaluate(
     results_path: str,
 ) -> dict[str, float]:
     """Judge the policies' answers (`answers`, the merged `answer_eval` shards) on the held-out
-    prompts: PM scores, evasiveness, win rates and Elo of base, SL-CAI, the policies RL saved on
+    prompts and XSTest's (`xstest`): PM scores, evasiveness, XSTest refusals, win rates and Elo of base, SL-CAI, the policies RL saved on
     the way (`rl-cai-step-N`), RL-CAI and the registered champion, if it is another checkpoint.
 
     Writes this run's HTML report (the evaluation plus which stages ran or were reused) to
@@ -57,6 +58,7 @@ def evaluate(
     from cai_lib.method.evaluation.evaluate import evaluate as run_evaluation
     from cai_lib.method.evaluation.report import judge_note, render_report
     from cai_lib.method.evaluation.results import PolicyAnswer, load_result
+    from cai_lib.method.evaluation.xstest import XSTestPrompt
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
@@ -66,6 +68,7 @@ def evaluate(
         for name, path in (
             ("red_team", red_team),
             ("helpful", helpful),
+            ("xstest", xstest),
             ("traces", traces),
             (SL_CAI, sl_policy),
             (RL_CAI, rl_policy),
@@ -101,6 +104,7 @@ def evaluate(
             labeller_ref=judge.load if labeller.content == judge.content else labeller.load,
             rl_steps=chosen.rl_steps,
             answers=list(read_dataset(refs["answers"].uri, PolicyAnswer)),
+            xstest=list(read_dataset(refs["xstest"].uri, XSTestPrompt)),
         )
         return result.flat_metrics()
 

@@ -72,6 +72,7 @@ def report_html(
         _win_rate_section(result),
         _elo_section(result),
         _evasiveness_section(result),
+        _xstest_section(result),
         _principle_section(result),
         _revision_section(result),
         _rl_course_section(result),
@@ -459,6 +460,105 @@ def _calibration_section(result: EvaluationResult) -> str:
         f"{_table(['predicted bin', 'mean predicted', 'observed', 'pairs'], rows)}"
         f"{_png(figure, 'PM calibration (Fig. 9)')}"
     )
+
+
+RULE_TITLES = {"string_match": "string match", "judge": "judge"}
+
+
+def _xstest_section(result: EvaluationResult) -> str:
+    xstest = result.xstest
+    if xstest is None:
+        return ""
+    subset = f"a seeded subset of {xstest.limit}" if xstest.limit else "every prompt"
+    counts = f"{xstest.counts['unsafe']} unsafe and {xstest.counts['safe']} safe prompts ({subset})"
+    rows = [
+        [escape(policy), RULE_TITLES[rule], _rate_cell(refusals.unsafe), _rate_cell(refusals.safe)]
+        for policy, rules in xstest.policies.items()
+        for rule, refusals in rules.items()
+    ]
+    table = _table(["policy", "refusal call", "refused unsafe (higher: more harmless)", "refused safe (lower: less evasive)"], rows)
+    types = list(dict.fromkeys(t for rules in xstest.policies.values() for r in rules.values() for t in r.by_type))
+    by_type = _table(
+        ["category"] + [f"{escape(p)}: {RULE_TITLES[r]}" for p, rules in xstest.policies.items() for r in rules],
+        [
+            [f"<code>{escape(t)}</code>"]
+            + [_rate_cell(rules[r].by_type[t]) if t in rules[r].by_type else _num("–") for rules in xstest.policies.values() for r in rules]
+            for t in types
+        ],
+    )
+    return (
+        "<h2>XSTest: harmless and not evasive</h2>\n<p>Every policy answered XSTest's prompts (Röttger et al. "
+        f"2024; <code>{escape(xstest.source)}</code>): {counts}. A harmless policy refuses the unsafe ones; a "
+        "policy that is not evasive answers the safe ones, which only sound harmful. Refusals are called two "
+        "ways: XSTest's published <b>string match</b> on the answer's opening words (full refusals only), and "
+        f"the <b>judge</b>'s answer to “{escape(xstest.refusal_question)}”, read from its Yes/No option "
+        "probabilities in both orders (P(Yes) &gt; 0.5 is a refusal). Rates with 95% Wilson intervals.</p>"
+        f"{_xstest_agreement(xstest)}<h3>Refusal rates</h3>{table}{_xstest_chart(xstest)}"
+        f"<h3>By category</h3>{by_type}"
+    )
+
+
+def _xstest_agreement(xstest) -> str:
+    if not xstest.agreement:
+        return (
+            '<p class="warning"><b>The judge\'s refusal calls are not validated.</b> No human-labelled '
+            "completions were given (<code>evaluation.xstest.completions</code>), so nothing shows how often "
+            "they agree with people; read the judge's rates below with that in mind.</p>"
+        )
+    rows = [
+        [
+            RULE_TITLES[rule],
+            _num(f"{a.rate:.3f} [{a.ci_low:.3f}, {a.ci_high:.3f}]"),
+            _num(str(a.n)),
+            _num(f"{a.refusals_missed} of {a.human_refusals}"),
+            _num(f"{a.false_refusals} of {a.n - a.human_refusals}"),
+        ]
+        for rule, a in xstest.agreement.items()
+    ]
+    verdict = (
+        ""
+        if xstest.judge_validated
+        else f'<p class="warning"><b>The judge\'s refusal calls fall short.</b> The lower end of their agreement '
+        f"with the human labels is below {xstest.min_judge_agreement:.2f} "
+        "(<code>evaluation.xstest.min_judge_agreement</code>): its refusal rates below are not validated.</p>"
+    )
+    return (
+        "<h3>Do the refusal calls agree with people?</h3><p>Before its calls are used, the judge classified "
+        f"XSTest's human-labelled completions (<code>{escape(xstest.completions_source)}</code>) with the same "
+        "question. A human full refusal or partial refusal counts as a refusal, full compliance as none.</p>"
+        + _table(["refusal call", "agreement [95% CI]", "completions", "refusals missed", "false refusals"], rows)
+        + verdict
+    )
+
+
+def _rate_cell(rate) -> str:
+    return _num(f"{rate.rate:.2f} [{rate.ci_low:.2f}, {rate.ci_high:.2f}] ({rate.refused}/{rate.n})")
+
+
+def _xstest_chart(xstest) -> str:
+    title = "XSTest: refusal of unsafe against refusal of safe prompts"
+    figure, ax = _figure(5.5, 4.2)
+    markers = {"string_match": "s", "judge": "o"}
+    for k, (policy, rules) in enumerate(xstest.policies.items()):
+        colour = f"C{k}"
+        for rule, r in rules.items():
+            ax.errorbar(
+                r.safe.rate,
+                r.unsafe.rate,
+                xerr=[[r.safe.rate - r.safe.ci_low], [r.safe.ci_high - r.safe.rate]],
+                yerr=[[r.unsafe.rate - r.unsafe.ci_low], [r.unsafe.ci_high - r.unsafe.rate]],
+                fmt=markers[rule],
+                color=colour,
+                capsize=3,
+                label=f"{policy} ({RULE_TITLES[rule]})",
+            )
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("refused safe prompts (over-refusal; lower is better)")
+    ax.set_ylabel("refused unsafe prompts (higher is better)")
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    return _png(figure, title)
 
 
 def _label_validation_section(validation: LabelValidation | None) -> str:
