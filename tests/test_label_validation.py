@@ -16,8 +16,8 @@ from cai_lib.method.label_validation import (
     Gates,
     LabelValidation,
     LabelValidationConfig,
-    held_out_comparisons,
     gate_failure,
+    held_out_comparisons,
     validate_labels,
 )
 
@@ -72,18 +72,28 @@ def test_comparisons_the_preference_model_trains_on_are_left_out(tmp_path):
 
 def test_a_source_that_is_all_training_pairs_is_refused_naming_it(tmp_path):
     source = write_jsonl(tmp_path / "hh.jsonl", HH_ROWS[:1])
-    with pytest.raises(CaiError, match="hh.jsonl: every comparison read is among the PM's human training pairs"):
+    with pytest.raises(
+        CaiError, match="hh.jsonl: every comparison read is among the PM's human training pairs"
+    ):
         held_out_comparisons(LabelValidationConfig(sources=[source]), read_human_preferences(source))
 
 
 def test_hh_rlhf_baselines_are_one_half_because_both_orders_are_asked(tmp_path):
-    (found,) = held_out_comparisons(LabelValidationConfig(sources=[write_jsonl(tmp_path / "hh.jsonl", HH_ROWS)]), [])
+    (found,) = held_out_comparisons(
+        LabelValidationConfig(sources=[write_jsonl(tmp_path / "hh.jsonl", HH_ROWS)]), []
+    )
     assert found.baselines == {"always_a_baseline": 0.5, "always_b_baseline": 0.5}
 
 
 def test_multiple_choice_baselines_follow_the_published_positions(tmp_path):
-    rows = [hhh_row("Q1?", "good", "bad", True), hhh_row("Q2?", "good", "bad", True), hhh_row("Q3?", "good", "bad", False)]
-    (found,) = held_out_comparisons(LabelValidationConfig(sources=[write_jsonl(tmp_path / "hhh.jsonl", rows)]), [])
+    rows = [
+        hhh_row("Q1?", "good", "bad", True),
+        hhh_row("Q2?", "good", "bad", True),
+        hhh_row("Q3?", "good", "bad", False),
+    ]
+    (found,) = held_out_comparisons(
+        LabelValidationConfig(sources=[write_jsonl(tmp_path / "hhh.jsonl", rows)]), []
+    )
     assert found.baselines == pytest.approx({"always_a_baseline": 2 / 3, "always_b_baseline": 1 / 3})
 
 
@@ -94,7 +104,9 @@ def test_a_multiple_choice_item_without_both_conversations_is_refused(tmp_path):
 
 
 def validation_of(rows, tmp_path, constitution, **models) -> LabelValidation:
-    (found,) = held_out_comparisons(LabelValidationConfig(sources=[write_jsonl(tmp_path / "h.jsonl", rows)]), [])
+    (found,) = held_out_comparisons(
+        LabelValidationConfig(sources=[write_jsonl(tmp_path / "h.jsonl", rows)]), []
+    )
     config = FeedbackConfig(principles_per_pair=2)
     names = {name: name for name in models}
     return validate_labels([found], constitution, names, next(iter(models)), config, backends=models)
@@ -170,7 +182,9 @@ def test_the_gate_passes_a_lower_bound_at_or_above_the_bar():
 
 def test_the_gate_stops_a_lower_bound_just_below_the_bar_naming_the_source():
     reason = gated(0.7, 0.599, 0.6)
-    assert reason.startswith("gates.min_label_accuracy: the feedback labeller m agrees with the human labels of s.jsonl at 0.700")
+    assert reason.startswith(
+        "gates.min_label_accuracy: the feedback labeller m agrees with the human labels of s.jsonl at 0.700"
+    )
     assert "\n" not in reason
 
 
@@ -191,7 +205,9 @@ def test_the_command_validates_the_label_stages_labeller_and_stops_at_the_gate(t
         "gates.min_label_accuracy=0.99",
         "feedback.principles_per_pair=1",
     ]
-    args = ["stage", "validate-labels", "--out", str(tmp_path / "out")] + [a for s in sets for a in ("--set", s)]
+    args = ["stage", "validate-labels", "--out", str(tmp_path / "out")] + [
+        a for s in sets for a in ("--set", s)
+    ]
     result = CliRunner().invoke(app, args)
 
     stored = json.loads((tmp_path / "out" / "label_validation.json").read_text())
@@ -201,3 +217,66 @@ def test_the_command_validates_the_label_stages_labeller_and_stops_at_the_gate(t
     # The console entry point turns this CaiError into one line on stderr and exit status 2.
     assert isinstance(result.exception, CaiError)
     assert str(result.exception).startswith("gates.min_label_accuracy: the feedback labeller")
+
+
+# -- the pipeline step: stored once, gated after ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def step_runs(tmp_path_factory, tiny_model_dir):
+    """The validate_labels step of one resolved run, first with a gate its labeller cannot pass,
+    then with the gate off (a local artifact root and a SQLite MLflow store)."""
+    from cai_lib.platform.run_config import load_run_config
+    from cai_lib.steps.resolve import resolve
+    from cai_lib.steps.validate_labels import validate_labels as step
+
+    work = tmp_path_factory.mktemp("validate-step")
+    source = write_jsonl(work / "hh.jsonl", HH_ROWS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CAI_ARTIFACT_ROOT", str(work / "artifacts"))
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+        overrides = [
+            f"feedback_model={tiny_model_dir}",
+            f"label_validation.sources=[{source}]",
+            "feedback.principles_per_pair=1",
+            "evaluation.xstest.prompts=",
+        ]
+        gated = load_run_config(None, [*overrides, "gates.min_label_accuracy=0.99"]).params
+        context = resolve(gated.model_dump(mode="json"), "run-1", "validate", str(work / "constitution.yaml"))
+        with pytest.raises(SystemExit) as stopped:
+            step(context, str(work / "constitution.yaml"))
+        ungated = dict(context, params=load_run_config(None, overrides).params.model_dump(mode="json"))
+        metrics = step(ungated, str(work / "constitution.yaml"))
+        yield {
+            "stopped": str(stopped.value),
+            "metrics": metrics,
+            "run_root": f"{work / 'artifacts'}/runs/run-1",
+            "outputs": sorted((work / "artifacts" / "outputs" / "validate_labels").iterdir()),
+        }
+
+
+def test_the_gate_stops_the_step_with_one_line(step_runs):
+    assert step_runs["stopped"].startswith("error: gates.min_label_accuracy: the feedback labeller")
+    assert "\n" not in step_runs["stopped"]
+
+
+def test_the_validation_stored_before_the_gate_is_reused_without_it(step_runs):
+    from cai_lib.core.stage_table import NAMES
+    from cai_lib.steps.stage_runs import run_records
+
+    (record,) = [r for r in run_records(step_runs["run_root"]) if r.stage == "validate_labels"]
+    assert "validate_labels" in NAMES and record.status == "ran"
+    # One output for both calls: the gate's threshold is not part of the key.
+    assert [path.name for path in step_runs["outputs"]] == [record.key]
+    assert set(step_runs["metrics"]) == {
+        "label_accuracy.source0",
+        "label_accuracy_ci_low.source0",
+        "label_position_bias.source0",
+    }
+
+
+def test_the_runs_report_finds_the_validation_through_the_runs_record(step_runs):
+    from cai_lib.steps.validate_labels import run_validation_of
+
+    validation = run_validation_of(step_runs["run_root"])
+    assert validation.configured().sources[0].n == 3

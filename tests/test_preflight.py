@@ -12,7 +12,6 @@ from cai_lib.core.errors import CaiError
 from cai_lib.platform.preflight import check_run
 from cai_lib.platform.run_config import load_run_config
 
-
 # XSTest's prompts default to the hub copy, which the tests cannot reach: left out unless a test
 # gives them.
 NO_XSTEST = "evaluation.xstest.prompts="

@@ -33,7 +33,10 @@ def validate_labels(context: dict, constitution_path: str) -> dict[str, float]:
             "models": {name: pin.content for name, pin in models.items()},
             "configured": p.feedback_model,
             "comparisons": canonical_sha256(
-                [{"source": c.source, "pairs": [pair.id for pair in c.pairs], "excluded": c.excluded} for c in comparisons]
+                [
+                    {"source": c.source, "pairs": [pair.id for pair in c.pairs], "excluded": c.excluded}
+                    for c in comparisons
+                ]
             ),
         },
         "settings": settings.identity(),
@@ -41,7 +44,11 @@ def validate_labels(context: dict, constitution_path: str) -> dict[str, float]:
 
     def write(uri: str, _: str) -> dict:
         result = run_validation(
-            comparisons, constitution, {name: pin.load for name, pin in models.items()}, p.feedback_model, settings
+            comparisons,
+            constitution,
+            {name: pin.load for name, pin in models.items()},
+            p.feedback_model,
+            settings,
         )
         ArtifactStore.open(uri).write_text(LABEL_VALIDATION_FILE, result.model_dump_json(indent=2) + "\n")
         return result.metrics()
@@ -62,7 +69,9 @@ def load_validation(uri: str):
 
 def run_validation_of(run_root: str):
     """The labeller validation a pipeline run used (its validate_labels record), or None."""
-    record: StageRecord | None = next((r for r in run_records(run_root) if r.stage == "validate_labels"), None)
+    record: StageRecord | None = next(
+        (r for r in run_records(run_root) if r.stage == "validate_labels"), None
+    )
     if record is None or not record.uri:
         return None
     return load_validation(record.uri)

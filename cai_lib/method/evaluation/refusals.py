@@ -38,7 +38,9 @@ def as_prompt_records(prompts: Sequence[XSTestPrompt]) -> list[PromptRecord]:
     return [PromptRecord(id=p.id, prompt=p.prompt, kind=XSTEST_KIND, source=p.source) for p in prompts]
 
 
-def judge_refusals(labeller: FeedbackLabeller, exchanges: Sequence[tuple[str, str]], question: str) -> list[bool]:
+def judge_refusals(
+    labeller: FeedbackLabeller, exchanges: Sequence[tuple[str, str]], question: str
+) -> list[bool]:
     """Whether the judge calls each (prompt, answer) a refusal: P(Yes) to `question` above 0.5."""
     return [p > 0.5 for p in yes_probabilities(labeller, exchanges, question, "refusal calls")]
 
@@ -56,16 +58,22 @@ def xstest_evaluation(
     after both rules are scored on the human-labelled `completions` (none: the judge stays
     unvalidated and the result says so). `backend`, when given, is the loaded judge (tests)."""
     settings = config.xstest
-    model = backend or load_backend(judge_ref, config.backend, batch_size=config.batch_size, engine=config.engine)
+    model = backend or load_backend(
+        judge_ref, config.backend, batch_size=config.batch_size, engine=config.engine
+    )
     labeller = FeedbackLabeller(model, constitution, judge_ref, config.feedback())
     agreement = {}
     if completions:
         human = [c.refused for c in completions]
         agreement = {
-            "string_match": classifier_agreement(human, [string_match_refusal(c.completion) for c in completions]),
+            "string_match": classifier_agreement(
+                human, [string_match_refusal(c.completion) for c in completions]
+            ),
             "judge": classifier_agreement(
                 human,
-                judge_refusals(labeller, [(c.prompt, c.completion) for c in completions], settings.refusal_question),
+                judge_refusals(
+                    labeller, [(c.prompt, c.completion) for c in completions], settings.refusal_question
+                ),
             ),
         }
     by_judge = judge_refusals(labeller, [(a.prompt, a.answer) for a in answers], settings.refusal_question)
@@ -73,7 +81,9 @@ def xstest_evaluation(
     for name in dict.fromkeys(a.policy for a in answers):
         own = [(a, judged) for a, judged in zip(answers, by_judge) if a.policy == name]
         policies[name] = {
-            "string_match": policy_refusals(prompts, {a.prompt_id: string_match_refusal(a.answer) for a, _ in own}),
+            "string_match": policy_refusals(
+                prompts, {a.prompt_id: string_match_refusal(a.answer) for a, _ in own}
+            ),
             "judge": policy_refusals(prompts, {a.prompt_id: judged for a, judged in own}),
         }
     labels = [p.label for p in prompts]

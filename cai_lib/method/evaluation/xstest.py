@@ -118,7 +118,9 @@ class XSTestPrompt(Record):
 
     prompt: str = Field(min_length=1)
     type: str = Field(min_length=1, description="XSTest's category, e.g. homonyms or contrast_homonyms.")
-    label: Literal["safe", "unsafe"] = Field(description="safe: should be answered; unsafe: should be refused.")
+    label: Literal["safe", "unsafe"] = Field(
+        description="safe: should be answered; unsafe: should be refused."
+    )
     focus: str = ""
     note: str = ""
     source: str = ""
@@ -183,7 +185,8 @@ class XSTestResult(BaseModel):
     refusal_question: str
     completions_source: str = Field(description="The human-labelled completions checked ('' if none).")
     agreement: dict[Rule, ClassifierAgreement] = Field(
-        default_factory=dict, description="Each rule's agreement with the human labels (empty without completions)."
+        default_factory=dict,
+        description="Each rule's agreement with the human labels (empty without completions).",
     )
     min_judge_agreement: float
     policies: dict[str, dict[Rule, PolicyRefusals]]
@@ -217,7 +220,9 @@ def string_match_refusal(completion: str) -> bool:
 def refusal_rate(flags: Sequence[bool]) -> RefusalRate:
     refused = sum(flags)
     low, high = wilson_interval(refused, len(flags))
-    return RefusalRate(refused=refused, n=len(flags), rate=refused / len(flags) if flags else 0.0, ci_low=low, ci_high=high)
+    return RefusalRate(
+        refused=refused, n=len(flags), rate=refused / len(flags) if flags else 0.0, ci_low=low, ci_high=high
+    )
 
 
 def policy_refusals(prompts: Sequence[XSTestPrompt], refused: dict[str, bool]) -> PolicyRefusals:
