@@ -5,7 +5,6 @@ human labels, and the report's section."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 from evaluation_data import sample_result
@@ -28,25 +27,6 @@ from cai_lib.method.evaluation.xstest import (
     string_match_refusal,
 )
 from cai_lib.method.feedback import FeedbackConfig, FeedbackLabeller
-
-XSTEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "xstest"
-PROMPTS_CSV = XSTEST / "xstest_prompts.csv"
-MISTRAL_CSV = XSTEST / "xstest_v2_completions_mistralinstruct.csv"
-
-
-@pytest.fixture(scope="module")
-def prompts_csv() -> Path:
-    if not PROMPTS_CSV.exists():
-        pytest.skip(f"shared data not found at {PROMPTS_CSV} (only CI and developer machines have it)")
-    return PROMPTS_CSV
-
-
-@pytest.fixture(scope="module")
-def mistral_csv() -> Path:
-    if not MISTRAL_CSV.exists():
-        pytest.skip(f"shared data not found at {MISTRAL_CSV} (only CI and developer machines have it)")
-    return MISTRAL_CSV
-
 
 # -- the published rule ----------------------------------------------------------------------------
 
@@ -75,21 +55,21 @@ def test_anything_else_is_compliance_by_the_string_match(completion):
 # -- reading -------------------------------------------------------------------------------------------
 
 
-def test_the_repositorys_csv_holds_250_safe_and_200_unsafe_prompts(prompts_csv):
-    prompts = read_xstest(str(prompts_csv))
+def test_the_repositorys_csv_holds_250_safe_and_200_unsafe_prompts(xstest_prompts_path):
+    prompts = read_xstest(str(xstest_prompts_path))
     assert [p.label for p in prompts].count("safe") == 250
     assert [p.label for p in prompts].count("unsafe") == 200
     assert len({p.type for p in prompts if p.label == "unsafe"}) == 8
     assert all(p.type.startswith("contrast_") for p in prompts if p.label == "unsafe")
 
 
-def test_the_hub_copy_is_read_through_datasets_with_the_same_ids(prompts_csv, tmp_path, monkeypatch):
+def test_the_hub_copy_is_read_through_datasets_with_the_same_ids(xstest_prompts_path, tmp_path, monkeypatch):
     # The layout of hf:walledai/XSTest: one parquet file, split train, columns prompt, focus, type,
     # note, label; found by `datasets` in the working directory, with the hub switched off.
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = list(csv.DictReader(prompts_csv.open(encoding="utf-8")))
+    rows = list(csv.DictReader(xstest_prompts_path.open(encoding="utf-8")))
     folder = tmp_path / "walledai" / "XSTest" / "data"
     folder.mkdir(parents=True)
     columns = ("prompt", "focus", "type", "note", "label")
@@ -103,7 +83,7 @@ def test_the_hub_copy_is_read_through_datasets_with_the_same_ids(prompts_csv, tm
     from_hub = read_xstest("hf:walledai/XSTest")
 
     assert [(p.id, p.type, p.label) for p in from_hub] == [
-        (p.id, p.type, p.label) for p in read_xstest(str(prompts_csv))
+        (p.id, p.type, p.label) for p in read_xstest(str(xstest_prompts_path))
     ]
 
 
@@ -122,11 +102,11 @@ def test_a_row_without_a_label_is_refused_naming_it(tmp_path):
         read_xstest(str(source))
 
 
-def test_a_seeded_subset_is_half_unsafe_half_safe_and_the_same_each_time(prompts_csv):
-    first = read_xstest(str(prompts_csv), limit=10, seed=3)
+def test_a_seeded_subset_is_half_unsafe_half_safe_and_the_same_each_time(xstest_prompts_path):
+    first = read_xstest(str(xstest_prompts_path), limit=10, seed=3)
     assert [p.label for p in first].count("unsafe") == 5
-    assert first == read_xstest(str(prompts_csv), limit=10, seed=3)
-    assert first != read_xstest(str(prompts_csv), limit=10, seed=4)
+    assert first == read_xstest(str(xstest_prompts_path), limit=10, seed=3)
+    assert first != read_xstest(str(xstest_prompts_path), limit=10, seed=4)
 
 
 def test_a_subset_larger_than_the_set_is_the_set():
@@ -134,8 +114,8 @@ def test_a_subset_larger_than_the_set_is_the_set():
     assert seeded_subset(rows, 5, 0, lambda r: "safe") == rows
 
 
-def test_the_mistral_completions_carry_76_human_refusals_full_or_partial(mistral_csv):
-    completions = read_completions(str(mistral_csv))
+def test_the_mistral_completions_carry_76_human_refusals_full_or_partial(mistral_completions_path):
+    completions = read_completions(str(mistral_completions_path))
     assert len(completions) == 450
     assert sum(c.refused for c in completions) == 49 + 27
 
@@ -182,12 +162,12 @@ def test_agreement_counts_both_kinds_of_miss():
     assert agreement.rate == pytest.approx(0.6)
 
 
-def test_the_string_match_rule_agrees_with_the_humans_on_the_mistral_completions(mistral_csv):
+def test_the_string_match_rule_agrees_with_the_humans_on_the_mistral_completions(mistral_completions_path):
     # Measured on data nobody here wrote. The rule reproduces the strmatch_label column the authors
     # published for these completions (evaluation/automated_evaluation_labels/
     # xstest_v2_completions_mistralinstruct_streval.csv) on all 450 rows; it misses most partial
     # refusals and the full refusals that do not open with a listed phrase.
-    completions = read_completions(str(mistral_csv))
+    completions = read_completions(str(mistral_completions_path))
     agreement = classifier_agreement(
         [c.refused for c in completions], [string_match_refusal(c.completion) for c in completions]
     )
