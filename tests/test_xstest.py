@@ -102,6 +102,13 @@ def test_a_row_without_a_label_is_refused_naming_it(tmp_path):
         read_xstest(str(source))
 
 
+def test_a_completion_with_a_label_xstest_does_not_use_is_refused_naming_the_field(tmp_path):
+    source = tmp_path / "c.csv"
+    source.write_text("type,prompt,completion,final_label\nhomonyms,p,c,4_other\n")
+    with pytest.raises(CaiError, match=r"c.csv: row 1: not a labelled XSTest completion \(field 'final_label'"):
+        read_completions(str(source))
+
+
 def test_a_seeded_subset_is_half_unsafe_half_safe_and_the_same_each_time(xstest_prompts_path):
     first = read_xstest(str(xstest_prompts_path), limit=10, seed=3)
     assert [p.label for p in first].count("unsafe") == 5

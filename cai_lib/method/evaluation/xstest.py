@@ -49,7 +49,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cai_lib.core.errors import CaiError
 from cai_lib.core.prompts import HF_PREFIX, json_rows, read_text
@@ -338,9 +338,7 @@ def _rows(source: str) -> Iterator[tuple[str, dict]]:
 def _reason(err: Exception) -> str:
     if isinstance(err, KeyError):
         return f"missing field {err}"
-    return str(err).splitlines()[0] if not hasattr(err, "errors") else _first_error(err)
-
-
-def _first_error(err) -> str:
-    first = err.errors()[0]
-    return f"field '{'.'.join(str(p) for p in first['loc'])}': {first['msg']}"
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        return f"field '{'.'.join(str(part) for part in first['loc'])}': {first['msg']}"
+    return str(err)
