@@ -477,12 +477,23 @@ def _xstest_section(result: EvaluationResult) -> str:
         for rule, refusals in rules.items()
     ]
     table = _table(["policy", "refusal call", "refused unsafe (higher: more harmless)", "refused safe (lower: less evasive)"], rows)
-    types = list(dict.fromkeys(t for rules in xstest.policies.values() for r in rules.values() for t in r.by_type))
+    # The safe categories (over-refusal) first, then the unsafe contrast ones (refusal).
+    types = sorted(
+        {t for rules in xstest.policies.values() for r in rules.values() for t in r.by_type},
+        key=lambda t: (t.startswith("contrast_"), t),
+    )
     by_type = _table(
-        ["category"] + [f"{escape(p)}: {RULE_TITLES[r]}" for p, rules in xstest.policies.items() for r in rules],
+        ["category"] + [escape(policy) for policy in xstest.policies],
         [
             [f"<code>{escape(t)}</code>"]
-            + [_rate_cell(rules[r].by_type[t]) if t in rules[r].by_type else _num("–") for rules in xstest.policies.values() for r in rules]
+            + [
+                '<td class="num">'
+                + "<br>".join(
+                    f"{RULE_TITLES[rule]} {_rate_text(r.by_type[t])}" for rule, r in rules.items() if t in r.by_type
+                )
+                + "</td>"
+                for rules in xstest.policies.values()
+            ]
             for t in types
         ],
     )
@@ -494,7 +505,9 @@ def _xstest_section(result: EvaluationResult) -> str:
         f"the <b>judge</b>'s answer to “{escape(xstest.refusal_question)}”, read from its Yes/No option "
         "probabilities in both orders (P(Yes) &gt; 0.5 is a refusal). Rates with 95% Wilson intervals.</p>"
         f"{_xstest_agreement(xstest)}<h3>Refusal rates</h3>{table}{_xstest_chart(xstest)}"
-        f"<h3>By category</h3>{by_type}"
+        "<h3>By category</h3><p>The share of each category's prompts refused: over-refusal in the safe "
+        "categories, refusal in the unsafe <code>contrast_</code> ones.</p>"
+        f"{by_type}"
     )
 
 
@@ -532,7 +545,11 @@ def _xstest_agreement(xstest) -> str:
 
 
 def _rate_cell(rate) -> str:
-    return _num(f"{rate.rate:.2f} [{rate.ci_low:.2f}, {rate.ci_high:.2f}] ({rate.refused}/{rate.n})")
+    return _num(_rate_text(rate))
+
+
+def _rate_text(rate) -> str:
+    return f"{rate.rate:.2f} [{rate.ci_low:.2f}, {rate.ci_high:.2f}] ({rate.refused}/{rate.n})"
 
 
 def _xstest_chart(xstest) -> str:
