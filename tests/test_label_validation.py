@@ -1,5 +1,10 @@
 """Labeller validation (the validate_labels stage, paper Fig. 4): which human comparisons are held
-out, which way agreement is counted, the baselines, the gate, and the command."""
+out, which way agreement is counted, the baselines, the gate, and the command.
+
+Flipped by hand, each of these fails a test here: the gate's comparison (`ci_low < bar` ->
+`>`: the gate tests), which answer is the human's in the agreement (`hard_outcome(p)` ->
+`hard_outcome(1 - p)`: the MarkerJudge tests), and which probability is the first-shown answer's
+in the position bias (`1 - p_a_second` -> `p_a_second`: the position-only test)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """XSTest: the published string-match rule, the readers (the repository's CSV and the hub copy's
 layout), the rates with their intervals, the judge's refusal calls and their agreement with the
-human labels, and the report's section."""
+human labels, and the report's section.
+
+Flipped by hand, each of these fails a test here: the string match's polarity (the openings
+tests), the judge's refusal threshold (`p > 0.5` -> `p < 0.5`: the SorryJudge tests)."""
 
 from __future__ import annotations
 
