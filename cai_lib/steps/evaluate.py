@@ -48,8 +48,9 @@ def evaluate(
     results_path: str,
 ) -> dict[str, float]:
     """Judge the policies' answers (`answers`, the merged `answer_eval` shards) on the held-out
-    prompts and XSTest's (`xstest`): PM scores, evasiveness, XSTest refusals, win rates and Elo of base, SL-CAI, the policies RL saved on
-    the way (`rl-cai-step-N`), RL-CAI and the registered champion, if it is another checkpoint.
+    prompts and on XSTest's (`xstest`): PM scores, evasiveness, XSTest refusals, win rates and Elo
+    of base, SL-CAI, the policies RL saved on the way (`rl-cai-step-N`), RL-CAI and the registered
+    champion, if it is another checkpoint. The report also shows the run's labeller validation.
 
     Writes this run's HTML report (the evaluation plus which stages ran or were reused) to
     `report_path` (the KFP HTML artifact), to the run's folder and to MLflow, and a pointer to
