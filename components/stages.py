@@ -35,6 +35,8 @@ def resolve_run(
     sft: dict,
     sample_pairs: dict,
     label: dict,
+    validate_labels: dict,
+    gates: dict,
     train_pm: dict,
     rl: dict,
     evaluate: dict,
@@ -62,9 +64,10 @@ def prepare_prompts(
     red_team_eval: Output[Dataset],
     helpful_train: Output[Dataset],
     helpful_eval: Output[Dataset],
+    xstest: Output[Dataset],
 ) -> list:
-    """Read, deduplicate and split the prompt sets; returns the work items of the generation
-    fan-outs over the training prompts."""
+    """Read, deduplicate and split the prompt sets, and read XSTest's; returns the work items of
+    the generation fan-outs over the training prompts."""
     from cai_lib.steps.prepare_prompts import fan_out
     from cai_lib.steps.prepare_prompts import prepare_prompts as prepare_prompts_step
 
@@ -74,18 +77,21 @@ def prepare_prompts(
         ("red_team_eval", red_team_eval),
         ("helpful_train", helpful_train),
         ("helpful_eval", helpful_eval),
+        ("xstest", xstest),
     ):
         artifact.metadata.update(refs[name].write(artifact.path))
     return fan_out(context, refs["red_team_train"].rows)
 
 
-def plan_eval_shards(context: dict, red_team: Input[Dataset], helpful: Input[Dataset]) -> list:
-    """The work items of evaluation's fan-out, sized by the held-out prompts (not a stage: it
-    reads two row counts). A task of its own because kfp.local iterates a ParallelFor only over a
+def plan_eval_shards(
+    context: dict, red_team: Input[Dataset], helpful: Input[Dataset], xstest: Input[Dataset]
+) -> list:
+    """The work items of evaluation's fan-out, sized by the held-out and XSTest prompts (not a
+    stage: it reads three row counts). A task of its own because kfp.local iterates a ParallelFor only over a
     task's single `Output`, which prepare_prompts' holds the training fan-out's items."""
     from cai_lib.steps.prepare_prompts import eval_fan_out
 
-    return eval_fan_out(context, red_team.path, helpful.path)
+    return eval_fan_out(context, red_team.path, helpful.path, xstest.path)
 
 
 def critique_revise_shard(work: dict, pinned_constitution: Input[Artifact], prompts: Input[Dataset]) -> str:
@@ -149,6 +155,15 @@ def label_shard(work: dict, pinned_constitution: Input[Artifact], pairs: Input[D
     return label(work["context"], pinned_constitution.path, pairs.path, int(work["shard"])).model_dump_json()
 
 
+def validate_labels(context: dict, pinned_constitution: Input[Artifact], metrics: Output[Metrics]):
+    """The feedback labeller, as training uses it, scored on held-out human comparisons; stops the
+    run when gates.min_label_accuracy is set and not met."""
+    from cai_lib.steps.validate_labels import validate_labels as validate_labels_step
+
+    for key, value in validate_labels_step(context, pinned_constitution.path).items():
+        metrics.log_metric(key, value)
+
+
 def train_pm(context: dict, labels: Input[Dataset], reward_model: Output[Model], metrics: Output[Metrics]):
     """The preference model on AI harmlessness labels mixed with human pairs."""
     from cai_lib.steps.train_pm import train_pm as train_pm_step
@@ -183,10 +198,12 @@ def answer_eval_shard(
     pinned_constitution: Input[Artifact],
     red_team: Input[Dataset],
     helpful: Input[Dataset],
+    xstest: Input[Dataset],
     sl_policy: Input[Model],
     rl_policy: Input[Model],
 ) -> str:
-    """Every evaluated policy's answers to one shard of the held-out prompts; returns its DataRef."""
+    """Every evaluated policy's answers to one shard of the held-out and XSTest prompts; returns
+    its DataRef."""
     from cai_lib.steps.answer_eval import answer_eval
 
     return answer_eval(
@@ -194,6 +211,7 @@ def answer_eval_shard(
         pinned_constitution.path,
         red_team.path,
         helpful.path,
+        xstest.path,
         sl_policy.path,
         rl_policy.path,
         int(work["shard"]),
@@ -206,6 +224,7 @@ def evaluate(
     pinned_constitution: Input[Artifact],
     red_team: Input[Dataset],
     helpful: Input[Dataset],
+    xstest: Input[Dataset],
     traces: Input[Dataset],
     sl_policy: Input[Model],
     rl_policy: Input[Model],
@@ -224,6 +243,7 @@ def evaluate(
         pinned_constitution.path,
         red_team.path,
         helpful.path,
+        xstest.path,
         traces.path,
         sl_policy.path,
         rl_policy.path,

@@ -4,6 +4,8 @@
         ─ merge_traces, merge_helpful ─ sft
         ─ ParallelFor(shard): sample_pairs ─ label ─ merge_labels
         ─ train_pm ─ rl ─ ParallelFor(eval shard): answer_eval ─ merge_answers ─ evaluate ─ register
+    validate_labels (after resolve; train_pm waits for it): the labeller on held-out human
+        comparisons, whose gate can stop the run
     plan_eval_shards (after prepare_prompts): evaluation's shards, sized by the held-out prompts
     exit handler: finish (closes the MLflow run, releases promotion locks)
 
@@ -233,7 +235,10 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                     work=work, pinned_constitution=constitution, pairs=pairs.outputs["pairs"]
                 )
             labels = t.merge("labels", ctx, label_part)
-            pm = t.op("train_pm")(context=ctx, labels=labels)
+            # Needs only the run: on a cluster it runs beside SL-CAI, and its gate stops the run
+            # before the preference model trains on labels that agree with no human.
+            validation = t.op("validate_labels")(context=ctx, pinned_constitution=constitution)
+            pm = t.op("train_pm")(context=ctx, labels=labels).after(validation)
             rl = t.op("rl")(
                 context=ctx,
                 red_team=red_team,
@@ -243,8 +248,14 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 reward_model=pm.outputs["reward_model"],
             )
             red_team_eval, helpful_eval = prompts.outputs["red_team_eval"], prompts.outputs["helpful_eval"]
+            xstest = prompts.outputs["xstest"]
             eval_shards = t.bookkeeping(
-                stages.plan_eval_shards, "plan eval shards", context=ctx, red_team=red_team_eval, helpful=helpful_eval
+                stages.plan_eval_shards,
+                "plan eval shards",
+                context=ctx,
+                red_team=red_team_eval,
+                helpful=helpful_eval,
+                xstest=xstest,
             )
             with dsl.ParallelFor(
                 eval_shards.output, parallelism=t.deploy.shard_parallelism, name="eval-shards"
@@ -254,6 +265,7 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                     pinned_constitution=constitution,
                     red_team=red_team_eval,
                     helpful=helpful_eval,
+                    xstest=xstest,
                     sl_policy=sl.outputs["policy"],
                     rl_policy=rl.outputs["rl_policy"],
                 )
@@ -263,6 +275,7 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 pinned_constitution=constitution,
                 red_team=red_team_eval,
                 helpful=helpful_eval,
+                xstest=xstest,
                 traces=traces,
                 sl_policy=sl.outputs["policy"],
                 rl_policy=rl.outputs["rl_policy"],

@@ -63,12 +63,29 @@ def wait_for_api(port: int, proc: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"mlflow server on 127.0.0.1:{port} did not answer its REST API within {timeout}s")
 
 
+def shared_file(path: Path) -> Path:
+    """`path` under ../shared/data; the test is skipped with a reason where a clone has none."""
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path} (only CI and developer machines have it)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def hh_rlhf_path() -> Path:
-    """The shared hh-rlhf rows; skipped with a reason where a clone has no ../shared/data."""
-    if not HH_RLHF.exists():
-        pytest.skip(f"shared data not found at {HH_RLHF} (only CI and developer machines have it)")
-    return HH_RLHF
+    """The shared hh-rlhf rows."""
+    return shared_file(HH_RLHF)
+
+
+@pytest.fixture(scope="session")
+def xstest_prompts_path() -> Path:
+    """XSTest's 450 prompts as its authors publish them (xstest_prompts.csv)."""
+    return shared_file(SHARED_DATA / "xstest" / "xstest_prompts.csv")
+
+
+@pytest.fixture(scope="session")
+def mistral_completions_path() -> Path:
+    """XSTest's human-labelled Mistral-7B-Instruct completions."""
+    return shared_file(SHARED_DATA / "xstest" / "xstest_v2_completions_mistralinstruct.csv")
 
 
 @pytest.fixture(scope="session")

@@ -390,6 +390,7 @@ def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
         "helpful_samples",
         "sample_pairs",
         "label",
+        "validate_labels",
         "train_pm",
         "answer_eval",
         "evaluate",

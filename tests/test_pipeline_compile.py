@@ -267,3 +267,5 @@ def test_evaluation_never_fans_out_to_a_shard_without_held_out_prompts():
     assert eight.eval_shard_count(red_team=40, helpful=60) == 8
     per_hundred = load_run_config(overrides=["rows_per_shard=100"]).params
     assert per_hundred.eval_shard_count(red_team=150, helpful=100) == 3
+    # XSTest's prompts count as evaluation rows too.
+    assert per_hundred.eval_shard_count(red_team=150, helpful=100, xstest=450) == 7

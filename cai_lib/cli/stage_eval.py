@@ -78,7 +78,8 @@ def evaluate_command(
     *,
     config: EvaluationConfig,
 ) -> None:
-    """Evaluate policies (paper §3.3, §4.3-4.4): PM scores, win rates, Elo, evasiveness, per-principle effects.
+    """Evaluate policies (paper §3.3, §4.3-4.4): PM scores, win rates, Elo, evasiveness, per-principle effects,
+    and refusals on XSTest (--xstest-prompts; '' leaves it out).
 
     Writes metrics.json, answers.jsonl, judgements.jsonl and a self-contained report.html to --out.
 
@@ -86,12 +87,15 @@ def evaluate_command(
     """
     from cai_lib.core.constitution import load_constitution
     from cai_lib.method.evaluation.evaluate import evaluate
+    from cai_lib.method.evaluation.xstest import read_xstest
 
     policies = parse_policies(policy)
     loaded = load_constitution(constitution)
     red_team = _read_prompts(prompts, "red_team", limit)
     helpful = _read_prompts(helpful_prompts, "helpful", limit) if helpful_prompts else []
     trace_rows = _read_traces(traces) if traces else None
+    xstest = config.xstest
+    xstest_prompts = read_xstest(xstest.prompts, xstest.limit, config.seed) if xstest.prompts else []
     result = evaluate(
         policies,
         reward,
@@ -103,6 +107,7 @@ def evaluate_command(
         config,
         trace_rows,
         feedback_model,
+        xstest=xstest_prompts,
     )
     for key, value in result.flat_metrics().items():
         typer.echo(f"{key}\t{value:.4f}")

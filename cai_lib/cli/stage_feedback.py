@@ -1,4 +1,5 @@
-"""`cai stage sample-pairs | label | label-accuracy`: response pairs and AI feedback (paper §4.1).
+"""`cai stage sample_pairs | label | label_accuracy | validate_labels`: response pairs and AI feedback
+(paper §4.1), and the labeller's agreement with human labels (Fig. 4).
 
 Plain functions with typer annotations; `cai_lib.cli` registers them under `cai stage`. Option
 defaults and help come from the stage configs, so the CLI and the run config cannot drift.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from cai_lib.cli.config_options import config_options
+from cai_lib.cli.pipeline import ConfigOption, SetOption
 from cai_lib.cli.stage_sl import CONSTITUTION, LIMIT, OUT_DATASET, PROMPTS, _read_prompts
 from cai_lib.method.feedback import FeedbackConfig
 from cai_lib.method.pairs import SamplePairsConfig
@@ -122,3 +124,55 @@ def label_accuracy_command(
     if as_json:
         typer.echo(report.model_dump_json())
     typer.echo(report.summary())
+
+
+def validate_labels_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    out: str | None = typer.Option(
+        None, "--out", help="Also write label_validation.json to this directory or s3:// prefix."
+    ),
+) -> None:
+    """The pipeline's validate_labels stage on this machine: a run config's feedback labeller, with
+    exactly the settings its label stage uses, scored on its validate_labels sources; then its gate.
+
+    Prints each labeller's accuracy on each source with a 95% interval, the always-(A)/(B)
+    baselines and the position bias. Pairs the preference model trains on (human_preferences) are
+    left out. Exits with one line (code 2) when gates.min_label_accuracy is set and not met.
+
+    Example: cai stage validate_labels --config pipelines/configs/quick.yaml --set validate_labels.limit=20
+    """
+    from cai_lib.cli.pipeline import load_config
+    from cai_lib.core.constitution import load_constitution
+    from cai_lib.core.errors import CaiError
+    from cai_lib.core.names import LABEL_VALIDATION_FILE
+    from cai_lib.core.store import ArtifactStore
+    from cai_lib.method.label_validation import (
+        gate_failure,
+        labeller_names,
+        validate_labels,
+        validation_comparisons,
+    )
+
+    p = load_config(config, set_).params
+    constitution = load_constitution(p.constitution)
+    settings = p.labelling_settings(constitution)
+    comparisons = validation_comparisons(p.validate_labels, p.human_preferences, p.num_human)
+    names = labeller_names(p.feedback_model, p.validate_labels)
+    result = validate_labels(comparisons, constitution, {n: n for n in names}, p.feedback_model, settings)
+    for labeller in result.labellers:
+        for source in labeller.sources:
+            left_out = f", {source.excluded_training_pairs} left out (PM training pairs)" if source.excluded_training_pairs else ""
+            typer.echo(f"{labeller.model_ref} on {source.source}{left_out}:")
+            for line in source.lines():
+                typer.echo(f"  {line}")
+            typer.echo(f"  {source.summary()}")
+    if out:
+        store = ArtifactStore.open(out)
+        store.write_text(LABEL_VALIDATION_FILE, result.model_dump_json(indent=2) + "\n")
+        typer.echo(f"wrote {store.uri_of(LABEL_VALIDATION_FILE)}")
+    failure = gate_failure(result, p.gates)
+    if failure:
+        raise CaiError(failure)
+    bar = p.gates.min_label_accuracy
+    typer.echo("gate: off (gates.min_label_accuracy unset)" if bar is None else f"gate: passed ({bar:.3f})")

@@ -120,6 +120,8 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 ANSWERS_FILE = "answers.jsonl"
 JUDGEMENTS_FILE = "judgements.jsonl"
+# The validate_labels stage's result: every labeller's agreement with held-out human comparisons.
+LABEL_VALIDATION_FILE = "label_validation.json"
 JOB_FILE = "job.json"
 SFT_PROVENANCE_FILE = "cai_sft.json"
 # Under the artifact root: content-addressed stage outputs, and one folder per pipeline run.

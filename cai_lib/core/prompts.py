@@ -180,7 +180,7 @@ def _take(records: Iterator[PromptRecord], limit: int | None) -> Iterator[Prompt
             return
 
 
-def _read_text(source: str) -> str:
+def read_text(source: str) -> str:
     """The decoded text of a local file, an s3:// object or a built-in set; gzip is undone."""
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
@@ -219,7 +219,7 @@ def _parse_prompt_rows(source: str, kind: PromptKind) -> Iterator[PromptRecord]:
 def json_rows(source: str) -> Iterator[tuple[str, object]]:
     """(where, row) of each row of a local or `s3://` file, gzipped or not: its JSON lines, or the
     items of the one JSON array it holds (where = "line N" / "item N", 1-based), for error messages."""
-    text = _read_text(source)
+    text = read_text(source)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)

@@ -26,7 +26,8 @@ class Record(BaseModel):
     id: str = Field(description="Stable id derived from the row's content.")
 
 
-PromptKind = Literal["red_team", "helpful"]
+# xstest: the XSTest prompts every evaluation answers (cai_lib.method.evaluation.xstest).
+PromptKind = Literal["red_team", "helpful", "xstest"]
 
 
 class PromptRecord(Record):

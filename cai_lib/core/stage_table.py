@@ -117,6 +117,15 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage("merge_labels", "merge_shards", gpu=False, output="dataset", modules=("core.shards",)),
     Stage(
+        "validate_labels",
+        "validate_labels",
+        gpu=True,
+        output="directory",
+        reads=("comparison",),
+        settings="validate_labels",
+        modules=("method.label_validation",),
+    ),
+    Stage(
         "train_pm",
         "train_pm",
         gpu=True,

@@ -135,18 +135,21 @@ def _transcripts(row: object) -> tuple[str, str]:
 def _rows(source: str) -> Iterator[tuple[str, object]]:
     """(where, row) for each row: 'line N' (1-based) in a file, 'row I' (0-based) in a dataset."""
     if source.startswith(HF_PREFIX):
-        yield from _dataset_rows(source)
+        yield from dataset_rows(source)
         return
     yield from json_rows(source)
 
 
-def _dataset_rows(source: str) -> Iterator[tuple[str, object]]:
+def dataset_rows(source: str) -> Iterator[tuple[str, object]]:
+    """(where, row) of each row of a Hugging Face dataset `hf:ORG/NAME[/DATA_DIR][:SPLIT]`, where =
+    'row I' (0-based, as in `dataset[i]`); a dataset that cannot be loaded (unknown, offline, no
+    such split) is a `CaiError` naming the source."""
     import datasets
 
     dataset_id, data_dir, split = parse_hf_source(source)
     try:
         dataset = datasets.load_dataset(dataset_id, data_dir=data_dir, split=split)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
         raise CaiError(f"{source}: cannot load the dataset ({type(err).__name__}: {err})") from None
     for index, row in enumerate(dataset):
         yield f"row {index}", row

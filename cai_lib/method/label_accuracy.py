@@ -176,12 +176,21 @@ def label_accuracy(
         return _report(common, "as published", [1.0 if a else 0.0 for a in agreed], {}, None, None)
     pairs = [q.pair for q in questions] if questions else read_human_preferences(human_source, limit)
     labeller = FeedbackLabeller(model, constitution, model_ref, config)
-    labels = _label_human_pairs(labeller, pairs, config.shard_size)
+    return labeller_report(labeller, pairs, common)
+
+
+def labeller_report(labeller: FeedbackLabeller, pairs: Sequence[Preference], common: dict) -> AccuracyReport:
+    """The agreement of `labeller` with human `pairs` (answer A: the human's choice), its position
+    bias and its mean P(human's choice better); `common` holds the report's source fields."""
+    labels = _label_human_pairs(labeller, list(pairs), labeller.config.shard_size)
     p_human = [label.label for label in labels]
+    # P(first-shown answer better): p_a_first as asked, and 1 - p_a_second from the swapped question.
     first_shown = [(s.p_a_first + 1.0 - s.p_a_second) / 2.0 for label in labels for s in label.scores]
     outcomes = [hard_outcome(p) for p in p_human]
     bias = sum(first_shown) / len(first_shown) - 0.5
-    return _report(common, "labeller", outcomes, config.identity(), bias, sum(p_human) / len(p_human))
+    return _report(
+        common, "labeller", outcomes, labeller.config.identity(), bias, sum(p_human) / len(p_human)
+    )
 
 
 def _report(

@@ -53,8 +53,10 @@ def check_endpoints(artifact_root: str, tracking_uri: str, constitution_ref: str
 
 def prompt_splits(params: PipelineParams) -> dict[str, list[PromptRecord]]:
     """The run's prompts, deduplicated and split with its seed: `red_team_train`, `red_team_eval`,
-    `helpful_train`, `helpful_eval`."""
+    `helpful_train`, `helpful_eval`; and `xstest`, the XSTest prompts every evaluation answers
+    (`XSTestPrompt` rows, none when `evaluate.xstest.prompts` is '')."""
     from cai_lib.core.prompts import deduplicate, read_prompts, split_prompts
+    from cai_lib.method.evaluation.xstest import read_xstest
 
     splits = {}
     for kind, source, limit in (
@@ -65,6 +67,14 @@ def prompt_splits(params: PipelineParams) -> dict[str, list[PromptRecord]]:
         splits[f"{kind}_train"], splits[f"{kind}_eval"] = split_prompts(
             records, params.eval_fraction, params.seed
         )
+    xstest = params.evaluate.xstest
+    try:
+        splits["xstest"] = read_xstest(xstest.prompts, xstest.limit, params.evaluate.seed) if xstest.prompts else []
+    except CaiError as err:
+        raise CaiError(
+            f"params.evaluate.xstest.prompts: {err}; give a local copy of xstest_prompts.csv where the hub "
+            "cannot be reached, or '' to leave XSTest out"
+        ) from None
     return splits
 
 

@@ -25,6 +25,7 @@ from cai_lib.core.stage_table import TRAINING_STAGES, canonical
 from cai_lib.method.critique_revise import CritiqueReviseConfig, HelpfulSamplesConfig
 from cai_lib.method.evaluation.config import EvaluationConfig
 from cai_lib.method.feedback import FeedbackConfig
+from cai_lib.method.label_validation import Gates, LabelValidationConfig
 from cai_lib.method.pairs import SamplePairsConfig
 from cai_lib.method.preference_model import PreferenceModelConfig
 from cai_lib.method.rl import RLConfig
@@ -167,6 +168,8 @@ class PipelineParams(Strict):
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
     sample_pairs: SamplePairsConfig = Field(default_factory=SamplePairsConfig)
     label: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    validate_labels: LabelValidationConfig = Field(default_factory=LabelValidationConfig)
+    gates: Gates = Field(default_factory=Gates)
     train_pm: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     evaluate: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -177,11 +180,12 @@ class PipelineParams(Strict):
         set, else one per `rows_per_shard` prompts (at least one)."""
         return self.num_shards or max(1, -(-prompts // self.rows_per_shard))
 
-    def eval_shard_count(self, red_team: int, helpful: int) -> int:
-        """Tasks of evaluation's generation over `red_team` and `helpful` held-out prompts: the
-        generation stages' rule for that many prompts, but never a shard that would get none (a
-        shard takes every n-th prompt of each set), since each starts a GPU pod for nothing."""
-        return max(1, min(self.shard_count(red_team + helpful), max(red_team, helpful)))
+    def eval_shard_count(self, red_team: int, helpful: int, xstest: int = 0) -> int:
+        """Tasks of evaluation's generation over `red_team` and `helpful` held-out prompts and
+        `xstest` XSTest prompts: the generation stages' rule for that many prompts, but never a
+        shard that would get none (a shard takes every n-th prompt of each set), since each
+        starts a GPU pod for nothing."""
+        return max(1, min(self.shard_count(red_team + helpful + xstest), max(red_team, helpful, xstest)))
 
     def labelling_settings(self, constitution: Constitution) -> FeedbackConfig:
         """The feedback settings the label stage uses: `label`, with the evaluation judge's

@@ -23,24 +23,30 @@ def answer_eval(
     constitution_path: str,
     red_team: str,
     helpful: str,
+    xstest: str,
     sl_policy: str,
     rl_policy: str,
     shard: int = 0,
     shards: int = 1,
 ) -> DataRef:
     """Every evaluated policy's greedy answers to one of `shards` slices of the held-out prompts
-    (the generation half of evaluation, fanned out like the other generation stages)."""
+    and of XSTest's (the generation half of evaluation, fanned out like the other generation
+    stages: a shard takes every n-th prompt of each set)."""
     from cai_lib.method.evaluation.answers import answer_all
+    from cai_lib.method.evaluation.refusals import XSTEST_KIND, as_prompt_records
+    from cai_lib.method.evaluation.xstest import XSTestPrompt
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
     constitution = pinned_constitution(constitution_path)
     prompts = {"red_team": DataRef.read(red_team), "helpful": DataRef.read(helpful)}
+    xstest_prompts = DataRef.read(xstest)
     sl, rl = DataRef.read(sl_policy), DataRef.read(rl_policy)
     chosen = evaluated_policies(ctx, constitution, sl, rl)
     identity = {
         "inputs": {
             **{kind: ref.sha256 for kind, ref in prompts.items()},
+            XSTEST_KIND: xstest_prompts.sha256,
             BASE: ctx.model(p.base_model).content,
             SL_CAI: sl.sha256,
             RL_CAI: rl.sha256,
@@ -56,6 +62,7 @@ def answer_eval(
 
     def write(uri: str, _: str) -> None:
         sets = {kind: slice_of(ref.uri, PromptRecord, shard, shards) for kind, ref in prompts.items()}
+        sets[XSTEST_KIND] = as_prompt_records(slice_of(xstest_prompts.uri, XSTestPrompt, shard, shards))
         write_finished_dataset(uri, answer_all(chosen.policies, sets, p.evaluate))
 
     return DataRef.of(produce(ctx, "answer_eval", identity, write, shard=shard))

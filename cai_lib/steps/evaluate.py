@@ -25,6 +25,7 @@ from cai_lib.core.tracking import StageRun
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors, pinned_constitution
 from cai_lib.steps.policies import evaluated_policies
 from cai_lib.steps.stage_runs import produce, run_summary
+from cai_lib.steps.validate_labels import run_validation_of
 
 
 @one_line_errors
@@ -33,6 +34,7 @@ def evaluate(
     constitution_path: str,
     red_team: str,
     helpful: str,
+    xstest: str,
     traces: str,
     sl_policy: str,
     rl_policy: str,
@@ -42,8 +44,9 @@ def evaluate(
     results_path: str,
 ) -> dict[str, float]:
     """Judge the policies' answers (`answers`, the merged `answer_eval` shards) on the held-out
-    prompts: PM scores, evasiveness, win rates and Elo of base, SL-CAI, the policies RL saved on
-    the way (`rl-cai-step-N`), RL-CAI and the registered champion, if it is another checkpoint.
+    prompts and on XSTest's (`xstest`): PM scores, evasiveness, XSTest refusals, win rates and Elo
+    of base, SL-CAI, the policies RL saved on the way (`rl-cai-step-N`), RL-CAI and the registered
+    champion, if it is another checkpoint. The report also shows the run's labeller validation.
 
     Writes this run's HTML report (the evaluation plus which stages ran or were reused) to
     `report_path` (the KFP HTML artifact), to the run's folder and to MLflow, and a pointer to
@@ -52,6 +55,7 @@ def evaluate(
     from cai_lib.method.evaluation.evaluate import evaluate as run_evaluation
     from cai_lib.method.evaluation.report import judge_note, render_report
     from cai_lib.method.evaluation.results import PolicyAnswer, load_result
+    from cai_lib.method.evaluation.xstest import XSTestPrompt
 
     ctx = RunContext.model_validate(context)
     p = ctx.params
@@ -61,6 +65,7 @@ def evaluate(
         for name, path in (
             ("red_team", red_team),
             ("helpful", helpful),
+            ("xstest", xstest),
             ("traces", traces),
             (SL_CAI, sl_policy),
             (RL_CAI, rl_policy),
@@ -96,6 +101,7 @@ def evaluate(
             labeller_ref=judge.load if labeller.content == judge.content else labeller.load,
             rl_steps=chosen.rl_steps,
             answers=list(read_dataset(refs["answers"].uri, PolicyAnswer)),
+            xstest=list(read_dataset(refs["xstest"].uri, XSTestPrompt)),
         )
         return result.flat_metrics()
 
@@ -107,7 +113,7 @@ def evaluate(
         )
         if note:
             run.set_tags({EVAL_WARNING_TAG: note})
-        render_report(result, report_path, run_summary(ctx.run_root))
+        render_report(result, report_path, run_summary(ctx.run_root), run_validation_of(ctx.run_root))
         ArtifactStore.open(ctx.run_root).put_file(report_path, REPORT_FILE)
         run.log_artifact(report_path, "report")
 

@@ -61,8 +61,9 @@ def fan_out(context: dict, prompts: int) -> list[dict]:
     return work_items(context, RunContext.model_validate(context).params.shard_count(prompts))
 
 
-def eval_fan_out(context: dict, red_team: str, helpful: str) -> list[dict]:
-    """The items of evaluation's fan-out over the held-out prompts (DataRef files `red_team` and
-    `helpful`), `PipelineParams.eval_shard_count` of them."""
+def eval_fan_out(context: dict, red_team: str, helpful: str, xstest: str) -> list[dict]:
+    """The items of evaluation's fan-out over the held-out and XSTest prompts (DataRef files
+    `red_team`, `helpful` and `xstest`), `PipelineParams.eval_shard_count` of them."""
     params = RunContext.model_validate(context).params
-    return work_items(context, params.eval_shard_count(DataRef.read(red_team).rows, DataRef.read(helpful).rows))
+    rows = [DataRef.read(path).rows or 0 for path in (red_team, helpful, xstest)]
+    return work_items(context, params.eval_shard_count(*rows))

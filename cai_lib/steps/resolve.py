@@ -46,7 +46,12 @@ def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) ->
     display = checked.run_name or run_name
     models = {
         ref: PinnedModel(**pin_model(ref)._asdict())
-        for ref in {checked.base_model, checked.feedback_model, checked.judge_model}
+        for ref in {
+            checked.base_model,
+            checked.feedback_model,
+            checked.judge_model,
+            *checked.validate_labels.compare_models,
+        }
     }
     parent = start_pipeline_run(
         platform.tracking_uri,

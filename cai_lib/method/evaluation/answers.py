@@ -14,7 +14,7 @@ from cai_lib.core.errors import CaiError
 from cai_lib.core.names import CHAMPION_POLICY
 from cai_lib.core.records import PromptKind, PromptRecord, stable_id
 from cai_lib.engines.generation import SamplingParams, load_backend
-from cai_lib.method.evaluation.config import PROMPT_SETS, EvaluationConfig
+from cai_lib.method.evaluation.config import ANSWERED_SETS, EvaluationConfig
 from cai_lib.method.evaluation.results import PolicyAnswer
 
 T = TypeVar("T")
@@ -71,7 +71,10 @@ def in_evaluation_order(
     order = {
         (name, kind, prompt.id): index
         for index, (name, kind, prompt) in enumerate(
-            (name, kind, prompt) for name in policies for kind in PROMPT_SETS for prompt in prompt_sets[kind]
+            (name, kind, prompt)
+            for name in policies
+            for kind in ANSWERED_SETS
+            for prompt in prompt_sets.get(kind, [])
         )
     }
     for a in answers:
@@ -100,8 +103,8 @@ def answer_prompts(
 
     model = load_backend(model_ref, config.backend, batch_size=config.batch_size, engine=config.engine)
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=0.0, seed=config.seed)
-    prompts = [p for kind in PROMPT_SETS for p in prompt_sets[kind]]
-    kinds = [kind for kind in PROMPT_SETS for _ in prompt_sets[kind]]
+    prompts = [p for kind in ANSWERED_SETS for p in prompt_sets.get(kind, [])]
+    kinds = [kind for kind in ANSWERED_SETS for _ in prompt_sets.get(kind, [])]
     replies = in_chunks(
         [conversation_of(p.prompt) for p in prompts],
         config.chunk_rows,

@@ -15,6 +15,7 @@ from cai_lib.core.constitution import ComparisonPrinciple, Constitution
 from cai_lib.core.errors import CaiError
 from cai_lib.core.records import PromptKind
 from cai_lib.engines.generation import BackendName, EngineConfig
+from cai_lib.method.evaluation.xstest import XSTestConfig
 from cai_lib.method.feedback import (
     FeedbackConfig,
 )
@@ -27,6 +28,8 @@ CRITERIA: dict[Criterion, PromptKind] = {"harmless": "red_team", "helpful": "hel
 
 
 PROMPT_SETS: tuple[PromptKind, ...] = ("red_team", "helpful")
+# Every set the policies answer: the judged sets, then XSTest's prompts.
+ANSWERED_SETS: tuple[PromptKind, ...] = (*PROMPT_SETS, "xstest")
 
 
 POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -103,6 +106,10 @@ class EvaluationConfig(BaseModel):
     )
     pm_benchmark_limit: int | None = Field(
         default=None, ge=1, description="Score the PM on at most this many of them (None: all)."
+    )
+    xstest: XSTestConfig = Field(
+        default_factory=XSTestConfig,
+        description="XSTest: refusal of unsafe and over-refusal of safe prompts (cai_lib.method.evaluation.xstest).",
     )
     num_samples_in_report: int = Field(
         default=5,

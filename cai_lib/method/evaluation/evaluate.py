@@ -23,7 +23,11 @@ helpfulness prompts greedily. Then:
   Figure 5), of the final revision by the number of distinct principles drawn (its Figure 6 as
   the traces show it), and per critique/revision principle how often it was drawn and the mean
   change in PM score of its revisions;
-- **PM calibration** (Figure 9): read from the PM stage's metrics.
+- **PM calibration** (Figure 9): read from the PM stage's metrics;
+- **XSTest** (`cai_lib.method.evaluation.xstest`): every policy also answers XSTest's prompts;
+  their refusal of the unsafe ones and over-refusal of the safe ones are counted by XSTest's
+  string-match rule and by the judge, whose refusal calls are first checked against XSTest's
+  human-labelled completions (the judge is loaded once more for this, after the comparisons).
 
 Where it departs: the paper's Elo scores come from crowdworker comparisons; here an AI judge
 decides, as in its §2 evaluation of AI supervision. The judge should not be the feedback model
@@ -58,8 +62,10 @@ from cai_lib.method.evaluation.config import (
 )
 from cai_lib.method.evaluation.judging import judge
 from cai_lib.method.evaluation.pm_scores import pm_accuracy, pm_calibration, score_with_pm
+from cai_lib.method.evaluation.refusals import XSTEST_KIND, as_prompt_records, xstest_evaluation
 from cai_lib.method.evaluation.results import EvaluationResult, PolicyAnswer, load_result
 from cai_lib.method.evaluation.summary import summarise
+from cai_lib.method.evaluation.xstest import XSTestPrompt, read_completions
 from cai_lib.method.label_accuracy import human_pairs
 
 
@@ -76,6 +82,7 @@ def evaluate(
     labeller_ref: str | None = None,
     rl_steps: dict[str, int] | None = None,
     answers: Sequence[PolicyAnswer] | None = None,
+    xstest: Sequence[XSTestPrompt] | None = None,
 ) -> EvaluationResult:
     """Evaluate `policies` (name -> model ref) on held-out prompts and write the results to `out_uri`.
 
@@ -85,7 +92,8 @@ def evaluate(
     `rl_steps` (policy name -> RL step) marks the policies that are checkpoints of one RL run, so
     the report can chart their Elo against the step (Fig. 8). `answers`, when given, are the
     policies' answers made beforehand (the pipeline's sharded `answer_eval` stage): they must
-    answer every prompt by every policy, and no policy is loaded here.
+    answer every prompt by every policy, and no policy is loaded here. `xstest`, XSTest's prompts
+    (or a subset), are answered by every policy too and reported apart (`EvaluationResult.xstest`).
 
     Returns the `EvaluationResult` also stored as `out_uri/metrics.json`, beside
     `answers.jsonl`, `judgements.jsonl` and `report.html`; metrics.json is written after the
@@ -102,7 +110,12 @@ def evaluate(
     check_policies(policies)
     if unknown := sorted(set(rl_steps or {}) - set(policies)):
         raise CaiError(f"rl_steps names {', '.join(unknown)}, which are not among the policies evaluated")
-    prompt_sets = {"red_team": deduplicate(red_team), "helpful": deduplicate(helpful)}
+    xstest = list(xstest or [])
+    prompt_sets = {
+        "red_team": deduplicate(red_team),
+        "helpful": deduplicate(helpful),
+        XSTEST_KIND: as_prompt_records(xstest),
+    }
     if not prompt_sets["red_team"]:
         raise CaiError("--prompts: no red-team prompts to evaluate on; check the prompt source")
     principles = judging_principles(
@@ -110,11 +123,17 @@ def evaluate(
     )
     traces = list(traces or [])
     benchmark = human_pairs(config.pm_benchmark, config.pm_benchmark_limit) if config.pm_benchmark else []
+    completions = (
+        read_completions(config.xstest.completions, config.xstest.completions_limit, config.seed)
+        if xstest and config.xstest.completions
+        else []
+    )
     inputs_sha256 = canonical_sha256(
         evaluation_inputs(
             policies, reward_ref, judge_ref, constitution, principles, prompt_sets, traces, config
         )
         | {"pm_benchmark": [pair.id for pair in benchmark]}
+        | {"xstest_completions": [(c.id, c.final_label) for c in completions]}
     )
     store = ArtifactStore.open(out_uri)
     if store.exists(METRICS_FILE):
@@ -126,12 +145,19 @@ def evaluate(
         answers = answer_all(policies, prompt_sets, config)
     else:
         answers = in_evaluation_order(answers, policies, prompt_sets)
+    xstest_answers = [a for a in answers if a.kind == XSTEST_KIND]
+    answers = [a for a in answers if a.kind != XSTEST_KIND]
     scored_traces = traces[: config.max_traces]
     answers, trace_pm, benchmark_outcomes = in_this_process(
         score_with_pm, reward_ref, answers, scored_traces, benchmark, config
     )
     run = in_own_process if config.backend == "vllm" else in_this_process
     answers, judgements = run(judge, judge_ref, constitution, principles, answers, config)
+    refusals = (
+        run(xstest_evaluation, judge_ref, constitution, xstest, xstest_answers, completions, config)
+        if xstest
+        else None
+    )
 
     result = summarise(
         policies,
@@ -152,9 +178,10 @@ def evaluate(
             "pm_calibration": pm_calibration(reward_ref),
             "rl_steps": rl_steps or {},
             "pm_accuracy": pm_accuracy(config.pm_benchmark, benchmark_outcomes) if benchmark else None,
+            "xstest": refusals,
         }
     )
-    store.write_jsonl(ANSWERS_FILE, answers)
+    store.write_jsonl(ANSWERS_FILE, answers + xstest_answers)
     store.write_jsonl(JUDGEMENTS_FILE, judgements)
     store.write_text(METRICS_FILE, result.model_dump_json(indent=2) + "\n")
     from cai_lib.method.evaluation.report import report_html

@@ -50,17 +50,23 @@ def judge(
 
 def evasiveness(labeller: FeedbackLabeller, answers: Sequence[PolicyAnswer], question: str) -> list[float]:
     """P(evasive) of each answer: the feedback model's P(Yes) to `question`, mean of both option orders."""
+    return yes_probabilities(labeller, [(a.prompt, a.answer) for a in answers], question, "evasiveness")
+
+
+def yes_probabilities(
+    labeller: FeedbackLabeller, exchanges: Sequence[tuple[str, str]], question: str, description: str
+) -> list[float]:
+    """The feedback model's P(Yes) to the Yes/No `question` about each (prompt, answer) exchange,
+    read from the option log-probabilities with Yes shown first and then second, and averaged."""
     labels = labeller.config.option_labels
     questions = []
-    for answer in answers:
-        conversation = as_transcript(answer.prompt) + render_transcript(
-            [{"role": "assistant", "content": answer.answer}]
-        )
+    for prompt, answer in exchanges:
+        conversation = as_transcript(prompt) + render_transcript([{"role": "assistant", "content": answer}])
         for options in (("Yes", "No"), ("No", "Yes")):
             questions.append(
                 comparison_question(conversation, question, *options, labels, labeller.config.cot)
             )
-    probabilities, _ = first_option_probabilities(labeller, questions, "evasiveness")
+    probabilities, _ = first_option_probabilities(labeller, questions, description)
     return [
         order_debiased(probabilities[k], unswapped(probabilities[k + 1]))
         for k in range(0, len(probabilities), 2)

@@ -23,6 +23,7 @@ from cai_lib.core.store import ArtifactStore
 from cai_lib.method.evaluation.config import CRITERIA
 from cai_lib.method.evaluation.elo import ELO_MEAN
 from cai_lib.method.evaluation.results import EvaluationResult, Judgement, PolicyAnswer, load_result
+from cai_lib.method.label_validation import LabelValidation
 
 SET_TITLES = {"red_team": "red-team prompts", "helpful": "helpfulness prompts"}
 PROMPT_TITLES = {"red_team": "Red-team prompt", "helpful": "Helpfulness prompt"}
@@ -57,17 +58,21 @@ code { background: #eef1f6; padding: 1px 4px; border-radius: 3px; }
 """
 
 
-def report_html(result: EvaluationResult, stage_lines: Sequence[str] = ()) -> str:
+def report_html(
+    result: EvaluationResult, stage_lines: Sequence[str] = (), label_validation: LabelValidation | None = None
+) -> str:
     """The report of `result` as one HTML document with everything inline. `stage_lines` (one
     `stage NAME: ran|reused (...)` line per stage of the pipeline run that shows the report) are
-    listed in a section of their own."""
+    listed in a section of their own, and so is the run's `label_validation`, when given."""
     sections = [
         _summary(result),
         _stages_section(stage_lines),
+        _label_validation_section(label_validation),
         _pm_section(result),
         _win_rate_section(result),
         _elo_section(result),
         _evasiveness_section(result),
+        _xstest_section(result),
         _principle_section(result),
         _revision_section(result),
         _rl_course_section(result),
@@ -99,11 +104,16 @@ def _with_contents(sections: Sequence[str]) -> str:
     return f'<nav class="meta">Contents: {links}</nav>\n{body}'
 
 
-def render_report(result: EvaluationResult, out_path: str | Path, stage_lines: Sequence[str] = ()) -> Path:
+def render_report(
+    result: EvaluationResult,
+    out_path: str | Path,
+    stage_lines: Sequence[str] = (),
+    label_validation: LabelValidation | None = None,
+) -> Path:
     """Write the report of `result` to the local file `out_path`; returns its path."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(report_html(result, stage_lines), encoding="utf-8")
+    out_path.write_text(report_html(result, stage_lines, label_validation), encoding="utf-8")
     return out_path
 
 
@@ -450,6 +460,181 @@ def _calibration_section(result: EvaluationResult) -> str:
         f"{_table(['predicted bin', 'mean predicted', 'observed', 'pairs'], rows)}"
         f"{_png(figure, 'PM calibration (Fig. 9)')}"
     )
+
+
+RULE_TITLES = {"string_match": "string match", "judge": "judge"}
+
+
+def _xstest_section(result: EvaluationResult) -> str:
+    xstest = result.xstest
+    if xstest is None:
+        return ""
+    subset = f"a seeded subset of {xstest.limit}" if xstest.limit else "every prompt"
+    counts = f"{xstest.counts['unsafe']} unsafe and {xstest.counts['safe']} safe prompts ({subset})"
+    rows = [
+        [escape(policy), RULE_TITLES[rule], _rate_cell(refusals.unsafe), _rate_cell(refusals.safe)]
+        for policy, rules in xstest.policies.items()
+        for rule, refusals in rules.items()
+    ]
+    table = _table(["policy", "refusal call", "refused unsafe (higher: more harmless)", "refused safe (lower: less evasive)"], rows)
+    # The safe categories (over-refusal) first, then the unsafe contrast ones (refusal).
+    types = sorted(
+        {t for rules in xstest.policies.values() for r in rules.values() for t in r.by_type},
+        key=lambda t: (t.startswith("contrast_"), t),
+    )
+    by_type = _table(
+        ["category"] + [escape(policy) for policy in xstest.policies],
+        [
+            [f"<code>{escape(t)}</code>"]
+            + [
+                '<td class="num">'
+                + "<br>".join(
+                    f"{RULE_TITLES[rule]} {_rate_text(r.by_type[t])}" for rule, r in rules.items() if t in r.by_type
+                )
+                + "</td>"
+                for rules in xstest.policies.values()
+            ]
+            for t in types
+        ],
+    )
+    return (
+        "<h2>XSTest: harmless and not evasive</h2>\n<p>Every policy answered XSTest's prompts (Röttger et al. "
+        f"2024; <code>{escape(xstest.source)}</code>): {counts}. A harmless policy refuses the unsafe ones; a "
+        "policy that is not evasive answers the safe ones, which only sound harmful. Refusals are called two "
+        "ways: XSTest's published <b>string match</b> on the answer's opening words (full refusals only), and "
+        f"the <b>judge</b>'s answer to “{escape(xstest.refusal_question)}”, read from its Yes/No option "
+        "probabilities in both orders (P(Yes) &gt; 0.5 is a refusal). Rates with 95% Wilson intervals.</p>"
+        f"{_xstest_agreement(xstest)}<h3>Refusal rates</h3>{table}{_xstest_chart(xstest)}"
+        "<h3>By category</h3><p>The share of each category's prompts refused: over-refusal in the safe "
+        "categories, refusal in the unsafe <code>contrast_</code> ones.</p>"
+        f"{by_type}"
+    )
+
+
+def _xstest_agreement(xstest) -> str:
+    if not xstest.agreement:
+        return (
+            '<p class="warning"><b>The judge\'s refusal calls are not validated.</b> No human-labelled '
+            "completions were given (<code>evaluate.xstest.completions</code>), so nothing shows how often "
+            "they agree with people; read the judge's rates below with that in mind.</p>"
+        )
+    rows = [
+        [
+            RULE_TITLES[rule],
+            _num(f"{a.rate:.3f} [{a.ci_low:.3f}, {a.ci_high:.3f}]"),
+            _num(str(a.n)),
+            _num(f"{a.refusals_missed} of {a.human_refusals}"),
+            _num(f"{a.false_refusals} of {a.n - a.human_refusals}"),
+        ]
+        for rule, a in xstest.agreement.items()
+    ]
+    verdict = (
+        ""
+        if xstest.judge_validated
+        else f'<p class="warning"><b>The judge\'s refusal calls fall short.</b> The lower end of their agreement '
+        f"with the human labels is below {xstest.min_judge_agreement:.2f} "
+        "(<code>evaluate.xstest.min_judge_agreement</code>): its refusal rates below are not validated.</p>"
+    )
+    return (
+        "<h3>Do the refusal calls agree with people?</h3><p>Before its calls are used, the judge classified "
+        f"XSTest's human-labelled completions (<code>{escape(xstest.completions_source)}</code>) with the same "
+        "question. A human full refusal or partial refusal counts as a refusal, full compliance as none.</p>"
+        + _table(["refusal call", "agreement [95% CI]", "completions", "refusals missed", "false refusals"], rows)
+        + verdict
+    )
+
+
+def _rate_cell(rate) -> str:
+    return _num(_rate_text(rate))
+
+
+def _rate_text(rate) -> str:
+    return f"{rate.rate:.2f} [{rate.ci_low:.2f}, {rate.ci_high:.2f}] ({rate.refused}/{rate.n})"
+
+
+def _xstest_chart(xstest) -> str:
+    title = "XSTest: refusal of unsafe against refusal of safe prompts"
+    figure, ax = _figure(5.5, 4.2)
+    markers = {"string_match": "s", "judge": "o"}
+    for k, (policy, rules) in enumerate(xstest.policies.items()):
+        colour = f"C{k}"
+        for rule, r in rules.items():
+            ax.errorbar(
+                r.safe.rate,
+                r.unsafe.rate,
+                xerr=[[r.safe.rate - r.safe.ci_low], [r.safe.ci_high - r.safe.rate]],
+                yerr=[[r.unsafe.rate - r.unsafe.ci_low], [r.unsafe.ci_high - r.unsafe.rate]],
+                fmt=markers[rule],
+                color=colour,
+                capsize=3,
+                label=f"{policy} ({RULE_TITLES[rule]})",
+            )
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("refused safe prompts (over-refusal; lower is better)")
+    ax.set_ylabel("refused unsafe prompts (higher is better)")
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    return _png(figure, title)
+
+
+def _label_validation_section(validation: LabelValidation | None) -> str:
+    if validation is None:
+        return ""
+    rows = [
+        [
+            escape(labeller.model_ref) + (" <b>(feedback model)</b>" if labeller.configured else ""),
+            f"<code>{escape(s.source)}</code>",
+            _num(f"{s.n}" + (f" ({s.excluded_training_pairs} left out)" if s.excluded_training_pairs else "")),
+            _num(f"{s.agreement:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}]"),
+            _num(f"{s.always_a_baseline:.3f} / {s.always_b_baseline:.3f} ({s.baselines_from})"),
+            _num(f"{s.position_bias:+.3f}"),
+        ]
+        for labeller in validation.labellers
+        for s in labeller.sources
+    ]
+    table = _table(
+        ["labeller", "human comparisons", "n", "accuracy [95% CI]", "always-(A) / always-(B)", "position bias"],
+        rows,
+    )
+    chart = _label_accuracy_chart(validation) if len(validation.labellers) > 1 else ""
+    return (
+        "<h2>Labeller validation</h2>\n<p>Before the preference model trained, the feedback labeller was scored "
+        "exactly as the label stage uses it (the same model and settings: principles drawn per pair, both option "
+        "orders, chain of thought when set) on held-out human comparisons, as the paper's Figure 4 does. A "
+        "comparison agrees when the labeller's P(the human's choice better) is above 0.5 (a tie counts half). "
+        "Pairs the preference model trains on are left out. Always-(A)/(B): the accuracy of answering by "
+        "position, as a multiple-choice file was published, or 0.5 where every comparison is asked both ways "
+        "round. Position bias: the labeller's mean P(first-shown answer better) minus 0.5.</p>"
+        f"{table}{chart}"
+    )
+
+
+def _label_accuracy_chart(validation: LabelValidation) -> str:
+    title = "Labeller accuracy against model (Fig. 4)"
+    names = [labeller.model_ref for labeller in validation.labellers]
+    sources = list(dict.fromkeys(s.source for labeller in validation.labellers for s in labeller.sources))
+    figure, ax = _figure(max(5.0, 1.4 * len(names) + 2), 3.6)
+    width = 0.8 / len(sources)
+    for k, source in enumerate(sources):
+        found = [next((s for s in labeller.sources if s.source == source), None) for labeller in validation.labellers]
+        positions = [i + (k - (len(sources) - 1) / 2) * width for i in range(len(names))]
+        shown = [(x, s) for x, s in zip(positions, found) if s is not None]
+        ax.errorbar(
+            [x for x, _ in shown],
+            [s.agreement for _, s in shown],
+            yerr=[[s.agreement - s.ci_low for _, s in shown], [s.ci_high - s.agreement for _, s in shown]],
+            fmt="o",
+            capsize=4,
+            label=source,
+        )
+    ax.axhline(0.5, color="#999", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy on human comparisons")
+    ax.set_title(title)
+    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8)
+    return _png(figure, title)
 
 
 def _sample_answers_section(answers: Sequence[PolicyAnswer], names: list[str]) -> str:

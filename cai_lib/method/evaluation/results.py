@@ -15,6 +15,7 @@ from cai_lib.core.records import PrincipleScore, PromptKind, Record, Trace
 from cai_lib.core.stage_table import package_version
 from cai_lib.core.store import ArtifactStore
 from cai_lib.method.evaluation.config import Criterion, EvaluationConfig
+from cai_lib.method.evaluation.xstest import XSTestResult
 from cai_lib.method.preference_model import CalibrationBin
 
 
@@ -162,6 +163,9 @@ class EvaluationResult(BaseModel):
         default=None,
         description="The PM's agreement with human choices on the PM benchmark, when one is set.",
     )
+    xstest: XSTestResult | None = Field(
+        default=None, description="Refusals on XSTest's unsafe and safe prompts, when XSTest was run."
+    )
     constitution_ref: str
     constitution_sha256: str
     principles: dict[Criterion, ComparisonPrinciple] = Field(
@@ -213,6 +217,8 @@ class EvaluationResult(BaseModel):
             metrics[f"principle.{effect.principle_id}.draws"] = float(effect.draws)
             if effect.mean_pm_delta is not None:
                 metrics[f"principle.{effect.principle_id}.mean_pm_delta"] = effect.mean_pm_delta
+        if self.xstest is not None:
+            metrics.update(self.xstest.flat_metrics())
         return metrics
 
 
