@@ -62,7 +62,7 @@ def prepare_prompts(
     red_team_eval: Output[Dataset],
     helpful_train: Output[Dataset],
     helpful_eval: Output[Dataset],
-) -> list:
+) -> list[dict]:
     """Read, deduplicate and split the prompt sets; returns the work items of the generation
     fan-outs over the training prompts."""
     from cai_lib import steps
@@ -78,7 +78,7 @@ def prepare_prompts(
     return steps.fan_out(context, refs["red_team_train"].rows)
 
 
-def plan_eval_shards(context: dict, red_team: Input[Dataset], helpful: Input[Dataset]) -> list:
+def plan_eval_shards(context: dict, red_team: Input[Dataset], helpful: Input[Dataset]) -> list[dict]:
     """The work items of evaluation's fan-out, sized by the held-out prompts (not a stage: it
     reads two row counts). A task of its own because kfp.local iterates a ParallelFor only over a
     task's single `Output`, which prepare_prompts' holds the training fan-out's items."""
