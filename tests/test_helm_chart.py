@@ -340,6 +340,7 @@ def test_the_env_config_map_gives_every_pod_the_artifact_root_s3_endpoint_region
         "AWS_S3_ADDRESSING_STYLE": "path",
         "MLFLOW_S3_ENDPOINT_URL": "http://minio.minio.svc.cluster.local:9000",
         "MLFLOW_TRACKING_URI": f"http://{FULLNAME}-mlflow:5000",
+        "CAI_CONSTITUTION_REGISTRY": "s3://cai-platform/constitutions",
     }
 
 
@@ -370,15 +371,26 @@ def test_the_run_config_wires_images_and_secrets_into_the_pipeline():
             "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
             "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
         },
+        "hf_secret": "cai-hf",
+        "hf_keys": {"HF_TOKEN": "HF_TOKEN"},
         "env_configmap": ENV_CONFIGMAP,
     }
     assert config["deploy"]["retries"] == 2
 
 
-def test_the_env_configmap_holds_every_setting_the_pipeline_steps_read():
+def test_the_env_configmap_holds_every_setting_the_pipeline_maps_and_nothing_else():
+    # Some keys only under some values (serving on, UI addresses set); tests/test_step_env.py
+    # follows each setting on to the step that reads it.
     from cai_lib.config import PLATFORM_ENV
 
-    assert set(PLATFORM_ENV) <= set(find(render_objects({}), "ConfigMap", ENV_CONFIGMAP)["data"])
+    presets = [
+        *VARIANTS.values(),
+        {"kfp": {"uiUrl": "https://kf.example.com"}, "mlflow": {"uiUrl": "https://m.example.com"}},
+    ]
+    written = {
+        key for values in presets for key in find(render_objects(values), "ConfigMap", ENV_CONFIGMAP)["data"]
+    }
+    assert written == set(PLATFORM_ENV)
 
 
 def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
@@ -683,7 +695,11 @@ def test_the_serving_account_carries_the_s3_secret_and_the_pipeline_may_patch_in
     objects = render_objects(VARIANTS["serving"])
     assert find(objects, "ServiceAccount", f"{FULLNAME}-serving")["secrets"] == [{"name": "cai-s3"}]
     assert find(objects, "Role", f"{FULLNAME}-serving")["rules"] == [
-        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "patch"]}
+        {
+            "apiGroups": ["serving.kserve.io"],
+            "resources": ["inferenceservices", "llminferenceservices"],
+            "verbs": ["get", "patch"],
+        }
     ]
     assert find(objects, "RoleBinding", f"{FULLNAME}-serving")["subjects"] == [
         {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": NAMESPACE},
@@ -913,8 +929,9 @@ def test_the_committed_pipeline_reads_only_configmaps_and_secrets_the_default_ch
     assert secrets == {
         values["s3"]["credentialsSecret"]["name"],
         values["mlflow"]["credentialsSecret"]["name"],
+        values["huggingface"]["tokenSecret"]["name"],
     }
-    assert secrets == {SecretRefs().s3_secret, SecretRefs().mlflow_secret}
+    assert secrets == {SecretRefs().s3_secret, SecretRefs().mlflow_secret, SecretRefs().hf_secret}
 
 
 @pytest.mark.integration

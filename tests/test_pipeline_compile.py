@@ -80,10 +80,11 @@ def test_every_step_gets_s3_and_mlflow_credentials_from_secrets_not_parameters(c
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for component in STAGE_OF:
         secrets = executors[spec["components"][component]["executorLabel"]]["secretAsEnv"]
-        names = {s["secretName"] for s in secrets}
-        assert names == {"cai-s3", "cai-mlflow"}, component
+        optional = {s["secretName"]: s.get("optional", False) for s in secrets}
+        # the Hugging Face token only for gated or private models: optional, as MLflow's credentials
+        assert optional == {"cai-s3": False, "cai-mlflow": True, "cai-hf": True}, component
         env = {k["envVar"] for s in secrets for k in s["keyToEnv"]}
-        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"} <= env
     assert not any("SECRET" in p.upper() for p in spec["root"]["inputDefinitions"]["parameters"])
 
 
