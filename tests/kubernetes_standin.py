@@ -10,10 +10,12 @@ the CPU), reports the nodes as pods, node 0's output as its log, and the job Com
 by the nodes' exit codes. `schedulable=False` leaves every pod Pending with a FailedScheduling
 event, as a cluster without free GPUs does.
 
-KServe InferenceServices are stored objects (no controller serves them): get, create (409 when
-the name exists in the namespace) and JSON merge patches, which bump `resourceVersion` and are
-refused with 409 when they carry a `resourceVersion` that is no longer current, as the real
-server's optimistic concurrency does.
+KServe InferenceServices (serving.kserve.io/v1beta1) and LLMInferenceServices (v1alpha2, the
+storage version from KServe 0.17) are stored objects (no controller serves them): get, create
+(409 when the name exists in the namespace) and JSON merge patches, which bump `resourceVersion`
+and are refused with 409 when they carry a `resourceVersion` that is no longer current, as the
+real server's optimistic concurrency does. A kind asked for at a version its CRD does not serve
+is a 404, as on the real server.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ from typing import Self
 from urllib.parse import parse_qs, urlparse
 
 TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
-KSERVE = "/apis/serving.kserve.io/v1beta1"
+# plural -> the version its CRD serves here (KServe 0.17: config/crd/full)
+SERVING_VERSIONS = {"inferenceservices": "v1beta1", "llminferenceservices": "v1alpha2"}
+SERVING_PATH = re.compile(
+    r"/apis/serving\.kserve\.io/(?P<version>[^/]+)/namespaces/(?P<namespace>[^/]+)/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?"
+)
 JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"
 RJOB_NAME = "jobset.sigs.k8s.io/replicatedjob-name"
 JOB_INDEX = "batch.kubernetes.io/job-completion-index"
@@ -128,6 +134,11 @@ class KubernetesStandIn:
         self.deleted: list[tuple[str, str]] = []
         self.created: list[dict] = []
         self.inference_services: dict[tuple[str, str], dict] = {}
+        self.llm_inference_services: dict[tuple[str, str], dict] = {}
+        self.serving = {
+            "inferenceservices": self.inference_services,
+            "llminferenceservices": self.llm_inference_services,
+        }
         self.patches: list[dict] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -206,30 +217,36 @@ class KubernetesStandIn:
 
     # -- KServe ------------------------------------------------------------------------------------
 
-    def create_inference_service(self, namespace: str, body: dict) -> tuple[int, dict]:
+    def create_inference_service(
+        self, namespace: str, body: dict, plural: str = "inferenceservices"
+    ) -> tuple[int, dict]:
         name = body["metadata"]["name"]
+        store = self.serving[plural]
         with self.lock:
-            if (namespace, name) in self.inference_services:
+            if (namespace, name) in store:
                 return 409, status(
-                    409, "AlreadyExists", f'inferenceservices.serving.kserve.io "{name}" already exists'
+                    409, "AlreadyExists", f'{plural}.serving.kserve.io "{name}" already exists'
                 )
             obj = json.loads(json.dumps(body))
             obj["metadata"].update(namespace=namespace, resourceVersion="1", creationTimestamp=now())
-            self.inference_services[(namespace, name)] = obj
+            store[(namespace, name)] = obj
             return 201, obj
 
-    def patch_inference_service(self, namespace: str, name: str, patch: dict) -> tuple[int, dict]:
+    def patch_inference_service(
+        self, namespace: str, name: str, patch: dict, plural: str = "inferenceservices"
+    ) -> tuple[int, dict]:
+        store = self.serving[plural]
         with self.lock:
-            current = self.inference_services.get((namespace, name))
+            current = store.get((namespace, name))
             if current is None:
-                return 404, status(404, "NotFound", f'inferenceservices.serving.kserve.io "{name}" not found')
+                return 404, status(404, "NotFound", f'{plural}.serving.kserve.io "{name}" not found')
             wanted = patch.get("metadata", {}).get("resourceVersion")
             if wanted is not None and wanted != current["metadata"]["resourceVersion"]:
-                return 409, status(409, "Conflict", f'Operation cannot be fulfilled on inferenceservices "{name}": '
+                return 409, status(409, "Conflict", f'Operation cannot be fulfilled on {plural} "{name}": '
                                    "the object has been modified; please apply your changes to the latest version")  # fmt: skip
             merged = merge_patch(current, patch)
             merged["metadata"]["resourceVersion"] = str(int(current["metadata"]["resourceVersion"]) + 1)
-            self.inference_services[(namespace, name)] = merged
+            store[(namespace, name)] = merged
             self.patches.append(patch)
             return 200, merged
 
@@ -255,10 +272,13 @@ class KubernetesStandIn:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if isvc := re.fullmatch(
-                    rf"{KSERVE}/namespaces/([^/]+)/inferenceservices", urlparse(self.path).path
-                ):
-                    self.reply(*standin.create_inference_service(isvc.group(1), body))
+                if serving := standin.serving_path(urlparse(self.path).path):
+                    if serving["name"]:
+                        self.reply(405, status(405, "MethodNotAllowed", self.path))
+                        return
+                    self.reply(
+                        *standin.create_inference_service(serving["namespace"], body, serving["plural"])
+                    )
                     return
                 match = re.fullmatch(rf"{TRAINER}/namespaces/([^/]+)/trainjobs", urlparse(self.path).path)
                 if not match:
@@ -268,13 +288,17 @@ class KubernetesStandIn:
 
             def do_PATCH(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                match = re.fullmatch(
-                    rf"{KSERVE}/namespaces/([^/]+)/inferenceservices/([^/]+)", urlparse(self.path).path
-                )
-                if not match or self.headers["Content-Type"] != "application/merge-patch+json":
+                match = standin.serving_path(urlparse(self.path).path)
+                if (
+                    not match
+                    or not match["name"]
+                    or self.headers["Content-Type"] != "application/merge-patch+json"
+                ):
                     self.reply(415 if match else 404, status(415 if match else 404, "Unsupported", self.path))
                     return
-                self.reply(*standin.patch_inference_service(match.group(1), match.group(2), body))
+                self.reply(
+                    *standin.patch_inference_service(match["namespace"], match["name"], body, match["plural"])
+                )
 
             def do_DELETE(self):
                 match = re.fullmatch(
@@ -293,16 +317,26 @@ class KubernetesStandIn:
 
         return Handler
 
+    @staticmethod
+    def serving_path(path: str) -> dict | None:
+        """version, namespace, plural and name (or None) of a KServe object path this server
+        serves; None for any other path, and for a kind asked for at a version its CRD lacks."""
+        match = SERVING_PATH.fullmatch(path)
+        if not match or SERVING_VERSIONS.get(match["plural"]) != match["version"]:
+            return None
+        return match.groupdict()
+
     def get(self, url) -> tuple[int, object]:
         path, query = url.path, parse_qs(url.query)
         if path == "/api/v1/namespaces/kubeflow-system/configmaps/kubeflow-trainer-public":
             return 200, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kubeflow-trainer-public"},
                          "data": {"kubeflow_trainer_version": "v2.1.0"}}  # fmt: skip
-        if match := re.fullmatch(rf"{KSERVE}/namespaces/([^/]+)/inferenceservices/([^/]+)", path):
+        if (serving := self.serving_path(path)) and serving["name"]:
+            key, store = (serving["namespace"], serving["name"]), self.serving[serving["plural"]]
             with self.lock:
-                if match.groups() not in self.inference_services:
-                    return 404, status(404, "NotFound", f'inferenceservices "{match.group(2)}" not found')
-                return 200, self.inference_services[match.groups()]
+                if key not in store:
+                    return 404, status(404, "NotFound", f'{serving["plural"]} "{serving["name"]}" not found')
+                return 200, store[key]
         if path == f"{TRAINER}/clustertrainingruntimes/torch-distributed":
             return 200, TORCH_DISTRIBUTED
         if match := re.fullmatch(rf"{TRAINER}/namespaces/([^/]+)/trainjobs", path):
