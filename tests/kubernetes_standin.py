@@ -16,6 +16,13 @@ storage version from KServe 0.17) are stored objects (no controller serves them)
 and are refused with 409 when they carry a `resourceVersion` that is no longer current, as the
 real server's optimistic concurrency does. A kind asked for at a version its CRD does not serve
 is a 404, as on the real server.
+
+OpenAPI v3, for what a client may learn of the installed CRDs (`crds`, files of tests/upstream):
+`GET /openapi/v3` lists a document per group-version, `{"paths": {"apis/G/V": {"serverRelativeURL":
+"/openapi/v3/apis/G/V?hash=..."}}}` (k8s.io/kube-openapi pkg/handler3, as kube-apiserver 1.27+
+serves it), and each document holds the CRD's schema under components.schemas, named by the
+reversed group, version and kind, marked with `x-kubernetes-group-version-kind`
+(apiextensions-apiserver's OpenAPI builder).
 """
 
 from __future__ import annotations
@@ -125,9 +132,10 @@ class Node:
 class KubernetesStandIn:
     """The stand-in server; `url` is its address. Use as a context manager."""
 
-    def __init__(self, log_dir: Path, schedulable: bool = True):
+    def __init__(self, log_dir: Path, schedulable: bool = True, crds: tuple[str, ...] = ()):
         self.log_dir = log_dir
         self.schedulable = schedulable
+        self.openapi = openapi_documents(crds)
         self.trainjobs: dict[tuple[str, str], dict] = {}
         self.nodes: dict[tuple[str, str], list[Node]] = {}
         self.events: dict[str, list[dict]] = {}
@@ -328,6 +336,15 @@ class KubernetesStandIn:
 
     def get(self, url) -> tuple[int, object]:
         path, query = url.path, parse_qs(url.query)
+        if path == "/openapi/v3":
+            return 200, {
+                "paths": {
+                    group_version: {"serverRelativeURL": f"/openapi/v3/{group_version}?hash=0123ABCD"}
+                    for group_version in ("api/v1", *self.openapi)
+                }
+            }
+        if path.startswith("/openapi/v3/apis/") and path.removeprefix("/openapi/v3/") in self.openapi:
+            return 200, self.openapi[path.removeprefix("/openapi/v3/")]
         if path == "/api/v1/namespaces/kubeflow-system/configmaps/kubeflow-trainer-public":
             return 200, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kubeflow-trainer-public"},
                          "data": {"kubeflow_trainer_version": "v2.1.0"}}  # fmt: skip
@@ -376,6 +393,33 @@ class KubernetesStandIn:
             return 200, {"apiVersion": "v1", "kind": "EventList", "metadata": {},
                          "items": self.events.get(match.group(1), [])}  # fmt: skip
         return 404, status(404, "NotFound", path)
+
+
+def openapi_documents(crds: tuple[str, ...]) -> dict[str, dict]:
+    """The OpenAPI v3 document of each group-version ("apis/G/V") the CRDs (files of tests/upstream) serve."""
+    documents: dict[str, dict] = {}
+    for filename in crds:
+        crd = json.loads((Path(__file__).parent / "upstream" / filename).read_text())
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            name = ".".join([*reversed(group.split(".")), version["name"], kind])
+            schema = {
+                **version["schema"]["openAPIV3Schema"],
+                "x-kubernetes-group-version-kind": [
+                    {"group": group, "kind": kind, "version": version["name"]}
+                ],
+            }
+            document = documents.setdefault(
+                f"apis/{group}/{version['name']}",
+                {
+                    "openapi": "3.0.0",
+                    "info": {"title": "Kubernetes", "version": "v1.31.0"},
+                    "paths": {},
+                    "components": {"schemas": {}},
+                },
+            )
+            document["components"]["schemas"][name] = schema
+    return documents
 
 
 def merge_patch(target: object, patch: object) -> object:
