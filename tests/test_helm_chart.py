@@ -691,7 +691,7 @@ def test_with_serving_on_each_role_gets_an_inference_service_on_its_champions_s3
         "serving.kserve.io/v1beta1",
         NAMESPACE,
     )
-    assert service["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "RawDeployment"}
+    assert service["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "Standard"}
     predictor = service["spec"]["predictor"]
     assert predictor["serviceAccountName"] == f"{FULLNAME}-serving"
     assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 1)
