@@ -75,6 +75,16 @@ def test_gpu_stages_and_only_they_get_node_selector_and_toleration(compiled):
             assert "nodeSelector" not in config and "tolerations" not in config, component
 
 
+def test_gpu_stages_and_only_they_mount_a_memory_backed_dev_shm_of_the_profiles_size(compiled):
+    # NCCL and data loaders share memory through /dev/shm; a container's own is 64 MiB.
+    spec, platform = compiled
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for component, stage in STAGE_OF.items():
+        mounts = executors[spec["components"][component]["executorLabel"]].get("emptyDirMounts", [])
+        expected = [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "16Gi"}]
+        assert mounts == (expected if stage in GPU_STAGES else []), component
+
+
 def test_every_step_gets_s3_and_mlflow_credentials_from_secrets_not_parameters(compiled):
     spec, platform = compiled
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
