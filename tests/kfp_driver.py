@@ -40,6 +40,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 
 from kfp.pipeline_spec import pipeline_spec_pb2
 
@@ -88,7 +89,9 @@ def as_text(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
-        return format(value, "g") if isinstance(value, float) and not value.is_integer() else str(int(value))
+        # Go's strconv.FormatFloat(v, 'f', -1, 64): the shortest digits, never an exponent
+        text = format(Decimal(repr(float(value))), "f")
+        return text.rstrip("0").rstrip(".") if "." in text else text
     if isinstance(value, str):
         return value
     return json.dumps(value, separators=(",", ":"))
@@ -422,7 +425,13 @@ def cluster_rules(
         label = getattr(local, "executor", None)
         if platform_spec is not None and label is not None:
             env = {k: v for k, v in env.items() if k not in cleared}
-            from_pod = pod_env(executors.get(label, {}), configmaps or {}, secrets or {})
+            try:
+                from_pod = pod_env(executors.get(label, {}), configmaps or {}, secrets or {})
+            except ContainerConfigError as err:
+                # the kubelet never starts the container: the task fails
+                seen.refusals.append(f"{label}: {err}")
+                log.error("kubelet (stand-in): %s: %s", label, err)
+                return 1
             seen.environments[label] = from_pod
             env.update(from_pod)
         env.update(env_vars or {})
