@@ -37,6 +37,14 @@ def modules() -> dict[str, ast.Module]:
     return found
 
 
+@functools.cache
+def packages() -> frozenset[str]:
+    """The modules that are packages (an __init__.py): a relative import in one starts from it."""
+    return frozenset(
+        _module_name(path) for package in PACKAGES for path in (REPO_ROOT / package).rglob("__init__.py")
+    )
+
+
 def _is_environ(node: ast.AST) -> bool:
     """`os.environ` or a bare `environ`."""
     return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
@@ -47,7 +55,7 @@ def _is_environ(node: ast.AST) -> bool:
 def _imports(module: str, tree: ast.Module) -> dict[str, tuple[str, str | None]]:
     """Local name -> (module, attribute or None) for every import in `tree`, at any depth."""
     names = {}
-    package = module if module in ("cai_lib", "components", "pipelines") else module.rsplit(".", 1)[0]
+    package = module if module in packages() else module.rsplit(".", 1)[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:

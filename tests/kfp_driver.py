@@ -242,18 +242,18 @@ def ir_bindings(pipeline_spec: dict) -> list[Binding]:
                 add("loop item", f"{dag_name}/{task_name}/{item}", _type_name(consumer_inputs[item]), kind)
         for name, output in dag_component["dag"].get("outputs", {}).get("parameters", {}).items():
             declared = _type_name(declared_outputs(dag_component)[name])
-            for selector in output.get("valueFromParameter", None) and [output["valueFromParameter"]] or []:
-                producer = tasks[selector["producerSubtask"]]
-                produced = _type_name(
-                    declared_outputs(components[producer["componentRef"]["name"]])[
-                        selector["outputParameterKey"]
-                    ]
-                )
-                if dag_component is not root and _is_loop(pipeline_spec, dag_name):
-                    # dsl.Collected: the loop's output is the list of every iteration's value
-                    add("collected", f"{dag_name}/{name}", declared, "list")
-                else:
-                    add("dag output", f"{dag_name}/{name}", declared, KIND_OF_TYPE.get(produced, "?"))
+            selector = output.get("valueFromParameter")
+            if selector is None:
+                continue
+            producer = tasks[selector["producerSubtask"]]
+            produced = declared_outputs(components[producer["componentRef"]["name"]])[
+                selector["outputParameterKey"]
+            ]
+            if dag_component is not root and _is_loop(pipeline_spec, dag_name):
+                # dsl.Collected: the loop's output is the list of every iteration's value
+                add("collected", f"{dag_name}/{name}", declared, "list")
+            else:
+                add("dag output", f"{dag_name}/{name}", declared, KIND_OF_TYPE.get(_type_name(produced), "?"))
         for task in tasks.values():
             child = task["componentRef"]["name"]
             if "dag" in components[child]:
