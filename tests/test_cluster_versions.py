@@ -46,9 +46,7 @@ def old_kfp():
 def test_the_docs_table_of_minimum_versions_is_the_one_submit_checks():
     deploy = (REPO_ROOT / "docs" / "deploy.md").read_text()
     rows = re.findall(r"^\| ([^|]+?) \| ([^|]+?) \| ([^|]+?) \| ([^|]+?) \|$", deploy, re.MULTILINE)
-    documented = [
-        tuple(cell.strip() for cell in row) for row in rows if version_tuple(row[1].strip("` >="))
-    ]
+    documented = [tuple(cell.strip() for cell in row) for row in rows if version_tuple(row[1].strip("` >="))]
     assert documented == [(r.part, f">= {r.minimum}", r.feature, r.detail) for r in REQUIREMENTS]
 
 
