@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO_ROOT
 from kfp_standin import KfpStandin
 from kubernetes_standin import KubernetesStandIn
-from test_submit import kfp_client
+from test_submit import kfp_client, no_local_kfp_settings  # noqa: F401 - autouse: no local KFP context or token
 
 from cai_lib.cluster_versions import REQUIREMENTS, api_getter, kfp_problem, version_tuple
 from cai_lib.config import load_run_config
