@@ -199,13 +199,16 @@ def test_the_gpu_image_install_resolves_to_the_pinned_set(tmp_path):
             str(report),
             "-c",
             str(REPO_ROOT / "constraints.txt"),
+            "--index-url",
+            "https://pypi.org/simple",
             f"{REPO_ROOT}[gpu]",
         ],
         check=False,
         capture_output=True,
         text=True,
-        # The machine-wide pip constraints of a developer's box are not the image's.
-        env={**os.environ, "PIP_CONSTRAINT": ""},
+        # The image installs from PyPI alone: a developer box's pip configuration (machine-wide
+        # constraints, local wheels such as a CPU torch, extra indexes) is not the image's.
+        env={**os.environ, "PIP_CONSTRAINT": "", "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull},
     )
     if resolved.returncode != 0 and "ResolutionImpossible" not in resolved.stderr:
         pytest.skip(
@@ -217,5 +220,7 @@ def test_the_gpu_image_install_resolves_to_the_pinned_set(tmp_path):
         for item in json.loads(report.read_text())["install"]
     }
     # cuda-toolkit: torch's own requirement, so the pin is the CUDA the wheel is built for
+    from packaging.version import Version
+
     for name in ("vllm", "torch", "transformers", "trl", "cuda-toolkit"):
-        assert installed[name] == pinned_set()[name], name
+        assert Version(installed[name]) == Version(pinned_set()[name]), name
