@@ -65,7 +65,7 @@ def prepare_prompts(
     helpful_train: Output[Dataset],
     helpful_eval: Output[Dataset],
     xstest: Output[Dataset],
-) -> list:
+) -> list[dict]:
     """Read, deduplicate and split the prompt sets, and read XSTest's; returns the work items of
     the generation fan-outs over the training prompts."""
     from cai_lib.steps.prepare_prompts import fan_out
@@ -85,7 +85,7 @@ def prepare_prompts(
 
 def plan_eval_shards(
     context: dict, red_team: Input[Dataset], helpful: Input[Dataset], xstest: Input[Dataset]
-) -> list:
+) -> list[dict]:
     """The work items of evaluation's fan-out, sized by the held-out and XSTest prompts (not a
     stage: it reads three row counts). A task of its own because kfp.local iterates a ParallelFor only over a
     task's single `Output`, which prepare_prompts' holds the training fan-out's items."""

@@ -166,6 +166,11 @@ class _Tasks:
             task.set_cpu_request("500m")
             task.set_memory_request("1Gi")
             return
+        if profile.wants_gpu and profile.shm_size:
+            # NCCL and data loaders share memory through /dev/shm; a container's own is 64 MiB.
+            kubernetes.empty_dir_mount(
+                task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=profile.shm_size
+            )
         if profile.wants_gpu:
             task.set_accelerator_type(profile.accelerator_type)
             task.set_accelerator_limit(profile.accelerator_count)
@@ -192,6 +197,10 @@ class _Tasks:
         kubernetes.use_secret_as_env(task, secret_name=secrets.s3_secret, secret_key_to_env=secrets.s3_keys)
         kubernetes.use_secret_as_env(
             task, secret_name=secrets.mlflow_secret, secret_key_to_env=secrets.mlflow_keys, optional=True
+        )
+        # Gated or private Hugging Face models: any step may download one (resolve pins them).
+        kubernetes.use_secret_as_env(
+            task, secret_name=secrets.hf_secret, secret_key_to_env=secrets.hf_keys, optional=True
         )
         kubernetes.use_config_map_as_env(
             task,

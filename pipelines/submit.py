@@ -19,6 +19,13 @@ pod's own namespace in the cluster). The pipeline is looked up and created in th
 `kfp.Client.get_pipeline_id` has no namespace and, on multi-user Kubeflow, sees only shared
 pipelines (kubeflow/pipelines#10609), so a second submit would not find the first one's pipeline.
 
+Before it uploads anything, `submit_run` checks that the cluster has what the run needs
+(`cai_lib.platform.cluster_versions`): the KFP API server's release, from its healthz answer, and, for a
+run with a multi-node training stage, a Kubeflow Trainer whose TrainJob has the fields the step
+sets (read from the Kubernetes API's OpenAPI documents with the local kubeconfig or the pod's
+service account; without either that check is skipped, with a note). A cluster that lacks one
+fails here in one line naming the feature and the version it needs.
+
 Run: cai submit --host http://localhost:8080 --config my-run.yaml --set constitution=harmless@1.0.0
 """
 
@@ -142,6 +149,43 @@ def _is_multi_user(client, host: str) -> bool:
         raise CaiError(f"Kubeflow Pipelines host {host} answered but its healthz API refused us") from None
 
 
+def _healthz(client, host: str) -> dict:
+    """The KFP API server's healthz answer as JSON, with the release (`tag_name`) the SDK's model
+    of it drops."""
+    try:
+        response = client._healthz_api.healthz_service_get_healthz(_preload_content=False)
+        return json.loads(response.data or b"{}")
+    except (TimeoutError, ValueError):
+        raise CaiError(f"Kubeflow Pipelines host {host} answered but its healthz API refused us") from None
+
+
+def check_cluster(client, host: str, config: RunConfig, kubernetes=None) -> None:
+    """`CaiError` in one line when the cluster lacks what `config`'s run needs (`cluster_versions`).
+    `kubernetes` is a `get(path)` on the Kubernetes API (default: the local kubeconfig's, or the
+    pod's service account's)."""
+    import kfp_server_api
+
+    from cai_lib.core.stage_table import TRAINING_STAGES
+    from cai_lib.engines.trainjob import plan_of
+    from cai_lib.platform.cluster_versions import check_cluster as check
+    from cai_lib.platform.cluster_versions import kubernetes_getter
+
+    try:
+        healthz = _healthz(client, host)
+    except kfp_server_api.ApiException:
+        healthz = None  # an API server that does not say: the run will tell
+    multi_node = any(plan_of(stage, config.deploy) for stage in TRAINING_STAGES)
+    if multi_node and kubernetes is None:
+        kubernetes = kubernetes_getter()
+        if kubernetes is None:
+            print(
+                "note: no Kubernetes credentials here (kubeconfig or service account): the TrainJob API the "
+                "multi-node training needs was not checked",
+                file=sys.stderr,
+            )
+    check(healthz, host, kubernetes, multi_node)
+
+
 def _server_message(err) -> str:
     """The KFP server's own explanation in an `ApiException`'s body, if it gave one."""
     try:
@@ -159,12 +203,14 @@ def submit_run(
     pipeline_name: str = PIPELINE_NAME,
     namespace: str | None = None,
     client=None,
+    kubernetes=None,
 ) -> SubmittedRun:
     """Compile the pipeline for `config`, upload it as a version and start a run of it.
 
     The run's parameters are `config.params`; the experiment is created if missing. `client` is
-    a `kfp.Client` (default: `connect_kfp(host, namespace)`). A missing or unreachable host, or
-    an API error (e.g. 403), is a `CaiError` naming the host.
+    a `kfp.Client` (default: `connect_kfp(host, namespace)`), `kubernetes` a `get(path)` on the
+    cluster's Kubernetes API for `check_cluster`. A missing or unreachable host, a cluster that
+    lacks what the run needs, or an API error (e.g. 403), is a `CaiError` naming the host.
     """
     import kfp_server_api
 
@@ -172,6 +218,7 @@ def submit_run(
 
     host = require_host(host)
     client = client or connect_kfp(host, namespace)
+    check_cluster(client, host, config, kubernetes)
     # The client's own namespace (from its context, or the pod's on multi-user Kubeflow) is the
     # one kfp.Client files experiments under; the pipeline goes to the same one.
     namespace = namespace or client.get_user_namespace() or None

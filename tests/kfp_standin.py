@@ -33,6 +33,10 @@ What it enforces is what KFP's API server (kubeflow/pipelines 2.17, backend/src/
   pipeline (pipeline_upload_server.go); POST /pipelines creates a pipeline with no version.
 - Single-user mode ignores namespaces (resource_manager.go `ReplaceNamespace`).
 
+GET /apis/v2beta1/healthz answers as the real server's HTTP handler does (backend/src/apiserver/
+main.go `healthzResponse`, 2.17.0): `commit_sha`, `tag_name` (the release the API server was built
+as, `tag_name=` here; "unknown" for a build that sets none), `multi_user`, `pipeline_store`.
+
 Errors carry the JSON body of the real server: grpc-gateway's `{"code", "message", ...}` on the
 generated endpoints, `{"error_message", "error_details"}` on the upload endpoints.
 
@@ -87,7 +91,9 @@ class KfpStandin:
         require_namespace_for_pipelines: bool = True,
         users: dict[str, set[str]] | None = None,
         kfp_namespace: str = "kubeflow",
+        tag_name: str = "2.17.0",
     ):
+        self.tag_name = tag_name
         self.multi_user = multi_user
         self.require_namespace_for_pipelines = require_namespace_for_pipelines
         self.users = users
@@ -197,7 +203,12 @@ class KfpStandin:
         parts = path[len(API) + 1 :].split("/")
         match method, parts:
             case "GET", ["healthz"]:
-                return {"commit_sha": "stand-in", "tag_name": "2.17.0", "multi_user": self.multi_user}
+                return {
+                    "commit_sha": "0000000000000000000000000000000000000000",
+                    "tag_name": self.tag_name,
+                    "multi_user": self.multi_user,
+                    "pipeline_store": "database",
+                }
             case "GET", ["pipelines"]:
                 return self._list_pipelines(query, token)
             case "POST", ["pipelines"]:

@@ -10,10 +10,19 @@ the CPU), reports the nodes as pods, node 0's output as its log, and the job Com
 by the nodes' exit codes. `schedulable=False` leaves every pod Pending with a FailedScheduling
 event, as a cluster without free GPUs does.
 
-KServe InferenceServices are stored objects (no controller serves them): get, create (409 when
-the name exists in the namespace) and JSON merge patches, which bump `resourceVersion` and are
-refused with 409 when they carry a `resourceVersion` that is no longer current, as the real
-server's optimistic concurrency does.
+KServe InferenceServices (serving.kserve.io/v1beta1) and LLMInferenceServices (v1alpha2, the
+storage version from KServe 0.17) are stored objects (no controller serves them): get, create
+(409 when the name exists in the namespace) and JSON merge patches, which bump `resourceVersion`
+and are refused with 409 when they carry a `resourceVersion` that is no longer current, as the
+real server's optimistic concurrency does. A kind asked for at a version its CRD does not serve
+is a 404, as on the real server.
+
+OpenAPI v3, for what a client may learn of the installed CRDs (`crds`, files of tests/upstream):
+`GET /openapi/v3` lists a document per group-version, `{"paths": {"apis/G/V": {"serverRelativeURL":
+"/openapi/v3/apis/G/V?hash=..."}}}` (k8s.io/kube-openapi pkg/handler3, as kube-apiserver 1.27+
+serves it), and each document holds the CRD's schema under components.schemas, named by the
+reversed group, version and kind, marked with `x-kubernetes-group-version-kind`
+(apiextensions-apiserver's OpenAPI builder).
 """
 
 from __future__ import annotations
@@ -32,7 +41,11 @@ from typing import Self
 from urllib.parse import parse_qs, urlparse
 
 TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
-KSERVE = "/apis/serving.kserve.io/v1beta1"
+# plural -> the version its CRD serves here (KServe 0.17: config/crd/full)
+SERVING_VERSIONS = {"inferenceservices": "v1beta1", "llminferenceservices": "v1alpha2"}
+SERVING_PATH = re.compile(
+    r"/apis/serving\.kserve\.io/(?P<version>[^/]+)/namespaces/(?P<namespace>[^/]+)/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?"
+)
 JOBSET_NAME = "jobset.sigs.k8s.io/jobset-name"
 RJOB_NAME = "jobset.sigs.k8s.io/replicatedjob-name"
 JOB_INDEX = "batch.kubernetes.io/job-completion-index"
@@ -119,15 +132,21 @@ class Node:
 class KubernetesStandIn:
     """The stand-in server; `url` is its address. Use as a context manager."""
 
-    def __init__(self, log_dir: Path, schedulable: bool = True):
+    def __init__(self, log_dir: Path, schedulable: bool = True, crds: tuple[str, ...] = ()):
         self.log_dir = log_dir
         self.schedulable = schedulable
+        self.openapi = openapi_documents(crds)
         self.trainjobs: dict[tuple[str, str], dict] = {}
         self.nodes: dict[tuple[str, str], list[Node]] = {}
         self.events: dict[str, list[dict]] = {}
         self.deleted: list[tuple[str, str]] = []
         self.created: list[dict] = []
         self.inference_services: dict[tuple[str, str], dict] = {}
+        self.llm_inference_services: dict[tuple[str, str], dict] = {}
+        self.serving = {
+            "inferenceservices": self.inference_services,
+            "llminferenceservices": self.llm_inference_services,
+        }
         self.patches: list[dict] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -206,30 +225,36 @@ class KubernetesStandIn:
 
     # -- KServe ------------------------------------------------------------------------------------
 
-    def create_inference_service(self, namespace: str, body: dict) -> tuple[int, dict]:
+    def create_inference_service(
+        self, namespace: str, body: dict, plural: str = "inferenceservices"
+    ) -> tuple[int, dict]:
         name = body["metadata"]["name"]
+        store = self.serving[plural]
         with self.lock:
-            if (namespace, name) in self.inference_services:
+            if (namespace, name) in store:
                 return 409, status(
-                    409, "AlreadyExists", f'inferenceservices.serving.kserve.io "{name}" already exists'
+                    409, "AlreadyExists", f'{plural}.serving.kserve.io "{name}" already exists'
                 )
             obj = json.loads(json.dumps(body))
             obj["metadata"].update(namespace=namespace, resourceVersion="1", creationTimestamp=now())
-            self.inference_services[(namespace, name)] = obj
+            store[(namespace, name)] = obj
             return 201, obj
 
-    def patch_inference_service(self, namespace: str, name: str, patch: dict) -> tuple[int, dict]:
+    def patch_inference_service(
+        self, namespace: str, name: str, patch: dict, plural: str = "inferenceservices"
+    ) -> tuple[int, dict]:
+        store = self.serving[plural]
         with self.lock:
-            current = self.inference_services.get((namespace, name))
+            current = store.get((namespace, name))
             if current is None:
-                return 404, status(404, "NotFound", f'inferenceservices.serving.kserve.io "{name}" not found')
+                return 404, status(404, "NotFound", f'{plural}.serving.kserve.io "{name}" not found')
             wanted = patch.get("metadata", {}).get("resourceVersion")
             if wanted is not None and wanted != current["metadata"]["resourceVersion"]:
-                return 409, status(409, "Conflict", f'Operation cannot be fulfilled on inferenceservices "{name}": '
+                return 409, status(409, "Conflict", f'Operation cannot be fulfilled on {plural} "{name}": '
                                    "the object has been modified; please apply your changes to the latest version")  # fmt: skip
             merged = merge_patch(current, patch)
             merged["metadata"]["resourceVersion"] = str(int(current["metadata"]["resourceVersion"]) + 1)
-            self.inference_services[(namespace, name)] = merged
+            store[(namespace, name)] = merged
             self.patches.append(patch)
             return 200, merged
 
@@ -255,10 +280,13 @@ class KubernetesStandIn:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if isvc := re.fullmatch(
-                    rf"{KSERVE}/namespaces/([^/]+)/inferenceservices", urlparse(self.path).path
-                ):
-                    self.reply(*standin.create_inference_service(isvc.group(1), body))
+                if serving := standin.serving_path(urlparse(self.path).path):
+                    if serving["name"]:
+                        self.reply(405, status(405, "MethodNotAllowed", self.path))
+                        return
+                    self.reply(
+                        *standin.create_inference_service(serving["namespace"], body, serving["plural"])
+                    )
                     return
                 match = re.fullmatch(rf"{TRAINER}/namespaces/([^/]+)/trainjobs", urlparse(self.path).path)
                 if not match:
@@ -268,13 +296,17 @@ class KubernetesStandIn:
 
             def do_PATCH(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                match = re.fullmatch(
-                    rf"{KSERVE}/namespaces/([^/]+)/inferenceservices/([^/]+)", urlparse(self.path).path
-                )
-                if not match or self.headers["Content-Type"] != "application/merge-patch+json":
+                match = standin.serving_path(urlparse(self.path).path)
+                if (
+                    not match
+                    or not match["name"]
+                    or self.headers["Content-Type"] != "application/merge-patch+json"
+                ):
                     self.reply(415 if match else 404, status(415 if match else 404, "Unsupported", self.path))
                     return
-                self.reply(*standin.patch_inference_service(match.group(1), match.group(2), body))
+                self.reply(
+                    *standin.patch_inference_service(match["namespace"], match["name"], body, match["plural"])
+                )
 
             def do_DELETE(self):
                 match = re.fullmatch(
@@ -293,16 +325,35 @@ class KubernetesStandIn:
 
         return Handler
 
+    @staticmethod
+    def serving_path(path: str) -> dict | None:
+        """version, namespace, plural and name (or None) of a KServe object path this server
+        serves; None for any other path, and for a kind asked for at a version its CRD lacks."""
+        match = SERVING_PATH.fullmatch(path)
+        if not match or SERVING_VERSIONS.get(match["plural"]) != match["version"]:
+            return None
+        return match.groupdict()
+
     def get(self, url) -> tuple[int, object]:
         path, query = url.path, parse_qs(url.query)
+        if path == "/openapi/v3":
+            return 200, {
+                "paths": {
+                    group_version: {"serverRelativeURL": f"/openapi/v3/{group_version}?hash=0123ABCD"}
+                    for group_version in ("api/v1", *self.openapi)
+                }
+            }
+        if path.startswith("/openapi/v3/apis/") and path.removeprefix("/openapi/v3/") in self.openapi:
+            return 200, self.openapi[path.removeprefix("/openapi/v3/")]
         if path == "/api/v1/namespaces/kubeflow-system/configmaps/kubeflow-trainer-public":
             return 200, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kubeflow-trainer-public"},
                          "data": {"kubeflow_trainer_version": "v2.1.0"}}  # fmt: skip
-        if match := re.fullmatch(rf"{KSERVE}/namespaces/([^/]+)/inferenceservices/([^/]+)", path):
+        if (serving := self.serving_path(path)) and serving["name"]:
+            key, store = (serving["namespace"], serving["name"]), self.serving[serving["plural"]]
             with self.lock:
-                if match.groups() not in self.inference_services:
-                    return 404, status(404, "NotFound", f'inferenceservices "{match.group(2)}" not found')
-                return 200, self.inference_services[match.groups()]
+                if key not in store:
+                    return 404, status(404, "NotFound", f'{serving["plural"]} "{serving["name"]}" not found')
+                return 200, store[key]
         if path == f"{TRAINER}/clustertrainingruntimes/torch-distributed":
             return 200, TORCH_DISTRIBUTED
         if match := re.fullmatch(rf"{TRAINER}/namespaces/([^/]+)/trainjobs", path):
@@ -342,6 +393,33 @@ class KubernetesStandIn:
             return 200, {"apiVersion": "v1", "kind": "EventList", "metadata": {},
                          "items": self.events.get(match.group(1), [])}  # fmt: skip
         return 404, status(404, "NotFound", path)
+
+
+def openapi_documents(crds: tuple[str, ...]) -> dict[str, dict]:
+    """The OpenAPI v3 document of each group-version ("apis/G/V") the CRDs (files of tests/upstream) serve."""
+    documents: dict[str, dict] = {}
+    for filename in crds:
+        crd = json.loads((Path(__file__).parent / "upstream" / filename).read_text())
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            name = ".".join([*reversed(group.split(".")), version["name"], kind])
+            schema = {
+                **version["schema"]["openAPIV3Schema"],
+                "x-kubernetes-group-version-kind": [
+                    {"group": group, "kind": kind, "version": version["name"]}
+                ],
+            }
+            document = documents.setdefault(
+                f"apis/{group}/{version['name']}",
+                {
+                    "openapi": "3.0.0",
+                    "info": {"title": "Kubernetes", "version": "v1.31.0"},
+                    "paths": {},
+                    "components": {"schemas": {}},
+                },
+            )
+            document["components"]["schemas"][name] = schema
+    return documents
 
 
 def merge_patch(target: object, patch: object) -> object:

@@ -129,6 +129,16 @@ def test_the_gpu_image_starts_from_a_cuda_base():
     assert arguments_of(DOCKERFILES["gpu"], "FROM") == ["${CUDA_IMAGE}"]
 
 
+def test_the_gpu_images_cuda_base_is_the_cuda_the_torch_wheels_are_built_for():
+    # PyPI's torch wheel brings its own CUDA libraries (cuda-toolkit, pinned in constraints.txt to
+    # what that wheel requires); a base image of another CUDA major.minor would load a second,
+    # mismatched set and ask the nodes for the wrong driver.
+    base = assignments(DOCKERFILES["gpu"], "ARG")["CUDA_IMAGE"]
+    image_cuda = re.match(r"nvidia/cuda:(\d+\.\d+)\.\d+-", base).group(1)
+    wheel_cuda = ".".join(pinned_set()["cuda-toolkit"].split(".")[:2])
+    assert image_cuda == wheel_cuda
+
+
 def test_the_cpu_image_takes_the_torch_version_pyproject_pins():
     pinned = next(dep for dep in requires("cai-platform") if dep.startswith("torch=="))
     assert pinned == f"torch=={assignments(DOCKERFILES['cpu'], 'ARG')['TORCH_VERSION']}"
@@ -189,13 +199,16 @@ def test_the_gpu_image_install_resolves_to_the_pinned_set(tmp_path):
             str(report),
             "-c",
             str(REPO_ROOT / "constraints.txt"),
+            "--index-url",
+            "https://pypi.org/simple",
             f"{REPO_ROOT}[gpu]",
         ],
         check=False,
         capture_output=True,
         text=True,
-        # The machine-wide pip constraints of a developer's box are not the image's.
-        env={**os.environ, "PIP_CONSTRAINT": ""},
+        # The image installs from PyPI alone: a developer box's pip configuration (machine-wide
+        # constraints, local wheels such as a CPU torch, extra indexes) is not the image's.
+        env={**os.environ, "PIP_CONSTRAINT": "", "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull},
     )
     if resolved.returncode != 0 and "ResolutionImpossible" not in resolved.stderr:
         pytest.skip(
@@ -206,5 +219,8 @@ def test_the_gpu_image_install_resolves_to_the_pinned_set(tmp_path):
         item["metadata"]["name"].lower(): item["metadata"]["version"].split("+")[0]
         for item in json.loads(report.read_text())["install"]
     }
-    for name in ("vllm", "torch", "transformers", "trl"):
-        assert installed[name] == pinned_set()[name], name
+    # cuda-toolkit: torch's own requirement, so the pin is the CUDA the wheel is built for
+    from packaging.version import Version
+
+    for name in ("vllm", "torch", "transformers", "trl", "cuda-toolkit"):
+        assert Version(installed[name]) == Version(pinned_set()[name]), name

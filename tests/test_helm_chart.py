@@ -24,10 +24,12 @@ import kubernetes_validate
 import pytest
 import yaml
 from conftest import REPO_ROOT, free_port, hand_lineage, wait_for_port
+from crd_schema import CRDS, crd_errors
 
 CHART = REPO_ROOT / "helm" / "cai-platform"
 CHART_CONSTITUTIONS = CHART / "files" / "constitutions"
 REPO_CONSTITUTIONS = REPO_ROOT / "constitutions"
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion): objects are validated against it.
 KUBERNETES_VERSION = "1.31"
 RELEASE = "cai"
 NAMESPACE = "ml-team"
@@ -45,8 +47,6 @@ SERVED = {
     "role": "rl-cai",
     "storageUri": "s3://cai-platform/artifacts/models/0123abcd",
 }
-# Custom resources kubernetes-validate has no schema for; their own tests check them field by field.
-CUSTOM_KINDS = {"InferenceService"}
 A100X4 = {
     "accelerator_type": "nvidia.com/gpu",
     "accelerator_count": 4,
@@ -76,6 +76,17 @@ VARIANTS = {
     },
     "multi-user": {"kfp": {"multiUser": True}},
     "serving": {"serving": {"enabled": True, "models": [SERVED]}},
+    "serving-llm": {
+        "serving": {
+            "enabled": True,
+            "policyKind": "LLMInferenceService",
+            "models": [
+                SERVED,
+                {**SERVED, "role": "pm", "storageUri": "s3://cai-platform/artifacts/models/4567cdef"},
+            ],
+            "llm": {"replicas": 2, "router": {"route": {}}},
+        }
+    },
     "s3-compatible": {
         "s3": {"endpointUrl": "http://minio.minio.svc.cluster.local:9000"},
         "images": {"pullSecrets": ["regcred"]},
@@ -128,10 +139,13 @@ def run_config_of(objects: list[dict]) -> dict:
 
 
 def assert_valid_for_kubernetes(objects: list[dict]) -> None:
-    """Every object validates against the pinned Kubernetes version's schema (strict)."""
+    """Every object validates, strict (an unknown field fails): a core object against the
+    Kubernetes schemas of the minimum version the chart supports, a custom object against its
+    upstream CRD vendored in tests/upstream (tests/crd_schema.py)."""
     assert objects
     for obj in objects:
-        if obj["kind"] in CUSTOM_KINDS:
+        if obj["kind"] in CRDS:
+            assert crd_errors(obj) == []
             continue
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
@@ -340,6 +354,7 @@ def test_the_env_config_map_gives_every_pod_the_artifact_root_s3_endpoint_region
         "AWS_S3_ADDRESSING_STYLE": "path",
         "MLFLOW_S3_ENDPOINT_URL": "http://minio.minio.svc.cluster.local:9000",
         "MLFLOW_TRACKING_URI": f"http://{FULLNAME}-mlflow:5000",
+        "CAI_CONSTITUTION_REGISTRY": "s3://cai-platform/constitutions",
     }
 
 
@@ -370,15 +385,26 @@ def test_the_run_config_wires_images_and_secrets_into_the_pipeline():
             "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
             "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
         },
+        "hf_secret": "cai-hf",
+        "hf_keys": {"HF_TOKEN": "HF_TOKEN"},
         "env_configmap": ENV_CONFIGMAP,
     }
     assert config["deploy"]["retries"] == 2
 
 
-def test_the_env_configmap_holds_every_setting_the_pipeline_steps_read():
+def test_the_env_configmap_holds_every_setting_the_pipeline_maps_and_nothing_else():
+    # Some keys only under some values (serving on, UI addresses set); tests/test_step_env.py
+    # follows each setting on to the step that reads it.
     from cai_lib.core.config import PLATFORM_ENV
 
-    assert set(PLATFORM_ENV) <= set(find(render_objects({}), "ConfigMap", ENV_CONFIGMAP)["data"])
+    presets = [
+        *VARIANTS.values(),
+        {"kfp": {"uiUrl": "https://kf.example.com"}, "mlflow": {"uiUrl": "https://m.example.com"}},
+    ]
+    written = {
+        key for values in presets for key in find(render_objects(values), "ConfigMap", ENV_CONFIGMAP)["data"]
+    }
+    assert written == set(PLATFORM_ENV)
 
 
 def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
@@ -666,7 +692,7 @@ def test_with_serving_on_each_role_gets_an_inference_service_on_its_champions_s3
         "serving.kserve.io/v1beta1",
         NAMESPACE,
     )
-    assert service["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "RawDeployment"}
+    assert service["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "Standard"}
     predictor = service["spec"]["predictor"]
     assert predictor["serviceAccountName"] == f"{FULLNAME}-serving"
     assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 1)
@@ -684,7 +710,11 @@ def test_the_serving_account_carries_the_s3_secret_and_the_pipeline_may_patch_in
     objects = render_objects(VARIANTS["serving"])
     assert find(objects, "ServiceAccount", f"{FULLNAME}-serving")["secrets"] == [{"name": "cai-s3"}]
     assert find(objects, "Role", f"{FULLNAME}-serving")["rules"] == [
-        {"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"], "verbs": ["get", "patch"]}
+        {
+            "apiGroups": ["serving.kserve.io"],
+            "resources": ["inferenceservices", "llminferenceservices"],
+            "verbs": ["get", "patch"],
+        }
     ]
     assert find(objects, "RoleBinding", f"{FULLNAME}-serving")["subjects"] == [
         {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": NAMESPACE},
@@ -914,8 +944,9 @@ def test_the_committed_pipeline_reads_only_configmaps_and_secrets_the_default_ch
     assert secrets == {
         values["s3"]["credentialsSecret"]["name"],
         values["mlflow"]["credentialsSecret"]["name"],
+        values["huggingface"]["tokenSecret"]["name"],
     }
-    assert secrets == {SecretRefs().s3_secret, SecretRefs().mlflow_secret}
+    assert secrets == {SecretRefs().s3_secret, SecretRefs().mlflow_secret, SecretRefs().hf_secret}
 
 
 @pytest.mark.integration

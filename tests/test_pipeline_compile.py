@@ -80,15 +80,26 @@ def test_gpu_stages_and_only_they_get_node_selector_and_toleration(compiled):
             assert "nodeSelector" not in config and "tolerations" not in config, component
 
 
+def test_gpu_stages_and_only_they_mount_a_memory_backed_dev_shm_of_the_profiles_size(compiled):
+    # NCCL and data loaders share memory through /dev/shm; a container's own is 64 MiB.
+    spec, platform = compiled
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for component, stage in STAGE_OF.items():
+        mounts = executors[spec["components"][component]["executorLabel"]].get("emptyDirMounts", [])
+        expected = [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "16Gi"}]
+        assert mounts == (expected if stage in GPU_STAGES else []), component
+
+
 def test_every_step_gets_s3_and_mlflow_credentials_from_secrets_not_parameters(compiled):
     spec, platform = compiled
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for component in STAGE_OF:
         secrets = executors[spec["components"][component]["executorLabel"]]["secretAsEnv"]
-        names = {s["secretName"] for s in secrets}
-        assert names == {"cai-s3", "cai-mlflow"}, component
+        optional = {s["secretName"]: s.get("optional", False) for s in secrets}
+        # the Hugging Face token only for gated or private models: optional, as MLflow's credentials
+        assert optional == {"cai-s3": False, "cai-mlflow": True, "cai-hf": True}, component
         env = {k["envVar"] for s in secrets for k in s["keyToEnv"]}
-        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"} <= env
     assert not any("SECRET" in p.upper() for p in spec["root"]["inputDefinitions"]["parameters"])
 
 

@@ -13,6 +13,12 @@ server` and moto's S3 server, run four times on one artifact store:
 
 Each run is a module fixture (one pipeline run each), and each test asserts one thing of it.
 Steps killed mid-way and retried are in test_step_retries.py.
+
+kfp.local runs the steps as the cluster would (tests/kfp_driver.py `cluster_rules`): every
+parameter typed by the KFP driver's rule, and every step's environment built from the compiled
+pipeline's ConfigMap and Secret mappings, resolved against the ConfigMap the Helm chart renders
+for these servers and the Secrets an operator creates. Nothing the code reads reaches a step from
+this process's environment.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from env_reads import step_reads
 from human_data import hhh_row, write_jsonl
+from kfp_driver import cluster_rules
+from test_helm_chart import ENV_CONFIGMAP, render_objects
 
 from cai_lib.core.constitution import constitutions_dir, load_constitution
 from cai_lib.core.model_versions import list_models, version_by_alias
@@ -142,25 +151,62 @@ def stage_status(summary: dict) -> dict[str, str]:
     }
 
 
+# What the harness itself gives a step, as a pod's filesystem would: where `cai run`'s exit handler
+# reports the outcome, and a model cache of the test's own.
+HARNESS_ENV = {"CAI_RUN_OUTCOME", "CAI_CACHE_DIR"}
+
+
+def installation(s3_server: str, bucket: str, tracking_uri: str) -> dict:
+    """The chart's ConfigMaps for this test's servers, and the Secrets the deploy checklist creates
+    (MLflow's optional one left out: the test server has no authentication)."""
+    values = {
+        "s3": {"bucket": bucket, "endpointUrl": s3_server, "prefixes": {"artifacts": "cai"}},
+        "mlflow": {"server": {"enabled": False}, "trackingUri": tracking_uri},
+    }
+    configmaps = {
+        o["metadata"]["name"]: o["data"] for o in render_objects(values) if o["kind"] == "ConfigMap"
+    }
+    secrets = {"cai-s3": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}}
+    return {"configmaps": configmaps, "secrets": secrets}
+
+
 @pytest.fixture(scope="module")
 def e2e(s3_server, mlflow_server, tmp_path_factory, tiny_model_dir):
-    """One bucket and one MLflow experiment for the four runs; the environment every step inherits."""
+    """One bucket and one MLflow experiment for the four runs. This process talks to the servers
+    with the chart's settings; each step gets only what its pod would (`cluster_rules`)."""
+    from pipelines.cai_pipeline import compile_pipeline
+
     work = tmp_path_factory.mktemp("e2e")
     bucket = f"e2e-{uuid.uuid4().hex[:10]}"
+    cluster = installation(s3_server, bucket, mlflow_server["uri"])
+    config = load_run_config(tiny_run_config(work / "compiled.yaml", tiny_model_dir))
+    pipeline_spec, platform_spec = yaml.safe_load_all(
+        Path(compile_pipeline(str(work / "pipeline.yaml"), config.params, config.deploy)).read_text()
+    )
+    functions = {
+        args[args.index("--function_to_execute") + 1]
+        for args in (e["container"]["args"] for e in pipeline_spec["deploymentSpec"]["executors"].values())
+    }
+    read = {name for function in functions for name in step_reads(function)}
     with pytest.MonkeyPatch.context() as patch:
         for name, value in {
-            "AWS_ENDPOINT_URL_S3": s3_server,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "CAI_ARTIFACT_ROOT": f"s3://{bucket}/cai",
-            "MLFLOW_TRACKING_URI": mlflow_server["uri"],
+            **cluster["configmaps"][ENV_CONFIGMAP],
+            **cluster["secrets"]["cai-s3"],
             "CAI_CACHE_DIR": str(work / "cache"),
         }.items():
             patch.setenv(name, value)
         patch.chdir(work)
         s3_client().create_bucket(Bucket=bucket)
-        yield {"bucket": bucket, "uri": mlflow_server["uri"], "work": work, "model": tiny_model_dir}
+        with cluster_rules(
+            platform_spec, cluster["configmaps"], cluster["secrets"], frozenset(read - HARNESS_ENV)
+        ) as seen:
+            yield {
+                "bucket": bucket,
+                "uri": mlflow_server["uri"],
+                "work": work,
+                "model": tiny_model_dir,
+                "cluster": seen,
+            }
 
 
 def timed_run(config: Path, work: Path) -> dict:
@@ -293,6 +339,20 @@ def test_first_run_closes_its_mlflow_parent_run_as_finished(first_run, e2e):
         r for r in parent_runs(e2e["uri"]) if r.data.tags["cai.pipeline_run_id"] == first_run["run_id"]
     )
     assert run.info.status == "FINISHED"
+
+
+def test_no_step_input_was_refused_by_the_drivers_typing_rule(first_run, e2e):
+    assert e2e["cluster"].refusals == []
+
+
+def test_every_step_ran_with_the_settings_its_pod_gets_from_the_chart(first_run, e2e):
+    environments = e2e["cluster"].environments
+    assert len(environments) >= 15
+    for env in environments.values():
+        assert (env["CAI_ARTIFACT_ROOT"], env["MLFLOW_TRACKING_URI"]) == (
+            f"s3://{e2e['bucket']}/cai",
+            e2e["uri"],
+        )
 
 
 # -- run 2: nothing changed -----------------------------------------------------------------------------

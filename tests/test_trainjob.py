@@ -38,7 +38,8 @@ def two_node_deploy(**profile) -> DeployConfig:
         "num_nodes": 2,
         "accelerator_count": 8,
         "cpu_request": "64",
-        "memory_request": "900Gi",
+        "memory_request": "800Gi",
+        "memory_limit": "900Gi",
         **profile,
     }
     return DeployConfig(resources={"sft": default_gpu_profile().model_copy(update=settings)})
@@ -67,7 +68,9 @@ def test_the_trainjob_asks_for_each_node_and_its_gpus(manifest):
     trainer = manifest["spec"]["trainer"]
 
     assert trainer["numNodes"] == 2
+    # the profile's memory limit, not its request: the SDK makes both the node's request and limit
     assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "8", "cpu": "64", "memory": "900Gi"}
+    assert trainer["resourcesPerNode"]["requests"] == trainer["resourcesPerNode"]["limits"]
     assert trainer["image"] == DeployConfig().image_gpu
 
 
@@ -96,6 +99,21 @@ def test_the_trainjob_has_a_deadline_and_lands_on_gpu_nodes(manifest):
     assert manifest["spec"]["activeDeadlineSeconds"] == 7 * 24 * 3600
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_each_node_mounts_a_memory_backed_dev_shm_of_the_profiles_size(manifest):
+    patch = manifest["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
+        "replicatedJobs"
+    ][0]
+    pod = patch["template"]["spec"]["template"]["spec"]
+
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]
+    assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
+
+
+def test_a_profile_asking_for_more_than_its_limit_is_refused():
+    with pytest.raises(ValueError, match="memory_request 900Gi is more than memory_limit 64Gi"):
+        two_node_deploy(memory_request="900Gi", memory_limit="64Gi")
 
 
 def test_the_sdks_trainjob_model_accepts_the_manifest(manifest):

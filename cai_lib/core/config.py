@@ -22,13 +22,21 @@ from cai_lib.core.yaml_text import UniqueKeyLoader, load_yaml, yaml_problem
 
 ARTIFACT_ROOT_ENV = variable("artifact_root")
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-# What the installation's ConfigMap gives every step, besides the secrets.
+# What the installation's ConfigMap gives every step, besides the secrets: every key the Helm
+# chart writes into it (tests/test_step_env.py checks both ways). The UI addresses and the served
+# models are set only by some installations; a key the ConfigMap lacks leaves its variable unset.
 PLATFORM_ENV = (
     ARTIFACT_ROOT_ENV,
     TRACKING_URI_ENV,
     "AWS_ENDPOINT_URL_S3",
     "AWS_DEFAULT_REGION",
     "AWS_S3_ADDRESSING_STYLE",
+    "MLFLOW_S3_ENDPOINT_URL",
+    variable("constitution_registry"),
+    variable("kfp_ui_url"),
+    variable("mlflow_ui_url"),
+    variable("serving_namespace"),
+    variable("serving_models"),
 )
 LOCAL_ARTIFACT_ROOT = ".cai/artifacts"
 # MLflow's own default store: `mlflow ui`, `mlflow models serve` and `mlflow.pyfunc.load_model`

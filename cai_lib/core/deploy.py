@@ -46,6 +46,12 @@ class ResourceProfile(Strict):
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Taints of GPU nodes to tolerate."
     )
+    shm_size: str | None = Field(
+        default=None,
+        description="Size of a memory-backed /dev/shm for a GPU stage's pod (and each TrainJob node), e.g. "
+        "'16Gi': NCCL and data loaders share memory through it, and a container's own is 64 MiB. It counts "
+        "against the pod's memory. None: no mount.",
+    )
     num_nodes: int = Field(
         default=1,
         ge=1,
@@ -67,6 +73,17 @@ class ResourceProfile(Strict):
     def wants_gpu(self) -> bool:
         return self.accelerator_count > 0 or bool(self.accelerator_type)
 
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> ResourceProfile:
+        # Kubernetes refuses a pod whose request exceeds its limit; say so before a run starts.
+        from kubernetes.utils import parse_quantity
+
+        for kind in ("cpu", "memory"):
+            request, limit = getattr(self, f"{kind}_request"), getattr(self, f"{kind}_limit")
+            if request and limit and parse_quantity(request) > parse_quantity(limit):
+                raise ValueError(f"{kind}_request {request} is more than {kind}_limit {limit}")
+        return self
+
 
 def default_gpu_profile() -> ResourceProfile:
     return ResourceProfile(
@@ -77,6 +94,7 @@ def default_gpu_profile() -> ResourceProfile:
         memory_limit="64Gi",
         node_selector={"nvidia.com/gpu.present": "true"},
         tolerations=[Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
+        shm_size="16Gi",
     )
 
 
@@ -100,6 +118,14 @@ class SecretRefs(Strict):
             "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
         },
         description="secret key -> env var.",
+    )
+    hf_secret: str = Field(
+        default="cai-hf",
+        description="Optional Secret with a Hugging Face token (HF_TOKEN) for gated or private models; every "
+        "step may download a model, so every step reads it when it exists.",
+    )
+    hf_keys: dict[str, str] = Field(
+        default_factory=lambda: {"HF_TOKEN": "HF_TOKEN"}, description="secret key -> env var."
     )
     env_configmap: str = Field(
         default="cai-env",

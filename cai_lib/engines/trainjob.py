@@ -54,6 +54,7 @@ class TrainJobPlan(BaseModel):
     memory: str | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
+    shm_size: str | None = Field(default=None, description="A memory-backed /dev/shm of this size per node.")
     secrets: SecretRefs = Field(default_factory=SecretRefs)
     deadline_seconds: int = Field(ge=60, description="The TrainJob's activeDeadlineSeconds.")
     schedule_timeout_seconds: int = Field(ge=1, description="How long every node may take to start running.")
@@ -77,8 +78,10 @@ def plan_of(stage: str, deploy: DeployConfig) -> TrainJobPlan | None:
         num_nodes=profile.num_nodes,
         accelerator_type=profile.accelerator_type,
         accelerators_per_node=profile.accelerator_count,
-        cpu=profile.cpu_request,
-        memory=profile.memory_request,
+        # The SDK sets a node's requests and limits both to these: the limit, so none is lost.
+        cpu=profile.cpu_limit or profile.cpu_request,
+        memory=profile.memory_limit or profile.memory_request,
+        shm_size=profile.shm_size,
         node_selector=profile.node_selector,
         tolerations=profile.tolerations,
         secrets=deploy.secrets,
@@ -127,8 +130,16 @@ def trainer_and_options(plan: TrainJobPlan, job_uri: str, name: str, out_uri: st
         resources_per_node=resources,
         env={"PYTHONUNBUFFERED": "1"},
     )
+    shm = plan.shm_size and {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": plan.shm_size}}
     pod = PodSpecPatch(
-        containers=[ContainerPatch(name=NODE_CONTAINER, env=secret_env(plan.secrets))],
+        containers=[
+            ContainerPatch(
+                name=NODE_CONTAINER,
+                env=secret_env(plan.secrets),
+                volume_mounts=[{"name": "dshm", "mountPath": "/dev/shm"}] if shm else None,
+            )
+        ],
+        volumes=[shm] if shm else None,
         node_selector=plan.node_selector or None,
         tolerations=[t.model_dump(exclude_none=True) for t in plan.tolerations] or None,
     )
@@ -169,6 +180,7 @@ def secret_env(secrets: SecretRefs) -> list[dict]:
     return [
         *from_secret(secrets.s3_secret, secrets.s3_keys, optional=False),
         *from_secret(secrets.mlflow_secret, secrets.mlflow_keys, optional=True),
+        *from_secret(secrets.hf_secret, secrets.hf_keys, optional=True),
         *settings,
     ]
 

@@ -29,6 +29,13 @@ from cai_lib.core.store import ArtifactStore, is_s3
 from cai_lib.core.tracking import connect
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+# The serving objects `sync` follows, tried in this order, with the field holding the weights' URI.
+# A policy may be served by an LLMInferenceService (KServe >= 0.17; v1alpha2 is its storage version
+# there and since), the chart's `serving.policyKind`; the PM always by an InferenceService.
+KINDS = {
+    "InferenceService": (VERSION, PLURAL, ("spec", "predictor", "model", "storageUri")),
+    "LLMInferenceService": ("v1alpha2", "llminferenceservices", ("spec", "model", "uri")),
+}
 VERSION_ANNOTATION = "cai-platform.io/model-version"
 MODEL_ANNOTATION = "cai-platform.io/registered-model"
 SHA_ANNOTATION = "cai-platform.io/checkpoint-sha256"
@@ -69,9 +76,20 @@ def check_weights(source: str) -> None:
 
 
 def storage_patch(
-    version: str, model_name: str, sha256: str, storage_uri: str, resource_version: str
+    version: str,
+    model_name: str,
+    sha256: str,
+    storage_uri: str,
+    resource_version: str,
+    kind: str = "InferenceService",
 ) -> dict:
-    """The merge patch that points an InferenceService's predictor at `storage_uri`."""
+    """The merge patch that points a serving object of `kind` at `storage_uri`."""
+    spec: dict = {}
+    *parents, field = KINDS[kind][2][1:]
+    leaf = spec
+    for key in parents:
+        leaf = leaf.setdefault(key, {})
+    leaf[field] = storage_uri
     return {
         "metadata": {
             "resourceVersion": resource_version,
@@ -81,24 +99,32 @@ def storage_patch(
                 SHA_ANNOTATION: sha256,
             },
         },
-        "spec": {"predictor": {"model": {"storageUri": storage_uri}}},
+        "spec": spec,
     }
 
 
-def _get(api, namespace: str, name: str) -> dict:
+def _get(api, namespace: str, name: str) -> tuple[str, dict]:
+    """(kind, object) of the serving object `name`: an InferenceService, else an LLMInferenceService."""
     from kubernetes.client.exceptions import ApiException
 
-    try:
-        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as err:
-        if err.status == 404:
-            raise CaiError(
-                f"InferenceService {namespace}/{name} does not exist: install the chart with serving.enabled "
-                "(its serving.models entry for this role names the first storageUri)"
-            ) from None
-        raise CaiError(
-            f"InferenceService {namespace}/{name}: the Kubernetes API answered {err.status} {err.reason}"
-        ) from None
+    for kind, (version, plural, _) in KINDS.items():
+        try:
+            return kind, api.get_namespaced_custom_object(GROUP, version, namespace, plural, name)
+        except ApiException as err:
+            if err.status != 404:
+                raise CaiError(
+                    f"{kind} {namespace}/{name}: the Kubernetes API answered {err.status} {err.reason}"
+                ) from None
+    raise CaiError(
+        f"InferenceService {namespace}/{name} does not exist (nor an LLMInferenceService of that name): install "
+        "the chart with serving.enabled (its serving.models entry for this role names the first storageUri)"
+    )
+
+
+def _served_uri(obj: dict, kind: str) -> str | None:
+    for key in KINDS[kind][2]:
+        obj = obj.get(key) or {}
+    return obj or None
 
 
 def sync(api, tracking_uri: str | None, model_name: str, namespace: str, alias: str = CHAMPION) -> SyncResult:
@@ -118,8 +144,8 @@ def sync(api, tracking_uri: str | None, model_name: str, namespace: str, alias: 
         )
     check_weights(info.source)
     for attempt in range(CONFLICT_RETRIES):
-        current = _get(api, namespace, model_name)
-        served = current["spec"]["predictor"]["model"].get("storageUri")
+        kind, current = _get(api, namespace, model_name)
+        served = _served_uri(current, kind)
         annotations = current["metadata"].get("annotations") or {}
         if served == info.source and annotations.get(VERSION_ANNOTATION) == info.version:
             changed = False
@@ -130,14 +156,16 @@ def sync(api, tracking_uri: str | None, model_name: str, namespace: str, alias: 
             info.checkpoint_sha256 or "",
             info.source,
             current["metadata"]["resourceVersion"],
+            kind,
         )
         try:
-            api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, model_name, patch)
+            version, plural, _ = KINDS[kind]
+            api.patch_namespaced_custom_object(GROUP, version, namespace, plural, model_name, patch)
         except ApiException as err:
             if err.status == 409 and attempt < CONFLICT_RETRIES - 1:
                 continue  # another sync patched it in between: read it again
             raise CaiError(
-                f"InferenceService {namespace}/{model_name}: the Kubernetes API refused the patch: {err.status} {err.reason}"
+                f"{kind} {namespace}/{model_name}: the Kubernetes API refused the patch: {err.status} {err.reason}"
             ) from None
         changed = True
         break

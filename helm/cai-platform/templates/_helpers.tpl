@@ -100,6 +100,10 @@ params over the chart's artifact root and tracking URI, and a deploy section bui
   "mlflow_secret" (include "cai-platform.mlflowSecretName" .)
   "mlflow_keys" .Values.mlflow.credentialsSecret.keys
   "env_configmap" (include "cai-platform.envName" .) -}}
+{{- with .Values.huggingface.tokenSecret.name }}
+{{- $_ := set $secrets "hf_secret" . }}
+{{- $_ := set $secrets "hf_keys" (dict $.Values.huggingface.tokenSecret.key "HF_TOKEN") }}
+{{- end }}
 {{- $deploy := dict
   "image_cpu" (include "cai-platform.image" (dict "image" .Values.images.cpu "root" .))
   "image_gpu" (include "cai-platform.image" (dict "image" .Values.images.gpu "root" .))
