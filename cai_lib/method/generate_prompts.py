@@ -361,6 +361,26 @@ def flat_counts(counts: dict[PromptKind, dict[str, int]]) -> dict[str, float]:
     return {f"{kind}.{name}": float(n) for kind, row in counts.items() for name, n in row.items()}
 
 
+class GeneratedPrompts(NamedTuple):
+    """What the report shows of a run's generated prompts: where they lie, the counts per filter,
+    and a sample of kept and dropped ones."""
+
+    uri: str
+    counts: dict[PromptKind, dict[str, int]]
+    sample: list[GeneratedPrompt]
+
+
+def generated_view(rows: Sequence[GeneratedPrompt], uri: str, per_kind: int, seed: int) -> GeneratedPrompts:
+    """The counts of `rows` (a `select_prompts` dataset at `uri`) and up to `per_kind` rows of each
+    kind, kept ones first, drawn with `seed`."""
+    sample = []
+    for kind in KINDS:
+        mine = [r for r in rows if r.kind == kind]
+        drawn = random.Random(f"{seed}:{kind}").sample(mine, min(per_kind, len(mine)))
+        sample += sorted(drawn, key=lambda r: (not r.kept, r.request))
+    return GeneratedPrompts(uri, filter_counts(rows), sample)
+
+
 def mix_prompts(
     kind: PromptKind,
     human: Sequence[PromptRecord],

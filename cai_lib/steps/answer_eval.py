@@ -32,6 +32,7 @@ def answer_eval(
     rl_policy: str,
     shard: int = 0,
     shards: int = 1,
+    round_: int = 1,
 ) -> DataRef:
     """Every evaluated policy's greedy answers to one of `shards` slices of the held-out prompts
     (the generation half of evaluation, fanned out like the other generation stages)."""
@@ -50,6 +51,7 @@ def answer_eval(
             SL_CAI: sl.sha256,
             RL_CAI: rl.sha256,
             CHAMPION_POLICY: chosen.champion[2] if chosen.champion else None,
+            **({"earlier_rounds": [ref.sha256 for ref in rl.earlier]} if rl.earlier else {}),
         },
         "part": [shard, shards],
         # What shapes an answer; batch size and the engine's sizing only change how it is computed.
@@ -63,4 +65,4 @@ def answer_eval(
         sets = {kind: slice_of(ref.uri, PromptRecord, shard, shards) for kind, ref in prompts.items()}
         write_finished_dataset(uri, answer_all(chosen.policies, sets, p.evaluation))
 
-    return DataRef.of(produce(ctx, "answer_eval", identity, write, shard=shard))
+    return DataRef.of(produce(ctx, "answer_eval", identity, write, shard=shard, round_=round_))

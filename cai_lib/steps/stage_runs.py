@@ -72,16 +72,20 @@ def run_summary(run_root: str) -> list[str]:
 
 
 @contextmanager
-def recorded(ctx: RunContext, name: str, shard: int | None = None):
-    """The MLflow stage run of `name` (one per shard of a fanned-out stage)."""
-    label = name if shard is None else f"{name}[{shard}]"
+def recorded(ctx: RunContext, name: str, shard: int | None = None, round_: int = 1):
+    """The MLflow stage run of `name` (one per shard of a fanned-out stage, one per round of a
+    stage that runs in every round)."""
+    label = name if round_ == 1 else f"{name}@round{round_}"
+    label = label if shard is None else f"{label}[{shard}]"
     with stage_run(ctx.tracking_uri, ctx.parent_run_id, label) as run:
         yield run
 
 
-def record(ctx: RunContext, run: StageRun, marker: OutputMarker, shard: int | None = None) -> StageRecord:
+def record(
+    ctx: RunContext, run: StageRun, marker: OutputMarker, shard: int | None = None, round_: int = 1
+) -> StageRecord:
     """Tag the stage run and write the run's pointer: ran or reused, key, where, made by whom."""
-    entry = record_of(marker, ctx.run_id, shard)
+    entry = record_of(marker, ctx.run_id, shard, round_)
     run.set_tags(
         {
             REUSE_TAG: entry.status,
@@ -106,20 +110,23 @@ def produce(
     constitution: Constitution | None = None,
     shard: int | None = None,
     then: Callable[[StageRun, OutputMarker], None] | None = None,
+    round_: int = 1,
 ) -> OutputMarker:
     """The output of stage `name` for `identity`: the complete one if any run made it, else the
     one `write(uri, rows_key)` makes now (`StageOutput.rows_key`: what row ids derive from). The
     key adds to `identity` the stage's code version and the constitution parts the stage table
     says it reads. Either way the stage run and the run's
-    folder record what happened; `then` runs last inside the stage run (e.g. to log a report)."""
+    folder record what happened; `then` runs last inside the stage run (e.g. to log a report).
+    `round_` names the round of iterated CAI in the records; it is not part of the key, which is
+    all content: a later round's stage differs from round 1's by its inputs."""
     stage = stage_table.stage(name)
     parts = {part: constitution_part(constitution, part, ctx.params) for part in stage.reads}
     output = StageOutput(
         ctx.outputs_root, name, {"code": code_sha256(name), **identity, "constitution": parts}
     )
-    with recorded(ctx, name, shard) as run:
+    with recorded(ctx, name, shard, round_) as run:
         marker = output.complete() or make(ctx, stage.output, output, write, run.run_id)
-        record(ctx, run, marker, shard)
+        record(ctx, run, marker, shard, round_)
         if then:
             then(run, marker)
     return marker
