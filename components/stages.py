@@ -341,8 +341,8 @@ def register(
     round: int = 1,
 ) -> bool:
     """Register PM, SL-CAI and RL-CAI in MLflow with lineage (each round's, with its round and
-    parent); run the promotion gate. Returns whether the round's policy was promoted: a later round
-    runs only then."""
+    parent); run the promotion gate. Returns whether the round passed (its policy was promoted, or
+    the champion already continues it): a later round runs only then."""
     import json
 
     from cai_lib.steps.register import register as register_step
@@ -360,7 +360,7 @@ def register(
         start_policy.path,
         previous_pm.path if previous_pm else None,
     )
-    return bool(json.loads(summary)["promoted"])
+    return bool(json.loads(summary)["passed"])
 
 
 def finish_run(run_id: str, experiment: str, status: PipelineTaskFinalStatus) -> str:

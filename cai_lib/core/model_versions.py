@@ -202,6 +202,20 @@ def version_with_checkpoint(tracking_uri: str | None, model_name: str, checkpoin
     return str(min(int(mv.version) for mv in found)) if found else None
 
 
+def ancestors(tracking_uri: str | None, info: ModelVersionInfo) -> list[ModelVersionInfo]:
+    """The versions `info` continues, nearest first, following each one's `parent_version` lineage
+    tag (iterated CAI: the round before's policy, back to the SL-CAI policy of round 1)."""
+    client = connect(tracking_uri)
+    chain: list[ModelVersionInfo] = []
+    parent = info.lineage.parent_version if info.lineage else ""
+    while parent and len(chain) < 100:  # bounded: a hand-edited tag could make a loop
+        name, _, version = parent.rpartition("/")
+        mv = get_version(client, name, version)
+        chain.append(version_info(mv, []))
+        parent = chain[-1].lineage.parent_version if chain[-1].lineage else ""
+    return chain
+
+
 def version_by_alias(tracking_uri: str | None, model_name: str, alias: str) -> ModelVersionInfo | None:
     """The version `alias` points at (e.g. the champion the evaluation compares against), or None
     when the alias is unset or no model of that name is registered yet.

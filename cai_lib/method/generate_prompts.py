@@ -68,6 +68,14 @@ PAPER_RED_TEAM_RATIO = 140_335 / 42_496
 PAPER_HELPFUL_RATIO = 90_754 / 44_542
 
 
+# What each kind's requests ask for, unless its settings give another instruction.
+INSTRUCTIONS: dict[PromptKind, str] = {
+    "red_team": "Write a message that a red-teamer might send to an AI assistant to try to get it to say or do "
+    "something harmful, unethical or dangerous.",
+    "helpful": "Write a message that a person might send to an AI assistant to ask for help.",
+}
+
+
 class KindSettings(BaseModel):
     """How many prompts of one kind to generate, how to ask for them, and how many to use."""
 
@@ -83,8 +91,9 @@ class KindSettings(BaseModel):
         "kind (paper: 3.30 red team, 2.04 helpfulness); fewer are used when fewer were kept.",
     )
     instruction: str = Field(
-        min_length=1,
-        description="The user turn before each example and before the model's own prompt.",
+        default="",
+        description="The user turn before each example and before the model's own prompt; '' takes the kind's "
+        "own (INSTRUCTIONS).",
     )
 
 
@@ -104,19 +113,8 @@ class GeneratePromptsConfig(GenerationStageConfig):
         description="Seed prompts of the same kind shown per request, drawn at random for each request; each "
         "kind that generates needs at least this many seeds.",
     )
-    red_team: KindSettings = Field(
-        default_factory=lambda: KindSettings(
-            instruction="Write a message that a red-teamer might send to an AI assistant to try to get it to "
-            "say or do something harmful, unethical or dangerous."
-        ),
-        description="Red-team prompts.",
-    )
-    helpful: KindSettings = Field(
-        default_factory=lambda: KindSettings(
-            instruction="Write a message that a person might send to an AI assistant to ask for help."
-        ),
-        description="Helpfulness prompts.",
-    )
+    red_team: KindSettings = Field(default_factory=KindSettings, description="Red-team prompts.")
+    helpful: KindSettings = Field(default_factory=KindSettings, description="Helpfulness prompts.")
     min_chars: int = Field(default=10, ge=1, description="Shortest prompt kept, in characters.")
     max_chars: int = Field(default=500, ge=1, description="Longest prompt kept, in characters.")
     dedup_threshold: float = Field(
@@ -192,7 +190,7 @@ def plan_requests(
 
 def request_conversation(request: Request, config: GeneratePromptsConfig) -> list[dict[str, str]]:
     """The request as chat turns: the kind's instruction answered by each seed, then the instruction."""
-    instruction = config.kind(request.kind).instruction
+    instruction = config.kind(request.kind).instruction or INSTRUCTIONS[request.kind]
     turns = []
     for seed in request.seeds:
         turns += [{"role": "user", "content": instruction}, {"role": "assistant", "content": seed.prompt}]

@@ -50,7 +50,7 @@ def answer_eval(
             BASE: ctx.model(p.base_model).content,
             SL_CAI: sl.sha256,
             RL_CAI: rl.sha256,
-            CHAMPION_POLICY: chosen.champion[2] if chosen.champion else None,
+            CHAMPION_POLICY: chosen.champion.sha256 if chosen.champion_policy == CHAMPION_POLICY else None,
             **({"earlier_rounds": [ref.sha256 for ref in rl.earlier]} if rl.earlier else {}),
         },
         "part": [shard, shards],

@@ -93,7 +93,7 @@ def evaluate(
     identity = {
         "inputs": {
             **{name: ref.sha256 for name, ref in refs.items()},
-            CHAMPION_POLICY: chosen.champion[2] if chosen.champion else None,
+            CHAMPION_POLICY: chosen.champion.sha256 if chosen.champion_policy == CHAMPION_POLICY else None,
             **({"earlier_rounds": [ref.sha256 for ref in refs[RL_CAI].earlier]} if refs[RL_CAI].earlier else {}),
             BASE: base.content,
             "judge": judge.content,
@@ -136,8 +136,9 @@ def evaluate(
     marker = produce(ctx, "evaluate", identity, write, constitution, then=report, round_=round_)
     pointer = {
         "uri": marker.uri,
-        "champion_version": chosen.champion[0] if chosen.champion else None,
+        "champion_version": chosen.champion.version if chosen.champion else None,
         "champion_policy": chosen.champion_policy,
+        "superseded": chosen.superseded,
     }
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
     Path(results_path).write_text(json.dumps(pointer))

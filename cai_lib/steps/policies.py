@@ -15,14 +15,25 @@ if TYPE_CHECKING:
     pass
 
 
-def champion_source(ctx: RunContext, constitution: Constitution) -> tuple[str, str, str] | None:
-    """(version, checkpoint URI, checkpoint sha256) of the registered RL-CAI champion, if any."""
-    from cai_lib.core.model_versions import version_by_alias
+class Champion(NamedTuple):
+    """The registered RL-CAI champion: version, checkpoint URI and sha256, and the checkpoint sha256s
+    of the versions it continues (iterated CAI's earlier rounds)."""
+
+    version: str
+    source: str
+    sha256: str
+    ancestors: frozenset[str]
+
+
+def champion_source(ctx: RunContext, constitution: Constitution) -> Champion | None:
+    """The registered RL-CAI champion, if any."""
+    from cai_lib.core.model_versions import ancestors, version_by_alias
 
     champion = version_by_alias(ctx.tracking_uri, model_name(ctx.params.model_name_prefix, constitution.name, RL_CAI), CHAMPION)
     if champion is None:
         return None
-    return champion.version, champion.source, champion.checkpoint_sha256 or ""
+    before = frozenset(v.checkpoint_sha256 or "" for v in ancestors(ctx.tracking_uri, champion))
+    return Champion(champion.version, champion.source, champion.checkpoint_sha256 or "", before)
 
 
 class EvaluatedPolicies(NamedTuple):
@@ -33,9 +44,10 @@ class EvaluatedPolicies(NamedTuple):
 
     policies: dict[str, str]
     rl_steps: dict[str, int]
-    champion: tuple[str, str, str] | None
+    champion: Champion | None
     rounds: dict[str, int]
     champion_policy: str | None
+    superseded: bool = False  # the champion continues this policy (a rerun of an earlier round)
 
 
 def round_policy(round_: int) -> str:
@@ -68,11 +80,14 @@ def evaluated_policies(
     rounds = {SL_CAI: 0, **{round_policy(k): k for k in range(1, len(earlier) + 1)}, RL_CAI: len(earlier) + 1}
     champion = champion_source(ctx, constitution)
     # A champion that is this run's own RL-CAI checkpoint (a rerun with nothing changed) would
-    # only be compared with itself; one that is an earlier round's policy is evaluated as that round.
-    if champion and champion[2] == rl.sha256:
+    # only be compared with itself; one that is an earlier round's policy is evaluated as that round;
+    # one that continues this policy (a later round of a run this one repeats) is left out too, and
+    # the register step does not gate this policy again.
+    superseded = bool(champion and rl.sha256 in champion.ancestors)
+    if champion and (champion.sha256 == rl.sha256 or superseded):
         champion = None
-    named = next((name for name, ref in earlier.items() if champion and ref.sha256 == champion[2]), None)
+    named = next((name for name, ref in earlier.items() if champion and ref.sha256 == champion.sha256), None)
     if champion and named is None:
-        policies[CHAMPION_POLICY] = champion[1]
+        policies[CHAMPION_POLICY] = champion.source
         named = CHAMPION_POLICY
-    return EvaluatedPolicies(policies, rl_steps, champion, rounds if earlier else {}, named)
+    return EvaluatedPolicies(policies, rl_steps, champion, rounds if earlier else {}, named, superseded)

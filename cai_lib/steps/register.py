@@ -113,6 +113,7 @@ def register(
     serves), also written to the run's folder for the exit handler.
     """
     from cai_lib.platform.pyfunc_model import ROLE_KINDS, publish
+    from cai_lib.platform.registry.gate import GateDecision
     from cai_lib.platform.registry.promotion import promote_from_evaluation, promote_with
     from cai_lib.platform.registry.versions import register_checkpoint, set_challenger
     from cai_lib.platform.serving import sync_served
@@ -136,6 +137,8 @@ def register(
         SL_CAI: "",
         RL_CAI: parent_version(ctx, start_model, start_policy),
     }
+    pointer = json.loads(Path(results).read_text())
+    superseded = bool(pointer.get("superseded"))
     versions = {}
     with recorded(ctx, "register", round_=round_) as run:
         for role, path in checkpoints.items():
@@ -149,11 +152,20 @@ def register(
                 ctx, constitution, bases[role], data, 1 if role == SL_CAI else round_, parents[role]
             )
             info = register_checkpoint(ctx.tracking_uri, name, source, trained_by, lineage)
-            set_challenger(ctx.tracking_uri, name, info.version)
+            if not superseded:
+                set_challenger(ctx.tracking_uri, name, info.version)
             versions[role] = (name, info.version)
         policy_name, policy_version = versions[RL_CAI]
-        record_gate_evidence(ctx, json.loads(Path(results).read_text()), policy_name, policy_version)
-        _, decision = promote_from_evaluation(ctx.tracking_uri, policy_name, policy_version, p.promotion)
+        if superseded:
+            # A repeated earlier round whose policy the champion continues: gating it again could
+            # only move the champion back down the chain it heads.
+            decision = GateDecision(
+                promote=False,
+                reason=f"the champion already continues {policy_name} v{policy_version}; not gated again",
+            )
+        else:
+            record_gate_evidence(ctx, pointer, policy_name, policy_version)
+            _, decision = promote_from_evaluation(ctx.tracking_uri, policy_name, policy_version, p.promotion)
         served = []
         if decision.promote:
             for role in (PM, SL_CAI):
@@ -173,6 +185,7 @@ def register(
         "promoted": decision.promote,
         "reason": decision.reason,
     }
+    passed = decision.promote or superseded
     summary = {
         "run_id": ctx.run_id,
         "run_root": ctx.run_root,
@@ -184,6 +197,7 @@ def register(
         "mlflow_tracking_uri": ctx.tracking_uri,
         "experiment": p.experiment,
         "round": round_,
+        "passed": passed,
         "rounds": {**earlier, str(round_): this_round},
     }
     folder.write_json(SUMMARY_FILE, summary)
