@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from cai_lib.method.evaluation.elo import bootstrap_intervals, elo_gap, elo_ratings, expected_score, wilson_interval
+from cai_lib.method.evaluation.elo import (
+    bootstrap_intervals,
+    elo_gap,
+    elo_ratings,
+    expected_score,
+    wilson_interval,
+)
 
 
 def repeated(a: str, b: str, share: float, times: int) -> list[tuple[str, str, float]]:

@@ -287,3 +287,29 @@ def test_requests_showing_the_same_examples_get_different_sampling_seeds(tmp_pat
     settings = config(red_team=12, helpful=0, shard_size=12)
     generate_prompts(seeds, [], "s", str(tmp_path / "gen"), settings, backend=backend)
     assert len(backend.seeds) == len(set(backend.seeds)) > 1
+
+
+# -- the real model, on seeds the project never ships -------------------------------------------------
+
+
+@pytest.mark.integration
+def test_on_unseen_seeds_the_real_model_writes_unique_prompts_none_near_a_held_out_one(tmp_path, hh_rlhf_path):
+    # hh-rlhf's harmless-base rows: 40 seeds and 40 held-out evaluation prompts the generator is
+    # never shown. Checked by brute force over every pair, not through the LSH index.
+    from model_fixtures import embedded_gguf_or_skip
+
+    from cai_lib.core.prompts import deduplicate, read_prompts
+    from cai_lib.engines.models import EMBEDDED_ALIAS
+
+    embedded_gguf_or_skip()
+    rows = deduplicate(read_prompts(str(hh_rlhf_path), limit=120))[:80]
+    seeds, held_out = rows[:40], rows[40:]
+    settings = config(red_team=12, helpful=0, few_shot=4, max_new_tokens=48)
+    out = str(tmp_path / "gen")
+    generate_prompts({"red_team": seeds}, held_out, EMBEDDED_ALIAS, out, settings)
+    kept = [r for r in select_unique(read_dataset(out, GeneratedPrompt), settings) if r.kept]
+    grams = [shingles(r.prompt, settings.ngram) for r in kept]
+    held = [shingles(p.prompt, settings.ngram) for p in held_out]
+    assert kept
+    assert all(jaccard(a, b) < settings.dedup_threshold for i, a in enumerate(grams) for b in grams[i + 1 :])
+    assert all(jaccard(a, b) < settings.dedup_threshold for a in grams for b in held)

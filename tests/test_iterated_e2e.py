@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from run_configs import TINY_GENERATED_PROMPTS
 
 from cai_lib.core.config import local_platform
 from cai_lib.core.model_versions import ancestors, list_models, version_by_alias
@@ -44,13 +45,7 @@ def iterated_config(path: Path, model: Path, **params) -> Path:
         "num_shards": 1,
         "rounds": 3,
         "experiment": "iterated",
-        "generate_prompts": {
-            "few_shot": 2,
-            "max_new_tokens": 8,
-            "min_chars": 1,
-            "red_team": {"candidates": 4, "generated_per_human": 0.25},
-            "helpful": {"candidates": 2, "generated_per_human": 0.25},
-        },
+        "generate_prompts": TINY_GENERATED_PROMPTS,
         "critique_revise": {"rounds": 1, "max_new_tokens": 8, "batch_size": 4},
         "sft": {"max_steps": 1, "batch_size": 2, "max_length": 96},
         "pairs": {"max_new_tokens": 4, "batch_size": 4},

@@ -305,6 +305,13 @@ def test_the_paper_recipe_is_valid_and_follows_the_paper():
         "helpfulness",
     )
     assert params.sft.include_intermediate_revisions
+    ratios = (params.generate_prompts.red_team.generated_per_human, params.generate_prompts.helpful.generated_per_human)
+    assert ratios == (pytest.approx(140_335 / 42_496, abs=0.01), pytest.approx(90_754 / 44_542, abs=0.01))
+
+
+def test_the_quick_demo_generates_a_small_set_of_each_kind():
+    generated = load_run_config(REPO / "pipelines" / "configs" / "quick.yaml").params.generate_prompts
+    assert 0 < generated.red_team.candidates <= 8 and 0 < generated.helpful.candidates <= 8
 
 
 def test_stage_seeds_derive_from_the_run_seed_unless_pinned():

@@ -78,9 +78,9 @@ def check_run(params: PipelineParams, constitution: Constitution) -> dict[str, l
     policy (`iteration.feedback_follows_policy`, with more than one round) judged by base_model.
     """
     from cai_lib.core.prompts import read_prompts
-    from cai_lib.method.generate_prompts import check_seeds
     from cai_lib.method.evaluation.config import judging_principles
     from cai_lib.method.feedback import check_constitution
+    from cai_lib.method.generate_prompts import check_seeds
 
     if params.human_preferences and params.num_human == 0:
         raise CaiError(
