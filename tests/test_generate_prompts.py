@@ -313,3 +313,44 @@ def test_on_unseen_seeds_the_real_model_writes_unique_prompts_none_near_a_held_o
     assert kept
     assert all(jaccard(a, b) < settings.dedup_threshold for i, a in enumerate(grams) for b in grams[i + 1 :])
     assert all(jaccard(a, b) < settings.dedup_threshold for a in grams for b in held)
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from cai_lib.cli import stage
+
+    return CliRunner().invoke(stage.app, ["generate-prompts", *args], terminal_width=200)
+
+
+def test_cli_refuses_too_few_seeds_for_the_few_shot_size_before_any_model_loads(tmp_path):
+    result = invoke(
+        "--red-team-seeds", "builtin:red_team", "--red-team-candidates", "2", "--few-shot", "100",
+        "--model", "no-such-model", "--out", str(tmp_path / "o"),
+    )
+    assert isinstance(result.exception, CaiError)
+    assert str(result.exception).startswith("generate_prompts.red_team: 48 seed prompt(s), fewer than few_shot 100")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("threshold", ["0", "1.01"])
+def test_cli_refuses_a_dedup_threshold_outside_zero_one_naming_its_flag(tmp_path, threshold):
+    result = invoke("--dedup-threshold", threshold, "--model", "m", "--out", str(tmp_path / "o"))
+    assert isinstance(result.exception, CaiError) and str(result.exception).startswith("--dedup-threshold:")
+
+
+def test_cli_writes_every_candidate_and_the_kept_prompts_of_each_kind(tmp_path, tiny_model_dir):
+    out = tmp_path / "gen"
+    result = invoke(
+        "--red-team-seeds", "builtin:red_team", "--helpful-seeds", "builtin:helpful",
+        "--red-team-candidates", "3", "--helpful-candidates", "2", "--few-shot", "2", "--max-new-tokens", "8",
+        "--min-chars", "1", "--model", str(tiny_model_dir), "--out", str(out),
+    )
+    assert result.exit_code == 0, result.output
+    assert "red_team: 3 candidate(s)" in result.output and "helpful: 2 candidate(s)" in result.output
+    selected = list(read_dataset(str(out / "selected"), GeneratedPrompt))
+    kept = [line for kind in ("red_team", "helpful") for line in (out / f"kept-{kind}.jsonl").read_text().splitlines()]
+    assert len(selected) == 5 and len(kept) == sum(r.kept for r in selected)

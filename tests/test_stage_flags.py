@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from cai_lib.cli import app
 
-GENERATION_COMMANDS = ["critique-revise", "helpful-samples", "sample-pairs", "label", "label-accuracy", "evaluate"]
+GENERATION_COMMANDS = ["generate-prompts", "critique-revise", "helpful-samples", "sample-pairs", "label", "label-accuracy", "evaluate"]
 
 
 @pytest.mark.parametrize("command", GENERATION_COMMANDS)

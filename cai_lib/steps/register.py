@@ -132,10 +132,11 @@ def register(
         RL_CAI: DataRef.read(start_policy).uri,
     }
     start_model = model_name(p.model_name_prefix, constitution.name, RL_CAI if round_ > 1 else SL_CAI)
+    # Looked up when each role registers: SL-CAI first, so round 1's RL-CAI finds its parent.
     parents = {
-        PM: parent_version(ctx, model_name(p.model_name_prefix, constitution.name, PM), continued_pm),
-        SL_CAI: "",
-        RL_CAI: parent_version(ctx, start_model, start_policy),
+        PM: lambda: parent_version(ctx, model_name(p.model_name_prefix, constitution.name, PM), continued_pm),
+        SL_CAI: lambda: "",
+        RL_CAI: lambda: parent_version(ctx, start_model, start_policy),
     }
     pointer = json.loads(Path(results).read_text())
     superseded = bool(pointer.get("superseded"))
@@ -149,7 +150,7 @@ def register(
             # do not name it, and then the register run stands in.
             trained_by = checkpoint.mlflow_run_id or run.run_id
             lineage = lineage_of(
-                ctx, constitution, bases[role], data, 1 if role == SL_CAI else round_, parents[role]
+                ctx, constitution, bases[role], data, 1 if role == SL_CAI else round_, parents[role]()
             )
             info = register_checkpoint(ctx.tracking_uri, name, source, trained_by, lineage)
             if not superseded:
