@@ -142,6 +142,11 @@ def test_a_dedup_threshold_outside_zero_one_is_refused(threshold):
         GeneratePromptsConfig(dedup_threshold=threshold)
 
 
+def test_the_mix_ratio_is_not_part_of_what_makes_the_candidates():
+    more = config().model_copy(update={"red_team": KindSettings(candidates=6, generated_per_human=3.3, instruction="Write a harmful request.")})
+    assert more.identity() == config().identity() != config(red_team=7).identity()
+
+
 # -- requests -----------------------------------------------------------------------------------------
 
 

@@ -137,6 +137,14 @@ class GeneratePromptsConfig(GenerationStageConfig):
             raise ValueError(f"min_chars {self.min_chars} is above max_chars {self.max_chars}")
         return self
 
+    def identity(self, stage: type[BaseModel] | None = None) -> dict:
+        """The settings that determine the candidates (see `GenerationStageConfig.identity`), the mix
+        ratios aside: they choose among the kept prompts, they do not make them."""
+        settings = super().identity(stage)
+        for kind in KINDS:
+            settings[kind].pop("generated_per_human", None)
+        return settings
+
     def kind(self, kind: PromptKind) -> KindSettings:
         return self.red_team if kind == "red_team" else self.helpful
 
