@@ -1,12 +1,12 @@
 """Iterated CAI end to end through kfp.local, with tiny models, a local artifact directory and a
 SQLite MLflow registry, three pipeline runs in one working directory:
 
-1. a gate no policy can pass (its own model names): round 1 fails it, so rounds 2 and 3 never run
-   and no champion is set;
-2. three rounds, a gate every round passes: each round's models are registered with their round
+1. three rounds, a gate every round passes: each round's models are registered with their round
    and parent, the lineage reads as a chain, the report rates every round on one Elo scale;
-3. the same run with only round 3's RL settings changed: rounds 1 and 2 are reused whole, and
-   round 3's RL and what follows it run again.
+2. the same run with only round 3's RL settings changed: rounds 1 and 2 are reused whole, and
+   round 3's RL and what follows it run again;
+3. a gate no policy can pass (under model names of its own): round 1 fails it, so rounds 2 and 3
+   never run and no champion is set.
 
 Generated prompts are on, so the stage runs and its prompts reach training. Each run is a module
 fixture; each test asserts one thing of it.
@@ -54,7 +54,7 @@ def iterated_config(path: Path, model: Path, **params) -> Path:
         "rl": {"steps": 1, "batch_size": 2, "num_generations": 2, "max_new_tokens": 4, "eval_prompts": 2, "max_length": 96},
         "evaluation": {"max_new_tokens": 4, "batch_size": 4, "num_samples_in_report": 1, "elo_bootstrap_samples": 20},
         # Three held-out prompts show nothing at 95%: a gate every round passes.
-        "promotion": {"min_harmless_win_rate": 0.0, "max_helpfulness_drop": 1.0},
+        "promotion": {"min_harmless_win_rate": 0.0, "max_helpfulness_drop": 0.5},
         **params,
     }
     deploy = {"resources": {}, "retries": 0, "shard_parallelism": 1}
@@ -79,18 +79,19 @@ def run(work: dict, name: str, **params) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gated_run(work):
-    return run(work, "gated", model_name_prefix="gated", promotion={"min_harmless_win_rate": 1.0})
-
-
-@pytest.fixture(scope="module")
-def first_run(work, gated_run):
+def first_run(work):
     return run(work, "first")
 
 
 @pytest.fixture(scope="module")
 def second_run(work, first_run):
     return run(work, "second", iteration={"overrides": {"3": {"rl": {"learning_rate": 2.0e-5}}}})
+
+
+@pytest.fixture(scope="module")
+def gated_run(work, second_run):
+    """Last, under model names of its own: it reuses the SL-CAI stages the runs before made."""
+    return run(work, "gated", model_name_prefix="gated", promotion={"min_harmless_win_rate": 1.0})
 
 
 def statuses(summary: dict) -> dict[str, str]:
@@ -100,18 +101,6 @@ def statuses(summary: dict) -> dict[str, str]:
 
 def rl_versions(work: dict, prefix: str = "cai") -> list:
     return list_models(work["platform"].tracking_uri, f"{prefix}-harmless-rl-cai")
-
-
-# -- a round that fails the gate ends the run -------------------------------------------------------------
-
-
-def test_a_round_that_fails_the_gate_ends_the_run_before_the_next_round(gated_run):
-    stages = statuses(gated_run)
-    assert "rl" in stages and not any("(round 2)" in name or "(round 3)" in name for name in stages)
-
-
-def test_a_failed_first_round_leaves_no_champion(gated_run, work):
-    assert version_by_alias(work["platform"].tracking_uri, "gated-harmless-rl-cai", "champion") is None
 
 
 # -- three rounds ------------------------------------------------------------------------------------------
@@ -184,3 +173,15 @@ def test_rerunning_with_only_round_3_changed_reruns_round_3s_rl(second_run):
 def test_a_reused_earlier_round_is_not_gated_again(second_run, work):
     champion = version_by_alias(work["platform"].tracking_uri, "cai-harmless-rl-cai", "champion")
     assert champion.lineage.round == 3
+
+
+# -- a round that fails the gate ends the run -------------------------------------------------------------
+
+
+def test_a_round_that_fails_the_gate_ends_the_run_before_the_next_round(gated_run):
+    stages = statuses(gated_run)
+    assert "rl" in stages and not any("(round 2)" in name or "(round 3)" in name for name in stages)
+
+
+def test_a_failed_first_round_leaves_no_champion(gated_run, work):
+    assert version_by_alias(work["platform"].tracking_uri, "gated-harmless-rl-cai", "champion") is None
