@@ -114,6 +114,21 @@ def test_a_fanned_out_stage_is_reused_only_when_every_shard_was():
     assert summary_lines(records, stage_table.NAMES) == ["stage critique_revise: ran (1 of 2 shards reused)"]
 
 
+def test_a_later_rounds_stages_are_listed_after_round_ones_and_named_by_round():
+    later = StageRecord(stage="rl", round=2, status="ran", key="0" * 32, made_by_run="run-2", run_id="run-2")
+    lines = summary_lines([later, record("rl", "reused"), record("sft", "ran")], stage_table.NAMES)
+    assert lines == [
+        "stage sft: ran",
+        "stage rl: reused (0123456789ab, first made by run run-1)",
+        "stage rl (round 2): ran",
+    ]
+
+
+def test_a_later_rounds_record_has_a_file_of_its_own():
+    later = StageRecord(stage="rl", round=2, status="ran", made_by_run="r", run_id="r")
+    assert (record("rl", "ran").file_name, later.file_name) == ("rl.json", "rl@round2.json")
+
+
 # -- the stage table ------------------------------------------------------------------------------------
 
 

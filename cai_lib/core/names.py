@@ -56,6 +56,9 @@ BASE_MODEL_TAG = "cai.base_model"
 CODE_VERSION_TAG = "cai.code_version"
 HUMAN_DATA_TAG = "cai.human_data"
 RUN_CONFIG_SHA_TAG = "cai.run_config.sha256"
+# Iterated CAI: the round that trained a version, and the version it continues (`NAME/VERSION`).
+ROUND_TAG = "cai.round"
+PARENT_VERSION_TAG = "cai.parent_version"
 CHECKPOINT_SHA_TAG = "cai.checkpoint_sha256"
 DATA_TAG_PREFIX = "cai.data."
 

@@ -81,15 +81,18 @@ def run_summary(run_root: str) -> list[str]:
 
 
 @contextmanager
-def recorded(ctx: RunContext, name: str, shard: int | None = None):
-    """The MLflow stage run of `name` (one per shard of a fanned-out stage)."""
-    with stage_run(ctx.tracking_uri, ctx.parent_run_id, stage_label(name, shard)) as run:
+def recorded(ctx: RunContext, name: str, shard: int | None = None, round_: int = 1):
+    """The MLflow stage run of `name` (one per shard of a fanned-out stage, one per round of a
+    stage that runs in every round)."""
+    with stage_run(ctx.tracking_uri, ctx.parent_run_id, stage_label(name, shard, round_)) as run:
         yield run
 
 
-def stage_label(name: str, shard: int | None) -> str:
-    """The name of a stage's MLflow run: the stage, and its shard as `name[i]`."""
-    return name if shard is None else f"{name}[{shard}]"
+def stage_label(name: str, shard: int | None, round_: int = 1) -> str:
+    """The name of a stage's MLflow run: the stage, with its round of iterated CAI as
+    `name@roundK` (after the first) and its shard as `name[i]`."""
+    label = name if round_ == 1 else f"{name}@round{round_}"
+    return label if shard is None else f"{label}[{shard}]"
 
 
 class DeferredStageRun:
@@ -117,9 +120,15 @@ class DeferredStageRun:
         self.content.artifacts[key] = artifact_path or ""
 
 
-def record(ctx: RunContext, run: StageRun | DeferredStageRun, marker: OutputMarker, shard: int | None = None) -> StageRecord:
+def record(
+    ctx: RunContext,
+    run: StageRun | DeferredStageRun,
+    marker: OutputMarker,
+    shard: int | None = None,
+    round_: int = 1,
+) -> StageRecord:
     """Tag the stage run: ran or reused, key, where, made by whom; returns the run's pointer to it."""
-    entry = record_of(marker, ctx.run_id, shard)
+    entry = record_of(marker, ctx.run_id, shard, round_)
     run.set_tags(
         {
             REUSE_TAG: entry.status,
@@ -143,13 +152,16 @@ def produce(
     constitution: Constitution | None = None,
     shard: int | None = None,
     then: Callable[[StageRun | DeferredStageRun, OutputMarker], None] | None = None,
+    round_: int = 1,
 ) -> OutputMarker:
     """The output of stage `name` for `identity`: the complete one if any run made it, else the
     one `write(uri, rows_key)` makes now (`StageOutput.rows_key`: what row ids derive from). The
     key adds to `identity` the stage's code hash and the constitution parts the stage table says
     it reads. Either way the run's folder records what happened, and the stage's MLflow run: at
     once when the stage runs, by the exit handler when it reuses an output (`DeferredStageRun`).
-    `then` runs last, with the stage run (e.g. to log a report)."""
+    `then` runs last, with the stage run (e.g. to log a report). `round_` names the round of
+    iterated CAI in the records; it is not part of the key, which is all content: a later round's
+    stage differs from round 1's by its inputs."""
     stage = stage_table.stage(name)
     parts = {part: constitution_part(constitution, part, ctx.params) for part in stage.reads}
     output = StageOutput(
@@ -157,15 +169,15 @@ def produce(
     )
     marker = output.complete()
     if marker is not None:
-        deferred = DeferredStageRun(ctx, stage_label(name, shard))
-        entry = record(ctx, deferred, marker, shard)
+        deferred = DeferredStageRun(ctx, stage_label(name, shard, round_))
+        entry = record(ctx, deferred, marker, shard, round_)
         if then:
             then(deferred, marker)
         write_record(ctx, entry.model_copy(update={"deferred": deferred.content}))
         return marker
-    with recorded(ctx, name, shard) as run:
+    with recorded(ctx, name, shard, round_) as run:
         marker = output.complete() or make(ctx, stage.output, output, write, run.run_id)
-        entry = record(ctx, run, marker, shard)
+        entry = record(ctx, run, marker, shard, round_)
         if then:
             then(run, marker)
     write_record(ctx, entry)
