@@ -322,6 +322,28 @@ def test_quick_config_is_valid():
     assert config.deploy.resources == {}
 
 
+def strings(value) -> list[str]:
+    """Every string inside a dumped config, at any depth."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in strings(item)]
+    return []
+
+
+def test_the_quick_config_reads_nothing_from_the_hub_and_the_paper_recipe_reads_the_real_sets():
+    quick = load_run_config(REPO / "pipelines" / "configs" / "quick.yaml")
+    paper = load_run_config(REPO / "pipelines" / "configs" / "paper.yaml").params
+
+    assert [s for s in strings(quick.model_dump(mode="json")) if s.startswith("hf:")] == []
+    assert quick.params.validate_labels.sources == ["builtin:comparisons"]
+    assert quick.params.evaluate.xstest.prompts == "builtin:refusal_contrast"
+    assert paper.validate_labels.sources == ["hf:Anthropic/hh-rlhf/harmless-base:test"]
+    assert paper.evaluate.xstest.prompts == "hf:walledai/XSTest"
+
+
 def test_the_paper_recipe_is_valid_and_follows_the_paper():
     params = load_run_config(REPO / "pipelines" / "configs" / "paper.yaml").params
     assert (params.critique_revise.rounds, params.helpful_samples.samples_per_prompt) == (4, 2)

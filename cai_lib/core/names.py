@@ -109,6 +109,10 @@ REUSE_TAG = "cai.reuse"
 OUTPUT_KEY_TAG = "cai.output_key"
 OUTPUT_URI_TAG = "cai.output_uri"
 MADE_BY_RUN_TAG = "cai.made_by_run"
+# On a stage run: `cai.source.<group>` names the data set behind a group of its metrics (e.g.
+# `cai.source.xstest`); `cai.demo_data` says which of them are the project's demo sets.
+METRIC_SOURCE_TAG_PREFIX = "cai.source."
+DEMO_DATA_TAG = "cai.demo_data"
 
 # -- files in the artifact store ---------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from cai_lib.core.store import ArtifactStore
 from cai_lib.core.tracking import StageRun
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors, pinned_constitution
 from cai_lib.steps.policies import evaluated_policies
-from cai_lib.steps.stage_runs import produce, run_summary
+from cai_lib.steps.stage_runs import produce, run_summary, source_tags
 from cai_lib.steps.validate_labels import run_validation_of
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ def evaluate(
         note = judge_note(result)
         run.set_tags(
             {EVAL_JUDGE_TAG: result.judge_ref, EVAL_JUDGE_IS_LABELLER_TAG: str(bool(note)).lower()}
+            | source_tags(result.metric_sources())
         )
         if note:
             run.set_tags({EVAL_WARNING_TAG: note})

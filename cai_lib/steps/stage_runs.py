@@ -20,7 +20,9 @@ from cai_lib.core.constitution import Constitution
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import (
     DEFERRED_ARTIFACTS,
+    DEMO_DATA_TAG,
     MADE_BY_RUN_TAG,
+    METRIC_SOURCE_TAG_PREFIX,
     OUTPUT_KEY_TAG,
     OUTPUT_URI_TAG,
     REUSE_TAG,
@@ -36,6 +38,7 @@ from cai_lib.core.outputs import (
     record_of,
     summary_lines,
 )
+from cai_lib.core.prompts import demo_set_note
 from cai_lib.core.shards import dataset_summary
 from cai_lib.core.stage_table import NAMES, ConstitutionPart, Output, code_sha256
 from cai_lib.core.store import ArtifactStore, join_uri
@@ -139,6 +142,16 @@ def record(
     )
     run.log_stage_metrics(marker.metrics)
     return entry
+
+
+def source_tags(sources: dict[str, str]) -> dict[str, str]:
+    """Tags that name the data set behind each group of a stage run's metrics (`cai.source.<group>`),
+    and, where some are the project's demo sets, `cai.demo_data` saying so (`demo_set_note`)."""
+    tags = {f"{METRIC_SOURCE_TAG_PREFIX}{group}": source for group, source in sources.items()}
+    notes = [note for note in map(demo_set_note, dict.fromkeys(sources.values())) if note]
+    if notes:
+        tags[DEMO_DATA_TAG] = " ".join(notes)
+    return tags
 
 
 Write = Callable[[str, str], dict | None]

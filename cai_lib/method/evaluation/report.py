@@ -18,6 +18,7 @@ from html import escape
 from pathlib import Path
 
 from cai_lib.core.names import REPORT_FILE
+from cai_lib.core.prompts import demo_set_note
 from cai_lib.core.records import Trace
 from cai_lib.core.store import ArtifactStore
 from cai_lib.method.evaluation.config import CRITERIA, Criterion
@@ -244,7 +245,7 @@ def _pm_section(result: EvaluationResult) -> str:
     on_humans = (
         f"<p><b>PM accuracy on human comparisons</b> (<code>{escape(accuracy.source)}</code>): "
         f"{accuracy.accuracy:.3f} [{accuracy.ci_low:.3f}, {accuracy.ci_high:.3f}] over {accuracy.n} pair(s), "
-        "the share whose human choice it scores higher (a tie counts half).</p>"
+        f"the share whose human choice it scores higher (a tie counts half).</p>{_demo_notes([accuracy.source])}"
         if accuracy
         else ""
     )
@@ -559,9 +560,10 @@ def _xstest_section(result: EvaluationResult) -> str:
         ],
     )
     return (
-        "<h2>XSTest: harmless and not evasive</h2>\n<p>Every policy answered XSTest's prompts (Röttger et al. "
-        f"2024; <code>{escape(xstest.source)}</code>): {counts}. A harmless policy refuses the unsafe ones; a "
-        "policy that is not evasive answers the safe ones, which only sound harmful. Refusals are called two "
+        f"<h2>XSTest: harmless and not evasive</h2>\n{_demo_notes([xstest.source])}<p>Every policy answered "
+        f"XSTest's prompts (Röttger et al. 2024; <code>{escape(xstest.source)}</code>): {counts}. A harmless "
+        "policy refuses the unsafe ones; a policy that is not evasive answers the safe ones, which only sound "
+        "harmful. Refusals are called two "
         "ways: XSTest's published <b>string match</b> on the answer's opening words (full refusals only), and "
         f"the <b>judge</b>'s answer to “{escape(xstest.refusal_question)}”, read from its Yes/No option "
         "probabilities in both orders (P(Yes) &gt; 0.5 is a refusal). Rates with 95% Wilson intervals.</p>"
@@ -660,7 +662,8 @@ def _label_validation_section(validation: LabelValidation | None) -> str:
     )
     chart = _label_accuracy_chart(validation) if len(validation.labellers) > 1 else ""
     return (
-        "<h2>Labeller validation</h2>\n<p>Before the preference model trained, the feedback labeller was scored "
+        f"<h2>Labeller validation</h2>\n{_demo_notes(s.source for s in validation.configured().sources)}"
+        "<p>Before the preference model trained, the feedback labeller was scored "
         "exactly as the label stage uses it (the same model and settings: principles drawn per pair, both option "
         "orders, chain of thought when set) on held-out human comparisons, as the paper's Figure 4 does. A "
         "comparison agrees when the labeller's P(the human's choice better) is above 0.5 (a tie counts half). "
@@ -771,6 +774,12 @@ def _sample_traces_section(traces: Sequence[Trace]) -> str:
 
 
 # -- building blocks ---------------------------------------------------------------------------------
+
+
+def _demo_notes(sources: Iterable[str]) -> str:
+    """A warning line for each source that is one of the project's demo sets, not real data."""
+    notes = filter(None, map(demo_set_note, dict.fromkeys(sources)))
+    return "".join(f'<p class="warning"><b>Demo data.</b> {escape(note)}</p>' for note in notes)
 
 
 def _table(headers: Iterable[str], rows: Iterable[Sequence[str]]) -> str:

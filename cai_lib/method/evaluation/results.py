@@ -234,6 +234,15 @@ class EvaluationResult(BaseModel):
             metrics.update(self.xstest.flat_metrics())
         return metrics
 
+    def metric_sources(self) -> dict[str, str]:
+        """The outside data set behind each group of `flat_metrics` that was measured on one:
+        `xstest` (the `xstest.*` metrics) and `pm_accuracy`."""
+        sources = {
+            "xstest": self.xstest.source if self.xstest else "",
+            "pm_accuracy": self.pm_accuracy.source if self.pm_accuracy else "",
+        }
+        return {group: source for group, source in sources.items() if source}
+
 
 def win_rate(result: EvaluationResult, criterion: Criterion, a: str, b: str) -> float:
     """How often policy `a` beat policy `b` under `criterion` (harmless or helpful) in `result`."""
