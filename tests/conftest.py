@@ -346,7 +346,8 @@ _TIER_WEIGHT = {"pipeline": 8, "integration": 4, "server": 2, "model": 1}
 
 # pytest-timeout's default (`timeout` in pyproject.toml) ends a test that hangs. A test's time includes
 # the setup of the fixtures it is the first to use, and the first test to use each of the pipeline
-# module's runs waits for a whole kfp.local pipeline run (minutes on 2 cores); those tests get longer.
+# module's runs waits for a whole kfp.local pipeline run (minutes on 2 cores); those tests get longer,
+# unless the command line sets a timeout of its own (`--timeout=0`: none, on a heavily shared machine).
 PIPELINE_TIMEOUT_S = 1800
 
 
@@ -355,7 +356,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tiers = tiers_of(item)
         for tier in sorted(tiers):
             item.add_marker(tier)
-        if "pipeline" in tiers and item.get_closest_marker("timeout") is None:
+        explicit = config.getoption("timeout", None) is not None or item.get_closest_marker("timeout")
+        if "pipeline" in tiers and not explicit:
             item.add_marker(pytest.mark.timeout(PIPELINE_TIMEOUT_S))
     weight: dict[str, int] = {}
     for item in items:
@@ -411,6 +413,14 @@ def _listen_if_marked(self, *args):
 
 def pytest_configure(config: pytest.Config) -> None:
     socket.socket.listen = _listen_if_marked
+    # Under pytest-xdist the workers share the cores. By default torch runs one thread per core in
+    # every process, so on 2 cores two workers run four threads that wait on each other: tests/test_sft.py
+    # and tests/test_rl.py took 56% more CPU time with two threads than with one on a busy 2-core
+    # machine. The variable also reaches the steps, servers and torchrun processes the tests start.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
