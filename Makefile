@@ -39,6 +39,7 @@ test: setup
 
 # Everything that starts no server, makes or loads no model and runs no pipeline.
 test-fast: setup
+	bash scripts/system-deps.sh
 	$(PYTEST) -m "not ($(SLOW_TIERS))"
 
 lint: setup
