@@ -414,9 +414,10 @@ def _listen_if_marked(self, *args):
 def pytest_configure(config: pytest.Config) -> None:
     socket.socket.listen = _listen_if_marked
     # Under pytest-xdist the workers share the cores. By default torch runs one thread per core in
-    # every process, so on 2 cores two workers run four threads that wait on each other: tests/test_sft.py
-    # and tests/test_rl.py took 56% more CPU time with two threads than with one on a busy 2-core
-    # machine. The variable also reaches the steps, servers and torchrun processes the tests start.
+    # every process, so on 2 cores two workers run four threads that wait on each other: 24 tests of
+    # tests/test_sft.py and tests/test_rl.py took 66% more CPU time and 54% more wall time with two
+    # threads than with one, on a busy 2-core machine. The variable also reaches the steps, servers and
+    # torchrun processes the tests start.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
