@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from cai_lib.core.config import PLATFORM_ENV, Strict
 from cai_lib.core.stage_table import GPU_STAGES, NAMES, TRAINING_STAGES
+from cai_lib.core.tracking import PROMOTER_PASSWORD_ENV, PROMOTER_USERNAME_ENV
 
 
 class Toleration(Strict):
@@ -98,6 +99,19 @@ class SecretRefs(Strict):
         default_factory=lambda: {
             "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
             "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+        },
+        description="secret key -> env var.",
+    )
+    promoter_secret: str = Field(
+        default="cai-mlflow-promoter",
+        description="Secret with the promoter's MLflow credentials, the one identity that writes production "
+        "models; given only to the register step and the exit handler (optional: without it they promote as "
+        "the pipeline's identity, which an authenticated MLflow refuses).",
+    )
+    promoter_keys: dict[str, str] = Field(
+        default_factory=lambda: {
+            "MLFLOW_TRACKING_USERNAME": PROMOTER_USERNAME_ENV,
+            "MLFLOW_TRACKING_PASSWORD": PROMOTER_PASSWORD_ENV,
         },
         description="secret key -> env var.",
     )

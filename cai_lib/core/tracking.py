@@ -41,6 +41,10 @@ MLFLOW_UI_ENV = "CAI_MLFLOW_UI_URL"
 # Set inside a stage run's block to the KFP run id, so that what a step does (e.g. hold the
 # promotion lock) can be traced to its pipeline run.
 PIPELINE_RUN_ENV = "CAI_PIPELINE_RUN_ID"
+# The promoter's MLflow account (a Secret of its own, given only to the steps that promote): the
+# one identity that writes production models. Unset, promotions go as $MLFLOW_TRACKING_USERNAME.
+PROMOTER_USERNAME_ENV = "CAI_PROMOTER_TRACKING_USERNAME"
+PROMOTER_PASSWORD_ENV = "CAI_PROMOTER_TRACKING_PASSWORD"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 # MLflow refuses longer param values; the full value is kept in the config.json artifact.
 MAX_PARAM_VALUE = 6000
@@ -87,6 +91,22 @@ def scoped_environ(**values: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextmanager
+def as_promoter() -> Iterator[None]:
+    """MLflow requests made in the block authenticate as the promoter
+    (`$CAI_PROMOTER_TRACKING_USERNAME` / `_PASSWORD`) when that account is configured, else as
+    the process's own identity. MLflow reads its credentials from the environment at each
+    request, so the block must not share the process with requests made as another identity."""
+    username = os.environ.get(PROMOTER_USERNAME_ENV)
+    if not username:
+        yield
+        return
+    with scoped_environ(
+        MLFLOW_TRACKING_USERNAME=username, MLFLOW_TRACKING_PASSWORD=os.environ.get(PROMOTER_PASSWORD_ENV, "")
+    ):
+        yield
 
 
 def _check_reachable(client: MlflowClient, uri: str, source: str) -> None:

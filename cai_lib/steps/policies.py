@@ -16,13 +16,17 @@ if TYPE_CHECKING:
 
 
 def champion_source(ctx: RunContext, constitution: Constitution) -> tuple[str, str, str] | None:
-    """(version, checkpoint URI, checkpoint sha256) of the registered RL-CAI champion, if any."""
-    from cai_lib.core.model_versions import version_by_alias
+    """(version, checkpoint URI, checkpoint sha256) of the registered RL-CAI champion, if any;
+    a champion that fails `verified_version` is refused rather than evaluated against."""
+    from cai_lib.core.model_versions import verified_version, version_by_alias
+    from cai_lib.core.tracking import connect
 
-    champion = version_by_alias(ctx.tracking_uri, model_name(ctx.params.model_name_prefix, constitution.name, RL_CAI), CHAMPION)
+    name = model_name(ctx.params.model_name_prefix, constitution.name, RL_CAI)
+    champion = version_by_alias(ctx.tracking_uri, name, CHAMPION)
     if champion is None:
         return None
-    return champion.version, champion.source, champion.checkpoint_sha256 or ""
+    champion = verified_version(connect(ctx.tracking_uri), name, champion.version)
+    return champion.version, champion.source, champion.checkpoint_sha256
 
 
 class EvaluatedPolicies(NamedTuple):

@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cai_lib.core.constitution import Constitution
-from cai_lib.core.names import CHAMPION_POLICY, PM, REPORT_FILE, RL_CAI, SL_CAI, SUMMARY_FILE, model_name
+from cai_lib.core.names import (
+    CHAMPION_POLICY,
+    PM,
+    REPORT_FILE,
+    RL_CAI,
+    SL_CAI,
+    SUMMARY_FILE,
+    candidates_name,
+    model_name,
+)
 from cai_lib.core.outputs import StageRecord
 from cai_lib.core.store import ArtifactStore, join_uri
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors, pinned_constitution
@@ -36,8 +45,8 @@ def lineage_of(ctx: RunContext, constitution: Constitution, base_model: str, dat
     )
 
 
-def record_gate_evidence(ctx: RunContext, pointer: dict, policy_name: str, version: str) -> None:
-    """Tag the RL-CAI version with its win rates against the champion it was evaluated with (the
+def record_gate_evidence(ctx: RunContext, pointer: dict, candidates: str, version: str) -> None:
+    """Tag the RL-CAI candidate with its win rates against the champion it was evaluated with (the
     evaluation's `pointer`), or against the SL-CAI policy when there is no champion yet."""
     from cai_lib.method.evaluation.results import find_win_rate, load_result
     from cai_lib.platform.registry.gate import WinRateEvidence
@@ -49,7 +58,7 @@ def record_gate_evidence(ctx: RunContext, pointer: dict, policy_name: str, versi
     harmless, helpful = (find_win_rate(result, c, RL_CAI, rival) for c in ("harmless", "helpful"))
     record_evaluation(
         ctx.tracking_uri,
-        policy_name,
+        candidates,
         version,
         WinRateEvidence(rate=harmless.win_rate, ci_low=harmless.ci_low, n=harmless.n),
         WinRateEvidence(rate=helpful.win_rate, ci_low=helpful.ci_low, n=helpful.n),
@@ -68,22 +77,26 @@ def register(
     reward_model: str,
     results: str,
 ) -> str:
-    """Register PM, SL-CAI and RL-CAI with lineage, make them challengers, run the promotion gate.
+    """Register PM, SL-CAI and RL-CAI with lineage as candidates, make them challengers, run the
+    promotion gate.
 
-    Each version's source is the checkpoint's loadable folder under `models/` (see
-    `cai_lib.platform.pyfunc_model.publish`), and its run the MLflow run of the stage that trained it.
-    After a promotion, the InferenceServices the installation serves follow the new champions
-    (`cai_lib.platform.serving.sync_served`).
+    The pipeline's identity registers each into its candidates model (`<name>-candidates`). Each
+    version's source is the checkpoint's loadable folder under `models/` (see
+    `cai_lib.platform.pyfunc_model.publish`), and its run the MLflow run of the stage that trained
+    it. The promoter's identity (`cai_lib.platform.registry.promotion`) then judges the RL-CAI
+    candidate on its win rates against the champion it was evaluated with (with no champion yet,
+    against the SL-CAI policy); when it passes, it and the PM and SL-CAI candidates of the same
+    run are copied into their production models and become champions, as one promotion that a
+    later run completes if this one is killed half-way. The InferenceServices the installation
+    serves then follow the new champions (`cai_lib.platform.serving.sync_served`).
 
-    The gate judges the RL-CAI policy on its win rates against the champion it was evaluated
-    with (with no champion yet, against the SL-CAI policy); when it is promoted, the PM and
-    SL-CAI model of the same run become champions with it. Registration is idempotent by
-    checkpoint, so a rerun that reused every checkpoint gets the versions the first run
-    registered. Returns a JSON summary (run root, report, versions, decision, what serving now
-    serves), also written to the run's folder for the exit handler.
+    Registration is idempotent by checkpoint, so a rerun that reused every checkpoint gets the
+    versions the first run registered. Returns a JSON summary (run root, report, candidate
+    versions, decision, what serving now serves), also written to the run's folder for the exit
+    handler.
     """
     from cai_lib.platform.pyfunc_model import ROLE_KINDS, publish
-    from cai_lib.platform.registry.promotion import promote_from_evaluation, promote_with
+    from cai_lib.platform.registry.promotion import promote_from_evaluation
     from cai_lib.platform.registry.versions import register_checkpoint, set_challenger
     from cai_lib.platform.serving import sync_served
 
@@ -98,22 +111,29 @@ def register(
     with recorded(ctx, "register") as run:
         for role, path in checkpoints.items():
             name = model_name(p.model_name_prefix, constitution.name, role)
+            candidates = candidates_name(name)
             checkpoint = DataRef.read(path)
             source = publish(checkpoint.uri, ctx.artifact_root, ROLE_KINDS[role])
             # The version's run is the stage run that trained it; markers older than that field
             # do not name it, and then the register run stands in.
             trained_by = checkpoint.mlflow_run_id or run.run_id
             lineage = lineage_of(ctx, constitution, bases[role], data)
-            info = register_checkpoint(ctx.tracking_uri, name, source, trained_by, lineage)
-            set_challenger(ctx.tracking_uri, name, info.version)
+            info = register_checkpoint(ctx.tracking_uri, candidates, source, trained_by, lineage)
+            set_challenger(ctx.tracking_uri, candidates, info.version)
             versions[role] = (name, info.version)
         policy_name, policy_version = versions[RL_CAI]
-        record_gate_evidence(ctx, json.loads(Path(results).read_text()), policy_name, policy_version)
-        _, decision = promote_from_evaluation(ctx.tracking_uri, policy_name, policy_version, p.promotion)
+        record_gate_evidence(
+            ctx, json.loads(Path(results).read_text()), candidates_name(policy_name), policy_version
+        )
+        _, decision = promote_from_evaluation(
+            ctx.tracking_uri,
+            policy_name,
+            policy_version,
+            p.promotion,
+            followers={versions[role][0]: versions[role][1] for role in (PM, SL_CAI)},
+        )
         served = []
         if decision.promote:
-            for role in (PM, SL_CAI):
-                promote_with(ctx.tracking_uri, *versions[role], leader=f"{policy_name} v{policy_version}")
             served = sync_served(ctx.tracking_uri, [name for name, _ in versions.values()])
         run.log_stage_metrics({"promoted": float(decision.promote)})
         write_record(
@@ -123,7 +143,7 @@ def register(
         "run_id": ctx.run_id,
         "run_root": ctx.run_root,
         "report": join_uri(ctx.run_root, REPORT_FILE),
-        "versions": {role: {"name": n, "version": v} for role, (n, v) in versions.items()},
+        "versions": {role: {"name": candidates_name(n), "version": v} for role, (n, v) in versions.items()},
         "promoted": decision.promote,
         "reason": decision.reason,
         "served": [sync.model_dump() for sync in served],
