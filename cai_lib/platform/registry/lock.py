@@ -43,7 +43,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 from cai_lib.core.errors import CaiError
 from cai_lib.core.model_versions import all_pages
 from cai_lib.core.names import (
+    CANDIDATES_SUFFIX,
     CREATED_BY_TAG,
     LOCK_BOOT_TAG,
     LOCK_BREAK_INFIX,
@@ -64,7 +65,7 @@ from cai_lib.core.names import (
     LOCK_SUFFIX,
     PLATFORM,
 )
-from cai_lib.core.tracking import PIPELINE_RUN_ENV, connect
+from cai_lib.core.tracking import PIPELINE_RUN_ENV, as_promoter, connect
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -322,7 +323,8 @@ def registry_lock(
 
 def release_run_locks(tracking_uri: str | None, pipeline_run_id: str) -> list[str]:
     """Delete every promotion lock held by `pipeline_run_id` (a failed or cancelled run's exit
-    handler); returns the names of the models whose locks were released."""
+    handler), each as the identity that made it: a candidates model's lock as the pipeline's, a
+    production model's as the promoter's. Returns the names of the models whose locks were released."""
     client = connect(tracking_uri)
     released = []
     for model in all_pages(client.search_registered_models):
@@ -332,6 +334,8 @@ def release_run_locks(tracking_uri: str | None, pipeline_run_id: str) -> list[st
             and model.name == lock_name_of(tags[LOCK_FOR_TAG])
             and tags.get(LOCK_RUN_TAG) == pipeline_run_id
         ):
-            _delete_lock(client, model.name)
+            candidates = tags[LOCK_FOR_TAG].endswith(CANDIDATES_SUFFIX)
+            with nullcontext() if candidates else as_promoter():
+                _delete_lock(client, model.name)
             released.append(tags[LOCK_FOR_TAG])
     return released
