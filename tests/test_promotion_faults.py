@@ -118,7 +118,10 @@ def test_a_promotion_killed_at_each_step_is_completed_by_the_exit_handler_or_the
         killed.kill()
         killed.wait()
         proxy.release()
-    copies = {leader: f"models:/{candidates_name(leader)}/1", follower: f"models:/{candidates_name(follower)}/1"}
+    copies = {
+        leader: f"models:/{candidates_name(leader)}/1",
+        follower: f"models:/{candidates_name(follower)}/1",
+    }
 
     complete_run_promotions(uri, run)  # the killed run's exit handler
     after_exit = champions(uri, leader, follower)

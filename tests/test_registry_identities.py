@@ -51,7 +51,11 @@ def auth_server(tmp_path_factory):
     work, port = tmp_path_factory.mktemp("auth"), free_port()
     spec = pod_spec(find(render_objects({"mlflow": {"server": {"port": port, "workers": 1}}}), "Deployment"))
     script = spec["initContainers"][0]["args"][0].replace("/mlflow-auth", str(work))
-    subprocess.run(["/bin/sh", "-c", script], env={"MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{work / 'auth.db'}"}, check=True)
+    subprocess.run(
+        ["/bin/sh", "-c", script],
+        env={"MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{work / 'auth.db'}"},
+        check=True,
+    )
     env = {
         "MLFLOW_AUTH_CONFIG_PATH": str(work / "basic_auth.ini"),
         "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN[0],
@@ -75,7 +79,9 @@ def candidate(auth_server, s3_bucket, tiny_model_dir, monkeypatch):
     name = f"{MODEL}-{s3_bucket[-6:]}"
     checkpoint = ArtifactStore.open(f"s3://{s3_bucket}").put_dir(tiny_model_dir, "ck")
     with as_user(PIPELINE):
-        version = register_checkpoint(auth_server, candidates_name(name), checkpoint, None, hand_lineage()).version
+        version = register_checkpoint(
+            auth_server, candidates_name(name), checkpoint, None, hand_lineage()
+        ).version
         set_challenger(auth_server, candidates_name(name), version)
         passed = WinRateEvidence(rate=0.8, ci_low=0.7, n=100)
         record_evaluation(auth_server, candidates_name(name), version, passed, passed, "sl-cai")
@@ -128,7 +134,9 @@ def test_the_register_step_promotes_as_the_promoter_given_to_it_beside_its_own_i
         assert version_by_alias(auth_server, candidate, CHAMPION).version == "1"
 
 
-def test_the_exit_handler_releases_each_lock_as_the_identity_that_made_it(auth_server, candidate, monkeypatch):
+def test_the_exit_handler_releases_each_lock_as_the_identity_that_made_it(
+    auth_server, candidate, monkeypatch
+):
     from mlflow import MlflowClient
 
     from cai_lib.platform.registry.lock import _try_acquire
@@ -144,6 +152,10 @@ def test_the_exit_handler_releases_each_lock_as_the_identity_that_made_it(auth_s
     with as_user(PIPELINE):
         released = release_run_locks(auth_server, "run-killed")
         client = MlflowClient(auth_server, auth_server)
-        left = [n for n in (candidate, candidates_name(candidate)) if client.search_registered_models(f"name = '{n}{LOCK_SUFFIX}'")]
+        left = [
+            n
+            for n in (candidate, candidates_name(candidate))
+            if client.search_registered_models(f"name = '{n}{LOCK_SUFFIX}'")
+        ]
     assert sorted(released) == sorted([candidate, candidates_name(candidate)])
     assert left == []

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from cai_lib.cli import app
 from cai_lib.core.errors import CaiError
+from cai_lib.core.names import candidates_name
 from cai_lib.core.store import ArtifactStore
 from cai_lib.platform.registry.gate import PromotionGate
 from cai_lib.platform.registry.lookup import LAST_RUN, find_registry, record_last_run
-from cai_lib.core.names import candidates_name
 from cai_lib.platform.registry.promotion import promote
 from cai_lib.platform.registry.versions import register_checkpoint, set_challenger
 

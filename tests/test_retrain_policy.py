@@ -9,7 +9,7 @@ import pytest
 
 from cai_lib.core.model_versions import Lineage
 from cai_lib.platform.retrain.ledger import Submission
-from cai_lib.platform.retrain.policy import Change, ChampionFacts, Facts, decide, plan, reads_needed
+from cai_lib.platform.retrain.policy import ChampionFacts, Change, Facts, decide, plan, reads_needed
 
 NOW = datetime(2026, 1, 10, 12, 0, 0, tzinfo=timezone.utc)
 BEFORE, AFTER = "2026-01-10T11:00:00Z", "2026-01-10T13:00:00Z"  # a lease that ran out, one that runs
@@ -57,7 +57,9 @@ def record(attempt: int = 1, **fields) -> Submission:
     return Submission(**{**values, **fields})
 
 
-def facts(*records: Submission, champion: ChampionFacts | None = None, states=None, found=None, legacy=None) -> Facts:
+def facts(
+    *records: Submission, champion: ChampionFacts | None = None, states=None, found=None, legacy=None
+) -> Facts:
     return Facts(
         change=CHANGE,
         champion=champion,
@@ -197,7 +199,11 @@ def test_a_takeover_fences_the_expired_claim_it_replaces_and_a_found_run_resolve
 
 def test_an_adoption_records_the_next_attempt():
     decision = decide(
-        facts(record(), champion=ChampionFacts(version="3", lineage=lineage(run="run-9", run_config="unknown")), states={})
+        facts(
+            record(),
+            champion=ChampionFacts(version="3", lineage=lineage(run="run-9", run_config="unknown")),
+            states={},
+        )
     )
     assert (decision.action, decision.adopt_run_id, decision.attempt) == ("up-to-date", "run-9", 2)
 

@@ -107,7 +107,11 @@ def still_serving(port: int) -> bool:
 
 
 EVENT = json.dumps(
-    {"entity": "model_version_alias", "action": "created", "data": {"name": "other-model", "alias": "champion"}}
+    {
+        "entity": "model_version_alias",
+        "action": "created",
+        "data": {"name": "other-model", "alias": "champion"},
+    }
 ).encode()
 STAMP = "1700000000"
 

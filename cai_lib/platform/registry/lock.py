@@ -184,11 +184,17 @@ def _break_once(client: MlflowClient, lock_name: str, stale: RegisteredModel, ow
     from mlflow.exceptions import MlflowException
 
     stale_tags = dict(stale.tags)
-    token = hashlib.sha256(f"{stale_tags.get(LOCK_OWNER_TAG)}|{stale.creation_timestamp}".encode()).hexdigest()
+    token = hashlib.sha256(
+        f"{stale_tags.get(LOCK_OWNER_TAG)}|{stale.creation_timestamp}".encode()
+    ).hexdigest()
     try:
         client.create_registered_model(
             f"{lock_name}{LOCK_BREAK_INFIX}{token[:16]}",
-            tags={LOCK_FOR_TAG: stale_tags.get(LOCK_FOR_TAG, lock_name), LOCK_OWNER_TAG: owner, CREATED_BY_TAG: PLATFORM},
+            tags={
+                LOCK_FOR_TAG: stale_tags.get(LOCK_FOR_TAG, lock_name),
+                LOCK_OWNER_TAG: owner,
+                CREATED_BY_TAG: PLATFORM,
+            },
             description=f"Marks that cai broke the stale lock held by {describe_holder(stale_tags)}.",
         )
     except MlflowException as err:
@@ -197,7 +203,9 @@ def _break_once(client: MlflowClient, lock_name: str, stale: RegisteredModel, ow
         raise
     now = _lock_model(client, lock_name)
     if now is not None and now.creation_timestamp == stale.creation_timestamp:
-        log.warning("promotion lock %s: breaking the stale lock of %s", lock_name, describe_holder(stale_tags))
+        log.warning(
+            "promotion lock %s: breaking the stale lock of %s", lock_name, describe_holder(stale_tags)
+        )
         _delete_lock(client, lock_name)
 
 
@@ -245,7 +253,9 @@ class Lease:
         self.lock_name = lock_name_of(model_name)
         self.lost: str | None = None
         self._stop = threading.Event()
-        self._renewer = threading.Thread(target=self._renew_until_stopped, daemon=True, name=f"lease {self.lock_name}")
+        self._renewer = threading.Thread(
+            target=self._renew_until_stopped, daemon=True, name=f"lease {self.lock_name}"
+        )
 
     def check(self) -> None:
         """Raise `CaiError` unless the lock is still this holder's and its lease runs: the fence
@@ -271,7 +281,9 @@ class Lease:
         if held is None or dict(held.tags).get(LOCK_OWNER_TAG) != self.owner:
             self.lost = self.lost or "it was broken while held"
             return
-        self.client.set_registered_model_tag(self.lock_name, LOCK_EXPIRES_TAG, f"{time.time() + self.lease_s:.3f}")
+        self.client.set_registered_model_tag(
+            self.lock_name, LOCK_EXPIRES_TAG, f"{time.time() + self.lease_s:.3f}"
+        )
 
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(self.lease_s / 3):

@@ -133,7 +133,9 @@ def _judge(
     force: bool,
 ) -> GateDecision:
     if champion_is_this:
-        return GateDecision(promote=True, reason=f"candidate {version} is already the champion (version {champion})")
+        return GateDecision(
+            promote=True, reason=f"candidate {version} is already the champion (version {champion})"
+        )
     against = (
         f"champion version {champion}"
         if champion
@@ -186,7 +188,9 @@ def _append_attempt(client: MlflowClient, model_name: str, lease: Lease, record:
     """Add `record` as the next `cai.gate.attempt.NNNNNN` tag of the production model (under the
     lock, so no two attempts take the same number)."""
     tags = dict(registered_model(client, model_name).tags)
-    numbers = [int(key[len(GATE_ATTEMPT_TAG_PREFIX) :]) for key in tags if key.startswith(GATE_ATTEMPT_TAG_PREFIX)]
+    numbers = [
+        int(key[len(GATE_ATTEMPT_TAG_PREFIX) :]) for key in tags if key.startswith(GATE_ATTEMPT_TAG_PREFIX)
+    ]
     lease.check()
     key = f"{GATE_ATTEMPT_TAG_PREFIX}{max(numbers, default=0) + 1:06d}"
     client.set_registered_model_tag(model_name, key, json.dumps(record, sort_keys=True))
@@ -216,20 +220,31 @@ def _production_copy(client: MlflowClient, model_name: str, version: str, lease:
 
 
 def _crown(
-    client: MlflowClient, model_name: str, version: str, lease: Lease, decision: GateDecision, before: str, forced: bool, evidence: dict
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    lease: Lease,
+    decision: GateDecision,
+    before: str,
+    forced: bool,
+    evidence: dict,
 ) -> str:
     """Copy candidate `version` into the production model, tag the copy with the decision that
     made it (once: a copy promoted again keeps its first record; the audit has every attempt) and
     point `champion` at it; returns the production version."""
     copy = _production_copy(client, model_name, version, lease)
     already = GATE_DECISION_TAG in dict(get_version(client, model_name, copy).tags)
-    tags = {} if already else {
-        GATE_DECISION_TAG: "promoted",
-        GATE_REASON_TAG: decision.reason,
-        GATE_CHAMPION_BEFORE_TAG: before or "none",
-        GATE_FORCED_TAG: str(forced).lower(),
-        GATE_EVIDENCE_TAG: json.dumps(evidence, sort_keys=True),
-    }
+    tags = (
+        {}
+        if already
+        else {
+            GATE_DECISION_TAG: "promoted",
+            GATE_REASON_TAG: decision.reason,
+            GATE_CHAMPION_BEFORE_TAG: before or "none",
+            GATE_FORCED_TAG: str(forced).lower(),
+            GATE_EVIDENCE_TAG: json.dumps(evidence, sort_keys=True),
+        }
+    )
     for key, value in tags.items():
         lease.check()
         client.set_model_version_tag(model_name, copy, key, value)
@@ -238,7 +253,9 @@ def _crown(
     return copy
 
 
-def _attempt(version: str, decision: GateDecision, before: str | None, forced: bool, evidence: dict, lease: Lease) -> dict:
+def _attempt(
+    version: str, decision: GateDecision, before: str | None, forced: bool, evidence: dict, lease: Lease
+) -> dict:
     return {
         "candidate": version,
         "decision": "promoted" if decision.promote else "rejected",
@@ -260,7 +277,9 @@ def _follow(client: MlflowClient, model_name: str, version: str, leader: str) ->
         champion = alias_of(client, model_name, CHAMPION)
         decision = GateDecision(promote=True, reason=f"promoted with {leader}, which passed the gate")
         evidence = {"leader": leader}
-        _append_attempt(client, model_name, lease, _attempt(version, decision, champion, False, evidence, lease))
+        _append_attempt(
+            client, model_name, lease, _attempt(version, decision, champion, False, evidence, lease)
+        )
         _crown(client, model_name, version, lease, decision, champion, False, evidence)
 
 
@@ -320,14 +339,22 @@ def promote(
             _complete_pending(client, model_name, lease)
             verified_version(client, candidates_name(model_name), version)
             champion = alias_of(client, model_name, CHAMPION)
-            champion_is_this = (
-                champion is not None
-                and get_version(client, model_name, champion).source == copy_source(model_name, version)
-            )
+            champion_is_this = champion is not None and get_version(
+                client, model_name, champion
+            ).source == copy_source(model_name, version)
             decision = _judge(
-                version, champion, champion_is_this, harmless_win_rate, helpful_win_rate, compared_with, gate, force
+                version,
+                champion,
+                champion_is_this,
+                harmless_win_rate,
+                helpful_win_rate,
+                compared_with,
+                gate,
+                force,
             )
-            _append_attempt(client, model_name, lease, _attempt(version, decision, champion, force, evidence, lease))
+            _append_attempt(
+                client, model_name, lease, _attempt(version, decision, champion, force, evidence, lease)
+            )
             if decision.promote:
                 pending = {
                     "candidate": version,
@@ -339,7 +366,9 @@ def promote(
                     "pipeline_run": os.environ.get(PIPELINE_RUN_ENV, ""),
                 }
                 lease.check()
-                client.set_registered_model_tag(model_name, PROMOTION_PENDING_TAG, json.dumps(pending, sort_keys=True))
+                client.set_registered_model_tag(
+                    model_name, PROMOTION_PENDING_TAG, json.dumps(pending, sort_keys=True)
+                )
                 _complete_pending(client, model_name, lease)
                 decision.production_version = alias_of(client, model_name, CHAMPION)
     return decision

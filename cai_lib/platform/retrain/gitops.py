@@ -61,7 +61,7 @@ from cai_lib.platform.retrain.ledger import (
     submission_key,
     utc_now,
 )
-from cai_lib.platform.retrain.policy import Change, ChampionFacts, Decision, Facts, decide, reads_needed
+from cai_lib.platform.retrain.policy import ChampionFacts, Change, Decision, Facts, decide, reads_needed
 from cai_lib.platform.run_config import RunConfig
 
 # Where dry runs on a laptop keep published versions, beside `cai run`'s .cai/artifacts and

@@ -69,16 +69,20 @@ class Facts(BaseModel):
     change: Change
     champion: ChampionFacts | None = None
     records: dict[str, dict[int, Submission]] = Field(
-        default_factory=dict, description="The ledger of this constitution version: fingerprint[:16] -> attempt -> record."
+        default_factory=dict,
+        description="The ledger of this constitution version: fingerprint[:16] -> attempt -> record.",
     )
-    legacy: Submission | None = Field(default=None, description="A record of the release before fingerprints.")
+    legacy: Submission | None = Field(
+        default=None, description="A record of the release before fingerprints."
+    )
     run_states: dict[str, str | None] | None = Field(
         default=None,
         description="KFP state of each run the ledger names that was read (None: no such run); None when no "
         "KFP host answers.",
     )
     found_runs: dict[str, str] = Field(
-        default_factory=dict, description="Run name -> run id, for the expired claims' run names found in KFP."
+        default_factory=dict,
+        description="Run name -> run id, for the expired claims' run names found in KFP.",
     )
     now: datetime
     folder: str = Field(description="Where this fingerprint's attempts lie (for messages).")
@@ -135,7 +139,9 @@ def changes(before: Submission, change: Change) -> list[str]:
             shown = [f"params.{k} {old.get(k, missing)} -> {new.get(k, missing)}" for k in keys[:3]]
             found += shown + ([f"{len(keys) - 3} more params"] if len(keys) > 3 else [])
         if not found:
-            found.append(f"run config sha256 {before.run_config_sha256[:12]} -> {change.run_config_sha256[:12]}")
+            found.append(
+                f"run config sha256 {before.run_config_sha256[:12]} -> {change.run_config_sha256[:12]}"
+            )
     for field in ("image_cpu", "image_gpu"):
         old_image, new_image = getattr(before, field), getattr(change, field)
         if old_image and old_image != new_image:
@@ -151,7 +157,11 @@ def _champion_status(facts: Facts) -> tuple[Literal["current", "adopt", "differs
         return "differs", f"no {CHAMPION} registered for {change.model}", ""
     who = f"champion {change.model} version {champion.version}"
     if not champion.platform:
-        return "differs", f"{who} was not registered by cai-platform (no creation tags), so it counts as none", ""
+        return (
+            "differs",
+            f"{who} was not registered by cai-platform (no creation tags), so it counts as none",
+            "",
+        )
     lineage = champion.lineage
     if lineage is None:
         return "differs", f"{who} has no constitution lineage", ""
@@ -169,7 +179,9 @@ def _champion_status(facts: Facts) -> tuple[Literal["current", "adopt", "differs
         if record.run_id == lineage.pipeline_run_id and record.has_settings
     ]
     baseline = max(runs, key=lambda r: r.submitted_at) if runs else None
-    baseline = baseline or Submission(constitution_ref=change.ref, constitution_sha256=change.sha256, submitted_at="")
+    baseline = baseline or Submission(
+        constitution_ref=change.ref, constitution_sha256=change.sha256, submitted_at=""
+    )
     # The lineage tag is what the register step itself saw; it wins over a record.
     trained_config = lineage.run_config_sha256
     if trained_config not in ("", "unknown") and trained_config != baseline.run_config_sha256:
@@ -279,7 +291,9 @@ def _from_attempts(facts: Facts, decision) -> Decision:
             replaces=latest.run_id,
         )
     if state == CANCELED:
-        return decision("needs-attention", f"{submitted} and was canceled; delete {folder}/ to submit it again")
+        return decision(
+            "needs-attention", f"{submitted} and was canceled; delete {folder}/ to submit it again"
+        )
     if state == SUCCEEDED:
         return decision("up-to-date", f"{submitted} and succeeded")
     return decision("in-progress", f"{submitted} and is {state}")
@@ -293,7 +307,12 @@ def decide(facts: Facts) -> Decision:
 
     def decision(action: str, reason: str, **fields) -> Decision:
         return Decision(
-            ref=change.ref, sha256=change.sha256, fingerprint=change.fingerprint, action=action, reason=reason, **fields
+            ref=change.ref,
+            sha256=change.sha256,
+            fingerprint=change.fingerprint,
+            action=action,
+            reason=reason,
+            **fields,
         )
 
     attempts = facts.records.get(change.fingerprint[:16], {})
@@ -316,9 +335,7 @@ def decide(facts: Facts) -> Decision:
         last = max(recorded, key=lambda r: r.submitted_at)
         differences = changes(last, change)
         if differences:
-            reason += (
-                f"; the last run submitted for it ({last.run_id or 'unfinished'}) had {'; '.join(differences)}"
-            )
+            reason += f"; the last run submitted for it ({last.run_id or 'unfinished'}) had {'; '.join(differences)}"
     return decision("retrain", reason)
 
 
