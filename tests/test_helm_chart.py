@@ -412,6 +412,7 @@ def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
     default = yaml.safe_load((CHART / "values.yaml").read_text())["gpuProfiles"]["gpu"]
     assert resources["sft"] == resources["rl"] == A100X4
     assert {stage for stage, profile in resources.items() if profile != A100X4} == {
+        "generate_prompts",
         "critique_revise",
         "helpful_samples",
         "sample_pairs",
@@ -942,12 +943,19 @@ def test_the_committed_pipeline_reads_only_configmaps_and_secrets_the_default_ch
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     rendered = {o["metadata"]["name"] for o in render_objects({}) if o["kind"] == "ConfigMap"}
     assert configmaps <= rendered
-    assert secrets == {
+    # The promoter's Secret (optional in the IR) is what the chart does not make yet: see the
+    # "Chart changes still to make" of docs/security.md.
+    assert secrets - {SecretRefs().promoter_secret} == {
         values["s3"]["credentialsSecret"]["name"],
         values["mlflow"]["credentialsSecret"]["name"],
         values["huggingface"]["tokenSecret"]["name"],
     }
-    assert secrets == {SecretRefs().s3_secret, SecretRefs().mlflow_secret, SecretRefs().hf_secret}
+    assert secrets == {
+        SecretRefs().s3_secret,
+        SecretRefs().mlflow_secret,
+        SecretRefs().hf_secret,
+        SecretRefs().promoter_secret,
+    }
 
 
 @pytest.mark.integration
