@@ -18,6 +18,8 @@ def resolve_run(
     judge_model: str,
     red_team_prompts: str,
     helpful_prompts: str,
+    red_team_eval_prompts: str,
+    helpful_eval_prompts: str,
     human_preferences: str,
     human_preference_kind: str,
     num_red_team: int,
@@ -38,6 +40,7 @@ def resolve_run(
     preference_model: dict,
     rl: dict,
     evaluation: dict,
+    references: dict,
     promotion: dict,
     run_id: str,
     kfp_run_name: str,
@@ -178,6 +181,27 @@ def rl(
         metrics.log_metric(key, value)
 
 
+def train_reference_pm(context: dict, reward_models: Output[Artifact]):
+    """The PMs of the human-feedback references (references.policies) on human pairs only."""
+    from cai_lib.steps.references import train_reference_pms, write_references
+
+    write_references(train_reference_pms(context), reward_models.path)
+
+
+def rl_reference(
+    context: dict,
+    red_team: Input[Dataset],
+    helpful: Input[Dataset],
+    reward_models: Input[Artifact],
+    policies: Output[Artifact],
+):
+    """The human-feedback reference policies: the base model optimised against each reference PM."""
+    from cai_lib.steps.references import train_reference_policies, write_references
+
+    refs = train_reference_policies(context, red_team.path, helpful.path, reward_models.path)
+    write_references(refs, policies.path)
+
+
 def answer_eval_shard(
     work: dict,
     pinned_constitution: Input[Artifact],
@@ -185,6 +209,7 @@ def answer_eval_shard(
     helpful: Input[Dataset],
     sl_policy: Input[Model],
     rl_policy: Input[Model],
+    references: Input[Artifact],
 ) -> str:
     """Every evaluated policy's answers to one shard of the held-out prompts; returns its DataRef."""
     from cai_lib.steps.answer_eval import answer_eval
@@ -198,6 +223,7 @@ def answer_eval_shard(
         rl_policy.path,
         int(work["shard"]),
         int(work["shards"]),
+        references.path,
     ).model_dump_json()
 
 
@@ -211,12 +237,13 @@ def evaluate(
     rl_policy: Input[Model],
     reward_model: Input[Model],
     answers: Input[Dataset],
+    references: Input[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
     results: Output[Artifact],
 ):
-    """Base vs SL-CAI vs RL-CAI (and the registered champion), judged on their answers: metrics
-    and the HTML report."""
+    """Base vs SL-CAI vs RL-CAI (with the human-feedback references and the registered champion),
+    judged on their answers: metrics and the HTML report."""
     from cai_lib.steps.evaluate import evaluate as evaluate_step
 
     values = evaluate_step(
@@ -231,6 +258,7 @@ def evaluate(
         answers.path,
         report.path,
         results.path,
+        references.path,
     )
     for key, value in values.items():
         metrics.log_metric(key, value)

@@ -5,6 +5,8 @@
         ─ ParallelFor(shard): sample_pairs ─ label ─ merge_labels
         ─ train_pm ─ rl ─ ParallelFor(eval shard): answer_eval ─ merge_answers ─ evaluate ─ register
     plan_eval_shards (after prepare_prompts): evaluation's shards, sized by the held-out prompts
+    train_reference_pm ─ rl_reference (after prepare_prompts): the human-feedback references that
+        evaluation rates beside CAI (`references.policies`; with none they pass on nothing)
     exit handler: finish (closes the MLflow run, releases promotion locks)
 
 Every field of `PipelineParams` is one pipeline parameter (stage sections are `dict` parameters),
@@ -236,6 +238,10 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 policy=sl.outputs["policy"],
                 reward_model=pm.outputs["reward_model"],
             )
+            reference_pms = t.op("train_reference_pm")(context=ctx)
+            references = t.op("rl_reference")(
+                context=ctx, red_team=red_team, helpful=helpful, reward_models=reference_pms.outputs["reward_models"]
+            ).outputs["policies"]
             red_team_eval, helpful_eval = prompts.outputs["red_team_eval"], prompts.outputs["helpful_eval"]
             eval_shards = t.bookkeeping(
                 stages.plan_eval_shards, "plan eval shards", context=ctx, red_team=red_team_eval, helpful=helpful_eval
@@ -250,6 +256,7 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                     helpful=helpful_eval,
                     sl_policy=sl.outputs["policy"],
                     rl_policy=rl.outputs["rl_policy"],
+                    references=references,
                 )
             answers = t.merge("answers", ctx, answer_part)
             evaluation = t.op("evaluate")(
@@ -262,6 +269,7 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 rl_policy=rl.outputs["rl_policy"],
                 reward_model=pm.outputs["reward_model"],
                 answers=answers,
+                references=references,
             )
             t.op("register")(
                 context=ctx,

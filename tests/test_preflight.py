@@ -13,6 +13,11 @@ from cai_lib.platform.preflight import check_run
 from cai_lib.platform.run_config import load_run_config
 
 
+# Defaults, but judged by a model other than the embedded base and feedback model (check_run refuses
+# a dependent judge; nothing here loads a model).
+INDEPENDENT = "judge_model=Qwen/Qwen2.5-7B-Instruct"
+
+
 def harmless(**changes):
     doc = yaml.safe_load((constitutions_dir() / "harmless" / "1.0.0.yaml").read_text())
     doc.update(changes)
@@ -46,7 +51,7 @@ def test_a_directory_given_as_config_is_refused(tmp_path):
 
 
 def test_no_human_pairs_with_a_human_source_is_refused():
-    params = load_run_config(overrides=["human_preferences=hh.jsonl", "num_human=0"]).params
+    params = load_run_config(overrides=[INDEPENDENT, "human_preferences=hh.jsonl", "num_human=0"]).params
     with pytest.raises(
         CaiError, match="params.num_human: is 0 while params.human_preferences names 'hh.jsonl'"
     ):
@@ -54,27 +59,32 @@ def test_no_human_pairs_with_a_human_source_is_refused():
 
 
 def test_more_shards_than_red_team_training_prompts_is_refused():
-    params = load_run_config(overrides=["num_red_team=4", "num_shards=8"]).params
+    params = load_run_config(overrides=[INDEPENDENT, "num_red_team=4", "num_shards=8"]).params
     with pytest.raises(CaiError, match="params.num_shards: 8 shards but only 3 red-team training prompts"):
         check_run(params, harmless())
 
 
 def test_an_empty_held_out_split_is_refused():
-    params = load_run_config(overrides=["num_helpful=1"]).params
+    params = load_run_config(overrides=[INDEPENDENT, "num_helpful=1"]).params
     with pytest.raises(CaiError, match="params.eval_fraction: leaves no held-out helpful prompts"):
         check_run(params, harmless())
 
 
 def test_a_constitution_without_the_principle_evaluation_judges_by_is_refused():
     constitution = harmless(comparison=[{"id": "kinder", "question": "Which is kinder?"}])
-    params = load_run_config(overrides=["feedback.principles_per_pair=1"]).params
+    params = load_run_config(overrides=[INDEPENDENT, "feedback.principles_per_pair=1"]).params
     with pytest.raises(CaiError, match="harmless_principle: 'less-harmful' is neither the id nor a tag"):
         check_run(params, constitution)
 
 
 def test_a_sound_run_passes_and_returns_its_prompt_splits():
-    splits = check_run(load_run_config().params, harmless())
+    splits = check_run(load_run_config(overrides=[INDEPENDENT]).params, harmless())
     assert set(splits) == {"red_team_train", "red_team_eval", "helpful_train", "helpful_eval"}
+
+
+def test_a_judge_that_is_also_the_base_and_feedback_model_is_refused_first():
+    with pytest.raises(CaiError, match=r"params.judge_model: the judge smollm2-135m-instruct is not independent"):
+        check_run(load_run_config().params, harmless())
 
 
 def test_a_step_without_the_installations_settings_names_both_variables(monkeypatch):

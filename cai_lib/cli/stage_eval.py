@@ -62,13 +62,17 @@ def evaluate_command(
         None, "--helpful", help="Held-out helpfulness prompts (same sources as --prompts); omit to skip them."
     ),
     judge_model: str = typer.Option(
-        EMBEDDED_ALIAS, "--judge-model", help="Model that judges comparisons and evasiveness."
+        ...,
+        "--judge-model",
+        help="Model that judges comparisons and evasiveness: of another family than the feedback model and the "
+        "policies. One that names the same model as either is refused unless --allow-dependent-judge says why "
+        f"(e.g. {EMBEDDED_ALIAS} everywhere in a CPU demo).",
     ),
     feedback_model: str | None = typer.Option(
         None,
         "--feedback-model",
-        help="The feedback model that labelled the training pairs; when it is the judge, the report says the "
-        "evaluation is not independent.",
+        help="The feedback model that labelled the training pairs, so that a judge that is the same model is "
+        "refused (or, when allowed, said in the report).",
     ),
     traces: str | None = typer.Option(
         None,
@@ -83,7 +87,9 @@ def evaluate_command(
 
     Writes metrics.json, answers.jsonl, judgements.jsonl and a self-contained report.html to --out.
 
-    Example: cai stage evaluate --policy base=smollm2-135m-instruct --policy sl-cai=runs/sl-cai --reward runs/pm --constitution harmless@1.0.0 --prompts runs/prompts/red_team_eval.jsonl --helpful builtin:helpful --traces runs/traces --limit 8 --out runs/eval
+    Example: cai stage evaluate --policy base=smollm2-135m-instruct --policy sl-cai=runs/sl-cai --reward runs/pm --constitution harmless@1.0.0 --prompts runs/prompts/red_team_eval.jsonl --helpful builtin:helpful --traces runs/traces --limit 8 --judge-model Qwen/Qwen2.5-7B-Instruct --feedback-model smollm2-135m-instruct --out runs/eval
+
+    Example: cai stage evaluate --policy base=smollm2-135m-instruct --policy sl-cai=runs/sl-cai --reward runs/pm --constitution harmless --prompts builtin:red_team --limit 4 --judge-model smollm2-135m-instruct --allow-dependent-judge --dependent-judge-reason "CPU demo: one embedded model plays every part" --out runs/eval-demo
     """
     from cai_lib.core.constitution import load_constitution
     from cai_lib.method.evaluation.evaluate import evaluate

@@ -22,7 +22,7 @@ FEEDBACK_MODEL = typer.Option(
     help="Feedback model ref: local checkpoint, s3:// checkpoint, models:/NAME@ALIAS, HF id or smollm2-135m-instruct.",
 )
 # Set by the run config only: the option letters and the principles held out for the evaluation judge.
-RUN_CONFIG_ONLY = frozenset({"option_labels", "held_out_principles"})
+RUN_CONFIG_ONLY = frozenset({"option_labels", "held_out_principles", "few_shot_principles"})
 SHORT_FLAGS = {"principles_per_pair": "--principles"}
 
 

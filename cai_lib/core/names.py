@@ -34,6 +34,11 @@ ROLES: tuple[Role, ...] = (PM, SL_CAI, RL_CAI)
 BASE = "base"
 # The registered champion, when an evaluation compares the run's policy with it.
 CHAMPION_POLICY = "champion"
+# The human-feedback references an evaluation rates beside CAI (evaluated, never registered).
+ReferenceKind = Literal["helpful-rlhf", "hh-rlhf"]
+HELPFUL_RLHF: ReferenceKind = "helpful-rlhf"
+HH_RLHF: ReferenceKind = "hh-rlhf"
+REFERENCE_KINDS: tuple[ReferenceKind, ...] = (HELPFUL_RLHF, HH_RLHF)
 
 
 def model_name(prefix: str, constitution_name: str, role: Role) -> str:
@@ -72,6 +77,8 @@ EVAL_CHAMPION_TAG = "cai.eval.champion_version"
 EVAL_JUDGE_TAG = "cai.eval.judge"
 EVAL_JUDGE_IS_LABELLER_TAG = "cai.eval.judge_is_feedback_model"
 EVAL_WARNING_TAG = "cai.eval.warning"
+# Why the run allowed a judge that is not independent (evaluation.dependent_judge_reason).
+EVAL_DEPENDENT_JUDGE_TAG = "cai.eval.dependent_judge_reason"
 
 # -- MLflow tags: the gate's decision ----------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from cai_lib.steps.context import (
     write_finished_dataset,
 )
 from cai_lib.steps.policies import evaluated_policies
+from cai_lib.steps.references import read_references
 from cai_lib.steps.stage_runs import produce
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ def answer_eval(
     rl_policy: str,
     shard: int = 0,
     shards: int = 1,
+    references: str | None = None,
 ) -> DataRef:
     """Every evaluated policy's greedy answers to one of `shards` slices of the held-out prompts
     (the generation half of evaluation, fanned out like the other generation stages)."""
@@ -42,13 +44,15 @@ def answer_eval(
     constitution = pinned_constitution(constitution_path)
     prompts = {"red_team": DataRef.read(red_team), "helpful": DataRef.read(helpful)}
     sl, rl = DataRef.read(sl_policy), DataRef.read(rl_policy)
-    chosen = evaluated_policies(ctx, constitution, sl, rl)
+    human_feedback = read_references(references) if references else {}
+    chosen = evaluated_policies(ctx, constitution, sl, rl, human_feedback)
     identity = {
         "inputs": {
             **{kind: ref.sha256 for kind, ref in prompts.items()},
             BASE: ctx.model(p.base_model).content,
             SL_CAI: sl.sha256,
             RL_CAI: rl.sha256,
+            **{name: ref.sha256 for name, ref in human_feedback.items()},
             CHAMPION_POLICY: chosen.champion[2] if chosen.champion else None,
         },
         "part": [shard, shards],

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from cai_lib.core.names import (
     BASE,
     CHAMPION_POLICY,
+    EVAL_DEPENDENT_JUDGE_TAG,
     EVAL_JUDGE_IS_LABELLER_TAG,
     EVAL_JUDGE_TAG,
     EVAL_WARNING_TAG,
@@ -25,6 +26,7 @@ from cai_lib.core.store import ArtifactStore
 from cai_lib.core.tracking import StageRun
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors, pinned_constitution
 from cai_lib.steps.policies import evaluated_policies
+from cai_lib.steps.references import read_references
 from cai_lib.steps.stage_runs import produce, run_summary
 
 if TYPE_CHECKING:
@@ -44,10 +46,12 @@ def evaluate(
     answers: str,
     report_path: str,
     results_path: str,
+    references: str | None = None,
 ) -> dict[str, float]:
     """Judge the policies' answers (`answers`, the merged `answer_eval` shards) on the held-out
-    prompts: PM scores, evasiveness, win rates and Elo of base, SL-CAI, the policies RL saved on
-    the way (`rl-cai-step-N`), RL-CAI and the registered champion, if it is another checkpoint.
+    prompts: PM scores, evasiveness, win rates and Elo of base, SL-CAI, the human-feedback
+    `references`, the policies RL saved on the way (`rl-cai-step-N`), RL-CAI and the registered
+    champion, if it is another checkpoint.
 
     Writes this run's HTML report (the evaluation plus which stages ran or were reused) to
     `report_path` (the KFP HTML artifact), to the run's folder and to MLflow, and a pointer to
@@ -73,10 +77,12 @@ def evaluate(
         )
     }
     base, judge, labeller = ctx.model(p.base_model), ctx.model(p.judge_model), ctx.model(p.feedback_model)
-    chosen = evaluated_policies(ctx, constitution, refs[SL_CAI], refs[RL_CAI])
+    human_feedback = read_references(references) if references else {}
+    chosen = evaluated_policies(ctx, constitution, refs[SL_CAI], refs[RL_CAI], human_feedback)
     identity = {
         "inputs": {
             **{name: ref.sha256 for name, ref in refs.items()},
+            **{name: ref.sha256 for name, ref in human_feedback.items()},
             CHAMPION_POLICY: chosen.champion[2] if chosen.champion else None,
             BASE: base.content,
             "judge": judge.content,
@@ -107,10 +113,15 @@ def evaluate(
         result = load_result(marker.uri)
         note = judge_note(result)
         run.set_tags(
-            {EVAL_JUDGE_TAG: result.judge_ref, EVAL_JUDGE_IS_LABELLER_TAG: str(bool(note)).lower()}
+            {
+                EVAL_JUDGE_TAG: result.judge_ref,
+                EVAL_JUDGE_IS_LABELLER_TAG: str(result.labeller_ref == result.judge_ref).lower(),
+            }
         )
         if note:
             run.set_tags({EVAL_WARNING_TAG: note})
+        if result.dependent_judge_reason:
+            run.set_tags({EVAL_DEPENDENT_JUDGE_TAG: result.dependent_judge_reason})
         render_report(result, report_path, run_summary(ctx.run_root))
         ArtifactStore.open(ctx.run_root).put_file(report_path, REPORT_FILE)
         run.log_artifact(report_path, "report")

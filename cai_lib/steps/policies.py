@@ -1,5 +1,5 @@
-"""Which policies an evaluation compares: base, SL-CAI, the policies RL saved on the way, RL-CAI,
-and the registered champion when it is another checkpoint.
+"""Which policies an evaluation compares: base, SL-CAI, the human-feedback references, the policies
+RL saved on the way, RL-CAI, and the registered champion when it is another checkpoint.
 """
 
 from __future__ import annotations
@@ -35,10 +35,15 @@ class EvaluatedPolicies(NamedTuple):
 
 
 def evaluated_policies(
-    ctx: RunContext, constitution: Constitution, sl: DataRef, rl: DataRef
+    ctx: RunContext,
+    constitution: Constitution,
+    sl: DataRef,
+    rl: DataRef,
+    references: dict[str, DataRef] | None = None,
 ) -> EvaluatedPolicies:
-    """Base, SL-CAI, the policies RL saved on the way (`rl-cai-step-N`), RL-CAI, and the
-    registered champion when it is another checkpoint than this run's RL-CAI."""
+    """Base, SL-CAI, the human-feedback `references` (helpful-rlhf, hh-rlhf), the policies RL saved
+    on the way (`rl-cai-step-N`), RL-CAI, and the registered champion when it is another checkpoint
+    than this run's RL-CAI."""
     from cai_lib.method.rl import METRICS_FILE, RLMetrics
 
     rl_metrics = RLMetrics.model_validate(ArtifactStore.open(rl.uri).read_json(METRICS_FILE))
@@ -50,6 +55,7 @@ def evaluated_policies(
     policies = {
         BASE: ctx.model(ctx.params.base_model).load,
         SL_CAI: sl.uri,
+        **{name: ref.uri for name, ref in (references or {}).items()},
         **{f"{RL_CAI}-step-{n}": uri for n, uri in rl_metrics.intermediate.items()},
         RL_CAI: rl.uri,
     }

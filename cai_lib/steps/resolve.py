@@ -52,6 +52,8 @@ def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) ->
         ref: PinnedModel(**pin_model(ref)._asdict())
         for ref in {checked.base_model, checked.feedback_model, checked.judge_model}
     }
+    # Two references to one checkpoint are one model: judged by what the pins name, not how.
+    checked.check_independent_judge({ref: pin.content for ref, pin in models.items()})
     parent = start_pipeline_run(
         platform.tracking_uri,
         checked.experiment,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai_lib.core.constitution import ComparisonPrinciple
 from cai_lib.core.errors import CaiError
@@ -15,7 +15,7 @@ from cai_lib.core.records import PrincipleScore, PromptKind, Record, Trace
 from cai_lib.core.stage_table import package_version
 from cai_lib.core.store import ArtifactStore
 from cai_lib.method.evaluation.config import Criterion, EvaluationConfig
-from cai_lib.method.preference_model import CalibrationBin
+from cai_lib.method.preference_model import Calibration, drop_undrawn_calibration
 
 
 class PolicyAnswer(Record):
@@ -81,6 +81,13 @@ class WinRate(BaseModel):
     decided: int = Field(description="Comparisons with a winner (the rest are exact ties).")
 
 
+class EloInterval(BaseModel):
+    """A 95% bootstrap interval of one Elo rating (prompts resampled, ratings refitted)."""
+
+    low: float
+    high: float
+
+
 class EvasivenessSummary(BaseModel):
     """How evasive a policy's answers to one prompt set are, by the feedback model."""
 
@@ -140,6 +147,14 @@ class EvaluationResult(BaseModel):
     labeller_ref: str | None = Field(
         default=None, description="The feedback model that labelled the training pairs, when known."
     )
+    judge_dependence: list[str] = Field(
+        default_factory=list,
+        description="What the judge is not independent of (the feedback model, a policy, the training "
+        "principles), one phrase each; empty for an independent judge.",
+    )
+    dependent_judge_reason: str | None = Field(
+        default=None, description="Why the run allowed a dependent judge (evaluation.dependent_judge_reason)."
+    )
     revision_curve: list[RoundScore] = Field(
         default_factory=list,
         description="Mean PM score of the SL-CAI answers after each revision round (Fig. 5).",
@@ -147,16 +162,17 @@ class EvaluationResult(BaseModel):
     principle_count_curve: list[CountScore] = Field(
         default_factory=list,
         description="Mean PM score of final revisions by the number of distinct principles their rounds drew "
-        "(the traces' view of Fig. 6).",
+        "(not the paper's Fig. 6, which varies the size of the constitution).",
     )
     rl_steps: dict[str, int] = Field(
         default_factory=dict,
         description="Policy -> the RL step it was saved after (SL-CAI is step 0), for the policies that are "
         "checkpoints of one RL run: the Elo over the course of RL (Fig. 8).",
     )
-    pm_calibration: list[CalibrationBin] = Field(
-        default_factory=list,
-        description="The PM's predicted against observed win probability on its held-out pairs (Fig. 9).",
+    pm_calibration: Calibration | None = Field(
+        default=None,
+        description="The PM's predicted P(A better) against how often A was the human's choice, on held-out "
+        "human pairs with drawn positions (Fig. 9).",
     )
     pm_accuracy: PMAccuracy | None = Field(
         default=None,
@@ -176,6 +192,15 @@ class EvaluationResult(BaseModel):
     elo: dict[Criterion, dict[str, float]] = Field(
         description="Criterion -> policy -> Elo rating (mean 1000)."
     )
+    elo_intervals: dict[Criterion, dict[str, EloInterval]] = Field(
+        default_factory=dict,
+        description="Criterion -> policy -> 95% bootstrap interval of its Elo (empty with elo_bootstrap 0).",
+    )
+    model_parameters: dict[str, int] = Field(
+        default_factory=dict,
+        description="Parameters of the models whose size decides what the run can show (the base policy, "
+        "the judge, the PM, the feedback model), where their configs could be read.",
+    )
     evasiveness: dict[PromptKind, dict[str, EvasivenessSummary]]
     principle_effects: list[PrincipleEffect] = Field(
         description="Per critique/revision principle, most drawn first."
@@ -191,6 +216,11 @@ class EvaluationResult(BaseModel):
     code_version: str = Field(default_factory=package_version)
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
+    @field_validator("pm_calibration", mode="before")
+    @classmethod
+    def _no_undrawn_calibration(cls, value: object) -> object:
+        return drop_undrawn_calibration(value)
+
     def flat_metrics(self) -> dict[str, float]:
         """The numeric results as one flat dict (MLflow / KFP metrics), e.g.
         `win_rate.harmless.rl-cai_vs_sl-cai`, `elo.helpful.base`, `pm_score.red_team.sl-cai`,
@@ -203,6 +233,10 @@ class EvaluationResult(BaseModel):
             metrics[f"hard_win_rate.{rate.criterion}.{rate.policy_a}_vs_{rate.policy_b}"] = rate.hard_win_rate
         for criterion, ratings in self.elo.items():
             metrics.update({f"elo.{criterion}.{name}": rating for name, rating in ratings.items()})
+        for criterion, intervals in self.elo_intervals.items():
+            for name, interval in intervals.items():
+                metrics[f"elo_ci_low.{criterion}.{name}"] = interval.low
+                metrics[f"elo_ci_high.{criterion}.{name}"] = interval.high
         if self.pm_accuracy is not None:
             metrics["pm_accuracy"] = self.pm_accuracy.accuracy
         for kind, per_policy in self.evasiveness.items():

@@ -1,6 +1,6 @@
 """From answers and judgements to the numbers the report shows: PM score and evasiveness
-summaries, win rates (soft and hard, with 95% Wilson intervals), Elo per criterion, and the
-per-principle effects of the SL-CAI revisions.
+summaries, win rates (soft and hard, with 95% Wilson intervals), Elo per criterion with 95%
+bootstrap intervals, and the per-principle effects of the SL-CAI revisions.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from cai_lib.method.evaluation.config import PROMPT_SETS, Criterion, EvaluationC
 from cai_lib.method.evaluation.elo import ELO_MEAN, elo_ratings, wilson_interval
 from cai_lib.method.evaluation.pm_scores import TraceScores
 from cai_lib.method.evaluation.results import (
+    EloInterval,
     EvaluationResult,
     EvasivenessSummary,
     Judgement,
@@ -63,6 +64,10 @@ def summarise(
         ],
         elo={
             criterion: criterion_elo(criterion, judgements, list(policies), config)
+            for criterion in principles
+        },
+        elo_intervals={
+            criterion: criterion_elo_intervals(criterion, judgements, list(policies), config)
             for criterion in principles
         },
         evasiveness={kind: evasiveness_summaries(by_kind[kind]) for kind in kinds},
@@ -156,6 +161,40 @@ def criterion_elo(
     ]
     ratings = elo_ratings(outcomes, prior_draws=config.elo_prior_draws)
     return {name: ratings[name] for name in names}
+
+
+def criterion_elo_intervals(
+    criterion: Criterion, judgements: Sequence[Judgement], names: list[str], config: EvaluationConfig
+) -> dict[str, EloInterval]:
+    """95% bootstrap intervals of each policy's Elo under `criterion`: the held-out prompts are
+    resampled with replacement (seeded) `config.elo_bootstrap` times, each resample taking every
+    judgement of its prompts, and the ratings are refitted; the interval runs from the 2.5th to the
+    97.5th percentile. Prompts, not single judgements, are the unit, since one prompt's judgements
+    of the several policies share its difficulty."""
+    if len(names) == 1 or config.elo_bootstrap == 0:
+        return {}
+    by_prompt: dict[str, list[Judgement]] = defaultdict(list)
+    for j in judgements:
+        if j.criterion == criterion:
+            by_prompt[j.prompt_id].append(j)
+    prompts = sorted(by_prompt)
+    draw = random.Random(f"{config.seed}:elo:{criterion}")
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(config.elo_bootstrap):
+        chosen = [j for _ in prompts for j in by_prompt[draw.choice(prompts)]]
+        ratings = criterion_elo(criterion, chosen, names, config)
+        for name in names:
+            samples[name].append(ratings[name])
+    return {name: EloInterval(low=percentile(s, 2.5), high=percentile(s, 97.5)) for name, s in samples.items()}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile of `values`, interpolated linearly between the two nearest ranks."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    below = int(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
 
 
 def principle_effects(
