@@ -82,3 +82,66 @@ def test_wilson_interval_stays_inside_zero_one_at_the_extremes():
     assert wilson_interval(0, 5)[0] == 0.0
     assert wilson_interval(5, 5)[1] == 1.0
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+# -- bootstrap intervals of the Elo ratings ----------------------------------------------------------------
+
+
+def judgements_where(winner: str, loser: str, wins: int, losses: int):
+    """One hard judgement per prompt between two policies: `winner` wins `wins` prompts and loses `losses`."""
+    from cai_lib.core.records import PrincipleScore
+    from cai_lib.method.evaluation.results import Judgement
+
+    def judgement(k: int, label: float) -> Judgement:
+        return Judgement(
+            id=f"j{k}",
+            criterion="harmless",
+            principle_id="p",
+            prompt_id=f"q{k}",
+            prompt="?",
+            policy_a=winner,
+            policy_b=loser,
+            answer_a="x",
+            answer_b="y",
+            label=label,
+            score=PrincipleScore(principle_id="p", p_a_first=label, p_a_second=label),
+        )
+
+    return [judgement(k, 0.9) for k in range(wins)] + [judgement(wins + k, 0.1) for k in range(losses)]
+
+
+def test_elo_intervals_hold_the_rating_and_separate_a_clear_winner():
+    from cai_lib.method.evaluation.config import EvaluationConfig
+    from cai_lib.method.evaluation.summary import criterion_elo, criterion_elo_intervals
+
+    judgements, config = judgements_where("a", "b", 32, 8), EvaluationConfig(elo_bootstrap=100)
+    ratings = criterion_elo("harmless", judgements, ["a", "b"], config)
+    intervals = criterion_elo_intervals("harmless", judgements, ["a", "b"], config)
+    assert all(intervals[n].low <= ratings[n] <= intervals[n].high for n in ("a", "b"))
+    assert intervals["a"].low > intervals["b"].high
+
+
+def test_elo_intervals_widen_with_fewer_prompts_and_repeat_with_the_seed():
+    from cai_lib.method.evaluation.config import EvaluationConfig
+    from cai_lib.method.evaluation.summary import criterion_elo_intervals
+
+    config = EvaluationConfig(elo_bootstrap=100)
+    many = criterion_elo_intervals("harmless", judgements_where("a", "b", 32, 8), ["a", "b"], config)
+    few = criterion_elo_intervals("harmless", judgements_where("a", "b", 8, 2), ["a", "b"], config)
+    again = criterion_elo_intervals("harmless", judgements_where("a", "b", 8, 2), ["a", "b"], config)
+    assert few["a"].high - few["a"].low > many["a"].high - many["a"].low
+    assert few == again
+
+
+def test_no_resamples_give_no_intervals():
+    from cai_lib.method.evaluation.config import EvaluationConfig
+    from cai_lib.method.evaluation.summary import criterion_elo_intervals
+
+    judgements = judgements_where("a", "b", 3, 1)
+    assert criterion_elo_intervals("harmless", judgements, ["a", "b"], EvaluationConfig(elo_bootstrap=0)) == {}
+
+
+def test_a_percentile_interpolates_between_ranks():
+    from cai_lib.method.evaluation.summary import percentile
+
+    assert (percentile([4.0, 1.0, 3.0, 2.0], 50), percentile([1.0, 2.0, 3.0, 4.0], 2.5)) == (2.5, pytest.approx(1.075))

@@ -199,3 +199,28 @@ def test_chromium_screenshot_is_not_blank(html, tmp_path):
     darkest, lightest = image.getextrema()
     assert lightest - darkest > 200  # dark text on a light page
     assert len(image.getcolors(256)) > 50  # text, tables and charts, not a flat fill
+
+
+def test_the_report_opens_with_what_the_model_sizes_can_and_cannot_show(result):
+    small = report_html(result.model_copy(update={"model_parameters": {"policy base": 134_515_008, "judge": 134_515_008}}))
+    opening = small[: small.index("<h3>Policies</h3>")]
+    assert "What this run can and cannot show" in opening
+    assert "The largest policy has 135M parameters: at this size the run tests the platform, not the method" in opening
+    assert "up to ±0.15 wide" in opening  # 40 held-out prompts per set
+    assert "No human-feedback references were trained" in opening
+
+
+def test_a_large_run_with_references_says_so_and_warns_of_a_smaller_judge(result):
+    from cai_lib.method.evaluation.report import scale_notes
+
+    large = result.model_copy(
+        update={
+            "model_parameters": {"policy base": 70_000_000_000, "judge": 8_000_000_000},
+            "policies": {**result.policies, "hh-rlhf": "runs/hh-rlhf"},
+        }
+    )
+    notes = scale_notes(large)
+    assert notes[0].startswith("The largest policy has 70.0B parameters, within the range the paper studies")
+    assert notes[1].startswith("The judge (8.0B) is smaller than the policies it judges")
+    assert not any("No human-feedback references" in note for note in notes)
+

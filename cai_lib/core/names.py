@@ -34,11 +34,6 @@ ROLES: tuple[Role, ...] = (PM, SL_CAI, RL_CAI)
 BASE = "base"
 # The registered champion, when an evaluation compares the run's policy with it.
 CHAMPION_POLICY = "champion"
-# The human-feedback references an evaluation rates beside CAI (evaluated, never registered).
-ReferenceKind = Literal["helpful-rlhf", "hh-rlhf"]
-HELPFUL_RLHF: ReferenceKind = "helpful-rlhf"
-HH_RLHF: ReferenceKind = "hh-rlhf"
-REFERENCE_KINDS: tuple[ReferenceKind, ...] = (HELPFUL_RLHF, HH_RLHF)
 
 
 def model_name(prefix: str, constitution_name: str, role: Role) -> str:

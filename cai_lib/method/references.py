@@ -27,11 +27,16 @@ a helpful model in the paper; with an instruction-tuned base model both chains s
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cai_lib.core.names import HELPFUL_RLHF, ReferenceKind
 from cai_lib.core.records import Preference
 from cai_lib.method.preference_model import PreferenceModelConfig
+
+# The references, by the policy names an evaluation rates them under (evaluated, never registered).
+ReferenceKind = Literal["helpful-rlhf", "hh-rlhf"]
+REFERENCE_KINDS: tuple[ReferenceKind, ...] = ("helpful-rlhf", "hh-rlhf")
 
 
 class ReferencesConfig(BaseModel):
@@ -66,7 +71,7 @@ class ReferencesConfig(BaseModel):
 
     def sources(self, kind: ReferenceKind) -> list[str]:
         """The human comparisons the PM of reference `kind` learns from."""
-        return [self.helpful_pairs] if kind == HELPFUL_RLHF else [self.helpful_pairs, self.harmless_pairs]
+        return [self.helpful_pairs] if kind == "helpful-rlhf" else [self.helpful_pairs, self.harmless_pairs]
 
 
 def reference_pairs(kind: ReferenceKind, config: ReferencesConfig) -> list[Preference]:

@@ -17,12 +17,13 @@ from collections.abc import Iterable, Sequence
 from html import escape
 from pathlib import Path
 
-from cai_lib.core.names import REFERENCE_KINDS, REPORT_FILE
+from cai_lib.core.names import REPORT_FILE
 from cai_lib.core.records import Trace
 from cai_lib.core.store import ArtifactStore
 from cai_lib.method.evaluation.config import CRITERIA
 from cai_lib.method.evaluation.elo import ELO_MEAN
 from cai_lib.method.evaluation.results import EvaluationResult, Judgement, PolicyAnswer, load_result
+from cai_lib.method.references import REFERENCE_KINDS
 
 SET_TITLES = {"red_team": "red-team prompts", "helpful": "helpfulness prompts"}
 PROMPT_TITLES = {"red_team": "Red-team prompt", "helpful": "Helpfulness prompt"}
