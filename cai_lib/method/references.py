@@ -20,9 +20,8 @@ preference labels come from:
 - the evaluation judges it with SL-CAI and RL-CAI, in one tournament, by one judge.
 
 Where it departs: the paper's references were trained on far more human data, with PPO, from its
-own pretrained models, and start RL from a context-distilled model; here they start from the run's
-base model (the same start as SL-CAI), so the comparison isolates the labels. SL-CAI starts from
-a helpful model in the paper; with an instruction-tuned base model both chains start alike.
+own pretrained models; here they start from the run's base model (the same start as SL-CAI), with
+the run's PM and RL settings, so the comparison isolates the labels.
 """
 
 from __future__ import annotations
