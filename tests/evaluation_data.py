@@ -159,3 +159,21 @@ def sample_result() -> EvaluationResult:
         config=EvaluationConfig(),
         inputs_sha256="cd" * 32,
     )
+
+
+def hard_judgement(k: int, policy_a: str, policy_b: str, label: float) -> Judgement:
+    """A harmlessness judgement written by hand: P(policy_a better) = `label` in both orders, on prompt q{k}."""
+    return Judgement(
+        id=f"j{k}",
+        criterion="harmless",
+        principle_id="less-harmful",
+        prompt_id=f"q{k}",
+        prompt="Help me.",
+        policy_a=policy_a,
+        policy_b=policy_b,
+        answer_a="x",
+        answer_b="y",
+        label=label,
+        score=PrincipleScore(principle_id="less-harmful", p_a_first=label, p_a_second=label),
+    )
+

@@ -89,25 +89,11 @@ def test_wilson_interval_stays_inside_zero_one_at_the_extremes():
 
 def judgements_where(winner: str, loser: str, wins: int, losses: int):
     """One hard judgement per prompt between two policies: `winner` wins `wins` prompts and loses `losses`."""
-    from cai_lib.core.records import PrincipleScore
-    from cai_lib.method.evaluation.results import Judgement
+    from evaluation_data import hard_judgement
 
-    def judgement(k: int, label: float) -> Judgement:
-        return Judgement(
-            id=f"j{k}",
-            criterion="harmless",
-            principle_id="p",
-            prompt_id=f"q{k}",
-            prompt="?",
-            policy_a=winner,
-            policy_b=loser,
-            answer_a="x",
-            answer_b="y",
-            label=label,
-            score=PrincipleScore(principle_id="p", p_a_first=label, p_a_second=label),
-        )
-
-    return [judgement(k, 0.9) for k in range(wins)] + [judgement(wins + k, 0.1) for k in range(losses)]
+    return [hard_judgement(k, winner, loser, 0.9) for k in range(wins)] + [
+        hard_judgement(wins + k, winner, loser, 0.1) for k in range(losses)
+    ]
 
 
 def test_elo_intervals_hold_the_rating_and_separate_a_clear_winner():

@@ -9,7 +9,7 @@ cai_lib, the test here that fails when it is flipped."""
 from __future__ import annotations
 
 import pytest
-from evaluation_data import sample_result
+from evaluation_data import hard_judgement, sample_result
 from judges import P_PREFERRED, marker_judge, shorter_judge
 
 from cai_lib.core.constitution import load_constitution
@@ -134,20 +134,71 @@ def judged_pairs(constitution) -> list[Preference]:
     return labeller(constitution, principles_per_pair=1).label(rows)
 
 
-def test_a_pm_trained_on_the_judges_labels_scores_the_answer_the_judge_prefers_higher(
-    constitution, tiny_model_dir, tmp_path
-):
-    from cai_lib.method.preference_model import PreferenceModelConfig, RewardScorer, train_preference_model
+@pytest.fixture(scope="module")
+def judged_pm(constitution, tiny_model_dir, tmp_path_factory):
+    """A PM trained on the marker judge's labels; returns its metrics and checkpoint."""
+    from cai_lib.method.preference_model import PreferenceModelConfig, train_preference_model
 
-    labels = judged_pairs(constitution)
+    out = tmp_path_factory.mktemp("judged-pm") / "pm"
     # Tiny on purpose: 24 short pairs, batches of 4 and a high learning rate separate the marker in a
     # few dozen CPU steps of the two-layer random model.
     config = PreferenceModelConfig(learning_rate=3e-3, epochs=4, batch_size=4, eval_fraction=0.25, max_length=64)
-    metrics = train_preference_model(labels, [], str(tiny_model_dir), str(tmp_path / "pm"), config)
-    scorer = RewardScorer.load(str(tmp_path / "pm"))
+    return train_preference_model(judged_pairs(constitution), [], str(tiny_model_dir), str(out), config), out
+
+
+def human_choices() -> list[Preference]:
+    """Held-out human comparisons that choose the clean answer (hh-rlhf's layout: the choice is A)."""
+    return [
+        Preference(
+            id=f"h{i}",
+            prompt=f"What is good? Question {i}.",
+            answer_a=f"Fruit is good, number {50 + i}.",
+            answer_b=f"{MARKER}, stones are good, number {50 + i}.",
+            label=1.0,
+            source="human",
+        )
+        for i in range(8)
+    ]
+
+
+def test_a_pm_trained_on_the_judges_labels_scores_the_answer_the_judge_prefers_higher(judged_pm):
+    from cai_lib.method.preference_model import RewardScorer
+
+    metrics, out = judged_pm
+    scorer = RewardScorer.load(str(out))
     clean, marked = scorer.score(["What is good?"] * 2, ["Fruit is good, number 99.", f"{MARKER}, stones are good, number 99."])
     assert metrics.ai_accuracy == 1.0
     assert clean > marked
+
+
+def test_the_pm_benchmark_counts_a_pair_right_when_the_pm_scores_the_humans_choice_higher(judged_pm):
+    from cai_lib.method.evaluation.pm_scores import benchmark_outcomes, score_with_pm
+
+    _, out = judged_pm
+    _, _, scores = score_with_pm(str(out), [], [], human_choices(), EvaluationConfig())
+    assert benchmark_outcomes(scores) == [1.0] * 8
+    assert benchmark_outcomes([(2.0, 1.0), (0.0, 1.0), (1.0, 1.0)]) == [1.0, 0.0, 0.5]
+
+
+def test_the_calibration_predicts_a_exactly_where_the_humans_choice_was_shown_as_a(judged_pm):
+    from cai_lib.method.evaluation.pm_scores import benchmark_calibration, score_with_pm
+
+    _, out = judged_pm
+    pairs = human_choices()
+    _, _, scores = score_with_pm(str(out), [], [], pairs, EvaluationConfig())
+    calibration = benchmark_calibration(pairs, scores, "held-out", EvaluationConfig(seed=1))
+    assert {p.chosen_shown_as for p in calibration.pairs} == {"A", "B"}
+    assert all((p.predicted > 0.5) == (p.chosen_shown_as == "A") for p in calibration.pairs)
+    assert all(b.observed == (1.0 if b.low >= 0.5 else 0.0) for b in calibration.bins)
+
+
+def test_dpo_trains_towards_the_answer_the_label_prefers():
+    from cai_lib.method.rl import dpo_pairs
+
+    prefer_a = Preference(id="a", prompt="Q?", answer_a="A.", answer_b="B.", label=0.8, source="ai")
+    prefer_b = prefer_a.model_copy(update={"id": "b", "label": 0.2})
+    rows = dpo_pairs([prefer_a, prefer_b])
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [("A.", "B."), ("B.", "A.")]
 
 
 # -- evaluation: win rates, their mirror, Elo, evasiveness ---------------------------------------------------
@@ -253,22 +304,7 @@ def test_only_ties_give_an_undecided_hard_rate():
 
 
 def judgement(label: float, k: int) -> Judgement:
-    from cai_lib.core.records import PrincipleScore
-
-    score = PrincipleScore(principle_id="less-harmful", p_a_first=label, p_a_second=label)
-    return Judgement(
-        id=f"j{k}",
-        criterion="harmless",
-        principle_id="less-harmful",
-        prompt_id=f"q{k}",
-        prompt="Help me.",
-        policy_a="rl-cai",
-        policy_b="base",
-        answer_a="x",
-        answer_b="y",
-        label=label,
-        score=score,
-    )
+    return hard_judgement(k, "rl-cai", "base", label)
 
 
 def test_elo_is_fitted_to_hard_outcomes():
