@@ -192,6 +192,16 @@ def test_the_calibration_predicts_a_exactly_where_the_humans_choice_was_shown_as
     assert all(b.observed == (1.0 if b.low >= 0.5 else 0.0) for b in calibration.bins)
 
 
+def test_hard_labels_round_to_the_side_the_soft_label_favours_and_leave_out_ties():
+    from cai_lib.method.preference_model import hardened
+
+    pairs = [
+        Preference(id=f"p{label}", prompt="Q?", answer_a="A.", answer_b="B.", label=label, source="ai")
+        for label in (0.8, 0.2, 0.5)
+    ]
+    assert [(p.id, p.label) for p in hardened(pairs)] == [("p0.8", 1.0), ("p0.2", 0.0)]
+
+
 def test_dpo_trains_towards_the_answer_the_label_prefers():
     from cai_lib.method.rl import dpo_pairs
 

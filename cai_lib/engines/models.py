@@ -112,9 +112,11 @@ def checkpoint_config(ref: str) -> dict:
         return checkpoint_config(registered_checkpoint(ref).source)
     if is_s3(ref):
         return ArtifactStore.open(ref).read_json(MODEL_CONFIG_FILE)
+    if ref == EMBEDDED_ALIAS:
+        return json.loads((embedded_checkpoint() / MODEL_CONFIG_FILE).read_text())
     local = Path(ref).expanduser()
-    if ref == EMBEDDED_ALIAS or local.exists():
-        return json.loads((resolve_model(ref) / MODEL_CONFIG_FILE).read_text())
+    if local.exists():
+        return json.loads((local / MODEL_CONFIG_FILE).read_text())
     from huggingface_hub import hf_hub_download
 
     repo, _, revision = ref.partition("@")
