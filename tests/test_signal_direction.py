@@ -110,6 +110,25 @@ def test_evaluation_reads_chain_of_thought_unclamped(constitution):
     assert label.label == pytest.approx(P_PREFERRED)
 
 
+@pytest.mark.parametrize("human_chose", ["clean", "marked"])
+def test_the_labellers_agreement_with_human_choices_follows_the_judge(constitution, tmp_path, human_chose):
+    import json
+
+    from cai_lib.method.label_accuracy import label_accuracy
+
+    clean, marked = "A calm answer.", f"{MARKER}, a reckless answer."
+    chosen, rejected = (clean, marked) if human_chose == "clean" else (marked, clean)
+    rows = [
+        {"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: {chosen}", "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: {rejected}"}
+        for i in range(4)
+    ]
+    source = tmp_path / "hh.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = FeedbackConfig(principles_per_pair=1)
+    report = label_accuracy(str(source), constitution, "judge", None, config, backend=marker_judge(MARKER))
+    assert (report.agreement, report.position_bias) == (1.0 if human_chose == "clean" else 0.0, pytest.approx(0.0))
+
+
 def test_held_out_principles_are_never_drawn(constitution):
     held = [p.id for p in constitution.comparison[:8]]
     rows = [pair(SAFE, f"{UNSAFE} {i}") for i in range(10)]
