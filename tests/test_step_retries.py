@@ -75,15 +75,16 @@ def env(proxies, tmp_path_factory, tiny_model_dir):
         yield {"bucket": bucket, "work": tmp_path_factory.mktemp("steps"), "model": tiny_model_dir}
 
 
-def new_run(env) -> dict:
-    """A resolved run context, as the pipeline's first step makes it (a fresh KFP run id)."""
+def new_run(env, prefix: str | None = None) -> dict:
+    """A resolved run context, as the pipeline's first step makes it (a fresh KFP run id), under
+    models of its own unless `prefix` names another run's."""
     config = load_run_config(
         None,
         [
             f"base_model={env['model']}",
             f"feedback_model={env['model']}",
             "experiment=step-retries",
-            f"model_name_prefix=r{uuid.uuid4().hex[:8]}",
+            f"model_name_prefix={prefix or 'r' + uuid.uuid4().hex[:8]}",
             "sft={max_steps: 1, batch_size: 2, max_length: 64}",
             "label={principles_per_pair: 1, shard_size: 1, batch_size: 4}",
             "evaluate.xstest.prompts=",  # the hub copy is out of reach; no step here answers XSTest
@@ -322,6 +323,21 @@ def test_the_retry_releases_the_lock(register_retry):
 def test_the_champion_is_the_registered_policy(register_retry):
     prefix = register_retry["context"]["params"]["model_name_prefix"]
     assert version_by_alias(None, f"{prefix}-harmless-rl-cai", "champion").version == "1"
+
+
+def test_a_run_pins_the_champion_it_began_with_so_its_evaluations_need_not_ask(env, register_retry):
+    prefix = register_retry["context"]["params"]["model_name_prefix"]
+    champion = version_by_alias(None, f"{prefix}-harmless-rl-cai", "champion")
+    pinned = new_run(env, prefix)["champion"]
+    assert (pinned["version"], pinned["source"], pinned["sha256"]) == (
+        champion.version,
+        champion.source,
+        champion.checkpoint_sha256,
+    )
+
+
+def test_a_run_under_models_without_a_champion_pins_none(env):
+    assert "champion" not in new_run(env)
 
 
 @pytest.fixture(scope="module")

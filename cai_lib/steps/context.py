@@ -76,6 +76,20 @@ class PinnedModel(BaseModel):
     content: str = Field(description="Content identity of the checkpoint (see cai_lib.engines.models.pin_model).")
 
 
+class PinnedChampion(BaseModel):
+    """The registered RL-CAI champion as the run's first step found it (verified): the policy a
+    round-1 evaluation compares against. Pinned once, so that every evaluation shard and the
+    evaluation judge the same champion without asking the registry again; a champion that moves
+    before the gate runs makes the gate refuse the stale evidence (`promotion.gate_decision`)."""
+
+    version: str
+    source: str = Field(description="Its checkpoint's location.")
+    sha256: str = Field(description="Its checkpoint's content hash.")
+    ancestors: list[str] = Field(
+        default_factory=list, description="Checkpoint sha256s of the versions it continues (iterated CAI)."
+    )
+
+
 class RunContext(BaseModel):
     """What every step after the first knows about the pipeline run."""
 
@@ -90,6 +104,9 @@ class RunContext(BaseModel):
     )
     models: dict[str, PinnedModel] = Field(
         default_factory=dict, description="Each model reference of the run, pinned once by the first step."
+    )
+    champion: PinnedChampion | None = Field(
+        default=None, description="The RL-CAI champion when the run began (none: no champion yet)."
     )
 
     def model(self, ref: str) -> PinnedModel:

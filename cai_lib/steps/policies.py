@@ -9,21 +9,11 @@ from typing import NamedTuple
 from cai_lib.core.constitution import Constitution
 from cai_lib.core.names import BASE, CHAMPION, CHAMPION_POLICY, RL_CAI, SL_CAI, model_name
 from cai_lib.core.store import ArtifactStore
-from cai_lib.steps.context import DataRef, RunContext
+from cai_lib.steps.context import DataRef, PinnedChampion, RunContext
 
 
-class Champion(NamedTuple):
-    """The registered RL-CAI champion: version, checkpoint URI and sha256, and the checkpoint sha256s
-    of the versions it continues (iterated CAI's earlier rounds)."""
-
-    version: str
-    source: str
-    sha256: str
-    ancestors: frozenset[str]
-
-
-def champion_source(ctx: RunContext, constitution: Constitution) -> Champion | None:
-    """The registered RL-CAI champion, if any; a champion that fails `verified_version` is
+def champion_source(ctx: RunContext, constitution: Constitution) -> PinnedChampion | None:
+    """The registered RL-CAI champion now, if any; a champion that fails `verified_version` is
     refused rather than evaluated against."""
     from cai_lib.core.model_versions import ancestors, verified_version, version_by_alias
     from cai_lib.core.tracking import connect
@@ -33,8 +23,10 @@ def champion_source(ctx: RunContext, constitution: Constitution) -> Champion | N
     if champion is None:
         return None
     champion = verified_version(connect(ctx.tracking_uri), name, champion.version)
-    before = frozenset(v.checkpoint_sha256 or "" for v in ancestors(ctx.tracking_uri, champion))
-    return Champion(champion.version, champion.source, champion.checkpoint_sha256 or "", before)
+    before = [v.checkpoint_sha256 or "" for v in ancestors(ctx.tracking_uri, champion)]
+    return PinnedChampion(
+        version=champion.version, source=champion.source, sha256=champion.checkpoint_sha256 or "", ancestors=before
+    )
 
 
 class EvaluatedPolicies(NamedTuple):
@@ -45,7 +37,7 @@ class EvaluatedPolicies(NamedTuple):
 
     policies: dict[str, str]
     rl_steps: dict[str, int]
-    champion: Champion | None
+    champion: PinnedChampion | None
     rounds: dict[str, int]
     champion_policy: str | None
     superseded: bool = False  # the champion continues this policy (a rerun of an earlier round)
@@ -85,7 +77,9 @@ def evaluated_policies(
         RL_CAI: rl.uri,
     }
     rounds = {SL_CAI: 0, **{round_policy(k): k for k in range(1, len(earlier) + 1)}, RL_CAI: len(earlier) + 1}
-    champion = champion_source(ctx, constitution)
+    # Round 1 compares against the champion the run began with (pinned by its first step); a later
+    # round runs only after the round before passed the gate, so it asks who is champion now.
+    champion = champion_source(ctx, constitution) if rl.earlier else ctx.champion
     # A champion that is this run's own RL-CAI checkpoint (a rerun with nothing changed) would
     # only be compared with itself; one that is an earlier round's policy is evaluated as that round;
     # one that continues this policy (a later round of a run this one repeats) is left out too, and

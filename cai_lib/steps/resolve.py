@@ -14,6 +14,7 @@ from cai_lib.core.store import ArtifactStore
 from cai_lib.core.tracking import run_url, start_pipeline_run
 from cai_lib.platform.run_config import PipelineParams
 from cai_lib.steps.context import PinnedModel, RunContext, one_line_errors
+from cai_lib.steps.policies import champion_source
 from cai_lib.steps.stage_runs import recorded, write_record
 
 
@@ -27,7 +28,8 @@ def resolve(
     Writes the pinned constitution YAML to `constitution_path` (a small KFP artifact every later
     step reads, so a run is reproducible whatever happens to the registry) and returns the run
     context as a dict, with each model reference pinned to what it names now (so an alias that
-    moves mid-run does not change what later stages load). Everything a user can get wrong fails
+    moves mid-run does not change what later stages load) and the RL-CAI champion it found (what
+    the first round is evaluated against). Everything a user can get wrong fails
     here, before any model loads, and so does a run whose `rounds` is not the `compiled_rounds`
     unrolled into the pipeline it runs in.
     """
@@ -84,6 +86,7 @@ def resolve(
         mlflow_run_url=run_url(platform.tracking_uri, parent),
         models=models,
     )
+    ctx = ctx.model_copy(update={"champion": champion_source(ctx, constitution)})
     folder = ArtifactStore.open(ctx.run_root)
     folder.write_text(PINNED_CONSTITUTION_FILE, dump_constitution(constitution))
     folder.write_json(
