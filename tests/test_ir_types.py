@@ -14,7 +14,8 @@ from conftest import REPO_ROOT
 from kfp import compiler, dsl
 from kfp_driver import TypeMismatch, cluster_rules, driver_input, ir_bindings
 
-from cai_lib.platform.run_config import PipelineParams
+from cai_lib.platform.run_config import PipelineParams, load_run_config
+from pipelines.cai_pipeline import compile_pipeline
 
 COMMITTED = REPO_ROOT / "pipelines" / "cai_pipeline.yaml"
 
@@ -129,7 +130,8 @@ def test_every_shard_step_receives_the_loop_item_whole_in_its_struct_work_input(
 # parameterExpressionSelector) are used inside a nested `dsl.If` or `dsl.ExitHandler` is wired to
 # the wrong parameter. This pipeline's loops sit inside the run's ExitHandler, not around one, and
 # their bodies take the item whole in plain container tasks.
-def test_no_loop_item_field_crosses_a_control_flow_boundary_as_in_kubeflow_pipelines_13273(spec):
+def crossings(spec: dict) -> tuple[list, list, int]:
+    """Loop-item fields read through a selector, loop bodies holding a nested DAG, and the loop count."""
     tasks = all_tasks(spec)
     selectors = [
         (where, name)
@@ -144,7 +146,18 @@ def test_no_loop_item_field_crosses_a_control_flow_boundary_as_in_kubeflow_pipel
         for name, task in spec["components"][body]["dag"]["tasks"].items()
         if "dag" in spec["components"][task["componentRef"]["name"]]
     ]
-    assert (selectors, nested, len(loop_bodies)) == ([], [], 4)
+    return selectors, nested, len(loop_bodies)
+
+
+def test_no_loop_item_field_crosses_a_control_flow_boundary_as_in_kubeflow_pipelines_13273(spec):
+    assert crossings(spec) == ([], [], 4)
+
+
+def test_nor_in_a_later_round_whose_loops_sit_inside_a_dsl_if(tmp_path):
+    # Round 2's loops run inside `dsl.If(round 1 promoted)`: the pattern's other boundary.
+    path = tmp_path / "pipeline.yaml"
+    compile_pipeline(str(path), load_run_config(overrides=["rounds=2"]).params)
+    assert crossings(next(yaml.safe_load_all(path.read_text()))) == ([], [], 6)
 
 
 # -- the same rule, enforced on kfp.local ---------------------------------------------------------------
