@@ -85,8 +85,6 @@ DATA_TAG_PREFIX = "cai.data."
 # What a version must carry to be loaded, served or promoted: who created it, the sha256 of its
 # checkpoint's manifest (which lists every file's sha256) and the pipeline run that made it.
 VERSION_CREATION_TAGS = (CREATED_BY_TAG, CHECKPOINT_SHA_TAG, PIPELINE_RUN_TAG)
-# On a production version: the candidate (`<candidates model>/<version>`) it is a copy of.
-PROMOTED_FROM_TAG = "cai.promoted_from"
 
 # -- MLflow tags: evaluation evidence on a challenger's version (read by the gate) ----------------------
 
