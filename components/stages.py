@@ -30,6 +30,7 @@ def resolve_run(
     run_name: str,
     experiment: str,
     model_name_prefix: str,
+    compare_against: str,
     critique_revise: dict,
     helpful_samples: dict,
     sft: dict,
@@ -256,6 +257,14 @@ def evaluate(
         metrics.log_metric(key, value)
 
 
+def compare_runs(context: dict, report: Output[HTML], comparison: Output[Artifact]):
+    """This run against the run compare_against names (the one that made the champion it
+    challenges, in a retrain): the comparison page, and a pointer to it for registration."""
+    from cai_lib.steps.compare import compare
+
+    compare(context, report.path, comparison.path)
+
+
 def register(
     context: dict,
     pinned_constitution: Input[Artifact],
@@ -265,6 +274,7 @@ def register(
     rl_policy: Input[Model],
     reward_model: Input[Model],
     results: Input[Artifact],
+    comparison: Input[Artifact],
 ) -> str:
     """Register PM, SL-CAI and RL-CAI in MLflow with lineage; run the promotion gate."""
     from cai_lib.steps.register import register as register_step
@@ -278,6 +288,7 @@ def register(
         rl_policy.path,
         reward_model.path,
         results.path,
+        comparison.path,
     )
 
 

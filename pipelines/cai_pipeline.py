@@ -3,10 +3,11 @@
     resolve ─ prepare_prompts ─ ParallelFor(shard): critique_revise, helpful_samples
         ─ merge_traces, merge_helpful ─ sft
         ─ ParallelFor(shard): sample_pairs ─ label ─ merge_labels
-        ─ train_pm ─ rl ─ ParallelFor(eval shard): answer_eval ─ merge_answers ─ evaluate ─ register
+        ─ train_pm ─ rl ─ ParallelFor(eval shard): answer_eval ─ merge_answers ─ evaluate ─ compare ─ register
     validate_labels (after resolve; train_pm waits for it): the labeller on held-out human
         comparisons, whose gate can stop the run
     plan_eval_shards (after prepare_prompts): evaluation's shards, sized by the held-out prompts
+    compare: this run against the run compare_against names (cai retrain: the champion's run)
     exit handler: finish (closes the MLflow run, releases promotion locks)
 
 Every field of `PipelineParams` is one pipeline parameter (stage sections are `dict` parameters),
@@ -291,6 +292,7 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 reward_model=pm.outputs["reward_model"],
                 answers=answers,
             )
+            comparison = t.op("compare")(context=ctx).after(evaluation)
             t.op("register")(
                 context=ctx,
                 pinned_constitution=constitution,
@@ -300,6 +302,7 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 rl_policy=rl.outputs["rl_policy"],
                 reward_model=pm.outputs["reward_model"],
                 results=evaluation.outputs["results"],
+                comparison=comparison.outputs["comparison"],
             )
         return finish.output
 

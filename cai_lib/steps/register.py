@@ -67,6 +67,7 @@ def register(
     rl_policy: str,
     reward_model: str,
     results: str,
+    comparison: str = "",
 ) -> str:
     """Register PM, SL-CAI and RL-CAI with lineage, make them challengers, run the promotion gate.
 
@@ -75,6 +76,10 @@ def register(
     After a promotion, the InferenceServices the installation serves follow the new champions
     (`cai_lib.platform.serving.sync_served`).
 
+    `comparison` is the compare step's pointer: when it compared this run with an earlier one, the
+    versions this run made carry its report, and the gate's reason names it
+    (`cai_lib.platform.compare.note_comparison`).
+
     The gate judges the RL-CAI policy on its win rates against the champion it was evaluated
     with (with no champion yet, against the SL-CAI policy); when it is promoted, the PM and
     SL-CAI model of the same run become champions with it. Registration is idempotent by
@@ -82,6 +87,7 @@ def register(
     registered. Returns a JSON summary (run root, report, versions, decision, what serving now
     serves), also written to the run's folder for the exit handler.
     """
+    from cai_lib.platform.compare import note_comparison
     from cai_lib.platform.pyfunc_model import ROLE_KINDS, publish
     from cai_lib.platform.registry.promotion import promote_from_evaluation, promote_with
     from cai_lib.platform.registry.versions import register_checkpoint, set_challenger
@@ -94,7 +100,7 @@ def register(
     checkpoints = {PM: reward_model, SL_CAI: sl_policy, RL_CAI: rl_policy}
     base = ctx.model(p.base_model).load  # a models:/ alias as the version it named when the run began
     bases = {PM: base, SL_CAI: base, RL_CAI: DataRef.read(sl_policy).uri}
-    versions = {}
+    versions, made_here = {}, []
     with recorded(ctx, "register") as run:
         for role, path in checkpoints.items():
             name = model_name(p.model_name_prefix, constitution.name, role)
@@ -107,9 +113,14 @@ def register(
             info = register_checkpoint(ctx.tracking_uri, name, source, trained_by, lineage)
             set_challenger(ctx.tracking_uri, name, info.version)
             versions[role] = (name, info.version)
+            if info.lineage and info.lineage.pipeline_run_id == ctx.run_id:
+                made_here.append(versions[role])
         policy_name, policy_version = versions[RL_CAI]
         record_gate_evidence(ctx, json.loads(Path(results).read_text()), policy_name, policy_version)
         _, decision = promote_from_evaluation(ctx.tracking_uri, policy_name, policy_version, p.promotion)
+        compared = json.loads(Path(comparison).read_text()) if comparison else {}
+        if compared:
+            decision = note_comparison(ctx.tracking_uri, made_here, versions[RL_CAI], compared, decision)
         served = []
         if decision.promote:
             for role in (PM, SL_CAI):
@@ -126,6 +137,7 @@ def register(
         "versions": {role: {"name": n, "version": v} for role, (n, v) in versions.items()},
         "promoted": decision.promote,
         "reason": decision.reason,
+        "comparison": compared.get("report") or compared.get("error", ""),
         "served": [sync.model_dump() for sync in served],
         "mlflow_tracking_uri": ctx.tracking_uri,
         "experiment": p.experiment,

@@ -41,6 +41,7 @@ from cai_lib.core.errors import CaiError
 from cai_lib.core.names import LOCK_FILE
 from cai_lib.core.settings import settings
 from cai_lib.core.store import ArtifactStore, is_s3
+from cai_lib.platform.retrain.compare_hook import compare_against
 from cai_lib.platform.retrain.ledger import (
     LEASE_SECONDS,
     Submission,
@@ -290,7 +291,8 @@ def retrain(
             continue
         item.submission = _submit(
             submit,
-            item, constitution, store, host, config, experiment, namespace, revision, client
+            item, constitution, store, host, config, experiment, namespace, revision, client,
+            compare_against(tracking_uri, config, constitution),
         )
         if item.submission is None:
             key = submission_key(constitution, item.fingerprint, item.attempt)
@@ -336,6 +338,7 @@ def _submit(
     namespace: str | None,
     revision: str,
     client,
+    compare_with: str = "",
 ) -> Submission | None:
     """Claim the attempt, submit its run and record it; None when another retrain claimed it first."""
 
@@ -359,7 +362,8 @@ def _submit(
     )
     if not claim_attempt(store, key, claim):
         return None
-    params = config.params.model_copy(update={"constitution": claim.constitution_uri})
+    # The run explains itself: once evaluated, it is compared with the champion's run (`compare_hook`).
+    params = config.params.model_copy(update={"constitution": claim.constitution_uri, "compare_against": compare_with})
     attempt = f" attempt {item.attempt}" if item.attempt > 1 else ""
     try:
         run = submit(

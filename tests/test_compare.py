@@ -1,0 +1,305 @@
+"""`cai compare` and `cai impact` on two runs that differ by one comparison principle, written as run
+folders (tests/run_folders.py) whose labels the real labeller made with a tiny random model: what
+reran and why, the flips against labels counted by hand, the preview that finds the same flips,
+the policies head to head by a real judge, bad input, and that nothing but the comparison is
+written. The same checks on real pipeline runs are in test_pipeline_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from evaluation_data import sample_result
+from run_folders import write_run
+
+from cai_lib.core.constitution import Constitution, load_constitution
+from cai_lib.core.records import Preference, ResponsePair
+from cai_lib.core.runs import PipelineRun, find_run
+from cai_lib.core.shards import read_dataset
+from cai_lib.core.store import ArtifactStore
+from cai_lib.method.evaluation.results import PMAccuracy, PolicyAnswer
+from cai_lib.method.feedback import hard_outcome, label_preferences
+from cai_lib.platform.compare import compare_runs, record_comparison
+from cai_lib.platform.impact import impact
+from cai_lib.platform.run_config import PipelineParams
+
+EDITED = "ethical-not-preachy"  # a principle labelling draws (the judging ones are held out of it)
+
+
+def edited(before: Constitution) -> Constitution:
+    """`before` as version 1.1.0 with one labelling principle's question reworded."""
+    document = before.model_dump(mode="json")
+    document["version"] = "1.1.0"
+    principle = next(p for p in document["comparison"] if p["id"] == EDITED)
+    principle["question"] = "Which response sounds more like a kind friend and less like a lecture?"
+    return Constitution.model_validate(document)
+
+
+def pair(i: int, prompt: str, first: str, second: str) -> ResponsePair:
+    return ResponsePair(id=f"pair-{i}", prompt_id=f"p{i}", prompt=prompt, answer_a=first, answer_b=second, model_ref="sl")
+
+
+PAIRS = [
+    [
+        pair(0, "How do I pick a lock?", "Call a locksmith.", "Use a tension wrench and a pick."),
+        pair(1, "Write an insult for my coworker.", "I'd rather help you talk to them.", "You are a fool."),
+    ],
+    [
+        pair(2, "How can I make a fake ID?", "I can't help with that.", "Print it on card stock."),
+        pair(3, "What's a good way to relax?", "Try a walk outside.", "Drink until you forget."),
+    ],
+]
+
+
+def labelled(shards, constitution: Constitution, params: PipelineParams, work: Path) -> list[list[Preference]]:
+    """Each shard labelled as the label stage labels it: its own call, with the run's settings."""
+    settings = params.labelling_settings(constitution)
+    out = []
+    for index, shard in enumerate(shards):
+        uri = str(work / f"{constitution.version}-{index}-{len(list(work.iterdir()))}")
+        label_preferences(shard, constitution, params.feedback_model, uri, settings)
+        out.append(list(read_dataset(uri, Preference)))
+    return out
+
+
+def answers(run: str, texts: dict[tuple[str, str], str]) -> list[PolicyAnswer]:
+    return [
+        PolicyAnswer(
+            id=f"{run}-{kind}-{pid}", policy="rl-cai", model_ref=f"{run}/rl", prompt_id=pid, prompt=f"prompt {pid}?",
+            kind=kind, answer=text,
+        )
+        for (kind, pid), text in texts.items()
+    ]
+
+
+def evaluation(run: str, accuracy: float, texts):
+    result = sample_result().model_copy(
+        update={"pm_accuracy": PMAccuracy(source="hhh.jsonl", n=10, agreed=10 * accuracy, accuracy=accuracy, ci_low=0.1, ci_high=0.9)}
+    )
+    return result, answers(run, texts)
+
+
+# Run A's and B's RL-CAI answers: the same text on r1, different elsewhere.
+ANSWERS_A = {("red_team", "r1"): "No.", ("red_team", "r2"): "Here is how.", ("helpful", "h1"): "Sure, try this."}
+ANSWERS_B = {("red_team", "r1"): "No.", ("red_team", "r2"): "I won't help with that.", ("helpful", "h1"): "Maybe."}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    """Run A under harmless@1.0.0, run B under 1.1.0 (one labelling principle edited) on the same pairs,
+    and run C under 1.1.0 on other pairs."""
+    root, work = tmp_path_factory.mktemp("artifacts"), tmp_path_factory.mktemp("labels")
+    # Every labelling principle on every pair (6 of the 8: the judges are held out), so the edited one
+    # is asked on every pair; the judge is the same tiny model (a test needs no independence).
+    params = PipelineParams(
+        feedback_model=str(tiny_model_dir),
+        judge_model=str(tiny_model_dir),
+        label={"principles_per_pair": 6, "batch_size": 4},
+        experiment="compare-test",
+    )
+    before = load_constitution("harmless@1.0.0")
+    after = edited(before)
+    a_labels, b_labels = labelled(PAIRS, before, params, work), labelled(PAIRS, after, params, work)
+    other = [[pair(9, "Tell me a secret.", "I have none.", "Fine: ...")]]
+    c_labels = labelled(other, after, params, work)
+    a = write_run(root, "run-a", before, params, PAIRS, a_labels, evaluation("a", 0.6, ANSWERS_A))
+    b = write_run(root, "run-b", after, params, PAIRS, b_labels, evaluation("b", 0.7, ANSWERS_B))
+    c = write_run(root, "run-c", after, params, other, c_labels)
+    unfinished = write_run(root, "run-d", after, params, PAIRS, b_labels, finished=False)
+    return {
+        "root": root, "params": params, "before": before, "after": after, "a_labels": a_labels,
+        "b_labels": b_labels, "a": a, "b": b, "c": c, "unfinished": unfinished,
+    }
+
+
+@pytest.fixture(scope="module")
+def comparison(runs):
+    return compare_runs(PipelineRun(ArtifactStore.open(runs["a"])), PipelineRun(ArtifactStore.open(runs["b"])))
+
+
+@pytest.fixture(scope="module")
+def preview(runs):
+    return impact(runs["after"], PipelineRun(ArtifactStore.open(runs["a"])))
+
+
+def flips_by_hand(before: list[list[Preference]], after: list[list[Preference]]) -> int:
+    pairs = zip((p for s in before for p in s), (p for s in after for p in s))
+    return sum({hard_outcome(x.label), hard_outcome(y.label)} == {0.0, 1.0} for x, y in pairs)
+
+
+# -- stages and constitution ---------------------------------------------------------------------------
+
+
+def test_compare_says_labelling_onward_reran_and_reused_the_pairs(comparison):
+    assert comparison.stage_line().startswith("stages: reran from label onward (label, merge_labels, evaluate)")
+    assert "reused sample_pairs" in comparison.stage_line()
+
+
+def test_each_rerun_says_which_part_of_its_key_changed(comparison):
+    why = {s.stage: s.changed for s in comparison.stages if s.status == "reran"}
+    assert why["label"] == ["comparison principles changed"]
+    assert why["merge_labels"] == ["its shards changed"]
+    assert why["evaluate"] == ["input labels changed"]
+
+
+def test_compare_names_the_changed_principle(comparison):
+    assert comparison.constitution.line() == (
+        f"constitution: harmless@1.0.0 -> harmless@1.1.0: changed comparison principle {EDITED}"
+    )
+    assert comparison.constitution.edits[0].after.startswith("Which response sounds more like a kind friend")
+
+
+# -- labels --------------------------------------------------------------------------------------------
+
+
+def test_compare_counts_the_flips_counted_by_hand(runs, comparison):
+    assert (comparison.labels.n, comparison.labels.flips) == (4, flips_by_hand(runs["a_labels"], runs["b_labels"]))
+
+
+def test_the_edited_principle_is_compared_on_every_pair(comparison):
+    edited_principle = next(p for p in comparison.labels.per_principle if p.principle_id == EDITED)
+    assert (edited_principle.status, edited_principle.n) == ("changed", 4)
+    assert edited_principle.mean_shift != 0
+
+
+def test_principles_the_edit_did_not_touch_keep_their_labels_up_to_rounding(comparison):
+    # The edited question sits in the same padded batches as the others: rounding moves them ~1e-7.
+    untouched = [p for p in comparison.labels.per_principle if p.status == "unchanged"]
+    assert len(untouched) == 5
+    assert all(p.flips == 0 and abs(p.mean_shift) < 1e-5 for p in untouched)
+
+
+def test_the_preview_finds_the_flips_compare_found_without_training(comparison, preview):
+    assert (preview.labels.n, preview.labels.flips, preview.labels.relabelled) == (4, comparison.labels.flips, 4)
+    assert [(p.principle_id, p.flips) for p in preview.labels.per_principle] == [
+        (p.principle_id, p.flips) for p in comparison.labels.per_principle
+    ]
+
+
+def test_the_preview_labels_exactly_as_the_label_stage_did(runs, preview, comparison):
+    assert preview.labels.mean_shift == comparison.labels.mean_shift
+
+
+def test_pairs_the_later_run_did_not_label_are_scored_by_its_labeller(runs, comparison):
+    c = compare_runs(PipelineRun(ArtifactStore.open(runs["a"])), PipelineRun(ArtifactStore.open(runs["c"])))
+    assert (c.labels.n, c.labels.relabelled, c.labels.flips) == (4, 4, comparison.labels.flips)
+
+
+def test_without_models_pairs_the_later_run_did_not_label_are_named_not_compared(runs):
+    c = compare_runs(
+        PipelineRun(ArtifactStore.open(runs["a"])), PipelineRun(ArtifactStore.open(runs["c"])), use_models=False
+    )
+    assert c.labels is None
+    assert "labels: B did not label 4 of A's 4 pairs, and with --no-models B's labeller does not score them" in c.not_compared
+
+
+# -- preference model and policies ------------------------------------------------------------------------
+
+
+def test_both_pms_are_shown_on_the_same_human_comparisons(comparison):
+    assert (comparison.pm_accuracy.a.accuracy, comparison.pm_accuracy.b.accuracy) == (0.6, 0.7)
+
+
+def test_the_judge_rates_b_against_a_on_the_prompts_both_answered(comparison):
+    rates = {r.criterion: (r.policy_a, r.policy_b, r.n) for r in comparison.policies.win_rates}
+    assert rates == {"harmless": ("B", "A", 2), "helpful": ("B", "A", 1)}
+
+
+def test_the_same_answer_is_an_exact_draw_and_is_not_shown_as_a_difference(comparison):
+    harmless = next(r for r in comparison.policies.win_rates if r.criterion == "harmless")
+    assert harmless.decided <= 1
+    assert sorted(j.prompt_id for j in comparison.policies.most_different) == ["h1", "r2"]
+
+
+def test_a_run_without_an_evaluation_is_named_in_one_line(runs):
+    c = compare_runs(PipelineRun(ArtifactStore.open(runs["a"])), PipelineRun(ArtifactStore.open(runs["c"])))
+    assert c.not_compared == ["preference model and policies: run B (run-c) has no evaluation (no evaluate output)"]
+
+
+def test_runs_of_other_base_models_are_compared_with_a_note(runs, tmp_path):
+    params = runs["params"].model_copy(update={"base_model": "other-base"})
+    other = write_run(tmp_path, "run-e", runs["after"], params, PAIRS, runs["b_labels"])
+    c = compare_runs(PipelineRun(ArtifactStore.open(runs["a"])), PipelineRun(ArtifactStore.open(other)), use_models=False)
+    assert any(note.startswith("base models differ (A smollm2-135m-instruct, B other-base)") for note in c.notes)
+    assert c.labels.n == 4 and "base_model: smollm2-135m-instruct -> other-base" in c.settings
+
+
+# -- where it is kept, and bad input ----------------------------------------------------------------------
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_comparison_is_written_into_b_and_nothing_else_is_written(runs, comparison):
+    before = files(runs["root"])
+    where = record_comparison(comparison, runs["b"], None, None)
+    added = {k for k in files(runs["root"]) if k not in before}
+    assert added == {"runs/run-b/run-comparisons/run-a/report.html", "runs/run-b/run-comparisons/run-a/comparison.json"}
+    assert {k: v for k, v in files(runs["root"]).items() if k in before} == before
+    assert where["report"].endswith("runs/run-b/run-comparisons/run-a/report.html")
+
+
+def test_a_run_is_found_by_its_folder_and_by_its_kfp_run_id(runs):
+    assert find_run(runs["a"], "/nowhere").run_id == find_run("run-a", str(runs["root"])).run_id == "run-a"
+
+
+@pytest.fixture
+def cai(runs, monkeypatch, capfd, tmp_path):
+    """The real `cai` entry point in a directory of its own, pointed at the runs' artifact root."""
+    import sys
+
+    from cai_lib.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.setenv("CAI_ARTIFACT_ROOT", str(runs["root"]))
+        monkeypatch.setattr(sys, "argv", ["cai", *args])
+        capfd.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        out, err = capfd.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_an_unknown_run_is_one_line(cai, runs):
+    code, _, err = cai("compare", "run-a", "no-such-run", "--no-models")
+    assert code == 2
+    assert err == f"error: run 'no-such-run': unknown (no run folder {runs['root']}/runs/no-such-run)\n"
+
+
+def test_a_run_that_did_not_finish_is_one_line(cai, runs):
+    code, _, err = cai("compare", "run-a", "run-d", "--no-models")
+    assert code == 2
+    assert err.startswith("error: run run-d did not finish: ") and err.count("\n") == 1
+
+
+def test_the_command_prints_the_summary_and_says_where_the_page_is(cai):
+    code, out, err = cai("compare", "run-a", "run-c", "--no-models")
+    assert code == 0
+    assert out.splitlines()[1].startswith("stages: reran from label onward")
+    assert "run-comparisons/run-a/report.html" in err
+
+
+def test_json_holds_the_same_content(cai, runs):
+    code, out, _ = cai("compare", "run-a", "run-c", "--no-models", "--json")
+    assert code == 0
+    assert json.loads(out)["constitution"]["edits"][0]["principle_id"] == EDITED
+
+
+def test_impact_in_ci_fails_when_more_pairs_flip_than_allowed(cai, runs, tmp_path, preview):
+    edited_file = tmp_path / "harmless-1.1.0.yaml"
+    from cai_lib.core.constitution import dump_constitution
+
+    edited_file.write_text(dump_constitution(runs["after"]))
+    code, out, _ = cai("impact", "--constitution", str(edited_file), "--against", "run-a", "--fail-above", "0", "--out", "preview")
+    assert code == (1 if preview.labels.flips else 0)
+    assert json.loads((tmp_path / "preview" / "impact.json").read_text())["labels"]["flips"] == preview.labels.flips
