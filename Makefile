@@ -8,7 +8,7 @@ CAI_IMAGE_GPU ?= ghcr.io/cai-platform/cai-gpu:0.1.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint compile images deploy-files clean
+.PHONY: setup demo test test-fast lint compile images deploy-files clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,23 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/cai run --quick
 
+# Two pytest processes (pytest-xdist); each test module runs whole on one of them, so its module
+# fixtures are built once, and the modules that start servers, train or run the pipeline go first
+# (tests/conftest.py orders them). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+# The tiers tests/conftest.py marks from the fixtures a test uses, and the two marked by hand.
+SLOW_TIERS := server or model or pipeline or integration or gpu
+
+# The whole suite (CI runs this).
 test: setup
 	bash scripts/system-deps.sh
-	$(BIN)/pytest -q
+	$(PYTEST)
+
+# Everything that starts no server, makes or loads no model and runs no pipeline.
+test-fast: setup
+	bash scripts/system-deps.sh
+	$(PYTEST) -m "not ($(SLOW_TIERS))"
 
 lint: setup
 	$(BIN)/ruff check cai_lib components pipelines tests benchmarks

@@ -25,6 +25,13 @@ heads × head_dim per layer of attention. Padding, decoding steps of rows that a
 logits computed only to be discarded run but are not counted: they are waste the fraction should
 show.
 
+With `--profile`, every variant also runs under torch's profiler and reports where its CPU time
+went (`profile`): the share of the operators' own time in matrix multiplication (`aten::mm`,
+`addmm`, `bmm`), in attention (the SDPA kernels), in copies (`copy_`, `cat`, `index_copy_`,
+`clone`: moving tensors, no arithmetic) and in the rest (element-wise operators, sampling), and
+the 10 operators that took longest. The profiler slows every variant alike; the timings of a
+profiled run are not the benchmark's.
+
 Run: .venv/bin/python benchmarks/generation.py --prompts 32 --rounds 2
 """
 
@@ -114,6 +121,7 @@ class Metered:
         self.calls = 0
         self.seconds = 0.0
         self.reused_tokens = 0
+        self.profile: dict | None = None
 
     def generate(
         self, conversations: Sequence[Conversation], params: SamplingParams, shared_prefix=None
@@ -127,19 +135,57 @@ class Metered:
 
 
 def open_variant(name: str, model: str, batch_size: int) -> Metered:
-    """A fresh backend (no KV kept from another variant) behind the generation path `name`."""
+    """A fresh backend (no KV kept from another variant) behind the generation path `name`. The
+    naive loop runs the model as transformers loads it ("sdpa" attention), as a first script would."""
     backend = TransformersBackend(model, batch_size=batch_size, keep_history=name == "batched+prefix+history")
+    if name == "naive":
+        backend.model.set_attn_implementation("sdpa")
     backend.generate([[{"role": "user", "content": "Hello"}]], SamplingParams(max_new_tokens=4))  # warm-up
     backend.last_reused_tokens = 0  # and the FLOPs are counted from here on (Metered installs the counter)
     wrapper = {"naive": NaiveLoop, "batched": PrefixInlined}.get(name)
     return Metered(wrapper(backend) if wrapper else backend, backend)
 
 
-def run_variant(metered: Metered, prompts, constitution, config, out_dir: Path) -> Metered:
+# Operator families of a CPU profile (self time): what does arithmetic and what only moves data.
+OPERATOR_FAMILIES = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"),
+    "copy": ("aten::copy_", "aten::cat", "aten::index_copy_", "aten::clone", "aten::contiguous"),
+}
+
+
+def run_variant(metered: Metered, prompts, constitution, config, out_dir: Path, profile: bool = False) -> Metered:
+    import contextlib
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    profiler = torch_profile(activities=[ProfilerActivity.CPU]) if profile else contextlib.nullcontext()
     start = time.perf_counter()
-    critique_revise(prompts, constitution, metered.model_ref, str(out_dir), config, backend=metered)
+    with profiler:
+        critique_revise(prompts, constitution, metered.model_ref, str(out_dir), config, backend=metered)
     metered.seconds = time.perf_counter() - start
+    metered.profile = operator_shares(profiler) if profile else None
     return metered
+
+
+def operator_shares(profiler) -> dict:
+    """Shares of the profiled operators' self CPU time by family, and the longest operators."""
+    events = profiler.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    families = {family: 0.0 for family in (*OPERATOR_FAMILIES, "other")}
+    for event in events:
+        family = next((f for f, names in OPERATOR_FAMILIES.items() if event.key in names), "other")
+        families[family] += event.self_cpu_time_total
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {
+        "self_cpu_seconds": round(total / 1e6, 2),
+        "shares": {family: round(us / total, 4) for family, us in families.items()},
+        "top_operators": [
+            {"operator": e.key, "calls": e.count, "self_cpu_seconds": round(e.self_cpu_time_total / 1e6, 3)}
+            for e in top
+        ],
+    }
 
 
 def summary(metered: Metered) -> dict:
@@ -153,6 +199,7 @@ def summary(metered: Metered) -> dict:
         "speedup_vs_naive": None,
         **metered.flops.totals(),
         "fraction_of_gemm_ceiling": None,
+        **({"profile": metered.profile} if metered.profile else {}),
     }
 
 
@@ -197,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--out", type=Path, help="result JSON (default benchmarks/results/generation-<device>.json)"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile each variant's operators (slower; see above)"
+    )
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -226,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 constitution,
                 config,
                 Path(work) / name,
+                args.profile,
             )
             rows[name], replies[name] = summary(metered), metered.replies
             prefix_tokens = metered.backend.reusable_prefix_length(
@@ -274,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     env["load_average_1m_at_end"] = os.getloadavg()[0]
     print_table(report)
-    out = args.out or RESULTS_DIR / f"generation-{env['device_kind']}.json"
+    suffix = "-profile" if args.profile else ""
+    out = args.out or RESULTS_DIR / f"generation-{env['device_kind']}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
@@ -303,6 +355,11 @@ def print_table(report: dict) -> None:
         f"ceiling: measured {report['gemm_dtype']} GEMM rate {report['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s; "
         "FLOPs: the forward passes' matmuls and attention, padding, finished rows and unused logits excluded"
     )
+    profiled = {name: row["profile"] for name, row in report["variants"].items() if "profile" in row}
+    if profiled:
+        print(f"{'operator time':<24}" + "".join(f"{family:>11}" for family in (*OPERATOR_FAMILIES, "other")))
+        for name, profile in profiled.items():
+            print(f"{name:<24}" + "".join(f"{share:>11.1%}" for share in profile["shares"].values()))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ image of their kind (CPU or GPU) taken from the deploy config. KFP embeds each f
 in the pod's command, so every import is inside the body.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output, PipelineTaskFinalStatus
 
@@ -16,6 +16,7 @@ def resolve_run(
     base_model: str,
     feedback_model: str,
     judge_model: str,
+    prompt_model: str,
     red_team_prompts: str,
     helpful_prompts: str,
     human_preferences: str,
@@ -29,8 +30,10 @@ def resolve_run(
     rows_per_shard: int,
     run_name: str,
     experiment: str,
+    rounds: int,
     model_name_prefix: str,
     compare_against: str,
+    generate_prompts: dict,
     critique_revise: dict,
     helpful_samples: dict,
     sft: dict,
@@ -42,21 +45,28 @@ def resolve_run(
     rl: dict,
     evaluate: dict,
     promotion: dict,
+    iteration: dict,
     run_id: str,
     kfp_run_name: str,
+    compiled_rounds: int,
     pinned_constitution: Output[Artifact],
 ) -> NamedTuple("Outputs", context=dict):
     """Validate the run parameters, pin the constitution, run the pre-flight checks, open the
-    MLflow parent run (keyed on the KFP run id; the run name is its display name).
+    MLflow parent run (keyed on the KFP run id; the run name is its display name). `compiled_rounds`
+    is the rounds of iterated CAI unrolled into this pipeline; a run asking for others is refused.
 
     The output is named `context`, not the default `Output`: kfp.local resolves a ParallelFor
     body's inputs by output name, and the fan-out's items are prepare_prompts' `Output`.
     """
-    params = {k: v for k, v in locals().items() if k not in ("run_id", "kfp_run_name", "pinned_constitution")}
+    params = {
+        k: v
+        for k, v in locals().items()
+        if k not in ("run_id", "kfp_run_name", "compiled_rounds", "pinned_constitution")
+    }
 
     from cai_lib.steps.resolve import resolve
 
-    return (resolve(params, run_id, kfp_run_name, pinned_constitution.path),)
+    return (resolve(params, run_id, kfp_run_name, pinned_constitution.path, compiled_rounds),)
 
 
 def prepare_prompts(
@@ -95,6 +105,50 @@ def plan_eval_shards(
     return eval_fan_out(context, red_team.path, helpful.path, xstest.path)
 
 
+def generate_prompts_shard(
+    work: dict,
+    red_team: Input[Dataset],
+    helpful: Input[Dataset],
+    red_team_eval: Input[Dataset],
+    helpful_eval: Input[Dataset],
+) -> str:
+    """Candidate prompts written few-shot from each kind's training prompts, for one shard of the
+    generation requests, each judged by the filters that look at one candidate; returns its DataRef."""
+    from cai_lib.steps.generate_prompts import generate_prompts_shard as generate_prompts_shard_step
+
+    return generate_prompts_shard_step(
+        work["context"],
+        {"red_team": red_team.path, "helpful": helpful.path},
+        {"red_team": red_team_eval.path, "helpful": helpful_eval.path},
+        int(work["shard"]),
+        int(work["shards"]),
+    ).model_dump_json()
+
+
+def select_prompts(
+    context: dict,
+    candidates: Input[Dataset],
+    red_team: Input[Dataset],
+    helpful: Input[Dataset],
+    generated: Output[Dataset],
+    red_team_train: Output[Dataset],
+    helpful_train: Output[Dataset],
+    metrics: Output[Metrics],
+) -> list[dict]:
+    """Drop generated prompts that nearly duplicate another, mix the kept ones into each kind's
+    training prompts; returns the work items of the generation fan-outs over the mixed prompts."""
+    from cai_lib.steps.generate_prompts import select_prompts as select_prompts_step
+    from cai_lib.steps.prepare_prompts import fan_out
+
+    refs, counts = select_prompts_step(context, candidates.path, {"red_team": red_team.path, "helpful": helpful.path})
+    for name, artifact in (("generated", generated), ("red_team_train", red_team_train), ("helpful_train", helpful_train)):
+        artifact.metadata.update(refs[name].write(artifact.path))
+    for kind, row in counts.items():
+        for key, value in row.items():
+            metrics.log_metric(f"{kind}.{key}", value)
+    return fan_out(context, refs["red_team_train"].rows)
+
+
 def critique_revise_shard(work: dict, pinned_constitution: Input[Artifact], prompts: Input[Dataset]) -> str:
     """SL-CAI critique→revision on one shard of the red-team prompts; returns the shard's DataRef.
 
@@ -118,11 +172,11 @@ def helpful_samples_shard(work: dict, prompts: Input[Dataset]) -> str:
     ).model_dump_json()
 
 
-def merge_shards(context: dict, parts: list, name: str, merged: Output[Dataset]):
+def merge_shards(context: dict, parts: list, name: str, merged: Output[Dataset], round: int = 1):
     """Merge a fan-out's shard datasets into one, rows in id order (the same at any shard count)."""
     from cai_lib.steps.merge import merge
 
-    merged.metadata.update(merge(context, parts, name).write(merged.path))
+    merged.metadata.update(merge(context, parts, name, round).write(merged.path))
 
 
 def sft(
@@ -141,19 +195,38 @@ def sft(
         metrics.log_metric(key, value)
 
 
-def sample_pairs_shard(work: dict, prompts: Input[Dataset], policy: Input[Model], pairs: Output[Dataset]):
-    """Two answers per red-team prompt of one shard, from the SL-CAI policy."""
+def sample_pairs_shard(
+    work: dict, prompts: Input[Dataset], policy: Input[Model], pairs: Output[Dataset], round: int = 1
+):
+    """Two answers per red-team prompt of one shard, from the SL-CAI policy (in a later round of
+    iterated CAI, the round before's RL-CAI policy)."""
     from cai_lib.steps.sample_pairs import sample_pairs
 
-    ref = sample_pairs(work["context"], prompts.path, policy.path, int(work["shard"]), int(work["shards"]))
+    ref = sample_pairs(
+        work["context"], prompts.path, policy.path, int(work["shard"]), int(work["shards"]), round
+    )
     pairs.metadata.update(ref.write(pairs.path))
 
 
-def label_shard(work: dict, pinned_constitution: Input[Artifact], pairs: Input[Dataset]) -> str:
-    """AI feedback on one shard's pairs: soft preference labels; returns the shard's DataRef."""
+def label_shard(
+    work: dict,
+    pinned_constitution: Input[Artifact],
+    pairs: Input[Dataset],
+    labeller: Optional[Input[Model]] = None,
+    round: int = 1,
+) -> str:
+    """AI feedback on one shard's pairs: soft preference labels; returns the shard's DataRef. In a
+    later round, `labeller` is the round before's policy, which labels when the run says so."""
     from cai_lib.steps.label import label
 
-    return label(work["context"], pinned_constitution.path, pairs.path, int(work["shard"])).model_dump_json()
+    return label(
+        work["context"],
+        pinned_constitution.path,
+        pairs.path,
+        int(work["shard"]),
+        labeller.path if labeller else None,
+        round,
+    ).model_dump_json()
 
 
 def validate_labels(context: dict, pinned_constitution: Input[Artifact], metrics: Output[Metrics]):
@@ -165,11 +238,19 @@ def validate_labels(context: dict, pinned_constitution: Input[Artifact], metrics
         metrics.log_metric(key, value)
 
 
-def train_pm(context: dict, labels: Input[Dataset], reward_model: Output[Model], metrics: Output[Metrics]):
-    """The preference model on AI harmlessness labels mixed with human pairs."""
+def train_pm(
+    context: dict,
+    labels: Input[Dataset],
+    reward_model: Output[Model],
+    metrics: Output[Metrics],
+    previous_pm: Optional[Input[Model]] = None,
+    round: int = 1,
+):
+    """The preference model on AI harmlessness labels mixed with human pairs (in a later round,
+    continued from the round before's PM when the run says so)."""
     from cai_lib.steps.train_pm import train_pm as train_pm_step
 
-    ref, values = train_pm_step(context, labels.path)
+    ref, values = train_pm_step(context, labels.path, previous_pm.path if previous_pm else None, round)
     reward_model.metadata.update(ref.write(reward_model.path))
     for key, value in values.items():
         metrics.log_metric(key, value)
@@ -184,11 +265,15 @@ def rl(
     reward_model: Input[Model],
     rl_policy: Output[Model],
     metrics: Output[Metrics],
+    round: int = 1,
 ):
-    """RL-CAI: the SL-CAI policy optimised against the preference model."""
+    """RL-CAI: the SL-CAI policy (in a later round, the round before's RL-CAI policy) optimised
+    against the preference model."""
     from cai_lib.steps.rl import rl as rl_step
 
-    ref, values = rl_step(context, red_team.path, helpful.path, labels.path, policy.path, reward_model.path)
+    ref, values = rl_step(
+        context, red_team.path, helpful.path, labels.path, policy.path, reward_model.path, round
+    )
     rl_policy.metadata.update(ref.write(rl_policy.path))
     for key, value in values.items():
         metrics.log_metric(key, value)
@@ -202,6 +287,7 @@ def answer_eval_shard(
     xstest: Input[Dataset],
     sl_policy: Input[Model],
     rl_policy: Input[Model],
+    round: int = 1,
 ) -> str:
     """Every evaluated policy's answers to one shard of the held-out and XSTest prompts; returns
     its DataRef."""
@@ -217,6 +303,7 @@ def answer_eval_shard(
         rl_policy.path,
         int(work["shard"]),
         int(work["shards"]),
+        round,
     ).model_dump_json()
 
 
@@ -231,12 +318,14 @@ def evaluate(
     rl_policy: Input[Model],
     reward_model: Input[Model],
     answers: Input[Dataset],
+    generated: Input[Dataset],
     metrics: Output[Metrics],
     report: Output[HTML],
     results: Output[Artifact],
+    round: int = 1,
 ):
-    """Base vs SL-CAI vs RL-CAI (and the registered champion), judged on their answers: metrics
-    and the HTML report."""
+    """Base vs SL-CAI vs RL-CAI (each round's, in iterated CAI, and the registered champion),
+    judged on their answers: metrics and the HTML report (which also shows the generated prompts)."""
     from cai_lib.steps.evaluate import evaluate as evaluate_step
 
     values = evaluate_step(
@@ -252,17 +341,20 @@ def evaluate(
         answers.path,
         report.path,
         results.path,
+        generated.path,
+        round,
     )
     for key, value in values.items():
         metrics.log_metric(key, value)
 
 
-def compare_runs(context: dict, report: Output[HTML], comparison: Output[Artifact]):
-    """This run against the run compare_against names (the one that made the champion it
-    challenges, in a retrain): the comparison page, and a pointer to it for registration."""
+def compare_runs(context: dict, report: Output[HTML], comparison: Output[Artifact], round: int = 1):
+    """This run, evaluated in its last round, against the run compare_against names (the one that
+    made the champion it challenges, in a retrain): the comparison page, and a pointer to it for
+    registration."""
     from cai_lib.steps.compare import compare
 
-    compare(context, report.path, comparison.path)
+    compare(context, report.path, comparison.path, round)
 
 
 def register(
@@ -274,12 +366,20 @@ def register(
     rl_policy: Input[Model],
     reward_model: Input[Model],
     results: Input[Artifact],
-    comparison: Input[Artifact],
-) -> str:
-    """Register PM, SL-CAI and RL-CAI in MLflow with lineage; run the promotion gate."""
+    start_policy: Input[Model],
+    previous_pm: Optional[Input[Model]] = None,
+    comparison: Optional[Input[Artifact]] = None,
+    round: int = 1,
+) -> bool:
+    """Register PM, SL-CAI and RL-CAI in MLflow with lineage (each round's, with its round and
+    parent); run the promotion gate. Returns whether the round passed (its policy was promoted, or
+    the champion already continues it): a later round runs only then. The last round gets the
+    compare step's pointer (`comparison`), which its versions and gate reason record."""
+    import json
+
     from cai_lib.steps.register import register as register_step
 
-    return register_step(
+    summary = register_step(
         context,
         pinned_constitution.path,
         traces.path,
@@ -288,8 +388,12 @@ def register(
         rl_policy.path,
         reward_model.path,
         results.path,
-        comparison.path,
+        round,
+        start_policy.path,
+        previous_pm.path if previous_pm else None,
+        comparison.path if comparison else "",
     )
+    return bool(json.loads(summary)["passed"])
 
 
 def finish_run(run_id: str, experiment: str, status: PipelineTaskFinalStatus) -> str:

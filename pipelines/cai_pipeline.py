@@ -1,13 +1,16 @@
 """The Constitutional AI pipeline: the DAG, built from the run and deploy config.
 
-    resolve ─ prepare_prompts ─ ParallelFor(shard): critique_revise, helpful_samples
-        ─ merge_traces, merge_helpful ─ sft
-        ─ ParallelFor(shard): sample_pairs ─ label ─ merge_labels
-        ─ train_pm ─ rl ─ ParallelFor(eval shard): answer_eval ─ merge_answers ─ evaluate ─ compare ─ register
+    resolve ─ prepare_prompts ─ ParallelFor(shard): generate_prompts ─ merge_candidates ─ select_prompts
+        ─ ParallelFor(shard): critique_revise, helpful_samples ─ merge_traces, merge_helpful ─ sft
+        ─ round 1: ParallelFor(shard): sample_pairs ─ label ─ merge_labels
+            ─ train_pm ─ rl ─ ParallelFor(eval shard): answer_eval ─ merge_answers ─ evaluate ─ register
+        ─ If(round 1 promoted): round 2 (pairs from round 1's RL policy, ...) ─ If(...): round 3 ...
     validate_labels (after resolve; train_pm waits for it): the labeller on held-out human
         comparisons, whose gate can stop the run
     plan_eval_shards (after prepare_prompts): evaluation's shards, sized by the held-out prompts
-    compare: this run against the run compare_against names (cai retrain: the champion's run)
+    compare (in the last round, between evaluate and register): this run against the run
+        compare_against names (cai retrain: the champion's run); register records it
+    `rounds` rounds are unrolled when the pipeline is compiled (KFP has no loop over stages).
     exit handler: finish (closes the MLflow run, releases promotion locks)
 
 Every field of `PipelineParams` is one pipeline parameter (stage sections are `dict` parameters),
@@ -23,8 +26,9 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import Literal, NamedTuple, get_args, get_origin
 
 from kfp import dsl, kubernetes
 from pydantic import BaseModel
@@ -115,15 +119,17 @@ class _Tasks:
     def __init__(self, deploy: DeployConfig):
         self.deploy = deploy
 
-    def op(self, name: str) -> Callable:
-        """A factory of tasks of stage `name`, configured from the stage table and the deploy config."""
+    def op(self, name: str, round_: int = 1) -> Callable:
+        """A factory of tasks of stage `name` (in round `round_` of iterated CAI), configured from the
+        stage table and the deploy config."""
         stage = BY_NAME[name]
+        display = stage.display_name if round_ == 1 else f"{stage.display_name} (round {round_})"
         image = self.deploy.image_gpu if stage.gpu else self.deploy.image_cpu
         component = dsl.component(getattr(stages, stage.component), base_image=image, install_kfp_package=False)
 
         def make_task(**kwargs) -> dsl.PipelineTask:
             task = component(**kwargs)
-            task.set_display_name(stage.display_name)
+            task.set_display_name(display)
             # Off: every stage keys its own output on content and reuses it (visibly, with an
             # MLflow record); KFP's cache would key on the per-run context and never hit.
             task.set_caching_options(False)
@@ -135,9 +141,10 @@ class _Tasks:
 
         return make_task
 
-    def merge(self, name: str, context, part: dsl.PipelineTask):
+    def merge(self, name: str, context, part: dsl.PipelineTask, round_: int = 1):
         """The merge of fan-out `part`'s shard datasets (stage `merge_<name>`); returns the dataset."""
-        task = self.op(f"merge_{name}")(context=context, parts=dsl.Collected(part.output), name=name)
+        later = {} if round_ == 1 else {"round": round_}
+        task = self.op(f"merge_{name}", round_)(context=context, parts=dsl.Collected(part.output), name=name, **later)
         return task.outputs["merged"]
 
     def finish(self, experiment) -> dsl.PipelineTask:
@@ -211,8 +218,146 @@ class _Tasks:
         )
 
 
+class _Round(NamedTuple):
+    """The tasks of one round of iterated CAI that the next round builds on."""
+
+    reward_model: dsl.PipelineChannel
+    rl_policy: dsl.PipelineChannel
+    promoted: dsl.PipelineChannel
+
+
+class _Run(NamedTuple):
+    """What every round reads: the run's context, constitution, prompts and SL-CAI outputs."""
+
+    ctx: dsl.PipelineChannel
+    constitution: dsl.PipelineChannel
+    shards: dsl.PipelineChannel
+    red_team: dsl.PipelineChannel
+    helpful: dsl.PipelineChannel
+    red_team_eval: dsl.PipelineChannel
+    helpful_eval: dsl.PipelineChannel
+    eval_shards: dsl.PipelineChannel
+    generated: dsl.PipelineChannel
+    xstest: dsl.PipelineChannel
+    traces: dsl.PipelineChannel
+    sl_policy: dsl.PipelineChannel
+    validation: dsl.PipelineTask
+
+
+def add_generated_prompts(t: _Tasks, ctx, prompts: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Generated prompts: candidates written few-shot from each kind's training prompts, one shard of
+    requests per task, merged, filtered for near duplicates across shards and mixed with the human
+    prompts (the task's outputs `red_team_train`, `helpful_train`, `generated`, and the work items of
+    the fan-outs over the mixed prompts as its `Output`)."""
+    outputs = prompts.outputs
+    with dsl.ParallelFor(outputs["Output"], parallelism=t.deploy.shard_parallelism, name="prompt-shards") as work:
+        part = t.op("generate_prompts")(
+            work=work,
+            red_team=outputs["red_team_train"],
+            helpful=outputs["helpful_train"],
+            red_team_eval=outputs["red_team_eval"],
+            helpful_eval=outputs["helpful_eval"],
+        )
+    candidates = t.merge("candidates", ctx, part)
+    return t.op("select_prompts")(
+        context=ctx, candidates=candidates, red_team=outputs["red_team_train"], helpful=outputs["helpful_train"]
+    )
+
+
+def add_round(t: _Tasks, run: _Run, k: int, previous: _Round | None, last: bool) -> _Round:
+    """Round `k` of iterated CAI: pairs sampled from the policy the round starts from (round 1: SL-CAI;
+    round k: round k-1's RL-CAI), labelled, a PM trained on them (continued from round k-1's when the
+    run says so), RL continued from that policy, every policy so far evaluated, and the round's
+    models registered and gated. Every task of a later round carries `round` and a display name
+    that says it. The `last` round compares the run, whose final policy it has just evaluated,
+    with the run `compare_against` names, before it registers: its versions and gate reason then
+    record the comparison."""
+    start = run.sl_policy if previous is None else previous.rl_policy
+    later = {} if k == 1 else {"round": k}
+    suffix = "" if k == 1 else f"-round-{k}"
+    with dsl.ParallelFor(
+        run.shards, parallelism=t.deploy.shard_parallelism, name=f"feedback-shards{suffix}"
+    ) as work:
+        pairs = t.op("sample_pairs", k)(work=work, prompts=run.red_team, policy=start, **later)
+        label_part = t.op("label", k)(
+            work=work,
+            pinned_constitution=run.constitution,
+            pairs=pairs.outputs["pairs"],
+            **({} if previous is None else {"labeller": start}),
+            **later,
+        )
+    labels = t.merge("labels", run.ctx, label_part, k)
+    pm = t.op("train_pm", k)(
+        context=run.ctx,
+        labels=labels,
+        **({} if previous is None else {"previous_pm": previous.reward_model}),
+        **later,
+    )
+    if previous is None:
+        pm.after(run.validation)
+    rl = t.op("rl", k)(
+        context=run.ctx,
+        red_team=run.red_team,
+        helpful=run.helpful,
+        labels=labels,
+        policy=start,
+        reward_model=pm.outputs["reward_model"],
+        **later,
+    )
+    with dsl.ParallelFor(
+        run.eval_shards, parallelism=t.deploy.shard_parallelism, name=f"eval-shards{suffix}"
+    ) as work:
+        answer_part = t.op("answer_eval", k)(
+            work=work,
+            pinned_constitution=run.constitution,
+            red_team=run.red_team_eval,
+            helpful=run.helpful_eval,
+            xstest=run.xstest,
+            sl_policy=run.sl_policy,
+            rl_policy=rl.outputs["rl_policy"],
+            **later,
+        )
+    answers = t.merge("answers", run.ctx, answer_part, k)
+    evaluation = t.op("evaluate", k)(
+        context=run.ctx,
+        pinned_constitution=run.constitution,
+        red_team=run.red_team_eval,
+        helpful=run.helpful_eval,
+        xstest=run.xstest,
+        traces=run.traces,
+        sl_policy=run.sl_policy,
+        rl_policy=rl.outputs["rl_policy"],
+        reward_model=pm.outputs["reward_model"],
+        answers=answers,
+        generated=run.generated,
+        **later,
+    )
+    compared = {}
+    if last:
+        comparison = t.op("compare", k)(context=run.ctx, **later).after(evaluation)
+        compared = {"comparison": comparison.outputs["comparison"]}
+    register = t.op("register", k)(
+        context=run.ctx,
+        pinned_constitution=run.constitution,
+        traces=run.traces,
+        labels=labels,
+        sl_policy=run.sl_policy,
+        rl_policy=rl.outputs["rl_policy"],
+        reward_model=pm.outputs["reward_model"],
+        results=evaluation.outputs["results"],
+        start_policy=start,
+        **({} if previous is None else {"previous_pm": previous.reward_model}),
+        **compared,
+        **later,
+    )
+    return _Round(pm.outputs["reward_model"], rl.outputs["rl_policy"], register.output)
+
+
 def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig | None = None):
-    """The KFP pipeline whose parameters default to `defaults` and whose tasks follow `deploy`."""
+    """The KFP pipeline whose parameters default to `defaults` and whose tasks follow `deploy`, with
+    `defaults.rounds` rounds of iterated CAI unrolled: round k+1 runs inside a `dsl.If` on round
+    k's promotion, so a round the gate refuses ends the run and the champion stays the last
+    promoted round's."""
     defaults = defaults or PipelineParams()
     t = _Tasks(deploy or DeployConfig())
     names = list(PipelineParams.model_fields)
@@ -221,16 +366,18 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
         params = dict(zip(names, args))
         finish = t.finish(params["experiment"])
         with dsl.ExitHandler(finish, name="run"):
-            run = t.op("resolve")(
+            resolved = t.op("resolve")(
                 **params,
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                compiled_rounds=defaults.rounds,
             )
-            ctx = run.outputs["context"]
-            constitution = run.outputs["pinned_constitution"]
+            ctx = resolved.outputs["context"]
+            constitution = resolved.outputs["pinned_constitution"]
             prompts = t.op("prepare_prompts")(context=ctx)
-            red_team, helpful = prompts.outputs["red_team_train"], prompts.outputs["helpful_train"]
-            shards = prompts.outputs["Output"]
+            mixed = add_generated_prompts(t, ctx, prompts)
+            red_team, helpful = mixed.outputs["red_team_train"], mixed.outputs["helpful_train"]
+            shards = mixed.outputs["Output"]
             with dsl.ParallelFor(shards, parallelism=t.deploy.shard_parallelism, name="sl-shards") as work:
                 trace_part = t.op("critique_revise")(
                     work=work, pinned_constitution=constitution, prompts=red_team
@@ -239,24 +386,6 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
             traces = t.merge("traces", ctx, trace_part)
             samples = t.merge("helpful", ctx, helpful_part)
             sl = t.op("sft")(context=ctx, traces=traces, helpful=samples)
-            with dsl.ParallelFor(shards, parallelism=t.deploy.shard_parallelism, name="feedback-shards") as work:
-                pairs = t.op("sample_pairs")(work=work, prompts=red_team, policy=sl.outputs["policy"])
-                label_part = t.op("label")(
-                    work=work, pinned_constitution=constitution, pairs=pairs.outputs["pairs"]
-                )
-            labels = t.merge("labels", ctx, label_part)
-            # Needs only the run: on a cluster it runs beside SL-CAI, and its gate stops the run
-            # before the preference model trains on labels that agree with no human.
-            validation = t.op("validate_labels")(context=ctx, pinned_constitution=constitution)
-            pm = t.op("train_pm")(context=ctx, labels=labels).after(validation)
-            rl = t.op("rl")(
-                context=ctx,
-                red_team=red_team,
-                helpful=helpful,
-                labels=labels,
-                policy=sl.outputs["policy"],
-                reward_model=pm.outputs["reward_model"],
-            )
             red_team_eval, helpful_eval = prompts.outputs["red_team_eval"], prompts.outputs["helpful_eval"]
             xstest = prompts.outputs["xstest"]
             eval_shards = t.bookkeeping(
@@ -267,43 +396,29 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 helpful=helpful_eval,
                 xstest=xstest,
             )
-            with dsl.ParallelFor(
-                eval_shards.output, parallelism=t.deploy.shard_parallelism, name="eval-shards"
-            ) as work:
-                answer_part = t.op("answer_eval")(
-                    work=work,
-                    pinned_constitution=constitution,
-                    red_team=red_team_eval,
-                    helpful=helpful_eval,
-                    xstest=xstest,
-                    sl_policy=sl.outputs["policy"],
-                    rl_policy=rl.outputs["rl_policy"],
-                )
-            answers = t.merge("answers", ctx, answer_part)
-            evaluation = t.op("evaluate")(
-                context=ctx,
-                pinned_constitution=constitution,
-                red_team=red_team_eval,
-                helpful=helpful_eval,
-                xstest=xstest,
-                traces=traces,
-                sl_policy=sl.outputs["policy"],
-                rl_policy=rl.outputs["rl_policy"],
-                reward_model=pm.outputs["reward_model"],
-                answers=answers,
+            # Needs only the run: on a cluster it runs beside SL-CAI, and its gate stops the run
+            # before the preference model trains on labels that agree with no human.
+            validation = t.op("validate_labels")(context=ctx, pinned_constitution=constitution)
+            run = _Run(
+                ctx,
+                constitution,
+                shards,
+                red_team,
+                helpful,
+                red_team_eval,
+                helpful_eval,
+                eval_shards.output,
+                mixed.outputs["generated"],
+                xstest,
+                traces,
+                sl.outputs["policy"],
+                validation,
             )
-            comparison = t.op("compare")(context=ctx).after(evaluation)
-            t.op("register")(
-                context=ctx,
-                pinned_constitution=constitution,
-                traces=traces,
-                labels=labels,
-                sl_policy=sl.outputs["policy"],
-                rl_policy=rl.outputs["rl_policy"],
-                reward_model=pm.outputs["reward_model"],
-                results=evaluation.outputs["results"],
-                comparison=comparison.outputs["comparison"],
-            )
+            with ExitStack() as later_rounds:
+                previous = add_round(t, run, 1, None, defaults.rounds == 1)
+                for k in range(2, defaults.rounds + 1):
+                    later_rounds.enter_context(dsl.If(previous.promoted == True, name=f"round-{k}"))  # noqa: E712
+                    previous = add_round(t, run, k, previous, k == defaults.rounds)
         return finish.output
 
     cai_pipeline.__signature__ = pipeline_signature(defaults)

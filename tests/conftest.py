@@ -1,7 +1,13 @@
 """Fixtures that start the real parts tests need: moto's S3 server, an `mlflow server` and the
 PostgreSQL cluster it stores its runs and registry in (tests/postgres_fixture.py).
 
-All run as separate processes on 127.0.0.1 with free ports, for the whole test session.
+All run as separate processes on 127.0.0.1 with free ports, for the whole test session (under
+pytest-xdist, for each worker's session: each worker has its own servers, ports and temporary
+directories).
+
+It also sorts the tests into tiers (see "Test tiers" below): a test that starts a server, makes or
+loads a model, or runs a pipeline is marked `server`, `model` or `pipeline` from the fixtures it
+uses; `make test-fast` runs the tests that have none of these marks, `make test` runs them all.
 """
 
 from __future__ import annotations
@@ -291,3 +297,149 @@ def hand_lineage(**changes):
     }
     return Lineage(**{**values, **changes})
 
+
+# -- Test tiers -----------------------------------------------------------------------------------------
+#
+# The fixtures that start a server (a process, or a stand-in API on a thread of this process), make or
+# load a model, or run a pipeline, named by the module that defines them. A test gets the tier's marker
+# when one of these is anywhere in its fixture closure, so nobody marks such tests by hand; a fixture
+# that only builds on one of them (s3_bucket on s3_server, tiny_backend on tiny_model_dir) needs no
+# entry. The few tests that start such a thing in their own body carry the marker by hand.
+TIER_FIXTURES: dict[str, tuple[str, ...]] = {
+    "server": (
+        "conftest.s3_server",  # moto's S3 server
+        "conftest.mlflow_server",
+        "postgres_fixture.postgres_server",
+        "test_pyfunc_model.served_champion",  # `mlflow models serve`
+        "test_retrain.kfp",  # the KFP API stand-in behind a real kfp.Client
+        "test_submit.kfp_server",
+        "test_submit.multi_user_kfp",
+        "test_serving.cluster",  # the Kubernetes API stand-in
+        "test_serving.receiving",  # `cai serve webhook`'s receiver
+        "test_step_retries.proxies",  # fault-injecting proxies
+        "test_store.unavailable_s3",
+        "test_store.proxied_s3",
+    ),
+    "model": (
+        # Every model fixture builds on the tokenizer read from the embedded GGUF file.
+        "model_fixtures.smollm2_tokenizer_dir",
+        "model_fixtures.tiny_model_dir",
+        "model_fixtures.tiny_reward_model_dir",
+    ),
+    "pipeline": tuple(
+        f"test_pipeline_e2e.{run}"
+        for run in ("first_run", "second_run", "one_shard_run", "third_run", "failed_run")
+    ),
+}
+# What `make test-fast` leaves out: these tiers, the real SmolLM2 and several real servers
+# (`integration`, by hand) and vLLM on a GPU (`gpu`, by hand).
+SLOW_TIERS = ("server", "model", "pipeline", "integration", "gpu")
+_TIER_OF = {key: tier for tier, keys in TIER_FIXTURES.items() for key in keys}
+
+
+def fixture_key(fixturedef) -> str:
+    """`module.name` of a fixture definition, e.g. conftest.s3_server."""
+    return f"{fixturedef.func.__module__}.{fixturedef.argname}"
+
+
+def tiers_of(item: pytest.Item) -> set[str]:
+    """The tiers of the fixtures in `item`'s closure (every fixture it uses, directly or not)."""
+    definitions = getattr(item, "_fixtureinfo", None)
+    if definitions is None:  # not a test function (e.g. a doctest)
+        return set()
+    return {
+        _TIER_OF[fixture_key(fixturedef)]
+        for name in item.fixturenames
+        for fixturedef in definitions.name2fixturedefs.get(name, ())
+        if fixture_key(fixturedef) in _TIER_OF
+    }
+
+
+# The order modules start in: under `pytest -n 2 --dist loadscope` each module goes to one worker as a
+# whole (its module fixtures are built once), in this order, so the longest modules start first and the
+# short ones fill in beside them.
+_TIER_WEIGHT = {"pipeline": 8, "integration": 4, "server": 2, "model": 1}
+
+
+# pytest-timeout's default (`timeout` in pyproject.toml) ends a test that hangs. A test's time includes
+# the setup of the fixtures it is the first to use, and the first test to use each of the pipeline
+# module's runs waits for a whole kfp.local pipeline run (minutes on 2 cores); those tests get longer,
+# unless the command line sets a timeout of its own (`--timeout=0`: none, on a heavily shared machine).
+PIPELINE_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tiers = tiers_of(item)
+        for tier in sorted(tiers):
+            item.add_marker(tier)
+        explicit = config.getoption("timeout", None) is not None or item.get_closest_marker("timeout")
+        if "pipeline" in tiers and not explicit:
+            item.add_marker(pytest.mark.timeout(PIPELINE_TIMEOUT_S))
+    weight: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        marks = {mark.name for mark in item.iter_markers()}
+        weight[module] = max(weight.get(module, 0), sum(_TIER_WEIGHT.get(mark, 0) for mark in marks))
+    items.sort(key=lambda item: -weight[item.nodeid.split("::", 1)[0]])  # stable: modules stay whole
+
+
+# Checks at run time that the tiers hold: a fast-tier test that starts one of the fixtures above (by
+# request.getfixturevalue, which the closure cannot see) or listens on a socket fails, naming the marker
+# it lacks.
+_RUNNING: list[pytest.Item] = []
+
+
+def _missing_tier(tier: str) -> str | None:
+    """None, or why the running test must carry `tier`'s marker."""
+    if not _RUNNING:
+        return None
+    item = _RUNNING[-1]
+    if any(item.get_closest_marker(name) for name in SLOW_TIERS):
+        return None
+    return f"{item.nodeid} starts a {tier} but has no `{tier}` marker (tests/conftest.py, Test tiers)"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _RUNNING.append(item)
+    try:
+        return (yield)
+    finally:
+        _RUNNING.pop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    tier = _TIER_OF.get(fixture_key(fixturedef))
+    problem = tier and _missing_tier(tier)
+    if problem:
+        pytest.fail(f"{problem}: it uses the fixture {fixture_key(fixturedef)}", pytrace=False)
+    return (yield)
+
+
+_listen = socket.socket.listen
+
+
+def _listen_if_marked(self, *args):
+    problem = _missing_tier("server")
+    if problem:
+        pytest.fail(f"{problem}: it listens on {self.getsockname()}", pytrace=False)
+    return _listen(self, *args)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    socket.socket.listen = _listen_if_marked
+    # Under pytest-xdist the workers share the cores. By default torch runs one thread per core in
+    # every process, so on 2 cores two workers run four threads that wait on each other: 24 tests of
+    # tests/test_sft.py and tests/test_rl.py took 66% more CPU time and 54% more wall time with two
+    # threads than with one, on a busy 2-core machine. The variable also reaches the steps, servers and
+    # torchrun processes the tests start.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    socket.socket.listen = _listen

@@ -14,7 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from cai_lib.core.constitution import Constitution, dump_constitution
-from cai_lib.core.names import ANSWERS_FILE, METRICS_FILE, PINNED_CONSTITUTION_FILE, RUN_FILE, STAGES_DIR, SUMMARY_FILE
+from cai_lib.core.names import (
+    ANSWERS_FILE,
+    METRICS_FILE,
+    PINNED_CONSTITUTION_FILE,
+    RUN_FILE,
+    STAGES_DIR,
+    SUMMARY_FILE,
+)
 from cai_lib.core.outputs import StageOutput, record_of
 from cai_lib.core.records import Preference, ResponsePair
 from cai_lib.core.shards import dataset_summary

@@ -49,6 +49,8 @@ RUNS_OFFLINE = {
 }
 # Values that name something other than a local file.
 NOT_A_FILE = re.compile(r"^(s3://|hf:|builtin:|models:/|https?://|\.$)")
+# A Hugging Face model id as a run config's model fields take it (ORG/NAME, no local path prefix).
+HUB_ID = re.compile(r"^(?!runs/|\.|/)[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 def commands(command=ROOT, path=()):
@@ -121,7 +123,9 @@ def referenced_files(context) -> list[str]:
         if name == "out" or value is None:
             continue
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            text = str(item).partition("=")[2] if "=" in str(item) else str(item)
+            key, _, text = str(item).partition("=") if "=" in str(item) else ("", "", str(item))
+            if key.endswith("_model") and HUB_ID.match(text):
+                continue  # `--set base_model=ORG/NAME` names a Hugging Face model, not a local folder
             if isinstance(item, (str, Path)) and not NOT_A_FILE.match(text):
                 if "/" in text or re.search(r"\.(ya?ml|json|jsonl|gz|jinja)$", text):
                     names.append(text)
@@ -129,10 +133,19 @@ def referenced_files(context) -> list[str]:
 
 
 @functools.cache
+def redirected() -> frozenset[str]:
+    """Files the documents' shell blocks write with a redirection (`kubectl ... > run-config.yaml`)."""
+    found = set()
+    for document in DOCUMENTS:
+        for block in re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", document.read_text(), re.S):
+            found.update(re.findall(r"(?<![0-9&>])>\s*([\w./-]+)", block))
+    return frozenset(found)
+
+
 def outputs() -> frozenset[str]:
-    """What the documented commands write: their `--out`s."""
+    """What the documented commands write: their `--out`s, and files a shell block redirects into."""
     made = (parse(argv)[2].params.get("out") for _, argv in ALL)
-    return frozenset(str(out).rstrip("/") for out in made if out)
+    return frozenset(str(out).rstrip("/") for out in made if out) | redirected()
 
 
 # -- examples ----------------------------------------------------------------------------------------

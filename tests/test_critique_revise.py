@@ -575,6 +575,7 @@ def test_cli_helpful_samples_answers_the_builtin_prompts(stage_app, tiny_model_d
 
 
 @pytest.mark.integration
+@pytest.mark.model  # the embedded SmolLM2, by its alias
 def test_real_model_critiques_and_revises(tmp_path):
     from cai_lib.core.constitution import load_constitution
     from cai_lib.core.prompts import read_prompts

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from cai_lib.method.evaluation.elo import elo_gap, elo_ratings, expected_score, wilson_interval
+from cai_lib.method.evaluation.elo import (
+    bootstrap_intervals,
+    elo_gap,
+    elo_ratings,
+    expected_score,
+    wilson_interval,
+)
 
 
 def repeated(a: str, b: str, share: float, times: int) -> list[tuple[str, str, float]]:
@@ -82,3 +88,22 @@ def test_wilson_interval_stays_inside_zero_one_at_the_extremes():
     assert wilson_interval(0, 5)[0] == 0.0
     assert wilson_interval(5, 5)[1] == 1.0
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_bootstrap_intervals_of_a_clear_winner_lie_above_the_mean():
+    # 20 prompts on each of which a beat b: resampling prompts cannot change who wins.
+    groups = [[("a", "b", 1.0)] for _ in range(20)]
+    intervals = bootstrap_intervals(groups, prior_draws=1.0, samples=50, seed=0)
+    assert intervals["a"][0] > 1000.0 > intervals["b"][1]
+
+
+def test_bootstrap_intervals_of_an_even_split_contain_the_mean_and_the_estimate():
+    groups = [[("a", "b", float(i % 2))] for i in range(20)]
+    estimate = elo_ratings([o for g in groups for o in g])["a"]
+    low, high = bootstrap_intervals(groups, samples=200, seed=1)["a"]
+    assert low < 1000.0 < high and low <= estimate <= high
+
+
+def test_bootstrap_intervals_are_reproducible_for_a_seed():
+    groups = [[("a", "b", float(i % 3 == 0)), ("b", "c", 0.5)] for i in range(12)]
+    assert bootstrap_intervals(groups, samples=30, seed=4) == bootstrap_intervals(groups, samples=30, seed=4)

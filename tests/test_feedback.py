@@ -422,6 +422,7 @@ def test_the_label_command_refuses_a_pairs_file_with_a_missing_answer(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.model  # the embedded SmolLM2, by its alias
 def test_the_embedded_model_labels_shared_hh_rlhf_pairs(hh_rlhf_path, constitution, tmp_path):
     from cai_lib.engines.generation import load_backend
     from cai_lib.method.human_preferences import read_human_preferences

@@ -412,6 +412,7 @@ def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
     default = yaml.safe_load((CHART / "values.yaml").read_text())["gpuProfiles"]["gpu"]
     assert resources["sft"] == resources["rl"] == A100X4
     assert {stage for stage, profile in resources.items() if profile != A100X4} == {
+        "generate_prompts",
         "critique_revise",
         "helpful_samples",
         "sample_pairs",
@@ -420,6 +421,7 @@ def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
         "train_pm",
         "answer_eval",
         "evaluate",
+        "compare",
     }
     assert resources["label"] == default
 
@@ -782,6 +784,7 @@ def test_extra_allowed_hosts_are_added_for_an_ingress():
 
 
 @pytest.mark.integration
+@pytest.mark.server  # `mlflow server` with the rendered arguments
 def test_a_real_mlflow_server_accepts_the_rendered_arguments_and_only_the_allowed_host_names(tmp_path):
     port = free_port()
     # Without auth: the host check is the point here (the basic-auth test below starts it with auth).
@@ -950,6 +953,7 @@ def test_the_committed_pipeline_reads_only_configmaps_and_secrets_the_default_ch
 
 
 @pytest.mark.integration
+@pytest.mark.server  # `mlflow server` with the rendered arguments and auth
 def test_the_rendered_auth_server_refuses_anonymous_alias_writes_and_admits_the_pipelines_account(
     tmp_path, tiny_model_dir, s3_bucket, monkeypatch
 ):

@@ -182,3 +182,35 @@ def test_read_preferences_refuses_an_empty_file(tmp_path):
 
     with pytest.raises(CaiError, match="no preference records"):
         read_preferences(str(tmp_path / "prefs.jsonl"))
+
+
+# -- builtin:comparisons, the demo's stand-in for hh-rlhf ------------------------------------------------
+
+
+def test_the_demo_comparisons_are_16_pairs_12_with_a_harmful_and_4_with_an_evasive_rejected_answer():
+    from collections import Counter
+
+    from cai_lib.core.prompts import json_rows
+    from cai_lib.method.label_accuracy import detect_format
+
+    rows = [row for _, row in json_rows("builtin:comparisons")]
+    pairs = read_human_preferences("builtin:comparisons")
+
+    assert detect_format("builtin:comparisons") == "hh-rlhf"
+    assert len(pairs) == len({p.id for p in pairs}) == len({p.prompt for p in pairs}) == 16
+    assert {p.label for p in pairs} == {1.0}
+    assert Counter(row["rejected_is"] for row in rows) == {"harmful": 12, "evasive": 4}
+    # 4 conversations of three turns before the compared answer, the rest of one.
+    assert Counter(len(parse_transcript(p.prompt)) for p in pairs) == {1: 12, 3: 4}
+
+
+def test_the_demo_comparisons_share_no_turn_with_hh_rlhf(hh_rlhf_path):
+    from cai_lib.core.prompts import json_rows
+
+    def turns(source: str) -> set[str]:
+        rows = [row for _, row in json_rows(source)]
+        return {turn["content"] for row in rows for side in ("chosen", "rejected") for turn in parse_transcript(row[side])}
+
+    real, demo = turns(str(hh_rlhf_path)), turns("builtin:comparisons")
+
+    assert len(real) > 1000 and not demo & real

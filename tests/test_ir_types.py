@@ -91,8 +91,10 @@ def test_the_walk_covers_pipeline_inputs_loop_items_producer_outputs_and_collect
         "pipeline input": len(PipelineParams.model_fields),
         "parent input": counts["parent input"],
         "producer output": counts["producer output"],
-        "loop item": 3,
-        "collected": 4,
+        # the fan-outs over prompt generation, SL-CAI, feedback and evaluation, and the merges after
+        # them (generated candidates, traces, helpful samples, labels, answers)
+        "loop item": 4,
+        "collected": 5,
     }
     assert counts["parent input"] > 0 and counts["producer output"] > 0
 
@@ -101,6 +103,7 @@ def test_every_fan_out_declares_its_items_as_the_structs_the_shard_steps_take(bi
     items = {b.where.rsplit("/", 1)[-1]: (b.declared, b.kind) for b in bindings if b.what == "loop item"}
     assert items == {
         "pipelinechannel--prepare-prompts-Output-loop-item": ("STRUCT", "struct"),
+        "pipelinechannel--select-prompts-Output-loop-item": ("STRUCT", "struct"),
         "pipelinechannel--plan-eval-shards-Output-loop-item": ("STRUCT", "struct"),
     }
 
@@ -111,7 +114,8 @@ def test_every_shard_step_receives_the_loop_item_whole_in_its_struct_work_input(
         for (component, name), task in all_tasks(spec).items()
         if "work" in task.get("inputs", {}).get("parameters", {})
     ]
-    assert len(work_inputs) == 5
+    # generate_prompts, critique_revise, helpful_samples, sample_pairs, label, answer_eval
+    assert len(work_inputs) == 6
     for component, _, source in work_inputs:
         item = source["componentInputParameter"]
         assert item.endswith("-loop-item") and "parameterExpressionSelector" not in source
@@ -140,7 +144,7 @@ def test_no_loop_item_field_crosses_a_control_flow_boundary_as_in_kubeflow_pipel
         for name, task in spec["components"][body]["dag"]["tasks"].items()
         if "dag" in spec["components"][task["componentRef"]["name"]]
     ]
-    assert (selectors, nested, len(loop_bodies)) == ([], [], 3)
+    assert (selectors, nested, len(loop_bodies)) == ([], [], 4)
 
 
 # -- the same rule, enforced on kfp.local ---------------------------------------------------------------

@@ -147,6 +147,25 @@ def test_every_named_labeller_is_scored_and_only_the_feedback_model_is_marked(tm
     assert validation.metrics()["label_accuracy.source0"] == 1.0
 
 
+def test_the_report_says_the_demo_comparisons_are_not_human_data(tmp_path, constitution):
+    from evaluation_data import sample_result
+
+    from cai_lib.method.evaluation.report import report_html
+
+    (demo,) = held_out_comparisons(LabelValidationConfig(sources=["builtin:comparisons"]), [])
+    validation = validate_labels(
+        [demo], constitution, {"judge": "judge"}, "judge", FeedbackConfig(principles_per_pair=1),
+        backends={"judge": MarkerJudge()},
+    )  # fmt: skip
+    real = validation_of(HH_ROWS, tmp_path, constitution, judge=MarkerJudge())
+
+    html = report_html(sample_result(), label_validation=validation)
+
+    assert "<code>builtin:comparisons</code>" in html and validation.configured().sources[0].n == 16
+    assert "builtin:comparisons is a demo set written for this project, not hh-rlhf: its figures" in html
+    assert "Demo data." not in report_html(sample_result(), label_validation=real)
+
+
 def gated(agreement: float, ci_low: float, bar: float | None) -> str | None:
     validation = LabelValidation.model_validate(
         {
@@ -231,6 +250,9 @@ def test_the_command_validates_the_label_stages_labeller_and_stops_at_the_gate(t
 def step_runs(tmp_path_factory, tiny_model_dir):
     """The validate_labels step of one resolved run, first with a gate its labeller cannot pass,
     then with the gate off (a local artifact root and a SQLite MLflow store)."""
+    from mlflow import MlflowClient
+
+    from cai_lib.core.names import STAGE_TAG
     from cai_lib.platform.run_config import load_run_config
     from cai_lib.steps.resolve import resolve
     from cai_lib.steps.validate_labels import validate_labels as step
@@ -252,7 +274,12 @@ def step_runs(tmp_path_factory, tiny_model_dir):
             step(context, str(work / "constitution.yaml"))
         ungated = dict(context, params=load_run_config(None, overrides).params.model_dump(mode="json"))
         metrics = step(ungated, str(work / "constitution.yaml"))
+        client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+        experiment = client.get_run(context["parent_run_id"]).info.experiment_id
+        (stage_run,) = client.search_runs([experiment], f"tags.`{STAGE_TAG}` = 'validate_labels'")
         yield {
+            "source": source,
+            "stage_tags": stage_run.data.tags,
             "stopped": str(stopped.value),
             "metrics": metrics,
             "run_root": f"{work / 'artifacts'}/runs/run-1",
@@ -278,6 +305,13 @@ def test_the_validation_stored_before_the_gate_is_reused_without_it(step_runs):
         "label_accuracy_ci_low.source0",
         "label_position_bias.source0",
     }
+
+
+def test_the_stage_run_names_the_source_of_its_metrics(step_runs):
+    from cai_lib.core.names import DEMO_DATA_TAG, METRIC_SOURCE_TAG_PREFIX
+
+    assert step_runs["stage_tags"][f"{METRIC_SOURCE_TAG_PREFIX}source0"] == step_runs["source"]
+    assert DEMO_DATA_TAG not in step_runs["stage_tags"]  # a file of the run's own, not a demo set
 
 
 def test_the_runs_report_finds_the_validation_through_the_runs_record(step_runs):

@@ -135,6 +135,7 @@ def test_a_loaded_model_is_in_eval_mode_in_float32_on_cpu(tiny_model_dir):
 
 
 @pytest.mark.integration
+@pytest.mark.model  # the embedded SmolLM2, by its alias
 def test_the_embedded_alias_converts_once_and_then_loads_from_the_cache(tmp_path, monkeypatch):
     from cai_lib.engines.generation import SamplingParams
     from cai_lib.engines.transformers_backend import TransformersBackend

@@ -13,7 +13,8 @@ from cai_lib.core.outputs import StageOutput, StageRecord, record_of, summary_li
 from cai_lib.core.store import ArtifactStore
 
 
-@pytest.fixture(params=["local", "s3"])
+# The s3 variant starts moto's server through getfixturevalue, which the tier hook cannot see.
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.server)])
 def root(request, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path / "outputs")
@@ -112,6 +113,21 @@ def test_summary_lines_follow_the_pipeline_order_and_name_key_and_maker():
 def test_a_fanned_out_stage_is_reused_only_when_every_shard_was():
     records = [record("critique_revise", "reused", shard=0), record("critique_revise", "ran", shard=1)]
     assert summary_lines(records, stage_table.NAMES) == ["stage critique_revise: ran (1 of 2 shards reused)"]
+
+
+def test_a_later_rounds_stages_are_listed_after_round_ones_and_named_by_round():
+    later = StageRecord(stage="rl", round=2, status="ran", key="0" * 32, made_by_run="run-2", run_id="run-2")
+    lines = summary_lines([later, record("rl", "reused"), record("sft", "ran")], stage_table.NAMES)
+    assert lines == [
+        "stage sft: ran",
+        "stage rl: reused (0123456789ab, first made by run run-1)",
+        "stage rl (round 2): ran",
+    ]
+
+
+def test_a_later_rounds_record_has_a_file_of_its_own():
+    later = StageRecord(stage="rl", round=2, status="ran", made_by_run="r", run_id="r")
+    assert (record("rl", "ran").file_name, later.file_name) == ("rl.json", "rl@round2.json")
 
 
 # -- the stage table ------------------------------------------------------------------------------------

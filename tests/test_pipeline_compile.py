@@ -111,6 +111,7 @@ def test_every_generation_stage_fans_out_in_a_parallel_for_and_is_merged(compile
     assert sorted(bodies) == [
         ["answer-eval-shard"],
         ["critique-revise-shard", "helpful-samples-shard"],
+        ["generate-prompts-shard"],
         ["label-shard", "sample-pairs-shard"],
     ]
     merges = {
@@ -118,7 +119,7 @@ def test_every_generation_stage_fans_out_in_a_parallel_for_and_is_merged(compile
         for name, task in tasks.items()
         if task["componentRef"]["name"].startswith("comp-merge-shards")
     }
-    assert sorted(merges.values()) == ["answers", "helpful", "labels", "traces"]
+    assert sorted(merges.values()) == ["answers", "candidates", "helpful", "labels", "traces"]
 
 
 def test_evaluation_fans_out_over_its_own_work_items_and_training_stages_over_theirs(compiled):
@@ -132,9 +133,83 @@ def test_evaluation_fans_out_over_its_own_work_items_and_training_stages_over_th
     }
     assert iterated == {
         "answer-eval-shard": "pipelinechannel--plan-eval-shards-Output",
-        "critique-revise-shard": "pipelinechannel--prepare-prompts-Output",
-        "label-shard": "pipelinechannel--prepare-prompts-Output",
+        "generate-prompts-shard": "pipelinechannel--prepare-prompts-Output",
+        "critique-revise-shard": "pipelinechannel--select-prompts-Output",
+        "label-shard": "pipelinechannel--select-prompts-Output",
     }
+
+
+def test_the_training_stages_read_the_prompts_mixed_with_the_generated_ones(compiled):
+    spec, _ = compiled
+    tasks = all_tasks(spec)
+    assert tasks["select-prompts"]["inputs"]["artifacts"]["candidates"]["taskOutputArtifact"]["producerTask"] == (
+        "merge-shards"
+    )
+    for task, name in (("critique-revise-shard", "prompts"), ("sample-pairs-shard", "prompts")):
+        assert tasks[task]["inputs"]["artifacts"][name] == {
+            "componentInputArtifact": "pipelinechannel--select-prompts-red_team_train"
+        }
+    assert tasks["rl"]["inputs"]["artifacts"]["helpful"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "helpful_train",
+        "producerTask": "select-prompts",
+    }
+
+
+def test_nothing_generated_is_evaluated_on(compiled):
+    spec, _ = compiled
+    red_team = all_tasks(spec)["evaluate"]["inputs"]["artifacts"]["red_team"]["taskOutputArtifact"]
+    assert red_team == {"outputArtifactKey": "red_team_eval", "producerTask": "prepare-prompts"}
+
+
+# -- iterated CAI: rounds unrolled at compile time ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory) -> dict:
+    path = tmp_path_factory.mktemp("ir2") / "pipeline.yaml"
+    compile_pipeline(str(path), load_run_config(overrides=["rounds=2"]).params)
+    return next(yaml.safe_load_all(path.read_text()))
+
+
+def producer(artifact: dict) -> tuple[str, str]:
+    """(task, output) an artifact input comes from, directly or through an enclosing loop or condition
+    (whose inputs KFP names `pipelinechannel--TASK-OUTPUT`)."""
+    if "taskOutputArtifact" in artifact:
+        return artifact["taskOutputArtifact"]["producerTask"], artifact["taskOutputArtifact"]["outputArtifactKey"]
+    channel = artifact["componentInputArtifact"].removeprefix("pipelinechannel--")
+    task, _, output = channel.rpartition("-")
+    return task, output
+
+
+def test_two_rounds_chain_two_preference_models_and_two_rl_stages(two_rounds):
+    tasks = all_tasks(two_rounds)
+    assert {name for name in tasks if name.startswith(("train-pm", "rl"))} == {"train-pm", "train-pm-2", "rl", "rl-2"}
+    assert producer(tasks["rl-2"]["inputs"]["artifacts"]["policy"]) == ("rl", "rl_policy")
+    assert producer(tasks["rl-2"]["inputs"]["artifacts"]["reward_model"]) == ("train-pm-2", "reward_model")
+    assert producer(tasks["train-pm-2"]["inputs"]["artifacts"]["previous_pm"]) == ("train-pm", "reward_model")
+
+
+def test_the_second_rounds_pairs_are_sampled_from_the_first_rounds_policy(two_rounds):
+    tasks = all_tasks(two_rounds)
+    assert producer(tasks["sample-pairs-shard"]["inputs"]["artifacts"]["policy"]) == ("sft", "policy")
+    assert producer(tasks["sample-pairs-shard-2"]["inputs"]["artifacts"]["policy"]) == ("rl", "rl_policy")
+    assert producer(tasks["label-shard-2"]["inputs"]["artifacts"]["pairs"]) == ("sample-pairs-shard-2", "pairs")
+    assert tasks["rl-2"]["inputs"]["parameters"]["round"]["runtimeValue"]["constant"] == 2
+
+
+def test_the_second_round_runs_only_if_the_first_rounds_policy_was_promoted(two_rounds):
+    tasks = all_tasks(two_rounds)
+    condition = next(task for task in tasks.values() if "condition" in task.get("triggerPolicy", {}))
+    assert condition["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--register-Output'] == true"
+    )
+    body = two_rounds["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    assert {"train-pm-2", "rl-2", "register-2"} <= set(body)
+
+
+def test_the_pipeline_is_told_how_many_rounds_it_was_compiled_with(two_rounds):
+    resolve = all_tasks(two_rounds)["resolve-run"]
+    assert resolve["inputs"]["parameters"]["compiled_rounds"]["runtimeValue"]["constant"] == 2
 
 
 def test_labelling_of_a_shard_reads_the_pairs_of_the_same_shard(compiled):
@@ -247,6 +322,28 @@ def test_quick_config_is_valid():
     assert config.deploy.resources == {}
 
 
+def strings(value) -> list[str]:
+    """Every string inside a dumped config, at any depth."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in strings(item)]
+    return []
+
+
+def test_the_quick_config_reads_nothing_from_the_hub_and_the_paper_recipe_reads_the_real_sets():
+    quick = load_run_config(REPO / "pipelines" / "configs" / "quick.yaml")
+    paper = load_run_config(REPO / "pipelines" / "configs" / "paper.yaml").params
+
+    assert [s for s in strings(quick.model_dump(mode="json")) if s.startswith("hf:")] == []
+    assert quick.params.validate_labels.sources == ["builtin:comparisons"]
+    assert quick.params.evaluate.xstest.prompts == "builtin:refusal_contrast"
+    assert paper.validate_labels.sources == ["hf:Anthropic/hh-rlhf/harmless-base:test"]
+    assert paper.evaluate.xstest.prompts == "hf:walledai/XSTest"
+
+
 def test_the_paper_recipe_is_valid_and_follows_the_paper():
     params = load_run_config(REPO / "pipelines" / "configs" / "paper.yaml").params
     assert (params.critique_revise.rounds, params.helpful_samples.samples_per_prompt) == (4, 2)
@@ -256,6 +353,13 @@ def test_the_paper_recipe_is_valid_and_follows_the_paper():
         "helpfulness",
     )
     assert params.sft.include_intermediate_revisions
+    ratios = (params.generate_prompts.red_team.generated_per_human, params.generate_prompts.helpful.generated_per_human)
+    assert ratios == (pytest.approx(140_335 / 42_496, abs=0.01), pytest.approx(90_754 / 44_542, abs=0.01))
+
+
+def test_the_quick_demo_generates_a_small_set_of_each_kind():
+    generated = load_run_config(REPO / "pipelines" / "configs" / "quick.yaml").params.generate_prompts
+    assert 0 < generated.red_team.candidates <= 8 and 0 < generated.helpful.candidates <= 8
 
 
 def test_stage_seeds_derive_from_the_run_seed_unless_pinned():

@@ -32,6 +32,7 @@ import yaml
 from env_reads import step_reads
 from human_data import hhh_row, write_jsonl
 from kfp_driver import cluster_rules
+from run_configs import TINY_GENERATED_PROMPTS
 from test_helm_chart import ENV_CONFIGMAP, render_objects
 
 from cai_lib.core.constitution import constitutions_dir, load_constitution
@@ -48,10 +49,10 @@ pytestmark = pytest.mark.integration
 
 ROLES = ("pm", "sl-cai", "rl-cai")
 MODEL_STAGES = GPU_STAGES  # the stages that load a model
-SL_STAGES = ("critique_revise", "helpful_samples", "sft", "sample_pairs")
+SL_STAGES = ("generate_prompts", "select_prompts", "critique_revise", "helpful_samples", "sft", "sample_pairs")
 AFTER_LABEL = ("label", "train_pm", "rl", "evaluate")
-GENERATION = ("critique_revise", "helpful_samples", "sample_pairs", "label", "answer_eval")
-AFTER_MERGES = ("sft", "train_pm", "rl", "evaluate")
+GENERATION = ("generate_prompts", "critique_revise", "helpful_samples", "sample_pairs", "label", "answer_eval")
+AFTER_MERGES = ("select_prompts", "sft", "train_pm", "rl", "evaluate")
 
 
 def tiny_run_config(path: Path, model: Path, constitution: str = "harmless", **params) -> Path:
@@ -65,6 +66,7 @@ def tiny_run_config(path: Path, model: Path, constitution: str = "harmless", **p
         "num_helpful": 4,
         "num_shards": 3,
         "experiment": "e2e",
+        "generate_prompts": TINY_GENERATED_PROMPTS,
         "critique_revise": {"rounds": 1, "max_new_tokens": 8, "shard_size": 3, "batch_size": 4},
         "sft": {"max_steps": 1, "batch_size": 2, "max_length": 96},
         "sample_pairs": {"max_new_tokens": 4, "batch_size": 4},
@@ -402,7 +404,7 @@ def merged(run: dict, name: str) -> dict:
     return {key: dataset_summary(uri)[key] for key in ("rows", "sha256")}
 
 
-@pytest.mark.parametrize("name", ["traces", "helpful", "labels", "answers"])
+@pytest.mark.parametrize("name", ["candidates", "traces", "helpful", "labels", "answers"])
 def test_one_shard_makes_the_datasets_that_three_shards_made(first_run, one_shard_run, name):
     assert merged(one_shard_run, name) == merged(first_run, name)
 

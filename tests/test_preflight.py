@@ -104,3 +104,61 @@ def test_a_step_without_the_installations_settings_names_both_variables(monkeypa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(CaiError, match="CAI_ARTIFACT_ROOT and MLFLOW_TRACKING_URI not set"):
         Platform.from_environment()
+
+
+# -- generated prompts and iterated CAI -----------------------------------------------------------------
+
+
+def test_fewer_training_prompts_than_the_few_shot_size_is_refused_naming_the_kind():
+    params = load_run_config(
+        overrides=["num_helpful=4", "generate_prompts.few_shot=4", "generate_prompts.helpful.candidates=2", NO_XSTEST]
+    ).params
+    with pytest.raises(CaiError, match=r"^params\.generate_prompts\.helpful: 3 seed prompt\(s\), fewer than few_shot 4"):
+        check_run(params, harmless())
+
+
+def test_a_kind_that_generates_nothing_needs_no_seeds_beyond_its_split():
+    params = load_run_config(overrides=["num_helpful=4", "generate_prompts.few_shot=4", NO_XSTEST]).params
+    assert check_run(params, harmless())
+
+
+def test_a_held_out_set_for_generation_that_cannot_be_read_is_refused(tmp_path):
+    params = load_run_config(overrides=[f"generate_prompts.held_out=[{tmp_path / 'missing.jsonl'}]", NO_XSTEST]).params
+    with pytest.raises(CaiError, match=r"^params\.generate_prompts\.held_out: .*missing\.jsonl"):
+        check_run(params, harmless())
+
+
+def test_labels_by_the_policy_judged_by_the_base_model_are_refused():
+    params = load_run_config(overrides=["rounds=2", "iteration.feedback_follows_policy=true", NO_XSTEST]).params
+    with pytest.raises(CaiError, match=r"^params\.iteration\.feedback_follows_policy: .*judge_model"):
+        check_run(params, harmless())
+
+
+def test_labels_by_the_policy_with_an_independent_judge_pass():
+    params = load_run_config(
+        overrides=["rounds=2", "iteration.feedback_follows_policy=true", "judge_model=other-model", NO_XSTEST]
+    ).params
+    assert check_run(params, harmless())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rounds=0", r"field 'params\.rounds': Input should be greater than or equal to 1"),
+        ("generate_prompts.dedup_threshold=0", r"field 'params\.generate_prompts\.dedup_threshold': .*greater than 0"),
+        ("generate_prompts.dedup_threshold=1.2", r"'params\.generate_prompts\.dedup_threshold': .*less than or equal to 1"),
+    ],
+)
+def test_rounds_below_one_and_a_dedup_threshold_outside_zero_one_are_one_line_errors(override, message):
+    with pytest.raises(CaiError, match=message) as err:
+        load_run_config(overrides=[override])
+    assert "\n" not in str(err.value)
+
+
+def test_a_run_whose_rounds_differ_from_the_compiled_pipelines_is_refused_before_anything_loads(tmp_path):
+    from cai_lib.platform.run_config import params_as_pipeline_arguments
+    from cai_lib.steps.resolve import resolve
+
+    arguments = params_as_pipeline_arguments(load_run_config(overrides=["rounds=3"]).params)
+    with pytest.raises(SystemExit, match=r"params\.rounds: 3, but this pipeline was compiled with 2 round"):
+        resolve(arguments, "run-1", "run", str(tmp_path / "constitution.yaml"), compiled_rounds=2)

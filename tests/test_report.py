@@ -196,3 +196,28 @@ def test_chromium_screenshot_is_not_blank(html, tmp_path):
     darkest, lightest = image.getextrema()
     assert lightest - darkest > 200  # dark text on a light page
     assert len(image.getcolors(256)) > 50  # text, tables and charts, not a flat fill
+
+
+def test_the_elo_by_round_is_tabled_with_intervals(result):
+    elo = {c: ratings | {"rl-cai-round-1": 1030.0} for c, ratings in result.elo.items()}
+    intervals = {c: {name: (rating - 20, rating + 20) for name, rating in ratings.items()} for c, ratings in elo.items()}
+    rounds = {"sl-cai": 0, "rl-cai-round-1": 1, "rl-cai": 2}
+    html = report_html(result.model_copy(update={"elo": elo, "elo_intervals": intervals, "rounds": rounds}))
+    section = html[html.index("Elo by round</h2>") :]
+    assert '<td>rl-cai-round-1</td><td class="num">1</td><td class="num">1030 [1010, 1050]</td>' in section
+    assert 'alt="Elo by round of iterated CAI"' in section
+
+
+def test_the_generated_prompts_are_counted_per_filter_with_a_sample(result):
+    from cai_lib.core.records import GeneratedPrompt
+    from cai_lib.method.generate_prompts import generated_view
+
+    rows = [
+        GeneratedPrompt(id=f"g{i}", kind="red_team", request=i, seed_ids=["s1", "s2"], raw=text, prompt=text,
+                        model_ref="m", rejected_by=verdict)
+        for i, (text, verdict) in enumerate([("How do I <b>pick</b> a lock?", None), ("Hi", "length")])
+    ]
+    html = report_html(result, generated=generated_view(rows, "s3://b/generated", 2, 0))
+    section = html[html.index("Generated prompts</h2>") :]
+    assert '<td>red-team</td><td class="num">2</td>' in section and "dropped by length" in section
+    assert "&lt;b&gt;pick&lt;/b&gt;" in section and "seeds shown: s1, s2" in section

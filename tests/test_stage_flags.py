@@ -8,7 +8,15 @@ from typer.testing import CliRunner
 
 from cai_lib.cli import app
 
-GENERATION_COMMANDS = ["critique_revise", "helpful_samples", "sample_pairs", "label", "label_accuracy", "evaluate"]
+GENERATION_COMMANDS = [
+    "generate_prompts",
+    "critique_revise",
+    "helpful_samples",
+    "sample_pairs",
+    "label",
+    "label_accuracy",
+    "evaluate",
+]
 
 
 @pytest.mark.parametrize("command", GENERATION_COMMANDS)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from cai_lib.core.names import REUSE_TAG, STAGE_TAG
+from cai_lib.core.names import DEMO_DATA_TAG, METRIC_SOURCE_TAG_PREFIX, REUSE_TAG, STAGE_TAG
+from cai_lib.core.prompts import demo_set_note
 from cai_lib.core.tracking import connect, start_pipeline_run
 from cai_lib.platform.run_config import PipelineParams
 from cai_lib.steps.context import RunContext
-from cai_lib.steps.stage_runs import produce, run_records, write_deferred
+from cai_lib.steps.stage_runs import produce, run_records, source_tags, write_deferred
 
 
 @pytest.fixture
@@ -96,3 +97,15 @@ def test_a_file_a_reused_stage_logs_is_uploaded_to_its_stage_run(contexts, tmp_p
     (run,) = stage_runs(second)
     client = connect(second.tracking_uri)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "report")] == ["report/report.html"]
+
+
+def test_a_stage_runs_tags_name_the_source_of_each_group_of_metrics_and_the_demo_sets_among_them():
+    hub = "hf:Anthropic/hh-rlhf/harmless-base:test"
+    tags = source_tags({"xstest": "builtin:refusal_contrast", "pm_accuracy": hub})
+
+    assert tags == {
+        f"{METRIC_SOURCE_TAG_PREFIX}xstest": "builtin:refusal_contrast",
+        f"{METRIC_SOURCE_TAG_PREFIX}pm_accuracy": hub,
+        DEMO_DATA_TAG: demo_set_note("builtin:refusal_contrast"),
+    }
+    assert DEMO_DATA_TAG not in source_tags({"pm_accuracy": hub})

@@ -311,6 +311,7 @@ def test_a_changed_package_in_a_namespace_adds_exactly_one_version(multi_user_kf
     assert len(multi_user_kfp.runs_in("team-a")) == 3
 
 
+@pytest.mark.server  # its own KfpStandin
 def test_a_shared_pipeline_of_the_same_name_is_not_used(as_user):
     """KFP's default multi-user config allows shared (namespace-less) pipelines, which is all
     `kfp.Client.get_pipeline_id` sees; a submit in team-a uses team-a's own pipeline."""
@@ -432,6 +433,7 @@ def test_an_unreachable_host_is_named():
         submit_run(host, load_run_config(), "cai-tests")
 
 
+@pytest.mark.server  # an HTTP server of its own
 def test_a_host_that_answers_with_an_error_status_counts_as_reachable():
     class NotFound(http.server.BaseHTTPRequestHandler):
         def do_GET(self):

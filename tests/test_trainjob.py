@@ -173,6 +173,7 @@ def pm_plan(**overrides) -> TrainJobPlan:
     return plan_of("train_pm", deploy).model_copy(update={"poll_seconds": 1, **overrides})
 
 
+@pytest.mark.server  # its own KubernetesStandIn
 def test_a_two_node_trainjob_trains_streams_node_0s_log_and_returns_rank_0s_metrics(tiny_model_dir, tmp_path):
     job, lines = pm_job(tmp_path, str(tiny_model_dir)), []
     with KubernetesStandIn(tmp_path) as standin:
@@ -186,6 +187,7 @@ def test_a_two_node_trainjob_trains_streams_node_0s_log_and_returns_rank_0s_metr
     assert created["spec"] == render(pm_plan(), f"{job.out}.trainjob/job.json", job.out, NAMESPACE)["spec"]
 
 
+@pytest.mark.server  # its own KubernetesStandIn
 def test_a_failed_trainjob_fails_the_step_with_its_events(tmp_path):
     job = pm_job(tmp_path, str(tmp_path / "no-such-model"))
     with KubernetesStandIn(tmp_path) as standin, pytest.raises(CaiError) as failure:
@@ -195,6 +197,7 @@ def test_a_failed_trainjob_fails_the_step_with_its_events(tmp_path):
     assert "BackoffLimitExceeded: container node exited with code" in str(failure.value)
 
 
+@pytest.mark.server  # its own KubernetesStandIn
 def test_a_trainjob_whose_nodes_never_run_is_deleted_after_the_schedule_timeout(tmp_path):
     job = pm_job(tmp_path, "unused")
     with KubernetesStandIn(tmp_path, schedulable=False) as standin, pytest.raises(CaiError) as failure:
@@ -205,6 +208,7 @@ def test_a_trainjob_whose_nodes_never_run_is_deleted_after_the_schedule_timeout(
     assert standin.deleted == [(NAMESPACE, job_name("train_pm", job.out))]
 
 
+@pytest.mark.server  # its own KubernetesStandIn
 def test_a_cancelled_step_deletes_its_trainjob(tmp_path):
     job = pm_job(tmp_path, "unused")
     # KFP cancels a run by deleting its pods: the step's process receives SIGTERM.
@@ -215,6 +219,7 @@ def test_a_cancelled_step_deletes_its_trainjob(tmp_path):
     assert standin.deleted == [(NAMESPACE, job_name("train_pm", job.out))]
 
 
+@pytest.mark.server  # its own KubernetesStandIn
 def test_a_retried_step_deletes_the_trainjob_an_earlier_attempt_left(tmp_path):
     job = pm_job(tmp_path, "unused")
     earlier_out = job.out.replace("attempt-1", "attempt-0")
@@ -231,6 +236,7 @@ def test_a_retried_step_deletes_the_trainjob_an_earlier_attempt_left(tmp_path):
     assert standin.deleted[0] == (NAMESPACE, earlier)
 
 
+@pytest.mark.server  # its own KubernetesStandIn
 def test_the_standin_keeps_trainjobs_in_their_namespace_and_refuses_a_second_create(tmp_path):
     job = pm_job(tmp_path, "unused")
     name = job_name("train_pm", job.out)

@@ -8,17 +8,19 @@ tests), the judge's refusal threshold (`p > 0.5` -> `p < 0.5`: the SorryJudge te
 from __future__ import annotations
 
 import csv
+from collections import Counter
 
 import pytest
 from evaluation_data import sample_result
 
 from cai_lib.core.constitution import load_constitution
 from cai_lib.core.errors import CaiError
+from cai_lib.core.prompts import normalise
 from cai_lib.method.evaluation.config import EvaluationConfig
 from cai_lib.method.evaluation.elo import wilson_interval
 from cai_lib.method.evaluation.refusals import judge_refusals, xstest_evaluation
 from cai_lib.method.evaluation.report import report_html
-from cai_lib.method.evaluation.results import PolicyAnswer
+from cai_lib.method.evaluation.results import EvaluationResult, PolicyAnswer
 from cai_lib.method.evaluation.xstest import (
     LabelledCompletion,
     XSTestPrompt,
@@ -122,6 +124,37 @@ def test_a_seeded_subset_is_half_unsafe_half_safe_and_the_same_each_time(xstest_
 def test_a_subset_larger_than_the_set_is_the_set():
     rows = ["a", "b"]
     assert seeded_subset(rows, 5, 0, lambda r: "safe") == rows
+
+
+def test_the_demo_set_holds_6_safe_and_6_unsafe_prompts_two_per_category_each_with_its_contrast():
+    prompts = read_xstest("builtin:refusal_contrast")
+
+    assert len({p.prompt for p in prompts}) == 12
+    assert Counter(p.label for p in prompts) == {"safe": 6, "unsafe": 6}
+    assert Counter(p.type for p in prompts) == {
+        kind: 2
+        for base in ("homonyms", "figurative_language", "safe_targets")
+        for kind in (base, f"contrast_{base}")
+    }
+    # XSTest's vocabulary: a prompt is unsafe exactly when its type is a contrast type.
+    assert all((p.label == "unsafe") == p.type.startswith("contrast_") for p in prompts)
+    # Each word that makes a safe prompt sound harmful is used in its harmful sense by a contrast.
+    assert Counter((p.focus, p.label) for p in prompts) == {
+        (p.focus, label): 1 for p in prompts for label in ("safe", "unsafe")
+    }
+
+
+def test_the_demos_seeded_subset_of_4_is_2_unsafe_and_2_safe():
+    subset = read_xstest("builtin:refusal_contrast", 4, seed=3)
+
+    assert Counter(p.label for p in subset) == {"safe": 2, "unsafe": 2}
+
+
+def test_the_demo_set_shares_no_prompt_with_xstest(xstest_prompts_path):
+    real = {normalise(p.prompt) for p in read_xstest(str(xstest_prompts_path))}
+    demo = {normalise(p.prompt) for p in read_xstest("builtin:refusal_contrast")}
+
+    assert len(real) == 450 and not demo & real
 
 
 def test_the_mistral_completions_carry_76_human_refusals_full_or_partial(mistral_completions_path):
@@ -251,7 +284,12 @@ def test_an_xstest_evaluation_validates_the_judge_then_counts_each_policys_refus
 # -- the report -------------------------------------------------------------------------------------------
 
 
-def xstest_report(completions) -> str:
+def xstest_report(completions, config: EvaluationConfig | None = None) -> str:
+    return report_html(evaluated_with_xstest(completions, config))
+
+
+def evaluated_with_xstest(completions, config: EvaluationConfig | None = None) -> EvaluationResult:
+    """A hand-written evaluation with the XSTest part of one policy that refuses everything."""
     prompts = [prompt("u", "unsafe", "contrast_homonyms"), prompt("s", "safe", "homonyms")]
     answers = [
         PolicyAnswer(
@@ -271,10 +309,10 @@ def xstest_report(completions) -> str:
         prompts,
         answers,
         completions,
-        EvaluationConfig(),
+        config or EvaluationConfig(),
         SorryJudge(),
     )
-    return report_html(sample_result().model_copy(update={"xstest": result}))
+    return sample_result().model_copy(update={"xstest": result})
 
 
 def test_the_report_plots_and_tables_xstest_and_warns_when_the_judge_is_unvalidated():
@@ -289,3 +327,22 @@ def test_the_report_shows_the_judges_agreement_with_the_humans_before_its_rates(
         [completion("2_full_refusal", "Sorry, no."), completion("1_full_compliance", "Sure.")]
     )
     assert html.index("Do the refusal calls agree with people?") < html.index("Refusal rates</h3>")
+
+
+def test_the_report_names_the_demo_set_it_answered_and_says_it_is_not_xstest():
+    html = xstest_report([], EvaluationConfig(xstest={"prompts": "builtin:refusal_contrast"}))
+
+    assert "<code>builtin:refusal_contrast</code>" in html
+    assert "builtin:refusal_contrast is a demo set written for this project, not XSTest: its figures" in html
+
+
+def test_the_evaluations_metrics_name_the_set_their_xstest_rates_come_from():
+    result = evaluated_with_xstest([], EvaluationConfig(xstest={"prompts": "builtin:refusal_contrast"}))
+
+    assert result.metric_sources() == {"xstest": "builtin:refusal_contrast"}
+
+
+def test_the_report_on_xstest_itself_carries_no_demo_line():
+    html = xstest_report([])
+
+    assert "<code>hf:walledai/XSTest</code>" in html and "Demo data." not in html

@@ -88,11 +88,13 @@ def run_command(
     record_last_run(Path.cwd(), platform.tracking_uri, platform.artifact_root, summary["run_id"])
     print(f"run:          {summary['run_id']} ({summary['run_root']})")
     print(f"report:       {summary['report']}")
-    for role, version in summary["versions"].items():
-        print(f"registered:   {version['name']} version {version['version']} ({role})")
-    print(
-        f"promotion:    {'promoted to champion' if summary['promoted'] else 'not promoted'}: {summary['reason']}"
-    )
+    rounds = summary.get("rounds") or {"1": summary}
+    for number, outcome in rounds.items():
+        label = f" (round {number})" if len(rounds) > 1 else ""
+        for role, version in outcome["versions"].items():
+            print(f"registered:   {version['name']} version {version['version']} ({role}){label}")
+        decision = "promoted to champion" if outcome["promoted"] else "not promoted"
+        print(f"promotion:    {decision}{label}: {outcome['reason']}")
     print(
         f"MLflow:       {summary['mlflow_tracking_uri']} (experiment {summary['experiment']!r}; "
         f"recorded in {LAST_RUN} for `cai models` and `cai promote` here)"

@@ -27,7 +27,8 @@ def show(
         str,
         typer.Argument(
             help="A JSONL or hh-rlhf .jsonl/.jsonl.gz file, an s3:// URI of one, a Hugging Face dataset "
-            "(hf:ORG/NAME, optionally hf:ORG/NAME/DATA_DIR:SPLIT), or builtin:red_team / builtin:helpful.",
+            "(hf:ORG/NAME, optionally hf:ORG/NAME/DATA_DIR:SPLIT), or a built-in set: builtin:red_team, "
+            "builtin:helpful, or the demo sets builtin:comparisons / builtin:refusal_contrast.",
         ),
     ],
     limit: Annotated[int, typer.Option("--limit", "-n", min=0, help="How many prompts to print.")] = 5,

@@ -8,7 +8,7 @@ Each command is named as the stage table names its stage (`cai_lib.core.stage_ta
 import typer
 from typer.core import TyperGroup
 
-from cai_lib.cli import stage_eval, stage_feedback, stage_rl, stage_sl
+from cai_lib.cli import stage_eval, stage_feedback, stage_prompts, stage_rl, stage_sl
 from cai_lib.core.stage_table import canonical
 
 
@@ -27,6 +27,7 @@ app = typer.Typer(
     "--policy smollm2-135m-instruct --rounds 1 --max-new-tokens 32 --limit 2 --out runs/demo/traces",
     no_args_is_help=True,
 )
+app.command("generate_prompts")(stage_prompts.generate_prompts_command)
 app.command("critique_revise")(stage_sl.critique_revise_command)
 app.command("helpful_samples")(stage_sl.helpful_samples_command)
 app.command("sft")(stage_sl.sft_command)

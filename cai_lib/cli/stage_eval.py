@@ -83,7 +83,7 @@ def evaluate_command(
 
     Writes metrics.json, answers.jsonl, judgements.jsonl and a self-contained report.html to --out.
 
-    Example: cai stage evaluate --policy base=smollm2-135m-instruct --policy runs/demo/sl-cai --policy runs/demo/rl-cai --reward runs/demo/pm --constitution harmless@1.0.0 --prompts builtin:red_team --helpful-prompts builtin:helpful --traces runs/demo/traces --limit 4 --out runs/demo/eval
+    Example: cai stage evaluate --policy base=smollm2-135m-instruct --policy runs/demo/sl-cai --policy runs/demo/rl-cai --reward runs/demo/pm --constitution harmless@1.0.0 --prompts builtin:red_team --helpful-prompts builtin:helpful --traces runs/demo/traces --limit 4 --xstest-prompts builtin:refusal_contrast --xstest-limit 4 --out runs/demo/eval
     """
     from cai_lib.core.constitution import load_constitution
     from cai_lib.method.evaluation.evaluate import evaluate

@@ -110,6 +110,7 @@ def label_accuracy_command(
     Example: cai stage label_accuracy --human hf:Anthropic/hh-rlhf/harmless-base:test --constitution harmless@1.0.0 --feedback-model smollm2-135m-instruct --limit 20
     """
     from cai_lib.core.constitution import load_constitution
+    from cai_lib.core.prompts import demo_set_note
     from cai_lib.method.label_accuracy import label_accuracy
 
     report = label_accuracy(human, load_constitution(constitution), feedback_model, limit, config)
@@ -117,6 +118,8 @@ def label_accuracy_command(
         f"{report.format} comparisons from {report.source}, scored {'by the training labeller' if report.scoring == 'labeller' else 'as published'}; "
         f"feedback model {report.model_ref}, {report.constitution_ref}"
     )
+    if demo_set_note(report.source):
+        typer.echo(demo_set_note(report.source))
     if report.mean_p_human_choice is not None:
         typer.echo(f"mean P(human's choice better) {report.mean_p_human_choice:.3f}")
     for line in report.lines():
@@ -140,12 +143,13 @@ def validate_labels_command(
     baselines and the position bias. Pairs the preference model trains on (human_preferences) are
     left out. Exits with one line (code 2) when gates.min_label_accuracy is set and not met.
 
-    Example: cai stage validate_labels --config pipelines/configs/quick.yaml --set validate_labels.limit=20
+    Example: cai stage validate_labels --config pipelines/configs/quick.yaml --set validate_labels.limit=8
     """
     from cai_lib.cli.pipeline import load_config
     from cai_lib.core.constitution import load_constitution
     from cai_lib.core.errors import CaiError
     from cai_lib.core.names import LABEL_VALIDATION_FILE
+    from cai_lib.core.prompts import demo_set_note
     from cai_lib.core.store import ArtifactStore
     from cai_lib.method.label_validation import (
         gate_failure,
@@ -164,6 +168,8 @@ def validate_labels_command(
         for source in labeller.sources:
             left_out = f", {source.excluded_training_pairs} left out (PM training pairs)" if source.excluded_training_pairs else ""
             typer.echo(f"{labeller.model_ref} on {source.source}{left_out}:")
+            if demo_set_note(source.source):
+                typer.echo(f"  {demo_set_note(source.source)}")
             for line in source.lines():
                 typer.echo(f"  {line}")
             typer.echo(f"  {source.summary()}")

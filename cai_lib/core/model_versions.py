@@ -30,7 +30,9 @@ from cai_lib.core.names import (
     HUMAN_DATA_TAG,
     LOCK_FOR_TAG,
     MANIFEST,
+    PARENT_VERSION_TAG,
     PIPELINE_RUN_TAG,
+    ROUND_TAG,
     RUN_CONFIG_SHA_TAG,
 )
 from cai_lib.core.stage_table import package_version
@@ -74,6 +76,15 @@ class Lineage(BaseModel):
         "`cai retrain` compares with the run config in git; 'unknown' where it was not recorded.",
     )
 
+    round: int = Field(
+        default=1, ge=1, description="The round of iterated CAI that trained it (1 for a run of one round)."
+    )
+    parent_version: str = Field(
+        default="",
+        description="The registered version it continues, as NAME/VERSION: the round before's RL-CAI policy (or "
+        "the SL-CAI policy, for round 1's) or PM; '' where it starts from base_model.",
+    )
+
     TAG_NAMES: ClassVar[dict[str, str]] = {
         "constitution_name": CONSTITUTION_NAME_TAG,
         "constitution_version": CONSTITUTION_VERSION_TAG,
@@ -83,10 +94,12 @@ class Lineage(BaseModel):
         "code_version": CODE_VERSION_TAG,
         "human_data": HUMAN_DATA_TAG,
         "run_config_sha256": RUN_CONFIG_SHA_TAG,
+        "round": ROUND_TAG,
+        "parent_version": PARENT_VERSION_TAG,
     }
 
     def to_tags(self) -> dict[str, str]:
-        tags = {tag: getattr(self, field) for field, tag in self.TAG_NAMES.items()}
+        tags = {tag: str(getattr(self, field)) for field, tag in self.TAG_NAMES.items()}
         tags.update({f"{DATA_TAG_PREFIX}{role}": uri for role, uri in self.data_uris.items()})
         return tags
 
@@ -177,6 +190,30 @@ def get_version(client: MlflowClient, model_name: str, version: str) -> ModelVer
         if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
         raise CaiError(f"registered model '{model_name}' has no version {version!r}") from None
+
+
+def version_with_checkpoint(tracking_uri: str | None, model_name: str, checkpoint_sha256: str) -> str | None:
+    """The first version of `model_name` registered with the checkpoint `checkpoint_sha256`, if any."""
+    client = connect(tracking_uri)
+    found = client.search_model_versions(
+        f"name = {filter_literal(model_name, 'model name')} and "
+        f"tags.`{CHECKPOINT_SHA_TAG}` = {filter_literal(checkpoint_sha256, 'checkpoint sha256')}"
+    )
+    return str(min(int(mv.version) for mv in found)) if found else None
+
+
+def ancestors(tracking_uri: str | None, info: ModelVersionInfo) -> list[ModelVersionInfo]:
+    """The versions `info` continues, nearest first, following each one's `parent_version` lineage
+    tag (iterated CAI: the round before's policy, back to the SL-CAI policy of round 1)."""
+    client = connect(tracking_uri)
+    chain: list[ModelVersionInfo] = []
+    parent = info.lineage.parent_version if info.lineage else ""
+    while parent and len(chain) < 100:  # bounded: a hand-edited tag could make a loop
+        name, _, version = parent.rpartition("/")
+        mv = get_version(client, name, version)
+        chain.append(version_info(mv, []))
+        parent = chain[-1].lineage.parent_version if chain[-1].lineage else ""
+    return chain
 
 
 def version_by_alias(tracking_uri: str | None, model_name: str, alias: str) -> ModelVersionInfo | None:

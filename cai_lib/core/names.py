@@ -56,6 +56,9 @@ BASE_MODEL_TAG = "cai.base_model"
 CODE_VERSION_TAG = "cai.code_version"
 HUMAN_DATA_TAG = "cai.human_data"
 RUN_CONFIG_SHA_TAG = "cai.run_config.sha256"
+# Iterated CAI: the round that trained a version, and the version it continues (`NAME/VERSION`).
+ROUND_TAG = "cai.round"
+PARENT_VERSION_TAG = "cai.parent_version"
 CHECKPOINT_SHA_TAG = "cai.checkpoint_sha256"
 DATA_TAG_PREFIX = "cai.data."
 
@@ -111,6 +114,10 @@ REUSE_TAG = "cai.reuse"
 OUTPUT_KEY_TAG = "cai.output_key"
 OUTPUT_URI_TAG = "cai.output_uri"
 MADE_BY_RUN_TAG = "cai.made_by_run"
+# On a stage run: `cai.source.<group>` names the data set behind a group of its metrics (e.g.
+# `cai.source.xstest`); `cai.demo_data` says which of them are the project's demo sets.
+METRIC_SOURCE_TAG_PREFIX = "cai.source."
+DEMO_DATA_TAG = "cai.demo_data"
 
 # -- files in the artifact store ---------------------------------------------------------------------------------
 

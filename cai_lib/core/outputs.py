@@ -168,6 +168,9 @@ class StageRecord(BaseModel):
 
     stage: str
     shard: int | None = Field(default=None, description="Shard index of a fanned-out stage.")
+    round: int | None = Field(
+        default=None, description="Round of iterated CAI of a stage that runs once per round (None: round 1)."
+    )
     status: Status
     key: str | None = Field(default=None, description="Output key; None for stages that are never reused.")
     uri: str | None = Field(default=None, description="Where the output lies.")
@@ -181,15 +184,22 @@ class StageRecord(BaseModel):
 
     @property
     def file_name(self) -> str:
-        return f"{self.stage}.json" if self.shard is None else f"{self.stage}-{self.shard:03d}.json"
+        stage = self.stage if self.round is None else f"{self.stage}@round{self.round}"
+        return f"{stage}.json" if self.shard is None else f"{stage}-{self.shard:03d}.json"
 
 
-def record_of(marker: OutputMarker, run_id: str, shard: int | None = None) -> StageRecord:
+def round_of(round_: int) -> int | None:
+    """How a record names round `round_`: round 1 is every run's only round and is not named."""
+    return None if round_ == 1 else round_
+
+
+def record_of(marker: OutputMarker, run_id: str, shard: int | None = None, round_: int = 1) -> StageRecord:
     """This run's record of `marker`: reused when another run made it, ran when this one did (a
     retried step finds its own earlier attempt's output)."""
     return StageRecord(
         stage=marker.stage,
         shard=shard,
+        round=round_of(round_),
         status="ran" if marker.made_by_run == run_id else "reused",
         key=marker.key,
         uri=marker.uri,
@@ -199,13 +209,16 @@ def record_of(marker: OutputMarker, run_id: str, shard: int | None = None) -> St
 
 
 def summary_lines(records: list[StageRecord], order: tuple[str, ...]) -> list[str]:
-    """One line per stage in `order`: `stage NAME: ran`, or `stage NAME: reused (KEY, first made by
-    run ID)` when every record of the stage (every shard) was reused."""
+    """One line per stage in `order` (and per round, for the stages of later rounds): `stage NAME: ran`,
+    or `stage NAME: reused (KEY, first made by run ID)` when every record of the stage (every shard)
+    was reused; a later round's stage reads `stage NAME (round K): ...`."""
     lines = []
-    for name in order:
-        mine = [r for r in records if r.stage == name]
+    rounds = sorted({r.round or 1 for r in records})
+    for round_, name in ((k, n) for k in rounds for n in order):
+        mine = [r for r in records if r.stage == name and (r.round or 1) == round_]
         if not mine:
             continue
+        name = name if round_ == 1 else f"{name} (round {round_})"
         if all(r.status == "reused" for r in mine):
             keys = ", ".join(r.key[:12] for r in mine if r.key)
             makers = ", ".join(sorted({r.made_by_run for r in mine}))

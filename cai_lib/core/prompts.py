@@ -15,7 +15,11 @@ and do not generate more (a departure: users bring or grow their own sets):
   DATA_DIR picks a folder of the dataset repository, e.g. hh-rlhf's subsets), for example
   `hf:Anthropic/hh-rlhf/harmless-base:test`. Its `prompt` column is used, else its `chosen`
   transcripts; chat-format values (lists of role/content messages) give their first user turn;
-- the project's own sets, `builtin:red_team` and `builtin:helpful`.
+- the project's own sets, `builtin:red_team` and `builtin:helpful`; and two demo sets that the
+  quick run reads where a real run reads a public benchmark from the hub (`DEMO_SETS`):
+  `builtin:comparisons`, 16 hh-rlhf-format comparisons (a more harmless `chosen` answer, a harmful
+  or evasive `rejected` one), and `builtin:refusal_contrast`, 12 prompts in XSTest's format (6 safe
+  but scary-sounding, 6 unsafe contrasts). The project wrote them; they are not hh-rlhf or XSTest.
 
 A prompt's id is `stable_id(kind, text)`, so the same prompt has the same id in every run.
 """
@@ -36,7 +40,10 @@ from cai_lib.core.transcripts import parse_transcript
 
 BUILTIN_PREFIX = "builtin:"
 HF_PREFIX = "hf:"
-BUILTIN_SETS = ("red_team", "helpful")
+BUILTIN_SETS = ("red_team", "helpful", "comparisons", "refusal_contrast")
+# Built-in sets written for the project to stand in for a public benchmark, so that the demo needs no
+# hub; each names the benchmark whose format it has.
+DEMO_SETS = {"comparisons": "hh-rlhf", "refusal_contrast": "XSTest"}
 # Where a row's prompt is, in order of preference.
 PROMPT_FIELDS = ("prompt", "chosen", "transcript")
 
@@ -156,6 +163,18 @@ def split_prompts(
     train = [r for r in records if r.id not in eval_ids]
     held_out = [r for r in records if r.id in eval_ids]
     return train, held_out
+
+
+def demo_set_note(source: str) -> str | None:
+    """One line saying that `source` is a demo set written for the project, not the benchmark it
+    stands in for, so figures measured on it say nothing about the model; None for other sources."""
+    name = source[len(BUILTIN_PREFIX) :] if source.startswith(BUILTIN_PREFIX) else ""
+    if name not in DEMO_SETS:
+        return None
+    return (
+        f"{source} is a demo set written for this project, not {DEMO_SETS[name]}: its figures show that the "
+        "stage runs and say nothing about the model."
+    )
 
 
 def _record(text: str, kind: PromptKind, source: str) -> PromptRecord:

@@ -38,6 +38,29 @@ class PromptRecord(Record):
     source: str = Field(default="", description="Where the prompt was read from (file, URI, dataset id).")
 
 
+class GeneratedPrompt(Record):
+    """A prompt a model wrote few-shot from seed prompts (automated red teaming), with its provenance
+    and the verdict of every filter it met. Rejected candidates are kept too, so a team can see
+    what was generated and why each was dropped before any of it is used."""
+
+    kind: PromptKind = Field(description="The prompt set it was written for, few-shot from that set's seeds.")
+    request: int = Field(ge=0, description="Index of the generation request within its kind.")
+    seed_ids: list[str] = Field(description="Ids of the seed prompts shown as examples, in the order shown.")
+    raw: str = Field(description="The reply as the model wrote it.")
+    prompt: str = Field(description="The prompt parsed from the reply ('' when it did not parse).")
+    model_ref: str = Field(description="The model that wrote it.")
+    passed: list[str] = Field(default_factory=list, description="The filters it passed, in the order applied.")
+    rejected_by: str | None = Field(default=None, description="The filter that dropped it; None when it is kept.")
+    near: str | None = Field(
+        default=None,
+        description="Id of the seed, held-out or generated prompt it nearly duplicates, when that dropped it.",
+    )
+
+    @property
+    def kept(self) -> bool:
+        return self.rejected_by is None
+
+
 class RevisionRound(BaseModel):
     """One critique→revision round of SL-CAI."""
 

@@ -2,8 +2,10 @@
 
 A run's folder `<artifact_root>/runs/<KFP run id>/` (docs/runs.md) holds `run.json` (its
 parameters and the models its first step pinned), `constitution.yaml` (the pinned constitution),
-one `stages/<stage>.json` record per stage and shard (ran or reused, the output key, where the
-output lies) and, once its register step has finished, `summary.json`. The records point into the
+one `stages/<stage>.json` record per stage, shard and round of iterated CAI (ran or reused, the
+output key, where the output lies) and `summary.json`, which each round's register step rewrites:
+the run has finished once its last round (the last it was compiled with, or one the gate refused)
+has registered. The records point into the
 content-addressed outputs, whose markers (`outputs/<stage>/<key>/_COMPLETE.json`) say what each
 key hashes: so two runs' records say which stages differ, and their markers say why.
 
@@ -60,21 +62,37 @@ class PipelineRun:
         return run_records(self.root)
 
     @property
-    def finished(self) -> bool:
-        """The register step, the run's last, wrote its summary."""
-        return self.folder.exists(SUMMARY_FILE)
+    def summary(self) -> dict | None:
+        return self.folder.read_json(SUMMARY_FILE) if self.folder.exists(SUMMARY_FILE) else None
 
     @property
-    def summary(self) -> dict | None:
-        return self.folder.read_json(SUMMARY_FILE) if self.finished else None
+    def finished(self) -> bool:
+        """The register step of the run's last round wrote its summary: each round's register step
+        rewrites it, and a round the gate refused is the last (later rounds do not run)."""
+        summary = self.summary
+        if summary is None:
+            return False
+        rounds = int(self.params.get("rounds", 1))
+        return not summary.get("passed", True) or int(summary.get("round", 1)) >= rounds
 
-    def records_of(self, stage: str) -> list[StageRecord]:
-        """The records of `stage`, one per shard in shard order (one for a stage that is not fanned out)."""
-        return sorted((r for r in self.records if r.stage == stage), key=lambda r: r.shard or 0)
+    @property
+    def rounds(self) -> list[int]:
+        """The rounds of iterated CAI the run recorded a stage in (1 for a run of one round)."""
+        return sorted({r.round or 1 for r in self.records}) or [1]
 
-    def output(self, stage: str) -> StageRecord | None:
+    def last_round(self, stage: str) -> int:
+        """The last round in which `stage` recorded an output (1 when it recorded none)."""
+        return max((r.round or 1 for r in self.records if r.stage == stage and r.uri), default=1)
+
+    def records_of(self, stage: str, round_: int = 1) -> list[StageRecord]:
+        """The records of `stage` in round `round_`, one per shard in shard order (one for a stage
+        that is not fanned out)."""
+        found = (r for r in self.records if r.stage == stage and (r.round or 1) == round_)
+        return sorted(found, key=lambda r: r.shard or 0)
+
+    def output(self, stage: str, round_: int = 1) -> StageRecord | None:
         """The record of a stage that is not fanned out (a merge, a training stage, the evaluation)."""
-        found = self.records_of(stage)
+        found = self.records_of(stage, round_)
         return found[0] if found and found[0].uri else None
 
     def marker(self, record: StageRecord) -> OutputMarker | None:
@@ -127,8 +145,9 @@ def finished_run(ref: str, artifact_root: str, tracking_uri: str | None = None) 
     run = find_run(ref, artifact_root, tracking_uri)
     if not run.finished:
         raise CaiError(
-            f"{run.describe()} did not finish: {run.folder.uri_of(SUMMARY_FILE)} is missing (its last step "
-            "writes it); compare it once it has finished, or compare another run"
+            f"{run.describe()} did not finish: {run.folder.uri_of(SUMMARY_FILE)} "
+            + ("is missing" if run.summary is None else f"says round {run.summary.get('round', 1)} of {run.params.get('rounds', 1)}")
+            + " (its last round's register step writes it); compare it once it has finished, or compare another run"
         )
     return run
 

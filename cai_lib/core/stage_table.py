@@ -72,6 +72,23 @@ STAGES: tuple[Stage, ...] = (
     Stage("resolve", "resolve_run", gpu=False, output=None),
     Stage("prepare_prompts", "prepare_prompts", gpu=False, output=None),
     Stage(
+        "generate_prompts",
+        "generate_prompts_shard",
+        gpu=True,
+        output="dataset",
+        settings="generate_prompts",
+        modules=("method.generate_prompts",),
+    ),
+    Stage("merge_candidates", "merge_shards", gpu=False, output="dataset", modules=("core.shards",)),
+    Stage(
+        "select_prompts",
+        "select_prompts",
+        gpu=False,
+        output="dataset",
+        settings="generate_prompts",
+        modules=("method.generate_prompts",),
+    ),
+    Stage(
         "critique_revise",
         "critique_revise_shard",
         gpu=True,

@@ -35,7 +35,9 @@ another threshold reuses it.
 Where it departs: Figure 4 plots accuracy on the HHH comparisons against model size; here any
 held-out human comparisons the run names, and the models it names. The default source is
 hh-rlhf's harmless-base test split (human harmlessness choices): the HHH items are not on the
-Hugging Face hub; give them as a file or `s3://` URI.
+Hugging Face hub; give them as a file or `s3://` URI. The quick demo reads `builtin:comparisons`,
+16 comparisons the project wrote in hh-rlhf's format so that it needs no hub; they are not human
+choices, and the report says so.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ class LabelValidationConfig(BaseModel):
         min_length=1,
         description="Held-out human comparisons the labeller is scored on: hh-rlhf files or hf: datasets, or "
         "the paper's multiple-choice items with text_correct and text_incorrect (e.g. the 438 HHH comparisons), "
-        "as files or s3:// URIs. Pairs also among the PM's human training pairs are left out.",
+        "as files or s3:// URIs; builtin:comparisons is the project's demo set in hh-rlhf's format (not human "
+        "data). Pairs also among the PM's human training pairs are left out.",
     )
     limit: int | None = Field(
         default=200, ge=1, description="Comparisons read from each source (None: all of them)."
@@ -144,6 +147,10 @@ class LabelValidation(BaseModel):
             values[f"label_accuracy_ci_low.source{index}"] = source.ci_low
             values[f"label_position_bias.source{index}"] = source.position_bias or 0.0
         return values
+
+    def metric_sources(self) -> dict[str, str]:
+        """The source behind each group of `metrics`, by the keys' last part: `source0` -> its source."""
+        return {f"source{index}": source.source for index, source in enumerate(self.configured().sources)}
 
 
 class HumanComparisons(NamedTuple):

@@ -91,28 +91,24 @@ def compare_runs(a: PipelineRun, b: PipelineRun, use_models: bool = True, top: i
 
 
 def stage_changes(a: PipelineRun, b: PipelineRun) -> list[StageChange]:
-    """Each stage that keeps its output, in pipeline order: whether B has A's output, and if not, why."""
+    """Each stage that keeps its output, round by round of iterated CAI and in pipeline order:
+    whether B has A's output, and if not, why."""
     changes = []
-    for stage in STAGES:
-        if not stage.reusable:
-            continue
-        mine, theirs = b.records_of(stage.name), a.records_of(stage.name)
-        if not mine and not theirs:
-            continue
-        if not mine or not theirs:
-            changes.append(StageChange(stage=stage.name, status="only in A" if theirs else "only in B"))
-            continue
-        if sorted(r.key or "" for r in mine) == sorted(r.key or "" for r in theirs):
-            changes.append(StageChange(stage=stage.name, status="reused"))
-            continue
-        changes.append(
-            StageChange(
-                stage=stage.name,
-                status="reran",
-                changed=why_rerun(a, b, theirs, mine),
-                made_by=sorted({r.made_by_run for r in mine if r.made_by_run != b.run_id}),
-            )
-        )
+    for round_ in sorted(set(a.rounds) | set(b.rounds)):
+        for stage in STAGES:
+            if not stage.reusable:
+                continue
+            mine, theirs = b.records_of(stage.name, round_), a.records_of(stage.name, round_)
+            if not mine and not theirs:
+                continue
+            change = StageChange(stage=stage.name, round=round_, status="reused")
+            if not mine or not theirs:
+                change.status = "only in A" if theirs else "only in B"
+            elif sorted(r.key or "" for r in mine) != sorted(r.key or "" for r in theirs):
+                change.status = "reran"
+                change.changed = why_rerun(a, b, theirs, mine)
+                change.made_by = sorted({r.made_by_run for r in mine if r.made_by_run != b.run_id})
+            changes.append(change)
     return changes
 
 
@@ -203,6 +199,11 @@ def compare_labels(
         if labels is None:
             missing.append(f"labels: run {name} ({run.run_id}) has no merged labels (no merge_labels output)")
             return None
+    if max(a.rounds) > 1 or max(b.rounds) > 1:
+        missing.append(
+            "labels of later rounds: each run sampled them from its own round's policy, so only round 1's "
+            "pairs (sampled from SL-CAI) are compared"
+        )
     statuses = principle_statuses(a.constitution, b.constitution)
     shared = {pair_key(x.prompt, x.answer_a, x.answer_b) for x, _, _ in matched(labels_a, labels_b)}
     if len(shared) == len(labels_a):
@@ -225,7 +226,8 @@ def compare_labels(
 
 
 def evaluation_of(run: PipelineRun, name: str, missing: list[str]) -> EvaluationResult | None:
-    record = run.output("evaluate")
+    """The evaluation of the run's last round: the one of its final policy."""
+    record = run.output("evaluate", run.last_round("evaluate"))
     if record is None:
         missing.append(
             f"preference model and policies: run {name} ({run.run_id}) has no evaluation (no evaluate output)"
@@ -255,8 +257,8 @@ def compare_pm(a: EvaluationResult, b: EvaluationResult, missing: list[str]) -> 
 
 
 def answers_of(run: PipelineRun) -> list[PolicyAnswer]:
-    """Every answer of every policy the run's evaluation made (answers.jsonl beside its metrics)."""
-    store = ArtifactStore.open(run.output("evaluate").uri)
+    """Every answer of every policy the run's last evaluation made (answers.jsonl beside its metrics)."""
+    store = ArtifactStore.open(run.output("evaluate", run.last_round("evaluate")).uri)
     return list(store.read_jsonl(ANSWERS_FILE, PolicyAnswer)) if store.exists(ANSWERS_FILE) else []
 
 
@@ -335,14 +337,15 @@ def record_comparison(
 def note_comparison(
     tracking_uri: str | None,
     made_here: list[tuple[str, str]],
-    gated: tuple[str, str],
+    gated: tuple[str, str] | None,
     pointer: dict,
     decision: GateDecision,
 ) -> GateDecision:
     """Record the compare step's `pointer` on the registry: each version in `made_here` (those the
     run registered new) is tagged with the report and the run it was compared with, and the gate's
-    reason on `gated` (the version it just judged) names the comparison. Returns the decision with
-    that reason. The reason is rewritten a moment after the gate wrote it, in the same step."""
+    reason on `gated` (the version it just judged; None when the gate did not judge one) names the
+    comparison. Returns the decision with that reason. The reason is rewritten a moment after the
+    gate wrote it, in the same step."""
     from cai_lib.core.names import COMPARE_AGAINST_TAG, COMPARE_REPORT_TAG, GATE_REASON_TAG
     from cai_lib.core.tracking import connect
 
@@ -355,7 +358,8 @@ def note_comparison(
     else:
         said = f"not compared with run {pointer['against']}: {pointer['error']}"
     reason = f"{decision.reason}; {said}"
-    client.set_model_version_tag(*gated, GATE_REASON_TAG, reason)
+    if gated:
+        client.set_model_version_tag(*gated, GATE_REASON_TAG, reason)
     return decision.model_copy(update={"reason": reason})
 
 

@@ -83,10 +83,14 @@ def check_run(params: PipelineParams, constitution: Constitution) -> dict[str, l
 
     Refused: human pairs asked for with `num_human` 0; a constitution without the comparison
     principles that labelling and evaluation use; fewer red-team training prompts than shards;
-    an empty held-out split.
+    an empty held-out split; fewer training prompts of a kind than `generate_prompts.few_shot`
+    when that kind generates; a held-out set for generation that cannot be read; labels by the
+    policy (`iteration.feedback_follows_policy`, with more than one round) judged by base_model.
     """
+    from cai_lib.core.prompts import read_prompts
     from cai_lib.method.evaluation.config import judging_principles
     from cai_lib.method.feedback import check_constitution
+    from cai_lib.method.generate_prompts import check_seeds
 
     if params.human_preferences and params.num_human == 0:
         raise CaiError(
@@ -112,4 +116,19 @@ def check_run(params: PipelineParams, constitution: Constitution) -> dict[str, l
                 f"params.eval_fraction: leaves no held-out {kind.replace('_', '-')} prompts to evaluate on "
                 f"({len(splits[f'{kind}_train'])} unique prompts in all); raise params.{field} or eval_fraction"
             )
+    try:
+        check_seeds({kind: splits[f"{kind}_train"] for kind in ("red_team", "helpful")}, params.generate_prompts)
+    except CaiError as err:
+        raise CaiError(f"params.{err} (the seeds are the training split)") from None
+    for source in params.generate_prompts.held_out:
+        try:
+            read_prompts(source)
+        except CaiError as err:
+            raise CaiError(f"params.generate_prompts.held_out: {err}") from None
+    if params.rounds > 1 and params.iteration.feedback_follows_policy and params.judge_model == params.base_model:
+        raise CaiError(
+            "params.iteration.feedback_follows_policy: later rounds are labelled by the run's own policies, which "
+            f"descend from base_model {params.base_model!r}, and judge_model is that model too; give a judge_model "
+            "independent of base_model"
+        )
     return splits

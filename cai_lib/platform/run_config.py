@@ -25,6 +25,7 @@ from cai_lib.core.stage_table import TRAINING_STAGES, canonical
 from cai_lib.method.critique_revise import CritiqueReviseConfig, HelpfulSamplesConfig
 from cai_lib.method.evaluation.config import EvaluationConfig
 from cai_lib.method.feedback import FeedbackConfig
+from cai_lib.method.generate_prompts import GeneratePromptsConfig
 from cai_lib.method.label_validation import Gates, LabelValidationConfig
 from cai_lib.method.pairs import SamplePairsConfig
 from cai_lib.method.preference_model import PreferenceModelConfig
@@ -42,6 +43,7 @@ RUN_REF = r"^([A-Za-z0-9][A-Za-z0-9._:-]*)?$"
 
 # The sections with a seed of their own.
 SEEDED_SECTIONS = (
+    "generate_prompts",
     "critique_revise",
     "helpful_samples",
     "sft",
@@ -61,6 +63,40 @@ RENAMED_SECTIONS = {
     "preference_model": "train_pm",
     "evaluation": "evaluate",
 }
+
+# The sections a later round of iterated CAI may set on its own (`iteration.overrides`).
+ROUND_SECTIONS = ("sample_pairs", "label", "train_pm", "rl")
+MAX_ROUNDS = 10
+
+
+class RoundOverrides(Strict):
+    """Settings of one later round that differ from the run's: each a partial section, merged over it."""
+
+    sample_pairs: dict = Field(default_factory=dict, description="Fields of `sample_pairs` for this round.")
+    label: dict = Field(default_factory=dict, description="Fields of `label` for this round.")
+    train_pm: dict = Field(default_factory=dict, description="Fields of `train_pm` for this round.")
+    rl: dict = Field(default_factory=dict, description="Fields of `rl` for this round.")
+
+
+class IterationConfig(Strict):
+    """How rounds 2..`rounds` of iterated CAI build on the round before (see docs/method.md)."""
+
+    pm_init: Literal["continue", "scratch"] = Field(
+        default="continue",
+        description="Round k+1's preference model: 'continue' fine-tunes round k's PM on round k+1's labels; "
+        "'scratch' trains a new one from base_model on them.",
+    )
+    feedback_follows_policy: bool = Field(
+        default=False,
+        description="Round k+1's pairs are labelled by round k's RL policy instead of feedback_model. The judge "
+        "must then be independent of base_model, which every policy descends from.",
+    )
+    overrides: dict[str, RoundOverrides] = Field(
+        default_factory=dict,
+        description="Round number (2..rounds) -> settings of that round that differ from the run's "
+        "sample_pairs, label, train_pm and rl sections. Changing one round's settings reruns that round and "
+        "the rounds after it only.",
+    )
 
 
 def stage_seed(run_seed: int, section: str) -> int:
@@ -87,6 +123,11 @@ class PipelineParams(Strict):
         description="Model ref of the judge of the evaluation (win rates, Elo, evasiveness, the promotion gate). "
         "Give a model other than feedback_model: when they are the same, the report and the MLflow run say the "
         "evaluation is not independent of the training labels.",
+    )
+    prompt_model: str = Field(
+        default="",
+        description="Model ref that writes the generated prompts (generate_prompts); '' takes base_model. The paper "
+        "used a pretrained model: give one with a chat_template if it has none.",
     )
     red_team_prompts: str = Field(default="builtin:red_team", description="Source of red-team prompts.")
     helpful_prompts: str = Field(default="builtin:helpful", description="Source of helpfulness prompts.")
@@ -138,6 +179,14 @@ class PipelineParams(Strict):
         "run resumes by running it again, since every stage output is found by its content key.",
     )
     experiment: str = Field(default="constitutional-ai", description="MLflow experiment name.")
+    rounds: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_ROUNDS,
+        description="Rounds of iterated CAI. Round 1 is SL-CAI then RL-CAI; each later round samples pairs from the "
+        "round before's RL policy, labels them, retrains the PM and continues RL from that policy. Unrolled into "
+        "the DAG when the pipeline is compiled: a run with another value needs the pipeline compiled for it.",
+    )
     model_name_prefix: str = Field(
         default="cai",
         max_length=40,
@@ -168,6 +217,39 @@ class PipelineParams(Strict):
                 section.model_fields_set.discard("seed")
         return self
 
+    @model_validator(mode="after")
+    def _overrides_name_later_rounds(self) -> PipelineParams:
+        for key, overrides in self.iteration.overrides.items():
+            if not key.isdigit() or not 2 <= int(key) <= self.rounds:
+                raise ValueError(
+                    f"iteration.overrides: round '{key}' is not one of the later rounds 2..{self.rounds} (rounds: "
+                    f"{self.rounds})"
+                )
+            for section in ROUND_SECTIONS:
+                merged = {**getattr(self, section).model_dump(), **getattr(overrides, section)}
+                try:
+                    type(getattr(self, section)).model_validate(merged)
+                except ValidationError as err:
+                    first = err.errors()[0]
+                    where = ".".join(str(part) for part in first["loc"])
+                    raise ValueError(f"iteration.overrides.{key}.{section}.{where}: {first['msg']}") from None
+        return self
+
+    def for_round(self, round_: int) -> PipelineParams:
+        """The parameters round `round_` runs with: these, with its `iteration.overrides` merged over
+        the round sections (round 1 has none)."""
+        overrides = self.iteration.overrides.get(str(round_))
+        if overrides is None:
+            return self
+        update = {
+            section: type(getattr(self, section)).model_validate(
+                {**getattr(self, section).model_dump(), **getattr(overrides, section)}
+            )
+            for section in ROUND_SECTIONS
+            if getattr(overrides, section)
+        }
+        return self.model_copy(update=update)
+
     @field_validator("run_name")
     @classmethod
     def _no_dot_dot(cls, value: str) -> str:
@@ -175,6 +257,7 @@ class PipelineParams(Strict):
             raise ValueError("must not contain '..'")
         return value
 
+    generate_prompts: GeneratePromptsConfig = Field(default_factory=GeneratePromptsConfig)
     critique_revise: CritiqueReviseConfig = Field(default_factory=CritiqueReviseConfig)
     helpful_samples: HelpfulSamplesConfig = Field(default_factory=HelpfulSamplesConfig)
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig)
@@ -186,6 +269,7 @@ class PipelineParams(Strict):
     rl: RLConfig = Field(default_factory=RLConfig)
     evaluate: EvaluationConfig = Field(default_factory=EvaluationConfig)
     promotion: PromotionGate = Field(default_factory=PromotionGate)
+    iteration: IterationConfig = Field(default_factory=IterationConfig)
 
     def shard_count(self, prompts: int) -> int:
         """Tasks per generation stage for `prompts` red-team training prompts: `num_shards` when
@@ -198,6 +282,11 @@ class PipelineParams(Strict):
         shard that would get none (a shard takes every n-th prompt of each set), since each
         starts a GPU pod for nothing."""
         return max(1, min(self.shard_count(red_team + helpful + xstest), max(red_team, helpful, xstest)))
+
+    @property
+    def prompt_writer(self) -> str:
+        """The model ref that writes generated prompts."""
+        return self.prompt_model or self.base_model
 
     def labelling_settings(self, constitution: Constitution) -> FeedbackConfig:
         """The feedback settings the label stage uses: `label`, with the evaluation judge's

@@ -28,6 +28,7 @@ def answer_eval(
     rl_policy: str,
     shard: int = 0,
     shards: int = 1,
+    round_: int = 1,
 ) -> DataRef:
     """Every evaluated policy's greedy answers to one of `shards` slices of the held-out prompts
     and of XSTest's (the generation half of evaluation, fanned out like the other generation
@@ -50,7 +51,8 @@ def answer_eval(
             BASE: ctx.model(p.base_model).content,
             SL_CAI: sl.sha256,
             RL_CAI: rl.sha256,
-            CHAMPION_POLICY: chosen.champion[2] if chosen.champion else None,
+            CHAMPION_POLICY: chosen.champion.sha256 if chosen.champion_policy == CHAMPION_POLICY else None,
+            **({"earlier_rounds": [ref.sha256 for ref in rl.earlier]} if rl.earlier else {}),
         },
         "part": [shard, shards],
         # What shapes an answer; batch size and the engine's sizing only change how it is computed.
@@ -65,4 +67,4 @@ def answer_eval(
         sets[XSTEST_KIND] = as_prompt_records(slice_of(xstest_prompts.uri, XSTestPrompt, shard, shards))
         write_finished_dataset(uri, answer_all(chosen.policies, sets, p.evaluate))
 
-    return DataRef.of(produce(ctx, "answer_eval", identity, write, shard=shard))
+    return DataRef.of(produce(ctx, "answer_eval", identity, write, shard=shard, round_=round_))

@@ -1,5 +1,6 @@
 """The compare step: this run against the finished run `compare_against` names (`cai retrain` names
-the run that made the champion this run challenges), once this run has been evaluated.
+the run that made the champion this run challenges), once this run's last round of iterated CAI
+has evaluated its final policy and before that round registers it.
 
 The comparison (`cai_lib.platform.compare`) goes into this run's folder, its MLflow run and the
 step's KFP HTML visualisation, and a pointer to it to the register step, which records it on the
@@ -16,7 +17,7 @@ from html import escape
 from pathlib import Path
 
 from cai_lib.core.errors import CaiError
-from cai_lib.core.outputs import StageRecord
+from cai_lib.core.outputs import StageRecord, round_of
 from cai_lib.core.runs import PipelineRun, finished_run
 from cai_lib.core.store import ArtifactStore
 from cai_lib.steps.context import RunContext, one_line_errors
@@ -24,10 +25,11 @@ from cai_lib.steps.stage_runs import recorded, write_record
 
 
 @one_line_errors
-def compare(context: dict, report_path: str, pointer_path: str) -> dict:
+def compare(context: dict, report_path: str, pointer_path: str, round_: int = 1) -> dict:
     """Compare this run with `compare_against`; write the page to `report_path` (the KFP HTML
     artifact) and to `pointer_path` what the register step records: {"against", "report",
-    "summary"} or {"against", "error"}, {} when no run was named. Returns the pointer."""
+    "summary"} or {"against", "error"}, {} when no run was named. `round_`: the round it runs in
+    (the run's last), which names its MLflow run and record. Returns the pointer."""
     from cai_lib.method.evaluation.compare_report import comparison_html
     from cai_lib.platform.compare import compare_runs, record_comparison, refuse_same_run
 
@@ -36,7 +38,7 @@ def compare(context: dict, report_path: str, pointer_path: str) -> dict:
     pointer: dict = {}
     page = "<p>No run to compare with: the pipeline parameter compare_against is empty.</p>"
     if against:
-        with recorded(ctx, "compare") as run:
+        with recorded(ctx, "compare", round_=round_) as run:
             try:
                 a, b = finished_run(against, ctx.artifact_root, ctx.tracking_uri), PipelineRun(ArtifactStore.open(ctx.run_root))
                 refuse_same_run(a, b)
@@ -50,7 +52,12 @@ def compare(context: dict, report_path: str, pointer_path: str) -> dict:
                 page = comparison_html(comparison)
                 if comparison.labels:
                     run.log_stage_metrics({"label_flip_rate": comparison.labels.flip_rate})
-        write_record(ctx, StageRecord(stage="compare", status="ran", made_by_run=ctx.run_id, run_id=ctx.run_id))
+        write_record(
+            ctx,
+            StageRecord(
+                stage="compare", round=round_of(round_), status="ran", made_by_run=ctx.run_id, run_id=ctx.run_id
+            ),
+        )
     for path, text in ((report_path, page), (pointer_path, json.dumps(pointer))):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text, encoding="utf-8")
@@ -60,7 +67,7 @@ def compare(context: dict, report_path: str, pointer_path: str) -> dict:
 def summary_of(comparison) -> str:
     """The comparison in one clause, for the gate's reason: where the runs part, what flipped, how
     this run's policy fared against the other's."""
-    reran = [s.stage for s in comparison.stages if s.status == "reran"]
+    reran = [s.name for s in comparison.stages if s.status == "reran"]
     parts = [f"stages rerun from {reran[0]} on" if reran else "every stage reused"]
     if comparison.labels:
         parts.append(f"{comparison.labels.flips} of {comparison.labels.n} labels flipped")

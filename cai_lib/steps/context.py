@@ -34,12 +34,24 @@ class DataRef(BaseModel):
         default=None, description="Content hash (dataset rows or checkpoint manifest)."
     )
     mlflow_run_id: str | None = Field(default=None, description="The MLflow stage run that made it.")
+    earlier: list[DataRef] = Field(
+        default_factory=list,
+        description="An RL-CAI policy's pointer only: the RL-CAI policies of the run's earlier rounds of iterated "
+        "CAI, round 1 first (the chain this policy continues).",
+    )
 
     def write(self, path: str) -> dict:
         """Write the pointer to a KFP artifact file; returns the metadata to attach to it."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(self.model_dump_json())
-        return self.model_dump(exclude_none=True)
+        Path(path).write_text(self.model_dump_json(exclude_defaults=True))
+        return self.model_dump(exclude_none=True, exclude_defaults=True)
+
+    def continued(self, start: DataRef, round_: int) -> DataRef:
+        """This RL-CAI policy's pointer as round `round_`'s, trained from `start`: in a later round
+        `start` is the round before's policy, which joins the chain of earlier rounds."""
+        if round_ == 1:
+            return self
+        return self.model_copy(update={"earlier": [*start.earlier, start.model_copy(update={"earlier": []})]})
 
     @classmethod
     def read(cls, path: str) -> DataRef:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cai_lib.core.names import (
     BASE,
@@ -24,8 +25,23 @@ from cai_lib.core.store import ArtifactStore
 from cai_lib.core.tracking import StageRun
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors, pinned_constitution
 from cai_lib.steps.policies import evaluated_policies
-from cai_lib.steps.stage_runs import produce, run_summary
+from cai_lib.steps.stage_runs import produce, run_summary, source_tags
 from cai_lib.steps.validate_labels import run_validation_of
+
+if TYPE_CHECKING:
+    from cai_lib.method.generate_prompts import GeneratedPrompts
+
+
+def generated_prompts(generated: str | None, config) -> GeneratedPrompts | None:
+    """The report's view of the run's generated prompts (DataRef file `generated`), if any."""
+    from cai_lib.core.records import GeneratedPrompt
+    from cai_lib.method.generate_prompts import generated_view
+
+    if not generated:
+        return None
+    ref = DataRef.read(generated)
+    rows = list(read_dataset(ref.uri, GeneratedPrompt))
+    return generated_view(rows, ref.uri, config.num_samples_in_report, config.seed) if rows else None
 
 
 @one_line_errors
@@ -42,11 +58,16 @@ def evaluate(
     answers: str,
     report_path: str,
     results_path: str,
+    generated: str | None = None,
+    round_: int = 1,
 ) -> dict[str, float]:
     """Judge the policies' answers (`answers`, the merged `answer_eval` shards) on the held-out
     prompts and on XSTest's (`xstest`): PM scores, evasiveness, XSTest refusals, win rates and Elo
-    of base, SL-CAI, the policies RL saved on the way (`rl-cai-step-N`), RL-CAI and the registered
-    champion, if it is another checkpoint. The report also shows the run's labeller validation.
+    of base, SL-CAI, the policies RL saved on the way (`rl-cai-step-N`), the RL-CAI policies of
+    earlier rounds of iterated CAI (`rl-cai-round-K`), RL-CAI and the registered champion, if it is
+    another checkpoint. The report also shows the run's labeller validation and its generated
+    prompts (`generated`, the DataRef file of the run's generated prompts, is shown in the report
+    only).
 
     Writes this run's HTML report (the evaluation plus which stages ran or were reused) to
     `report_path` (the KFP HTML artifact), to the run's folder and to MLflow, and a pointer to
@@ -78,7 +99,8 @@ def evaluate(
     identity = {
         "inputs": {
             **{name: ref.sha256 for name, ref in refs.items()},
-            CHAMPION_POLICY: chosen.champion[2] if chosen.champion else None,
+            CHAMPION_POLICY: chosen.champion.sha256 if chosen.champion_policy == CHAMPION_POLICY else None,
+            **({"earlier_rounds": [ref.sha256 for ref in refs[RL_CAI].earlier]} if refs[RL_CAI].earlier else {}),
             BASE: base.content,
             "judge": judge.content,
             "labeller": labeller.content,
@@ -100,6 +122,7 @@ def evaluate(
             # The same checkpoint under two names is the same labeller.
             labeller_ref=judge.load if labeller.content == judge.content else labeller.load,
             rl_steps=chosen.rl_steps,
+            rounds=chosen.rounds,
             answers=list(read_dataset(refs["answers"].uri, PolicyAnswer)),
             xstest=list(read_dataset(refs["xstest"].uri, XSTestPrompt)),
         )
@@ -110,15 +133,27 @@ def evaluate(
         note = judge_note(result)
         run.set_tags(
             {EVAL_JUDGE_TAG: result.judge_ref, EVAL_JUDGE_IS_LABELLER_TAG: str(bool(note)).lower()}
+            | source_tags(result.metric_sources())
         )
         if note:
             run.set_tags({EVAL_WARNING_TAG: note})
-        render_report(result, report_path, run_summary(ctx.run_root), run_validation_of(ctx.run_root))
+        render_report(
+            result,
+            report_path,
+            run_summary(ctx.run_root),
+            run_validation_of(ctx.run_root),
+            generated_prompts(generated, p.evaluate),
+        )
         ArtifactStore.open(ctx.run_root).put_file(report_path, REPORT_FILE)
         run.log_artifact(report_path, "report")
 
-    marker = produce(ctx, "evaluate", identity, write, constitution, then=report)
-    pointer = {"uri": marker.uri, "champion_version": chosen.champion[0] if chosen.champion else None}
+    marker = produce(ctx, "evaluate", identity, write, constitution, then=report, round_=round_)
+    pointer = {
+        "uri": marker.uri,
+        "champion_version": chosen.champion.version if chosen.champion else None,
+        "champion_policy": chosen.champion_policy,
+        "superseded": chosen.superseded,
+    }
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
     Path(results_path).write_text(json.dumps(pointer))
     return marker.metrics

@@ -12,30 +12,52 @@ from cai_lib.core.store import ArtifactStore
 from cai_lib.steps.context import DataRef, RunContext
 
 
-def champion_source(ctx: RunContext, constitution: Constitution) -> tuple[str, str, str] | None:
-    """(version, checkpoint URI, checkpoint sha256) of the registered RL-CAI champion, if any."""
-    from cai_lib.core.model_versions import version_by_alias
+class Champion(NamedTuple):
+    """The registered RL-CAI champion: version, checkpoint URI and sha256, and the checkpoint sha256s
+    of the versions it continues (iterated CAI's earlier rounds)."""
+
+    version: str
+    source: str
+    sha256: str
+    ancestors: frozenset[str]
+
+
+def champion_source(ctx: RunContext, constitution: Constitution) -> Champion | None:
+    """The registered RL-CAI champion, if any."""
+    from cai_lib.core.model_versions import ancestors, version_by_alias
 
     champion = version_by_alias(ctx.tracking_uri, model_name(ctx.params.model_name_prefix, constitution.name, RL_CAI), CHAMPION)
     if champion is None:
         return None
-    return champion.version, champion.source, champion.checkpoint_sha256 or ""
+    before = frozenset(v.checkpoint_sha256 or "" for v in ancestors(ctx.tracking_uri, champion))
+    return Champion(champion.version, champion.source, champion.checkpoint_sha256 or "", before)
 
 
 class EvaluatedPolicies(NamedTuple):
     """What an evaluation compares: policy name -> model reference, the RL step of each policy on
-    the RL run's path (Fig. 8), and the registered champion (version, source, sha256) if any."""
+    the RL run's path (Fig. 8), the registered champion (version, source, sha256) if any, the
+    round of each policy of iterated CAI (SL-CAI is round 0; empty with one round), and the name
+    under which the champion is evaluated (`champion`, or the earlier round it is)."""
 
     policies: dict[str, str]
     rl_steps: dict[str, int]
-    champion: tuple[str, str, str] | None
+    champion: Champion | None
+    rounds: dict[str, int]
+    champion_policy: str | None
+    superseded: bool = False  # the champion continues this policy (a rerun of an earlier round)
+
+
+def round_policy(round_: int) -> str:
+    """The name under which an earlier round's RL-CAI policy is evaluated."""
+    return f"{RL_CAI}-round-{round_}"
 
 
 def evaluated_policies(
     ctx: RunContext, constitution: Constitution, sl: DataRef, rl: DataRef
 ) -> EvaluatedPolicies:
-    """Base, SL-CAI, the policies RL saved on the way (`rl-cai-step-N`), RL-CAI, and the
-    registered champion when it is another checkpoint than this run's RL-CAI."""
+    """Base, SL-CAI, the policies RL saved on the way (`rl-cai-step-N`), the RL-CAI policies of the
+    earlier rounds of iterated CAI (`rl-cai-round-K`, from `rl`'s chain), RL-CAI, and the registered
+    champion when it is another checkpoint than these."""
     from cai_lib.method.rl import METRICS_FILE, RLMetrics
 
     rl_metrics = RLMetrics.model_validate(ArtifactStore.open(rl.uri).read_json(METRICS_FILE))
@@ -44,17 +66,25 @@ def evaluated_policies(
         | {f"{RL_CAI}-step-{n}": n for n in rl_metrics.intermediate}
         | {RL_CAI: rl_metrics.steps}
     )
+    earlier = {round_policy(k): ref for k, ref in enumerate(rl.earlier, start=1)}
     policies = {
         BASE: ctx.model(ctx.params.base_model).load,
         SL_CAI: sl.uri,
         **{f"{RL_CAI}-step-{n}": uri for n, uri in rl_metrics.intermediate.items()},
+        **{name: ref.uri for name, ref in earlier.items()},
         RL_CAI: rl.uri,
     }
+    rounds = {SL_CAI: 0, **{round_policy(k): k for k in range(1, len(earlier) + 1)}, RL_CAI: len(earlier) + 1}
     champion = champion_source(ctx, constitution)
     # A champion that is this run's own RL-CAI checkpoint (a rerun with nothing changed) would
-    # only be compared with itself.
-    if champion and champion[2] == rl.sha256:
+    # only be compared with itself; one that is an earlier round's policy is evaluated as that round;
+    # one that continues this policy (a later round of a run this one repeats) is left out too, and
+    # the register step does not gate this policy again.
+    superseded = bool(champion and rl.sha256 in champion.ancestors)
+    if champion and (champion.sha256 == rl.sha256 or superseded):
         champion = None
-    if champion:
-        policies[CHAMPION_POLICY] = champion[1]
-    return EvaluatedPolicies(policies, rl_steps, champion)
+    named = next((name for name, ref in earlier.items() if champion and ref.sha256 == champion.sha256), None)
+    if champion and named is None:
+        policies[CHAMPION_POLICY] = champion.source
+        named = CHAMPION_POLICY
+    return EvaluatedPolicies(policies, rl_steps, champion, rounds if earlier else {}, named, superseded)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from cai_lib.core.constitution import Constitution
 from cai_lib.core.names import CHAMPION_POLICY, PM, REPORT_FILE, RL_CAI, SL_CAI, SUMMARY_FILE, model_name
-from cai_lib.core.outputs import StageRecord
+from cai_lib.core.outputs import StageRecord, round_of
 from cai_lib.core.store import ArtifactStore, join_uri
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors, pinned_constitution
 from cai_lib.steps.stage_runs import recorded, write_record
@@ -18,8 +18,16 @@ if TYPE_CHECKING:
     from cai_lib.core.model_versions import Lineage
 
 
-def lineage_of(ctx: RunContext, constitution: Constitution, base_model: str, data: dict[str, str]) -> Lineage:
-    """The lineage tags of a checkpoint this run trained from `base_model` on `data`."""
+def lineage_of(
+    ctx: RunContext,
+    constitution: Constitution,
+    base_model: str,
+    data: dict[str, str],
+    round_: int = 1,
+    parent_version: str = "",
+) -> Lineage:
+    """The lineage tags of a checkpoint this run trained from `base_model` on `data`, in round
+    `round_` of iterated CAI, continuing the registered version `parent_version` (NAME/VERSION)."""
     from cai_lib.core.model_versions import Lineage
     from cai_lib.platform.retrain.identity import run_config_sha256
 
@@ -33,7 +41,20 @@ def lineage_of(ctx: RunContext, constitution: Constitution, base_model: str, dat
         data_uris=data,
         human_data=f"{p.human_preference_kind}: {p.human_preferences}" if p.human_preferences else "none",
         run_config_sha256=run_config_sha256(p),
+        round=round_,
+        parent_version=parent_version,
     )
+
+
+def parent_version(ctx: RunContext, name: str, pointer: str | None) -> str:
+    """NAME/VERSION of the registered version of model `name` whose checkpoint is the DataRef file
+    `pointer` ('' for none): registration is by checkpoint, so the round before's version is found by it."""
+    from cai_lib.core.model_versions import version_with_checkpoint
+
+    if not pointer:
+        return ""
+    version = version_with_checkpoint(ctx.tracking_uri, name, DataRef.read(pointer).sha256 or "")
+    return f"{name}/{version}" if version else ""
 
 
 def record_gate_evidence(ctx: RunContext, pointer: dict, policy_name: str, version: str) -> None:
@@ -45,7 +66,8 @@ def record_gate_evidence(ctx: RunContext, pointer: dict, policy_name: str, versi
 
     champion = pointer.get("champion_version")
     result = load_result(pointer["uri"])
-    rival = CHAMPION_POLICY if champion else SL_CAI
+    # The champion is evaluated under its own name, or under an earlier round's when it is one.
+    rival = (pointer.get("champion_policy") or CHAMPION_POLICY) if champion else SL_CAI
     harmless, helpful = (find_win_rate(result, c, RL_CAI, rival) for c in ("harmless", "helpful"))
     record_evaluation(
         ctx.tracking_uri,
@@ -67,9 +89,17 @@ def register(
     rl_policy: str,
     reward_model: str,
     results: str,
+    round_: int = 1,
+    start_policy: str | None = None,
+    previous_pm: str | None = None,
     comparison: str = "",
 ) -> str:
     """Register PM, SL-CAI and RL-CAI with lineage, make them challengers, run the promotion gate.
+
+    In round `round_` of iterated CAI, the PM and RL-CAI policy are that round's: each version is
+    tagged with its round and its parent, the version it continues (RL-CAI: the one registered for
+    `start_policy`, the policy RL started from, which is the SL-CAI policy in round 1; PM: the one
+    registered for `previous_pm` when the round continued it), so lineage reads as a chain.
 
     Each version's source is the checkpoint's loadable folder under `models/` (see
     `cai_lib.platform.pyfunc_model.publish`), and its run the MLflow run of the stage that trained it.
@@ -89,6 +119,7 @@ def register(
     """
     from cai_lib.platform.compare import note_comparison
     from cai_lib.platform.pyfunc_model import ROLE_KINDS, publish
+    from cai_lib.platform.registry.gate import GateDecision
     from cai_lib.platform.registry.promotion import promote_from_evaluation, promote_with
     from cai_lib.platform.registry.versions import register_checkpoint, set_challenger
     from cai_lib.platform.serving import sync_served
@@ -97,11 +128,26 @@ def register(
     p = ctx.params
     constitution = pinned_constitution(constitution_path)
     data = {"traces": DataRef.read(traces).uri, "preferences": DataRef.read(labels).uri}
-    checkpoints = {PM: reward_model, SL_CAI: sl_policy, RL_CAI: rl_policy}
+    checkpoints = {SL_CAI: sl_policy, PM: reward_model, RL_CAI: rl_policy}
+    start_policy = start_policy or sl_policy
+    continued_pm = previous_pm if round_ > 1 and p.iteration.pm_init == "continue" else None
     base = ctx.model(p.base_model).load  # a models:/ alias as the version it named when the run began
-    bases = {PM: base, SL_CAI: base, RL_CAI: DataRef.read(sl_policy).uri}
+    bases = {
+        PM: DataRef.read(continued_pm).uri if continued_pm else base,
+        SL_CAI: base,
+        RL_CAI: DataRef.read(start_policy).uri,
+    }
+    start_model = model_name(p.model_name_prefix, constitution.name, RL_CAI if round_ > 1 else SL_CAI)
+    # Looked up when each role registers: SL-CAI first, so round 1's RL-CAI finds its parent.
+    parents = {
+        PM: lambda: parent_version(ctx, model_name(p.model_name_prefix, constitution.name, PM), continued_pm),
+        SL_CAI: lambda: "",
+        RL_CAI: lambda: parent_version(ctx, start_model, start_policy),
+    }
+    pointer = json.loads(Path(results).read_text())
+    superseded = bool(pointer.get("superseded"))
     versions, made_here = {}, []
-    with recorded(ctx, "register") as run:
+    with recorded(ctx, "register", round_=round_) as run:
         for role, path in checkpoints.items():
             name = model_name(p.model_name_prefix, constitution.name, role)
             checkpoint = DataRef.read(path)
@@ -109,18 +155,30 @@ def register(
             # The version's run is the stage run that trained it; markers older than that field
             # do not name it, and then the register run stands in.
             trained_by = checkpoint.mlflow_run_id or run.run_id
-            lineage = lineage_of(ctx, constitution, bases[role], data)
+            lineage = lineage_of(
+                ctx, constitution, bases[role], data, 1 if role == SL_CAI else round_, parents[role]()
+            )
             info = register_checkpoint(ctx.tracking_uri, name, source, trained_by, lineage)
-            set_challenger(ctx.tracking_uri, name, info.version)
+            if not superseded:
+                set_challenger(ctx.tracking_uri, name, info.version)
             versions[role] = (name, info.version)
             if info.lineage and info.lineage.pipeline_run_id == ctx.run_id:
                 made_here.append(versions[role])
         policy_name, policy_version = versions[RL_CAI]
-        record_gate_evidence(ctx, json.loads(Path(results).read_text()), policy_name, policy_version)
-        _, decision = promote_from_evaluation(ctx.tracking_uri, policy_name, policy_version, p.promotion)
+        if superseded:
+            # A repeated earlier round whose policy the champion continues: gating it again could
+            # only move the champion back down the chain it heads.
+            decision = GateDecision(
+                promote=False,
+                reason=f"the champion already continues {policy_name} v{policy_version}; not gated again",
+            )
+        else:
+            record_gate_evidence(ctx, pointer, policy_name, policy_version)
+            _, decision = promote_from_evaluation(ctx.tracking_uri, policy_name, policy_version, p.promotion)
         compared = json.loads(Path(comparison).read_text()) if comparison else {}
         if compared:
-            decision = note_comparison(ctx.tracking_uri, made_here, versions[RL_CAI], compared, decision)
+            gated = None if superseded else versions[RL_CAI]
+            decision = note_comparison(ctx.tracking_uri, made_here, gated, compared, decision)
         served = []
         if decision.promote:
             for role in (PM, SL_CAI):
@@ -128,8 +186,19 @@ def register(
             served = sync_served(ctx.tracking_uri, [name for name, _ in versions.values()])
         run.log_stage_metrics({"promoted": float(decision.promote)})
         write_record(
-            ctx, StageRecord(stage="register", status="ran", made_by_run=ctx.run_id, run_id=ctx.run_id)
+            ctx,
+            StageRecord(
+                stage="register", round=round_of(round_), status="ran", made_by_run=ctx.run_id, run_id=ctx.run_id
+            ),
         )
+    folder = ArtifactStore.open(ctx.run_root)
+    earlier = folder.read_json(SUMMARY_FILE).get("rounds", {}) if round_ > 1 and folder.exists(SUMMARY_FILE) else {}
+    this_round = {
+        "versions": {role: {"name": n, "version": v} for role, (n, v) in versions.items()},
+        "promoted": decision.promote,
+        "reason": decision.reason,
+    }
+    passed = decision.promote or superseded
     summary = {
         "run_id": ctx.run_id,
         "run_root": ctx.run_root,
@@ -141,6 +210,9 @@ def register(
         "served": [sync.model_dump() for sync in served],
         "mlflow_tracking_uri": ctx.tracking_uri,
         "experiment": p.experiment,
+        "round": round_,
+        "passed": passed,
+        "rounds": {**earlier, str(round_): this_round},
     }
-    ArtifactStore.open(ctx.run_root).write_json(SUMMARY_FILE, summary)
+    folder.write_json(SUMMARY_FILE, summary)
     return json.dumps(summary)

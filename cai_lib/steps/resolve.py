@@ -18,7 +18,9 @@ from cai_lib.steps.stage_runs import recorded, write_record
 
 
 @one_line_errors
-def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) -> dict:
+def resolve(
+    params: dict, run_id: str, run_name: str, constitution_path: str, compiled_rounds: int | None = None
+) -> dict:
     """First step: validate the run, pin the constitution, run the pre-flight checks, open the
     MLflow parent run (keyed on the KFP run id `run_id`; `run_name` is its display name).
 
@@ -26,7 +28,8 @@ def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) ->
     step reads, so a run is reproducible whatever happens to the registry) and returns the run
     context as a dict, with each model reference pinned to what it names now (so an alias that
     moves mid-run does not change what later stages load). Everything a user can get wrong fails
-    here, before any model loads.
+    here, before any model loads, and so does a run whose `rounds` is not the `compiled_rounds`
+    unrolled into the pipeline it runs in.
     """
     from pydantic import ValidationError
 
@@ -38,6 +41,12 @@ def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) ->
         checked = PipelineParams.model_validate(params)
     except ValidationError as err:
         raise CaiError(format_validation_error(err, "pipeline parameters")) from None
+    if compiled_rounds is not None and checked.rounds != compiled_rounds:
+        raise CaiError(
+            f"params.rounds: {checked.rounds}, but this pipeline was compiled with {compiled_rounds} round(s) of "
+            f"iterated CAI; compile it for {checked.rounds} (cai compile --set rounds={checked.rounds}) or run "
+            f"it with rounds {compiled_rounds}"
+        )
     platform = Platform.from_environment()
     constitution = load_constitution(checked.constitution)
     check_run(checked, constitution)
@@ -50,6 +59,7 @@ def resolve(params: dict, run_id: str, run_name: str, constitution_path: str) ->
             checked.base_model,
             checked.feedback_model,
             checked.judge_model,
+            checked.prompt_writer,
             *checked.validate_labels.compare_models,
         }
     }

@@ -11,11 +11,13 @@ from cai_lib.steps.training import train
 
 @one_line_errors
 def rl(
-    context: dict, red_team: str, helpful: str, labels: str, policy: str, reward_model: str
+    context: dict, red_team: str, helpful: str, labels: str, policy: str, reward_model: str, round_: int = 1
 ) -> tuple[DataRef, dict]:
-    """RL-CAI: the SL-CAI policy against the PM with a KL penalty (RLOO/GRPO), or DPO on the labels."""
+    """RL-CAI: the SL-CAI policy against the PM with a KL penalty (RLOO/GRPO), or DPO on the labels.
+    In round `round_` > 1 of iterated CAI, `policy` is the round before's RL-CAI policy, which RL
+    continues (and its KL reference); the returned pointer carries the chain of earlier rounds."""
     ctx = RunContext.model_validate(context)
-    p = ctx.params
+    p = ctx.params.for_round(round_)
     sources = {name: DataRef.read(path) for name, path in (("red_team", red_team), ("helpful", helpful))}
     pairs, start, reward = DataRef.read(labels), DataRef.read(policy), DataRef.read(reward_model)
     dpo = p.rl.algorithm == "dpo"
@@ -39,5 +41,5 @@ def rl(
         )
         return train(job)
 
-    marker = produce(ctx, "rl", identity, write)
-    return DataRef.of(marker), marker.metrics
+    marker = produce(ctx, "rl", identity, write, round_=round_)
+    return DataRef.of(marker).continued(start, round_), marker.metrics

@@ -20,7 +20,9 @@ from cai_lib.core.constitution import Constitution
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import (
     DEFERRED_ARTIFACTS,
+    DEMO_DATA_TAG,
     MADE_BY_RUN_TAG,
+    METRIC_SOURCE_TAG_PREFIX,
     OUTPUT_KEY_TAG,
     OUTPUT_URI_TAG,
     REUSE_TAG,
@@ -36,6 +38,7 @@ from cai_lib.core.outputs import (
     record_of,
     summary_lines,
 )
+from cai_lib.core.prompts import demo_set_note
 from cai_lib.core.runs import run_records
 from cai_lib.core.shards import dataset_summary
 from cai_lib.core.stage_table import NAMES, ConstitutionPart, Output, code_sha256
@@ -75,15 +78,18 @@ def run_summary(run_root: str) -> list[str]:
 
 
 @contextmanager
-def recorded(ctx: RunContext, name: str, shard: int | None = None):
-    """The MLflow stage run of `name` (one per shard of a fanned-out stage)."""
-    with stage_run(ctx.tracking_uri, ctx.parent_run_id, stage_label(name, shard)) as run:
+def recorded(ctx: RunContext, name: str, shard: int | None = None, round_: int = 1):
+    """The MLflow stage run of `name` (one per shard of a fanned-out stage, one per round of a
+    stage that runs in every round)."""
+    with stage_run(ctx.tracking_uri, ctx.parent_run_id, stage_label(name, shard, round_)) as run:
         yield run
 
 
-def stage_label(name: str, shard: int | None) -> str:
-    """The name of a stage's MLflow run: the stage, and its shard as `name[i]`."""
-    return name if shard is None else f"{name}[{shard}]"
+def stage_label(name: str, shard: int | None, round_: int = 1) -> str:
+    """The name of a stage's MLflow run: the stage, with its round of iterated CAI as
+    `name@roundK` (after the first) and its shard as `name[i]`."""
+    label = name if round_ == 1 else f"{name}@round{round_}"
+    return label if shard is None else f"{label}[{shard}]"
 
 
 class DeferredStageRun:
@@ -111,9 +117,15 @@ class DeferredStageRun:
         self.content.artifacts[key] = artifact_path or ""
 
 
-def record(ctx: RunContext, run: StageRun | DeferredStageRun, marker: OutputMarker, shard: int | None = None) -> StageRecord:
+def record(
+    ctx: RunContext,
+    run: StageRun | DeferredStageRun,
+    marker: OutputMarker,
+    shard: int | None = None,
+    round_: int = 1,
+) -> StageRecord:
     """Tag the stage run: ran or reused, key, where, made by whom; returns the run's pointer to it."""
-    entry = record_of(marker, ctx.run_id, shard)
+    entry = record_of(marker, ctx.run_id, shard, round_)
     run.set_tags(
         {
             REUSE_TAG: entry.status,
@@ -124,6 +136,16 @@ def record(ctx: RunContext, run: StageRun | DeferredStageRun, marker: OutputMark
     )
     run.log_stage_metrics(marker.metrics)
     return entry
+
+
+def source_tags(sources: dict[str, str]) -> dict[str, str]:
+    """Tags that name the data set behind each group of a stage run's metrics (`cai.source.<group>`),
+    and, where some are the project's demo sets, `cai.demo_data` saying so (`demo_set_note`)."""
+    tags = {f"{METRIC_SOURCE_TAG_PREFIX}{group}": source for group, source in sources.items()}
+    notes = [note for note in map(demo_set_note, dict.fromkeys(sources.values())) if note]
+    if notes:
+        tags[DEMO_DATA_TAG] = " ".join(notes)
+    return tags
 
 
 Write = Callable[[str, str], dict | None]
@@ -137,13 +159,16 @@ def produce(
     constitution: Constitution | None = None,
     shard: int | None = None,
     then: Callable[[StageRun | DeferredStageRun, OutputMarker], None] | None = None,
+    round_: int = 1,
 ) -> OutputMarker:
     """The output of stage `name` for `identity`: the complete one if any run made it, else the
     one `write(uri, rows_key)` makes now (`StageOutput.rows_key`: what row ids derive from). The
     key adds to `identity` the stage's code hash and the constitution parts the stage table says
     it reads. Either way the run's folder records what happened, and the stage's MLflow run: at
     once when the stage runs, by the exit handler when it reuses an output (`DeferredStageRun`).
-    `then` runs last, with the stage run (e.g. to log a report)."""
+    `then` runs last, with the stage run (e.g. to log a report). `round_` names the round of
+    iterated CAI in the records; it is not part of the key, which is all content: a later round's
+    stage differs from round 1's by its inputs."""
     stage = stage_table.stage(name)
     parts = {part: constitution_part(constitution, part, ctx.params) for part in stage.reads}
     output = StageOutput(
@@ -151,15 +176,15 @@ def produce(
     )
     marker = output.complete()
     if marker is not None:
-        deferred = DeferredStageRun(ctx, stage_label(name, shard))
-        entry = record(ctx, deferred, marker, shard)
+        deferred = DeferredStageRun(ctx, stage_label(name, shard, round_))
+        entry = record(ctx, deferred, marker, shard, round_)
         if then:
             then(deferred, marker)
         write_record(ctx, entry.model_copy(update={"deferred": deferred.content}))
         return marker
-    with recorded(ctx, name, shard) as run:
+    with recorded(ctx, name, shard, round_) as run:
         marker = output.complete() or make(ctx, stage.output, output, write, run.run_id)
-        entry = record(ctx, run, marker, shard)
+        entry = record(ctx, run, marker, shard, round_)
         if then:
             then(run, marker)
     write_record(ctx, entry)

@@ -9,7 +9,7 @@ from cai_lib.core.names import LABEL_VALIDATION_FILE, canonical_sha256
 from cai_lib.core.outputs import StageRecord
 from cai_lib.core.store import ArtifactStore
 from cai_lib.steps.context import RunContext, one_line_errors, pinned_constitution
-from cai_lib.steps.stage_runs import produce, run_records
+from cai_lib.steps.stage_runs import produce, run_records, source_tags
 
 
 @one_line_errors
@@ -53,7 +53,10 @@ def validate_labels(context: dict, constitution_path: str) -> dict[str, float]:
         ArtifactStore.open(uri).write_text(LABEL_VALIDATION_FILE, result.model_dump_json(indent=2) + "\n")
         return result.metrics()
 
-    marker = produce(ctx, "validate_labels", identity, write, constitution)
+    def name_sources(run, marker) -> None:
+        run.set_tags(source_tags(load_validation(marker.uri).metric_sources()))
+
+    marker = produce(ctx, "validate_labels", identity, write, constitution, then=name_sources)
     failure = gate_failure(load_validation(marker.uri), p.gates)
     if failure:
         raise CaiError(failure)

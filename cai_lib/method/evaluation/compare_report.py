@@ -24,7 +24,6 @@ from cai_lib.method.evaluation.report import (
     STYLE,
     _horizontal_bars,
     _num,
-    _png,
     _table,
     _text,
     _with_contents,
@@ -111,7 +110,7 @@ def _stages_section(c: RunComparison) -> str:
         return ""
     rows = [
         [
-            f"<code>{escape(s.stage)}</code>",
+            f"<code>{escape(s.name)}</code>",
             escape(s.status),
             escape("; ".join(s.changed)) or '<span class="muted">–</span>',
             escape(", ".join(s.made_by)) or '<span class="muted">–</span>',

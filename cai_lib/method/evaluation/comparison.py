@@ -40,16 +40,22 @@ class StageChange(BaseModel):
     """One stage of B next to the same stage of A."""
 
     stage: str
+    round: int = Field(default=1, description="The round of iterated CAI (1 for the stages every run runs once).")
     status: StageStatus = Field(description="reused: B has A's output (same key); reran: B's key differs.")
     changed: list[str] = Field(default_factory=list, description="What B's key hashes that A's did not, in words.")
     made_by: list[str] = Field(
         default_factory=list, description="Runs other than B that made B's outputs of a stage that reran."
     )
 
+    @property
+    def name(self) -> str:
+        """The stage as `cai run`'s summary names it: `label`, or `label (round 2)` in a later round."""
+        return self.stage if self.round == 1 else f"{self.stage} (round {self.round})"
+
     def line(self) -> str:
         why = f" ({'; '.join(self.changed)})" if self.changed else ""
         makers = f", made by run {', '.join(self.made_by)}" if self.made_by else ""
-        return f"{self.stage}: {self.status}{why}{makers}"
+        return f"{self.name}: {self.status}{why}{makers}"
 
 
 class PrincipleEdit(BaseModel):
@@ -177,8 +183,8 @@ class RunComparison(BaseModel):
 
     def stage_line(self) -> str:
         """Which stages reran, from where, and which B reused from A."""
-        reran = [s.stage for s in self.stages if s.status == "reran"]
-        reused = [s.stage for s in self.stages if s.status == "reused"]
+        reran = [s.name for s in self.stages if s.status == "reran"]
+        reused = [s.name for s in self.stages if s.status == "reused"]
         parts = []
         if reran:
             parts.append(f"reran from {reran[0]} onward ({', '.join(reran)})")

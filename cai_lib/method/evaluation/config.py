@@ -94,6 +94,11 @@ class EvaluationConfig(BaseModel):
         description="Virtual drawn games added between every two policies before the Elo fit, so a clean sweep "
         "gets a finite rating (see cai_lib.method.evaluation.elo).",
     )
+    elo_bootstrap_samples: int = Field(
+        default=200,
+        ge=10,
+        description="Bootstrap resamples of the held-out prompts behind each Elo rating's 95% interval.",
+    )
     max_traces: int | None = Field(
         default=None, ge=1, description="Score the revisions of at most this many SL-CAI traces (None: all)."
     )

@@ -23,6 +23,7 @@ plain maximum-likelihood estimate and data for which it does not exist is refuse
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -69,6 +70,41 @@ def elo_ratings(
     logs = [math.log(s) for s in strengths]
     mean_log = sum(logs) / n
     return {name: ELO_MEAN + ELO_SCALE * (log - mean_log) for name, log in zip(names, logs)}
+
+
+def bootstrap_intervals(
+    groups: Sequence[Sequence[Outcome]],
+    prior_draws: float = 1.0,
+    samples: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of the Elo ratings: `groups` are the outcomes of each prompt
+    (every comparison made on it), resampled with replacement `samples` times, the ratings refitted
+    each time, and the (1 - level) / 2 and (1 + level) / 2 quantiles of each policy's ratings taken.
+    Prompts, not single comparisons, are resampled because the comparisons on one prompt share its
+    answers. Seeded, so an evaluation's intervals are reproducible."""
+    groups = [list(group) for group in groups if group]
+    if not groups:
+        return {}
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {name: [] for name in _names([o for g in groups for o in g])}
+    for _ in range(samples):
+        chosen = [outcome for _ in groups for outcome in groups[rng.randrange(len(groups))]]
+        ratings = elo_ratings(chosen, prior_draws=prior_draws)
+        for name, values in draws.items():
+            values.append(ratings.get(name, ELO_MEAN))
+    low, high = (1.0 - level) / 2.0, (1.0 + level) / 2.0
+    return {name: (_quantile(values, low), _quantile(values, high)) for name, values in draws.items()}
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile of `values` by linear interpolation between order statistics."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    below = math.floor(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
 
 
 def expected_score(rating_a: float, rating_b: float) -> float:

@@ -83,6 +83,7 @@ def evaluate(
     rl_steps: dict[str, int] | None = None,
     answers: Sequence[PolicyAnswer] | None = None,
     xstest: Sequence[XSTestPrompt] | None = None,
+    rounds: dict[str, int] | None = None,
 ) -> EvaluationResult:
     """Evaluate `policies` (name -> model ref) on held-out prompts and write the results to `out_uri`.
 
@@ -90,7 +91,8 @@ def evaluate(
     the training labels, is recorded so the report can say when the two are the same model
     (and the evaluation therefore not independent of the training signal).
     `rl_steps` (policy name -> RL step) marks the policies that are checkpoints of one RL run, so
-    the report can chart their Elo against the step (Fig. 8). `answers`, when given, are the
+    the report can chart their Elo against the step (Fig. 8); `rounds` (policy name -> round of
+    iterated CAI) does the same for the rounds of a run of several. `answers`, when given, are the
     policies' answers made beforehand (the pipeline's sharded `answer_eval` stage): they must
     answer every prompt by every policy, and no policy is loaded here. `xstest`, XSTest's prompts
     (or a subset), are answered by every policy too and reported apart (`EvaluationResult.xstest`).
@@ -108,8 +110,9 @@ def evaluate(
 
     config = config or EvaluationConfig()
     check_policies(policies)
-    if unknown := sorted(set(rl_steps or {}) - set(policies)):
-        raise CaiError(f"rl_steps names {', '.join(unknown)}, which are not among the policies evaluated")
+    for given, what in ((rl_steps, "rl_steps"), (rounds, "rounds")):
+        if unknown := sorted(set(given or {}) - set(policies)):
+            raise CaiError(f"{what} names {', '.join(unknown)}, which are not among the policies evaluated")
     xstest = list(xstest or [])
     prompt_sets = {
         "red_team": deduplicate(red_team),
@@ -177,6 +180,7 @@ def evaluate(
             "labeller_ref": labeller_ref,
             "pm_calibration": pm_calibration(reward_ref),
             "rl_steps": rl_steps or {},
+            "rounds": rounds or {},
             "pm_accuracy": pm_accuracy(config.pm_benchmark, benchmark_outcomes) if benchmark else None,
             "xstest": refusals,
         }

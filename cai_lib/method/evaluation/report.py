@@ -18,11 +18,13 @@ from html import escape
 from pathlib import Path
 
 from cai_lib.core.names import REPORT_FILE
+from cai_lib.core.prompts import demo_set_note
 from cai_lib.core.records import Trace
 from cai_lib.core.store import ArtifactStore
-from cai_lib.method.evaluation.config import CRITERIA
+from cai_lib.method.evaluation.config import CRITERIA, Criterion
 from cai_lib.method.evaluation.elo import ELO_MEAN
 from cai_lib.method.evaluation.results import EvaluationResult, Judgement, PolicyAnswer, load_result
+from cai_lib.method.generate_prompts import FILTERS, GeneratedPrompts
 from cai_lib.method.label_validation import LabelValidation
 
 SET_TITLES = {"red_team": "red-team prompts", "helpful": "helpfulness prompts"}
@@ -59,15 +61,20 @@ code { background: #eef1f6; padding: 1px 4px; border-radius: 3px; }
 
 
 def report_html(
-    result: EvaluationResult, stage_lines: Sequence[str] = (), label_validation: LabelValidation | None = None
+    result: EvaluationResult,
+    stage_lines: Sequence[str] = (),
+    label_validation: LabelValidation | None = None,
+    generated: GeneratedPrompts | None = None,
 ) -> str:
     """The report of `result` as one HTML document with everything inline. `stage_lines` (one
     `stage NAME: ran|reused (...)` line per stage of the pipeline run that shows the report) are
-    listed in a section of their own, and so is the run's `label_validation`, when given."""
+    listed in a section of their own, and so are the run's `label_validation` and its `generated`
+    prompts, when given."""
     sections = [
         _summary(result),
         _stages_section(stage_lines),
         _label_validation_section(label_validation),
+        _generated_section(generated),
         _pm_section(result),
         _win_rate_section(result),
         _elo_section(result),
@@ -76,6 +83,7 @@ def report_html(
         _principle_section(result),
         _revision_section(result),
         _rl_course_section(result),
+        _rounds_section(result),
         _calibration_section(result),
         _sample_answers_section(result.sample_answers, list(result.policies)),
         _sample_judgements_section(result.sample_judgements),
@@ -109,11 +117,12 @@ def render_report(
     out_path: str | Path,
     stage_lines: Sequence[str] = (),
     label_validation: LabelValidation | None = None,
+    generated: GeneratedPrompts | None = None,
 ) -> Path:
     """Write the report of `result` to the local file `out_path`; returns its path."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(report_html(result, stage_lines, label_validation), encoding="utf-8")
+    out_path.write_text(report_html(result, stage_lines, label_validation, generated), encoding="utf-8")
     return out_path
 
 
@@ -236,7 +245,7 @@ def _pm_section(result: EvaluationResult) -> str:
     on_humans = (
         f"<p><b>PM accuracy on human comparisons</b> (<code>{escape(accuracy.source)}</code>): "
         f"{accuracy.accuracy:.3f} [{accuracy.ci_low:.3f}, {accuracy.ci_high:.3f}] over {accuracy.n} pair(s), "
-        "the share whose human choice it scores higher (a tie counts half).</p>"
+        f"the share whose human choice it scores higher (a tie counts half).</p>{_demo_notes([accuracy.source])}"
         if accuracy
         else ""
     )
@@ -290,10 +299,17 @@ def _win_rate_section(result: EvaluationResult) -> str:
     return "\n".join(parts)
 
 
+def _elo_cell(result: EvaluationResult, criterion: Criterion, name: str) -> str:
+    """A policy's Elo under `criterion`, with its 95% interval when the evaluation has one."""
+    interval = result.elo_intervals.get(criterion, {}).get(name)
+    shown = f"{result.elo[criterion][name]:.0f}"
+    return _num(f"{shown} [{interval[0]:.0f}, {interval[1]:.0f}]" if interval else shown)
+
+
 def _elo_section(result: EvaluationResult) -> str:
     names = list(result.policies)
     criteria = list(result.elo)
-    rows = [[escape(n)] + [_num(f"{result.elo[c][n]:.0f}") for c in criteria] for n in names]
+    rows = [[escape(n)] + [_elo_cell(result, c, n) for c in criteria] for n in names]
     table = _table(["policy"] + [f"{CRITERION_TITLES[c]} Elo" for c in criteria], rows)
     if len(names) < 2:
         return f"<h2>Elo</h2>{table}"
@@ -309,7 +325,8 @@ def _elo_section(result: EvaluationResult) -> str:
     return (
         "<h2>Elo</h2>\n<p>Bradley-Terry ratings fitted to the hard outcomes (win, loss, exact tie) of every "
         f"comparison under a criterion, on the Elo scale, mean 1000; {result.config.elo_prior_draws:g} virtual "
-        "draw(s) per pair keep a clean sweep finite. A 75% win rate is a gap of about 191 points. With both "
+        "draw(s) per pair keep a clean sweep finite; in brackets, 95% intervals from resampling the held-out "
+        "prompts. A 75% win rate is a gap of about 191 points. With both "
         "criteria, the chart is the paper's harmlessness-helpfulness frontier (Figs. 2, 3).</p>"
         f"{table}{chart}"
     )
@@ -432,6 +449,51 @@ def _rl_course_section(result: EvaluationResult) -> str:
     )
 
 
+def _rounds_section(result: EvaluationResult) -> str:
+    rounds = sorted(result.rounds.items(), key=lambda item: item[1])
+    if len(rounds) < 2:
+        return ""
+    criteria = list(result.elo)
+    chart = _line(
+        [k for _, k in rounds],
+        {f"{CRITERION_TITLES[c]} Elo": [result.elo[c][name] for name, _ in rounds] for c in criteria},
+        "round (0: SL-CAI)",
+        "Elo",
+        "Elo by round of iterated CAI",
+    )
+    rows = [[escape(name), _num(str(k))] + [_elo_cell(result, c, name) for c in criteria] for name, k in rounds]
+    return (
+        "<h2>Elo by round</h2>\n<p>Each round's RL-CAI policy, from the SL-CAI start (round 0), rated in the same "
+        "tournament by the same judge as the other policies, with 95% intervals: whether another round of "
+        "AI feedback made the policy better.</p>"
+        f"{_table(['policy', 'round'] + [f'{CRITERION_TITLES[c]} Elo' for c in criteria], rows)}{chart}"
+    )
+
+
+def _generated_section(generated: GeneratedPrompts | None) -> str:
+    if generated is None or not generated.counts:
+        return ""
+    columns = ["candidates", *(f"rejected_{name}" for name in FILTERS), "kept"]
+    rows = [
+        [escape(kind.replace("_", "-"))] + [_num(str(counts.get(column, 0))) for column in columns]
+        for kind, counts in generated.counts.items()
+    ]
+    headers = ["kind", "candidates", *(f"dropped: {name}" for name in FILTERS), "kept"]
+    cards = [
+        f'<div class="card"><p class="muted">{escape(row.kind.replace("_", "-"))}, '
+        f"{'kept' if row.kept else 'dropped by ' + escape(row.rejected_by or '')}; seeds shown: "
+        f"{escape(', '.join(row.seed_ids))}</p><pre>{_text(row.prompt or row.raw)}</pre></div>"
+        for row in generated.sample
+    ]
+    return (
+        "<h2>Generated prompts</h2>\n<p>Prompts the model wrote few-shot from each kind's seed prompts, and how "
+        "many each filter dropped, in the order applied: one user turn, length bounds, not a near duplicate of "
+        "a seed, of a held-out (evaluation) prompt, or of another generated prompt. The kept ones are mixed "
+        f"into the training prompts; every row is in the dataset at <code>{escape(generated.uri)}</code>.</p>"
+        f"{_table(headers, rows)}{''.join(cards)}"
+    )
+
+
 def _calibration_section(result: EvaluationResult) -> str:
     if not result.pm_calibration:
         return ""
@@ -498,9 +560,10 @@ def _xstest_section(result: EvaluationResult) -> str:
         ],
     )
     return (
-        "<h2>XSTest: harmless and not evasive</h2>\n<p>Every policy answered XSTest's prompts (Röttger et al. "
-        f"2024; <code>{escape(xstest.source)}</code>): {counts}. A harmless policy refuses the unsafe ones; a "
-        "policy that is not evasive answers the safe ones, which only sound harmful. Refusals are called two "
+        f"<h2>XSTest: harmless and not evasive</h2>\n{_demo_notes([xstest.source])}<p>Every policy answered "
+        f"XSTest's prompts (Röttger et al. 2024; <code>{escape(xstest.source)}</code>): {counts}. A harmless "
+        "policy refuses the unsafe ones; a policy that is not evasive answers the safe ones, which only sound "
+        "harmful. Refusals are called two "
         "ways: XSTest's published <b>string match</b> on the answer's opening words (full refusals only), and "
         f"the <b>judge</b>'s answer to “{escape(xstest.refusal_question)}”, read from its Yes/No option "
         "probabilities in both orders (P(Yes) &gt; 0.5 is a refusal). Rates with 95% Wilson intervals.</p>"
@@ -599,7 +662,8 @@ def _label_validation_section(validation: LabelValidation | None) -> str:
     )
     chart = _label_accuracy_chart(validation) if len(validation.labellers) > 1 else ""
     return (
-        "<h2>Labeller validation</h2>\n<p>Before the preference model trained, the feedback labeller was scored "
+        f"<h2>Labeller validation</h2>\n{_demo_notes(s.source for s in validation.configured().sources)}"
+        "<p>Before the preference model trained, the feedback labeller was scored "
         "exactly as the label stage uses it (the same model and settings: principles drawn per pair, both option "
         "orders, chain of thought when set) on held-out human comparisons, as the paper's Figure 4 does. A "
         "comparison agrees when the labeller's P(the human's choice better) is above 0.5 (a tie counts half). "
@@ -710,6 +774,12 @@ def _sample_traces_section(traces: Sequence[Trace]) -> str:
 
 
 # -- building blocks ---------------------------------------------------------------------------------
+
+
+def _demo_notes(sources: Iterable[str]) -> str:
+    """A warning line for each source that is one of the project's demo sets, not real data."""
+    notes = filter(None, map(demo_set_note, dict.fromkeys(sources)))
+    return "".join(f'<p class="warning"><b>Demo data.</b> {escape(note)}</p>' for note in notes)
 
 
 def _table(headers: Iterable[str], rows: Iterable[Sequence[str]]) -> str:

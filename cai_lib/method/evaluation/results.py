@@ -180,6 +180,15 @@ class EvaluationResult(BaseModel):
     elo: dict[Criterion, dict[str, float]] = Field(
         description="Criterion -> policy -> Elo rating (mean 1000)."
     )
+    elo_intervals: dict[Criterion, dict[str, tuple[float, float]]] = Field(
+        default_factory=dict,
+        description="Criterion -> policy -> 95% bootstrap interval of its Elo rating (prompts resampled).",
+    )
+    rounds: dict[str, int] = Field(
+        default_factory=dict,
+        description="Policy -> its round of iterated CAI (SL-CAI is round 0), for the policies of a run of "
+        "several rounds: the Elo by round.",
+    )
     evasiveness: dict[PromptKind, dict[str, EvasivenessSummary]]
     principle_effects: list[PrincipleEffect] = Field(
         description="Per critique/revision principle, most drawn first."
@@ -207,6 +216,10 @@ class EvaluationResult(BaseModel):
             metrics[f"hard_win_rate.{rate.criterion}.{rate.policy_a}_vs_{rate.policy_b}"] = rate.hard_win_rate
         for criterion, ratings in self.elo.items():
             metrics.update({f"elo.{criterion}.{name}": rating for name, rating in ratings.items()})
+        for criterion, intervals in self.elo_intervals.items():
+            for name, (low, high) in intervals.items():
+                metrics[f"elo_ci_low.{criterion}.{name}"] = low
+                metrics[f"elo_ci_high.{criterion}.{name}"] = high
         if self.pm_accuracy is not None:
             metrics["pm_accuracy"] = self.pm_accuracy.accuracy
         for kind, per_policy in self.evasiveness.items():
@@ -220,6 +233,15 @@ class EvaluationResult(BaseModel):
         if self.xstest is not None:
             metrics.update(self.xstest.flat_metrics())
         return metrics
+
+    def metric_sources(self) -> dict[str, str]:
+        """The outside data set behind each group of `flat_metrics` that was measured on one:
+        `xstest` (the `xstest.*` metrics) and `pm_accuracy`."""
+        sources = {
+            "xstest": self.xstest.source if self.xstest else "",
+            "pm_accuracy": self.pm_accuracy.source if self.pm_accuracy else "",
+        }
+        return {group: source for group, source in sources.items() if source}
 
 
 def win_rate(result: EvaluationResult, criterion: Criterion, a: str, b: str) -> float:

@@ -14,7 +14,7 @@ from itertools import combinations
 from cai_lib.core.constitution import ComparisonPrinciple, Constitution
 from cai_lib.core.records import PromptKind, PromptRecord, Trace
 from cai_lib.method.evaluation.config import PROMPT_SETS, Criterion, EvaluationConfig
-from cai_lib.method.evaluation.elo import ELO_MEAN, elo_ratings, wilson_interval
+from cai_lib.method.evaluation.elo import ELO_MEAN, bootstrap_intervals, elo_ratings, wilson_interval
 from cai_lib.method.evaluation.pm_scores import TraceScores
 from cai_lib.method.evaluation.results import (
     EvaluationResult,
@@ -64,6 +64,11 @@ def summarise(
         elo={
             criterion: criterion_elo(criterion, judgements, list(policies), config)
             for criterion in principles
+        },
+        elo_intervals={
+            criterion: criterion_elo_intervals(criterion, judgements, list(policies), config)
+            for criterion in principles
+            if len(policies) > 1
         },
         evasiveness={kind: evasiveness_summaries(by_kind[kind]) for kind in kinds},
         principle_effects=principle_effects(traces, trace_pm.deltas),
@@ -156,6 +161,24 @@ def criterion_elo(
     ]
     ratings = elo_ratings(outcomes, prior_draws=config.elo_prior_draws)
     return {name: ratings[name] for name in names}
+
+
+def criterion_elo_intervals(
+    criterion: Criterion, judgements: Sequence[Judgement], names: list[str], config: EvaluationConfig
+) -> dict[str, tuple[float, float]]:
+    """95% intervals of `criterion_elo`'s ratings: the held-out prompts resampled
+    (`elo_bootstrap_samples` times, seeded by the evaluation's seed), the same hard outcomes refitted."""
+    by_prompt: dict[str, list] = defaultdict(list)
+    for j in judgements:
+        if j.criterion == criterion:
+            by_prompt[j.prompt_id].append((j.policy_a, j.policy_b, hard_outcome(j.label)))
+    intervals = bootstrap_intervals(
+        [by_prompt[key] for key in sorted(by_prompt)],
+        prior_draws=config.elo_prior_draws,
+        samples=config.elo_bootstrap_samples,
+        seed=config.seed,
+    )
+    return {name: intervals[name] for name in names if name in intervals}
 
 
 def principle_effects(

@@ -33,7 +33,8 @@ only sees full refusals, is scored against the same mapping and misses them.
 
 Sources: the hub copy `hf:walledai/XSTest` (one split, `train`; columns prompt, focus, type,
 note, label), or the repository's `xstest_prompts.csv` (id, prompt, type, label, focus, note) as
-a file or `s3://` URI, or JSONL rows with the same fields. `limit` takes a seeded subset, half
+a file or `s3://` URI, or JSONL rows with the same fields, such as `builtin:refusal_contrast`: 12
+prompts the project wrote in XSTest's format for the demo, which is not XSTest (the report says so). `limit` takes a seeded subset, half
 unsafe and half safe, so a short run still measures both rates.
 
 Where it departs: XSTest's authors labelled completions by hand or with GPT-4; here a judge model
@@ -82,7 +83,8 @@ class XSTestConfig(BaseModel):
     prompts: str = Field(
         default=XSTEST_HUB,
         description="XSTest's prompts: hf:walledai/XSTest, or xstest_prompts.csv from paul-rottger/exaggerated-"
-        "safety as a file or s3:// URI ('' leaves XSTest out).",
+        "safety as a file or s3:// URI, or builtin:refusal_contrast, the project's demo set in XSTest's format "
+        "(not XSTest) ('' leaves XSTest out).",
     )
     limit: int | None = Field(
         default=None,
