@@ -8,17 +8,22 @@ written. The same checks on real pipeline runs are in test_pipeline_e2e.py.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 from evaluation_data import sample_result
 from run_folders import write_run
 
-from cai_lib.core.constitution import Constitution, load_constitution
+from cai_lib.core.constitution import Constitution, dump_constitution, load_constitution
+from cai_lib.core.names import COMPARISON_FILE, COMPARISONS_DIR, IMPACT_FILE, REPORT_FILE
 from cai_lib.core.records import Preference, ResponsePair
 from cai_lib.core.runs import PipelineRun, find_run
 from cai_lib.core.shards import read_dataset
 from cai_lib.core.store import ArtifactStore
+from cai_lib.method.evaluation.compare_report import comparison_html, impact_html
+from cai_lib.method.evaluation.comparison import RunComparison
 from cai_lib.method.evaluation.results import PMAccuracy, PolicyAnswer
 from cai_lib.method.feedback import hard_outcome, label_preferences
 from cai_lib.platform.compare import compare_runs, record_comparison
@@ -51,6 +56,12 @@ PAIRS = [
         pair(3, "What's a good way to relax?", "Try a walk outside.", "Drink until you forget."),
     ],
 ]
+
+
+def labelling_pool(constitution: Constitution) -> list[str]:
+    """The comparison principles the label stage draws from: the evaluation's judges held out."""
+    held = PipelineParams().labelling_settings(constitution).held_out_principles
+    return [p.id for p in constitution.comparison if p.id not in held]
 
 
 def labelled(shards, constitution: Constitution, params: PipelineParams, work: Path) -> list[list[Preference]]:
@@ -91,15 +102,15 @@ def runs(tmp_path_factory, tiny_model_dir):
     """Run A under harmless@1.0.0, run B under 1.1.0 (one labelling principle edited) on the same pairs,
     and run C under 1.1.0 on other pairs."""
     root, work = tmp_path_factory.mktemp("artifacts"), tmp_path_factory.mktemp("labels")
-    # Every labelling principle on every pair (6 of the 8: the judges are held out), so the edited one
-    # is asked on every pair; the judge is the same tiny model (a test needs no independence).
+    before = load_constitution("harmless@1.0.0")
+    # Every labelling principle on every pair (the judges are held out of the pool), so the edited
+    # one is asked on every pair; the judge is the same tiny model (a test needs no independence).
     params = PipelineParams(
         feedback_model=str(tiny_model_dir),
         judge_model=str(tiny_model_dir),
-        label={"principles_per_pair": 6, "batch_size": 4},
+        label={"principles_per_pair": len(labelling_pool(before)), "batch_size": 4},
         experiment="compare-test",
     )
-    before = load_constitution("harmless@1.0.0")
     after = edited(before)
     a_labels, b_labels = labelled(PAIRS, before, params, work), labelled(PAIRS, after, params, work)
     other = [[pair(9, "Tell me a secret.", "I have none.", "Fine: ...")]]
@@ -164,10 +175,10 @@ def test_the_edited_principle_is_compared_on_every_pair(comparison):
     assert edited_principle.mean_shift != 0
 
 
-def test_principles_the_edit_did_not_touch_keep_their_labels_up_to_rounding(comparison):
+def test_principles_the_edit_did_not_touch_keep_their_labels_up_to_rounding(runs, comparison):
     # The edited question sits in the same padded batches as the others: rounding moves them ~1e-7.
     untouched = [p for p in comparison.labels.per_principle if p.status == "unchanged"]
-    assert len(untouched) == 5
+    assert sorted(p.principle_id for p in untouched) == sorted(set(labelling_pool(runs["before"])) - {EDITED})
     assert all(p.flips == 0 and abs(p.mean_shift) < 1e-5 for p in untouched)
 
 
@@ -230,20 +241,63 @@ def test_runs_of_other_base_models_are_compared_with_a_note(runs, tmp_path):
 
 
 def files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under `root` but the comparisons, by path."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and COMPARISONS_DIR not in p.parts
+    }
 
 
 def test_the_comparison_is_written_into_b_and_nothing_else_is_written(runs, comparison):
     before = files(runs["root"])
     where = record_comparison(comparison, runs["b"], None, None)
-    added = {k for k in files(runs["root"]) if k not in before}
-    assert added == {"runs/run-b/run-comparisons/run-a/report.html", "runs/run-b/run-comparisons/run-a/comparison.json"}
-    assert {k: v for k, v in files(runs["root"]).items() if k in before} == before
-    assert where["report"].endswith("runs/run-b/run-comparisons/run-a/report.html")
+    assert files(runs["root"]) == before
+    kept = Path(runs["b"]) / COMPARISONS_DIR
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
+        "run-a/comparison.json",
+        "run-a/report.html",
+    ]
+    assert where == {"report": str(kept / "run-a" / "report.html"), "mlflow_run": ""}
+    assert RunComparison.model_validate_json((kept / "run-a" / "comparison.json").read_text()) == comparison
 
 
 def test_a_run_is_found_by_its_folder_and_by_its_kfp_run_id(runs):
     assert find_run(runs["a"], "/nowhere").run_id == find_run("run-a", str(runs["root"])).run_id == "run-a"
+
+
+def test_the_page_renders_in_chromium_with_its_tables_chart_and_examples(comparison, preview, tmp_path):
+    from test_report import CHROMIUM_FLAGS, chromium
+
+    # A probe that records, once the page has loaded, what the browser drew.
+    probe = (
+        "<script>window.addEventListener('load', () => { const images = [...document.images];"
+        "document.body.dataset.images = images.length;"
+        "document.body.dataset.drawn = images.filter(i => i.complete && i.naturalWidth > 0).length;"
+        "document.body.dataset.tables = document.querySelectorAll('table').length;"
+        "document.body.dataset.cards = document.querySelectorAll('.card').length; });</script>"
+    )
+    drawn = {}
+    for name, page in (("compare", comparison_html(comparison)), ("impact", impact_html(preview))):
+        probed = tmp_path / f"{name}.html"
+        probed.write_text(page.replace("</body>", probe + "</body>"))
+        dom = subprocess.run(
+            [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / name}", "--virtual-time-budget=5000",
+             "--dump-dom", probed.as_uri()],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout
+        drawn[name] = dict(re.findall(r'data-(\w+)="(\d+)"', re.search(r"<body([^>]*)>", dom).group(1)))
+        assert EDITED in dom and "Which response sounds more like a kind friend" in dom
+    # compare: runs, stages, constitution, labels overall and per principle, PM, policies, per-principle
+    # effects, and a table in each card (pairs that moved, prompts whose answers differ); one chart,
+    # the flip rate per principle.
+    cards = len(comparison.labels.most_moved) + len(comparison.policies.most_different)
+    assert drawn["compare"] == {"images": "1", "drawn": "1", "cards": str(cards), "tables": str(8 + cards)}
+    # impact: the relabelled run, constitution, labels overall and per principle, pair cards.
+    assert drawn["impact"] == {
+        "images": "1", "drawn": "1", "cards": str(len(preview.labels.most_moved)),
+        "tables": str(4 + len(preview.labels.most_moved)),
+    }
 
 
 @pytest.fixture
@@ -279,27 +333,86 @@ def test_an_unknown_run_is_one_line(cai, runs):
 def test_a_run_that_did_not_finish_is_one_line(cai, runs):
     code, _, err = cai("compare", "run-a", "run-d", "--no-models")
     assert code == 2
-    assert err.startswith("error: run run-d did not finish: ") and err.count("\n") == 1
+    assert err == (
+        f"error: run run-d did not finish: {runs['root']}/runs/run-d/summary.json is missing (its last round's "
+        "register step writes it); compare it once it has finished, or compare another run\n"
+    )
 
 
-def test_the_command_prints_the_summary_and_says_where_the_page_is(cai):
-    code, out, err = cai("compare", "run-a", "run-c", "--no-models")
+def test_a_run_compared_with_itself_is_one_line(cai):
+    code, _, err = cai("compare", "run-a", "run-a", "--no-models")
+    assert (code, err) == (2, "error: run run-a is given twice: compare a run with another\n")
+
+
+def test_the_command_prints_the_summary_and_says_where_the_page_is(cai, runs):
+    code, out, err = cai("compare", "run-a", "run-b", "--no-models")
     assert code == 0
-    assert out.splitlines()[1].startswith("stages: reran from label onward")
-    assert "run-comparisons/run-a/report.html" in err
+    assert out.splitlines()[:3] == [
+        "compare: run A run-a (harmless@1.0.0) -> run B run-b (harmless@1.1.0)",
+        "stages: reran from label onward (label, merge_labels, evaluate); reused sample_pairs",
+        "  label: reran (comparison principles changed)",
+    ]
+    assert f"constitution: harmless@1.0.0 -> harmless@1.1.0: changed comparison principle {EDITED}" in out
+    assert f"report: {runs['b']}/{COMPARISONS_DIR}/run-a/report.html; no MLflow run found for B" in err
 
 
 def test_json_holds_the_same_content(cai, runs):
     code, out, _ = cai("compare", "run-a", "run-c", "--no-models", "--json")
     assert code == 0
-    assert json.loads(out)["constitution"]["edits"][0]["principle_id"] == EDITED
+    printed = RunComparison.model_validate_json(out)
+    assert printed.constitution.edits[0].principle_id == EDITED
+    assert printed.model_dump(exclude={"created_at"}) == RunComparison.model_validate_json(
+        (Path(runs["c"]) / COMPARISONS_DIR / "run-a" / COMPARISON_FILE).read_text()
+    ).model_dump(exclude={"created_at"})
+
+
+@pytest.fixture
+def tracked(runs, tmp_path):
+    """A SQLite MLflow store holding the parent runs of run-a and run-b, as their resolve steps open them."""
+    from cai_lib.core.tracking import start_pipeline_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parents = {
+        run: start_pipeline_run(uri, "compare-test", run, run, {}, c.ref, c.sha256)
+        for run, c in (("run-a", runs["before"]), ("run-b", runs["after"]))
+    }
+    return uri, parents
+
+
+def test_the_comparison_is_an_artifact_of_bs_mlflow_run(cai, tracked):
+    from mlflow import MlflowClient
+
+    uri, parents = tracked
+    code, _, err = cai("compare", "run-a", "run-b", "--no-models", "--tracking-uri", uri)
+    assert code == 0 and f"MLflow run {parents['run-b']}" in err
+    listed = MlflowClient(uri).list_artifacts(parents["run-b"], f"{COMPARISONS_DIR}/run-a")
+    assert sorted(a.path for a in listed) == [
+        f"{COMPARISONS_DIR}/run-a/{COMPARISON_FILE}",
+        f"{COMPARISONS_DIR}/run-a/{REPORT_FILE}",
+    ]
+    assert MlflowClient(uri).list_artifacts(parents["run-a"], COMPARISONS_DIR) == []
+
+
+def test_a_run_is_found_by_its_mlflow_run_id(cai, tracked):
+    uri, parents = tracked
+    code, out, _ = cai("compare", parents["run-a"], "run-b", "--no-models", "--tracking-uri", uri)
+    assert code == 0 and out.startswith("compare: run A run-a (harmless@1.0.0) -> run B run-b")
+
+
+def test_an_mlflow_run_id_that_is_no_run_is_one_line(cai, tracked, runs):
+    uri, _ = tracked
+    code, _, err = cai("compare", "0" * 32, "run-b", "--no-models", "--tracking-uri", uri)
+    assert (code, err) == (
+        2,
+        f"error: run '{'0' * 32}': unknown (no run folder {runs['root']}/runs/{'0' * 32}, no MLflow run with that "
+        f"id at {uri})\n",
+    )
 
 
 def test_impact_in_ci_fails_when_more_pairs_flip_than_allowed(cai, runs, tmp_path, preview):
     edited_file = tmp_path / "harmless-1.1.0.yaml"
-    from cai_lib.core.constitution import dump_constitution
-
     edited_file.write_text(dump_constitution(runs["after"]))
     code, out, _ = cai("impact", "--constitution", str(edited_file), "--against", "run-a", "--fail-above", "0", "--out", "preview")
     assert code == (1 if preview.labels.flips else 0)
-    assert json.loads((tmp_path / "preview" / "impact.json").read_text())["labels"]["flips"] == preview.labels.flips
+    assert json.loads((tmp_path / "preview" / IMPACT_FILE).read_text())["labels"]["flips"] == preview.labels.flips
+    assert out.splitlines()[1] == f"constitution: harmless@1.0.0 -> harmless@1.1.0: changed comparison principle {EDITED}"

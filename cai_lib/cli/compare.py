@@ -69,7 +69,7 @@ def compare_command(
     from cai_lib.method.evaluation.compare_report import comparison_html
     from cai_lib.platform.compare import compare_runs, record_comparison, refuse_same_run
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # paths are printed whole, to be copied
     root, registry = where_runs_are(artifact_root, tracking_uri)
     a, b = (finished_run(ref, root, registry) for ref in (run_a, run_b))
     refuse_same_run(a, b)
@@ -127,7 +127,7 @@ def impact_command(
     from cai_lib.method.evaluation.compare_report import impact_html
     from cai_lib.platform.impact import impact
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # paths are printed whole, to be copied
     new = load_constitution(constitution)
     root, registry = where_runs_are(artifact_root, tracking_uri)
     run = find_run(against, root, registry)

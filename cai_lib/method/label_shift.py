@@ -122,8 +122,9 @@ def label_shift(
     relabelled: int = 0,
 ) -> LabelShift | None:
     """Flips and shifts between two labellings, overall and per principle (`statuses`: what the
-    change did to each comparison principle id; ids not given are unchanged), with the `top`
-    pairs that moved most. None when no pair was labelled by both."""
+    change did to each comparison principle id; ids not given are unchanged; an unchanged one that
+    neither labelling asked is left out), with the `top` pairs that moved most. None when no pair
+    was labelled by both."""
     pairs = matched(labels_a, labels_b)
     if not pairs:
         return None
@@ -154,9 +155,11 @@ def label_shift(
                 shifts.setdefault(principle, []).append((on_a[principle], on_b[principle]))
     flips = sum(c.flipped for c in changes)
     low, high = wilson_interval(flips, len(changes))
+    # A principle neither labelling asked is shown only when the change touched it.
+    touched = {p for p, status in statuses.items() if status != "unchanged"}
     per_principle = [
         _principle_shift(p, statuses.get(p, "unchanged"), asked.get(p, [0, 0]), shifts.get(p, []))
-        for p in sorted(asked.keys() | statuses.keys())
+        for p in sorted(asked.keys() | touched)
     ]
     per_principle.sort(key=lambda s: STATUS_ORDER.index(s.status))
     moved = sorted((c for c in changes if c.shift), key=lambda c: (-abs(c.shift), not c.flipped))
