@@ -26,9 +26,13 @@ from cai_lib.method.evaluation.compare_report import comparison_html, impact_htm
 from cai_lib.method.evaluation.comparison import RunComparison
 from cai_lib.method.evaluation.results import PMAccuracy, PolicyAnswer
 from cai_lib.method.feedback import hard_outcome, label_preferences
-from cai_lib.platform.compare import compare_runs, record_comparison
+from cai_lib.platform.compare import compare_runs, note_comparison, record_comparison
 from cai_lib.platform.impact import impact
+from cai_lib.platform.registry.gate import GateDecision
 from cai_lib.platform.run_config import PipelineParams
+from cai_lib.steps.compare import compare as compare_step
+from cai_lib.steps.compare import summary_of
+from cai_lib.steps.context import RunContext
 
 EDITED = "ethical-not-preachy"  # a principle labelling draws (the judging ones are held out of it)
 
@@ -416,3 +420,102 @@ def test_impact_in_ci_fails_when_more_pairs_flip_than_allowed(cai, runs, tmp_pat
     assert code == (1 if preview.labels.flips else 0)
     assert json.loads((tmp_path / "preview" / IMPACT_FILE).read_text())["labels"]["flips"] == preview.labels.flips
     assert out.splitlines()[1] == f"constitution: harmless@1.0.0 -> harmless@1.1.0: changed comparison principle {EDITED}"
+
+
+# -- retraining that explains itself: the compare step and what registration records ------------------------
+
+
+def step_context(runs, tracked, against: str) -> dict:
+    """The context run-b's steps get, as its resolve step makes it, naming `against` to compare with."""
+    uri, parents = tracked
+    params = runs["params"].model_copy(update={"compare_against": against})
+    return RunContext(
+        params=params, run_id="run-b", run_name="run-b", artifact_root=str(runs["root"]), tracking_uri=uri,
+        parent_run_id=parents["run-b"],
+    ).model_dump(mode="json")
+
+
+def test_the_compare_step_writes_the_page_for_kfp_and_a_pointer_for_registration(runs, tracked, tmp_path):
+    from mlflow import MlflowClient
+
+    pointer = compare_step(step_context(runs, tracked, "run-a"), str(tmp_path / "html"), str(tmp_path / "pointer"))
+    stored = Path(runs["b"]) / COMPARISONS_DIR / "run-a"
+    comparison = RunComparison.model_validate_json((stored / COMPARISON_FILE).read_text())
+    assert pointer == {"against": "run-a", "report": str(stored / REPORT_FILE), "summary": summary_of(comparison)}
+    assert json.loads((tmp_path / "pointer").read_text()) == pointer
+    # The KFP visualisation is the page kept in the run's folder and logged to its MLflow run.
+    assert (tmp_path / "html").read_text() == (stored / REPORT_FILE).read_text() == comparison_html(comparison)
+    uri, parents = tracked
+    assert MlflowClient(uri).list_artifacts(parents["run-b"], f"{COMPARISONS_DIR}/run-a") != []
+
+
+def test_the_gate_reason_summarises_the_comparison_in_one_clause(comparison):
+    harmless, helpful = comparison.policies.win_rates
+    assert summary_of(comparison) == (
+        f"reran from label, {comparison.labels.flips} of 4 AI labels flipped, "
+        f"harmless win rate {harmless.win_rate:.3f} [{harmless.ci_low:.3f}, {harmless.ci_high:.3f}] against its "
+        f"rl-cai, helpful win rate {helpful.win_rate:.3f} [{helpful.ci_low:.3f}, {helpful.ci_high:.3f}] against "
+        "its rl-cai"
+    )
+
+
+def test_a_comparison_the_step_cannot_make_is_said_and_the_run_goes_on(runs, tracked, tmp_path):
+    pointer = compare_step(step_context(runs, tracked, "run-d"), str(tmp_path / "html"), str(tmp_path / "pointer"))
+    assert pointer == {"against": "run-d", "error": pointer["error"]}
+    assert pointer["error"].startswith("run run-d did not finish: ")
+    assert "No comparison with run run-d: run run-d did not finish" in (tmp_path / "html").read_text()
+
+
+def test_with_no_run_named_the_step_compares_nothing_and_says_so(runs, tracked, tmp_path):
+    pointer = compare_step(step_context(runs, tracked, ""), str(tmp_path / "html"), str(tmp_path / "pointer"))
+    assert pointer == {} and (tmp_path / "pointer").read_text() == "{}"
+    assert "compare_against</code> is empty" in (tmp_path / "html").read_text()
+
+
+@pytest.fixture
+def registered(tmp_path):
+    """A SQLite registry with an RL-CAI and a PM version of run-b, the RL-CAI one judged by the gate."""
+    from mlflow import MlflowClient
+
+    from cai_lib.core.names import GATE_EVIDENCE_TAG, GATE_REASON_TAG
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    client = MlflowClient(uri, uri)
+    versions = {}
+    for name in ("cai-harmless-rl-cai", "cai-harmless-pm"):
+        client.create_registered_model(name)
+        versions[name] = (name, client.create_model_version(name, f"{tmp_path}/{name}").version)
+    gated = versions["cai-harmless-rl-cai"]
+    client.set_model_version_tag(*gated, GATE_REASON_TAG, "harmless win rate 0.61 >= 0.5")
+    client.set_model_version_tag(*gated, GATE_EVIDENCE_TAG, json.dumps({"harmless_win_rate": 0.61}))
+    return uri, client, gated, list(versions.values())
+
+
+def test_the_new_versions_carry_the_report_and_the_gate_decision_names_it(registered):
+    from cai_lib.core.names import COMPARE_AGAINST_TAG, COMPARE_REPORT_TAG, GATE_EVIDENCE_TAG, GATE_REASON_TAG
+
+    uri, client, gated, made = registered
+    pointer = {"against": "run-a", "report": "s3://b/runs/run-b/run-comparisons/run-a/report.html", "summary": "reran from label"}
+    decision = note_comparison(uri, made, gated, pointer, GateDecision(promote=True, reason="harmless win rate 0.61 >= 0.5"))
+    reason = (
+        "harmless win rate 0.61 >= 0.5; compared with run run-a: reran from label "
+        "(report s3://b/runs/run-b/run-comparisons/run-a/report.html)"
+    )
+    assert decision == GateDecision(promote=True, reason=reason)
+    tags = client.get_model_version(*gated).tags
+    assert tags[GATE_REASON_TAG] == reason
+    assert json.loads(tags[GATE_EVIDENCE_TAG]) == {"harmless_win_rate": 0.61, "comparison": pointer}
+    for version in made:
+        tags = client.get_model_version(*version).tags
+        assert (tags[COMPARE_REPORT_TAG], tags[COMPARE_AGAINST_TAG]) == (pointer["report"], "run-a")
+
+
+def test_a_comparison_that_failed_is_named_in_the_reason_and_links_nothing(registered):
+    from cai_lib.core.names import COMPARE_REPORT_TAG, GATE_REASON_TAG
+
+    uri, client, gated, made = registered
+    pointer = {"against": "run-d", "error": "run run-d did not finish"}
+    decision = note_comparison(uri, made, gated, pointer, GateDecision(promote=False, reason="below the gate"))
+    assert decision.reason == "below the gate; not compared with run run-d: run run-d did not finish"
+    assert client.get_model_version(*gated).tags[GATE_REASON_TAG] == decision.reason
+    assert all(COMPARE_REPORT_TAG not in client.get_model_version(*v).tags for v in made)

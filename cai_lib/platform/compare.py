@@ -343,10 +343,12 @@ def note_comparison(
 ) -> GateDecision:
     """Record the compare step's `pointer` on the registry: each version in `made_here` (those the
     run registered new) is tagged with the report and the run it was compared with, and the gate's
-    reason on `gated` (the version it just judged; None when the gate did not judge one) names the
-    comparison. Returns the decision with that reason. The reason is rewritten a moment after the
-    gate wrote it, in the same step."""
-    from cai_lib.core.names import COMPARE_AGAINST_TAG, COMPARE_REPORT_TAG, GATE_REASON_TAG
+    decision on `gated` (the version it just judged; None when the gate judged none) names the
+    comparison in its reason and holds it in its evidence. Returns the decision with that reason.
+    The gate's tags are rewritten a moment after the gate wrote them, in the same step."""
+    import json
+
+    from cai_lib.core.names import COMPARE_AGAINST_TAG, COMPARE_REPORT_TAG, GATE_EVIDENCE_TAG, GATE_REASON_TAG
     from cai_lib.core.tracking import connect
 
     client = connect(tracking_uri)
@@ -359,6 +361,9 @@ def note_comparison(
         said = f"not compared with run {pointer['against']}: {pointer['error']}"
     reason = f"{decision.reason}; {said}"
     if gated:
+        evidence = json.loads(client.get_model_version(*gated).tags.get(GATE_EVIDENCE_TAG, "{}"))
+        evidence["comparison"] = pointer
+        client.set_model_version_tag(*gated, GATE_EVIDENCE_TAG, json.dumps(evidence, sort_keys=True))
         client.set_model_version_tag(*gated, GATE_REASON_TAG, reason)
     return decision.model_copy(update={"reason": reason})
 

@@ -20,6 +20,7 @@ from cai_lib.core.errors import CaiError
 from cai_lib.core.outputs import StageRecord, round_of
 from cai_lib.core.runs import PipelineRun, finished_run
 from cai_lib.core.store import ArtifactStore
+from cai_lib.method.evaluation.comparison import RunComparison
 from cai_lib.steps.context import RunContext, one_line_errors
 from cai_lib.steps.stage_runs import recorded, write_record
 
@@ -36,7 +37,7 @@ def compare(context: dict, report_path: str, pointer_path: str, round_: int = 1)
     ctx = RunContext.model_validate(context)
     against = ctx.params.compare_against
     pointer: dict = {}
-    page = "<p>No run to compare with: the pipeline parameter compare_against is empty.</p>"
+    page = "<p>No run to compare with: the pipeline parameter <code>compare_against</code> is empty.</p>"
     if against:
         with recorded(ctx, "compare", round_=round_) as run:
             try:
@@ -64,13 +65,16 @@ def compare(context: dict, report_path: str, pointer_path: str, round_: int = 1)
     return pointer
 
 
-def summary_of(comparison) -> str:
+def summary_of(comparison: RunComparison) -> str:
     """The comparison in one clause, for the gate's reason: where the runs part, what flipped, how
-    this run's policy fared against the other's."""
+    this run's final policy fared against the other run's."""
     reran = [s.name for s in comparison.stages if s.status == "reran"]
-    parts = [f"stages rerun from {reran[0]} on" if reran else "every stage reused"]
+    parts = [f"reran from {reran[0]}" if reran else "every stage reused"]
     if comparison.labels:
-        parts.append(f"{comparison.labels.flips} of {comparison.labels.n} labels flipped")
+        parts.append(f"{comparison.labels.flips} of {comparison.labels.n} AI labels flipped")
     if comparison.policies:
-        parts += [f"{r.criterion} win rate {r.win_rate:.3f} against its policy" for r in comparison.policies.win_rates]
+        parts += [
+            f"{r.criterion} win rate {r.win_rate:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] against its {comparison.policies.policy}"
+            for r in comparison.policies.win_rates
+        ]
     return ", ".join(parts)
