@@ -222,6 +222,16 @@ def test_the_judge_rates_b_against_a_on_the_prompts_both_answered(comparison):
     assert rates == {"harmless": ("B", "A", 2), "helpful": ("B", "A", 1)}
 
 
+def test_bs_win_rate_is_the_judges_preference_for_bs_answer_and_the_page_shows_each_under_its_run(comparison):
+    h1 = next(j for j in comparison.policies.most_different if j.prompt_id == "h1")
+    assert (h1.policy_a, h1.answer_a, h1.policy_b, h1.answer_b) == ("B", ANSWERS_B[("helpful", "h1")], "A", ANSWERS_A[("helpful", "h1")])
+    helpful = next(r for r in comparison.policies.win_rates if r.criterion == "helpful")
+    assert helpful.win_rate == pytest.approx(h1.label)
+    card = comparison_html(comparison).split("prompt h1?", 1)[1].split("</table>", 1)[0]
+    assert card.index("A's answer") < card.index("B's answer")
+    assert card.index(ANSWERS_A[("helpful", "h1")]) < card.index(ANSWERS_B[("helpful", "h1")])
+
+
 def test_the_same_answer_is_an_exact_draw_and_is_not_shown_as_a_difference(comparison):
     harmless = next(r for r in comparison.policies.win_rates if r.criterion == "harmless")
     assert harmless.decided <= 1

@@ -207,6 +207,24 @@ def test_the_second_round_runs_only_if_the_first_rounds_policy_was_promoted(two_
     assert {"train-pm-2", "rl-2", "register-2"} <= set(body)
 
 
+def test_the_run_is_compared_once_in_its_last_round_after_evaluation_and_before_registration(two_rounds):
+    tasks = all_tasks(two_rounds)
+    assert [name for name in tasks if name.startswith("compare-runs")] == ["compare-runs"]
+    condition = next(task for task in tasks.values() if "condition" in task.get("triggerPolicy", {}))
+    assert "compare-runs" in two_rounds["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    compare = tasks["compare-runs"]
+    assert "evaluate-2" in compare["dependentTasks"]
+    assert compare["inputs"]["parameters"]["round"]["runtimeValue"]["constant"] == 2
+    assert producer(tasks["register-2"]["inputs"]["artifacts"]["comparison"]) == ("compare-runs", "comparison")
+    assert "comparison" not in tasks["register"]["inputs"]["artifacts"]
+
+
+def test_the_comparison_is_a_kfp_html_visualisation(compiled):
+    spec, _ = compiled
+    outputs = spec["components"]["comp-compare-runs"]["outputDefinitions"]["artifacts"]
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
+
+
 def test_the_pipeline_is_told_how_many_rounds_it_was_compiled_with(two_rounds):
     resolve = all_tasks(two_rounds)["resolve-run"]
     assert resolve["inputs"]["parameters"]["compiled_rounds"]["runtimeValue"]["constant"] == 2
