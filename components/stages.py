@@ -396,6 +396,16 @@ def register(
     return bool(json.loads(summary)["passed"])
 
 
+def impact_preview(constitution: str, against: str, top: int, report: Output[HTML], impact: Output[Artifact]) -> str:
+    """The impact pipeline's one step: the pairs of run `against` relabelled under `constitution`
+    (`cai impact`); the page, the preview as JSON, and its overall flips as the output."""
+    import json
+
+    from cai_lib.steps.impact import preview
+
+    return json.dumps(preview(constitution, against, top, report.path, impact.path))
+
+
 def finish_run(run_id: str, experiment: str, status: PipelineTaskFinalStatus) -> str:
     """Exit handler: close the MLflow parent run (FAILED unless the run succeeded) and release any
     promotion lock the run holds; runs after every other step, whatever became of them. Returns

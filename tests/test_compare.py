@@ -1,8 +1,9 @@
 """`cai compare` and `cai impact` on two runs that differ by one comparison principle, written as run
 folders (tests/run_folders.py) whose labels the real labeller made with a tiny random model: what
-reran and why, the flips against labels counted by hand, the preview that finds the same flips,
-the policies head to head by a real judge, bad input, and that nothing but the comparison is
-written. The same checks on real pipeline runs are in test_pipeline_e2e.py.
+reran and why, the flips against labels counted by hand, the preview that finds the same flips
+(in-process, from the CLI and as the small pipeline under kfp.local), the policies head to head by
+a real judge, the compare step and what registration records, bad input, and that nothing but the
+comparison is written.
 """
 
 from __future__ import annotations
@@ -236,6 +237,8 @@ def test_the_same_answer_is_an_exact_draw_and_is_not_shown_as_a_difference(compa
     harmless = next(r for r in comparison.policies.win_rates if r.criterion == "harmless")
     assert harmless.decided <= 1
     assert sorted(j.prompt_id for j in comparison.policies.most_different) == ["h1", "r2"]
+    strengths = [abs(j.label - 0.5) for j in comparison.policies.most_different]
+    assert strengths == sorted(strengths, reverse=True)  # the strongest preference first
 
 
 def test_a_run_without_an_evaluation_is_named_in_one_line(runs):
@@ -529,3 +532,22 @@ def test_a_comparison_that_failed_is_named_in_the_reason_and_links_nothing(regis
     assert decision.reason == "below the gate; not compared with run run-d: run run-d did not finish"
     assert client.get_model_version(*gated).tags[GATE_REASON_TAG] == decision.reason
     assert all(COMPARE_REPORT_TAG not in client.get_model_version(*v).tags for v in made)
+
+
+def test_the_impact_pipeline_finds_the_flips_the_preview_found(runs, preview, tmp_path, monkeypatch):
+    """The small pipeline, run by kfp.local as `cai run` runs the main one: its step a subprocess."""
+    from kfp import local
+
+    from cai_lib.core.config import ARTIFACT_ROOT_ENV, TRACKING_URI_ENV
+    from pipelines.impact_pipeline import build_impact_pipeline
+
+    edited_file = tmp_path / "harmless-1.1.0.yaml"
+    edited_file.write_text(dump_constitution(runs["after"]))
+    monkeypatch.setenv(ARTIFACT_ROOT_ENV, str(runs["root"]))
+    monkeypatch.setenv(TRACKING_URI_ENV, f"sqlite:///{tmp_path / 'unused.db'}")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    run = build_impact_pipeline()(constitution=str(edited_file), against="run-a")
+    labels = preview.labels
+    assert json.loads(run.output) == {"n": labels.n, "flips": labels.flips, "flip_rate": labels.flip_rate}
+    (page,) = (tmp_path / "kfp").rglob("report")
+    assert "Which response sounds more like a kind friend" in page.read_text()  # the edit, on the page

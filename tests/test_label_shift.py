@@ -56,6 +56,14 @@ def test_a_pair_labelled_the_other_way_round_is_read_from_its_other_side():
     assert shift.most_moved[0].label_b == pytest.approx(0.8)
 
 
+def test_a_principles_label_on_a_pair_labelled_the_other_way_round_is_read_from_its_other_side():
+    # B asked "p" with the answers swapped: P(y better) = 0.2 under it is P(x better) = 0.8.
+    shift = label_shift([label(("x", "y"), 0.7, {"p": (0.7, 0.7)})], [label(("y", "x"), 0.2, {"p": (0.2, 0.2)})], {})
+
+    (principle,) = shift.per_principle
+    assert (principle.n, principle.flips, principle.mean_shift) == (1, 0, pytest.approx(0.1))
+
+
 def test_each_principle_is_compared_on_its_own_label_where_both_asked_it():
     a = [label(("x", "y"), 0.6, {"kept": (0.6, 0.6), "edited": (0.7, 0.5)})]
     # "edited" now prefers the second answer in both orders: its own label flips, the pair's does not.

@@ -289,6 +289,29 @@ def test_committed_pipeline_yaml_is_up_to_date(tmp_path):
     assert COMMITTED.read_bytes() == fresh, "pipelines/cai_pipeline.yaml is stale: run `make compile`"
 
 
+def test_committed_impact_pipeline_yaml_is_up_to_date(tmp_path):
+    from pipelines.impact_pipeline import compile_impact_pipeline
+
+    fresh = Path(compile_impact_pipeline(str(tmp_path / "impact.yaml"))).read_bytes()
+    committed = COMMITTED.parent / "impact_pipeline.yaml"
+    assert committed.read_bytes() == fresh, "pipelines/impact_pipeline.yaml is stale: run `make compile`"
+
+
+def test_the_impact_pipeline_labels_on_the_label_stages_resources_with_the_installations_settings(tmp_path):
+    from pipelines.impact_pipeline import compile_impact_pipeline
+
+    deploy = load_run_config(overrides=[]).deploy
+    path = compile_impact_pipeline(str(tmp_path / "impact.yaml"), deploy)
+    spec, platform = yaml.safe_load_all(Path(path).read_text())
+    executor = executor_of(spec, "comp-impact-preview")["container"]
+    assert executor["image"] == deploy.image_gpu
+    assert executor["resources"]["accelerator"]["resourceCount"] == str(deploy.resources["label"].accelerator_count)
+    config_maps = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-impact-preview"]["configMapAsEnv"]
+    assert config_maps[0]["configMapName"] == deploy.secrets.env_configmap
+    outputs = spec["components"]["comp-impact-preview"]["outputDefinitions"]["artifacts"]
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
+
+
 def test_cai_compile_writes_the_same_bytes_in_every_process(tmp_path):
     # kfp orders a dict parameter's default in its header comment by a protobuf map, whose order
     # differs between processes: two `cai compile` runs, each in its own process, must still agree.
