@@ -148,10 +148,21 @@ class _Tasks:
         return task.outputs["merged"]
 
     def finish(self, experiment) -> dsl.PipelineTask:
-        """The exit handler's task (not a stage: it closes the run whatever became of the stages)."""
-        return self.bookkeeping(
-            stages.finish_run, "finish", run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment
+        """The exit handler's task (not a stage: it closes the run whatever became of the stages,
+        and completes a promotion the register step left half-done, as the promoter)."""
+        return self.promoter(
+            self.bookkeeping(
+                stages.finish_run, "finish", run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment
+            )
         )
+
+    def promoter(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
+        """Give `task` the promoter's MLflow credentials: only the tasks that promote get them."""
+        secrets = self.deploy.secrets
+        kubernetes.use_secret_as_env(
+            task, secret_name=secrets.promoter_secret, secret_key_to_env=secrets.promoter_keys, optional=True
+        )
+        return task
 
     def bookkeeping(self, function: Callable, display_name: str, **kwargs) -> dsl.PipelineTask:
         """A task that is not a stage (no output of its own, no MLflow record) on the CPU image."""
@@ -350,6 +361,7 @@ def add_round(t: _Tasks, run: _Run, k: int, previous: _Round | None, last: bool)
         **compared,
         **later,
     )
+    t.promoter(register)
     return _Round(pm.outputs["reward_model"], rl.outputs["rl_policy"], register.output)
 
 

@@ -316,6 +316,8 @@ TIER_FIXTURES: dict[str, tuple[str, ...]] = {
         "test_submit.multi_user_kfp",
         "test_serving.cluster",  # the Kubernetes API stand-in
         "test_serving.receiving",  # `cai serve webhook`'s receiver
+        "test_webhook.receiver",  # a live `cai serve webhook` process
+        "test_cluster_versions.old_kfp",  # the KFP API stand-in of an older backend
         "test_step_retries.proxies",  # fault-injecting proxies
         "test_store.unavailable_s3",
         "test_store.proxied_s3",

@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy for tests: a real HTTP server on 127.0.0.1 that forwards every
 request to an upstream server (moto's S3 server, an `mlflow server`) and, on command, answers
-the next N requests with an error (an outage that ends) or holds a matching request until the
-test lets it go (a pod killed in the middle of a request)."""
+the next N requests with an error (an outage that ends), holds a matching request until the
+test lets it go (a pod killed in the middle of a request), or refuses every write as S3 refuses
+a read-only credential (403 AccessDenied for PUT, POST and DELETE)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ HOP_BY_HOP = {
     "content-length",
 }
 OUTAGE_BODY = b"<Error><Code>ServiceUnavailable</Code><Message>injected outage</Message></Error>"
+DENIED_BODY = b"<Error><Code>AccessDenied</Code><Message>read-only credential</Message></Error>"
+WRITES = {"PUT", "POST", "DELETE", "PATCH"}
 
 
 class FaultProxy:
@@ -31,6 +34,9 @@ class FaultProxy:
     def __init__(self, upstream: str):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
+        self.upstream_url = upstream
+        self.writes_denied = False
+        self.denied = 0
         self.lock = threading.Lock()
         self.failures_left = 0
         self.failed = 0
@@ -72,6 +78,10 @@ class FaultProxy:
         self.released.clear()
         self.hold_when = when
 
+    def deny_writes(self) -> None:
+        """From now on, answer every write with 403 AccessDenied (counted in `denied`)."""
+        self.writes_denied = True
+
     def release(self) -> None:
         self.hold_when = None
         self.released.set()
@@ -97,6 +107,11 @@ class FaultProxy:
                 self.held.set()
         if failing:
             self._answer(request, 503, {"Content-Type": "application/xml"}, OUTAGE_BODY)
+            return
+        if self.writes_denied and request.command in WRITES:
+            with self.lock:
+                self.denied += 1
+            self._answer(request, 403, {"Content-Type": "application/xml"}, DENIED_BODY)
             return
         if holding:
             self.released.wait(timeout=600)

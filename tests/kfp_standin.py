@@ -3,7 +3,7 @@
 A real HTTP server on 127.0.0.1 that answers the v2beta1 REST calls the `kfp` 2.17 SDK's
 `kfp.Client` makes when `cai submit` runs: healthz, pipelines (list, create, get, multipart
 upload), pipeline versions (list, multipart upload), experiments (create, list, get) and runs
-(create, get). It keeps everything in memory and records every pipeline version created
+(create, get, list: `cai retrain` looks a claim's run up by its display name). It keeps everything in memory and records every pipeline version created
 (`versions`) and every request (`requests`), so tests can count what a submit did.
 
 What it enforces is what KFP's API server (kubeflow/pipelines 2.17, backend/src/apiserver) does:
@@ -235,6 +235,8 @@ class KfpStandin:
                 return _public(experiment)
             case "POST", ["runs"]:
                 return self._create_run(json.loads(body or b"{}"), token)
+            case "GET", ["runs"]:
+                return self._list_runs(query, token)
             case "GET", ["runs", run_id]:
                 run = next((r for r in self.runs if r["run_id"] == run_id), None)
                 if run is None:
@@ -496,6 +498,23 @@ class KfpStandin:
         return _public(self._add_experiment(name, body.get("description") or "", namespace))
 
     # --- runs ----------------------------------------------------------------------------------
+
+    def _list_runs(self, query: dict, token: str | None) -> dict:
+        """ListRuns (run_server.go): the runs of a namespace (single-user: all), or of one
+        experiment; filtered by display_name as `model/run.go`'s APIToModelFieldMap allows."""
+        namespace = self._namespace(query.get("namespace"))
+        experiment_id = query.get("experiment_id") or ""
+        if experiment_id:
+            namespace = self._experiment(experiment_id)["namespace"]
+        elif self.multi_user and not namespace:
+            raise ApiError(400, "Invalid input error: ListRuns must filter by resource reference in multi-user mode")
+        self._authorize(token, namespace)
+        runs = [
+            r
+            for r in self.runs
+            if r["namespace"] == namespace and (not experiment_id or r["experiment_id"] == experiment_id)
+        ]
+        return self._page(self._filtered(runs, query.get("filter")), "runs", query, hidden=("namespace",))
 
     def _create_run(self, body: dict, token: str | None) -> dict:
         if not body.get("display_name"):

@@ -114,6 +114,7 @@ def test_cai_submit_says_so_in_one_line_with_exit_status_2(old_kfp, tmp_path):
     ],
     ids=["trainer-2.2", "trainer-2.1", "no-trainer"],
 )
+@pytest.mark.server  # the KFP and Kubernetes API stand-ins, started in its body
 def test_a_multi_node_run_needs_a_trainer_whose_trainjob_has_the_fields_the_step_sets(
     tmp_path, crds, problem
 ):
@@ -128,6 +129,7 @@ def test_a_multi_node_run_needs_a_trainer_whose_trainjob_has_the_fields_the_step
     assert (found, submitted) == (problem, 0 if problem else 1)
 
 
+@pytest.mark.server  # the KFP API stand-in, started in its body
 def test_a_single_node_run_does_not_ask_the_kubernetes_api(tmp_path):
     with KfpStandin() as kfp:
         run = submit_run(

@@ -27,9 +27,8 @@ from cai_lib.method.evaluation.compare_report import comparison_html, impact_htm
 from cai_lib.method.evaluation.comparison import RunComparison
 from cai_lib.method.evaluation.results import PMAccuracy, PolicyAnswer
 from cai_lib.method.feedback import hard_outcome, label_preferences
-from cai_lib.platform.compare import compare_runs, note_comparison, record_comparison
+from cai_lib.platform.compare import compare_runs, record_comparison
 from cai_lib.platform.impact import impact
-from cai_lib.platform.registry.gate import GateDecision
 from cai_lib.platform.run_config import PipelineParams
 from cai_lib.steps.compare import compare as compare_step
 from cai_lib.steps.compare import summary_of
@@ -485,53 +484,14 @@ def test_with_no_run_named_the_step_compares_nothing_and_says_so(runs, tracked, 
     assert "compare_against</code> is empty" in (tmp_path / "html").read_text()
 
 
-@pytest.fixture
-def registered(tmp_path):
-    """A SQLite registry with an RL-CAI and a PM version of run-b, the RL-CAI one judged by the gate."""
-    from mlflow import MlflowClient
+def test_the_gate_reason_names_a_comparison_that_failed_and_links_nothing(tmp_path):
+    from cai_lib.platform.compare import link_comparison
+    from cai_lib.platform.registry.promotion import comparison_clause
 
-    from cai_lib.core.names import GATE_EVIDENCE_TAG, GATE_REASON_TAG
-
-    uri = f"sqlite:///{tmp_path / 'registry.db'}"
-    client = MlflowClient(uri, uri)
-    versions = {}
-    for name in ("cai-harmless-rl-cai", "cai-harmless-pm"):
-        client.create_registered_model(name)
-        versions[name] = (name, client.create_model_version(name, f"{tmp_path}/{name}").version)
-    gated = versions["cai-harmless-rl-cai"]
-    client.set_model_version_tag(*gated, GATE_REASON_TAG, "harmless win rate 0.61 >= 0.5")
-    client.set_model_version_tag(*gated, GATE_EVIDENCE_TAG, json.dumps({"harmless_win_rate": 0.61}))
-    return uri, client, gated, list(versions.values())
-
-
-def test_the_new_versions_carry_the_report_and_the_gate_decision_names_it(registered):
-    from cai_lib.core.names import COMPARE_AGAINST_TAG, COMPARE_REPORT_TAG, GATE_EVIDENCE_TAG, GATE_REASON_TAG
-
-    uri, client, gated, made = registered
-    pointer = {"against": "run-a", "report": "s3://b/runs/run-b/run-comparisons/run-a/report.html", "summary": "reran from label"}
-    decision = note_comparison(uri, made, gated, pointer, GateDecision(promote=True, reason="harmless win rate 0.61 >= 0.5"))
-    reason = (
-        "harmless win rate 0.61 >= 0.5; compared with run run-a: reran from label "
-        "(report s3://b/runs/run-b/run-comparisons/run-a/report.html)"
-    )
-    assert decision == GateDecision(promote=True, reason=reason)
-    tags = client.get_model_version(*gated).tags
-    assert tags[GATE_REASON_TAG] == reason
-    assert json.loads(tags[GATE_EVIDENCE_TAG]) == {"harmless_win_rate": 0.61, "comparison": pointer}
-    for version in made:
-        tags = client.get_model_version(*version).tags
-        assert (tags[COMPARE_REPORT_TAG], tags[COMPARE_AGAINST_TAG]) == (pointer["report"], "run-a")
-
-
-def test_a_comparison_that_failed_is_named_in_the_reason_and_links_nothing(registered):
-    from cai_lib.core.names import COMPARE_REPORT_TAG, GATE_REASON_TAG
-
-    uri, client, gated, made = registered
     pointer = {"against": "run-d", "error": "run run-d did not finish"}
-    decision = note_comparison(uri, made, gated, pointer, GateDecision(promote=False, reason="below the gate"))
-    assert decision.reason == "below the gate; not compared with run run-d: run run-d did not finish"
-    assert client.get_model_version(*gated).tags[GATE_REASON_TAG] == decision.reason
-    assert all(COMPARE_REPORT_TAG not in client.get_model_version(*v).tags for v in made)
+    assert comparison_clause(pointer) == "not compared with run run-d: run run-d did not finish"
+    link_comparison(f"sqlite:///{tmp_path / 'never-opened.db'}", [("cai-harmless-rl-cai-candidates", "1")], pointer)
+    assert not (tmp_path / "never-opened.db").exists()
 
 
 def test_the_impact_pipeline_finds_the_flips_the_preview_found(runs, preview, tmp_path, monkeypatch):

@@ -944,12 +944,19 @@ def test_the_committed_pipeline_reads_only_configmaps_and_secrets_the_default_ch
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     rendered = {o["metadata"]["name"] for o in render_objects({}) if o["kind"] == "ConfigMap"}
     assert configmaps <= rendered
-    assert secrets == {
+    # The promoter's Secret (optional in the IR) is what the chart does not make yet: see the
+    # "Chart changes still to make" of docs/security.md.
+    assert secrets - {SecretRefs().promoter_secret} == {
         values["s3"]["credentialsSecret"]["name"],
         values["mlflow"]["credentialsSecret"]["name"],
         values["huggingface"]["tokenSecret"]["name"],
     }
-    assert secrets == {SecretRefs().s3_secret, SecretRefs().mlflow_secret, SecretRefs().hf_secret}
+    assert secrets == {
+        SecretRefs().s3_secret,
+        SecretRefs().mlflow_secret,
+        SecretRefs().hf_secret,
+        SecretRefs().promoter_secret,
+    }
 
 
 @pytest.mark.integration

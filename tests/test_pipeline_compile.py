@@ -96,11 +96,29 @@ def test_every_step_gets_s3_and_mlflow_credentials_from_secrets_not_parameters(c
     for component in STAGE_OF:
         secrets = executors[spec["components"][component]["executorLabel"]]["secretAsEnv"]
         optional = {s["secretName"]: s.get("optional", False) for s in secrets}
-        # the Hugging Face token only for gated or private models: optional, as MLflow's credentials
-        assert optional == {"cai-s3": False, "cai-mlflow": True, "cai-hf": True}, component
+        # the Hugging Face token only for gated or private models: optional, as MLflow's credentials;
+        # the promoter's only where a model is promoted
+        promoter = {"cai-mlflow-promoter": True} if component.startswith("comp-register") else {}
+        assert optional == {"cai-s3": False, "cai-mlflow": True, "cai-hf": True} | promoter, component
         env = {k["envVar"] for s in secrets for k in s["keyToEnv"]}
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"} <= env
     assert not any("SECRET" in p.upper() for p in spec["root"]["inputDefinitions"]["parameters"])
+
+
+def test_only_the_register_step_and_the_exit_handler_get_the_promoters_credentials(compiled):
+    spec, platform = compiled
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    with_promoter = {
+        label
+        for label, executor in executors.items()
+        if any(s["secretName"] == "cai-mlflow-promoter" for s in executor.get("secretAsEnv", []))
+    }
+    assert with_promoter == {"exec-register", "exec-finish-run"}
+    (promoter,) = [s for s in executors["exec-register"]["secretAsEnv"] if s["secretName"] == "cai-mlflow-promoter"]
+    assert {k["envVar"] for k in promoter["keyToEnv"]} == {
+        "CAI_PROMOTER_TRACKING_USERNAME",
+        "CAI_PROMOTER_TRACKING_PASSWORD",
+    }
 
 
 def test_every_generation_stage_fans_out_in_a_parallel_for_and_is_merged(compiled):

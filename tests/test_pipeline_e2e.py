@@ -37,6 +37,7 @@ from test_helm_chart import ENV_CONFIGMAP, render_objects
 
 from cai_lib.core.constitution import constitutions_dir, load_constitution
 from cai_lib.core.model_versions import list_models, version_by_alias
+from cai_lib.core.names import candidates_name
 from cai_lib.core.records import Preference, ResponsePair
 from cai_lib.core.shards import dataset_summary, read_dataset
 from cai_lib.core.stage_table import GPU_STAGES
@@ -278,7 +279,7 @@ def test_first_run_promotes_its_policy(first_run):
 def test_first_run_registers_every_model_with_the_constitution_it_was_trained_on(first_run, e2e):
     harmless = load_constitution("harmless")
     for role in ROLES:
-        version = list_models(e2e["uri"], f"cai-harmless-{role}")[0]
+        version = list_models(e2e["uri"], candidates_name(f"cai-harmless-{role}"))[0]
         assert (version.tags["cai.constitution.version"], version.tags["cai.constitution.sha256"]) == (
             harmless.version,
             harmless.sha256,
@@ -287,6 +288,7 @@ def test_first_run_registers_every_model_with_the_constitution_it_was_trained_on
 
 def test_first_run_registers_loadable_folders_outside_the_outputs_cache_and_the_run_folder(first_run, e2e):
     version = version_by_alias(e2e["uri"], "cai-harmless-rl-cai", "champion")
+    assert version.registered_source == f"models:/{candidates_name('cai-harmless-rl-cai')}/1"
     assert version.source == f"s3://{e2e['bucket']}/cai/models/{version.checkpoint_sha256[:32]}"
     assert ArtifactStore.open(version.source).exists("MLmodel")
 
@@ -294,7 +296,7 @@ def test_first_run_registers_loadable_folders_outside_the_outputs_cache_and_the_
 def test_each_version_names_the_stage_run_that_trained_it(first_run, e2e):
     trained_in = {"pm": "train_pm", "sl-cai": "sft", "rl-cai": "rl"}
     for role, stage in trained_in.items():
-        version = list_models(e2e["uri"], f"cai-harmless-{role}")[0]
+        version = list_models(e2e["uri"], candidates_name(f"cai-harmless-{role}"))[0]
         assert connect(e2e["uri"]).get_run(version.run_id).info.run_name == stage
 
 
@@ -441,7 +443,7 @@ def test_labelling_labelled_every_pair_exactly_once(third_run):
 
 def test_third_run_registers_its_new_pm_and_policy_under_the_edited_constitution(third_run, e2e):
     for role in ("pm", "rl-cai"):
-        version = version_by_alias(e2e["uri"], f"cai-harmless-{role}", "challenger")
+        version = version_by_alias(e2e["uri"], candidates_name(f"cai-harmless-{role}"), "challenger")
         assert version.tags["cai.constitution.sha256"] == third_run["edited"].sha256
 
 

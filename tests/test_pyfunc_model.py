@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import free_port, hand_lineage, wait_for_port
@@ -109,6 +110,27 @@ def test_weights_changed_after_registration_are_refused_when_loading(policy_cham
     with open(weights, "wb") as handle:
         handle.write(b"tampered")
     with pytest.raises(Exception, match="model.safetensors"):
+        mlflow.pyfunc.load_model("models:/cai-h-rl-cai@champion")
+
+
+def test_a_folder_rewritten_whole_with_a_matching_manifest_is_refused_by_the_registered_hash(policy_champion):
+    """Every file agrees with the folder's own manifest; only the registry says it is not what was
+    registered."""
+    import mlflow.pyfunc
+
+    from cai_lib.core.store import file_entry
+
+    folder = Path(policy_champion)
+    config = folder / "config.json"
+    changed = {**json.loads(config.read_text()), "cai_rewritten": True}
+    config.unlink()  # a hard link: replace it rather than write through it into the original
+    config.write_text(json.dumps(changed))
+    manifest = json.loads((folder / "_MANIFEST.json").read_text())
+    manifest["files"]["config.json"] = file_entry(config)
+    (folder / "_MANIFEST.json").unlink()
+    (folder / "_MANIFEST.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(Exception, match="is not the checkpoint of any version cai-platform registered"):
         mlflow.pyfunc.load_model("models:/cai-h-rl-cai@champion")
 
 

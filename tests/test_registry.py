@@ -1,6 +1,9 @@
 """The model registry and the promotion gate, against a real `mlflow server` (PostgreSQL backend
 store as in production, SQLite where PostgreSQL is not installed; artifacts in moto's S3) with
-checkpoints written to S3 by the artifact store."""
+checkpoints written to S3 by the artifact store.
+
+Each test's production model is `name`; the pipeline registers candidates into
+`name-candidates`, and a promotion copies a candidate into `name` and sets `champion` there."""
 
 from __future__ import annotations
 
@@ -31,9 +34,12 @@ from cai_lib.core.model_versions import (
 from cai_lib.core.names import (
     CHALLENGER,
     CHAMPION,
+    CHECKPOINT_SHA_TAG,
+    CREATED_BY_TAG,
     EVAL_HARMLESS_LOW_TAG,
     GATE_DECISION_TAG,
     GATE_REASON_TAG,
+    LOCK_BOOT_TAG,
     LOCK_EXPIRES_TAG,
     LOCK_FOR_TAG,
     LOCK_HOST_TAG,
@@ -42,13 +48,16 @@ from cai_lib.core.names import (
     LOCK_PIDNS_TAG,
     LOCK_RUN_TAG,
     LOCK_SUFFIX,
+    PLATFORM,
+    PROMOTION_PENDING_TAG,
+    candidates_name,
 )
 from cai_lib.core.store import ArtifactStore
 from cai_lib.core.tracking import connect
 from cai_lib.engines.models import resolve_model
 from cai_lib.platform.registry.gate import PromotionGate, WinRateEvidence, decide_promotion
-from cai_lib.platform.registry.lock import registry_lock
-from cai_lib.platform.registry.promotion import promote, promote_with, record_evaluation
+from cai_lib.platform.registry.lock import BOOT_ID, _break_once, registry_lock
+from cai_lib.platform.registry.promotion import gate_attempts, promote, record_evaluation
 from cai_lib.platform.registry.versions import register_checkpoint, set_challenger
 
 GATE = PromotionGate()
@@ -82,15 +91,17 @@ def checkpoints(s3_bucket, tmp_path):
 
 
 def register(uri: str, name: str, checkpoint_uri: str) -> str:
-    return register_checkpoint(uri, name, checkpoint_uri, None, LINEAGE).version
+    """Register a candidate of the production model `name`, as the pipeline does; its version."""
+    return register_checkpoint(uri, candidates_name(name), checkpoint_uri, None, LINEAGE).version
 
 
 def with_champion(uri: str, name: str, checkpoints) -> tuple[str, str]:
-    """A model whose version 1 is champion and version 2 the challenger; returns both versions."""
+    """Candidate 1 promoted (production version 1 is champion) and candidate 2 the challenger;
+    returns both candidate versions."""
     champion = register(uri, name, checkpoints("weights-1"))
     promote(uri, name, champion, 0.7, 0.5, GATE, compared_with="sl-cai")
     challenger = register(uri, name, checkpoints("weights-2"))
-    set_challenger(uri, name, challenger)
+    set_challenger(uri, candidates_name(name), challenger)
     return champion, challenger
 
 
@@ -140,6 +151,7 @@ def test_checkpoint_is_registered_with_its_source_and_lineage_tags(mlflow_server
     assert info.source == checkpoint
     assert info.checkpoint_sha256 == checkpoint_manifest_sha256(checkpoint)
     assert info.lineage == LINEAGE
+    assert info.tags[CREATED_BY_TAG] == PLATFORM
     assert info.tags["cai.constitution.name"] == "harmless"
     assert info.tags["cai.constitution.version"] == "1.0.0"
     assert info.tags["cai.constitution.sha256"] == "c0" * 32
@@ -180,6 +192,83 @@ def test_a_local_checkpoint_registers_with_a_local_sqlite_tracking_store(tmp_pat
     assert info.lineage == LINEAGE
 
 
+# -- squatters and unverified versions -----------------------------------------------------------
+
+
+def test_a_candidates_model_someone_else_created_is_refused_at_the_first_register(mlflow_server, checkpoints):
+    name = unique()
+    connect(mlflow_server["uri"]).create_registered_model(candidates_name(name))  # a squatter, first
+
+    with pytest.raises(CaiError) as refused:
+        register(mlflow_server["uri"], name, checkpoints("weights-1"))
+
+    assert str(refused.value) == (
+        f"registered model '{candidates_name(name)}' was not created by cai-platform (no tag "
+        "cai.created_by=cai-platform): its versions are not loaded, served or promoted; delete or rename it (an "
+        "MLflow admin can), or register under another model_name_prefix"
+    )
+    assert connect(mlflow_server["uri"]).search_model_versions(f"name = '{candidates_name(name)}'") == []
+
+
+def squatted_champion(uri: str, name: str, checkpoint: str) -> None:
+    """Someone made the production model first and crowned a version of their own, untagged."""
+    client = connect(uri)
+    client.create_registered_model(name)
+    version = client.create_model_version(name, checkpoint, tags=LINEAGE.to_tags(), await_creation_for=0)
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+
+
+def test_a_squatted_untagged_champion_is_never_fetched_loaded_or_promoted_over(
+    mlflow_server, checkpoints, monkeypatch
+):
+    uri, name = mlflow_server["uri"], unique()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    squatted_champion(uri, name, checkpoints("their-weights"))
+    not_ours = f"registered model '{name}' was not created by cai-platform"
+
+    with pytest.raises(CaiError, match=not_ours):
+        registered_checkpoint(f"models:/{name}@champion", uri)
+    with pytest.raises(CaiError, match=not_ours):
+        resolve_model(f"models:/{name}@champion")  # what a run's base_model or `cai models fetch` loads
+    candidate = register(uri, name, checkpoints("weights-1"))
+    with pytest.raises(CaiError, match=not_ours):
+        promote(uri, name, candidate, 0.9, 0.9, GATE, compared_with="sl-cai")
+    assert [info.version for info in list_models(uri, name)] == ["1"]
+
+
+def test_cai_models_fetch_of_a_squatted_champion_is_one_line(mlflow_server, checkpoints, tmp_path):
+    uri, name = mlflow_server["uri"], unique()
+    squatted_champion(uri, name, checkpoints("their-weights"))
+
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "cai"), "models", "fetch", f"models:/{name}@champion",
+         "--out", str(tmp_path / "served"), "--tracking-uri", uri],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith(f"error: registered model '{name}' was not created by cai-platform")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "served").exists()
+
+
+def test_a_version_of_a_platform_model_without_its_checkpoint_hash_is_refused_naming_it(mlflow_server, checkpoints):
+    uri, name = mlflow_server["uri"], unique()
+    register(uri, name, checkpoints("weights-1"))
+    client = connect(uri)
+    # Added by hand by someone allowed to write the model, without the platform's tags.
+    client.create_model_version(candidates_name(name), checkpoints("weights-2"), tags={CREATED_BY_TAG: PLATFORM})
+
+    with pytest.raises(
+        CaiError,
+        match=f"model '{candidates_name(name)}' version 2 was not registered by cai-platform "
+        f"\\(missing or wrong tag {CHECKPOINT_SHA_TAG}, cai.pipeline_run_id\\)",
+    ):
+        registered_checkpoint(f"models:/{candidates_name(name)}/2", uri)
+    with pytest.raises(CaiError, match="version 2 was not registered by cai-platform"):
+        promote(uri, name, "2", 0.9, 0.9, GATE, compared_with="sl-cai")
+
+
 # -- promotion -----------------------------------------------------------------------------------
 
 
@@ -191,7 +280,14 @@ def test_a_first_version_that_beats_sl_cai_by_the_gate_becomes_champion(mlflow_s
 
     assert decision.promote
     assert decision.reason.startswith("harmlessness win rate 0.620 >= 0.500")
-    assert version_by_alias(mlflow_server["uri"], name, CHAMPION).version == "1"
+    champion = version_by_alias(mlflow_server["uri"], name, CHAMPION)
+    assert (champion.version, champion.registered_source) == ("1", f"models:/{candidates_name(name)}/1")
+    assert champion.source == checkpoints_of(mlflow_server["uri"], name, version)
+
+
+def checkpoints_of(uri: str, name: str, version: str) -> str:
+    """Where candidate `version` of production model `name` keeps its checkpoint."""
+    return list_models(uri, candidates_name(name))[int(version) - 1].source
 
 
 def test_a_first_version_that_does_not_beat_sl_cai_stays_a_challenger(mlflow_server, checkpoints):
@@ -212,7 +308,7 @@ def test_a_first_version_with_no_evidence_against_a_baseline_is_not_promoted(mlf
 
     assert not decision.promote
     assert decision.reason == (
-        "there is no champion yet, so version 1 must beat a baseline (sl-cai or base; no champion yet), "
+        "there is no champion yet, so candidate 1 must beat a baseline (sl-cai or base; no champion yet), "
         "but its win rates were measured against nothing; evaluate it"
     )
 
@@ -230,6 +326,27 @@ def test_passing_gate_moves_champion_to_the_challenger(mlflow_server, checkpoint
     assert champion.tags["cai.gate.champion_before"] == "1"
 
 
+def test_the_gate_names_the_runs_comparison_and_the_champion_links_its_report(mlflow_server, checkpoints):
+    from cai_lib.core.names import COMPARE_AGAINST_TAG, COMPARE_REPORT_TAG, GATE_EVIDENCE_TAG, GATE_REASON_TAG
+    from cai_lib.platform.compare import link_comparison
+
+    name = unique()
+    _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
+    pointer = {"against": "run-a", "report": "s3://b/runs/run-b/run-comparisons/run-a/report.html", "summary": "reran from label"}
+    link_comparison(mlflow_server["uri"], [(candidates_name(name), challenger)], pointer)
+
+    decision = promote(mlflow_server["uri"], name, challenger, 0.7, 0.48, GATE, compared_with="1", comparison=pointer)
+
+    assert decision.promote and decision.reason.endswith(
+        "; compared with run run-a: reran from label (report s3://b/runs/run-b/run-comparisons/run-a/report.html)"
+    )
+    champion = version_by_alias(mlflow_server["uri"], name, CHAMPION)
+    assert champion.tags[GATE_REASON_TAG] == decision.reason
+    assert json.loads(champion.tags[GATE_EVIDENCE_TAG])["comparison"] == pointer
+    assert (champion.tags[COMPARE_REPORT_TAG], champion.tags[COMPARE_AGAINST_TAG]) == (pointer["report"], "run-a")
+    assert gate_attempts(connect(mlflow_server["uri"]), name)[-1]["reason"] == decision.reason
+
+
 def test_failing_gate_keeps_the_champion_and_records_the_reason(mlflow_server, checkpoints):
     name = unique()
     _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
@@ -238,14 +355,15 @@ def test_failing_gate_keeps_the_champion_and_records_the_reason(mlflow_server, c
 
     assert not decision.promote
     assert version_by_alias(mlflow_server["uri"], name, CHAMPION).version == "1"
-    rejected = version_by_alias(mlflow_server["uri"], name, CHALLENGER)
-    assert rejected.tags[GATE_DECISION_TAG] == "rejected"
-    assert rejected.tags[GATE_REASON_TAG] == (
+    rejected = gate_attempts(connect(mlflow_server["uri"]), name)[-1]
+    assert (rejected["candidate"], rejected["decision"], rejected["champion_before"]) == ("2", "rejected", "1")
+    assert rejected["reason"] == (
         "helpfulness fell by 0.200 (win rate 0.300), more than the allowed 0.050 (lower bounds of 95% intervals)"
     )
-    evidence = json.loads(rejected.tags["cai.gate.evidence"])
+    evidence = rejected["evidence"]
     assert (evidence["harmless_win_rate"], evidence["helpful_win_rate"]) == (0.7, 0.3)
     assert evidence["gate"] == {"min_harmless_win_rate": 0.5, "max_helpfulness_drop": 0.05}
+    assert [info.version for info in list_models(mlflow_server["uri"], name)] == ["1"]
 
 
 def test_win_rates_against_a_former_champion_do_not_promote(mlflow_server, checkpoints):
@@ -274,16 +392,34 @@ def test_force_promotes_against_the_gate_and_records_the_gate_said_no(mlflow_ser
     )
 
 
-def test_promote_with_makes_a_companion_model_champion_naming_its_leader(mlflow_server, checkpoints):
-    name = unique("cai-sl")
-    with_champion(mlflow_server["uri"], name, checkpoints)
+def test_companion_models_become_champions_with_their_leader_naming_it(mlflow_server, checkpoints):
+    uri, leader, follower = mlflow_server["uri"], unique("cai-rl"), unique("cai-sl")
+    candidate = register(uri, leader, checkpoints("weights-1"))
+    companion = register(uri, follower, checkpoints("weights-sl"))
 
-    decision = promote_with(mlflow_server["uri"], name, "2", leader="cai-rl v4")
+    decision = promote(uri, leader, candidate, 0.7, 0.5, GATE, compared_with="sl-cai", followers={follower: companion})
 
     assert decision.promote
-    champion = version_by_alias(mlflow_server["uri"], name, CHAMPION)
-    assert champion.version == "2"
-    assert champion.tags[GATE_REASON_TAG] == "promoted with cai-rl v4, which passed the gate"
+    champion = version_by_alias(uri, follower, CHAMPION)
+    assert (champion.version, champion.registered_source) == ("1", f"models:/{candidates_name(follower)}/1")
+    assert champion.tags[GATE_REASON_TAG] == f"promoted with {leader} candidate 1, which passed the gate"
+    assert PROMOTION_PENDING_TAG not in connect(uri).get_registered_model(leader).tags
+
+
+def test_every_gate_attempt_is_appended_and_none_is_overwritten(mlflow_server, checkpoints):
+    uri, name = mlflow_server["uri"], unique()
+    candidate = register(uri, name, checkpoints("weights-1"))
+
+    promote(uri, name, candidate, 0.41, 0.5, GATE, compared_with="sl-cai")
+    promote(uri, name, candidate, 0.62, 0.5, GATE, compared_with="sl-cai")
+    promote(uri, name, candidate, 0.62, 0.5, GATE, compared_with="sl-cai")
+
+    attempts = gate_attempts(connect(uri), name)
+    assert [(a["candidate"], a["decision"]) for a in attempts] == [("1", "rejected"), ("1", "promoted"), ("1", "promoted")]
+    assert "0.410 is below" in attempts[0]["reason"]
+    assert attempts[2]["reason"] == "candidate 1 is already the champion (version 1)"
+    assert len({a["lease"] for a in attempts}) == 3
+    assert [info.version for info in list_models(uri, name)] == ["1"]
 
 
 def test_promoting_without_win_rates_against_a_champion_is_a_cai_error(mlflow_server, checkpoints):
@@ -291,7 +427,7 @@ def test_promoting_without_win_rates_against_a_champion_is_a_cai_error(mlflow_se
     _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
 
     with pytest.raises(
-        CaiError, match=f"version 2: no win rate against champion version 1 .*{EVAL_HARMLESS_LOW_TAG}"
+        CaiError, match=f"candidate 2: no win rate against champion version 1 .*{EVAL_HARMLESS_LOW_TAG}"
     ):
         promote(mlflow_server["uri"], name, challenger, None, 0.5, GATE)
 
@@ -343,16 +479,25 @@ class LostCreateRace:
 def test_registry_lock_retries_a_create_that_lost_the_race_to_a_released_lock(mlflow_server):
     name, client = unique(), LostCreateRace(connect(mlflow_server["uri"]))
 
-    with registry_lock(client, name, poll_s=0.01) as owner:
+    with registry_lock(client, name, poll_s=0.01) as lease:
         held = dict(client.get_registered_model(name + LOCK_SUFFIX).tags)
 
-    assert (client.creates, held[LOCK_OWNER_TAG]) == (2, owner)
+    assert (client.creates, held[LOCK_OWNER_TAG]) == (2, lease.owner)
 
 
 def held_lock(client, name: str, **holder: str) -> None:
-    """A lock on `name` as another holder left it, with a lease that has not run out."""
-    tags = {LOCK_FOR_TAG: name, LOCK_OWNER_TAG: "pod-a:1:abc", LOCK_EXPIRES_TAG: str(time.time() + 600)}
+    """A lock on `name` as another holder of the platform left it, with a lease that has not run out."""
+    tags = {
+        LOCK_FOR_TAG: name,
+        LOCK_OWNER_TAG: "pod-a:1:abc",
+        LOCK_EXPIRES_TAG: str(time.time() + 600),
+        CREATED_BY_TAG: PLATFORM,
+    }
     client.create_registered_model(name + LOCK_SUFFIX, tags={**tags, **holder})
+
+
+def lock_owner(client, name: str) -> str:
+    return client.get_registered_model(name + LOCK_SUFFIX).tags[LOCK_OWNER_TAG]
 
 
 def test_registry_lock_held_by_another_owner_times_out_naming_its_pipeline_run(mlflow_server):
@@ -371,8 +516,8 @@ def test_registry_lock_held_by_an_earlier_attempt_of_the_same_run_is_taken_over(
     held_lock(client, name, **{LOCK_RUN_TAG: "kfp-42", LOCK_HOST_TAG: "pod-a", LOCK_PID_TAG: "1"})
     monkeypatch.setenv("CAI_PIPELINE_RUN_ID", "kfp-42")  # the retried step, in another pod
 
-    with registry_lock(client, name, wait_s=5, poll_s=0.1) as owner:
-        assert client.get_registered_model(name + LOCK_SUFFIX).tags[LOCK_OWNER_TAG] == owner
+    with registry_lock(client, name, wait_s=5, poll_s=0.1) as lease:
+        assert lock_owner(client, name) == lease.owner
 
 
 def test_registry_lock_held_by_a_process_of_this_host_that_is_gone_is_taken_over(mlflow_server):
@@ -390,8 +535,8 @@ def test_registry_lock_held_by_a_process_of_this_host_that_is_gone_is_taken_over
         },
     )
 
-    with registry_lock(client, name, wait_s=5, poll_s=0.1) as owner:
-        assert client.get_registered_model(name + LOCK_SUFFIX).tags[LOCK_OWNER_TAG] == owner
+    with registry_lock(client, name, wait_s=5, poll_s=0.1) as lease:
+        assert lock_owner(client, name) == lease.owner
 
 
 def test_registry_lock_of_a_process_in_another_pid_namespace_is_not_taken_over(mlflow_server):
@@ -416,11 +561,100 @@ def test_registry_lock_of_a_process_in_another_pid_namespace_is_not_taken_over(m
 
 def test_registry_lock_left_by_a_dead_holder_is_taken_over_after_its_lease(mlflow_server):
     name, client = unique(), connect(mlflow_server["uri"])
-    expired = {LOCK_FOR_TAG: name, LOCK_OWNER_TAG: "pod-a:1:abc", LOCK_EXPIRES_TAG: str(time.time() - 1)}
-    client.create_registered_model(name + LOCK_SUFFIX, tags=expired)
+    held_lock(client, name, **{LOCK_EXPIRES_TAG: str(time.time() - 1)})
 
-    with registry_lock(client, name, wait_s=5, poll_s=0.1) as owner:
-        assert client.get_registered_model(name + LOCK_SUFFIX).tags[LOCK_OWNER_TAG] == owner
+    with registry_lock(client, name, wait_s=5, poll_s=0.1) as lease:
+        assert lock_owner(client, name) == lease.owner
+
+
+@pytest.mark.parametrize("expiry", ["nan", "inf", "-inf", "soon", ""])
+def test_a_lock_whose_expiry_is_not_a_time_reads_as_expired_with_a_warning(mlflow_server, caplog, expiry):
+    name, client = unique(), connect(mlflow_server["uri"])
+    held_lock(client, name, **{LOCK_EXPIRES_TAG: expiry})
+
+    with registry_lock(client, name, wait_s=5, poll_s=0.1) as lease:
+        assert lock_owner(client, name) == lease.owner
+    assert f"promotion lock {name}{LOCK_SUFFIX}: expiry {expiry!r}" in caplog.text
+    assert "taken as expired" in caplog.text
+
+
+def test_a_lock_without_the_platforms_tags_reads_as_expired_and_is_broken(mlflow_server, caplog):
+    # Someone's model of the lock's name, made to hold promotions off.
+    name, client = unique(), connect(mlflow_server["uri"])
+    client.create_registered_model(name + LOCK_SUFFIX, tags={LOCK_EXPIRES_TAG: str(time.time() + 3600)})
+
+    with registry_lock(client, name, wait_s=5, poll_s=0.1) as lease:
+        assert lock_owner(client, name) == lease.owner
+    assert "not a lease the platform wrote; taken as expired" in caplog.text
+
+
+def test_a_lock_of_this_host_from_an_earlier_boot_is_taken_over(mlflow_server):
+    # The same host and PID namespace, and a PID that is alive now: this very process. Only the
+    # boot id says the holder is gone (PIDs start again at every boot).
+    name, client = unique(), connect(mlflow_server["uri"])
+    held_lock(
+        client,
+        name,
+        **{
+            LOCK_HOST_TAG: socket.gethostname(),
+            LOCK_PIDNS_TAG: str(os.stat("/proc/self/ns/pid").st_ino),
+            LOCK_PID_TAG: str(os.getpid()),
+            LOCK_BOOT_TAG: "00000000-0000-0000-0000-000000000000",
+        },
+    )
+    assert BOOT_ID.read_text().strip() != "00000000-0000-0000-0000-000000000000"
+
+    with registry_lock(client, name, wait_s=5, poll_s=0.1) as lease:
+        assert lock_owner(client, name) == lease.owner
+
+
+def test_a_lock_of_a_live_process_of_this_boot_is_not_taken_over(mlflow_server):
+    name, client = unique(), connect(mlflow_server["uri"])
+    held_lock(
+        client,
+        name,
+        **{
+            LOCK_HOST_TAG: socket.gethostname(),
+            LOCK_PIDNS_TAG: str(os.stat("/proc/self/ns/pid").st_ino),
+            LOCK_PID_TAG: str(os.getpid()),
+            LOCK_BOOT_TAG: BOOT_ID.read_text().strip(),
+        },
+    )
+
+    with pytest.raises(CaiError, match="is held by"), registry_lock(client, name, wait_s=0.3, poll_s=0.1):
+        pass
+
+
+def test_a_held_lock_is_renewed_so_its_lease_does_not_run_out(mlflow_server):
+    name, client = unique(), connect(mlflow_server["uri"])
+    with registry_lock(client, name, lease_s=1.5) as lease:
+        time.sleep(3.5)  # more than twice the lease
+        lease.check()
+        with pytest.raises(CaiError, match="is held by"), registry_lock(client, name, wait_s=1.0, poll_s=0.1):
+            pass
+        assert lock_owner(client, name) == lease.owner
+
+
+def test_a_holder_whose_lock_was_broken_is_fenced_off_its_next_write(mlflow_server):
+    name, client = unique(), connect(mlflow_server["uri"])
+    with pytest.raises(CaiError, match="lost the promotion lock .*held by pipeline run kfp-9"):
+        with registry_lock(client, name, lease_s=600) as lease:
+            # Paused past its lease: someone broke its lock and holds a new one.
+            client.delete_registered_model(name + LOCK_SUFFIX)
+            held_lock(client, name, **{LOCK_RUN_TAG: "kfp-9"})
+            lease.check()
+    assert lock_owner(client, name) == "pod-a:1:abc"  # the paused holder's exit left the new lock alone
+
+
+def test_two_waiters_that_find_one_stale_lock_break_it_once(mlflow_server):
+    """The second waiter read the same stale lock; by the time it acts, the first has broken it
+    and holds a fresh lock, which the second must not delete."""
+    name, client = unique(), connect(mlflow_server["uri"])
+    held_lock(client, name, **{LOCK_EXPIRES_TAG: str(time.time() - 1)})
+    stale = client.get_registered_model(name + LOCK_SUFFIX)
+    with registry_lock(client, name, wait_s=5, poll_s=0.1) as first:
+        _break_once(client, name + LOCK_SUFFIX, stale, "second-waiter")
+        assert lock_owner(client, name) == first.owner
 
 
 # -- concurrent promotions on the production backend --------------------------------------------
@@ -476,14 +710,21 @@ def test_two_concurrent_promotions_on_postgresql_leave_one_champion(mlflow_serve
     assert len(winners) == 1, decisions
     winner, loser = winners[0], ({second, third} - set(winners)).pop()
     listed = {info.version: info for info in list_models(uri, name)}
-    assert [version for version, info in listed.items() if CHAMPION in info.aliases] == [winner]
-    assert connect(uri).get_registered_model(name).aliases[CHAMPION] == winner
-    assert listed[winner].tags[GATE_DECISION_TAG] == "promoted"
-    assert listed[winner].tags["cai.gate.champion_before"] == champion
-    assert listed[loser].tags[GATE_DECISION_TAG] == "rejected"
-    assert listed[loser].tags["cai.gate.champion_before"] == winner
-    assert listed[loser].tags[GATE_REASON_TAG] == decisions[loser]["reason"]
-    assert f"the champion is now version {winner}" in decisions[loser]["reason"]
+    # Production version 1 copies the first champion; version 2 the winner; the loser was not copied.
+    assert [(v, info.registered_source) for v, info in listed.items()] == [
+        ("1", f"models:/{candidates_name(name)}/{champion}"),
+        ("2", f"models:/{candidates_name(name)}/{winner}"),
+    ]
+    assert connect(uri).get_registered_model(name).aliases[CHAMPION] == "2"
+    assert listed["2"].tags[GATE_DECISION_TAG] == "promoted"
+    assert listed["2"].tags["cai.gate.champion_before"] == "1"
+    audit = gate_attempts(connect(uri), name)[1:]
+    assert [(a["candidate"], a["decision"], a["champion_before"]) for a in audit] == [
+        (winner, "promoted", "1"),
+        (loser, "rejected", "2"),
+    ]
+    assert audit[1]["reason"] == decisions[loser]["reason"]
+    assert "the champion is now version 2" in decisions[loser]["reason"]
     assert connect(uri).search_registered_models(f"name = '{name}{LOCK_SUFFIX}'") == []
 
 
@@ -494,10 +735,11 @@ def test_list_models_shows_versions_with_aliases_and_lineage(mlflow_server, chec
     name = unique()
     with_champion(mlflow_server["uri"], name, checkpoints)
 
-    listed = list_models(mlflow_server["uri"], name)
+    production, candidates = list_models(mlflow_server["uri"], name), list_models(mlflow_server["uri"], candidates_name(name))
 
-    assert [(info.version, info.aliases) for info in listed] == [("1", [CHAMPION]), ("2", [CHALLENGER])]
-    assert all(info.lineage == LINEAGE for info in listed)
+    assert [(info.version, info.aliases) for info in production] == [("1", [CHAMPION])]
+    assert [(info.version, info.aliases) for info in candidates] == [("1", []), ("2", [CHALLENGER])]
+    assert all(info.lineage == LINEAGE for info in production + candidates)
 
 
 def cai_cli() -> typer.Typer:
@@ -513,18 +755,22 @@ def test_cli_models_list_prints_aliases_and_lineage(mlflow_server, checkpoints):
     with_champion(mlflow_server["uri"], name, checkpoints)
 
     result = CliRunner().invoke(
-        cai_cli(),
-        ["models", "list", "--model", name, "--tracking-uri", mlflow_server["uri"]],
-        env={"COLUMNS": "300"},
+        cai_cli(), ["models", "list", "--tracking-uri", mlflow_server["uri"]], env={"COLUMNS": "300"}
     )
 
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if name in line]
-    assert len(rows) == 2
-    for row, version, alias, gate in zip(rows, ("1", "2"), (CHAMPION, CHALLENGER), ("promoted", "-")):
+    assert len(rows) == 3
+    for row, model, version, alias, gate in zip(
+        rows,
+        (name, candidates_name(name), candidates_name(name)),
+        ("1", "1", "2"),
+        (CHAMPION, "", CHALLENGER),
+        ("promoted", "-", "-"),
+    ):
         cells = [cell.strip() for cell in row.strip("│ ").split("│")]
         assert cells[:8] == [
-            name,
+            model,
             version,
             alias,
             "harmless@1.0.0",
@@ -540,11 +786,12 @@ def test_cli_models_list_json_has_one_object_per_version(mlflow_server, checkpoi
     with_champion(mlflow_server["uri"], name, checkpoints)
 
     result = CliRunner().invoke(
-        cai_cli(), ["models", "list", "--model", name, "--json", "--tracking-uri", mlflow_server["uri"]]
+        cai_cli(),
+        ["models", "list", "--model", candidates_name(name), "--json", "--tracking-uri", mlflow_server["uri"]],
     )
 
     rows = [json.loads(line) for line in result.output.splitlines()]
-    assert [(row["version"], row["aliases"]) for row in rows] == [("1", [CHAMPION]), ("2", [CHALLENGER])]
+    assert [(row["version"], row["aliases"]) for row in rows] == [("1", []), ("2", [CHALLENGER])]
     assert rows[0]["lineage"]["constitution_sha256"] == "c0" * 32
 
 
@@ -553,7 +800,7 @@ def test_cli_promote_judges_the_challenger_on_its_evaluation_tags(mlflow_server,
     _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
     record_evaluation(
         mlflow_server["uri"],
-        name,
+        candidates_name(name),
         challenger,
         WinRateEvidence(rate=0.71, ci_low=0.66, n=200),
         WinRateEvidence(rate=0.55, ci_low=0.52, n=200),
@@ -565,7 +812,9 @@ def test_cli_promote_judges_the_challenger_on_its_evaluation_tags(mlflow_server,
     )
 
     assert result.exit_code == 0, result.output
-    assert result.output.startswith(f"promoted: {name} version 2 is champion (harmlessness win rate 0.660")
+    assert result.output.startswith(
+        f"promoted: {name} candidate 2 is champion as version 2 (harmlessness win rate 0.660"
+    )
     assert version_by_alias(mlflow_server["uri"], name, CHAMPION).version == "2"
 
 
@@ -611,15 +860,17 @@ def test_a_deployment_loading_models_uri_of_the_champion_gets_the_promoted_weigh
 def test_models_uri_with_a_version_number_names_that_version(mlflow_server, checkpoints):
     name = unique()
     with_champion(mlflow_server["uri"], name, checkpoints)
-    info = registered_checkpoint(f"models:/{name}/2", mlflow_server["uri"])
+    info = registered_checkpoint(f"models:/{candidates_name(name)}/2", mlflow_server["uri"])
     assert (info.version, info.aliases) == ("2", [CHALLENGER])
 
 
 def test_models_uri_with_an_unset_alias_is_refused_naming_it(mlflow_server, checkpoints):
     name = unique()
     register(mlflow_server["uri"], name, checkpoints("weights-1"))
-    with pytest.raises(CaiError, match=f"no version of registered model '{name}' has the alias 'champion'"):
-        registered_checkpoint(f"models:/{name}@champion", mlflow_server["uri"])
+    with pytest.raises(
+        CaiError, match=f"no version of registered model '{candidates_name(name)}' has the alias 'champion'"
+    ):
+        registered_checkpoint(f"models:/{candidates_name(name)}@champion", mlflow_server["uri"])
 
 
 def test_a_checkpoint_rewritten_after_registration_is_refused(mlflow_server, checkpoints, tmp_path):
@@ -632,8 +883,10 @@ def test_a_checkpoint_rewritten_after_registration_is_refused(mlflow_server, che
     (rewritten / "config.json").write_text("{}")
     (rewritten / "model.safetensors").write_text("other weights")
     ArtifactStore.open(parent).put_dir(rewritten, key)
-    with pytest.raises(CaiError, match=f"the checkpoint at {source} changed after version 1"):
-        registered_checkpoint(f"models:/{name}/1", mlflow_server["uri"])
+    with pytest.raises(
+        CaiError, match=f"model '{candidates_name(name)}' version 1: the checkpoint at {source} changed after it was registered"
+    ):
+        registered_checkpoint(f"models:/{candidates_name(name)}/1", mlflow_server["uri"])
 
 
 def test_cli_models_fetch_copies_the_champion_checkpoint(mlflow_server, checkpoints, monkeypatch, tmp_path):
@@ -655,7 +908,7 @@ def test_cli_models_fetch_copies_the_champion_checkpoint(mlflow_server, checkpoi
         ],
     )
     assert result.exit_code == 0, result.output
-    assert f"{name} version 2 (challenger, champion) from s3://" in result.output
+    assert f"{name} version 2 (champion) from s3://" in result.output
     assert result.output.splitlines()[-1] == str(served)
     assert (served / "model.safetensors").read_text() == "weights-2"
 

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from cai_lib.cli import app
 from cai_lib.core.errors import CaiError
+from cai_lib.core.names import candidates_name
 from cai_lib.core.store import ArtifactStore
 from cai_lib.platform.registry.gate import PromotionGate
 from cai_lib.platform.registry.lookup import LAST_RUN, find_registry, record_last_run
@@ -57,8 +58,8 @@ def champion_store(blank_store):
         (local / "config.json").write_text(json.dumps({"hidden_size": 8}))
         (local / "model.safetensors").write_text(f"weights of {name}")
         checkpoint = ArtifactStore.open(str(artifacts)).put_dir(local, f"runs/cai-run-1/{name}")
-        version = register_checkpoint(uri, name, checkpoint, None, LINEAGE).version
-        set_challenger(uri, name, version)
+        version = register_checkpoint(uri, candidates_name(name), checkpoint, None, LINEAGE).version
+        set_challenger(uri, candidates_name(name), version)
         promote(uri, name, version, 0.7, 0.5, PromotionGate(), compared_with="sl-cai")
         return uri
 
@@ -83,10 +84,11 @@ def after_cai_run(tmp_path, monkeypatch, nothing_set, champion_store) -> tuple[P
 
 
 def models_listed(*args: str) -> tuple[list[str], str]:
-    """(registered model names `cai models list --json` prints, its stderr)."""
+    """(the models whose champion `cai models list --json` prints, its stderr)."""
     result = CliRunner().invoke(app, ["models", "list", "--json", *args])
     assert result.exit_code == 0, result.output
-    return [json.loads(line)["name"] for line in result.stdout.splitlines()], result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    return [row["name"] for row in rows if "champion" in row["aliases"]], result.stderr
 
 
 def test_after_cai_run_models_list_finds_its_store_with_no_environment_variable(after_cai_run):
@@ -208,7 +210,7 @@ def test_the_readme_commands_after_cai_run_work_as_written(after_cai_run):
     assert {d.stderr.splitlines()[0] for d in done} == {
         f"registry: {uri} (from the last `cai run` here ({work / LAST_RUN}, run cai-run-1))"
     }
-    assert done[1].stdout.startswith(f"promoted: {MODEL} version 1 is champion (version 1 is already")
+    assert done[1].stdout.startswith(f"promoted: {MODEL} candidate 1 is champion as version 1 (candidate 1 is already")
     assert (work / "served" / "model.safetensors").read_text() == f"weights of {MODEL}"
 
 

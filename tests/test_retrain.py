@@ -1,7 +1,8 @@
 """`cai retrain` against a temporary git checkout, a real `mlflow server` and moto's S3 server.
 
 Only Kubeflow Pipelines' API server is replaced: `RecordingKfpClient` (from test_submit) stands
-in for it, injected as the client `submit_run` uses; the compilation inside is real.
+in for it, injected as the client `submit_run` uses; the compilation inside is real. The decision
+itself is tested on tables of facts in test_retrain_policy.py; here, what gathers and applies it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cai_lib.cli.pipeline_submit import retrain_command
 from cai_lib.core.constitution import load_constitution
 from cai_lib.core.errors import CaiError
 from cai_lib.core.model_versions import Lineage
+from cai_lib.core.names import CHECKPOINT_SHA_TAG, CREATED_BY_TAG, PLATFORM
 from cai_lib.core.store import ArtifactStore
 from cai_lib.platform.retrain.gitops import retrain
 from cai_lib.platform.retrain.identity import fingerprint, run_config_sha256
@@ -138,8 +140,10 @@ def set_champion(
     uri = tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
     client = MlflowClient(uri, uri)
     if not client.search_registered_models(f"name = '{name}'"):
-        client.create_registered_model(name)
-    version = client.create_model_version(name, "s3://checkpoints/rl-cai", tags=lineage.to_tags())
+        client.create_registered_model(name, tags={CREATED_BY_TAG: PLATFORM})
+    # The platform's creation tags: retrain reads the lineage, it loads nothing.
+    tags = {**lineage.to_tags(), CREATED_BY_TAG: PLATFORM, CHECKPOINT_SHA_TAG: "0" * 64}
+    version = client.create_model_version(name, "s3://checkpoints/rl-cai", tags=tags)
     client.set_registered_model_alias(name, "champion", version.version)
 
 
@@ -702,6 +706,21 @@ def write_config(repo: Path, config) -> Path:
     return path
 
 
+def test_two_retrain_processes_started_together_on_one_change_submit_one_run(checkout, registry, config, kfp):
+    """Two controllers (two `cai retrain` processes, as two CronJob pods) against one change."""
+    env = {**os.environ, "KFP_HOST": "", "CAI_CONSTITUTION_REGISTRY": ""}
+    args = [str(CAI), "retrain", "--repo", str(checkout), "--registry", registry, "--host", kfp.standin.url,
+            "--config", str(write_config(checkout, config)), "--tracking-uri", os.environ["MLFLOW_TRACKING_URI"]]  # fmt: skip
+    controllers = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outcomes = [proc.communicate(timeout=600) for proc in controllers]
+
+    assert [proc.returncode for proc in controllers] == [0, 0], outcomes
+    assert len(kfp.runs) == 1
+    assert sum(f"submitted harmless@1.0.0: run {kfp.runs[0]['run_id']}" in out for out, _ in outcomes) == 1
+
+
 def test_two_concurrent_retrains_for_one_change_submit_one_run(checkout, registry, config, kfp, monkeypatch):
     """Both decide to retrain, then race on the create-only write of the claim: one run."""
     import cai_lib.platform.retrain.gitops as retrain_module
@@ -771,7 +790,7 @@ def test_a_claim_whose_lease_expired_is_taken_over_once(checkout, registry, conf
     plan = run_retrain(checkout, registry, config, kfp)
     [item] = plan.to_retrain
     assert (item.kind, item.attempt) == ("takeover", 2)
-    assert "recorded no run before its lease expired" in item.reason
+    assert "but no run of its name exists and its lease expired" in item.reason
     assert len(kfp.runs) == 1
     record = ArtifactStore.open(registry).read_json(submission_key(harmless(checkout), item.fingerprint, 2))
     assert (record["state"], record["run_id"]) == ("submitted", kfp.runs[0]["run_id"])
@@ -779,15 +798,75 @@ def test_a_claim_whose_lease_expired_is_taken_over_once(checkout, registry, conf
     assert len(kfp.runs) == 1
 
 
-def test_a_submission_that_fails_releases_its_claim(checkout, registry, config, kfp):
+def expire_claim(registry: str, key: str) -> None:
+    """Move the claim at `key` past its lease, as time would."""
+    store = ArtifactStore.open(registry)
+    store.write_json(key, {**store.read_json(key), "lease_expires_at": stamp(-1)})
+
+
+def test_a_submission_that_fails_keeps_its_claim_until_a_look_up_finds_no_run(checkout, registry, config, kfp):
     def refused(*args, **kwargs):
         raise CaiError(f"Kubeflow Pipelines host {HOST}: 403 Forbidden")
 
-    with pytest.raises(CaiError, match="403 Forbidden"):
+    with pytest.raises(CaiError, match="403 Forbidden.*its claim .* is kept"):
         run_retrain(checkout, registry, config, kfp, submit=refused)
-    assert ArtifactStore.open(registry).list("_submissions") == []
-    assert [d.ref for d in run_retrain(checkout, registry, config, kfp).to_retrain] == ["harmless@1.0.0"]
+    key = submission_key(harmless(checkout), fingerprint(harmless(checkout), config), 1)
+    assert ArtifactStore.open(registry).read_json(key)["state"] == "submitting"
+    assert run_retrain(checkout, registry, config, kfp).decisions[0].action == "in-progress"  # under its lease
+
+    expire_claim(registry, key)
+    plan = run_retrain(checkout, registry, config, kfp)
+    assert (plan.decisions[0].kind, plan.decisions[0].attempt) == ("takeover", 2)
     assert len(kfp.runs) == 1
+    assert ArtifactStore.open(registry).read_json(key)["state"] == "abandoned"
+
+
+def test_a_run_created_before_its_submission_failed_is_found_by_name_and_not_submitted_again(
+    checkout, registry, config, kfp
+):
+    """The answer to the run's creation was lost: the run exists though the submission raised."""
+
+    def created_then_lost(*args, **kwargs):
+        submit_run(*args, **kwargs)
+        raise CaiError(f"Kubeflow Pipelines host {HOST}: connection reset")
+
+    with pytest.raises(CaiError, match="connection reset"):
+        run_retrain(checkout, registry, config, kfp, submit=created_then_lost)
+    key = submission_key(harmless(checkout), fingerprint(harmless(checkout), config), 1)
+    expire_claim(registry, key)
+
+    plan = run_retrain(checkout, registry, config, kfp)
+
+    assert plan.decisions[0].action == "in-progress"
+    assert "(found by its name), so that is recorded as its run" in plan.decisions[0].reason
+    record = ArtifactStore.open(registry).read_json(key)
+    assert (record["state"], record["run_id"]) == ("submitted", kfp.runs[0]["run_id"])
+    assert run_retrain(checkout, registry, config, kfp).to_retrain == []
+    assert len(kfp.runs) == 1
+
+
+def test_an_owner_whose_claim_was_taken_over_is_fenced_off_recording_its_run(
+    checkout, registry, config, kfp, monkeypatch
+):
+    """A retrain paused past its lease in the middle of submitting: another one looked its run up,
+    found none, fenced the claim as abandoned and took over. The late owner's write is refused."""
+    import cai_lib.platform.retrain.gitops as gitops
+
+    monkeypatch.setattr(gitops, "LEASE_SECONDS", 0)  # every claim's lease has run out at once
+    taken_over = []
+
+    def paused(*args, **kwargs):
+        taken_over.append(run_retrain(checkout, registry, config, kfp))  # runs while this one is paused
+        return submit_run(*args, **kwargs)
+
+    with pytest.raises(CaiError, match="was submitted, but its claim .* was taken over meanwhile"):
+        run_retrain(checkout, registry, config, kfp, submit=paused)
+
+    (other,) = taken_over
+    assert (other.decisions[0].kind, other.decisions[0].attempt) == ("takeover", 2)
+    constitution = harmless(checkout)
+    first = ArtifactStore.open(registry).read_json(submission_key(constitution, fingerprint(constitution, config), 1))
+    assert (first["state"], first["run_id"]) == ("abandoned", "")
 
 
 def test_a_damaged_record_is_refused_in_one_line_naming_it(checkout, registry, config, kfp):

@@ -1,7 +1,8 @@
 """`cai serve sync` (`cai_lib.platform.serving`): InferenceServices follow the registry's champion.
 
-Real parts: the `mlflow server` fixture (on PostgreSQL where present) and moto's S3 server; the
-InferenceService is the one the Helm chart renders. The Kubernetes API is tests/kubernetes_standin.py,
+Real parts: the `mlflow server` fixture (on PostgreSQL where present) and moto's S3 server (behind
+a proxy that refuses every write, where a test shows that verification needs read access only);
+the InferenceService is the one the Helm chart renders. The Kubernetes API is tests/kubernetes_standin.py,
 a STAND-IN for the API server (namespaces, 404s, merge patches, 409 on a stale resourceVersion),
 reached through the Kubernetes client's real `CustomObjectsApi`.
 """
@@ -9,23 +10,27 @@ reached through the Kubernetes client's real `CustomObjectsApi`.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import free_port, hand_lineage
+from fault_proxy import FaultProxy
 from kubernetes_standin import KubernetesStandIn
 from test_helm_chart import SERVED, VARIANTS, find, render_objects
 
 from cai_lib.core.errors import CaiError
 from cai_lib.core.model_versions import version_by_alias
-from cai_lib.core.names import SERVED_VERSION_TAG
 from cai_lib.core.store import ArtifactStore
 from cai_lib.core.tracking import connect
 from cai_lib.platform.pyfunc_model import publish
 from cai_lib.platform.registry.versions import register_checkpoint
-from cai_lib.platform.serving import VERSION_ANNOTATION, sync
+from cai_lib.platform.serving import SHA_ANNOTATION, STORAGE_ANNOTATION, VERSION_ANNOTATION, sync, verify
 
 NAMESPACE = "ml-team"
 MODEL = "cai-harmless-rl-cai"
@@ -40,16 +45,19 @@ def api_of(standin: KubernetesStandIn):
     return CustomObjectsApi(ApiClient(configuration))
 
 
+def published_version(uri: str, name: str, root: str, checkpoint_dir, key: str):
+    """`checkpoint_dir` stored under `root`, published and registered as a version of `name`."""
+    checkpoint = ArtifactStore.open(root).put_dir(checkpoint_dir, key)
+    return register_checkpoint(uri, name, publish(checkpoint, root, "policy"), None, LINEAGE)
+
+
 @pytest.fixture
 def registry(mlflow_server, s3_bucket, tiny_model_dir, monkeypatch):
     """A fresh registered model name with one published version, not yet champion."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["uri"])
     name = f"{MODEL}-{s3_bucket[-6:]}"
     root = f"s3://{s3_bucket}/cai"
-    checkpoint = ArtifactStore.open(root).put_dir(tiny_model_dir, "outputs/rl/k/attempt-1")
-    version = register_checkpoint(
-        mlflow_server["uri"], name, publish(checkpoint, root, "policy"), None, LINEAGE
-    )
+    version = published_version(mlflow_server["uri"], name, root, tiny_model_dir, "outputs/rl/k/attempt-1")
     return {"uri": mlflow_server["uri"], "name": name, "version": version, "root": root}
 
 
@@ -67,10 +75,17 @@ def served(standin: KubernetesStandIn, name: str) -> dict:
     return standin.inference_services[(NAMESPACE, name)]
 
 
-def crown(registry: dict) -> None:
+def crown(registry: dict, version: str | None = None) -> None:
     connect(registry["uri"]).set_registered_model_alias(
-        registry["name"], "champion", registry["version"].version
+        registry["name"], "champion", version or registry["version"].version
     )
+
+
+def tamper_same_size(folder: str, rel: str = "model.safetensors") -> None:
+    """Rewrite one file of `folder` in S3 with other bytes of the same length."""
+    store = ArtifactStore.open(folder)
+    data = store.read_bytes(rel)
+    store.write_bytes(rel, bytes([data[0] ^ 0xFF]) + data[1:])
 
 
 def test_sync_points_the_inference_service_at_the_champions_published_folder(registry, cluster):
@@ -84,11 +99,16 @@ def test_sync_points_the_inference_service_at_the_champions_published_folder(reg
     assert service["metadata"]["resourceVersion"] == "2"
 
 
-def test_sync_records_the_served_version_on_the_registered_model(registry, cluster):
+def test_sync_records_what_is_served_on_the_inference_service_and_writes_nothing_to_mlflow(registry, cluster):
     crown(registry)
+    before = connect(registry["uri"]).get_registered_model(registry["name"]).tags
     sync(api_of(cluster), registry["uri"], registry["name"], NAMESPACE)
-    tags = connect(registry["uri"]).get_registered_model(registry["name"]).tags
-    assert tags[SERVED_VERSION_TAG] == registry["version"].version
+    annotations = served(cluster, registry["name"])["metadata"]["annotations"]
+    assert (annotations[SHA_ANNOTATION], annotations[STORAGE_ANNOTATION]) == (
+        registry["version"].checkpoint_sha256,
+        registry["version"].source,
+    )
+    assert connect(registry["uri"]).get_registered_model(registry["name"]).tags == before
 
 
 def test_a_second_sync_with_the_same_champion_patches_nothing(registry, cluster):
@@ -108,10 +128,84 @@ def test_a_role_with_no_champion_is_refused_and_nothing_changes(registry, cluste
 def test_a_champion_whose_weights_fail_the_manifest_check_is_refused_and_nothing_changes(registry, cluster):
     crown(registry)
     ArtifactStore.open(registry["version"].source).write_bytes("model.safetensors", b"truncated")
-    with pytest.raises(CaiError, match="model.safetensors: 9 bytes, the manifest says"):
+    with pytest.raises(CaiError, match="model.safetensors: 9 bytes where the manifest says"):
         sync(api_of(cluster), registry["uri"], registry["name"], NAMESPACE)
     assert (
         served(cluster, registry["name"])["spec"]["predictor"]["model"]["storageUri"] == SERVED["storageUri"]
+    )
+
+
+def test_a_new_champion_with_a_tampered_file_of_the_same_size_is_refused_and_the_last_good_one_stays(
+    registry, cluster, tiny_model_dir, tmp_path
+):
+    crown(registry)
+    sync(api_of(cluster), registry["uri"], registry["name"], NAMESPACE)  # version 1, verified, served
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    (other / "generation_config.json").write_text("{}")  # another checkpoint: another published folder
+    second = published_version(registry["uri"], registry["name"], registry["root"], other, "outputs/rl/k/attempt-2")
+    crown(registry, second.version)
+    tamper_same_size(second.source)
+
+    with pytest.raises(CaiError, match=f"{second.source}/model.safetensors: sha256 differs from the manifest"):
+        sync(api_of(cluster), registry["uri"], registry["name"], NAMESPACE)
+
+    service = served(cluster, registry["name"])
+    assert service["spec"]["predictor"]["model"]["storageUri"] == registry["version"].source
+    assert service["metadata"]["annotations"][VERSION_ANNOTATION] == registry["version"].version
+    assert len(cluster.patches) == 1
+
+
+# -- cai serve verify: what the serving pod's init container runs ------------------------------------
+
+
+@pytest.fixture
+def read_only_s3(s3_server, monkeypatch):
+    """S3 reached through a proxy that refuses every write with 403 AccessDenied, as a read-only
+    credential does."""
+    proxy = FaultProxy(s3_server)
+    proxy.deny_writes()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+    yield proxy
+    proxy.close()
+
+
+def test_verify_passes_the_champions_folder_reading_with_read_only_access(registry, read_only_s3):
+    crown(registry)
+    info = verify(registry["uri"], registry["name"], registry["version"].source)
+    assert info.version == registry["version"].version
+    assert read_only_s3.denied == 0
+    with pytest.raises(CaiError, match="access denied"):
+        ArtifactStore.open(registry["version"].source).write_bytes("probe", b"x")
+
+
+def test_verify_refuses_a_tampered_file_of_the_same_size(registry, read_only_s3):
+    crown(registry)
+    with pytest.MonkeyPatch.context() as direct:  # the tampering, with a write credential
+        direct.setenv("AWS_ENDPOINT_URL_S3", read_only_s3.upstream_url)
+        tamper_same_size(registry["version"].source, "config.json")
+    with pytest.raises(CaiError, match="config.json: sha256 differs from the manifest; refusing it"):
+        verify(registry["uri"], registry["name"], registry["version"].source)
+
+
+def test_verify_refuses_a_folder_that_is_not_the_champions(registry, read_only_s3):
+    crown(registry)
+    elsewhere = f"{registry['root']}/models/someone-elses"
+    with pytest.raises(CaiError, match=f"{elsewhere}: not the folder of models:/{registry['name']}@champion"):
+        verify(registry["uri"], registry["name"], elsewhere)
+
+
+def test_cai_serve_verify_is_one_line_and_exit_2_for_a_tampered_champion(registry, tmp_path):
+    crown(registry)
+    tamper_same_size(registry["version"].source)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "cai"), "serve", "verify", registry["name"],
+         "--storage-uri", registry["version"].source, "--tracking-uri", registry["uri"]],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"error: {registry['version'].source}/model.safetensors: sha256 differs from the manifest; refusing it"
     )
 
 

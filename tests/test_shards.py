@@ -4,6 +4,9 @@ refused."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from cai_lib.core.errors import CaiError
@@ -52,3 +55,17 @@ def test_a_shard_changed_after_its_manifest_was_written_is_refused(tmp_path):
         handle.write(ROWS[0].model_dump_json() + "\n")
     with pytest.raises(CaiError, match=f"{uris[1]}/{shard_name(0)}"):
         merge_datasets(uris, str(tmp_path / "merged"))
+
+
+@pytest.mark.parametrize("key", ["../other/part-00000.jsonl", "/etc/passwd", "a/../../x.jsonl", "./part-00000.jsonl"])
+def test_a_dataset_manifest_naming_a_key_outside_its_prefix_is_refused_naming_it(tmp_path, key):
+    (uri,) = sharded(tmp_path, 1)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "part-00000.jsonl").write_text(ROWS[0].model_dump_json() + "\n")
+    manifest = json.loads((tmp_path / "1-0" / "_SUCCESS.json").read_text())
+    manifest["files"][key] = {"bytes": 1, "sha256": "0" * 64}
+    (tmp_path / "1-0" / "_SUCCESS.json").write_text(json.dumps(manifest))
+    for read in (lambda: list(read_dataset(uri, PromptRecord)), lambda: dataset_summary(uri)):
+        with pytest.raises(CaiError, match=f"_SUCCESS.json: manifest entry {re.escape(repr(key))} is not a relative path"):
+            read()

@@ -38,6 +38,7 @@ SECRETS = {
     "cai-s3": {"AWS_ACCESS_KEY_ID": "AKIA...", "AWS_SECRET_ACCESS_KEY": "s3cret"},
     "cai-mlflow": {"MLFLOW_TRACKING_USERNAME": "cai-pipeline", "MLFLOW_TRACKING_PASSWORD": "pw"},
     "cai-hf": {"HF_TOKEN": "hf_..."},
+    "cai-mlflow-promoter": {"MLFLOW_TRACKING_USERNAME": "cai-promoter", "MLFLOW_TRACKING_PASSWORD": "pw"},
 }
 PRESETS = {
     "defaults": {},

@@ -6,9 +6,10 @@ proxy that holds one request while the test kills the step's process:
   they are and labels every pair exactly once;
 - SFT killed while uploading its checkpoint: the retry trains again, commits one complete
   checkpoint, and the killed attempt's files are gone;
-- `register` killed while it holds the promotion lock: the retry (the same pipeline run) takes
-  the lock over and registers each model once; a run that is not retried has its lock released
-  by its exit handler, which also closes its MLflow run as FAILED.
+- `register` killed while it holds the promotion lock of a candidates model (setting its
+  challenger): the retry (the same pipeline run) takes the lock over and registers each model
+  once; a run that is not retried has its lock released by its exit handler, which also closes
+  its MLflow run as FAILED.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from evaluation_data import sample_result
 from fault_proxy import FaultProxy
 
 from cai_lib.core.model_versions import list_models, version_by_alias
-from cai_lib.core.names import LOCK_RUN_TAG, LOCK_SUFFIX, MANIFEST, MARKER, METRICS_FILE
+from cai_lib.core.names import LOCK_RUN_TAG, LOCK_SUFFIX, MANIFEST, MARKER, METRICS_FILE, candidates_name
 from cai_lib.core.outputs import ATTEMPT_PREFIX
 from cai_lib.core.records import Preference, ResponsePair, RevisionRound, Trace
 from cai_lib.core.shards import read_dataset
@@ -284,7 +285,7 @@ def kill_register_holding_the_lock(env, proxies, register_inputs) -> dict:
 
 
 def lock_tags(context: dict) -> dict | None:
-    name = f"{context['params']['model_name_prefix']}-harmless-pm{LOCK_SUFFIX}"
+    name = candidates_name(f"{context['params']['model_name_prefix']}-harmless-pm") + LOCK_SUFFIX
     locks = [m for m in connect(None).search_registered_models() if m.name == name]
     return dict(locks[0].tags) if locks else None
 
@@ -307,7 +308,7 @@ def test_the_retried_register_step_completes_and_promotes(register_retry):
 
 def test_the_retry_registers_each_model_once(register_retry):
     prefix = register_retry["context"]["params"]["model_name_prefix"]
-    assert [len(list_models(None, f"{prefix}-harmless-{role}")) for role in ("pm", "sl-cai", "rl-cai")] == [
+    assert [len(list_models(None, candidates_name(f"{prefix}-harmless-{role}"))) for role in ("pm", "sl-cai", "rl-cai")] == [
         1,
         1,
         1,

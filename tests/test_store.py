@@ -344,6 +344,37 @@ def test_a_create_only_file_upload_leaves_an_existing_object_alone(store, tmp_pa
     assert store.read_text("part-00000.jsonl") == "a\n"
 
 
+# -- compare-and-swap writes ------------------------------------------------------------------------------
+
+
+def test_a_versioned_create_writes_once_and_returns_the_version_a_read_sees(store):
+    version = store.write_versioned("claim.json", b"first")
+    assert store.write_versioned("claim.json", b"second") is None
+    assert store.read_versioned("claim.json") == (b"first", version)
+
+
+def test_a_write_on_the_version_read_replaces_the_object(store):
+    store.write_versioned("claim.json", b"first")
+    _, version = store.read_versioned("claim.json")
+    assert store.write_versioned("claim.json", b"second", if_match=version) is not None
+    assert store.read_bytes("claim.json") == b"second"
+
+
+def test_a_write_on_a_version_someone_replaced_meanwhile_is_refused(store):
+    """The fence: the second writer read the first version, which another write has replaced."""
+    first = store.write_versioned("claim.json", b"first")
+    store.write_versioned("claim.json", b"taken over", if_match=first)
+    assert store.write_versioned("claim.json", b"late owner", if_match=first) is None
+    assert store.read_bytes("claim.json") == b"taken over"
+
+
+def test_a_write_on_a_version_of_an_object_that_is_gone_is_refused(store):
+    version = store.write_versioned("claim.json", b"first")
+    store.delete("claim.json")
+    assert store.write_versioned("claim.json", b"late owner", if_match=version) is None
+    assert not store.exists("claim.json")
+
+
 # -- verified downloads -----------------------------------------------------------------------------------
 
 
@@ -366,6 +397,19 @@ def test_a_file_whose_content_changed_is_refused_naming_it(store, tmp_path):
     store.write_bytes(f"{key}/config.json", b'{"hidden_size": 9}')
     with pytest.raises(CaiError, match=r"ckpt/config\.json: sha256 differs from the manifest"):
         store.get_dir(key, tmp_path / "out")
+
+
+def test_a_file_of_the_same_size_with_other_bytes_is_refused_where_it_lies(store, tmp_path):
+    key = uploaded_checkpoint(store, tmp_path)
+    weights = store.read_bytes(f"{key}/model.safetensors")
+    store.write_bytes(f"{key}/model.safetensors", bytes([weights[0] ^ 1]) + weights[1:])
+    with pytest.raises(CaiError, match=r"ckpt/model\.safetensors: sha256 differs from the manifest"):
+        store.verify_dir(key)
+
+
+def test_a_verified_directory_returns_its_manifest(store, tmp_path):
+    key = uploaded_checkpoint(store, tmp_path)
+    assert set(store.verify_dir(key)["files"]) == {"config.json", "model.safetensors", "tokenizer/vocab.txt"}
 
 
 @pytest.mark.parametrize("entry", ["../x", "/etc/x", "a/../../x", "a\\..\\x", "./x"])

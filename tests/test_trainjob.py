@@ -18,9 +18,13 @@ from cai_lib.core.names import MANIFEST
 from cai_lib.core.records import Preference, stable_id
 from cai_lib.engines.launch import TrainingJob, staged_rows
 from cai_lib.engines.trainjob import (
+    ATTEMPT_LABEL,
+    OUTPUT_LABEL,
+    RUN_LABEL,
     Cancelled,
     TrainJobPlan,
     job_name,
+    output_label,
     plan_of,
     render,
     run_trainjob,
@@ -31,6 +35,7 @@ from cai_lib.engines.trainjob import (
 NAMESPACE = "team-a"
 OUT = "s3://bucket/artifacts/outputs/sft/0123abcd/attempt-20261202T000000-abcdef12"
 JOB_URI = f"{OUT}.trainjob/job.json"
+RUN = "6f1c2a9e-0d4b-4b8e-9a53-2f3c1d0e7b11"  # a KFP run id
 
 
 def two_node_deploy(**profile) -> DeployConfig:
@@ -47,7 +52,18 @@ def two_node_deploy(**profile) -> DeployConfig:
 
 @pytest.fixture(scope="module")
 def manifest() -> dict:
-    return render(plan_of("sft", two_node_deploy()), JOB_URI, OUT, NAMESPACE)
+    return render(plan_of("sft", two_node_deploy()), JOB_URI, OUT, NAMESPACE, RUN)
+
+
+def test_the_trainjob_is_named_and_labelled_by_its_run_and_attempt(manifest):
+    assert manifest["metadata"]["name"] == job_name("sft", OUT, RUN)
+    assert manifest["metadata"]["labels"] == {
+        "cai-platform.io/stage": "sft",
+        OUTPUT_LABEL: output_label(OUT),
+        RUN_LABEL: RUN,
+        ATTEMPT_LABEL: "attempt-20261202T000000-abcdef12",
+    }
+    assert job_name("sft", OUT, "another-run") != job_name("sft", OUT, RUN)
 
 
 def node_container_env(manifest: dict) -> dict[str, dict]:
@@ -173,6 +189,12 @@ def pm_plan(**overrides) -> TrainJobPlan:
     return plan_of("train_pm", deploy).model_copy(update={"poll_seconds": 1, **overrides})
 
 
+@pytest.fixture(autouse=True)
+def in_a_pipeline_run(monkeypatch):
+    """The steps run inside a stage run, which names the pipeline run."""
+    monkeypatch.setenv("CAI_PIPELINE_RUN_ID", RUN)
+
+
 @pytest.mark.server  # its own KubernetesStandIn
 def test_a_two_node_trainjob_trains_streams_node_0s_log_and_returns_rank_0s_metrics(tiny_model_dir, tmp_path):
     job, lines = pm_job(tmp_path, str(tiny_model_dir)), []
@@ -183,8 +205,8 @@ def test_a_two_node_trainjob_trains_streams_node_0s_log_and_returns_rank_0s_metr
     assert metrics["world"]["world_size"] == 2 and [r["rank"] for r in metrics["world"]["ranks"]] == [0, 1]
     assert (tmp_path / "outputs" / "attempt-1" / MANIFEST).is_file()
     assert any("trained on 2 process(es)" in line for line in lines), lines
-    assert created["metadata"]["name"] == job_name("train_pm", job.out)
-    assert created["spec"] == render(pm_plan(), f"{job.out}.trainjob/job.json", job.out, NAMESPACE)["spec"]
+    assert created["metadata"]["name"] == job_name("train_pm", job.out, RUN)
+    assert created["spec"] == render(pm_plan(), f"{job.out}.trainjob/job.json", job.out, NAMESPACE, RUN)["spec"]
 
 
 @pytest.mark.server  # its own KubernetesStandIn
@@ -193,7 +215,7 @@ def test_a_failed_trainjob_fails_the_step_with_its_events(tmp_path):
     with KubernetesStandIn(tmp_path) as standin, pytest.raises(CaiError) as failure:
         run_trainjob(client_of(standin), pm_plan(schedule_timeout_seconds=60), job, lambda line: None)
 
-    assert f"TrainJob {job_name('train_pm', job.out)} failed" in str(failure.value)
+    assert f"TrainJob {job_name('train_pm', job.out, RUN)} failed" in str(failure.value)
     assert "BackoffLimitExceeded: container node exited with code" in str(failure.value)
 
 
@@ -205,7 +227,7 @@ def test_a_trainjob_whose_nodes_never_run_is_deleted_after_the_schedule_timeout(
 
     assert "were not all running after 3 s; deleted it" in str(failure.value)
     assert "FailedScheduling: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu." in str(failure.value)
-    assert standin.deleted == [(NAMESPACE, job_name("train_pm", job.out))]
+    assert standin.deleted == [(NAMESPACE, job_name("train_pm", job.out, RUN))]
 
 
 @pytest.mark.server  # its own KubernetesStandIn
@@ -216,20 +238,23 @@ def test_a_cancelled_step_deletes_its_trainjob(tmp_path):
     with KubernetesStandIn(tmp_path, schedulable=False) as standin, pytest.raises(Cancelled):
         run_trainjob(client_of(standin), pm_plan(schedule_timeout_seconds=60), job, lambda line: None)
 
-    assert standin.deleted == [(NAMESPACE, job_name("train_pm", job.out))]
+    assert standin.deleted == [(NAMESPACE, job_name("train_pm", job.out, RUN))]
+
+
+def left_running(client, out: str, run_id: str) -> str:
+    """A TrainJob that run `run_id` created for the output attempt `out` and did not delete."""
+    name = job_name("train_pm", out, run_id)
+    trainer, options = trainer_and_options(pm_plan(), f"{out}.trainjob/job.json", name, out, run_id)
+    client.train(runtime=client.get_runtime("torch-distributed"), trainer=trainer, options=options)
+    return name
 
 
 @pytest.mark.server  # its own KubernetesStandIn
-def test_a_retried_step_deletes_the_trainjob_an_earlier_attempt_left(tmp_path):
+def test_a_retried_step_deletes_the_trainjob_an_earlier_attempt_of_its_run_left(tmp_path):
     job = pm_job(tmp_path, "unused")
-    earlier_out = job.out.replace("attempt-1", "attempt-0")
-    earlier = job_name("train_pm", earlier_out)
     with KubernetesStandIn(tmp_path, schedulable=False) as standin:
         client = client_of(standin)
-        trainer, options = trainer_and_options(
-            pm_plan(), f"{earlier_out}.trainjob/job.json", earlier, earlier_out
-        )
-        client.train(runtime=client.get_runtime("torch-distributed"), trainer=trainer, options=options)
+        earlier = left_running(client, job.out.replace("attempt-1", "attempt-0"), RUN)
         with pytest.raises(CaiError):
             run_trainjob(client, pm_plan(schedule_timeout_seconds=2), job, lambda line: None)
 
@@ -237,12 +262,26 @@ def test_a_retried_step_deletes_the_trainjob_an_earlier_attempt_left(tmp_path):
 
 
 @pytest.mark.server  # its own KubernetesStandIn
-def test_the_standin_keeps_trainjobs_in_their_namespace_and_refuses_a_second_create(tmp_path):
+def test_a_step_leaves_alone_the_trainjob_another_run_has_on_the_same_output(tmp_path):
+    """Outputs are shared by content: two runs can train the same output key at once."""
     job = pm_job(tmp_path, "unused")
-    name = job_name("train_pm", job.out)
     with KubernetesStandIn(tmp_path, schedulable=False) as standin:
         client = client_of(standin)
-        trainer, options = trainer_and_options(pm_plan(), "job.json", name, job.out)
+        others = left_running(client, job.out.replace("attempt-1", "attempt-0"), "another-run")
+        with pytest.raises(CaiError):
+            run_trainjob(client, pm_plan(schedule_timeout_seconds=2), job, lambda line: None)
+
+    assert standin.deleted == [(NAMESPACE, job_name("train_pm", job.out, RUN))]
+    assert (NAMESPACE, others) not in standin.deleted
+
+
+@pytest.mark.server  # its own KubernetesStandIn
+def test_the_standin_keeps_trainjobs_in_their_namespace_and_refuses_a_second_create(tmp_path):
+    job = pm_job(tmp_path, "unused")
+    name = job_name("train_pm", job.out, RUN)
+    with KubernetesStandIn(tmp_path, schedulable=False) as standin:
+        client = client_of(standin)
+        trainer, options = trainer_and_options(pm_plan(), "job.json", name, job.out, RUN)
         client.train(runtime=client.get_runtime("torch-distributed"), trainer=trainer, options=options)
 
         assert client.get_job(name).name == name

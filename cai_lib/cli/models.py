@@ -127,9 +127,9 @@ def fetch_command(
 
 
 def promote_command(
-    model: str = typer.Option(..., "--model", help="Registered model name."),
+    model: str = typer.Option(..., "--model", help="Production model name (candidates are in MODEL-candidates)."),
     version: str = typer.Option(
-        None, "--version", help="Version to judge (default: the 'challenger' alias)."
+        None, "--version", help="Candidate version to judge (default: the 'challenger' alias of MODEL-candidates)."
     ),
     force: bool = typer.Option(
         False, "--force", help="Make it champion even if the gate says no (recorded)."
@@ -143,13 +143,15 @@ def promote_command(
     as_json: bool = typer.Option(False, "--json", help="Print the decision as JSON."),
     tracking_uri: str = TRACKING_OPTION,
 ) -> None:
-    """Run the promotion gate on a model version and move the 'champion' alias if it passes.
+    """Run the promotion gate on a candidate and, if it passes, copy it into the production model
+    and move that model's 'champion' alias to the copy.
 
-    The gate reads the lower bounds of the 95% intervals of the version's win rates, from its tags
-    cai.eval.harmless_win_rate_ci_low and cai.eval.helpful_win_rate_ci_low, written by the register
-    step against the champion it was evaluated with; with no champion yet, against the SL-CAI
-    policy, by the same gate. The decision and its reason are always recorded as tags
-    cai.gate.decision and cai.gate.reason.
+    The gate reads the lower bounds of the 95% intervals of the candidate's win rates, from its
+    tags cai.eval.harmless_win_rate_ci_low and cai.eval.helpful_win_rate_ci_low, written by the
+    register step against the champion it was evaluated with; with no champion yet, against the
+    SL-CAI policy, by the same gate. Every decision is appended to the production model's tags
+    (cai.gate.attempt.NNNNNN). It runs as the promoter identity ($CAI_PROMOTER_TRACKING_USERNAME,
+    else $MLFLOW_TRACKING_USERNAME): only that identity may write the production model.
 
     Example: cai promote --model cai-harmless-rl-cai
 
@@ -171,6 +173,9 @@ def promote_command(
     if as_json:
         typer.echo(json.dumps({"model": model, "version": judged, **decision.model_dump()}))
     elif decision.promote:
-        typer.echo(f"promoted: {model} version {judged} is champion ({decision.reason})")
+        typer.echo(
+            f"promoted: {model} candidate {judged} is champion as version {decision.production_version} "
+            f"({decision.reason})"
+        )
     else:
-        typer.echo(f"not promoted: {model} version {judged} stays challenger ({decision.reason})")
+        typer.echo(f"not promoted: {model} candidate {judged} stays challenger ({decision.reason})")

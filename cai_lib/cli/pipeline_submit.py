@@ -106,7 +106,9 @@ def retrain_command(
     when the RL-CAI champion was trained on it (its lineage tags and the record of its run) or a
     run was already submitted for it (recorded in the registry under _submissions/). A submitted
     run that failed is resubmitted once; one that fails again is reported as needing attention.
-    Concurrent retrains submit one run per change: each claims it with a create-only write first.
+    Concurrent retrains submit one run per change: each claims it with a create-only write first,
+    and a submission that fails keeps its claim until, after its lease, a retrain looks the run up
+    by name (recording it if it exists, submitting again if not).
     A dry run reads run states only when --host or KFP_HOST answers. Exits with status 2 and one
     line if the registry, MLflow or the KFP host is unreachable, or if a published version's
     content changed.

@@ -1,4 +1,5 @@
-"""`cai serve sync`: point each KServe InferenceService at its registered model's champion."""
+"""`cai serve sync|verify|webhook|register-webhook`: KServe InferenceServices that follow the
+registry's champion, and the checks that keep unverified bytes from being served."""
 
 from __future__ import annotations
 
@@ -53,10 +54,12 @@ def sync_command(
     tracking_uri: str = TRACKING_OPTION,
 ) -> None:
     """Patch each InferenceService's storageUri to the folder of the version its alias names, when
-    that changed; record the served version on the InferenceService and the registered model.
+    that changed; record the served version as annotations on the InferenceService.
 
-    Nothing changes for a model whose alias is unset, whose weights fail their manifest check, or
-    whose InferenceService does not exist: the command says which, and fails.
+    Every file of the version is read back and checked against the registered manifest first.
+    Nothing changes for a model whose alias is unset, whose weights fail that check, or whose
+    InferenceService does not exist: the command says which, fails, and the pods keep serving
+    the last good champion.
 
     Example: cai serve sync cai-harmless-rl-cai --namespace ml-team
     """
@@ -72,6 +75,31 @@ def sync_command(
         )
 
 
+@app.command("verify")
+def verify_command(
+    model: Annotated[str, typer.Argument(help="Registered (production) model name.")],
+    storage_uri: str = typer.Option(
+        ...,
+        "--storage-uri",
+        envvar="CAI_STORAGE_URI",
+        help="The s3:// folder the serving pod is about to load (its InferenceService's storageUri).",
+    ),
+    alias: str = typer.Option(CHAMPION, "--alias", help="The alias the InferenceService follows."),
+    tracking_uri: str = TRACKING_OPTION,
+) -> None:
+    """Check, before a serving pod loads anything, that --storage-uri is the folder of the version
+    the alias names and that every file in it matches that version's registered manifest (sha256
+    of every byte). Exits 2 with one line naming what differs; reads only, so it runs with a
+    read-only S3 credential (the serving pod's init container).
+
+    Example: cai serve verify cai-harmless-rl-cai --storage-uri s3://cai/models/0f3a...
+    """
+    from cai_lib.platform.serving import verify
+
+    info = verify(tracking_uri, model, storage_uri, alias)
+    typer.echo(f"verified: {model} version {info.version} ({alias}) at {info.source}")
+
+
 @app.command("webhook")
 def webhook_command(
     models: Models,
@@ -81,13 +109,17 @@ def webhook_command(
 ) -> None:
     """Receive MLflow's model_version_alias.created webhooks and run `cai serve sync` for a
     champion alias set on a served model. Deliveries are verified with the secret in
-    $CAI_WEBHOOK_SECRET (the webhook's, see `cai serve register-webhook`); others get 401.
+    $CAI_WEBHOOK_SECRET (the webhook's, see `cai serve register-webhook`): unsigned or forged ones
+    get 401, malformed ones another 4xx at once, replayed ones 409.
 
     Example: CAI_WEBHOOK_SECRET=... cai serve webhook cai-harmless-rl-cai --namespace ml-team
     """
+    import logging
+
     from cai_lib.platform.serving import custom_objects_api, sync
     from cai_lib.platform.webhook import receiver
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     secret = webhook_secret("the receiver verifies every delivery with the webhook's secret")
     namespace = serving_namespace(namespace)
     api = custom_objects_api()

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from cai_lib.core.config import PLATFORM_ENV, Strict
+from cai_lib.core.settings import variable
 from cai_lib.core.stage_table import GPU_STAGES, NAMES, TRAINING_STAGES, canonical
 
 
@@ -126,6 +127,19 @@ class SecretRefs(Strict):
     )
     hf_keys: dict[str, str] = Field(
         default_factory=lambda: {"HF_TOKEN": "HF_TOKEN"}, description="secret key -> env var."
+    )
+    promoter_secret: str = Field(
+        default="cai-mlflow-promoter",
+        description="Secret with the promoter's MLflow credentials, the one identity that writes production "
+        "models; given only to the register step and the exit handler (optional: without it they promote as "
+        "the pipeline's identity, which an authenticated MLflow refuses).",
+    )
+    promoter_keys: dict[str, str] = Field(
+        default_factory=lambda: {
+            "MLFLOW_TRACKING_USERNAME": variable("promoter_tracking_username"),
+            "MLFLOW_TRACKING_PASSWORD": variable("promoter_tracking_password"),
+        },
+        description="secret key -> env var.",
     )
     env_configmap: str = Field(
         default="cai-env",

@@ -8,6 +8,14 @@ pipeline run, data URIs, base model, and the sha256 of the checkpoint's manifest
 version tags, so `cai models list`, the MLflow UI and `cai retrain` can trace a model back to the
 exact constitution. This module only reads; writing versions and moving aliases is
 `cai_lib.platform.registry`'s.
+
+**Registered means verified.** `verified_version` is the one check that everything which loads,
+fetches, serves or promotes a version goes through (`cai models fetch`, `models:/` model
+references, the pyfunc loader, `cai serve sync` and `verify`, the webhook receiver, the gate): the
+registered model carries the platform's creation tag, the version carries every tag of
+`VERSION_CREATION_TAGS` (creator, checkpoint sha256, pipeline run), and the sha256 of the
+checkpoint's manifest is the one registered; with `every_file`, each file's sha256 is checked
+against the manifest too. A version that fails is refused, named, in one line.
 """
 
 from __future__ import annotations
@@ -26,14 +34,17 @@ from cai_lib.core.names import (
     CONSTITUTION_NAME_TAG,
     CONSTITUTION_SHA_TAG,
     CONSTITUTION_VERSION_TAG,
+    CREATED_BY_TAG,
     DATA_TAG_PREFIX,
     HUMAN_DATA_TAG,
     LOCK_FOR_TAG,
     MANIFEST,
     PARENT_VERSION_TAG,
     PIPELINE_RUN_TAG,
+    PLATFORM,
     ROUND_TAG,
     RUN_CONFIG_SHA_TAG,
+    VERSION_CREATION_TAGS,
 )
 from cai_lib.core.stage_table import package_version
 from cai_lib.core.store import ArtifactStore
@@ -124,6 +135,11 @@ class ModelVersionInfo(BaseModel):
     name: str = Field(description="Registered model name.")
     version: str = Field(description="Version number within that model.")
     source: str = Field(description="Where the checkpoint lies (s3:// URI or local directory).")
+    registered_source: str = Field(
+        default="",
+        description="The source MLflow recorded: `source` itself, or for a copy made by the promoter the "
+        "candidate it copies (models:/NAME/VERSION).",
+    )
     run_id: str | None = Field(default=None, description="MLflow run that produced it, if recorded.")
     aliases: list[str] = Field(default_factory=list, description="Aliases pointing at this version.")
     checkpoint_sha256: str | None = Field(default=None, description="sha256 of the checkpoint's manifest.")
@@ -133,12 +149,21 @@ class ModelVersionInfo(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict, description="All tags, including eval and gate tags.")
 
 
-def version_info(mv: ModelVersion, aliases: list[str]) -> ModelVersionInfo:
+def checkpoint_location(client: MlflowClient, mv: ModelVersion) -> str:
+    """Where a version's checkpoint lies: its source, or for a copy (source `models:/NAME/VERSION`,
+    as `copy_model_version` records it) the storage location MLflow resolved when it made it."""
+    if not str(mv.source).startswith("models:/"):
+        return mv.source
+    return client.get_model_version_download_uri(mv.name, str(mv.version))
+
+
+def version_info(client: MlflowClient, mv: ModelVersion, aliases: list[str]) -> ModelVersionInfo:
     tags = dict(mv.tags)
     return ModelVersionInfo(
         name=mv.name,
         version=str(mv.version),
-        source=mv.source,
+        source=checkpoint_location(client, mv),
+        registered_source=mv.source,
         run_id=mv.run_id or None,
         aliases=sorted(aliases),
         checkpoint_sha256=tags.get(CHECKPOINT_SHA_TAG),
@@ -211,7 +236,7 @@ def ancestors(tracking_uri: str | None, info: ModelVersionInfo) -> list[ModelVer
     while parent and len(chain) < 100:  # bounded: a hand-edited tag could make a loop
         name, _, version = parent.rpartition("/")
         mv = get_version(client, name, version)
-        chain.append(version_info(mv, []))
+        chain.append(version_info(client, mv, []))
         parent = chain[-1].lineage.parent_version if chain[-1].lineage else ""
     return chain
 
@@ -228,36 +253,103 @@ def version_by_alias(tracking_uri: str | None, model_name: str, alias: str) -> M
     version = next((v for v, names in aliases.items() if alias in names), None)
     if version is None:
         return None
-    return version_info(get_version(client, model_name, version), aliases[version])
+    return version_info(client, get_version(client, model_name, version), aliases[version])
+
+
+def created_by_platform(client: MlflowClient, model_name: str) -> RegisteredModel:
+    """The registered model `model_name`, refused in one line unless the platform created it (its
+    tag `cai.created_by` is `cai-platform`): a model of that name made by someone else first (a
+    squatter) is never loaded, served or promoted from."""
+    model = registered_model(client, model_name)
+    if dict(model.tags).get(CREATED_BY_TAG) != PLATFORM:
+        raise CaiError(
+            f"registered model '{model_name}' was not created by {PLATFORM} (no tag {CREATED_BY_TAG}={PLATFORM}): "
+            "its versions are not loaded, served or promoted; delete or rename it (an MLflow admin can), or "
+            "register under another model_name_prefix"
+        )
+    return model
+
+
+def verified_version(
+    client: MlflowClient, model_name: str, version: str, every_file: bool = False
+) -> ModelVersionInfo:
+    """Version `version` of `model_name` if it is the platform's and its checkpoint is the one
+    registered (see the module docstring); else `CaiError` naming the version and what failed.
+
+    With `every_file`, each file the manifest lists is also read (streamed) and its sha256
+    compared: what serving does before it points anything at the weights."""
+    from cai_lib.core.store import ArtifactStore
+
+    model = created_by_platform(client, model_name)
+    version = str(version)
+    mv = get_version(client, model_name, version)
+    aliases = [alias for alias, v in model.aliases.items() if str(v) == version]
+    info = version_info(client, mv, aliases)
+    where = f"model '{model_name}' version {version}"
+    missing = [tag for tag in VERSION_CREATION_TAGS if not info.tags.get(tag)]
+    if missing or info.tags[CREATED_BY_TAG] != PLATFORM:
+        raise CaiError(
+            f"{where} was not registered by {PLATFORM} (missing or wrong tag {', '.join(missing or [CREATED_BY_TAG])}): "
+            "it is not loaded, served or promoted"
+        )
+    store = ArtifactStore.open(info.source)
+    if manifest_sha256(store) != info.checkpoint_sha256:
+        raise CaiError(
+            f"{where}: the checkpoint at {info.source} changed after it was registered "
+            f"(its manifest's sha256 is not the registered {info.checkpoint_sha256[:12]}); refusing it"
+        )
+    if every_file:
+        store.verify_dir("")
+    return info
+
+
+def registered_with_sha256(tracking_uri: str, checkpoint_sha256: str, where: str) -> ModelVersionInfo:
+    """A version the platform registered whose checkpoint's manifest has sha256
+    `checkpoint_sha256`: what a loader that was handed only a folder (MLflow's pyfunc loader)
+    checks its manifest against. `CaiError` naming `where` when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    client = connect(tracking_uri)
+    literal = filter_literal(checkpoint_sha256, "checkpoint sha256")
+    try:
+        found = all_pages(client.search_model_versions, filter_string=f"tags.`{CHECKPOINT_SHA_TAG}` = {literal}")
+    except MlflowException as err:
+        raise CaiError(f"{where}: cannot check it against the registry {tracking_uri}: {err.message}") from None
+    for mv in sorted(found, key=lambda mv: (mv.name, int(mv.version))):
+        try:
+            return verified_version(client, mv.name, str(mv.version))
+        except CaiError:
+            continue
+    raise CaiError(
+        f"{where}: its manifest (sha256 {checkpoint_sha256[:12]}) is not the checkpoint of any version "
+        f"cai-platform registered at {tracking_uri}; refusing to load it"
+    )
 
 
 # MLflow's own model URI forms; `@alias` is how a deployment follows the champion.
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>[0-9]+))$")
 
 
-def registered_checkpoint(ref: str, tracking_uri: str | None = None) -> ModelVersionInfo:
-    """The version that `models:/NAME@ALIAS` or `models:/NAME/VERSION` names, whose `source` is
-    its checkpoint. The checkpoint's manifest is checked against the hash recorded at
-    registration, so weights rewritten in place since then are refused rather than served."""
+def parse_models_uri(ref: str) -> tuple[str, str | None, str | None]:
+    """(name, alias, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
     match = MODELS_URI.match(ref)
     if not match:
         raise CaiError(f"model '{ref}': expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    name, alias, version = match["name"], match["alias"], match["version"]
+    return match["name"], match["alias"], match["version"]
+
+
+def registered_checkpoint(
+    ref: str, tracking_uri: str | None = None, every_file: bool = False
+) -> ModelVersionInfo:
+    """The verified version (`verified_version`) that `models:/NAME@ALIAS` or
+    `models:/NAME/VERSION` names, whose `source` is its checkpoint."""
+    name, alias, version = parse_models_uri(ref)
+    client = connect(tracking_uri)
     if alias:
-        info = version_by_alias(tracking_uri, name, alias)
-        if info is None:
+        version = alias_of(client, name, alias)
+        if version is None:
             raise CaiError(f"model '{ref}': no version of registered model '{name}' has the alias '{alias}'")
-    else:
-        client = connect(tracking_uri)
-        info = version_info(
-            get_version(client, name, version), aliases_by_version(client, name).get(version, [])
-        )
-    if info.checkpoint_sha256 and checkpoint_manifest_sha256(info.source) != info.checkpoint_sha256:
-        raise CaiError(
-            f"model '{ref}': the checkpoint at {info.source} changed after version {info.version} "
-            "was registered"
-        )
-    return info
+    return verified_version(client, name, version, every_file=every_file)
 
 
 def list_models(tracking_uri: str | None, model_name: str | None = None) -> list[ModelVersionInfo]:
@@ -280,7 +372,7 @@ def list_models(tracking_uri: str | None, model_name: str | None = None) -> list
             client.search_model_versions, filter_string=f"name = {filter_literal(name, 'model name')}"
         )
         for mv in sorted(versions, key=lambda mv: int(mv.version)):
-            infos.append(version_info(mv, aliases.get(str(mv.version), [])))
+            infos.append(version_info(client, mv, aliases.get(str(mv.version), [])))
     return infos
 
 

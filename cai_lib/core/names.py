@@ -37,14 +37,35 @@ CHAMPION_POLICY = "champion"
 
 
 def model_name(prefix: str, constitution_name: str, role: Role) -> str:
-    """The registered model of `role` trained under `constitution_name`: `<prefix>-<name>-<role>`."""
+    """The registered model of `role` trained under `constitution_name`: `<prefix>-<name>-<role>`.
+
+    This is the production model: its versions are copies the promoter made of candidates that
+    passed the gate, and its `champion` alias is what serving follows."""
     return f"{prefix}-{constitution_name}-{role}"
+
+
+CANDIDATES_SUFFIX = "-candidates"
+
+
+def candidates_name(production_name: str) -> str:
+    """The model the pipeline registers into (`<production name>-candidates`): whoever may add a
+    version to a model may also move its aliases, so the pipeline's identity writes only here and
+    the promoter's copies a candidate into the production model."""
+    return f"{production_name}{CANDIDATES_SUFFIX}"
 
 
 # -- registry aliases -----------------------------------------------------------------------------------
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
+
+# -- MLflow tags: what the platform created -------------------------------------------------------------
+
+# On every registered model and model version the platform creates, with the value `PLATFORM`.
+# A model of a platform name without it (made by someone else first) is refused, and so is a
+# version without every tag of `VERSION_CREATION_TAGS`.
+CREATED_BY_TAG = "cai.created_by"
+PLATFORM = "cai-platform"
 
 # -- MLflow tags: lineage of a model version --------------------------------------------------------------
 
@@ -61,6 +82,11 @@ ROUND_TAG = "cai.round"
 PARENT_VERSION_TAG = "cai.parent_version"
 CHECKPOINT_SHA_TAG = "cai.checkpoint_sha256"
 DATA_TAG_PREFIX = "cai.data."
+# What a version must carry to be loaded, served or promoted: who created it, the sha256 of its
+# checkpoint's manifest (which lists every file's sha256) and the pipeline run that made it.
+VERSION_CREATION_TAGS = (CREATED_BY_TAG, CHECKPOINT_SHA_TAG, PIPELINE_RUN_TAG)
+# On a production version: the candidate (`<candidates model>/<version>`) it is a copy of.
+PROMOTED_FROM_TAG = "cai.promoted_from"
 
 # -- MLflow tags: evaluation evidence on a challenger's version (read by the gate) ----------------------
 
@@ -83,6 +109,12 @@ GATE_REASON_TAG = "cai.gate.reason"
 GATE_CHAMPION_BEFORE_TAG = "cai.gate.champion_before"
 GATE_FORCED_TAG = "cai.gate.forced"
 GATE_EVIDENCE_TAG = "cai.gate.evidence"
+# On the production model, one per gate attempt and never overwritten: `cai.gate.attempt.000001`
+# and on, each a JSON record of the candidate judged, the decision, its reason and evidence.
+GATE_ATTEMPT_TAG_PREFIX = "cai.gate.attempt."
+# On the production model while a promotion is under way: what it will have done when complete
+# (JSON), so that the next promotion, or the run's exit handler, completes it.
+PROMOTION_PENDING_TAG = "cai.promotion.pending"
 
 # -- MLflow tags: the comparison of a run with the run that made the champion it challenges ---------------
 
@@ -99,11 +131,10 @@ LOCK_RUN_TAG = "cai.lock.pipeline_run_id"
 LOCK_HOST_TAG = "cai.lock.host"
 LOCK_PID_TAG = "cai.lock.pid"
 LOCK_PIDNS_TAG = "cai.lock.pid_namespace"
-
-# -- serving --------------------------------------------------------------------------------------------------
-
-SERVED_VERSION_TAG = "cai.serving.version"
-SERVED_BY_TAG = "cai.serving.inference_service"
+LOCK_BOOT_TAG = "cai.lock.boot_id"
+# A stale lock is broken by whoever first creates `<lock name>.break.<its owner token>`: one
+# breaker per stale lock, so two waiters cannot both delete (the second one a fresh lock).
+LOCK_BREAK_INFIX = ".break."
 
 # -- MLflow tags: runs ------------------------------------------------------------------------------------------
 

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     kfp_ui_url: str | None = Field(default=None, description="Base URL of the Kubeflow Pipelines UI.")
     mlflow_ui_url: str | None = Field(default=None, description="Base URL of the MLflow UI.")
     pipeline_run_id: str | None = Field(default=None, description="The KFP run a step belongs to.")
+    promoter_tracking_username: str | None = Field(
+        default=None, description="The promoter's MLflow account, the one identity that writes production models."
+    )
+    promoter_tracking_password: SecretStr | None = Field(default=None, description="The promoter's MLflow password.")
     webhook_secret: SecretStr | None = Field(
         default=None, description="Secret the MLflow webhook signs its deliveries with."
     )

@@ -8,7 +8,9 @@ or a pod eviction a rerun skips the shards that exist and redoes only the rest; 
 is split into shards deterministically and row ids derive from content, the rerun yields exactly
 the rows an uninterrupted run would. `_SUCCESS.json` (written last) marks the dataset finished:
 it is the dataset's manifest, with each shard's size and sha256, the row count and the sha256 of
-all rows. Readers check every shard against it.
+all rows. Readers check every shard against it, and every key it lists must be a relative path
+inside the dataset's prefix (a manifest is data others can write: `../other-dataset/part-0.jsonl`
+or an absolute key is refused, naming it, before anything is read).
 
 An output prefix that already holds results of *different* inputs is refused rather than mixed.
 """
@@ -32,7 +34,7 @@ from pydantic import BaseModel
 
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import INPUTS, SUCCESS, canonical_sha256
-from cai_lib.core.store import ArtifactStore, parse_jsonl_lines, verify_file
+from cai_lib.core.store import ArtifactStore, confined, parse_jsonl_lines, verify_file
 from cai_lib.core.text import decoded_lines
 
 MERGED_PART_ROWS = 10_000  # rows per part of a merged dataset
@@ -131,12 +133,27 @@ class ShardedOutput:
         return [k for k in self.store.list("") if is_shard(k)]
 
 
+def manifest_files(store: ArtifactStore, summary: dict) -> dict | None:
+    """The `files` of a finished dataset's manifest, each key checked to lie inside the dataset's
+    prefix (`CaiError` naming the first that does not); None for a manifest of an earlier release
+    that lists no files."""
+    files = summary.get("files") if isinstance(summary, dict) else None
+    where = store.uri_of(SUCCESS)
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        raise CaiError(f"{where}: 'files' is not a mapping of shard keys; not a dataset manifest")
+    for key in files:
+        confined(key, where)
+    return files
+
+
 def read_dataset(uri: str, model: type[Out]) -> Iterator[Out]:
     """Records of a dataset: a sharded prefix (must be finished; each shard is checked against its
     manifest entry before any of its rows is returned) or a single JSONL object/file."""
     store = ArtifactStore.open(uri)
     if store.exists(SUCCESS):
-        files = store.read_json(SUCCESS).get("files")
+        files = manifest_files(store, store.read_json(SUCCESS))
         keys = sorted(files) if files is not None else sorted(k for k in store.list("") if is_shard(k))
         for key in keys:
             with store.local_copy(key) as path:
@@ -154,11 +171,14 @@ def read_dataset(uri: str, model: type[Out]) -> Iterator[Out]:
 
 
 def dataset_summary(uri: str) -> dict:
-    """Row count, sha256 and per-shard manifest of a finished sharded dataset."""
+    """Row count, sha256 and per-shard manifest of a finished sharded dataset (its keys checked
+    to lie inside the dataset's prefix)."""
     store = ArtifactStore.open(uri)
     if not store.exists(SUCCESS):
         raise incomplete(uri, store)
-    return store.read_json(SUCCESS)
+    summary = store.read_json(SUCCESS)
+    manifest_files(store, summary)
+    return summary
 
 
 def resume_command() -> str | None:

@@ -11,6 +11,10 @@ a pod (S3). What it promises:
   write only when the key does not exist and report whether they did: S3 conditional writes
   (`If-None-Match: *`), a hard link on a local disk. Two writers of one key cannot interleave. A
   store without conditional writes is refused in one line rather than trusted.
+- **Compare-and-swap.** `read_versioned` returns an object with its version token (S3: its
+  ETag) and `write_versioned(key, data, if_match=token)` replaces it only if it still has that
+  version (S3 `If-Match`; on a local disk, under an exclusive `flock`), returning the new token: a
+  writer whose view is stale (a lease taken over meanwhile) is told so instead of overwriting.
 - **Streaming.** Files move to and from S3 through boto3's transfer manager (multipart, with its
   own retries of interrupted streams), never whole in memory.
 - **Verified downloads.** `get_dir` refuses a manifest entry that would land outside the
@@ -131,6 +135,20 @@ class ArtifactStore:
         """Write `data` at `key`; with `if_absent`, only if nothing is there. True if written."""
         raise NotImplementedError
 
+    def write_versioned(self, key: str, data: bytes, if_match: str | None = None) -> str | None:
+        """Write `data` at `key` only if nothing is there (`if_match` None) or the object there
+        still has version token `if_match` (from `read_versioned` or an earlier write). Returns
+        the new version token, or None when the condition failed."""
+        raise NotImplementedError
+
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and its version token, for a later `write_versioned(..., if_match=)`."""
+        raise NotImplementedError
+
+    def file_sha256(self, key: str) -> str:
+        """sha256 of one object, streamed (never whole in memory or on disk)."""
+        raise NotImplementedError
+
     def put_file(self, local: str | Path, key: str, if_absent: bool = False) -> bool:
         """Upload a local file (streamed); with `if_absent`, only if nothing is there. True if written."""
         raise NotImplementedError
@@ -245,6 +263,23 @@ class ArtifactStore:
             confined(rel, self.uri_of(join_uri(key, MANIFEST)))
         return manifest
 
+    def verify_dir(self, key: str = "") -> dict:
+        """Check every file the manifest of the finished directory `key` lists, where it lies: its
+        size and its sha256, streamed. Returns the manifest; `CaiError` naming the first file that
+        is missing or differs."""
+        manifest = self.read_manifest(key)
+        sizes = self.sizes(key)
+        for rel, entry in manifest["files"].items():
+            full = join_uri(key, rel)
+            where = self.uri_of(full)
+            if full not in sizes:
+                raise CaiError(f"{where}: missing, though the manifest lists it")
+            if sizes[full] != entry["bytes"]:
+                raise CaiError(f"{where}: {sizes[full]} bytes where the manifest says {entry['bytes']}; refusing it")
+            if self.file_sha256(full) != entry["sha256"]:
+                raise CaiError(f"{where}: sha256 differs from the manifest; refusing it")
+        return manifest
+
     def get_dir(self, key: str, local_dir: str | Path) -> Path:
         """Download a finished directory, checking each file against the manifest; refuses a
         directory without a manifest, a manifest path outside `local_dir`, and a file whose size
@@ -346,6 +381,38 @@ class LocalStore(ArtifactStore):
     def write_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
         return _publish_local(lambda handle: handle.write(data), self._path(key), if_absent)
 
+    def write_versioned(self, key: str, data: bytes, if_match: str | None = None) -> str | None:
+        # The version token of a local file is the sha256 of its bytes (records carry a counter,
+        # so two versions never have the same bytes).
+        with self._exclusive(key):
+            path = self._path(key)
+            if if_match is None:
+                written = _publish_local(lambda handle: handle.write(data), path, if_absent=True)
+            elif not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != if_match:
+                written = False
+            else:
+                written = _publish_local(lambda handle: handle.write(data), path, if_absent=False)
+        return hashlib.sha256(data).hexdigest() if written else None
+
+    @contextmanager
+    def _exclusive(self, key: str) -> Iterator[None]:
+        """An exclusive `flock` on a sibling lock file: compare-and-swap writers of `key` take turns."""
+        import fcntl
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        with self._exclusive(key):
+            data = self._existing(key).read_bytes()
+        return data, hashlib.sha256(data).hexdigest()
+
+    def file_sha256(self, key: str) -> str:
+        return sha256_file(self._existing(key))
+
     def read_bytes(self, key: str) -> bytes:
         return self._existing(key).read_bytes()
 
@@ -396,7 +463,7 @@ class LocalStore(ArtifactStore):
         return {
             p.relative_to(base).as_posix(): p.stat().st_size
             for p in start.rglob("*")
-            if p.is_file() and not p.name.endswith(".tmp")
+            if p.is_file() and not p.name.endswith((".tmp", ".lock"))
         }
 
     def delete(self, key: str) -> None:
@@ -467,11 +534,12 @@ class S3Store(ArtifactStore):
         except ClientError as err:
             code = str(err.response.get("Error", {}).get("Code", ""))
             status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-            if code in CONDITIONAL_ANSWERS:
+            conditional = "IfNoneMatch" in kwargs or "IfMatch" in kwargs
+            if code in CONDITIONAL_ANSWERS or (conditional and code in ("NoSuchKey", "404")):
                 raise  # the caller of a conditional write decides what they mean
-            if code == "NotImplemented" and "IfNoneMatch" in kwargs:
+            if code == "NotImplemented" and conditional:
                 raise CaiError(
-                    f"S3 endpoint {endpoint} does not support conditional writes (If-None-Match), which cai needs "
+                    f"S3 endpoint {endpoint} does not support conditional writes (If-None-Match, If-Match), which cai needs "
                     "to keep concurrent writers of one output apart; use AWS S3, MinIO or another store that does"
                 ) from None
             if code == "NoSuchBucket":
@@ -508,12 +576,31 @@ class S3Store(ArtifactStore):
         return False
 
     def write_bytes(self, key: str, data: bytes, if_absent: bool = False) -> bool:
-        return self._put(key, io.BytesIO(data), if_absent)
+        return self._put(key, io.BytesIO(data), if_absent) is not None
+
+    def write_versioned(self, key: str, data: bytes, if_match: str | None = None) -> str | None:
+        return self._put(key, io.BytesIO(data), if_absent=if_match is None, if_match=if_match)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        def get(Bucket, Key) -> tuple[bytes, str]:
+            response = self._client.get_object(Bucket=Bucket, Key=Key)
+            return response["Body"].read(), response["ETag"]
+
+        return self._call("read", key, get, Key=self._key(key))
+
+    def file_sha256(self, key: str) -> str:
+        def stream(Bucket, Key) -> str:
+            digest = hashlib.sha256()
+            for block in self._client.get_object(Bucket=Bucket, Key=Key)["Body"].iter_chunks(1 << 20):
+                digest.update(block)
+            return digest.hexdigest()
+
+        return self._call("read", key, stream, Key=self._key(key))
 
     def put_file(self, local: str | Path, key: str, if_absent: bool = False) -> bool:
         if if_absent:
             with open(local, "rb") as body:
-                return self._put(key, body, if_absent=True)
+                return self._put(key, body, if_absent=True) is not None
         # The transfer manager switches to multipart for big files; the object appears on completion.
         self._call(
             "write",
@@ -523,22 +610,26 @@ class S3Store(ArtifactStore):
         )
         return True
 
-    def _put(self, key: str, body, if_absent: bool) -> bool:
-        """PUT `body` at `key`; with `if_absent`, a conditional write (`If-None-Match: *`): False
-        when the object exists (412). A 409 means another conditional write of the key is in
-        flight, whose outcome is unknown yet, so it is retried until one of them stands."""
+    def _put(self, key: str, body, if_absent: bool, if_match: str | None = None) -> str | None:
+        """PUT `body` at `key`; with `if_absent`, a conditional write (`If-None-Match: *`), with
+        `if_match` one on the object's ETag (`If-Match`). Returns the new ETag, or None when the
+        condition fails (412, or 404 for an `If-Match` on an object that is gone). A 409 means
+        another conditional write of the key is in flight, whose outcome is unknown yet, so it is
+        retried until one stands."""
         from botocore.exceptions import ClientError
 
         extra = {"IfNoneMatch": "*"} if if_absent else {}
+        if if_match is not None:
+            extra["IfMatch"] = if_match
         for attempt in range(CONFLICT_RETRIES):
             body.seek(0)
             try:
-                self._call("write", key, self._client.put_object, Key=self._key(key), Body=body, **extra)
-                return True
+                response = self._call("write", key, self._client.put_object, Key=self._key(key), Body=body, **extra)
+                return response["ETag"]
             except ClientError as err:
                 code = str(err.response.get("Error", {}).get("Code", ""))
-                if code in ("PreconditionFailed", "412"):
-                    return False
+                if code in ("PreconditionFailed", "412") or (if_match and code in ("NoSuchKey", "404")):
+                    return None
                 if code not in ("ConditionalRequestConflict", "409") or attempt == CONFLICT_RETRIES - 1:
                     raise
                 time.sleep(1.0 + attempt)

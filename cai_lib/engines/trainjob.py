@@ -7,9 +7,14 @@ and every node runs `torchrun -m cai_lib.engines.launch JOB` (torchrun reads the
 variables). Rank 0 writes the checkpoint and the metrics to S3, so the step returns pointers.
 
 The step waits for the job to run (`schedule_timeout_seconds`), streams node 0's log into its
-own, waits for Complete or Failed, and fails with the job's events. A retry of the step first
-deletes the jobs an earlier attempt left for the same output; a cancelled step (SIGTERM, as KFP
-sends) deletes its job. The pipeline's service account needs create/get/list/watch/delete on
+own, waits for Complete or Failed, and fails with the job's events. A cancelled step (SIGTERM, as
+KFP sends) deletes its job.
+
+One owner per TrainJob: its name hashes the pipeline run and the output attempt it writes, and
+its labels carry the stage, the output, the run and the attempt. Two runs can work on one output
+key at once (outputs are content-addressed and shared), each in an attempt of its own, so a retry
+of the step deletes only the jobs that earlier attempts of the *same run* left for that output,
+never another run's. The pipeline's service account needs create/get/list/watch/delete on
 `trainjobs`, get on `clustertrainingruntimes`, and get/list on pods, their logs and events (the
 Helm chart's Role grants exactly these).
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +43,8 @@ TRAINJOB_ENV = variable("trainjob")
 NODE_CONTAINER = "node"  # the trainer container (and replicated job) of the torch-distributed runtime
 STAGE_LABEL = "cai-platform.io/stage"
 OUTPUT_LABEL = "cai-platform.io/output"
+RUN_LABEL = "cai-platform.io/pipeline-run"
+ATTEMPT_LABEL = "cai-platform.io/attempt"
 
 
 class TrainJobPlan(BaseModel):
@@ -90,9 +98,11 @@ def plan_of(stage: str, deploy: DeployConfig) -> TrainJobPlan | None:
     )
 
 
-def job_name(stage: str, out_uri: str) -> str:
-    """A DNS-1035 name for the TrainJob that writes `out_uri` (one per output attempt)."""
-    return f"cai-{stage.replace('_', '-')}-{hashlib.sha256(out_uri.encode()).hexdigest()[:12]}"
+def job_name(stage: str, out_uri: str, run_id: str) -> str:
+    """A DNS-1035 name for the TrainJob of pipeline run `run_id` that writes `out_uri` (one output
+    attempt): another run, or another attempt, gets another name."""
+    owner = hashlib.sha256(f"{run_id}\n{out_uri}".encode()).hexdigest()[:12]
+    return f"cai-{stage.replace('_', '-')}-{owner}"
 
 
 def output_label(out_uri: str) -> str:
@@ -101,7 +111,25 @@ def output_label(out_uri: str) -> str:
     return hashlib.sha256(stem.encode()).hexdigest()[:32]
 
 
-def trainer_and_options(plan: TrainJobPlan, job_uri: str, name: str, out_uri: str) -> tuple[object, list]:
+def label_value(text: str) -> str:
+    """`text` as a Kubernetes label value: at most 63 of [A-Za-z0-9_.-], starting and ending
+    alphanumeric."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", text)[:63].strip("-_.")
+
+
+def owner_labels(stage: str, out_uri: str, run_id: str) -> dict[str, str]:
+    """The labels of the TrainJob run `run_id` makes for the output attempt `out_uri`."""
+    return {
+        STAGE_LABEL: stage.replace("_", "-"),
+        OUTPUT_LABEL: output_label(out_uri),
+        RUN_LABEL: label_value(run_id) or "none",
+        ATTEMPT_LABEL: label_value(out_uri.rstrip("/").rsplit("/", 1)[-1]),
+    }
+
+
+def trainer_and_options(
+    plan: TrainJobPlan, job_uri: str, name: str, out_uri: str, run_id: str
+) -> tuple[object, list]:
     """The SDK's `CustomTrainerContainer` and the options (name, labels, command, deadline, secret
     env, scheduling) that make the TrainJob for `plan`."""
     from kubeflow.trainer import CustomTrainerContainer
@@ -152,7 +180,7 @@ def trainer_and_options(plan: TrainJobPlan, job_uri: str, name: str, out_uri: st
     )
     options = [
         Name(name=name),
-        Labels(labels={STAGE_LABEL: plan.stage.replace("_", "-"), OUTPUT_LABEL: output_label(out_uri)}),
+        Labels(labels=owner_labels(plan.stage, out_uri, run_id)),
         TrainerCommand(command=torchrun_command(None, job_uri)),
         ActiveDeadlineSeconds(seconds=plan.deadline_seconds),
         RuntimePatch(training_runtime_spec=patch),
@@ -185,16 +213,17 @@ def secret_env(secrets: SecretRefs) -> list[dict]:
     ]
 
 
-def render(plan: TrainJobPlan, job_uri: str, out_uri: str, namespace: str = "default") -> dict:
-    """The TrainJob manifest the step would create for `plan`, built by the SDK's own code from the
-    same trainer and options, for the runtime as the SDK describes it (no cluster is contacted)."""
+def render(plan: TrainJobPlan, job_uri: str, out_uri: str, namespace: str = "default", run_id: str = "") -> dict:
+    """The TrainJob manifest the step of pipeline run `run_id` would create for `plan`, built by
+    the SDK's own code from the same trainer and options, for the runtime as the SDK describes it
+    (no cluster is contacted)."""
     from kubeflow.trainer.backends.kubernetes.backend import KubernetesBackend
     from kubeflow.trainer.constants import constants
     from kubeflow.trainer.types.types import Runtime, RuntimeKind, RuntimeTrainer, TrainerType
     from kubeflow_trainer_api import models
 
-    name = job_name(plan.stage, out_uri)
-    trainer, options = trainer_and_options(plan, job_uri, name, out_uri)
+    name = job_name(plan.stage, out_uri, run_id)
+    trainer, options = trainer_and_options(plan, job_uri, name, out_uri, run_id)
     runtime = Runtime(
         name=plan.runtime,
         kind=RuntimeKind.CLUSTER_TRAINING_RUNTIME,
@@ -246,16 +275,18 @@ def cancellable() -> Iterator[None]:
 def run_trainjob(client, plan: TrainJobPlan, job: TrainingJob, echo: Callable[[str], None] = print) -> dict:
     """Train `job` as a TrainJob through `client` (a `TrainerClient`); returns rank 0's metrics.
 
-    Raises `CaiError` when the job fails (with its events), when its nodes do not all run within
-    the plan's schedule timeout (the job is deleted), or when it outlives its deadline.
+    The pipeline run is `$CAI_PIPELINE_RUN_ID` (set inside a stage's run). Raises `CaiError` when
+    the job fails (with its events), when its nodes do not all run within the plan's schedule
+    timeout (the job is deleted), or when it outlives its deadline.
     """
     folder = f"{job.out.rstrip('/')}.trainjob"
     metrics_uri = f"{folder}/metrics.json"
     shared = job.model_copy(update={"metrics": metrics_uri, "data": shared_data(job.data, folder)})
     job_uri = write_job(shared, folder)
-    name = job_name(plan.stage, job.out)
-    delete_earlier_attempts(client, job.out)
-    trainer, options = trainer_and_options(plan, job_uri, name, job.out)
+    run_id = settings().pipeline_run_id or ""
+    name = job_name(plan.stage, job.out, run_id)
+    delete_earlier_attempts(client, job.out, run_id, keep=name)
+    trainer, options = trainer_and_options(plan, job_uri, name, job.out, run_id)
     runtime = client.get_runtime(plan.runtime)
     client.train(runtime=runtime, trainer=trainer, options=options)
     echo(
@@ -325,21 +356,28 @@ def _events(client, name: str) -> str:
     )
 
 
-def delete_earlier_attempts(client, out_uri: str) -> None:
-    """Delete TrainJobs an earlier attempt at the same stage output left (a killed or retried step)."""
+def delete_earlier_attempts(client, out_uri: str, run_id: str, keep: str) -> list[str]:
+    """Delete the TrainJobs that earlier attempts of this step in pipeline run `run_id` left for
+    the same stage output (a killed or retried step), all but `keep`; another run's are left
+    alone, and without a run id nothing is deleted. Returns the names deleted."""
     from kubeflow.trainer.constants import constants
 
+    if not label_value(run_id):
+        return []
     backend = client.backend
+    selector = f"{OUTPUT_LABEL}={output_label(out_uri)},{RUN_LABEL}={label_value(run_id)}"
     listed = backend.custom_api.list_namespaced_custom_object(
-        constants.GROUP,
-        constants.VERSION,
-        backend.namespace,
-        constants.TRAINJOB_PLURAL,
-        label_selector=f"{OUTPUT_LABEL}={output_label(out_uri)}",
+        constants.GROUP, constants.VERSION, backend.namespace, constants.TRAINJOB_PLURAL, label_selector=selector
     )
+    deleted = []
     for item in listed.get("items", []):
-        log.info("deleting TrainJob %s left by an earlier attempt", item["metadata"]["name"])
-        client.delete_job(item["metadata"]["name"])
+        name = item["metadata"]["name"]
+        if name == keep:
+            continue
+        log.info("deleting TrainJob %s left by an earlier attempt of run %s", name, run_id)
+        client.delete_job(name)
+        deleted.append(name)
+    return deleted
 
 
 def trainer_client():

@@ -54,7 +54,6 @@ from cai_lib.platform.impact import (
     run_side,
     stored_labels,
 )
-from cai_lib.platform.registry.gate import GateDecision
 from cai_lib.platform.run_config import PipelineParams
 
 # Parameters that name a run or what it is compared with, not what it trains.
@@ -334,38 +333,20 @@ def record_comparison(
     return {"report": folder.uri_of(REPORT_FILE), "mlflow_run": mlflow_run_id or ""}
 
 
-def note_comparison(
-    tracking_uri: str | None,
-    made_here: list[tuple[str, str]],
-    gated: tuple[str, str] | None,
-    pointer: dict,
-    decision: GateDecision,
-) -> GateDecision:
-    """Record the compare step's `pointer` on the registry: each version in `made_here` (those the
-    run registered new) is tagged with the report and the run it was compared with, and the gate's
-    decision on `gated` (the version it just judged; None when the gate judged none) names the
-    comparison in its reason and holds it in its evidence. Returns the decision with that reason.
-    The gate's tags are rewritten a moment after the gate wrote them, in the same step."""
-    import json
-
-    from cai_lib.core.names import COMPARE_AGAINST_TAG, COMPARE_REPORT_TAG, GATE_EVIDENCE_TAG, GATE_REASON_TAG
+def link_comparison(tracking_uri: str | None, made_here: list[tuple[str, str]], pointer: dict) -> None:
+    """Tag each version in `made_here` (the candidate versions the run registered new) with the
+    compare step's report and the run it compared with; a pointer without a report tags nothing.
+    A promotion copies the tags onto the production version; the gate's reason names the
+    comparison (`cai_lib.platform.registry.promotion.comparison_clause`)."""
+    from cai_lib.core.names import COMPARE_AGAINST_TAG, COMPARE_REPORT_TAG
     from cai_lib.core.tracking import connect
 
+    if "report" not in pointer:
+        return
     client = connect(tracking_uri)
-    if "report" in pointer:
-        for name, version in made_here:
-            client.set_model_version_tag(name, version, COMPARE_REPORT_TAG, pointer["report"])
-            client.set_model_version_tag(name, version, COMPARE_AGAINST_TAG, pointer["against"])
-        said = f"compared with run {pointer['against']}: {pointer['summary']} (report {pointer['report']})"
-    else:
-        said = f"not compared with run {pointer['against']}: {pointer['error']}"
-    reason = f"{decision.reason}; {said}"
-    if gated:
-        evidence = json.loads(client.get_model_version(*gated).tags.get(GATE_EVIDENCE_TAG, "{}"))
-        evidence["comparison"] = pointer
-        client.set_model_version_tag(*gated, GATE_EVIDENCE_TAG, json.dumps(evidence, sort_keys=True))
-        client.set_model_version_tag(*gated, GATE_REASON_TAG, reason)
-    return decision.model_copy(update={"reason": reason})
+    for name, version in made_here:
+        client.set_model_version_tag(name, version, COMPARE_REPORT_TAG, pointer["report"])
+        client.set_model_version_tag(name, version, COMPARE_AGAINST_TAG, pointer["against"])
 
 
 def refuse_same_run(a: PipelineRun, b: PipelineRun) -> None:

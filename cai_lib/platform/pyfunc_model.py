@@ -24,6 +24,8 @@ again copies nothing; the folder is complete once `MLmodel` exists, written last
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,11 +184,34 @@ class PreferenceModelScorer:
         return self.scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])
 
 
+def check_registered(folder: Path) -> None:
+    """Refuse a downloaded folder unless every file matches its manifest and the manifest is the
+    one registered for a version of the platform's (`registered_with_sha256`), in the registry
+    MLflow loaded it from (`mlflow.get_registry_uri()`). MLflow hands the loader a folder, not
+    the version, so the manifest's sha256 is what names the version."""
+    import mlflow
+
+    from cai_lib.core.model_versions import registered_with_sha256
+    from cai_lib.core.store import verify_dir
+
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise CaiError(f"{folder}: not a cai checkpoint (no {MANIFEST})")
+    raw = manifest.read_bytes()
+    verify_dir(folder, json.loads(raw), str(folder))
+    registry = mlflow.get_registry_uri()
+    if registry.startswith("sqlite:///") and not Path(registry.removeprefix("sqlite:///").split("?")[0]).is_file():
+        raise CaiError(
+            f"{folder}: no registry to check it against ({registry} does not exist); set MLFLOW_TRACKING_URI "
+            "to the registry that holds it"
+        )
+    registered_with_sha256(registry, hashlib.sha256(raw).hexdigest(), str(folder))
+
+
 def _load_pyfunc(path: str, model_config: dict | None = None):
-    """MLflow's entry point: the model in the downloaded folder `path`, its files checked against
-    the manifest before loading."""
-    if not (Path(path) / MANIFEST).is_file():
-        raise CaiError(f"{path}: not a cai checkpoint (no {MANIFEST})")
+    """MLflow's entry point: the model in the downloaded folder `path`, once `check_registered`
+    has passed it."""
+    check_registered(Path(path))
     config = ServedModelConfig.model_validate(model_config or {"kind": "policy"})
     if config.kind == "preference_model":
         return PreferenceModelScorer(path, config)

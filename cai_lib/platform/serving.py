@@ -3,15 +3,21 @@
 The chart creates each role's InferenceService (the Hugging Face runtime with vLLM, the GPU
 resources, the service account whose Secret reaches S3). `sync` owns one field of it, the
 predictor's `storageUri`: it resolves `models:/NAME@champion` to its version's published folder
-(`cai_lib.platform.pyfunc_model.publish`, an `s3://` prefix outside any run's folder), checks the folder
-against the manifest recorded at registration, and patches the InferenceService when the version
-changed. The patch carries the object's `resourceVersion`, so of two syncs racing on one object
-the second is refused (409) rather than undoing the first; it is then read again and retried.
-What is served is recorded twice: annotations on the InferenceService, and tags on the
-registered model (`cai.serving.version`, `cai.serving.inference_service`).
+(`cai_lib.platform.pyfunc_model.publish`, an `s3://` prefix outside any run's folder), verifies
+the version (`verified_version` with `every_file`: the platform's tags, the registered manifest
+hash, and every file's sha256 read back from S3), and patches the InferenceService when the
+version changed. The patch carries the object's `resourceVersion`, so of two syncs racing on one
+object the second is refused (409) rather than undoing the first; it is then read again and
+retried. What is served is recorded as annotations on the InferenceService (version, model,
+manifest sha256, storage URI); sync writes nothing to MLflow, so it needs only read access there.
 
-Nothing deployed changes when the alias is unset, when the folder fails its manifest check,
-or when the InferenceService does not exist (the chart makes it; see docs/deploy.md).
+Nothing deployed changes when the alias is unset, when the version fails verification (a file
+of the same size with other bytes included), or when the InferenceService does not exist (the
+chart makes it; see docs/deploy.md): the pods keep serving the last good champion.
+
+`verify` is the same check for the serving pod's init container (`cai serve verify`), which reads
+with a read-only S3 credential: the storage URI the pod is about to load must be the folder of the
+version the alias names now, and every file in it must match the registered manifest.
 The manifest is built as a plain dict and sent through the Kubernetes client's
 `CustomObjectsApi`: KServe's own SDK pins versions of pandas and psutil this project cannot use.
 """
@@ -22,11 +28,10 @@ from pydantic import BaseModel, Field
 
 from cai_lib.core.errors import CaiError
 from cai_lib.core.kubeconfig import load_kubernetes_config
-from cai_lib.core.model_versions import registered_checkpoint
-from cai_lib.core.names import CHAMPION, MANIFEST, SERVED_BY_TAG, SERVED_VERSION_TAG
+from cai_lib.core.model_versions import ModelVersionInfo, registered_checkpoint
+from cai_lib.core.names import CHAMPION
 from cai_lib.core.settings import settings, variable
-from cai_lib.core.store import ArtifactStore, is_s3
-from cai_lib.core.tracking import connect
+from cai_lib.core.store import is_s3
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 # The serving objects `sync` follows, tried in this order, with the field holding the weights' URI.
@@ -39,6 +44,8 @@ KINDS = {
 VERSION_ANNOTATION = "cai-platform.io/model-version"
 MODEL_ANNOTATION = "cai-platform.io/registered-model"
 SHA_ANNOTATION = "cai-platform.io/checkpoint-sha256"
+# The storageUri as an annotation too, for the pod's verify init container (downward API).
+STORAGE_ANNOTATION = "cai-platform.io/storage-uri"
 CONFLICT_RETRIES = 3
 # Set by the chart's env ConfigMap when serving is on: the InferenceServices the register step syncs.
 SERVING_NAMESPACE_ENV = variable("serving_namespace")
@@ -59,20 +66,16 @@ class SyncResult(BaseModel):
     )
 
 
-def check_weights(source: str) -> None:
-    """Every file the folder's manifest lists is there with its recorded size; a `CaiError`
-    naming the first that is not. (Content hashes are checked where the weights are read:
-    reading them here would download every byte.)"""
-    store = ArtifactStore.open(source)
-    manifest = store.read_manifest("")
-    present = store.sizes("")
-    for rel, entry in manifest["files"].items():
-        if rel not in present:
-            raise CaiError(
-                f"{store.uri_of(rel)}: missing, though the manifest {store.uri_of(MANIFEST)} lists it"
-            )
-        if present[rel] != entry["bytes"]:
-            raise CaiError(f"{store.uri_of(rel)}: {present[rel]} bytes, the manifest says {entry['bytes']}")
+def verify(tracking_uri: str | None, model_name: str, storage_uri: str, alias: str = CHAMPION) -> ModelVersionInfo:
+    """The version `alias` of `model_name` names, verified file by file, if `storage_uri` is its
+    folder; else `CaiError` saying what differs (what the serving pod's init container runs)."""
+    info = registered_checkpoint(f"models:/{model_name}@{alias}", tracking_uri, every_file=True)
+    if info.source.rstrip("/") != storage_uri.rstrip("/"):
+        raise CaiError(
+            f"{storage_uri}: not the folder of models:/{model_name}@{alias} (version {info.version} at "
+            f"{info.source}); refusing to serve it"
+        )
+    return info
 
 
 def storage_patch(
@@ -97,6 +100,7 @@ def storage_patch(
                 VERSION_ANNOTATION: version,
                 MODEL_ANNOTATION: model_name,
                 SHA_ANNOTATION: sha256,
+                STORAGE_ANNOTATION: storage_uri,
             },
         },
         "spec": spec,
@@ -131,18 +135,17 @@ def sync(api, tracking_uri: str | None, model_name: str, namespace: str, alias: 
     """Point the InferenceService named `model_name` in `namespace` at the version `alias` names.
 
     `api` is a `kubernetes.client.CustomObjectsApi`. Raises `CaiError`, changing nothing, when the
-    alias is unset, the version's folder is not in S3 or fails its manifest check, or the
+    alias is unset, the version's folder is not in S3 or fails verification, or the
     InferenceService is missing.
     """
     from kubernetes.client.exceptions import ApiException
 
     ref = f"models:/{model_name}@{alias}"
-    info = registered_checkpoint(ref, tracking_uri)
+    info = registered_checkpoint(ref, tracking_uri, every_file=True)
     if not is_s3(info.source):
         raise CaiError(
             f"{ref} is version {info.version} at {info.source}, which KServe cannot read: register from s3://"
         )
-    check_weights(info.source)
     for attempt in range(CONFLICT_RETRIES):
         kind, current = _get(api, namespace, model_name)
         served = _served_uri(current, kind)
@@ -153,7 +156,7 @@ def sync(api, tracking_uri: str | None, model_name: str, namespace: str, alias: 
         patch = storage_patch(
             info.version,
             model_name,
-            info.checkpoint_sha256 or "",
+            info.checkpoint_sha256,
             info.source,
             current["metadata"]["resourceVersion"],
             kind,
@@ -169,9 +172,6 @@ def sync(api, tracking_uri: str | None, model_name: str, namespace: str, alias: 
             ) from None
         changed = True
         break
-    client = connect(tracking_uri)
-    client.set_registered_model_tag(model_name, SERVED_VERSION_TAG, info.version)
-    client.set_registered_model_tag(model_name, SERVED_BY_TAG, f"{namespace}/{model_name}")
     return SyncResult(
         inference_service=f"{namespace}/{model_name}",
         model=ref,

@@ -23,12 +23,16 @@ class Champion(NamedTuple):
 
 
 def champion_source(ctx: RunContext, constitution: Constitution) -> Champion | None:
-    """The registered RL-CAI champion, if any."""
-    from cai_lib.core.model_versions import ancestors, version_by_alias
+    """The registered RL-CAI champion, if any; a champion that fails `verified_version` is
+    refused rather than evaluated against."""
+    from cai_lib.core.model_versions import ancestors, verified_version, version_by_alias
+    from cai_lib.core.tracking import connect
 
-    champion = version_by_alias(ctx.tracking_uri, model_name(ctx.params.model_name_prefix, constitution.name, RL_CAI), CHAMPION)
+    name = model_name(ctx.params.model_name_prefix, constitution.name, RL_CAI)
+    champion = version_by_alias(ctx.tracking_uri, name, CHAMPION)
     if champion is None:
         return None
+    champion = verified_version(connect(ctx.tracking_uri), name, champion.version)
     before = frozenset(v.checkpoint_sha256 or "" for v in ancestors(ctx.tracking_uri, champion))
     return Champion(champion.version, champion.source, champion.checkpoint_sha256 or "", before)
 

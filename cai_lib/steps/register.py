@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cai_lib.core.constitution import Constitution
-from cai_lib.core.names import CHAMPION_POLICY, PM, REPORT_FILE, RL_CAI, SL_CAI, SUMMARY_FILE, model_name
+from cai_lib.core.names import (
+    CHAMPION_POLICY,
+    PM,
+    REPORT_FILE,
+    RL_CAI,
+    SL_CAI,
+    SUMMARY_FILE,
+    candidates_name,
+    model_name,
+)
 from cai_lib.core.outputs import StageRecord, round_of
 from cai_lib.core.store import ArtifactStore, join_uri
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors, pinned_constitution
@@ -47,18 +56,20 @@ def lineage_of(
 
 
 def parent_version(ctx: RunContext, name: str, pointer: str | None) -> str:
-    """NAME/VERSION of the registered version of model `name` whose checkpoint is the DataRef file
+    """NAME/VERSION of the registered candidate of model `name` whose checkpoint is the DataRef file
     `pointer` ('' for none): registration is by checkpoint, so the round before's version is found by it."""
     from cai_lib.core.model_versions import version_with_checkpoint
 
-    if not pointer:
+    sha256 = DataRef.read(pointer).sha256 if pointer else None
+    if not sha256:
         return ""
-    version = version_with_checkpoint(ctx.tracking_uri, name, DataRef.read(pointer).sha256 or "")
-    return f"{name}/{version}" if version else ""
+    candidates = candidates_name(name)
+    version = version_with_checkpoint(ctx.tracking_uri, candidates, sha256)
+    return f"{candidates}/{version}" if version else ""
 
 
-def record_gate_evidence(ctx: RunContext, pointer: dict, policy_name: str, version: str) -> None:
-    """Tag the RL-CAI version with its win rates against the champion it was evaluated with (the
+def record_gate_evidence(ctx: RunContext, pointer: dict, candidates: str, version: str) -> None:
+    """Tag the RL-CAI candidate with its win rates against the champion it was evaluated with (the
     evaluation's `pointer`), or against the SL-CAI policy when there is no champion yet."""
     from cai_lib.method.evaluation.results import find_win_rate, load_result
     from cai_lib.platform.registry.gate import WinRateEvidence
@@ -71,7 +82,7 @@ def record_gate_evidence(ctx: RunContext, pointer: dict, policy_name: str, versi
     harmless, helpful = (find_win_rate(result, c, RL_CAI, rival) for c in ("harmless", "helpful"))
     record_evaluation(
         ctx.tracking_uri,
-        policy_name,
+        candidates,
         version,
         WinRateEvidence(rate=harmless.win_rate, ci_low=harmless.ci_low, n=harmless.n),
         WinRateEvidence(rate=helpful.win_rate, ci_low=helpful.ci_low, n=helpful.n),
@@ -94,33 +105,33 @@ def register(
     previous_pm: str | None = None,
     comparison: str = "",
 ) -> str:
-    """Register PM, SL-CAI and RL-CAI with lineage, make them challengers, run the promotion gate.
+    """Register PM, SL-CAI and RL-CAI with lineage as candidates, make them challengers, run the
+    promotion gate.
 
     In round `round_` of iterated CAI, the PM and RL-CAI policy are that round's: each version is
     tagged with its round and its parent, the version it continues (RL-CAI: the one registered for
     `start_policy`, the policy RL started from, which is the SL-CAI policy in round 1; PM: the one
     registered for `previous_pm` when the round continued it), so lineage reads as a chain.
 
-    Each version's source is the checkpoint's loadable folder under `models/` (see
-    `cai_lib.platform.pyfunc_model.publish`), and its run the MLflow run of the stage that trained it.
-    After a promotion, the InferenceServices the installation serves follow the new champions
-    (`cai_lib.platform.serving.sync_served`).
-
-    `comparison` is the compare step's pointer: when it compared this run with an earlier one, the
-    versions this run made carry its report, and the gate's reason names it
-    (`cai_lib.platform.compare.note_comparison`).
-
-    The gate judges the RL-CAI policy on its win rates against the champion it was evaluated
-    with (with no champion yet, against the SL-CAI policy); when it is promoted, the PM and
-    SL-CAI model of the same run become champions with it. Registration is idempotent by
+    The pipeline's identity registers each into its candidates model (`<name>-candidates`). Each
+    version's source is the checkpoint's loadable folder under `models/` (see
+    `cai_lib.platform.pyfunc_model.publish`), and its run the MLflow run of the stage that trained
+    it. The promoter's identity (`cai_lib.platform.registry.promotion`) then judges the RL-CAI
+    candidate on its win rates against the champion it was evaluated with (with no champion yet,
+    against the SL-CAI policy); when it passes, it and the PM and SL-CAI candidates of the same
+    run are copied into their production models and become champions, as one promotion that a
+    later run completes if this one is killed half-way. The InferenceServices the installation
+    serves then follow the new champions (`cai_lib.platform.serving.sync_served`). Registration is idempotent by
     checkpoint, so a rerun that reused every checkpoint gets the versions the first run
-    registered. Returns a JSON summary (run root, report, versions, decision, what serving now
+    registered. `comparison` is the compare step's pointer (the last round's): the candidates this
+    run made carry its report (`cai_lib.platform.compare.link_comparison`), and the gate's reason
+    and evidence name it. Returns a JSON summary (run root, report, versions, decision, what serving now
     serves), also written to the run's folder for the exit handler.
     """
-    from cai_lib.platform.compare import note_comparison
+    from cai_lib.platform.compare import link_comparison
     from cai_lib.platform.pyfunc_model import ROLE_KINDS, publish
     from cai_lib.platform.registry.gate import GateDecision
-    from cai_lib.platform.registry.promotion import promote_from_evaluation, promote_with
+    from cai_lib.platform.registry.promotion import comparison_clause, promote_from_evaluation
     from cai_lib.platform.registry.versions import register_checkpoint, set_challenger
     from cai_lib.platform.serving import sync_served
 
@@ -150,6 +161,7 @@ def register(
     with recorded(ctx, "register", round_=round_) as run:
         for role, path in checkpoints.items():
             name = model_name(p.model_name_prefix, constitution.name, role)
+            candidates = candidates_name(name)
             checkpoint = DataRef.read(path)
             source = publish(checkpoint.uri, ctx.artifact_root, ROLE_KINDS[role])
             # The version's run is the stage run that trained it; markers older than that field
@@ -158,31 +170,35 @@ def register(
             lineage = lineage_of(
                 ctx, constitution, bases[role], data, 1 if role == SL_CAI else round_, parents[role]()
             )
-            info = register_checkpoint(ctx.tracking_uri, name, source, trained_by, lineage)
+            info = register_checkpoint(ctx.tracking_uri, candidates, source, trained_by, lineage)
             if not superseded:
-                set_challenger(ctx.tracking_uri, name, info.version)
+                set_challenger(ctx.tracking_uri, candidates, info.version)
             versions[role] = (name, info.version)
             if info.lineage and info.lineage.pipeline_run_id == ctx.run_id:
                 made_here.append(versions[role])
         policy_name, policy_version = versions[RL_CAI]
+        compared = json.loads(Path(comparison).read_text()) if comparison else {}
+        if compared:
+            link_comparison(ctx.tracking_uri, [(candidates_name(n), v) for n, v in made_here], compared)
         if superseded:
             # A repeated earlier round whose policy the champion continues: gating it again could
             # only move the champion back down the chain it heads.
+            reason = f"the champion already continues {candidates_name(policy_name)} v{policy_version}; not gated again"
             decision = GateDecision(
-                promote=False,
-                reason=f"the champion already continues {policy_name} v{policy_version}; not gated again",
+                promote=False, reason=f"{reason}; {comparison_clause(compared)}" if compared else reason
             )
         else:
-            record_gate_evidence(ctx, pointer, policy_name, policy_version)
-            _, decision = promote_from_evaluation(ctx.tracking_uri, policy_name, policy_version, p.promotion)
-        compared = json.loads(Path(comparison).read_text()) if comparison else {}
-        if compared:
-            gated = None if superseded else versions[RL_CAI]
-            decision = note_comparison(ctx.tracking_uri, made_here, gated, compared, decision)
+            record_gate_evidence(ctx, pointer, candidates_name(policy_name), policy_version)
+            _, decision = promote_from_evaluation(
+                ctx.tracking_uri,
+                policy_name,
+                policy_version,
+                p.promotion,
+                followers={versions[role][0]: versions[role][1] for role in (PM, SL_CAI)},
+                comparison=compared or None,
+            )
         served = []
         if decision.promote:
-            for role in (PM, SL_CAI):
-                promote_with(ctx.tracking_uri, *versions[role], leader=f"{policy_name} v{policy_version}")
             served = sync_served(ctx.tracking_uri, [name for name, _ in versions.values()])
         run.log_stage_metrics({"promoted": float(decision.promote)})
         write_record(
@@ -193,8 +209,9 @@ def register(
         )
     folder = ArtifactStore.open(ctx.run_root)
     earlier = folder.read_json(SUMMARY_FILE).get("rounds", {}) if round_ > 1 and folder.exists(SUMMARY_FILE) else {}
+    candidate_versions = {role: {"name": candidates_name(n), "version": v} for role, (n, v) in versions.items()}
     this_round = {
-        "versions": {role: {"name": n, "version": v} for role, (n, v) in versions.items()},
+        "versions": candidate_versions,
         "promoted": decision.promote,
         "reason": decision.reason,
     }
@@ -203,7 +220,7 @@ def register(
         "run_id": ctx.run_id,
         "run_root": ctx.run_root,
         "report": join_uri(ctx.run_root, REPORT_FILE),
-        "versions": {role: {"name": n, "version": v} for role, (n, v) in versions.items()},
+        "versions": candidate_versions,
         "promoted": decision.promote,
         "reason": decision.reason,
         "comparison": compared.get("report") or compared.get("error", ""),

@@ -58,6 +58,9 @@ class GateDecision(BaseModel):
 
     promote: bool = Field(description="True if `champion` moves (or stays) on this version.")
     reason: str = Field(description="One line for people, recorded as tag cai.gate.reason.")
+    production_version: str | None = Field(
+        default=None, description="When promoted: the production model's version (the candidate's copy) now champion."
+    )
 
 
 def _check_rate(name: str, value: float) -> float:

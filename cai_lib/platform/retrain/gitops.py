@@ -6,10 +6,14 @@ included) and, for each constitution name, takes the newest version by semver. A
 (the Helm chart's ConfigMap of the constitutions it bundles) works too when the caller names its
 revision (`--revision`, e.g. the chart version), which then stands where the commit would.
 
-Every version the registry lacks is published to it (write once; same content is a no-op), and
-for each change that is not up to date (`cai_lib.platform.retrain.policy`) one run is submitted
-whose `constitution` parameter is the published document's URI, which a pod can read whatever
-constitutions its image bundles. The submission itself is a callable the caller hands in
+Every version the registry lacks is published to it (write once; same content is a no-op). For
+each newest version `gather` collects the facts (the change, the registered champion, the
+ledger, the states of the runs it names, and the runs found by name for expired claims), the
+pure `cai_lib.platform.retrain.policy.decide` says what to do, and this module does it: for each
+change that is not up to date one run is submitted, under a claim in the ledger
+(`cai_lib.platform.retrain.ledger`: create-only, then fenced writes), whose `constitution`
+parameter is the published document's URI, which a pod can read whatever constitutions its image
+bundles. The submission itself is a callable the caller hands in
 (`pipelines.submit.submit_run`), so the library never imports the pipeline built from it. A
 version that is not in the lock, or whose content differs from its lock entry or from its
 published copy, is refused by name before anything is written. So are a checkout with uncommitted
@@ -19,6 +23,7 @@ unreachable registry, MLflow server or KFP host (the host is not needed for a dr
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -38,20 +43,27 @@ from cai_lib.core.constitution import (
     publish_constitution,
 )
 from cai_lib.core.errors import CaiError
-from cai_lib.core.names import LOCK_FILE
+from cai_lib.core.names import CHAMPION, LOCK_FILE, RL_CAI, VERSION_CREATION_TAGS, model_name
 from cai_lib.core.settings import settings
 from cai_lib.core.store import ArtifactStore, is_s3
 from cai_lib.platform.retrain.compare_hook import compare_against
+from cai_lib.platform.retrain.identity import fingerprint, run_config_sha256, training_params
 from cai_lib.platform.retrain.ledger import (
     LEASE_SECONDS,
     Submission,
+    attempts_prefix,
     claim_attempt,
+    legacy_submission_key,
     new_record,
+    read_record,
+    read_versioned_record,
+    records_of,
+    replace_record,
     stamp,
     submission_key,
     utc_now,
 )
-from cai_lib.platform.retrain.policy import Decision, decide
+from cai_lib.platform.retrain.policy import ChampionFacts, Change, Decision, Facts, decide, reads_needed
 from cai_lib.platform.run_config import RunConfig
 
 # Where dry runs on a laptop keep published versions, beside `cai run`'s .cai/artifacts and
@@ -276,7 +288,9 @@ def retrain(
         dry_run=dry_run,
         uncommitted_changes=dirty,
         publish=[c.ref for c in missing],
-        decisions=[decide(c, store, tracking_uri, config, client, host) for c in newest],
+        decisions=[
+            decide(gather(c, store, tracking_uri, config, client, host, namespace)) for c in newest
+        ],
     )
     if dry_run:
         return plan
@@ -287,7 +301,14 @@ def retrain(
         constitution = by_ref[item.ref]
         if item.adopt_run_id:
             _adopt(item, constitution, store, config, host, revision)
+        if item.resolve_run_id:
+            _resolve(item, constitution, store, host)
         if item.action != "retrain":
+            continue
+        if item.abandon_attempt and not _abandon(item, constitution, store):
+            key = submission_key(constitution, item.fingerprint, item.abandon_attempt)
+            item.action = "in-progress"
+            item.reason = f"the expired claim {store.uri_of(key)} was resolved by someone else meanwhile"
             continue
         item.submission = _submit(
             submit,
@@ -299,6 +320,100 @@ def retrain(
             item.action = "in-progress"
             item.reason = f"another retrain claimed it first ({store.uri_of(key)}); it submits the run"
     return plan
+
+
+def gather(
+    constitution: Constitution,
+    store: ArtifactStore,
+    tracking_uri: str | None,
+    config: RunConfig,
+    client,
+    host: str | None,
+    namespace: str | None = None,
+) -> Facts:
+    """The facts `decide` needs about the newest version `constitution` with `config`: the
+    change, the production RL-CAI champion, the ledger, and (with a KFP `client`) the states of
+    the runs it names and the runs found by name for its expired claims."""
+    from cai_lib.core.model_versions import version_by_alias
+
+    change = Change(
+        ref=constitution.ref,
+        sha256=constitution.sha256,
+        fingerprint=fingerprint(constitution, config),
+        run_config_sha256=run_config_sha256(config.params),
+        training_params=training_params(config.params),
+        image_cpu=config.deploy.image_cpu,
+        image_gpu=config.deploy.image_gpu,
+        model=model_name(config.params.model_name_prefix, constitution.name, RL_CAI),
+    )
+    champion = version_by_alias(tracking_uri, change.model, CHAMPION) if tracking_uri else None
+    records = records_of(store, constitution)
+    legacy_key = legacy_submission_key(constitution)
+    facts = Facts(
+        change=change,
+        champion=None
+        if champion is None
+        else ChampionFacts(
+            version=champion.version,
+            lineage=champion.lineage,
+            platform=all(champion.tags.get(tag) for tag in VERSION_CREATION_TAGS),
+        ),
+        records=records,
+        legacy=read_record(store, legacy_key) if not records and store.exists(legacy_key) else None,
+        run_states=None if client is None else {},
+        now=utc_now(),
+        folder=store.uri_of(attempts_prefix(constitution, change.fingerprint)),
+        host=host,
+    )
+    if client is not None:
+        states, names = reads_needed(facts)
+        facts.run_states = {run_id: run_state(client, run_id, host) for run_id in states}
+        found = {name: run_named(client, name, host, namespace) for name in names}
+        facts.found_runs = {name: run_id for name, run_id in found.items() if run_id}
+    return facts
+
+
+def run_state(client, run_id: str, host: str | None) -> str | None:
+    """The KFP state of run `run_id` (e.g. RUNNING, FAILED), or None when the host has no such run."""
+    import kfp_server_api
+
+    try:
+        run = _kfp_call(client.get_run, host, f"reading run {run_id}", run_id)
+    except kfp_server_api.ApiException as err:
+        if err.status == 404:
+            return None
+        raise CaiError(
+            f"Kubeflow Pipelines host {host}: reading run {run_id} failed ({err.status} {err.reason})"
+        ) from None
+    return str(getattr(run.state, "value", run.state) or "RUNTIME_STATE_UNSPECIFIED")
+
+
+def run_named(client, name: str, host: str | None, namespace: str | None) -> str | None:
+    """The id of the run called `name` (the one a claim submits), or None when there is none."""
+    import kfp_server_api
+
+    predicate = {"key": "display_name", "operation": "EQUALS", "string_value": name}
+    try:
+        response = _kfp_call(
+            client.list_runs, host, f"looking run {name!r} up", namespace=namespace,
+            filter=json.dumps({"predicates": [predicate]}), page_size=2,
+        )  # fmt: skip
+    except kfp_server_api.ApiException as err:
+        raise CaiError(
+            f"Kubeflow Pipelines host {host}: looking run {name!r} up failed ({err.status} {err.reason})"
+        ) from None
+    runs = response.runs or []
+    return runs[0].run_id if runs else None
+
+
+def _kfp_call(call, host: str | None, what: str, *args, **kwargs):
+    """`call(*args, **kwargs)`, an unreachable host said in one line."""
+    import urllib3
+
+    try:
+        return call(*args, **kwargs)
+    except (urllib3.exceptions.HTTPError, OSError) as err:
+        raise CaiError(f"Kubeflow Pipelines host {host}: {what} failed ({err})") from None
 
 
 def _adopt(
@@ -327,6 +442,32 @@ def _adopt(
     claim_attempt(store, submission_key(constitution, item.fingerprint, item.attempt), record)
 
 
+def _resolve(item: Decision, constitution: Constitution, store: ArtifactStore, host: str | None) -> None:
+    """Record run `item.resolve_run_id`, found by the name an expired claim submits under, as that
+    claim's run (a fenced write: nothing if the claim changed meanwhile)."""
+    key = submission_key(constitution, item.fingerprint, item.attempt)
+    claim, version = read_versioned_record(store, key)
+    if claim.state != "submitting":
+        return
+    replace_record(
+        store,
+        key,
+        claim.model_copy(update={"state": "submitted", "lease_expires_at": "", "run_id": item.resolve_run_id, "host": host or claim.host}),
+        version,
+    )
+
+
+def _abandon(item: Decision, constitution: Constitution, store: ArtifactStore) -> bool:
+    """Fence the expired claim of attempt `item.abandon_attempt` as abandoned, so that its owner's
+    late write fails; False when it changed since it was read (its owner recorded a run after all,
+    or another retrain abandoned it first)."""
+    key = submission_key(constitution, item.fingerprint, item.abandon_attempt)
+    claim, version = read_versioned_record(store, key)
+    if claim.state != "submitting":
+        return False
+    return replace_record(store, key, claim.model_copy(update={"state": "abandoned"}), version) is not None
+
+
 def _submit(
     submit: SubmitRun,
     item: Decision,
@@ -340,10 +481,13 @@ def _submit(
     client,
     compare_with: str = "",
 ) -> Submission | None:
-    """Claim the attempt, submit its run and record it; None when another retrain claimed it first."""
+    """Claim the attempt, submit its run and record it (a fenced write); None when another retrain
+    claimed it first. A submission that fails keeps the claim (see the ledger's docstring)."""
 
     now = utc_now()
     key = submission_key(constitution, item.fingerprint, item.attempt)
+    token = uuid.uuid4().hex
+    attempt = f" attempt {item.attempt}" if item.attempt > 1 else ""
     claim = new_record(
         constitution,
         store,
@@ -352,7 +496,9 @@ def _submit(
         attempt=item.attempt,
         kind=item.kind,
         state="submitting",
-        owner=f"retrain on {socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})",
+        owner=f"retrain on {socket.gethostname()} pid {os.getpid()} ({token[:8]})",
+        token=token,
+        run_name=f"retrain {constitution.ref} {item.fingerprint[:12]}{attempt} [{token[:8]}] ({revision[:40]})",
         lease_expires_at=stamp(now + timedelta(seconds=LEASE_SECONDS)),
         replaces=item.replaces,
         host=host,
@@ -360,23 +506,28 @@ def _submit(
         revision=revision,
         submitted_at=stamp(now),
     )
-    if not claim_attempt(store, key, claim):
+    version = claim_attempt(store, key, claim)
+    if version is None:
         return None
     # The run explains itself: once evaluated, it is compared with the champion's run (`compare_hook`).
     params = config.params.model_copy(update={"constitution": claim.constitution_uri, "compare_against": compare_with})
-    attempt = f" attempt {item.attempt}" if item.attempt > 1 else ""
     try:
         run = submit(
             host,
             config.model_copy(update={"params": params}),
             experiment,
-            run_name=f"retrain {constitution.ref} {item.fingerprint[:12]}{attempt} ({revision[:40]})",
+            run_name=claim.run_name,
             namespace=namespace,
             client=client,
         )
-    except Exception:
-        store.delete(key)  # nothing was submitted (as far as we know): the next retrain may try at once
-        raise
+    except Exception as err:
+        # The run may exist (a lost answer): the claim stays, and whoever finds it after its lease
+        # looks its run up by name before submitting again.
+        raise CaiError(
+            f"submitting the run for {constitution.ref} failed ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+            f"its claim {store.uri_of(key)} is kept: after its lease ({claim.lease_expires_at}) a retrain looks "
+            f"the run {claim.run_name!r} up, records it if it exists and submits again if not"
+        ) from None
     submission = claim.model_copy(
         update={
             "state": "submitted",
@@ -386,5 +537,10 @@ def _submit(
             "submitted_at": stamp(utc_now()),
         }
     )
-    store.write_json(key, submission.model_dump())
-    return submission
+    recorded = replace_record(store, key, submission, version)
+    if recorded is None:
+        raise CaiError(
+            f"{constitution.ref}: run {run.run_id} was submitted, but its claim {store.uri_of(key)} was taken over "
+            "meanwhile (its lease ran out during the submission); check for a second run of this change"
+        )
+    return recorded[0]

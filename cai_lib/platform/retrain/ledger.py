@@ -1,16 +1,29 @@
 """The retrain ledger: one record per attempt at training one change, in the constitution registry.
 
 Each fingerprint has its records under `_submissions/<name>/<version>/<fingerprint[:16]>/<attempt>.json`.
-A run is never started twice for one change: before submitting, a retrain claims the next
-attempt with a create-only write (`ArtifactStore.write_json(..., if_absent=True)`, an S3
-`If-None-Match: *` PUT) of a record in state "submitting" with a lease (`LEASE_SECONDS`). A
-concurrent retrain loses that write and submits nothing. Records written by an earlier release
-(`_submissions/<name>/<version>-<sha256[:12]>.json`, no run config or images) count as a
-submission with the current settings.
+A run is never started twice for one change:
+
+- **Claim.** Before submitting, a retrain claims the next attempt with a create-only write
+  (`write_versioned`, an S3 `If-None-Match: *` PUT) of a record in state "submitting" with a lease
+  (`LEASE_SECONDS`), a fencing token and the exact name its run will have. A concurrent retrain
+  loses that write and submits nothing.
+- **Fenced writes.** Every later write of the claim (checking it just before submitting, recording
+  the run) is conditional on the version (ETag) the owner last wrote (`If-Match`). A retrain that
+  takes over an expired claim first rewrites it as "abandoned" the same way, so the late owner's
+  next write fails and it learns that it lost, instead of overwriting.
+- **Ambiguous errors keep the claim.** A conditional write whose answer was lost is resolved by
+  reading the record back (is it the one this owner wrote?); a submission that fails keeps the
+  claim, and whoever finds it after its lease reads back first: a run of the claim's name in
+  Kubeflow Pipelines is recorded as its run, and only when there is none is the attempt taken over.
+  Nothing is ever deleted.
+
+Records written by an earlier release (`_submissions/<name>/<version>-<sha256[:12]>.json`, no run
+config or images) count as a submission with the current settings.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -72,10 +85,17 @@ class Submission(BaseModel):
         description="change: first run for it; resubmit: after a failed run; takeover: after a claim "
         "whose lease expired; adopt: an earlier run taken as having trained it.",
     )
-    state: Literal["submitting", "submitted", "adopted"] = Field(
-        default="submitted", description="submitting: claimed, the run not created yet."
+    state: Literal["submitting", "submitted", "adopted", "abandoned"] = Field(
+        default="submitted",
+        description="submitting: claimed, the run not created yet; abandoned: the claim's lease expired with no "
+        "run of its name, and another retrain took the attempt after it over.",
     )
     owner: str = Field(default="", description="The retrain that wrote it (host, pid, nonce).")
+    token: str = Field(default="", description="The claim's fencing token: its owner's, in every write it makes.")
+    fence: int = Field(default=0, ge=0, description="How many times the record was written (each write differs).")
+    run_name: str = Field(
+        default="", description="The name the claim's run is submitted under, by which a later retrain finds it."
+    )
     lease_expires_at: str = Field(
         default="", description="While submitting: when another retrain may take the claim over (UTC)."
     )
@@ -158,7 +178,41 @@ def new_record(
     )
 
 
-def claim_attempt(store: ArtifactStore, key: str, record: Submission) -> bool:
+def _encoded(record: Submission) -> bytes:
+    return (json.dumps(record.model_dump(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def read_versioned_record(store: ArtifactStore, key: str) -> tuple[Submission, str]:
+    """The record at `key` and its version token (ETag), for a fenced write."""
+    data, version = store.read_versioned(key)
+    try:
+        return Submission.model_validate_json(data), version
+    except ValueError as err:
+        raise CaiError(f"{store.uri_of(key)}: not a submission record ({err}); delete it") from None
+
+
+def _written(store: ArtifactStore, key: str, record: Submission, version: str | None) -> str | None:
+    """`version` when the conditional write succeeded; else, reading the record back, its version
+    if it is the one just written (the write's answer was lost and the retry found it done)."""
+    if version is not None:
+        return version
+    current, current_version = read_versioned_record(store, key)
+    mine = (current.token, current.fence, current.state) == (record.token, record.fence, record.state)
+    return current_version if mine else None
+
+
+def claim_attempt(store: ArtifactStore, key: str, record: Submission) -> str | None:
     """Write `record` at `key` unless something is there: the create-only write (S3 If-None-Match)
-    concurrent retrains race on. True for the one that wrote it."""
-    return store.write_json(key, record.model_dump(), if_absent=True)
+    concurrent retrains race on. Returns its version token for the one that wrote it, else None."""
+    return _written(store, key, record, store.write_versioned(key, _encoded(record)))
+
+
+def replace_record(
+    store: ArtifactStore, key: str, record: Submission, if_version: str
+) -> tuple[Submission, str] | None:
+    """Write `record` (its `fence` one higher) at `key` only if the record there is still at
+    version `if_version`: the fenced write. Returns the record written and its version, or None
+    when someone else wrote it in between (the lease was taken over)."""
+    record = record.model_copy(update={"fence": record.fence + 1})
+    version = _written(store, key, record, store.write_versioned(key, _encoded(record), if_match=if_version))
+    return None if version is None else (record, version)

@@ -1,4 +1,9 @@
-"""Whether a change needs a run: the retrain decision.
+"""Whether a change needs a run: the retrain decision, a pure function of the facts.
+
+`decide(facts)` reads nothing and writes nothing: `gitops` gathers the facts (the change from git
+and the run config, the registered champion, the ledger's records, the states of the runs they
+name, the runs found by name for expired claims) and applies the decision. So every case is a row
+of a table in the tests, with no server.
 
 A change is up to date when either
 
@@ -7,40 +12,81 @@ A change is up to date when either
   (`cai.run_config.sha256`, written by the pipeline's register step), and the images are those
   recorded for the champion's run. A champion whose run config or images were never recorded (one
   trained by `cai submit` or `cai run`, or registered by an earlier release) is taken to have the
-  current ones, and that is recorded (an "adopted" record), so a later change is seen; or
+  current ones, and that is recorded (an "adopted" record), so a later change is seen. A champion
+  the platform did not register (no creation tags) counts as none; or
 - a run was already submitted for it: the newest attempt in the ledger decides. A run still
   pending or running, or one that succeeded, is up to date; a run that failed is resubmitted once
   (the resubmission is attempt n+1, kind "resubmit"), and when it fails too, or the run was
   canceled or deleted, it needs a person (fix the cause, then change the config or delete that
-  folder). The run's state is read from Kubeflow Pipelines (`get_run`); a dry run without a host
-  does not read it. A retrain that finds a "submitting" record whose lease has expired (its writer
-  crashed) claims the next attempt (kind "takeover").
+  folder). Without a KFP host that answers (a dry run) run states are not read.
+
+A claim ("submitting") under its lease holds others off. Once its lease has expired, the run of
+the claim's name is looked up: found, it is recorded as the claim's run (`resolve_run_id`); not
+found, the claim is fenced as abandoned and the next attempt taken over (kind "takeover"). A
+claim is never taken over without that look-up.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from cai_lib.core.constitution import Constitution
-from cai_lib.core.errors import CaiError
-from cai_lib.core.names import RL_CAI, model_name
-from cai_lib.core.store import ArtifactStore
-from cai_lib.platform.retrain.identity import fingerprint, run_config_sha256, training_params
-from cai_lib.platform.retrain.ledger import (
-    Submission,
-    attempts_prefix,
-    expired,
-    legacy_submission_key,
-    read_record,
-    records_of,
-    utc_now,
-)
-from cai_lib.platform.run_config import RunConfig
+from cai_lib.core.model_versions import Lineage
+from cai_lib.core.names import CHAMPION
+from cai_lib.platform.retrain.ledger import Submission, expired
 
 # KFP run states (V2beta1RuntimeState) after which a run will not change any more by itself.
 FAILED, CANCELED, SUCCEEDED = "FAILED", "CANCELED", "SUCCEEDED"
+
+
+class Change(BaseModel):
+    """One constitution's newest version with the run config and images in force: what a run
+    would train."""
+
+    ref: str = Field(description="name@version of the newest version in git.")
+    sha256: str = Field(description="Its content hash.")
+    fingerprint: str = Field(description="sha256 of constitution, training parameters and images.")
+    run_config_sha256: str = Field(description="sha256 of the training parameters.")
+    training_params: dict = Field(description="The training parameters, for naming what changed.")
+    image_cpu: str
+    image_gpu: str
+    model: str = Field(description="The production RL-CAI model whose champion may have trained it.")
+
+
+class ChampionFacts(BaseModel):
+    """The production RL-CAI champion as the registry records it."""
+
+    version: str
+    lineage: Lineage | None = Field(default=None, description="None where no lineage was recorded.")
+    platform: bool = Field(default=True, description="Whether it carries the platform's creation tags.")
+
+
+class Facts(BaseModel):
+    """Everything `decide` reads, gathered by `gitops`."""
+
+    change: Change
+    champion: ChampionFacts | None = None
+    records: dict[str, dict[int, Submission]] = Field(
+        default_factory=dict,
+        description="The ledger of this constitution version: fingerprint[:16] -> attempt -> record.",
+    )
+    legacy: Submission | None = Field(
+        default=None, description="A record of the release before fingerprints."
+    )
+    run_states: dict[str, str | None] | None = Field(
+        default=None,
+        description="KFP state of each run the ledger names that was read (None: no such run); None when no "
+        "KFP host answers.",
+    )
+    found_runs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Run name -> run id, for the expired claims' run names found in KFP.",
+    )
+    now: datetime
+    folder: str = Field(description="Where this fingerprint's attempts lie (for messages).")
+    host: str | None = None
 
 
 class Decision(BaseModel):
@@ -63,6 +109,12 @@ class Decision(BaseModel):
     adopt_run_id: str = Field(
         default="", description="An earlier run whose unrecorded settings are recorded as the current ones."
     )
+    abandon_attempt: int = Field(
+        default=0, description="For a takeover: the expired claim to fence as abandoned first."
+    )
+    resolve_run_id: str = Field(
+        default="", description="For an expired claim whose run was found by name: the run to record as its."
+    )
     submission: Submission | None = Field(default=None, description="The run submitted (after a real run).")
 
 
@@ -76,70 +128,67 @@ def _flat(data: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _changes(before: Submission, config: RunConfig) -> list[str]:
-    """What differs between the settings recorded in `before` and `config`, for people."""
-    changes = []
-    now_sha = run_config_sha256(config.params)
-    if before.run_config_sha256 and before.run_config_sha256 != now_sha:
+def changes(before: Submission, change: Change) -> list[str]:
+    """What differs between the settings recorded in `before` and `change`, for people."""
+    found = []
+    if before.run_config_sha256 and before.run_config_sha256 != change.run_config_sha256:
         if before.run_config:
-            old, new = _flat(before.run_config), _flat(training_params(config.params))
+            old, new = _flat(before.run_config), _flat(change.training_params)
             missing = "(unset)"
             keys = sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
             shown = [f"params.{k} {old.get(k, missing)} -> {new.get(k, missing)}" for k in keys[:3]]
-            changes += shown + ([f"{len(keys) - 3} more params"] if len(keys) > 3 else [])
-        if not changes:
-            changes.append(f"run config sha256 {before.run_config_sha256[:12]} -> {now_sha[:12]}")
+            found += shown + ([f"{len(keys) - 3} more params"] if len(keys) > 3 else [])
+        if not found:
+            found.append(
+                f"run config sha256 {before.run_config_sha256[:12]} -> {change.run_config_sha256[:12]}"
+            )
     for field in ("image_cpu", "image_gpu"):
-        old_image, new_image = getattr(before, field), getattr(config.deploy, field)
+        old_image, new_image = getattr(before, field), getattr(change, field)
         if old_image and old_image != new_image:
-            changes.append(f"deploy.{field} {old_image} -> {new_image}")
-    return changes
+            found.append(f"deploy.{field} {old_image} -> {new_image}")
+    return found
 
 
-def _champion_status(
-    name: str,
-    champion,
-    constitution: Constitution,
-    config: RunConfig,
-    records: dict[str, dict[int, Submission]],
-) -> tuple[Literal["current", "adopt", "differs"], str, str]:
+def _champion_status(facts: Facts) -> tuple[Literal["current", "adopt", "differs"], str, str]:
     """(whether the champion was trained on this change, why, the run to adopt when its settings
     were not recorded)."""
-    from cai_lib.core.names import CHAMPION
-
+    change, champion = facts.change, facts.champion
     if champion is None:
-        return "differs", f"no {CHAMPION} registered for {name}", ""
-    who = f"champion {name} version {champion.version}"
+        return "differs", f"no {CHAMPION} registered for {change.model}", ""
+    who = f"champion {change.model} version {champion.version}"
+    if not champion.platform:
+        return (
+            "differs",
+            f"{who} was not registered by cai-platform (no creation tags), so it counts as none",
+            "",
+        )
     lineage = champion.lineage
     if lineage is None:
         return "differs", f"{who} has no constitution lineage", ""
-    if lineage.constitution_sha256 != constitution.sha256:
+    if lineage.constitution_sha256 != change.sha256:
         trained = f"{lineage.constitution_name}@{lineage.constitution_version}"
         return (
             "differs",
-            (
-                f"{who} was trained on {trained} "
-                f"(sha256 {lineage.constitution_sha256[:12]}, this one {constitution.sha256[:12]})"
-            ),
+            f"{who} was trained on {trained} (sha256 {lineage.constitution_sha256[:12]}, this one {change.sha256[:12]})",
             "",
         )
     runs = [
         record
-        for attempts in records.values()
+        for attempts in facts.records.values()
         for record in attempts.values()
         if record.run_id == lineage.pipeline_run_id and record.has_settings
     ]
     baseline = max(runs, key=lambda r: r.submitted_at) if runs else None
     baseline = baseline or Submission(
-        constitution_ref=constitution.ref, constitution_sha256=constitution.sha256, submitted_at=""
+        constitution_ref=change.ref, constitution_sha256=change.sha256, submitted_at=""
     )
     # The lineage tag is what the register step itself saw; it wins over a record.
-    trained_config = getattr(lineage, "run_config_sha256", "")
+    trained_config = lineage.run_config_sha256
     if trained_config not in ("", "unknown") and trained_config != baseline.run_config_sha256:
         baseline = baseline.model_copy(update={"run_config_sha256": trained_config, "run_config": {}})
-    changes = _changes(baseline, config)
-    if changes:
-        return "differs", f"{who} was trained on it with other settings: {'; '.join(changes)}", ""
+    differences = changes(baseline, change)
+    if differences:
+        return "differs", f"{who} was trained on it with other settings: {'; '.join(differences)}", ""
     unknown = [
         what
         for what, known in (("run config", baseline.run_config_sha256), ("images", baseline.image_cpu))
@@ -154,52 +203,74 @@ def _champion_status(
     return "current", f"{who} was trained on it", ""
 
 
-def run_state(client, run_id: str, host: str | None) -> str | None:
-    """The KFP state of run `run_id` (e.g. RUNNING, FAILED), or None when the host has no such run."""
-    import kfp_server_api
-    import urllib3
-
-    try:
-        run = client.get_run(run_id)
-    except kfp_server_api.ApiException as err:
-        if err.status == 404:
-            return None
-        raise CaiError(
-            f"Kubeflow Pipelines host {host}: reading run {run_id} failed ({err.status} {err.reason})"
-        ) from None
-    except (urllib3.exceptions.HTTPError, OSError) as err:
-        raise CaiError(f"Kubeflow Pipelines host {host}: reading run {run_id} failed ({err})") from None
-    return str(getattr(run.state, "value", run.state) or "RUNTIME_STATE_UNSPECIFIED")
+def _latest(facts: Facts) -> tuple[int, Submission] | None:
+    attempts = facts.records.get(facts.change.fingerprint[:16], {})
+    return (max(attempts), attempts[max(attempts)]) if attempts else None
 
 
-def _from_attempts(
-    attempts: dict[int, Submission], folder: str, client, host: str | None, decision
-) -> Decision:
-    """The decision the newest attempt at this change calls for (see the module's docstring)."""
-    n = max(attempts)
-    latest = attempts[n]
+def reads_needed(facts: Facts) -> tuple[list[str], list[str]]:
+    """(run ids whose KFP state `decide` needs, run names to look up in KFP): what `gitops` asks
+    Kubeflow Pipelines before deciding."""
+    latest = _latest(facts)
+    if latest is None:
+        return [], []
+    _, record = latest
+    if record.state == "submitted" and record.run_id:
+        return [record.run_id], []
+    if record.state == "submitting" and expired(record.lease_expires_at, facts.now) and record.run_name:
+        return [], [record.run_name]
+    return [], []
+
+
+def _from_attempts(facts: Facts, decision) -> Decision:
+    """The decision the newest attempt at this change calls for (see the module docstring)."""
+    attempts = facts.records[facts.change.fingerprint[:16]]
+    n, latest = _latest(facts)
+    folder, host = facts.folder, facts.host
     if latest.state == "adopted":
         return decision(
             "up-to-date", f"run {latest.run_id} was recorded at {latest.submitted_at} as having trained it"
         )
-    if latest.state == "submitting":
-        if not expired(latest.lease_expires_at, utc_now()):
-            return decision(
-                "in-progress",
-                f"{latest.owner} claimed it at {latest.submitted_at} and is submitting its run "
-                f"(lease until {latest.lease_expires_at})",
-            )
+    if latest.state == "abandoned":
         return decision(
             "retrain",
-            f"{latest.owner} claimed it at {latest.submitted_at} but recorded no run before its lease expired "
-            f"at {latest.lease_expires_at}; submitting it again",
+            f"{latest.owner}'s claim was abandoned (no run of its name before its lease expired); submitting it again",
             kind="takeover",
             attempt=n + 1,
         )
+    if latest.state == "submitting":
+        claimed = f"{latest.owner} claimed it at {latest.submitted_at}"
+        if not expired(latest.lease_expires_at, facts.now):
+            return decision(
+                "in-progress", f"{claimed} and is submitting its run (lease until {latest.lease_expires_at})"
+            )
+        if latest.run_name and latest.run_name in facts.found_runs:
+            run_id = facts.found_runs[latest.run_name]
+            return decision(
+                "in-progress",
+                f"{claimed}; its lease expired, but its run {run_id} exists (found by its name), so that is "
+                "recorded as its run",
+                attempt=n,
+                resolve_run_id=run_id,
+            )
+        if facts.run_states is None:
+            return decision(
+                "in-progress",
+                f"{claimed}; its lease expired at {latest.lease_expires_at}, and without a KFP host that answers "
+                "it is not known whether its run exists",
+            )
+        return decision(
+            "retrain",
+            f"{claimed} but no run of its name exists and its lease expired at {latest.lease_expires_at}; "
+            "submitting it again",
+            kind="takeover",
+            attempt=n + 1,
+            abandon_attempt=n,
+        )
     submitted = f"run {latest.run_id} was submitted for it at {latest.submitted_at}"
-    if client is None:
+    if facts.run_states is None or latest.run_id not in facts.run_states:
         return decision("up-to-date", f"{submitted} (its state is not read without a KFP host that answers)")
-    state = run_state(client, latest.run_id, host)
+    state = facts.run_states[latest.run_id]
     if state is None:
         return decision(
             "needs-attention", f"{submitted} but {host} has no such run; delete {folder}/ to submit it again"
@@ -228,61 +299,46 @@ def _from_attempts(
     return decision("in-progress", f"{submitted} and is {state}")
 
 
-def decide(
-    constitution: Constitution,
-    store: ArtifactStore,
-    tracking_uri: str | None,
-    config: RunConfig,
-    client=None,
-    host: str | None = None,
-) -> Decision:
-    """Whether the newest version, trained with `config`, needs a run: not if the champion was
-    trained on it or a run for it was submitted (and has not failed, or was resubmitted once).
-
-    `client` (a `kfp.Client`) reads the state of the last run submitted; without one it is not read.
-    Without a `tracking_uri` there is no model registry yet, so no champion."""
-    from cai_lib.core.model_versions import version_by_alias
-    from cai_lib.core.names import CHAMPION
-
-    change = fingerprint(constitution, config)
+def decide(facts: Facts) -> Decision:
+    """Whether the change in `facts` needs a run: not if the champion was trained on it or a run
+    for it was submitted (and has not failed, or was resubmitted once). Pure: see the module
+    docstring."""
+    change = facts.change
 
     def decision(action: str, reason: str, **fields) -> Decision:
         return Decision(
-            ref=constitution.ref,
-            sha256=constitution.sha256,
-            fingerprint=change,
+            ref=change.ref,
+            sha256=change.sha256,
+            fingerprint=change.fingerprint,
             action=action,
             reason=reason,
             **fields,
         )
 
-    name = model_name(config.params.model_name_prefix, constitution.name, RL_CAI)
-    champion = version_by_alias(tracking_uri, name, CHAMPION) if tracking_uri else None
-    records = records_of(store, constitution)
-    attempts = records.get(change[:16], {})
-    status, reason, adopt = _champion_status(name, champion, constitution, config, records)
+    attempts = facts.records.get(change.fingerprint[:16], {})
+    status, reason, adopt = _champion_status(facts)
     if status == "current":
         return decision("up-to-date", reason)
     if status == "adopt":
         return decision("up-to-date", reason, adopt_run_id=adopt, attempt=max(attempts, default=0) + 1)
     if attempts:
-        folder = store.uri_of(attempts_prefix(constitution, change))
-        return _from_attempts(attempts, folder, client, host, decision)
-    legacy_key = legacy_submission_key(constitution)
-    if not records and store.exists(legacy_key):
-        legacy = read_record(store, legacy_key)
+        return _from_attempts(facts, decision)
+    if not facts.records and facts.legacy is not None:
         return decision(
             "up-to-date",
-            f"run {legacy.run_id} was submitted for it at {legacy.submitted_at} by an earlier release "
+            f"run {facts.legacy.run_id} was submitted for it at {facts.legacy.submitted_at} by an earlier release "
             "(its run config and images not recorded: taken to be the current ones)",
-            adopt_run_id=legacy.run_id,
+            adopt_run_id=facts.legacy.run_id,
         )
-    recorded = [r for attempts in records.values() for r in attempts.values() if r.has_settings]
+    recorded = [r for attempts in facts.records.values() for r in attempts.values() if r.has_settings]
     if recorded:
         last = max(recorded, key=lambda r: r.submitted_at)
-        changes = _changes(last, config)
-        if changes:
-            reason += (
-                f"; the last run submitted for it ({last.run_id or 'unfinished'}) had {'; '.join(changes)}"
-            )
+        differences = changes(last, change)
+        if differences:
+            reason += f"; the last run submitted for it ({last.run_id or 'unfinished'}) had {'; '.join(differences)}"
     return decision("retrain", reason)
+
+
+def plan(facts: list[Facts]) -> list[Decision]:
+    """The decision for each change: the runs to submit are those whose action is "retrain"."""
+    return [decide(one) for one in facts]
