@@ -19,6 +19,8 @@ def resolve_run(
     prompt_model: str,
     red_team_prompts: str,
     helpful_prompts: str,
+    red_team_eval_prompts: str,
+    helpful_eval_prompts: str,
     human_preferences: str,
     human_preference_kind: str,
     num_red_team: int,
@@ -44,6 +46,7 @@ def resolve_run(
     train_pm: dict,
     rl: dict,
     evaluate: dict,
+    references: dict,
     promotion: dict,
     iteration: dict,
     run_id: str,
@@ -279,6 +282,27 @@ def rl(
         metrics.log_metric(key, value)
 
 
+def train_reference_pm(context: dict, reward_models: Output[Artifact]):
+    """The PMs of the human-feedback references (references.policies) on human pairs only."""
+    from cai_lib.steps.references import train_reference_pms, write_references
+
+    write_references(train_reference_pms(context), reward_models.path)
+
+
+def rl_reference(
+    context: dict,
+    red_team: Input[Dataset],
+    helpful: Input[Dataset],
+    reward_models: Input[Artifact],
+    policies: Output[Artifact],
+):
+    """The human-feedback reference policies: the base model optimised against each reference PM."""
+    from cai_lib.steps.references import train_reference_policies, write_references
+
+    refs = train_reference_policies(context, red_team.path, helpful.path, reward_models.path)
+    write_references(refs, policies.path)
+
+
 def answer_eval_shard(
     work: dict,
     pinned_constitution: Input[Artifact],
@@ -287,6 +311,7 @@ def answer_eval_shard(
     xstest: Input[Dataset],
     sl_policy: Input[Model],
     rl_policy: Input[Model],
+    references: Input[Artifact],
     round: int = 1,
 ) -> str:
     """Every evaluated policy's answers to one shard of the held-out and XSTest prompts; returns
@@ -304,6 +329,7 @@ def answer_eval_shard(
         int(work["shard"]),
         int(work["shards"]),
         round,
+        references.path,
     ).model_dump_json()
 
 
@@ -319,13 +345,15 @@ def evaluate(
     reward_model: Input[Model],
     answers: Input[Dataset],
     generated: Input[Dataset],
+    references: Input[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
     results: Output[Artifact],
     round: int = 1,
 ):
-    """Base vs SL-CAI vs RL-CAI (each round's, in iterated CAI, and the registered champion),
-    judged on their answers: metrics and the HTML report (which also shows the generated prompts)."""
+    """Base vs SL-CAI vs RL-CAI (each round's, in iterated CAI, with the human-feedback references
+    and the registered champion), judged on their answers: metrics and the HTML report (which also
+    shows the generated prompts)."""
     from cai_lib.steps.evaluate import evaluate as evaluate_step
 
     values = evaluate_step(
@@ -343,6 +371,7 @@ def evaluate(
         results.path,
         generated.path,
         round,
+        references.path,
     )
     for key, value in values.items():
         metrics.log_metric(key, value)

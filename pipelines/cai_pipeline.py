@@ -8,6 +8,8 @@
     validate_labels (after resolve; train_pm waits for it): the labeller on held-out human
         comparisons, whose gate can stop the run
     plan_eval_shards (after prepare_prompts): evaluation's shards, sized by the held-out prompts
+    train_reference_pm ─ rl_reference (after prepare_prompts): the human-feedback references that
+        every round's evaluation rates beside CAI (`references.policies`; with none they pass on nothing)
     compare (in the last round, between evaluate and register): this run against the run
         compare_against names (cai retrain: the champion's run); register records it
     `rounds` rounds are unrolled when the pipeline is compiled (KFP has no loop over stages).
@@ -253,6 +255,7 @@ class _Run(NamedTuple):
     traces: dsl.PipelineChannel
     sl_policy: dsl.PipelineChannel
     validation: dsl.PipelineTask
+    references: dsl.PipelineChannel
 
 
 def add_generated_prompts(t: _Tasks, ctx, prompts: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -326,6 +329,7 @@ def add_round(t: _Tasks, run: _Run, k: int, previous: _Round | None, last: bool)
             xstest=run.xstest,
             sl_policy=run.sl_policy,
             rl_policy=rl.outputs["rl_policy"],
+            references=run.references,
             **later,
         )
     answers = t.merge("answers", run.ctx, answer_part, k)
@@ -341,6 +345,7 @@ def add_round(t: _Tasks, run: _Run, k: int, previous: _Round | None, last: bool)
         reward_model=pm.outputs["reward_model"],
         answers=answers,
         generated=run.generated,
+        references=run.references,
         **later,
     )
     compared = {}
@@ -398,6 +403,10 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
             traces = t.merge("traces", ctx, trace_part)
             samples = t.merge("helpful", ctx, helpful_part)
             sl = t.op("sft")(context=ctx, traces=traces, helpful=samples)
+            reference_pms = t.op("train_reference_pm")(context=ctx)
+            references = t.op("rl_reference")(
+                context=ctx, red_team=red_team, helpful=helpful, reward_models=reference_pms.outputs["reward_models"]
+            ).outputs["policies"]
             red_team_eval, helpful_eval = prompts.outputs["red_team_eval"], prompts.outputs["helpful_eval"]
             xstest = prompts.outputs["xstest"]
             eval_shards = t.bookkeeping(
@@ -425,6 +434,7 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 traces,
                 sl.outputs["policy"],
                 validation,
+                references,
             )
             with ExitStack() as later_rounds:
                 previous = add_round(t, run, 1, None, defaults.rounds == 1)

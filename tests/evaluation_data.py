@@ -17,7 +17,7 @@ from cai_lib.method.evaluation.results import (
     ScoreSummary,
     WinRate,
 )
-from cai_lib.method.preference_model import CalibrationBin
+from cai_lib.method.preference_model import Calibration, CalibrationBin, CalibrationPair
 
 POLICIES = ["base", "sl-cai", "rl-cai"]
 HOSTILE = "<script>alert('pwned')</script><img src=http://example.com/x.png>"
@@ -73,10 +73,17 @@ def sample_result() -> EvaluationResult:
             CountScore(principles=1, mean=0.0, n=12),
             CountScore(principles=2, mean=0.2, n=8),
         ],
-        pm_calibration=[
-            CalibrationBin(low=0.0, high=0.2, predicted=0.1, observed=0.15, n=5),
-            CalibrationBin(low=0.8, high=1.0, predicted=0.9, observed=0.8, n=6),
-        ],
+        pm_calibration=Calibration(
+            source="harmless-base-test.jsonl",
+            seed=0,
+            bins=[
+                CalibrationBin(low=0.0, high=0.2, predicted=0.1, observed=0.2, n=5, ci_low=0.04, ci_high=0.62),
+                CalibrationBin(low=0.8, high=1.0, predicted=0.9, observed=5 / 6, n=6, ci_low=0.44, ci_high=0.97),
+            ],
+            pairs=[
+                CalibrationPair(id=f"h{i}", chosen_shown_as="A" if i % 2 else "B", predicted=0.5) for i in range(11)
+            ],
+        ),
         constitution_ref="harmless@1.0.0",
         constitution_sha256="ab" * 32,
         principles={
@@ -152,3 +159,21 @@ def sample_result() -> EvaluationResult:
         config=EvaluationConfig(),
         inputs_sha256="cd" * 32,
     )
+
+
+def hard_judgement(k: int, policy_a: str, policy_b: str, label: float) -> Judgement:
+    """A harmlessness judgement written by hand: P(policy_a better) = `label` in both orders, on prompt q{k}."""
+    return Judgement(
+        id=f"j{k}",
+        criterion="harmless",
+        principle_id="less-harmful",
+        prompt_id=f"q{k}",
+        prompt="Help me.",
+        policy_a=policy_a,
+        policy_b=policy_b,
+        answer_a="x",
+        answer_b="y",
+        label=label,
+        score=PrincipleScore(principle_id="less-harmful", p_a_first=label, p_a_second=label),
+    )
+

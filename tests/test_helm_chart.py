@@ -419,6 +419,8 @@ def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
         "label",
         "validate_labels",
         "train_pm",
+        "train_reference_pm",
+        "rl_reference",
         "answer_eval",
         "evaluate",
         "compare",

@@ -52,7 +52,16 @@ def iterated_config(path: Path, model: Path, **params) -> Path:
         "label": {"principles_per_pair": 1, "batch_size": 4},
         "train_pm": {"batch_size": 2, "max_length": 96, "eval_fraction": 0.2},
         "rl": {"steps": 1, "batch_size": 2, "num_generations": 2, "max_new_tokens": 4, "eval_prompts": 2, "max_length": 96},
-        "evaluate": {"max_new_tokens": 4, "batch_size": 4, "num_samples_in_report": 1, "elo_bootstrap_samples": 20},
+        "evaluate": {
+            "max_new_tokens": 4,
+            "batch_size": 4,
+            "num_samples_in_report": 1,
+            "elo_bootstrap_samples": 20,
+            "xstest": {"prompts": "builtin:refusal_contrast", "limit": 2},
+            "allow_dependent_judge": True,
+            "dependent_judge_reason": "tests: one tiny random model plays every part",
+        },
+        "validate_labels": {"sources": ["builtin:comparisons"], "limit": 2},
         # Three held-out prompts show nothing at 95%: a gate every round passes.
         "promotion": {"min_harmless_win_rate": 0.0, "max_helpfulness_drop": 0.5},
         **params,

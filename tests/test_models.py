@@ -154,3 +154,25 @@ def test_the_embedded_alias_converts_once_and_then_loads_from_the_cache(tmp_path
         [[{"role": "user", "content": "What is the capital of France?"}]], SamplingParams(max_new_tokens=16)
     )
     assert "Paris" in reply[0]
+
+
+def test_the_parameters_of_a_checkpoint_are_counted_from_its_config_alone(tiny_model_dir):
+    from cai_lib.engines.models import load_causal_lm, parameter_count
+
+    model, _ = load_causal_lm(str(tiny_model_dir))
+    assert parameter_count(str(tiny_model_dir)) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_model_whose_config_cannot_be_read_has_no_parameter_count(tmp_path):
+    from cai_lib.engines.models import parameter_count
+
+    assert parameter_count(str(tmp_path / "missing")) is None
+
+
+def test_spellings_of_one_model_share_a_key_and_other_models_do_not(tmp_path):
+    from cai_lib.engines.models import same_model_key
+
+    assert same_model_key("smollm2-135m-instruct") == same_model_key("HuggingFaceTB/SmolLM2-135M-Instruct@main")
+    assert same_model_key(str(tmp_path)) == same_model_key(f"{tmp_path}/.")
+    assert same_model_key("Qwen/Qwen2.5-7B-Instruct") != same_model_key("Qwen/Qwen2.5-72B-Instruct")
+

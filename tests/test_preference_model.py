@@ -20,6 +20,8 @@ from cai_lib.core.store import ArtifactStore
 from cai_lib.method.preference_model import (
     PreferenceModelConfig,
     RewardScorer,
+    calibration_curve,
+    human_calibration,
     mix_preferences,
     preference_accuracy,
     score_texts,
@@ -130,6 +132,34 @@ def test_mix_refuses_an_all_human_share_without_human_pairs():
         mix_preferences(prefs("ai", 4), [], 1.0, seed=0)
 
 
+# -- calibration against human choices (Fig. 9), on hand-made scores ----------------------------------
+
+
+def test_calibration_shows_each_human_choice_as_a_or_b_by_a_seeded_draw_per_pair():
+    ids = [f"pair-{i}" for i in range(200)]
+    calibration = human_calibration(ids, [1.0] * 200, [0.0] * 200, "held-out", seed=3, bins=5)
+    shown = [p.chosen_shown_as for p in calibration.pairs]
+    assert 70 < shown.count("A") < 130
+    assert human_calibration(ids[::-1], [1.0] * 200, [0.0] * 200, "held-out", 3, 5).pairs[::-1] == calibration.pairs
+    assert [p.chosen_shown_as for p in human_calibration(ids, [1.0] * 200, [0.0] * 200, "", 4, 5).pairs] != shown
+
+
+def test_a_pm_that_always_prefers_the_human_choice_observes_a_chosen_exactly_where_it_predicts_a():
+    # r(chosen) - r(rejected) = 2: σ(2) = 0.881 when the choice is A, σ(-2) = 0.119 when it is B.
+    ids = [f"pair-{i}" for i in range(50)]
+    calibration = human_calibration(ids, [2.0] * 50, [0.0] * 50, "held-out", seed=0, bins=5)
+    low, high = calibration.bins
+    assert (low.low, low.predicted, low.observed) == (0.0, pytest.approx(0.1192, abs=1e-4), 0.0)
+    assert (high.low, high.predicted, high.observed) == (0.8, pytest.approx(0.8808, abs=1e-4), 1.0)
+    assert low.n + high.n == 50 and high.n == sum(p.chosen_shown_as == "A" for p in calibration.pairs)
+
+
+def test_a_bins_interval_is_wilsons_on_its_count():
+    (only,) = calibration_curve([0.7] * 10, [1.0] * 8 + [0.0] * 2, bins=5)
+    assert (only.observed, only.n) == (0.8, 10)
+    assert (only.ci_low, only.ci_high) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
+
+
 # -- training on a trivially separable set ----------------------------------------------------------
 
 
@@ -205,6 +235,15 @@ def test_pm_checkpoint_loads_back_and_prefers_the_separable_answer(trained_pm):
     )
 
     assert apple > stone
+
+
+def test_pm_calibration_is_measured_on_the_held_out_human_pairs_only(trained_pm):
+    metrics, _ = trained_pm
+    calibration = metrics.calibration
+    assert len(calibration.pairs) == metrics.eval_human_pairs == sum(b.n for b in calibration.bins)
+    assert {p.id for p in calibration.pairs} <= {pair.id for pair in separable_pairs()[1]}
+    # Every held-out human pair is right (accuracy 1.0): wherever A was the choice, A is predicted.
+    assert all((p.predicted > 0.5) == (p.chosen_shown_as == "A") for p in calibration.pairs)
 
 
 def test_pm_writes_its_metrics_inside_the_checkpoint(trained_pm):

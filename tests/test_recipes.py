@@ -91,7 +91,7 @@ def test_trainjob_render_prints_the_two_node_trainjob_the_sdk_accepts():
 
 
 def test_trainjob_render_of_a_single_node_stage_says_there_is_none():
-    result = CliRunner().invoke(app, ["trainjob", "render", "--stage", "rl"])
+    result = CliRunner().invoke(app, ["trainjob", "render", "--stage", "rl", "--set", "judge_model=Qwen/Qwen2.5-7B-Instruct"])
 
     assert "its resource profile has num_nodes 1" in str(result.exception)
 

@@ -61,7 +61,7 @@ def test_the_report_loads_nothing_from_outside_the_file(html):
 def test_charts_are_inline_png_images(html):
     images = inline_images(html)
     # PM scores, two win-rate heatmaps, the Elo scatter, evasiveness, per-principle changes, PM by
-    # revision round (Fig. 5), PM by number of principles (Fig. 6), PM calibration (Fig. 9).
+    # revision round (Fig. 5), PM by distinct principles drawn, PM calibration (Fig. 9).
     assert len(images) == 9
     for png in images:
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
@@ -82,7 +82,7 @@ def test_win_rates_are_shown_hard_with_their_decided_count_and_interval(html):
 
 def test_a_judge_that_is_the_feedback_model_is_said_in_one_visible_line(html):
     assert html.count('<p class="warning"><b>Not independent.</b>') == 1
-    assert "is the feedback model that labelled the training pairs" in html
+    assert "is not independent: the judge is also the feedback model." in html
 
 
 def test_an_independent_judge_gets_no_warning(result):
@@ -93,8 +93,11 @@ def test_the_pm_score_after_each_revision_round_is_tabled(html):
     assert "PM score after each revision round (Fig. 5)" in html and "-0.400" in html and "+0.100" in html
 
 
-def test_the_pm_calibration_is_tabled(html):
-    assert "PM calibration (Fig. 9)" in html and "[0.8, 1.0)" in html
+def test_the_pm_calibration_is_against_human_choices_per_bin_with_counts_and_intervals(html):
+    assert "PM calibration against human choices (Fig. 9)" in html
+    assert "observed human frequency" in html and "[0.44, 0.97]" in html and ">6<" in html
+    assert "on 11 held-out human comparisons (harmless-base-test.jsonl)" in html
+    assert "by a seeded draw per pair (seed 0; the choice was A in 5)" in html
 
 
 def test_the_elo_over_rl_steps_is_tabled_and_charted(result):
@@ -221,3 +224,26 @@ def test_the_generated_prompts_are_counted_per_filter_with_a_sample(result):
     section = html[html.index("Generated prompts</h2>") :]
     assert '<td>red-team</td><td class="num">2</td>' in section and "dropped by length" in section
     assert "&lt;b&gt;pick&lt;/b&gt;" in section and "seeds shown: s1, s2" in section
+def test_the_report_opens_with_what_the_model_sizes_can_and_cannot_show(result):
+    small = report_html(result.model_copy(update={"model_parameters": {"policy base": 134_515_008, "judge": 134_515_008}}))
+    opening = small[: small.index("<h3>Policies</h3>")]
+    assert "What this run can and cannot show" in opening
+    assert "The largest policy has 135M parameters: at this size the run tests the platform, not the method" in opening
+    assert "up to ±0.15 wide" in opening  # 40 held-out prompts per set
+    assert "No human-feedback references were trained" in opening
+
+
+def test_a_large_run_with_references_says_so_and_warns_of_a_smaller_judge(result):
+    from cai_lib.method.evaluation.report import scale_notes
+
+    large = result.model_copy(
+        update={
+            "model_parameters": {"policy base": 70_000_000_000, "judge": 8_000_000_000},
+            "policies": {**result.policies, "hh-rlhf": "runs/hh-rlhf"},
+        }
+    )
+    notes = scale_notes(large)
+    assert notes[0].startswith("The largest policy has 70.0B parameters, within the range the paper studies")
+    assert notes[1].startswith("The judge (8.0B) is smaller than the policies it judges")
+    assert not any("No human-feedback references" in note for note in notes)
+

@@ -1,48 +1,37 @@
-"""Tests that pin the direction of every signal: a judge that prefers a known answer yields labels,
-evasiveness and win rates that point its way through both option orders and the ensemble; the
-statistics on hand-written judgements come out at known numbers; SFT's loss covers the answer and
-not the prompt. Inverting a label, an unswap, a Yes/No or the prompt mask fails one of them."""
+"""Tests that pin the direction of every signal that decides which answer is better, end to end,
+through test judges that honour the options and the order they are shown (tests/judges.py): the
+labeller's soft label in both orders, the PM trained on its labels, the evaluation's soft and hard
+win rates in both orders and their mirror, Elo, evasiveness, and the promotion gate's decision as
+the register step reads the evaluation, just above and just below its bar; SFT's loss covers the
+answer and not the prompt; RL raises the reward. docs/method.md lists, for each sign or order in
+cai_lib, the test here that fails when it is flipped."""
 
 from __future__ import annotations
 
-import math
-import re
-
 import pytest
+from evaluation_data import hard_judgement, sample_result
+from judges import P_PREFERRED, marker_judge, shorter_judge
 
 from cai_lib.core.constitution import load_constitution
-from cai_lib.core.records import PrincipleScore, ResponsePair
-from cai_lib.method import feedback
+from cai_lib.core.names import CHAMPION_POLICY, RL_CAI, SL_CAI
+from cai_lib.core.records import Preference, PromptRecord, ResponsePair, stable_id
 from cai_lib.method.evaluation.config import EvaluationConfig
 from cai_lib.method.evaluation.elo import elo_ratings, wilson_interval
-from cai_lib.method.evaluation.judging import evasiveness
-from cai_lib.method.evaluation.results import Judgement, PolicyAnswer
-from cai_lib.method.evaluation.summary import criterion_elo, win_rate_of
+from cai_lib.method.evaluation.judging import compare_policies, evasiveness
+from cai_lib.method.evaluation.results import Judgement, PolicyAnswer, find_win_rate
+from cai_lib.method.evaluation.summary import (
+    criterion_elo,
+    evasiveness_summaries,
+    win_rate_of,
+    win_rates,
+)
 from cai_lib.method.feedback import FeedbackConfig, FeedbackLabeller
+from cai_lib.platform.registry.gate import PromotionGate, decide_promotion
+from cai_lib.steps.register import gate_evidence
 
 SAFE = "I won't help with that, because it could hurt someone; here is a safer way instead."
 UNSAFE = "Sure, here is exactly how to do it."
-OPTION = re.compile(r"^\(([AB])\) (.*)$", re.MULTILINE)
-
-
-class RiggedJudge:
-    """A stand-in backend (no model) whose log-probabilities prefer the option holding `preferred`
-    by 3 nats, wherever it is shown; `generate` (chain of thought) says nothing."""
-
-    def __init__(self, preferred: str):
-        self.preferred = preferred
-
-    def generate(self, conversations, params, shared_prefix=None):
-        return ["" for _ in conversations]
-
-    def score_options(self, contexts, options, shared_prefix=None):
-        scores = []
-        for context in contexts:
-            question = next(m["content"] for m in reversed(context) if m["role"] == "user")
-            shown = dict(OPTION.findall(question))
-            first_is_preferred = shown["A"].strip() == self.preferred
-            scores.append([0.0, -3.0] if first_is_preferred else [-3.0, 0.0])
-        return scores
+MARKER = "Sure"  # what the marker judge holds against an answer
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +50,22 @@ def pair(answer_a: str, answer_b: str) -> ResponsePair:
     )
 
 
-def labeller(constitution, preferred: str = SAFE, **settings) -> FeedbackLabeller:
-    return FeedbackLabeller(RiggedJudge(preferred), constitution, "rigged", FeedbackConfig(**settings))
+def labeller(constitution, judge=None, **settings) -> FeedbackLabeller:
+    return FeedbackLabeller(judge or marker_judge(MARKER), constitution, "judge", FeedbackConfig(**settings))
 
 
-P_PREFERRED = 1.0 / (1.0 + math.exp(-3.0))  # softmax of (0, -3): 0.9526
+# -- the test judges honour what they are shown -------------------------------------------------------------
 
 
-# -- labels ------------------------------------------------------------------------------------------
+def test_the_marker_judge_swaps_its_verdict_with_the_answers_and_its_scores_with_the_options():
+    judge = marker_judge(MARKER)
+    question = [{"role": "user", "content": f"Which?\nOptions:\n(A) {SAFE}\n(B) {UNSAFE}\nThe answer is:"}]
+    swapped = [{"role": "user", "content": f"Which?\nOptions:\n(A) {UNSAFE}\n(B) {SAFE}\nThe answer is:"}]
+    assert judge.score_options([question, swapped], [["(A", "(B"], ["(A", "(B"]]) == [[0.0, -3.0], [-3.0, 0.0]]
+    assert judge.score_options([question], [["(B", "(A"]]) == [[-3.0, 0.0]]
+
+
+# -- the labeller's soft label -------------------------------------------------------------------------------
 
 
 def test_a_judge_preferring_answer_a_labels_it_better(constitution):
@@ -86,27 +83,49 @@ def test_the_preference_holds_in_both_option_orders(constitution):
     assert [label.scores[0].p_a_first, label.scores[0].p_a_second] == pytest.approx([P_PREFERRED] * 2)
 
 
+def test_a_judge_of_another_rule_labels_its_way_in_both_orders(constitution):
+    short, long = "No.", "No, and here is a long explanation of why not."
+    judge = shorter_judge()
+    (first,) = labeller(constitution, judge, principles_per_pair=1).label([pair(short, long)])
+    (second,) = labeller(constitution, judge, principles_per_pair=1).label([pair(long, short)])
+    assert (first.label, second.label) == (pytest.approx(P_PREFERRED), pytest.approx(1.0 - P_PREFERRED))
+
+
 def test_the_ensemble_of_several_principles_keeps_the_direction(constitution):
     (label,) = labeller(constitution, principles_per_pair=4).label([pair(SAFE, UNSAFE)])
     assert len(label.scores) == 4 and label.label == pytest.approx(P_PREFERRED)
 
 
-def test_an_inverted_unswap_would_leave_the_rigged_judge_undecided(constitution, monkeypatch):
-    # What the tests above catch: reading the swapped order without unswapping it cancels the signal.
-    monkeypatch.setattr(feedback, "unswapped", lambda p: p)
-    (label,) = labeller(constitution, principles_per_pair=1).label([pair(SAFE, UNSAFE)])
-    assert label.label == pytest.approx(0.5)
-
-
 def test_chain_of_thought_labels_keep_the_direction_inside_the_clamp(constitution):
     (label,) = labeller(constitution, principles_per_pair=1, cot=True).label([pair(SAFE, UNSAFE)])
     assert label.label == pytest.approx(0.6)
+    (swapped,) = labeller(constitution, principles_per_pair=1, cot=True).label([pair(UNSAFE, SAFE)])
+    assert swapped.label == pytest.approx(0.4)
 
 
 def test_evaluation_reads_chain_of_thought_unclamped(constitution):
-    judge = FeedbackLabeller(RiggedJudge(SAFE), constitution, "rigged", EvaluationConfig(cot=True).feedback())
+    judge = FeedbackLabeller(marker_judge(MARKER), constitution, "judge", EvaluationConfig(cot=True).feedback())
     (label,) = judge.label([pair(SAFE, UNSAFE)])
     assert label.label == pytest.approx(P_PREFERRED)
+
+
+@pytest.mark.parametrize("human_chose", ["clean", "marked"])
+def test_the_labellers_agreement_with_human_choices_follows_the_judge(constitution, tmp_path, human_chose):
+    import json
+
+    from cai_lib.method.label_accuracy import label_accuracy
+
+    clean, marked = "A calm answer.", f"{MARKER}, a reckless answer."
+    chosen, rejected = (clean, marked) if human_chose == "clean" else (marked, clean)
+    rows = [
+        {"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: {chosen}", "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: {rejected}"}
+        for i in range(4)
+    ]
+    source = tmp_path / "hh.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = FeedbackConfig(principles_per_pair=1)
+    report = label_accuracy(str(source), constitution, "judge", None, config, backend=marker_judge(MARKER))
+    assert (report.agreement, report.position_bias) == (1.0 if human_chose == "clean" else 0.0, pytest.approx(0.0))
 
 
 def test_held_out_principles_are_never_drawn(constitution):
@@ -118,34 +137,163 @@ def test_held_out_principles_are_never_drawn(constitution):
     }
 
 
-# -- evasiveness ---------------------------------------------------------------------------------------
+# -- the PM trained on the judge's labels ------------------------------------------------------------------
 
 
-def answers(*texts: str) -> list[PolicyAnswer]:
-    return [
-        PolicyAnswer(
-            id=f"a{i}",
-            policy="p",
-            model_ref="m",
-            prompt_id=f"q{i}",
-            prompt="Help me.",
-            kind="red_team",
-            answer=t,
+def judged_pairs(constitution) -> list[Preference]:
+    """The marker judge's labels of 24 pairs, the clean answer on either side."""
+    rows = []
+    for i in range(24):
+        clean, marked = f"Fruit is good, number {i}.", f"{MARKER}, stones are good, number {i}."
+        a, b = (clean, marked) if i % 2 == 0 else (marked, clean)
+        rows.append(
+            ResponsePair(id=f"p{i}", prompt_id=f"q{i}", prompt=f"What is good? Ask {i}.", answer_a=a, answer_b=b, model_ref="m")
         )
-        for i, t in enumerate(texts)
+    return labeller(constitution, principles_per_pair=1).label(rows)
+
+
+@pytest.fixture(scope="module")
+def judged_pm(constitution, tiny_model_dir, tmp_path_factory):
+    """A PM trained on the marker judge's labels; returns its metrics and checkpoint."""
+    from cai_lib.method.preference_model import PreferenceModelConfig, train_preference_model
+
+    out = tmp_path_factory.mktemp("judged-pm") / "pm"
+    # Tiny on purpose: 24 short pairs, batches of 4 and a high learning rate separate the marker in a
+    # few dozen CPU steps of the two-layer random model.
+    config = PreferenceModelConfig(learning_rate=3e-3, epochs=4, batch_size=4, eval_fraction=0.25, max_length=64)
+    return train_preference_model(judged_pairs(constitution), [], str(tiny_model_dir), str(out), config), out
+
+
+def human_choices() -> list[Preference]:
+    """Held-out human comparisons that choose the clean answer (hh-rlhf's layout: the choice is A)."""
+    return [
+        Preference(
+            id=f"h{i}",
+            prompt=f"What is good? Question {i}.",
+            answer_a=f"Fruit is good, number {50 + i}.",
+            answer_b=f"{MARKER}, stones are good, number {50 + i}.",
+            label=1.0,
+            source="human",
+        )
+        for i in range(8)
     ]
 
 
-def test_a_judge_that_answers_yes_rates_every_answer_evasive(constitution):
-    judge = FeedbackLabeller(RiggedJudge("Yes"), constitution, "rigged", EvaluationConfig().feedback())
-    assert evasiveness(judge, answers("I can't.", "Here is how."), "Is it evasive?") == pytest.approx(
-        [P_PREFERRED] * 2
+def test_a_pm_trained_on_the_judges_labels_scores_the_answer_the_judge_prefers_higher(judged_pm):
+    from cai_lib.method.preference_model import RewardScorer
+
+    metrics, out = judged_pm
+    scorer = RewardScorer.load(str(out))
+    clean, marked = scorer.score(["What is good?"] * 2, ["Fruit is good, number 99.", f"{MARKER}, stones are good, number 99."])
+    assert metrics.ai_accuracy == 1.0
+    assert clean > marked
+
+
+def test_the_pm_benchmark_counts_a_pair_right_when_the_pm_scores_the_humans_choice_higher(judged_pm):
+    from cai_lib.method.evaluation.pm_scores import benchmark_outcomes, score_with_pm
+
+    _, out = judged_pm
+    _, _, scores = score_with_pm(str(out), [], [], human_choices(), EvaluationConfig())
+    assert benchmark_outcomes(scores) == [1.0] * 8
+    assert benchmark_outcomes([(2.0, 1.0), (0.0, 1.0), (1.0, 1.0)]) == [1.0, 0.0, 0.5]
+
+
+def test_the_calibration_predicts_a_exactly_where_the_humans_choice_was_shown_as_a(judged_pm):
+    from cai_lib.method.evaluation.pm_scores import benchmark_calibration, score_with_pm
+
+    _, out = judged_pm
+    pairs = human_choices()
+    _, _, scores = score_with_pm(str(out), [], [], pairs, EvaluationConfig())
+    calibration = benchmark_calibration(pairs, scores, "held-out", EvaluationConfig(seed=1))
+    assert {p.chosen_shown_as for p in calibration.pairs} == {"A", "B"}
+    assert all((p.predicted > 0.5) == (p.chosen_shown_as == "A") for p in calibration.pairs)
+    assert all(b.observed == (1.0 if b.low >= 0.5 else 0.0) for b in calibration.bins)
+
+
+def test_hard_labels_round_to_the_side_the_soft_label_favours_and_leave_out_ties():
+    from cai_lib.method.preference_model import hardened
+
+    pairs = [
+        Preference(id=f"p{label}", prompt="Q?", answer_a="A.", answer_b="B.", label=label, source="ai")
+        for label in (0.8, 0.2, 0.5)
+    ]
+    assert [(p.id, p.label) for p in hardened(pairs)] == [("p0.8", 1.0), ("p0.2", 0.0)]
+
+
+def test_dpo_trains_towards_the_answer_the_label_prefers():
+    from cai_lib.method.rl import dpo_pairs
+
+    prefer_a = Preference(id="a", prompt="Q?", answer_a="A.", answer_b="B.", label=0.8, source="ai")
+    prefer_b = prefer_a.model_copy(update={"id": "b", "label": 0.2})
+    rows = dpo_pairs([prefer_a, prefer_b])
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [("A.", "B."), ("B.", "A.")]
+
+
+# -- evaluation: win rates, their mirror, Elo, evasiveness ---------------------------------------------------
+
+
+def answers_of(policy: str, texts: list[str], kind: str = "red_team") -> list[PolicyAnswer]:
+    return [
+        PolicyAnswer(
+            id=stable_id(policy, kind, str(i)),
+            policy=policy,
+            model_ref=f"runs/{policy}",
+            prompt_id=f"q{i}",
+            prompt=f"Help me with thing {i}.",
+            kind=kind,
+            answer=text,
+        )
+        for i, text in enumerate(texts)
+    ]
+
+
+CLEAN = [f"Here is a safe way to do thing {i}." for i in range(6)]
+MARKED = [f"{MARKER}, here is the dangerous way to do thing {i}." for i in range(6)]
+
+
+def judged(constitution, first: str, second: str, answers: dict[str, list[str]]) -> list[Judgement]:
+    """The marker judge's harmlessness judgements of two policies, `first` listed first."""
+    judge = FeedbackLabeller(marker_judge(MARKER), constitution, "judge", EvaluationConfig().feedback())
+    principle = constitution.comparison_principle("less-harmful")
+    shown = answers_of(first, answers[first]) + answers_of(second, answers[second])
+    return compare_policies(judge, "harmless", principle, shown)
+
+
+@pytest.mark.parametrize("order", [("clean", "marked"), ("marked", "clean")], ids=["clean-first", "marked-first"])
+def test_the_policy_the_judge_prefers_wins_soft_and_hard_and_its_rival_mirrors_it(constitution, order):
+    judgements = judged(constitution, *order, {"clean": CLEAN, "marked": MARKED})
+    result = sample_result().model_copy(update={"win_rates": win_rates("harmless", judgements, list(order))})
+    won, lost = find_win_rate(result, "harmless", "clean", "marked"), find_win_rate(result, "harmless", "marked", "clean")
+    assert (won.win_rate, won.hard_win_rate, won.decided) == (pytest.approx(P_PREFERRED), 1.0, 6)
+    assert (lost.win_rate, lost.hard_win_rate) == (pytest.approx(1.0 - P_PREFERRED), 0.0)
+
+
+def test_each_judgement_reads_both_orders_the_same_way(constitution):
+    (first, *_) = judged(constitution, "marked", "clean", {"clean": CLEAN, "marked": MARKED})
+    assert (first.policy_a, first.score.p_a_first, first.score.p_a_second) == (
+        "marked",
+        pytest.approx(1.0 - P_PREFERRED),
+        pytest.approx(1.0 - P_PREFERRED),
     )
 
 
-def test_a_judge_that_answers_no_rates_no_answer_evasive(constitution):
-    judge = FeedbackLabeller(RiggedJudge("No"), constitution, "rigged", EvaluationConfig().feedback())
-    assert evasiveness(judge, answers("I can't."), "Is it evasive?") == pytest.approx([1.0 - P_PREFERRED])
+@pytest.mark.parametrize("order", [("clean", "marked"), ("marked", "clean")], ids=["clean-first", "marked-first"])
+def test_the_policy_the_judge_prefers_gets_the_higher_elo(constitution, order):
+    judgements = judged(constitution, *order, {"clean": CLEAN, "marked": MARKED})
+    elo = criterion_elo("harmless", judgements, list(order), EvaluationConfig())
+    assert elo["clean"] > elo["marked"]
+
+
+def test_the_policy_whose_answers_the_judge_calls_evasive_has_the_higher_evasiveness(constitution):
+    judge = FeedbackLabeller(
+        marker_judge(MARKER, evasive_marker="can't"), constitution, "judge", EvaluationConfig().feedback()
+    )
+    shown = answers_of("evasive", ["I can't help."] * 3) + answers_of("engaged", ["Here is how, safely."] * 3)
+    scored = [a.model_copy(update={"p_evasive": p}) for a, p in zip(shown, evasiveness(judge, shown, "Evasive?"))]
+    summary = evasiveness_summaries(scored)
+    assert summary["evasive"].mean_p_evasive == pytest.approx(P_PREFERRED)
+    assert summary["engaged"].mean_p_evasive == pytest.approx(1.0 - P_PREFERRED)
+    assert (summary["evasive"].evasive_fraction, summary["engaged"].evasive_fraction) == (1.0, 0.0)
 
 
 # -- statistics on hand-written judgements -----------------------------------------------------------------
@@ -184,20 +332,7 @@ def test_only_ties_give_an_undecided_hard_rate():
 
 
 def judgement(label: float, k: int) -> Judgement:
-    score = PrincipleScore(principle_id="less-harmful", p_a_first=label, p_a_second=label)
-    return Judgement(
-        id=f"j{k}",
-        criterion="harmless",
-        principle_id="less-harmful",
-        prompt_id=f"q{k}",
-        prompt="Help me.",
-        policy_a="rl-cai",
-        policy_b="base",
-        answer_a="x",
-        answer_b="y",
-        label=label,
-        score=score,
-    )
+    return hard_judgement(k, "rl-cai", "base", label)
 
 
 def test_elo_is_fitted_to_hard_outcomes():
@@ -207,11 +342,66 @@ def test_elo_is_fitted_to_hard_outcomes():
     assert elo == pytest.approx(hard)
 
 
-def test_the_policy_that_wins_gets_the_higher_elo():
-    elo = criterion_elo(
-        "harmless", [judgement(0.7, k) for k in range(4)], ["rl-cai", "base"], EvaluationConfig()
-    )
-    assert elo["rl-cai"] > elo["base"]
+# -- the promotion gate, as the register step reads the evaluation ----------------------------------------------
+
+GATE = PromotionGate(min_harmless_win_rate=0.5, max_helpfulness_drop=0.05)
+EPSILON = 1e-6
+
+
+@pytest.mark.parametrize(
+    ("harmless", "helpful", "promoted"),
+    [
+        (0.5 + EPSILON, 0.45 + EPSILON, True),
+        (0.5 - EPSILON, 0.45 + EPSILON, False),
+        (0.5 + EPSILON, 0.45 - EPSILON, False),
+    ],
+    ids=["just-above-both-bars", "just-below-the-harmlessness-bar", "just-below-the-helpfulness-bar"],
+)
+def test_the_gate_decides_at_its_bars(harmless, helpful, promoted):
+    assert decide_promotion(harmless, helpful, GATE).promote is promoted
+
+
+def evaluation_with(harmless_low: float, helpful_low: float, rival: str):
+    """A result whose RL-CAI beats `rival` with these lower bounds; the mirror rows hold other numbers."""
+    from cai_lib.method.evaluation.results import WinRate
+
+    def rows(criterion: str, low: float) -> list[WinRate]:
+        rate = {"criterion": criterion, "n": 40, "decided": 40, "hard_ci_low": 0.0, "hard_ci_high": 1.0}
+        return [
+            WinRate(policy_a=RL_CAI, policy_b=rival, win_rate=low + 0.1, ci_low=low, ci_high=1.0, hard_win_rate=low + 0.1, **rate),
+            WinRate(policy_a=rival, policy_b=RL_CAI, win_rate=0.9 - low, ci_low=0.8 - low, ci_high=1.0, hard_win_rate=0.9 - low, **rate),
+        ]
+
+    return sample_result().model_copy(update={"win_rates": rows("harmless", harmless_low) + rows("helpful", helpful_low)})
+
+
+@pytest.mark.parametrize(
+    ("harmless_low", "helpful_low", "promoted"),
+    [(0.5 + EPSILON, 0.45 + EPSILON, True), (0.5 - EPSILON, 0.45 + EPSILON, False), (0.5 + EPSILON, 0.45 - EPSILON, False)],
+    ids=["just-above-both-bars", "just-below-the-harmlessness-bar", "just-below-the-helpfulness-bar"],
+)
+@pytest.mark.parametrize("champion", [None, "3"], ids=["against-sl-cai", "against-the-champion"])
+def test_the_gate_reads_the_challengers_lower_bounds_against_its_rival(harmless_low, helpful_low, promoted, champion):
+    rival = CHAMPION_POLICY if champion else SL_CAI
+    harmless, helpful, against = gate_evidence(evaluation_with(harmless_low, helpful_low, rival), champion)
+    assert (harmless.ci_low, helpful.ci_low, against) == (harmless_low, helpful_low, champion or SL_CAI)
+    assert decide_promotion(harmless.ci_low, helpful.ci_low, GATE).promote is promoted
+
+
+def test_a_policy_the_judge_prefers_passes_the_gate_and_one_it_does_not_fails(constitution):
+    many = {"clean": CLEAN * 8, "marked": MARKED * 8}  # 48 prompts: intervals narrow enough to clear the bar
+    decisions = {}
+    for challenger, rival in (("clean", "marked"), ("marked", "clean")):
+        answers = {RL_CAI: many[challenger], SL_CAI: many[rival]}
+        judgements = judged(constitution, SL_CAI, RL_CAI, answers)
+        rates = [
+            rate.model_copy(update={"criterion": criterion})
+            for criterion in ("harmless", "helpful")
+            for rate in win_rates("harmless", judgements, [SL_CAI, RL_CAI])
+        ]
+        harmless, helpful, _ = gate_evidence(sample_result().model_copy(update={"win_rates": rates}), None)
+        decisions[challenger] = decide_promotion(harmless.ci_low, helpful.ci_low, GATE).promote
+    assert decisions == {"clean": True, "marked": False}
 
 
 # -- SFT's loss mask -------------------------------------------------------------------------------------
@@ -276,7 +466,6 @@ def peaked_policy_dir(tiny_model_dir, tmp_path_factory):
 def test_rl_against_a_reward_that_prefers_a_token_raises_its_probability_and_the_reward(
     peaked_policy_dir, tmp_path
 ):
-    from cai_lib.core.records import PromptRecord
     from cai_lib.engines.models import load_tokenizer
     from cai_lib.method.rl import RLConfig, _trainer
 

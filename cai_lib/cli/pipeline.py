@@ -20,14 +20,20 @@ SetOption = Annotated[
 ]
 
 
-def load_config(config: Path | None, overrides: list[str] | None, quick: bool = False):
+def load_config(config: Path | None, overrides: list[str] | None, quick: bool = False, to_run: bool = True):
+    """The run config of `--config`/`--set` (or `--quick`). `to_run`: the config is about to start a
+    run, so a judge that is not independent is refused now (compiling a pipeline starts none: its
+    runs are checked by their first step)."""
     from cai_lib.platform.run_config import load_run_config
 
     if quick and config:
         raise CaiError(
             "--quick and --config are exclusive: --quick is the config pipelines/configs/quick.yaml"
         )
-    return load_run_config(QUICK_CONFIG if quick else config, overrides or [])
+    loaded = load_run_config(QUICK_CONFIG if quick else config, overrides or [])
+    if to_run:
+        loaded.params.check_independent_judge()
+    return loaded
 
 
 def run_command(
@@ -127,7 +133,7 @@ def compile_command(
     from pipelines.cai_pipeline import compile_pipeline
     from pipelines.impact_pipeline import compile_impact_pipeline
 
-    run_config = load_config(config, set_)
+    run_config = load_config(config, set_, to_run=False)
     if impact:
         compile_impact_pipeline(str(out), run_config.deploy)
     else:

@@ -128,7 +128,7 @@ def retrain_command(
         registry,
         host,
         tracking_uri,
-        load_config(config, None),
+        load_config(config, None, to_run=not dry_run),
         dry_run,
         names=constitution or None,
         experiment=experiment,

@@ -61,13 +61,17 @@ def evaluate_command(
         None, "--helpful-prompts", help="Held-out helpfulness prompts (same sources); omit to skip them."
     ),
     judge_model: str = typer.Option(
-        EMBEDDED_ALIAS, "--judge-model", help="Model that judges comparisons and evasiveness."
+        ...,
+        "--judge-model",
+        help="Model that judges comparisons and evasiveness: of another family than the feedback model and the "
+        "policies. One that names the same model as either is refused unless --allow-dependent-judge says why "
+        f"(e.g. {EMBEDDED_ALIAS} everywhere in a CPU demo).",
     ),
     feedback_model: str | None = typer.Option(
         None,
         "--feedback-model",
-        help="The feedback model that labelled the training pairs; when it is the judge, the report says the "
-        "evaluation is not independent.",
+        help="The feedback model that labelled the training pairs, so that a judge that is the same model is "
+        "refused (or, when allowed, said in the report).",
     ),
     traces: str | None = typer.Option(
         None,
@@ -83,13 +87,16 @@ def evaluate_command(
 
     Writes metrics.json, answers.jsonl, judgements.jsonl and a self-contained report.html to --out.
 
-    Example: cai stage evaluate --policy base=smollm2-135m-instruct --policy runs/demo/sl-cai --policy runs/demo/rl-cai --reward runs/demo/pm --constitution harmless@1.0.0 --prompts builtin:red_team --helpful-prompts builtin:helpful --traces runs/demo/traces --limit 4 --xstest-prompts builtin:refusal_contrast --xstest-limit 4 --out runs/demo/eval
+    Example: cai stage evaluate --policy base=smollm2-135m-instruct --policy runs/demo/sl-cai --reward runs/demo/pm --constitution harmless@1.0.0 --prompts builtin:red_team --helpful-prompts builtin:helpful --limit 4 --xstest-prompts builtin:refusal_contrast --xstest-limit 4 --judge-model smollm2-135m-instruct --allow-dependent-judge --dependent-judge-reason "CPU demo: one embedded model plays every part" --out runs/demo/eval-cpu
     """
     from cai_lib.core.constitution import load_constitution
-    from cai_lib.method.evaluation.evaluate import evaluate
+    from cai_lib.method.evaluation.config import CLI_ALLOWANCE, check_judge
+    from cai_lib.method.evaluation.evaluate import dependence_of, evaluate
     from cai_lib.method.evaluation.xstest import read_xstest
 
     policies = parse_policies(policy)
+    # Before any prompt set is read: a judge that cannot be used makes the rest moot.
+    check_judge(judge_model, dependence_of(judge_model, policies, feedback_model, config), config, "--judge-model", CLI_ALLOWANCE)
     loaded = load_constitution(constitution)
     red_team = _read_prompts(prompts, "red_team", limit)
     helpful = _read_prompts(helpful_prompts, "helpful", limit) if helpful_prompts else []

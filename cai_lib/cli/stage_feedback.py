@@ -29,7 +29,7 @@ HUMAN = typer.Option(
     "or an hf:ORG/NAME dataset (hh-rlhf).",
 )
 # Set by the run config only: the option letters and the principles held out for the evaluation judge.
-RUN_CONFIG_ONLY = frozenset({"option_labels", "held_out_principles"})
+RUN_CONFIG_ONLY = frozenset({"option_labels", "held_out_principles", "few_shot_principles"})
 SHORT_FLAGS = {"principles_per_pair": "--principles"}
 
 

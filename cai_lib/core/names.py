@@ -101,6 +101,8 @@ EVAL_CHAMPION_TAG = "cai.eval.champion_version"
 EVAL_JUDGE_TAG = "cai.eval.judge"
 EVAL_JUDGE_IS_LABELLER_TAG = "cai.eval.judge_is_feedback_model"
 EVAL_WARNING_TAG = "cai.eval.warning"
+# Why the run allowed a judge that is not independent (evaluate.dependent_judge_reason).
+EVAL_DEPENDENT_JUDGE_TAG = "cai.eval.dependent_judge_reason"
 
 # -- MLflow tags: the gate's decision ----------------------------------------------------------------------
 

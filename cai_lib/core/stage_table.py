@@ -159,6 +159,22 @@ STAGES: tuple[Stage, ...] = (
         modules=("method.rl",),
     ),
     Stage(
+        "train_reference_pm",
+        "train_reference_pm",
+        gpu=True,
+        output="checkpoint",
+        settings="references",
+        modules=("method.references", "method.preference_model", "method.human_preferences"),
+    ),
+    Stage(
+        "rl_reference",
+        "rl_reference",
+        gpu=True,
+        output="checkpoint",
+        settings="references",
+        modules=("method.references", "method.rl"),
+    ),
+    Stage(
         "answer_eval",
         "answer_eval_shard",
         gpu=True,

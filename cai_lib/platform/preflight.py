@@ -11,6 +11,7 @@ import os
 
 from cai_lib.core.constitution import Constitution
 from cai_lib.core.errors import CaiError
+from cai_lib.core.names import canonical_sha256
 from cai_lib.core.records import PromptRecord
 from cai_lib.core.store import is_s3
 from cai_lib.platform.run_config import PipelineParams
@@ -54,19 +55,36 @@ def check_endpoints(artifact_root: str, tracking_uri: str, constitution_ref: str
 def prompt_splits(params: PipelineParams) -> dict[str, list[PromptRecord]]:
     """The run's prompts, deduplicated and split with its seed: `red_team_train`, `red_team_eval`,
     `helpful_train`, `helpful_eval`; and `xstest`, the XSTest prompts every evaluation answers
-    (`XSTestPrompt` rows, none when `evaluate.xstest.prompts` is '')."""
+    (`XSTestPrompt` rows, none when `evaluate.xstest.prompts` is ''). A kind with an evaluation
+    source of its own (`*_eval_prompts`) trains on all its prompts and is evaluated on that
+    source's; every held-out prompt that is also trained on (`training_prompt_keys`) is then left
+    out, so evaluation is disjoint from training."""
+    splits = raw_prompt_splits(params)
+    trained = training_prompt_keys(params, splits)
+    for kind in ("red_team", "helpful"):
+        splits[f"{kind}_eval"] = [p for p in splits[f"{kind}_eval"] if prompt_key(p.prompt) not in trained]
+    return splits
+
+
+def raw_prompt_splits(params: PipelineParams) -> dict[str, list[PromptRecord]]:
+    """The splits before held-out prompts that are also trained on are left out."""
     from cai_lib.core.prompts import deduplicate, read_prompts, split_prompts
     from cai_lib.method.evaluation.xstest import read_xstest
 
     splits = {}
-    for kind, source, limit in (
-        ("red_team", params.red_team_prompts, params.num_red_team),
-        ("helpful", params.helpful_prompts, params.num_helpful),
+    for kind, source, eval_source, limit in (
+        ("red_team", params.red_team_prompts, params.red_team_eval_prompts, params.num_red_team),
+        ("helpful", params.helpful_prompts, params.helpful_eval_prompts, params.num_helpful),
     ):
         records = deduplicate(read_prompts(source, kind=kind, limit=limit))
-        splits[f"{kind}_train"], splits[f"{kind}_eval"] = split_prompts(
-            records, params.eval_fraction, params.seed
-        )
+        if eval_source:
+            held = max(1, round(limit * params.eval_fraction))
+            splits[f"{kind}_train"] = records
+            splits[f"{kind}_eval"] = deduplicate(read_prompts(eval_source, kind=kind, limit=held))
+        else:
+            splits[f"{kind}_train"], splits[f"{kind}_eval"] = split_prompts(
+                records, params.eval_fraction, params.seed
+            )
     xstest = params.evaluate.xstest
     try:
         splits["xstest"] = read_xstest(xstest.prompts, xstest.limit, params.evaluate.seed) if xstest.prompts else []
@@ -78,10 +96,34 @@ def prompt_splits(params: PipelineParams) -> dict[str, list[PromptRecord]]:
     return splits
 
 
+def prompt_key(text: str) -> str:
+    """The content hash a prompt is compared by: of its text, case and spacing ignored."""
+    from cai_lib.core.prompts import normalise
+
+    return canonical_sha256(normalise(text))
+
+
+def training_prompt_keys(params: PipelineParams, splits: dict[str, list[PromptRecord]]) -> set[str]:
+    """The content hashes of every prompt the run trains on: the training prompts (SL-CAI, pairs,
+    RL), and the first human turn of every human pair its PMs learn from (human_preferences and
+    the references' pairs)."""
+    from cai_lib.core.prompts import prompt_of_row
+    from cai_lib.method.human_preferences import read_human_preferences
+    from cai_lib.method.references import reference_pairs
+
+    prompts = [p.prompt for kind in ("red_team", "helpful") for p in splits[f"{kind}_train"]]
+    pairs = read_human_preferences(params.human_preferences, params.num_human) if params.human_preferences else []
+    for kind in params.references.policies:
+        pairs += reference_pairs(kind, params.references)
+    prompts += [prompt_of_row({"prompt": pair.prompt}) for pair in pairs]
+    return {prompt_key(text) for text in prompts}
+
+
 def check_run(params: PipelineParams, constitution: Constitution) -> dict[str, list[PromptRecord]]:
     """Refuse a run that cannot finish, naming the field; returns the prompt splits it checked.
 
-    Refused: human pairs asked for with `num_human` 0; a constitution without the comparison
+    Refused: a judge that is not independent of what it judges, without the allowance that says
+    why it may be; human pairs asked for with `num_human` 0; a constitution without the comparison
     principles that labelling and evaluation use; fewer red-team training prompts than shards;
     an empty held-out split; fewer training prompts of a kind than `generate_prompts.few_shot`
     when that kind generates; a held-out set for generation that cannot be read; labels by the
@@ -92,6 +134,7 @@ def check_run(params: PipelineParams, constitution: Constitution) -> dict[str, l
     from cai_lib.method.feedback import check_constitution
     from cai_lib.method.generate_prompts import check_seeds
 
+    params.check_independent_judge()
     if params.human_preferences and params.num_human == 0:
         raise CaiError(
             f"params.num_human: is 0 while params.human_preferences names {params.human_preferences!r}; "
@@ -113,8 +156,9 @@ def check_run(params: PipelineParams, constitution: Constitution) -> dict[str, l
     for kind, field in (("red_team", "num_red_team"), ("helpful", "num_helpful")):
         if not splits[f"{kind}_eval"]:
             raise CaiError(
-                f"params.eval_fraction: leaves no held-out {kind.replace('_', '-')} prompts to evaluate on "
-                f"({len(splits[f'{kind}_train'])} unique prompts in all); raise params.{field} or eval_fraction"
+                f"params.eval_fraction: leaves no held-out {kind.replace('_', '-')} prompts to evaluate on that "
+                f"are not also trained on ({len(splits[f'{kind}_train'])} training prompts); raise params.{field} "
+                f"or eval_fraction, or give params.{kind}_eval_prompts another source"
             )
     try:
         check_seeds({kind: splits[f"{kind}_train"] for kind in ("red_team", "helpful")}, params.generate_prompts)

@@ -29,6 +29,7 @@ from cai_lib.method.generate_prompts import GeneratePromptsConfig
 from cai_lib.method.label_validation import Gates, LabelValidationConfig
 from cai_lib.method.pairs import SamplePairsConfig
 from cai_lib.method.preference_model import PreferenceModelConfig
+from cai_lib.method.references import ReferencesConfig
 from cai_lib.method.rl import RLConfig
 from cai_lib.method.sft import SFTStageConfig
 from cai_lib.platform.registry.gate import PromotionGate
@@ -120,9 +121,9 @@ class PipelineParams(Strict):
     )
     judge_model: str = Field(
         default="smollm2-135m-instruct",
-        description="Model ref of the judge of the evaluation (win rates, Elo, evasiveness, the promotion gate). "
-        "Give a model other than feedback_model: when they are the same, the report and the MLflow run say the "
-        "evaluation is not independent of the training labels.",
+        description="Model ref of the judge of the evaluation (win rates, Elo, evasiveness, the promotion gate): "
+        "a model of another family than base_model and feedback_model. A judge that names the same model as "
+        "either is refused when the run is loaded, unless evaluate.allow_dependent_judge gives a reason.",
     )
     prompt_model: str = Field(
         default="",
@@ -131,6 +132,17 @@ class PipelineParams(Strict):
     )
     red_team_prompts: str = Field(default="builtin:red_team", description="Source of red-team prompts.")
     helpful_prompts: str = Field(default="builtin:helpful", description="Source of helpfulness prompts.")
+    red_team_eval_prompts: str = Field(
+        default="",
+        description="Source of the held-out red-team prompts (round(num_red_team × eval_fraction) of them); '' "
+        "holds out eval_fraction of red_team_prompts instead. Either way a held-out prompt whose text is also a "
+        "training prompt, or the prompt of a human pair the PMs learn from, is left out of evaluation.",
+    )
+    helpful_eval_prompts: str = Field(
+        default="",
+        description="Source of the held-out helpfulness prompts (round(num_helpful × eval_fraction) of them), "
+        "e.g. another split of the data helpful_prompts comes from; '' holds out eval_fraction of helpful_prompts.",
+    )
     human_preferences: str = Field(
         default="",
         description="hh-rlhf-format source of human-labelled pairs mixed into PM training ('' for none). The "
@@ -268,6 +280,7 @@ class PipelineParams(Strict):
     train_pm: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
     evaluate: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    references: ReferencesConfig = Field(default_factory=ReferencesConfig)
     promotion: PromotionGate = Field(default_factory=PromotionGate)
     iteration: IterationConfig = Field(default_factory=IterationConfig)
 
@@ -287,6 +300,46 @@ class PipelineParams(Strict):
     def prompt_writer(self) -> str:
         """The model ref that writes generated prompts."""
         return self.prompt_model or self.base_model
+
+    def judge_dependence(self, contents: dict[str, str] | None = None) -> list[str]:
+        """What makes this run's judge not independent of what it judges, one phrase each: judge_model
+        naming the same model as feedback_model or base_model (the base policy, and the start of every
+        trained one), or a model this pipeline registers; judging principles not held out of the labels.
+        `contents` (model reference -> the run's pinned content hash) also catches two references to
+        one checkpoint."""
+        from cai_lib.method.evaluation.config import judge_dependence
+
+        roles = {"feedback_model": self.feedback_model, "base_model": self.base_model}
+        found = [f"judge_model is also {role}" for role in judge_dependence(self.judge_model, roles)]
+        if contents:
+            judge = contents.get(self.judge_model)
+            found += [
+                f"judge_model is the same checkpoint as {role}"
+                for role, ref in roles.items()
+                if judge is not None and contents.get(ref) == judge and f"judge_model is also {role}" not in found
+            ]
+        if self.judge_model.strip().startswith(f"models:/{self.model_name_prefix}-"):
+            found.append("judge_model is a model this pipeline registers and evaluates")
+        if not self.evaluate.hold_out_judge_principles:
+            found.append("evaluate.hold_out_judge_principles is off, so the judging principles make labels too")
+        return found
+
+    def check_independent_judge(self, contents: dict[str, str] | None = None) -> None:
+        """Refuse a run whose judge is not independent (`judge_dependence`), unless
+        evaluate.allow_dependent_judge says why it may be; and a run that names feedback_model or
+        base_model but leaves judge_model at its default, which would silently judge with the
+        embedded model."""
+        from cai_lib.method.evaluation.config import RUN_CONFIG_ALLOWANCE, check_judge
+
+        named = self.model_fields_set & {"feedback_model", "base_model"}
+        if named and "judge_model" not in self.model_fields_set:
+            raise CaiError(
+                f"params.judge_model: not given while {' and '.join(sorted(named))} is; the judge would stay "
+                f"on the default {self.judge_model}: name the model that judges the evaluation"
+            )
+        check_judge(
+            self.judge_model, self.judge_dependence(contents), self.evaluate, "params.judge_model", RUN_CONFIG_ALLOWANCE
+        )
 
     def labelling_settings(self, constitution: Constitution) -> FeedbackConfig:
         """The feedback settings the label stage uses: `label`, with the evaluation judge's

@@ -14,6 +14,7 @@ from cai_lib.steps.context import (
     write_finished_dataset,
 )
 from cai_lib.steps.policies import evaluated_policies
+from cai_lib.steps.references import read_references
 from cai_lib.steps.stage_runs import produce
 
 
@@ -29,6 +30,7 @@ def answer_eval(
     shard: int = 0,
     shards: int = 1,
     round_: int = 1,
+    references: str | None = None,
 ) -> DataRef:
     """Every evaluated policy's greedy answers to one of `shards` slices of the held-out prompts
     and of XSTest's (the generation half of evaluation, fanned out like the other generation
@@ -43,7 +45,8 @@ def answer_eval(
     prompts = {"red_team": DataRef.read(red_team), "helpful": DataRef.read(helpful)}
     xstest_prompts = DataRef.read(xstest)
     sl, rl = DataRef.read(sl_policy), DataRef.read(rl_policy)
-    chosen = evaluated_policies(ctx, constitution, sl, rl)
+    human_feedback = read_references(references) if references else {}
+    chosen = evaluated_policies(ctx, constitution, sl, rl, human_feedback)
     identity = {
         "inputs": {
             **{kind: ref.sha256 for kind, ref in prompts.items()},
@@ -51,6 +54,7 @@ def answer_eval(
             BASE: ctx.model(p.base_model).content,
             SL_CAI: sl.sha256,
             RL_CAI: rl.sha256,
+            **{name: ref.sha256 for name, ref in human_feedback.items()},
             CHAMPION_POLICY: chosen.champion.sha256 if chosen.champion_policy == CHAMPION_POLICY else None,
             **({"earlier_rounds": [ref.sha256 for ref in rl.earlier]} if rl.earlier else {}),
         },

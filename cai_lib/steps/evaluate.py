@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from cai_lib.core.names import (
     BASE,
     CHAMPION_POLICY,
+    EVAL_DEPENDENT_JUDGE_TAG,
     EVAL_JUDGE_IS_LABELLER_TAG,
     EVAL_JUDGE_TAG,
     EVAL_WARNING_TAG,
@@ -25,6 +26,7 @@ from cai_lib.core.store import ArtifactStore
 from cai_lib.core.tracking import StageRun
 from cai_lib.steps.context import DataRef, RunContext, one_line_errors, pinned_constitution
 from cai_lib.steps.policies import evaluated_policies
+from cai_lib.steps.references import read_references
 from cai_lib.steps.stage_runs import produce, run_summary, source_tags
 from cai_lib.steps.validate_labels import run_validation_of
 
@@ -60,14 +62,15 @@ def evaluate(
     results_path: str,
     generated: str | None = None,
     round_: int = 1,
+    references: str | None = None,
 ) -> dict[str, float]:
     """Judge the policies' answers (`answers`, the merged `answer_eval` shards) on the held-out
     prompts and on XSTest's (`xstest`): PM scores, evasiveness, XSTest refusals, win rates and Elo
-    of base, SL-CAI, the policies RL saved on the way (`rl-cai-step-N`), the RL-CAI policies of
-    earlier rounds of iterated CAI (`rl-cai-round-K`), RL-CAI and the registered champion, if it is
-    another checkpoint. The report also shows the run's labeller validation and its generated
-    prompts (`generated`, the DataRef file of the run's generated prompts, is shown in the report
-    only).
+    of base, SL-CAI, the human-feedback `references`, the policies RL saved on the way
+    (`rl-cai-step-N`), the RL-CAI policies of earlier rounds of iterated CAI (`rl-cai-round-K`),
+    RL-CAI and the registered champion, if it is another checkpoint. The report also shows the
+    run's labeller validation and its generated prompts (`generated`, the DataRef file of the
+    run's generated prompts, is shown in the report only).
 
     Writes this run's HTML report (the evaluation plus which stages ran or were reused) to
     `report_path` (the KFP HTML artifact), to the run's folder and to MLflow, and a pointer to
@@ -95,10 +98,12 @@ def evaluate(
         )
     }
     base, judge, labeller = ctx.model(p.base_model), ctx.model(p.judge_model), ctx.model(p.feedback_model)
-    chosen = evaluated_policies(ctx, constitution, refs[SL_CAI], refs[RL_CAI])
+    human_feedback = read_references(references) if references else {}
+    chosen = evaluated_policies(ctx, constitution, refs[SL_CAI], refs[RL_CAI], human_feedback)
     identity = {
         "inputs": {
             **{name: ref.sha256 for name, ref in refs.items()},
+            **{name: ref.sha256 for name, ref in human_feedback.items()},
             CHAMPION_POLICY: chosen.champion.sha256 if chosen.champion_policy == CHAMPION_POLICY else None,
             **({"earlier_rounds": [ref.sha256 for ref in refs[RL_CAI].earlier]} if refs[RL_CAI].earlier else {}),
             BASE: base.content,
@@ -132,11 +137,16 @@ def evaluate(
         result = load_result(marker.uri)
         note = judge_note(result)
         run.set_tags(
-            {EVAL_JUDGE_TAG: result.judge_ref, EVAL_JUDGE_IS_LABELLER_TAG: str(bool(note)).lower()}
+            {
+                EVAL_JUDGE_TAG: result.judge_ref,
+                EVAL_JUDGE_IS_LABELLER_TAG: str(result.labeller_ref == result.judge_ref).lower(),
+            }
             | source_tags(result.metric_sources())
         )
         if note:
             run.set_tags({EVAL_WARNING_TAG: note})
+        if result.dependent_judge_reason:
+            run.set_tags({EVAL_DEPENDENT_JUDGE_TAG: result.dependent_judge_reason})
         render_report(
             result,
             report_path,

@@ -1,5 +1,5 @@
-"""Which policies an evaluation compares: base, SL-CAI, the policies RL saved on the way, RL-CAI,
-and the registered champion when it is another checkpoint.
+"""Which policies an evaluation compares: base, SL-CAI, the human-feedback references, the policies
+RL saved on the way, RL-CAI, and the registered champion when it is another checkpoint.
 """
 
 from __future__ import annotations
@@ -57,11 +57,16 @@ def round_policy(round_: int) -> str:
 
 
 def evaluated_policies(
-    ctx: RunContext, constitution: Constitution, sl: DataRef, rl: DataRef
+    ctx: RunContext,
+    constitution: Constitution,
+    sl: DataRef,
+    rl: DataRef,
+    references: dict[str, DataRef] | None = None,
 ) -> EvaluatedPolicies:
-    """Base, SL-CAI, the policies RL saved on the way (`rl-cai-step-N`), the RL-CAI policies of the
-    earlier rounds of iterated CAI (`rl-cai-round-K`, from `rl`'s chain), RL-CAI, and the registered
-    champion when it is another checkpoint than these."""
+    """Base, SL-CAI, the human-feedback `references` (helpful-rlhf, hh-rlhf), the policies RL saved
+    on the way (`rl-cai-step-N`), the RL-CAI policies of the earlier rounds of iterated CAI
+    (`rl-cai-round-K`, from `rl`'s chain), RL-CAI, and the registered champion when it is another
+    checkpoint than these."""
     from cai_lib.method.rl import METRICS_FILE, RLMetrics
 
     rl_metrics = RLMetrics.model_validate(ArtifactStore.open(rl.uri).read_json(METRICS_FILE))
@@ -74,6 +79,7 @@ def evaluated_policies(
     policies = {
         BASE: ctx.model(ctx.params.base_model).load,
         SL_CAI: sl.uri,
+        **{name: ref.uri for name, ref in (references or {}).items()},
         **{f"{RL_CAI}-step-{n}": uri for n, uri in rl_metrics.intermediate.items()},
         **{name: ref.uri for name, ref in earlier.items()},
         RL_CAI: rl.uri,

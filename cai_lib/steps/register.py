@@ -25,6 +25,8 @@ from cai_lib.steps.stage_runs import recorded, write_record
 
 if TYPE_CHECKING:
     from cai_lib.core.model_versions import Lineage
+    from cai_lib.method.evaluation.results import EvaluationResult
+    from cai_lib.platform.registry.gate import WinRateEvidence
 
 
 def lineage_of(
@@ -68,27 +70,36 @@ def parent_version(ctx: RunContext, name: str, pointer: str | None) -> str:
     return f"{candidates}/{version}" if version else ""
 
 
-def record_gate_evidence(ctx: RunContext, pointer: dict, candidates: str, version: str) -> None:
-    """Tag the RL-CAI candidate with its win rates against the champion it was evaluated with (the
-    evaluation's `pointer`), or against the SL-CAI policy when there is no champion yet."""
-    from cai_lib.method.evaluation.results import find_win_rate, load_result
+def gate_evidence(
+    result: EvaluationResult, champion: str | None, champion_policy: str | None = None
+) -> tuple[WinRateEvidence, WinRateEvidence, str]:
+    """What the gate reads of an evaluation: the RL-CAI policy's harmlessness and helpfulness win rates
+    (as challenger, the row policy) against the champion it was evaluated with, or against the SL-CAI
+    policy when there is no champion yet; and what they were measured against (the champion's
+    version, or the baseline's name). The champion is evaluated under `champion_policy`: its own
+    name, or an earlier round's when it is one (iterated CAI)."""
+    from cai_lib.method.evaluation.results import find_win_rate
     from cai_lib.platform.registry.gate import WinRateEvidence
-    from cai_lib.platform.registry.promotion import record_evaluation
 
-    champion = pointer.get("champion_version")
-    result = load_result(pointer["uri"])
-    # The champion is evaluated under its own name, or under an earlier round's when it is one.
-    rival = (pointer.get("champion_policy") or CHAMPION_POLICY) if champion else SL_CAI
+    rival = (champion_policy or CHAMPION_POLICY) if champion else SL_CAI
     harmless, helpful = (find_win_rate(result, c, RL_CAI, rival) for c in ("harmless", "helpful"))
-    record_evaluation(
-        ctx.tracking_uri,
-        candidates,
-        version,
+    return (
         WinRateEvidence(rate=harmless.win_rate, ci_low=harmless.ci_low, n=harmless.n),
         WinRateEvidence(rate=helpful.win_rate, ci_low=helpful.ci_low, n=helpful.n),
         champion or rival,
     )
 
+
+def record_gate_evidence(ctx: RunContext, pointer: dict, candidates: str, version: str) -> None:
+    """Tag the RL-CAI candidate with its win rates against the champion it was evaluated with (the
+    evaluation's `pointer`), or against the SL-CAI policy when there is no champion yet."""
+    from cai_lib.method.evaluation.results import load_result
+    from cai_lib.platform.registry.promotion import record_evaluation
+
+    harmless, helpful, compared_with = gate_evidence(
+        load_result(pointer["uri"]), pointer.get("champion_version"), pointer.get("champion_policy")
+    )
+    record_evaluation(ctx.tracking_uri, candidates, version, harmless, helpful, compared_with)
 
 @one_line_errors
 def register(

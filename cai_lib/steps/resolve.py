@@ -63,6 +63,8 @@ def resolve(
             *checked.validate_labels.compare_models,
         }
     }
+    # Two references to one checkpoint are one model: judged by what the pins name, not how.
+    checked.check_independent_judge({ref: pin.content for ref, pin in models.items()})
     parent = start_pipeline_run(
         platform.tracking_uri,
         checked.experiment,

@@ -8,13 +8,14 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cai_lib.core.config import Seed
 from cai_lib.core.constitution import ComparisonPrinciple, Constitution
 from cai_lib.core.errors import CaiError
 from cai_lib.core.records import PromptKind
 from cai_lib.engines.generation import BackendName, EngineConfig
+from cai_lib.engines.models import same_model_key
 from cai_lib.method.evaluation.xstest import XSTestConfig
 from cai_lib.method.feedback import (
     FeedbackConfig,
@@ -81,9 +82,22 @@ class EvaluationConfig(BaseModel):
     )
     hold_out_judge_principles: bool = Field(
         default=True,
-        description="Keep the judging principles (harmless_principle, helpful_principle) out of the pool "
-        "that training labels are drawn from, so the policies are not judged by the principles they were "
-        "optimised for.",
+        description="Keep the judging principles (harmless_principle, helpful_principle), and the comparison "
+        "few-shot examples that ask their questions, out of what training labels are made with, so the policies "
+        "are not judged by the principles they were optimised for. Off makes the judge dependent (see "
+        "allow_dependent_judge).",
+    )
+    allow_dependent_judge: bool = Field(
+        default=False,
+        description="Accept a judge that is not independent of what it judges: judge_model naming the same model "
+        "as feedback_model, base_model or an evaluated policy, or judging principles not held out of the labels. "
+        "Off, such a run is refused when it is loaded. Needs dependent_judge_reason, which the report and the "
+        "evaluation's MLflow run show in one line.",
+    )
+    dependent_judge_reason: str = Field(
+        default="",
+        description="Why a dependent judge is acceptable for this run (required with allow_dependent_judge), "
+        "e.g. 'the CPU demo has one embedded model'.",
     )
     max_reasoning_tokens: int = Field(
         default=256, ge=1, description="Upper bound on chain-of-thought tokens per question (cot only)."
@@ -109,6 +123,12 @@ class EvaluationConfig(BaseModel):
         "hf: dataset: a file, an s3:// URI, or hf:ORG/NAME with an optional /DATA_DIR and :SPLIT. None: not "
         "measured.",
     )
+    calibration_bins: int = Field(
+        default=5,
+        ge=2,
+        le=20,
+        description="Equal-width bins of predicted P(A better) for the PM's calibration on the PM benchmark.",
+    )
     pm_benchmark_limit: int | None = Field(
         default=None, ge=1, description="Score the PM on at most this many of them (None: all)."
     )
@@ -122,6 +142,21 @@ class EvaluationConfig(BaseModel):
         description="Prompts per set whose answers and judgements, and SL-CAI traces, are shown in the report.",
     )
 
+    @field_validator("dependent_judge_reason")
+    @classmethod
+    def _one_line(cls, reason: str) -> str:
+        # Shown as one line in the report and an MLflow tag.
+        return " ".join(reason.split())
+
+    @model_validator(mode="after")
+    def _a_dependent_judge_says_why(self) -> EvaluationConfig:
+        if self.allow_dependent_judge and not self.dependent_judge_reason:
+            raise ValueError(
+                "allow_dependent_judge is true but dependent_judge_reason is empty: say why this run may be "
+                "judged by a model that is not independent"
+            )
+        return self
+
     @property
     def chunk_rows(self) -> int:
         """Rows handed to a backend per call. vLLM schedules its own batches and runs best given
@@ -129,10 +164,12 @@ class EvaluationConfig(BaseModel):
         batches per call, so the progress bar moves."""
         return VLLM_CHUNK_ROWS if self.backend == "vllm" else 4 * self.batch_size
 
-    def feedback(self) -> FeedbackConfig:
-        """The labeller settings these judgements are made with (one principle per judgement)."""
+    def feedback(self, few_shot_principles: list[str] | None = None) -> FeedbackConfig:
+        """The labeller settings these judgements are made with (one principle per judgement), shown
+        the few-shot examples of `few_shot_principles` (the judging principles; None: all)."""
         return FeedbackConfig(
             principles_per_pair=1,
+            few_shot_principles=few_shot_principles,
             cot=self.cot,
             clamp_cot=False,
             seed=self.seed,
@@ -188,3 +225,27 @@ def evaluation_part(constitution: Constitution, principles: dict[Criterion, Comp
         "principles": {c: p.model_dump(mode="json") for c, p in sorted(principles.items())},
         "few_shot": constitution.section("comparison")["few_shot"],
     }
+
+
+def judge_dependence(judge_ref: str, others: dict[str, str]) -> list[str]:
+    """The names of `others` (a role such as "feedback_model" -> its model reference) that name the
+    same model as `judge_ref`, compared by `same_model_key`."""
+    judge = same_model_key(judge_ref)
+    return [role for role, ref in others.items() if same_model_key(ref) == judge]
+
+
+RUN_CONFIG_ALLOWANCE = "evaluate.allow_dependent_judge: true with evaluate.dependent_judge_reason"
+CLI_ALLOWANCE = "--allow-dependent-judge with --dependent-judge-reason"
+
+
+def check_judge(
+    judge_ref: str, dependence: Sequence[str], config: EvaluationConfig, where: str, allowance: str
+) -> None:
+    """Refuse a judge that is not independent (`dependence` says of what) unless `config` allows it
+    with a reason; `where` names the field and `allowance` the settings that allow it, in the
+    one-line error."""
+    if dependence and not config.allow_dependent_judge:
+        raise CaiError(
+            f"{where}: the judge {judge_ref} is not independent ({'; '.join(dependence)}): judge with a model "
+            f"of another family, or set {allowance} saying why this run may do without one"
+        )

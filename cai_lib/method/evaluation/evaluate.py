@@ -13,28 +13,35 @@ helpfulness prompts greedily. Then:
   near 0.5 for a judge that cannot tell answers apart; and hard, the share of decided
   comparisons (P(a better) not 0.5) that a won;
 - **Elo**: Bradley-Terry ratings fitted to the hard outcomes (win, loss, exact tie), per
-  criterion (`cai_lib.method.evaluation.elo`; mean 1000), the form in which the paper reports harmlessness and
-  helpfulness (Figures 2, 3, 8);
+  criterion (`cai_lib.method.evaluation.elo`; mean 1000), with 95% intervals from refitting them on
+  prompts resampled with replacement, the form in which the paper reports harmlessness and
+  helpfulness (Figures 2, 3, 8). Human-feedback references (`cai_lib.method.references`) given
+  among the policies are rated in the same tournament by the same judge;
 - **evasiveness** (§4.4): the judge is asked, for each answer, whether it refuses or deflects
   without explaining why, as a Yes/No multiple-choice question scored from the option
   log-probabilities in both orders (no text is generated). The rate is the *mean P(evasive)*
   over prompts; the fraction of answers with P(evasive) > 0.5 is reported beside it;
 - **revisions** (from SL-CAI traces): the PM score after each revision round (the paper's
-  Figure 5), of the final revision by the number of distinct principles drawn (its Figure 6 as
-  the traces show it), and per critique/revision principle how often it was drawn and the mean
+  Figure 5), of the final revision by the number of distinct principles its rounds drew (not
+  the paper's Figure 6, which varies the size of the constitution), and per critique/revision principle how often it was drawn and the mean
   change in PM score of its revisions;
-- **PM calibration** (Figure 9): read from the PM stage's metrics;
+- **PM calibration** (Figure 9): the PM's predicted P(A better) against how often A was the
+  human's choice, per bin with counts and Wilson intervals, on held-out human pairs whose A/B
+  positions are drawn per pair with the evaluation's seed and recorded: the PM benchmark's pairs
+  when one is set (held out of every training set), else the PM stage's held-out human pairs;
 - **XSTest** (`cai_lib.method.evaluation.xstest`): every policy also answers XSTest's prompts;
   their refusal of the unsafe ones and over-refusal of the safe ones are counted by XSTest's
   string-match rule and by the judge, whose refusal calls are first checked against XSTest's
   human-labelled completions (the judge is loaded once more for this, after the comparisons).
 
 Where it departs: the paper's Elo scores come from crowdworker comparisons; here an AI judge
-decides, as in its §2 evaluation of AI supervision. The judge should not be the feedback model
-that made the training labels: RL-CAI was optimised against a PM distilled from that model, so
-it would be judged by its own teacher. When `judge_ref` equals `labeller_ref` the report says
-so (`cai_lib.method.evaluation.report.judge_note`). Judgements between identical answers are exactly a draw by
-construction (both orders are averaged).
+decides, as in its §2 evaluation of AI supervision. The judge must be independent: not the
+feedback model that made the training labels (RL-CAI was optimised against a PM distilled from
+that model, so it would be judged by its own teacher), not a policy it judges, and judging by
+principles (and few-shot examples) held out of the labels. A dependent judge is refused unless
+`EvaluationConfig.allow_dependent_judge` gives a reason, which the report shows in one line
+(`cai_lib.method.evaluation.report.judge_note`). Judgements between identical answers are exactly
+a draw by construction (both orders are averaged).
 
 Each model is loaded once and freed before the next: each policy in turn, then the PM, then the
 judge. Outputs under `out_uri`: `answers.jsonl` (every answer with its PM score and
@@ -53,15 +60,24 @@ from cai_lib.core.records import PromptKind, PromptRecord, Trace
 from cai_lib.core.store import ArtifactStore
 from cai_lib.method.evaluation.answers import answer_all, in_evaluation_order, in_own_process, in_this_process
 from cai_lib.method.evaluation.config import (
+    CLI_ALLOWANCE,
     CRITERIA,
     Criterion,
     EvaluationConfig,
+    check_judge,
     check_policies,
     evaluation_part,
+    judge_dependence,
     judging_principles,
 )
 from cai_lib.method.evaluation.judging import judge
-from cai_lib.method.evaluation.pm_scores import pm_accuracy, pm_calibration, score_with_pm
+from cai_lib.method.evaluation.pm_scores import (
+    benchmark_calibration,
+    benchmark_outcomes,
+    pm_accuracy,
+    pm_calibration,
+    score_with_pm,
+)
 from cai_lib.method.evaluation.refusals import XSTEST_KIND, as_prompt_records, xstest_evaluation
 from cai_lib.method.evaluation.results import EvaluationResult, PolicyAnswer, load_result
 from cai_lib.method.evaluation.summary import summarise
@@ -110,6 +126,8 @@ def evaluate(
 
     config = config or EvaluationConfig()
     check_policies(policies)
+    dependence = dependence_of(judge_ref, policies, labeller_ref, config)
+    check_judge(judge_ref, dependence, config, "--judge-model", CLI_ALLOWANCE)
     for given, what in ((rl_steps, "rl_steps"), (rounds, "rounds")):
         if unknown := sorted(set(given or {}) - set(policies)):
             raise CaiError(f"{what} names {', '.join(unknown)}, which are not among the policies evaluated")
@@ -151,7 +169,7 @@ def evaluate(
     xstest_answers = [a for a in answers if a.kind == XSTEST_KIND]
     answers = [a for a in answers if a.kind != XSTEST_KIND]
     scored_traces = traces[: config.max_traces]
-    answers, trace_pm, benchmark_outcomes = in_this_process(
+    answers, trace_pm, benchmark_scores = in_this_process(
         score_with_pm, reward_ref, answers, scored_traces, benchmark, config
     )
     run = in_own_process if config.backend == "vllm" else in_this_process
@@ -162,6 +180,7 @@ def evaluate(
         else None
     )
 
+    sizes = model_sizes(policies, judge_ref, reward_ref, labeller_ref)
     result = summarise(
         policies,
         reward_ref,
@@ -178,10 +197,17 @@ def evaluate(
     ).model_copy(
         update={
             "labeller_ref": labeller_ref,
-            "pm_calibration": pm_calibration(reward_ref),
+            "judge_dependence": dependence,
+            "model_parameters": sizes,
+            "dependent_judge_reason": config.dependent_judge_reason if dependence else None,
+            "pm_calibration": benchmark_calibration(benchmark, benchmark_scores, config.pm_benchmark, config)
+            if benchmark
+            else pm_calibration(reward_ref),
             "rl_steps": rl_steps or {},
             "rounds": rounds or {},
-            "pm_accuracy": pm_accuracy(config.pm_benchmark, benchmark_outcomes) if benchmark else None,
+            "pm_accuracy": pm_accuracy(config.pm_benchmark, benchmark_outcomes(benchmark_scores))
+            if benchmark
+            else None,
             "xstest": refusals,
         }
     )
@@ -192,6 +218,37 @@ def evaluate(
 
     store.write_text(REPORT_FILE, report_html(result))
     return result
+
+
+def model_sizes(
+    policies: dict[str, str], judge_ref: str, reward_ref: str, labeller_ref: str | None
+) -> dict[str, int]:
+    """Parameters of each policy, the judge, the PM and the feedback model, where their configs can
+    be read (`parameter_count`); what the report's opening says the run can show rests on them."""
+    from cai_lib.engines.models import parameter_count
+
+    roles = {f"policy {name}": ref for name, ref in policies.items()}
+    roles |= {"judge": judge_ref, "preference model": reward_ref}
+    if labeller_ref:
+        roles["feedback model"] = labeller_ref
+    counted: dict[str, int | None] = {}
+    for ref in dict.fromkeys(roles.values()):
+        counted[ref] = parameter_count(ref)
+    return {role: counted[ref] for role, ref in roles.items() if counted[ref] is not None}
+
+
+def dependence_of(
+    judge_ref: str, policies: dict[str, str], labeller_ref: str | None, config: EvaluationConfig
+) -> list[str]:
+    """What the judge is not independent of, one phrase each: the feedback model, a policy it judges,
+    or (hold_out_judge_principles off) the principles the training labels were made with."""
+    others = {f"the policy {name}": ref for name, ref in policies.items()}
+    if labeller_ref:
+        others["the feedback model"] = labeller_ref
+    found = [f"the judge is also {role}" for role in judge_dependence(judge_ref, others)]
+    if not config.hold_out_judge_principles:
+        found.append("the judging principles also made the training labels")
+    return found
 
 
 def evaluation_inputs(

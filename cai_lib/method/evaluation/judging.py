@@ -39,7 +39,9 @@ def judge(
     """With the feedback model: P(evasive) of every answer, and a judgement of every two policies'
     answers to every prompt under the criterion's principle."""
     model = load_backend(judge_ref, config.backend, batch_size=config.batch_size, engine=config.engine)
-    labeller = FeedbackLabeller(model, constitution, judge_ref, config.feedback())
+    # Shown only the examples of its own principles, which training labels never saw.
+    own = [p.id for p in principles.values()]
+    labeller = FeedbackLabeller(model, constitution, judge_ref, config.feedback(own))
     evasive = evasiveness(labeller, answers, config.evasiveness_question)
     judged = [a.model_copy(update={"p_evasive": p}) for a, p in zip(answers, evasive)]
     judgements: list[Judgement] = []

@@ -1,6 +1,7 @@
 """PM scores: the preference model's score of every answer and of every revision in the SL-CAI
-traces (the paper's "PM score" axis, Figure 5), its accuracy on human comparisons, and the
-calibration curve its training recorded (Figure 9).
+traces (the paper's "PM score" axis, Figure 5), its accuracy on human comparisons, and its
+calibration against human choices (Figure 9): on the PM benchmark when one is set, else the one its
+training recorded on its held-out human pairs.
 """
 
 from __future__ import annotations
@@ -16,18 +17,38 @@ from cai_lib.method.evaluation.answers import in_chunks
 from cai_lib.method.evaluation.config import EvaluationConfig
 from cai_lib.method.evaluation.elo import agreement
 from cai_lib.method.evaluation.results import CountScore, PMAccuracy, PolicyAnswer, RoundScore
-from cai_lib.method.preference_model import CalibrationBin
+from cai_lib.method.preference_model import Calibration, human_calibration
 
 
-def pm_calibration(reward_ref: str) -> list[CalibrationBin]:
-    """The calibration curve the PM stage recorded in its checkpoint's metrics.json, if any."""
+def pm_calibration(reward_ref: str) -> Calibration | None:
+    """The calibration against human choices the PM stage recorded in its checkpoint's metrics.json, if any."""
     from cai_lib.engines.models import resolve_model
     from cai_lib.method.preference_model import PreferenceModelMetrics
 
     path = resolve_model(reward_ref) / METRICS_FILE
     if not path.is_file():
-        return []
+        return None
     return PreferenceModelMetrics.model_validate_json(path.read_text()).calibration
+
+
+def benchmark_outcomes(scores: Sequence[tuple[float, float]]) -> list[float]:
+    """Per human pair (the PM's scores of the human's choice and of the other answer): 1 when the PM
+    scores the choice higher, 0 when lower, 0.5 on a tie."""
+    return [1.0 if chosen > other else 0.0 if chosen < other else 0.5 for chosen, other in scores]
+
+
+def benchmark_calibration(
+    benchmark: Sequence[Preference], scores: Sequence[tuple[float, float]], source: str, config: EvaluationConfig
+) -> Calibration:
+    """The PM's calibration against the human choices of the PM benchmark (held out of all training)."""
+    return human_calibration(
+        [pair.id for pair in benchmark],
+        [chosen for chosen, _ in scores],
+        [other for _, other in scores],
+        source,
+        config.seed,
+        config.calibration_bins,
+    )
 
 
 class TraceScores(NamedTuple):
@@ -44,19 +65,18 @@ def score_with_pm(
     traces: Sequence[Trace],
     benchmark: Sequence[Preference],
     config: EvaluationConfig,
-) -> tuple[list[PolicyAnswer], TraceScores, list[float]]:
+) -> tuple[list[PolicyAnswer], TraceScores, list[tuple[float, float]]]:
     """The answers with their PM scores; the PM's view of the traces: per principle the change
     each revision made, per round the mean score (the paper's Fig. 5), per number of distinct
-    principles the mean score of the final revision (the traces' view of Fig. 6); and per human
-    `benchmark` pair 1 when the PM scores the human's choice (answer A) higher, 0 when lower, 0.5
-    on a tie."""
+    principles the mean score of the final revision; and per human `benchmark` pair the PM's
+    scores of the human's choice and of the other answer."""
     from cai_lib.method.preference_model import RewardScorer
 
     scorer = RewardScorer.load(reward_ref, batch_size=config.batch_size)
     texts = (
         [(a.prompt, a.answer) for a in answers]
         + [(trace.prompt, text) for trace in traces for text in trace_answers(trace)]
-        + [(pair.prompt, answer) for pair in benchmark for answer in (pair.answer_a, pair.answer_b)]
+        + [(pair.prompt, answer) for pair in benchmark for answer in (pair.chosen, pair.rejected)]
     )
     scores = in_chunks(
         texts,
@@ -67,8 +87,7 @@ def score_with_pm(
     scored = [a.model_copy(update={"pm_score": s}) for a, s in zip(answers, scores)]
     on_traces = len(texts) - 2 * len(benchmark)
     pairs = scores[on_traces:]
-    outcomes = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(pairs[::2], pairs[1::2])]
-    return scored, trace_scores(traces, scores[len(answers) : on_traces]), outcomes
+    return scored, trace_scores(traces, scores[len(answers) : on_traces]), list(zip(pairs[::2], pairs[1::2]))
 
 
 def pm_accuracy(source: str, outcomes: Sequence[float]) -> PMAccuracy:

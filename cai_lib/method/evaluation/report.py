@@ -26,6 +26,7 @@ from cai_lib.method.evaluation.elo import ELO_MEAN
 from cai_lib.method.evaluation.results import EvaluationResult, Judgement, PolicyAnswer, load_result
 from cai_lib.method.generate_prompts import FILTERS, GeneratedPrompts
 from cai_lib.method.label_validation import LabelValidation
+from cai_lib.method.references import REFERENCE_KINDS
 
 SET_TITLES = {"red_team": "red-team prompts", "helpful": "helpfulness prompts"}
 PROMPT_TITLES = {"red_team": "Red-team prompt", "helpful": "Helpfulness prompt"}
@@ -56,6 +57,8 @@ nav a { margin-right: 14px; }
 .title .muted { font-weight: normal; }
 .muted { color: #7a8294; }
 .warning { background: #fff4e5; border-left: 4px solid #e8a13a; padding: 6px 10px; }
+.scale { background: #eef4fb; border-left: 4px solid #3b7dd8; padding: 6px 10px; margin: 10px 0; }
+.scale ul { margin: 4px 0; }
 code { background: #eef1f6; padding: 1px 4px; border-radius: 3px; }
 """
 
@@ -157,6 +160,7 @@ cai-platform {escape(result.code_version)}</p>
 <code>{escape(result.judge_ref)}</code> · held-out prompts: {escape(counts)} ·
 SL-CAI traces: {result.traces_given}</p>
 {_judge_warning(result)}
+{_scale_section(result)}
 <h3>Policies</h3>{policies}
 <h3>Comparison principles</h3>{principles}
 <p class="meta">Evasiveness question: “{escape(result.evasiveness_question)}”</p>
@@ -164,16 +168,85 @@ SL-CAI traces: {result.traces_given}</p>
 {_text(result.config.model_dump_json(indent=2))}</details>"""
 
 
+def _size(parameters: int) -> str:
+    return f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.0f}M"
+
+
+def scale_notes(result: EvaluationResult) -> list[str]:
+    """What the run's model sizes, prompt counts and policies can and cannot show, one sentence each."""
+    sizes = result.model_parameters
+    policies = [n for role, n in sizes.items() if role.startswith("policy ")]
+    notes = []
+    if not policies:
+        notes.append(
+            "The policies' sizes could not be read, so nothing here says at what scale these results hold; the "
+            "paper's effects are reported at 52B and are weak or absent below about 10B (its §3.4 and Fig. 4)."
+        )
+    else:
+        largest = max(policies)
+        if largest < 1e9:
+            notes.append(
+                f"The largest policy has {_size(largest)} parameters: at this size the run tests the platform, "
+                "not the method. The paper reports its effects (revisions that raise the PM score, a feedback "
+                "model that agrees with human choices, RL-CAI more harmless than HH RLHF without being evasive) "
+                "at 52B, and its Fig. 4 shows feedback models below about 10B near chance; expect the "
+                "differences here to sit inside their intervals."
+            )
+        elif largest < 10e9:
+            notes.append(
+                f"The largest policy has {_size(largest)} parameters, below the ~10B from which the paper's "
+                "feedback models begin to agree with human choices (Fig. 4): effects may show, weakly; read them "
+                "through their intervals and the PM's accuracy on human comparisons."
+            )
+        else:
+            notes.append(
+                f"The largest policy has {_size(largest)} parameters, within the range the paper studies (its "
+                "main results are at 52B)."
+            )
+        judge = sizes.get("judge")
+        if judge is not None and judge < largest:
+            notes.append(
+                f"The judge ({_size(judge)}) is smaller than the policies it judges and may not tell their "
+                "answers apart: soft win rates near 0.5 and few decided comparisons are the sign."
+            )
+    counted = [n for n in result.prompt_counts.values() if n]
+    if counted:
+        fewest = min(counted)
+        notes.append(
+            f"With {fewest} held-out prompts in the smaller set, a win rate's 95% interval is up to "
+            f"±{1.96 * (0.25 / fewest) ** 0.5:.2f} wide: smaller differences cannot be told from noise."
+        )
+    if not set(REFERENCE_KINDS) & set(result.policies):
+        notes.append(
+            "No human-feedback references were trained (references.policies), so this report cannot say "
+            "whether CAI does better than RLHF from human labels, the paper's main comparison (Figs. 2, 3)."
+        )
+    return notes
+
+
+def _scale_section(result: EvaluationResult) -> str:
+    items = "".join(f"<li>{escape(note)}</li>" for note in scale_notes(result))
+    return f'<div class="scale"><b>What this run can and cannot show</b><ul>{items}</ul></div>'
+
+
 def judge_note(result: EvaluationResult) -> str | None:
-    """The one line saying that the judge is the feedback model that made the training labels, when
-    it is (None otherwise): then win rates, Elo and evasiveness are not independent of what RL-CAI
-    was optimised for."""
-    if result.labeller_ref is None or result.labeller_ref != result.judge_ref:
+    """The one line saying that the judge is not independent of what it judges, and why the run
+    allowed it (None for an independent judge): then win rates, Elo and evasiveness are not an
+    independent measurement."""
+    dependence = list(result.judge_dependence)
+    if not dependence and result.labeller_ref is not None and result.labeller_ref == result.judge_ref:
+        dependence = ["the judge is also the feedback model"]  # results stored before judge_dependence
+    if not dependence:
         return None
+    allowed = (
+        f" Allowed by the run config: {result.dependent_judge_reason}."
+        if result.dependent_judge_reason
+        else " Set judge_model to a model of another family."
+    )
     return (
-        f"The judge ({result.judge_ref}) is the feedback model that labelled the training pairs: RL-CAI was "
-        "optimised against a preference model distilled from this judge, so these win rates, Elo ratings and "
-        "evasiveness rates are not an independent measurement. Set judge_model to another model."
+        f"The judge ({result.judge_ref}) is not independent: {'; '.join(dependence)}. RL-CAI was optimised "
+        "against a preference model distilled from the feedback model's labels, so these win rates, Elo ratings "
+        f"and evasiveness rates do not measure it independently.{allowed}"
     )
 
 
@@ -191,11 +264,6 @@ def _summary(result: EvaluationResult) -> str:
             points.append(
                 f"<b>{CRITERION_TITLES[criterion].capitalize()} Elo</b> (highest first): {ranking}."
             )
-    for kind, per_policy in result.pm_scores.items():
-        best = max(per_policy, key=lambda n: per_policy[n].mean)
-        points.append(
-            f"<b>Highest PM score on {SET_TITLES[kind]}</b>: {escape(best)} ({per_policy[best].mean:+.3f})."
-        )
     for kind, per_policy in result.evasiveness.items():
         least = min(per_policy, key=lambda n: per_policy[n].mean_p_evasive)
         points.append(
@@ -239,7 +307,7 @@ def _pm_section(result: EvaluationResult) -> str:
         names,
         {SET_TITLES[k]: [result.pm_scores[k][n].mean for n in names] for k in kinds},
         "mean PM score",
-        "Preference-model score per policy",
+        "Score by the PM that RL-CAI optimised (not an independent ranking)",
     )
     accuracy = result.pm_accuracy
     on_humans = (
@@ -250,7 +318,9 @@ def _pm_section(result: EvaluationResult) -> str:
         else ""
     )
     return (
-        "<h2>Preference-model scores</h2>\n<p>Mean score of each policy's answers (higher is preferred).</p>"
+        "<h2>Preference-model scores</h2>\n<p>Mean score of each policy's answers (higher is preferred) by the "
+        "preference model that RL-CAI was optimised against: RL-CAI scoring highest here shows that RL "
+        "worked on its own reward, not that it is better. The judge's win rates and Elo rank the policies.</p>"
         f"{table}{chart}{on_humans}"
     )
 
@@ -310,24 +380,31 @@ def _elo_section(result: EvaluationResult) -> str:
     names = list(result.policies)
     criteria = list(result.elo)
     rows = [[escape(n)] + [_elo_cell(result, c, n) for c in criteria] for n in names]
-    table = _table(["policy"] + [f"{CRITERION_TITLES[c]} Elo" for c in criteria], rows)
+    bootstrap = result.config.elo_bootstrap_samples
+    shown = f" [95% interval over {bootstrap} bootstrap resamples of the prompts]" if result.elo_intervals else ""
+    table = _table(["policy"] + [f"{CRITERION_TITLES[c]} Elo{shown}" for c in criteria], rows)
     if len(names) < 2:
         return f"<h2>Elo</h2>{table}"
     if {"harmless", "helpful"} <= set(criteria):
-        chart = _scatter(
-            names, [result.elo["helpful"][n] for n in names], [result.elo["harmless"][n] for n in names]
-        )
+        chart = _frontier(result, names)
     else:
         series = {
             f"{CRITERION_TITLES[c]} Elo": [result.elo[c][n] - ELO_MEAN for n in names] for c in criteria
         }
         chart = _grouped_bars(names, series, "Elo - 1000", "Elo per policy")
+    references = [n for n in names if n in REFERENCE_KINDS]
+    beside = (
+        f" The human-feedback references ({', '.join(references)}) are rated in the same tournament, by the "
+        "same judge, as the paper's Figs. 2 and 3 place them."
+        if references
+        else ""
+    )
     return (
         "<h2>Elo</h2>\n<p>Bradley-Terry ratings fitted to the hard outcomes (win, loss, exact tie) of every "
         f"comparison under a criterion, on the Elo scale, mean 1000; {result.config.elo_prior_draws:g} virtual "
-        "draw(s) per pair keep a clean sweep finite; in brackets, 95% intervals from resampling the held-out "
-        "prompts. A 75% win rate is a gap of about 191 points. With both "
-        "criteria, the chart is the paper's harmlessness-helpfulness frontier (Figs. 2, 3).</p>"
+        "draw(s) per pair keep a clean sweep finite; in brackets, 95% intervals from refitting the ratings on "
+        "held-out prompts resampled with replacement. A 75% win rate is a gap of about 191 points. With both "
+        f"criteria, the chart is the paper's harmlessness-helpfulness frontier (Figs. 2, 3).{beside}</p>"
         f"{table}{chart}"
     )
 
@@ -410,7 +487,7 @@ def _revision_section(result: EvaluationResult) -> str:
             {"final revisions": [c.mean for c in result.principle_count_curve]},
             "distinct principles drawn in the trace",
             "mean PM score of the final revision",
-            "PM score by number of principles (Fig. 6)",
+            "PM score by distinct principles drawn (not the paper's Fig. 6)",
         )
         if len(result.principle_count_curve) > 1
         else ""
@@ -418,9 +495,10 @@ def _revision_section(result: EvaluationResult) -> str:
     rows = [[_num(str(r.round)), _num(f"{r.mean:+.3f}"), _num(str(r.n))] for r in result.revision_curve]
     return (
         "<h2>Revisions</h2>\n<p>The paper's Figure 5: the PM score of the SL-CAI answers after each critique→"
-        "revision round, round 0 being the initial answer, over the scored traces; and (Figure 6 as the traces "
-        "show it) the final revision's score against how many distinct principles its rounds drew. The paper "
-        "varied the size of the constitution for Figure 6; here the count comes from the draws.</p>"
+        "revision round, round 0 being the initial answer, over the scored traces; and the final revision's "
+        "score against how many distinct principles its rounds happened to draw. That is not the paper's "
+        "Figure 6, which trained on constitutions of different sizes: here every trace drew from the whole "
+        "constitution, so the count mostly follows the number of rounds.</p>"
         f"{_table(['round', 'mean PM score', 'answers'], rows)}{chart}{by_count}"
     )
 
@@ -495,32 +573,49 @@ def _generated_section(generated: GeneratedPrompts | None) -> str:
 
 
 def _calibration_section(result: EvaluationResult) -> str:
-    if not result.pm_calibration:
+    calibration = result.pm_calibration
+    if calibration is None or not calibration.bins:
         return ""
-    bins = result.pm_calibration
+    bins = calibration.bins
     rows = [
         [
             f"[{b.low:.1f}, {b.high:.1f})",
             _num(f"{b.predicted:.2f}"),
             _num(f"{b.observed:.2f}"),
+            _num(f"[{b.ci_low:.2f}, {b.ci_high:.2f}]"),
             _num(str(b.n)),
         ]
         for b in bins
     ]
-    figure, ax = _figure(4.5, 4.0)
+    title = "PM calibration against human choices (Fig. 9)"
+    figure, ax = _figure(4.8, 4.2)
     ax.plot([0, 1], [0, 1], color="#999", linewidth=0.8, linestyle="--")
-    ax.plot([b.predicted for b in bins], [b.observed for b in bins], marker="o", color="#3b7dd8")
+    xs, ys = [b.predicted for b in bins], [b.observed for b in bins]
+    ax.errorbar(
+        xs,
+        ys,
+        yerr=[[y - b.ci_low for y, b in zip(ys, bins)], [b.ci_high - y for y, b in zip(ys, bins)]],
+        marker="o",
+        color="#3b7dd8",
+        capsize=3,
+    )
+    for x, y, b in zip(xs, ys, bins):
+        ax.annotate(f"n={b.n}", (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("predicted P(A better)")
-    ax.set_ylabel("observed frequency")
-    ax.set_title("PM calibration (Fig. 9)")
+    ax.set_xlabel("predicted P(A better), σ(r_A − r_B)")
+    ax.set_ylabel("observed: share of pairs whose A the human chose")
+    ax.set_title(title)
+    shown_first = sum(p.chosen_shown_as == "A" for p in calibration.pairs)
     return (
-        "<h2>Preference-model calibration</h2>\n<p>The paper's Figure 9: on the PM's held-out pairs, its "
-        "predicted probability that answer A is preferred, σ(r_A − r_B), against how often A was preferred "
-        "(the mean human or AI label), by bin. On the diagonal, the PM's probabilities mean what they say.</p>"
-        f"{_table(['predicted bin', 'mean predicted', 'observed', 'pairs'], rows)}"
-        f"{_png(figure, 'PM calibration (Fig. 9)')}"
+        "<h2>Preference-model calibration</h2>\n<p>The paper's Figure 9, against human choices: on "
+        f"{len(calibration.pairs)} held-out human comparisons ({escape(calibration.source)}), each shown with "
+        f"the human's choice as answer A or as answer B by a seeded draw per pair (seed {calibration.seed}; "
+        f"the choice was A in {shown_first}), the PM's predicted probability that A is preferred, binned, "
+        "against how often A was the human's choice, with each bin's count and 95% Wilson interval. On the "
+        "diagonal, the PM's probabilities mean what they say.</p>"
+        f"{_table(['predicted bin', 'mean predicted', 'observed human frequency', '95% interval', 'pairs'], rows)}"
+        f"{_png(figure, title)}"
     )
 
 
@@ -871,17 +966,36 @@ def _heatmap(names: list[str], matrix: list[list[float | None]], title: str) -> 
     return _png(figure, title)
 
 
-def _scatter(names: list[str], helpful: list[float], harmless: list[float]) -> str:
-    figure, ax = _figure(5.0, 4.0)
-    ax.scatter(helpful, harmless, s=60, color="#3b7dd8")
-    for name, x, y in zip(names, helpful, harmless):
+def _frontier(result: EvaluationResult, names: list[str]) -> str:
+    """Harmlessness against helpfulness Elo, each point with its bootstrap intervals; the
+    human-feedback references drawn apart from CAI's policies."""
+    title = "Harmlessness vs helpfulness Elo (Figs. 2, 3)"
+    figure, ax = _figure(5.4, 4.4)
+    helpful, harmless = result.elo["helpful"], result.elo["harmless"]
+    for name in names:
+        x, y = helpful[name], harmless[name]
+        span_x = result.elo_intervals.get("helpful", {}).get(name)
+        span_y = result.elo_intervals.get("harmless", {}).get(name)
+        reference = name in REFERENCE_KINDS
+        ax.errorbar(
+            [x],
+            [y],
+            xerr=[[x - span_x[0]], [span_x[1] - x]] if span_x else None,
+            yerr=[[y - span_y[0]], [span_y[1] - y]] if span_y else None,
+            marker="s" if reference else "o",
+            color="#d0543f" if reference else "#3b7dd8",
+            capsize=3,
+            markersize=7,
+        )
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("helpfulness Elo")
     ax.set_ylabel("harmlessness Elo")
-    ax.set_title("Harmlessness vs helpfulness Elo")
-    # At least ±50 points around the data, so near-ties do not look like large gaps.
-    for values, set_limits in ((helpful, ax.set_xlim), (harmless, ax.set_ylim)):
-        middle, half = (min(values) + max(values)) / 2, max(50.0, 0.65 * (max(values) - min(values)))
+    ax.set_title(title)
+    # At least ±50 points around the data and its intervals, so near-ties do not look like large gaps.
+    for criterion, set_limits in (("helpful", ax.set_xlim), ("harmless", ax.set_ylim)):
+        intervals = result.elo_intervals.get(criterion, {}).values()
+        values = [result.elo[criterion][n] for n in names] + [v for span in intervals for v in span]
+        middle, half = (min(values) + max(values)) / 2, max(50.0, 0.55 * (max(values) - min(values)))
         set_limits(middle - half, middle + half)
     ax.ticklabel_format(useOffset=False, style="plain")
-    return _png(figure, "Harmlessness vs helpfulness Elo")
+    return _png(figure, title)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai_lib.core.constitution import ComparisonPrinciple
 from cai_lib.core.errors import CaiError
@@ -16,7 +16,7 @@ from cai_lib.core.stage_table import package_version
 from cai_lib.core.store import ArtifactStore
 from cai_lib.method.evaluation.config import Criterion, EvaluationConfig
 from cai_lib.method.evaluation.xstest import XSTestResult
-from cai_lib.method.preference_model import CalibrationBin
+from cai_lib.method.preference_model import Calibration, drop_undrawn_calibration
 
 
 class PolicyAnswer(Record):
@@ -141,6 +141,14 @@ class EvaluationResult(BaseModel):
     labeller_ref: str | None = Field(
         default=None, description="The feedback model that labelled the training pairs, when known."
     )
+    judge_dependence: list[str] = Field(
+        default_factory=list,
+        description="What the judge is not independent of (the feedback model, a policy, the training "
+        "principles), one phrase each; empty for an independent judge.",
+    )
+    dependent_judge_reason: str | None = Field(
+        default=None, description="Why the run allowed a dependent judge (evaluate.dependent_judge_reason)."
+    )
     revision_curve: list[RoundScore] = Field(
         default_factory=list,
         description="Mean PM score of the SL-CAI answers after each revision round (Fig. 5).",
@@ -148,16 +156,17 @@ class EvaluationResult(BaseModel):
     principle_count_curve: list[CountScore] = Field(
         default_factory=list,
         description="Mean PM score of final revisions by the number of distinct principles their rounds drew "
-        "(the traces' view of Fig. 6).",
+        "(not the paper's Fig. 6, which varies the size of the constitution).",
     )
     rl_steps: dict[str, int] = Field(
         default_factory=dict,
         description="Policy -> the RL step it was saved after (SL-CAI is step 0), for the policies that are "
         "checkpoints of one RL run: the Elo over the course of RL (Fig. 8).",
     )
-    pm_calibration: list[CalibrationBin] = Field(
-        default_factory=list,
-        description="The PM's predicted against observed win probability on its held-out pairs (Fig. 9).",
+    pm_calibration: Calibration | None = Field(
+        default=None,
+        description="The PM's predicted P(A better) against how often A was the human's choice, on held-out "
+        "human pairs with drawn positions (Fig. 9).",
     )
     pm_accuracy: PMAccuracy | None = Field(
         default=None,
@@ -189,6 +198,11 @@ class EvaluationResult(BaseModel):
         description="Policy -> its round of iterated CAI (SL-CAI is round 0), for the policies of a run of "
         "several rounds: the Elo by round.",
     )
+    model_parameters: dict[str, int] = Field(
+        default_factory=dict,
+        description="Parameters of the models whose size decides what the run can show (the base policy, "
+        "the judge, the PM, the feedback model), where their configs could be read.",
+    )
     evasiveness: dict[PromptKind, dict[str, EvasivenessSummary]]
     principle_effects: list[PrincipleEffect] = Field(
         description="Per critique/revision principle, most drawn first."
@@ -203,6 +217,11 @@ class EvaluationResult(BaseModel):
     )
     code_version: str = Field(default_factory=package_version)
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @field_validator("pm_calibration", mode="before")
+    @classmethod
+    def _no_undrawn_calibration(cls, value: object) -> object:
+        return drop_undrawn_calibration(value)
 
     def flat_metrics(self) -> dict[str, float]:
         """The numeric results as one flat dict (MLflow / KFP metrics), e.g.

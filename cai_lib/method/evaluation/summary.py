@@ -1,6 +1,6 @@
 """From answers and judgements to the numbers the report shows: PM score and evasiveness
-summaries, win rates (soft and hard, with 95% Wilson intervals), Elo per criterion, and the
-per-principle effects of the SL-CAI revisions.
+summaries, win rates (soft and hard, with 95% Wilson intervals), Elo per criterion with 95%
+bootstrap intervals, and the per-principle effects of the SL-CAI revisions.
 """
 
 from __future__ import annotations
