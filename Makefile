@@ -48,6 +48,7 @@ lint: setup
 
 compile: setup
 	$(BIN)/cai compile --out pipelines/cai_pipeline.yaml
+	$(BIN)/cai compile --impact --out pipelines/impact_pipeline.yaml
 
 # Container images (needs a Docker engine). The names are the deploy config's image_cpu/image_gpu
 # and the Helm chart's images.cpu/images.gpu.

@@ -34,6 +34,7 @@ def resolve_run(
     experiment: str,
     rounds: int,
     model_name_prefix: str,
+    compare_against: str,
     generate_prompts: dict,
     critique_revise: dict,
     helpful_samples: dict,
@@ -376,6 +377,15 @@ def evaluate(
         metrics.log_metric(key, value)
 
 
+def compare_runs(context: dict, report: Output[HTML], comparison: Output[Artifact], round: int = 1):
+    """This run, evaluated in its last round, against the run compare_against names (the one that
+    made the champion it challenges, in a retrain): the comparison page, and a pointer to it for
+    registration."""
+    from cai_lib.steps.compare import compare
+
+    compare(context, report.path, comparison.path, round)
+
+
 def register(
     context: dict,
     pinned_constitution: Input[Artifact],
@@ -387,11 +397,13 @@ def register(
     results: Input[Artifact],
     start_policy: Input[Model],
     previous_pm: Optional[Input[Model]] = None,
+    comparison: Optional[Input[Artifact]] = None,
     round: int = 1,
 ) -> bool:
     """Register PM, SL-CAI and RL-CAI in MLflow with lineage (each round's, with its round and
     parent); run the promotion gate. Returns whether the round passed (its policy was promoted, or
-    the champion already continues it): a later round runs only then."""
+    the champion already continues it): a later round runs only then. The last round gets the
+    compare step's pointer (`comparison`), which its versions and gate reason record."""
     import json
 
     from cai_lib.steps.register import register as register_step
@@ -408,8 +420,19 @@ def register(
         round,
         start_policy.path,
         previous_pm.path if previous_pm else None,
+        comparison.path if comparison else "",
     )
     return bool(json.loads(summary)["passed"])
+
+
+def impact_preview(constitution: str, against: str, top: int, report: Output[HTML], impact: Output[Artifact]) -> str:
+    """The impact pipeline's one step: the pairs of run `against` relabelled under `constitution`
+    (`cai impact`); the page, the preview as JSON, and its overall flips as the output."""
+    import json
+
+    from cai_lib.steps.impact import preview
+
+    return json.dumps(preview(constitution, against, top, report.path, impact.path))
 
 
 def finish_run(run_id: str, experiment: str, status: PipelineTaskFinalStatus) -> str:

@@ -10,6 +10,8 @@
     plan_eval_shards (after prepare_prompts): evaluation's shards, sized by the held-out prompts
     train_reference_pm ─ rl_reference (after prepare_prompts): the human-feedback references that
         every round's evaluation rates beside CAI (`references.policies`; with none they pass on nothing)
+    compare (in the last round, between evaluate and register): this run against the run
+        compare_against names (cai retrain: the champion's run); register records it
     `rounds` rounds are unrolled when the pipeline is compiled (KFP has no loop over stages).
     exit handler: finish (closes the MLflow run, releases promotion locks)
 
@@ -276,12 +278,14 @@ def add_generated_prompts(t: _Tasks, ctx, prompts: dsl.PipelineTask) -> dsl.Pipe
     )
 
 
-def add_round(t: _Tasks, run: _Run, k: int, previous: _Round | None) -> _Round:
+def add_round(t: _Tasks, run: _Run, k: int, previous: _Round | None, last: bool) -> _Round:
     """Round `k` of iterated CAI: pairs sampled from the policy the round starts from (round 1: SL-CAI;
     round k: round k-1's RL-CAI), labelled, a PM trained on them (continued from round k-1's when the
     run says so), RL continued from that policy, every policy so far evaluated, and the round's
     models registered and gated. Every task of a later round carries `round` and a display name
-    that says it."""
+    that says it. The `last` round compares the run, whose final policy it has just evaluated,
+    with the run `compare_against` names, before it registers: its versions and gate reason then
+    record the comparison."""
     start = run.sl_policy if previous is None else previous.rl_policy
     later = {} if k == 1 else {"round": k}
     suffix = "" if k == 1 else f"-round-{k}"
@@ -344,6 +348,10 @@ def add_round(t: _Tasks, run: _Run, k: int, previous: _Round | None) -> _Round:
         references=run.references,
         **later,
     )
+    compared = {}
+    if last:
+        comparison = t.op("compare", k)(context=run.ctx, **later).after(evaluation)
+        compared = {"comparison": comparison.outputs["comparison"]}
     register = t.op("register", k)(
         context=run.ctx,
         pinned_constitution=run.constitution,
@@ -355,6 +363,7 @@ def add_round(t: _Tasks, run: _Run, k: int, previous: _Round | None) -> _Round:
         results=evaluation.outputs["results"],
         start_policy=start,
         **({} if previous is None else {"previous_pm": previous.reward_model}),
+        **compared,
         **later,
     )
     t.promoter(register)
@@ -428,10 +437,10 @@ def build_pipeline(defaults: PipelineParams | None = None, deploy: DeployConfig 
                 references,
             )
             with ExitStack() as later_rounds:
-                previous = add_round(t, run, 1, None)
+                previous = add_round(t, run, 1, None, defaults.rounds == 1)
                 for k in range(2, defaults.rounds + 1):
                     later_rounds.enter_context(dsl.If(previous.promoted == True, name=f"round-{k}"))  # noqa: E712
-                    previous = add_round(t, run, k, previous)
+                    previous = add_round(t, run, k, previous, k == defaults.rounds)
         return finish.output
 
     cai_pipeline.__signature__ = pipeline_signature(defaults)

@@ -423,6 +423,7 @@ def test_a_gpu_profile_reaches_the_stages_that_name_it_and_no_other():
         "rl_reference",
         "answer_eval",
         "evaluate",
+        "compare",
     }
     assert resources["label"] == default
 

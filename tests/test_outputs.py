@@ -162,6 +162,7 @@ def test_only_the_bookkeeping_stages_are_never_reused():
     assert [s.name for s in stage_table.STAGES if not s.reusable] == [
         "resolve",
         "prepare_prompts",
+        "compare",
         "register",
     ]
 

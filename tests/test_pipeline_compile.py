@@ -226,6 +226,24 @@ def test_the_second_round_runs_only_if_the_first_rounds_policy_was_promoted(two_
     assert {"train-pm-2", "rl-2", "register-2"} <= set(body)
 
 
+def test_the_run_is_compared_once_in_its_last_round_after_evaluation_and_before_registration(two_rounds):
+    tasks = all_tasks(two_rounds)
+    assert [name for name in tasks if name.startswith("compare-runs")] == ["compare-runs"]
+    condition = next(task for task in tasks.values() if "condition" in task.get("triggerPolicy", {}))
+    assert "compare-runs" in two_rounds["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    compare = tasks["compare-runs"]
+    assert "evaluate-2" in compare["dependentTasks"]
+    assert compare["inputs"]["parameters"]["round"]["runtimeValue"]["constant"] == 2
+    assert producer(tasks["register-2"]["inputs"]["artifacts"]["comparison"]) == ("compare-runs", "comparison")
+    assert "comparison" not in tasks["register"]["inputs"]["artifacts"]
+
+
+def test_the_comparison_is_a_kfp_html_visualisation(compiled):
+    spec, _ = compiled
+    outputs = spec["components"]["comp-compare-runs"]["outputDefinitions"]["artifacts"]
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
+
+
 def test_the_pipeline_is_told_how_many_rounds_it_was_compiled_with(two_rounds):
     resolve = all_tasks(two_rounds)["resolve-run"]
     assert resolve["inputs"]["parameters"]["compiled_rounds"]["runtimeValue"]["constant"] == 2
@@ -288,6 +306,29 @@ def test_gpu_stages_run_in_the_gpu_image_and_cpu_stages_in_the_cpu_image(tmp_pat
 def test_committed_pipeline_yaml_is_up_to_date(tmp_path):
     fresh = Path(compile_pipeline(str(tmp_path / "p.yaml"))).read_bytes()
     assert COMMITTED.read_bytes() == fresh, "pipelines/cai_pipeline.yaml is stale: run `make compile`"
+
+
+def test_committed_impact_pipeline_yaml_is_up_to_date(tmp_path):
+    from pipelines.impact_pipeline import compile_impact_pipeline
+
+    fresh = Path(compile_impact_pipeline(str(tmp_path / "impact.yaml"))).read_bytes()
+    committed = COMMITTED.parent / "impact_pipeline.yaml"
+    assert committed.read_bytes() == fresh, "pipelines/impact_pipeline.yaml is stale: run `make compile`"
+
+
+def test_the_impact_pipeline_labels_on_the_label_stages_resources_with_the_installations_settings(tmp_path):
+    from pipelines.impact_pipeline import compile_impact_pipeline
+
+    deploy = load_run_config(overrides=[]).deploy
+    path = compile_impact_pipeline(str(tmp_path / "impact.yaml"), deploy)
+    spec, platform = yaml.safe_load_all(Path(path).read_text())
+    executor = executor_of(spec, "comp-impact-preview")["container"]
+    assert executor["image"] == deploy.image_gpu
+    assert executor["resources"]["accelerator"]["resourceCount"] == str(deploy.resources["label"].accelerator_count)
+    config_maps = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-impact-preview"]["configMapAsEnv"]
+    assert config_maps[0]["configMapName"] == deploy.secrets.env_configmap
+    outputs = spec["components"]["comp-impact-preview"]["outputDefinitions"]["artifacts"]
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
 
 
 def test_cai_compile_writes_the_same_bytes_in_every_process(tmp_path):

@@ -326,6 +326,27 @@ def test_passing_gate_moves_champion_to_the_challenger(mlflow_server, checkpoint
     assert champion.tags["cai.gate.champion_before"] == "1"
 
 
+def test_the_gate_names_the_runs_comparison_and_the_champion_links_its_report(mlflow_server, checkpoints):
+    from cai_lib.core.names import COMPARE_AGAINST_TAG, COMPARE_REPORT_TAG, GATE_EVIDENCE_TAG, GATE_REASON_TAG
+    from cai_lib.platform.compare import link_comparison
+
+    name = unique()
+    _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)
+    pointer = {"against": "run-a", "report": "s3://b/runs/run-b/run-comparisons/run-a/report.html", "summary": "reran from label"}
+    link_comparison(mlflow_server["uri"], [(candidates_name(name), challenger)], pointer)
+
+    decision = promote(mlflow_server["uri"], name, challenger, 0.7, 0.48, GATE, compared_with="1", comparison=pointer)
+
+    assert decision.promote and decision.reason.endswith(
+        "; compared with run run-a: reran from label (report s3://b/runs/run-b/run-comparisons/run-a/report.html)"
+    )
+    champion = version_by_alias(mlflow_server["uri"], name, CHAMPION)
+    assert champion.tags[GATE_REASON_TAG] == decision.reason
+    assert json.loads(champion.tags[GATE_EVIDENCE_TAG])["comparison"] == pointer
+    assert (champion.tags[COMPARE_REPORT_TAG], champion.tags[COMPARE_AGAINST_TAG]) == (pointer["report"], "run-a")
+    assert gate_attempts(connect(mlflow_server["uri"]), name)[-1]["reason"] == decision.reason
+
+
 def test_failing_gate_keeps_the_champion_and_records_the_reason(mlflow_server, checkpoints):
     name = unique()
     _, challenger = with_champion(mlflow_server["uri"], name, checkpoints)

@@ -250,6 +250,18 @@ def test_champion_on_an_older_version_triggers_a_run_naming_both(checkout, regis
     assert len(kfp.runs) == 1
 
 
+def test_a_retrain_is_compared_with_the_run_that_made_the_champion(checkout, registry, config, kfp):
+    set_champion(config, checkout, "harmless@1.0.0", run_id="run-of-the-champion")
+    bump(checkout)
+    run_retrain(checkout, registry, config, kfp)
+    assert kfp.runs[0]["params"]["compare_against"] == "run-of-the-champion"
+
+
+def test_a_first_run_has_no_run_to_compare_with(checkout, registry, config, kfp):
+    run_retrain(checkout, registry, config, kfp)
+    assert kfp.runs[0]["params"]["compare_against"] == ""
+
+
 def test_dry_run_names_the_bumped_version_and_writes_nothing(checkout, registry, config, kfp):
     run_retrain(checkout, registry, config, kfp)
     bump(checkout)

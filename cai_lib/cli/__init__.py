@@ -11,6 +11,7 @@ import sys
 import typer
 
 from cai_lib.cli import (
+    compare,
     constitution,
     models,
     pipeline,
@@ -41,6 +42,8 @@ app.command("submit")(pipeline_submit.submit_command)
 app.command("retrain")(pipeline_submit.retrain_command)
 app.command("promote")(models.promote_command)
 app.command("report")(stage_eval.report_command)
+app.command("compare")(compare.compare_command)
+app.command("impact")(compare.impact_command)
 
 
 def main() -> None:

@@ -114,6 +114,14 @@ def compile_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the pipeline YAML.")],
     config: ConfigOption = None,
     set_: SetOption = None,
+    impact: Annotated[
+        bool,
+        typer.Option(
+            "--impact",
+            help="Compile the impact preview pipeline instead (`cai impact` as one step; its deploy settings "
+            "from the run config).",
+        ),
+    ] = False,
 ) -> None:
     """Compile the pipeline to IR YAML for upload in the Kubeflow UI.
 
@@ -123,7 +131,11 @@ def compile_command(
     Example: cai compile --out pipeline.yaml --config pipelines/configs/paper.yaml
     """
     from pipelines.cai_pipeline import compile_pipeline
+    from pipelines.impact_pipeline import compile_impact_pipeline
 
     run_config = load_config(config, set_, to_run=False)
-    compile_pipeline(str(out), run_config.params, run_config.deploy)
+    if impact:
+        compile_impact_pipeline(str(out), run_config.deploy)
+    else:
+        compile_pipeline(str(out), run_config.params, run_config.deploy)
     print(f"wrote {out}")

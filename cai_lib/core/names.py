@@ -116,6 +116,11 @@ GATE_ATTEMPT_TAG_PREFIX = "cai.gate.attempt."
 # (JSON), so that the next promotion, or the run's exit handler, completes it.
 PROMOTION_PENDING_TAG = "cai.promotion.pending"
 
+# -- MLflow tags: the comparison of a run with the run that made the champion it challenges ---------------
+
+COMPARE_REPORT_TAG = "cai.compare.report"
+COMPARE_AGAINST_TAG = "cai.compare.against_run"
+
 # -- the promotion lock (a registered model of its own) ---------------------------------------------------
 
 LOCK_SUFFIX = ".cai-promotion-lock"
@@ -172,6 +177,11 @@ STAGES_DIR = "stages"
 # Under STAGES_DIR: files of reused stages' MLflow runs, kept for the exit handler to upload.
 DEFERRED_ARTIFACTS = "deferred-artifacts"
 SUMMARY_FILE = "summary.json"
+# Under a run's folder: its comparisons with earlier runs, one folder per run compared against.
+COMPARISONS_DIR = "run-comparisons"
+# A comparison (`cai compare`) and an impact preview (`cai impact`), as JSON beside their report.html.
+COMPARISON_FILE = "comparison.json"
+IMPACT_FILE = "impact.json"
 # The constitutions folder's record of each published version's sha256.
 LOCK_FILE = "constitutions.lock"
 # A run's whole config, as an artifact of its MLflow run.

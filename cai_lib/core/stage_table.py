@@ -192,6 +192,8 @@ STAGES: tuple[Stage, ...] = (
         settings="evaluate",
         modules=("method.evaluation.evaluate",),
     ),
+    # Runs in every run, loading the judge only when compare_against names a run: nothing to reuse.
+    Stage("compare", "compare_runs", gpu=True, output=None),
     Stage("register", "register", gpu=False, output=None, settings="promotion"),
 )
 

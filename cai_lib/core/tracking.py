@@ -235,23 +235,55 @@ def finish_pipeline_run(
     left RUNNING (by killed pods) as FAILED: what a pipeline's exit handler does, whatever
     happened to its steps. Returns its MLflow run id, or None when the run never opened one (it
     failed before its first step finished)."""
+    parent = pipeline_parent_run(tracking_uri, experiment, pipeline_run_id)
+    if parent is None:
+        return None
     client = connect(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs([found.experiment_id], _pipeline_filter(pipeline_run_id), max_results=1)
-    if not runs:
-        return None
-    parent = runs[0].info.run_id
     # Stage runs still RUNNING belong to pods that were killed and never retried.
     orphans = client.search_runs(
-        [found.experiment_id],
+        [client.get_run(parent).info.experiment_id],
         f"tags.`{PARENT_RUN_TAG}` = {filter_literal(parent, 'parent run id')} and attributes.status = 'RUNNING'",
     )
     for run in orphans:
         client.set_terminated(run.info.run_id, "FAILED")
     client.set_terminated(parent, "FINISHED" if succeeded else "FAILED")
     return parent
+
+
+def pipeline_run_of(tracking_uri: str | None, run_id: str) -> str | None:
+    """The KFP run id of MLflow run `run_id` (a pipeline's parent run, or one of its stage runs),
+    or None when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    client = connect(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+    tags = run.data.tags
+    if PIPELINE_RUN_TAG in tags:
+        return tags[PIPELINE_RUN_TAG]
+    parent = tags.get(PARENT_RUN_TAG)
+    return pipeline_run_of(tracking_uri, parent) if parent else None
+
+
+def pipeline_parent_run(tracking_uri: str | None, experiment: str, pipeline_run_id: str) -> str | None:
+    """The MLflow parent run of pipeline run `pipeline_run_id` in `experiment`, or None."""
+    client = connect(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], _pipeline_filter(pipeline_run_id), max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def log_files(tracking_uri: str | None, run_id: str, paths: list[Path], artifact_path: str) -> None:
+    """Upload local files as artifacts of an existing run, under `artifact_path`."""
+    client = connect(tracking_uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
 
 
 class StageRun:

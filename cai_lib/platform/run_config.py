@@ -38,6 +38,8 @@ from cai_lib.platform.registry.gate import PromotionGate
 # quotes, no path separators, no "..".
 RUN_NAME = r"^([A-Za-z0-9][A-Za-z0-9 ._:-]*)?$"
 MODEL_PREFIX = r"^[a-z][a-z0-9-]*$"
+# A run id (KFP or MLflow): it is looked up in MLflow search filters and used as a folder name.
+RUN_REF = r"^([A-Za-z0-9][A-Za-z0-9._:-]*)?$"
 
 
 # The sections with a seed of their own.
@@ -203,6 +205,16 @@ class PipelineParams(Strict):
         pattern=MODEL_PREFIX,
         description="Registered model names are <prefix>-<constitution>-{pm,sl-cai,rl-cai}: lowercase "
         "letters, digits and '-', starting with a letter.",
+    )
+
+    compare_against: str = Field(
+        default="",
+        max_length=200,
+        pattern=RUN_REF,
+        description="A finished run to compare this one with when it has been evaluated (its KFP or MLflow run "
+        "id; '' for none): the compare step writes `cai compare`'s report into this run, and registration "
+        "records it on the new model versions and in the gate's reason. `cai retrain` sets it to the run that "
+        "made the champion the new run challenges.",
     )
 
     @model_validator(mode="after")

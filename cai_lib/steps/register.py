@@ -114,6 +114,7 @@ def register(
     round_: int = 1,
     start_policy: str | None = None,
     previous_pm: str | None = None,
+    comparison: str = "",
 ) -> str:
     """Register PM, SL-CAI and RL-CAI with lineage as candidates, make them challengers, run the
     promotion gate.
@@ -133,12 +134,15 @@ def register(
     later run completes if this one is killed half-way. The InferenceServices the installation
     serves then follow the new champions (`cai_lib.platform.serving.sync_served`). Registration is idempotent by
     checkpoint, so a rerun that reused every checkpoint gets the versions the first run
-    registered. Returns a JSON summary (run root, report, versions, decision, what serving now
+    registered. `comparison` is the compare step's pointer (the last round's): the candidates this
+    run made carry its report (`cai_lib.platform.compare.link_comparison`), and the gate's reason
+    and evidence name it. Returns a JSON summary (run root, report, versions, decision, what serving now
     serves), also written to the run's folder for the exit handler.
     """
+    from cai_lib.platform.compare import link_comparison
     from cai_lib.platform.pyfunc_model import ROLE_KINDS, publish
     from cai_lib.platform.registry.gate import GateDecision
-    from cai_lib.platform.registry.promotion import promote_from_evaluation
+    from cai_lib.platform.registry.promotion import comparison_clause, promote_from_evaluation
     from cai_lib.platform.registry.versions import register_checkpoint, set_challenger
     from cai_lib.platform.serving import sync_served
 
@@ -164,7 +168,7 @@ def register(
     }
     pointer = json.loads(Path(results).read_text())
     superseded = bool(pointer.get("superseded"))
-    versions = {}
+    versions, made_here = {}, []
     with recorded(ctx, "register", round_=round_) as run:
         for role, path in checkpoints.items():
             name = model_name(p.model_name_prefix, constitution.name, role)
@@ -181,14 +185,18 @@ def register(
             if not superseded:
                 set_challenger(ctx.tracking_uri, candidates, info.version)
             versions[role] = (name, info.version)
+            if info.lineage and info.lineage.pipeline_run_id == ctx.run_id:
+                made_here.append(versions[role])
         policy_name, policy_version = versions[RL_CAI]
+        compared = json.loads(Path(comparison).read_text()) if comparison else {}
+        if compared:
+            link_comparison(ctx.tracking_uri, [(candidates_name(n), v) for n, v in made_here], compared)
         if superseded:
             # A repeated earlier round whose policy the champion continues: gating it again could
             # only move the champion back down the chain it heads.
+            reason = f"the champion already continues {candidates_name(policy_name)} v{policy_version}; not gated again"
             decision = GateDecision(
-                promote=False,
-                reason=f"the champion already continues {candidates_name(policy_name)} v{policy_version}; "
-                "not gated again",
+                promote=False, reason=f"{reason}; {comparison_clause(compared)}" if compared else reason
             )
         else:
             record_gate_evidence(ctx, pointer, candidates_name(policy_name), policy_version)
@@ -198,6 +206,7 @@ def register(
                 policy_version,
                 p.promotion,
                 followers={versions[role][0]: versions[role][1] for role in (PM, SL_CAI)},
+                comparison=compared or None,
             )
         served = []
         if decision.promote:
@@ -225,6 +234,7 @@ def register(
         "versions": candidate_versions,
         "promoted": decision.promote,
         "reason": decision.reason,
+        "comparison": compared.get("report") or compared.get("error", ""),
         "served": [sync.model_dump() for sync in served],
         "mlflow_tracking_uri": ctx.tracking_uri,
         "experiment": p.experiment,

@@ -89,8 +89,15 @@ def resolve(
     ctx = ctx.model_copy(update={"champion": champion_source(ctx, constitution)})
     folder = ArtifactStore.open(ctx.run_root)
     folder.write_text(PINNED_CONSTITUTION_FILE, dump_constitution(constitution))
+    # The pinned models too: `cai impact` and `cai compare` load the labeller this run used.
     folder.write_json(
-        RUN_FILE, {"run_id": run_id, "run_name": display, "params": checked.model_dump(mode="json")}
+        RUN_FILE,
+        {
+            "run_id": run_id,
+            "run_name": display,
+            "params": checked.model_dump(mode="json"),
+            "models": {ref: pin.model_dump() for ref, pin in models.items()},
+        },
     )
     with recorded(ctx, "resolve") as run:
         run.log_artifact(constitution_path, "constitution")

@@ -39,6 +39,7 @@ from cai_lib.core.outputs import (
     summary_lines,
 )
 from cai_lib.core.prompts import demo_set_note
+from cai_lib.core.runs import run_records
 from cai_lib.core.shards import dataset_summary
 from cai_lib.core.stage_table import NAMES, ConstitutionPart, Output, code_sha256
 from cai_lib.core.store import ArtifactStore, join_uri
@@ -69,13 +70,6 @@ def write_record(ctx: RunContext, record: StageRecord) -> None:
 
 def write_record_at(folder: ArtifactStore, record: StageRecord) -> None:
     folder.write_text(join_uri(STAGES_DIR, record.file_name), record.model_dump_json(indent=2) + "\n")
-
-
-def run_records(run_root: str) -> list[StageRecord]:
-    """The stage records in a run's folder."""
-    store = ArtifactStore.open(run_root)
-    keys = [key for key in store.list(STAGES_DIR) if "/" not in key.removeprefix(STAGES_DIR + "/")]
-    return [StageRecord.model_validate_json(store.read_text(key)) for key in keys]
 
 
 def run_summary(run_root: str) -> list[str]:

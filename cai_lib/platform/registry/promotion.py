@@ -306,6 +306,7 @@ def promote(
     force: bool = False,
     compared_with: str | None = None,
     followers: dict[str, str] | None = None,
+    comparison: dict | None = None,
 ) -> GateDecision:
     """Decide whether candidate `version` (of `<model_name>-candidates`) becomes `champion` of the
     production model `model_name`; copy it there and move the alias if so; record why.
@@ -315,8 +316,10 @@ def promote(
     against, if known) guards against promoting on stale evidence when the champion moved in
     between. With no champion yet they must be against a baseline (`compared_with` in `BASELINES`)
     and pass the same gate. `force` promotes whatever the gate says. `followers` (production model
-    -> candidate version) become champions with it. Runs as the promoter identity, under the
-    production model's lock; a pending promotion left by a killed one is completed first.
+    -> candidate version) become champions with it. `comparison` (the pipeline's compare step's
+    pointer, `cai_lib.steps.compare`) is named in the decision's reason and kept in its evidence.
+    Runs as the promoter identity, under the production model's lock; a pending promotion left by
+    a killed one is completed first.
     """
     version = str(version)
     evidence = {
@@ -324,6 +327,7 @@ def promote(
         "helpful_win_rate": helpful_win_rate,
         "compared_with": compared_with,
         "gate": gate.model_dump(),
+        **({"comparison": comparison} if comparison else {}),
     }
     with _as_the_promoter(model_name):
         client = connect(tracking_uri)
@@ -345,6 +349,8 @@ def promote(
                 gate,
                 force,
             )
+            if comparison:
+                decision = decision.model_copy(update={"reason": f"{decision.reason}; {comparison_clause(comparison)}"})
             _append_attempt(
                 client, model_name, lease, _attempt(version, decision, champion, force, evidence, lease)
             )
@@ -402,6 +408,7 @@ def promote_from_evaluation(
     gate: PromotionGate,
     force: bool = False,
     followers: dict[str, str] | None = None,
+    comparison: dict | None = None,
 ) -> tuple[str, GateDecision]:
     """`promote` with the evidence the evaluation step tagged on the candidate (default: the
     candidates model's `challenger` alias): the lower bounds of its win rates' 95% intervals.
@@ -424,8 +431,17 @@ def promote_from_evaluation(
         force=force,
         compared_with=tags.get(EVAL_CHAMPION_TAG),
         followers=followers,
+        comparison=comparison,
     )
     return str(version), decision
+
+
+def comparison_clause(pointer: dict) -> str:
+    """The compare step's pointer as a clause of the gate's reason: what the comparison found and
+    where its report is, or why there is none."""
+    if "report" in pointer:
+        return f"compared with run {pointer['against']}: {pointer['summary']} (report {pointer['report']})"
+    return f"not compared with run {pointer['against']}: {pointer['error']}"
 
 
 def complete_run_promotions(tracking_uri: str | None, pipeline_run_id: str) -> list[str]:

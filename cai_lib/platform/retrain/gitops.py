@@ -46,6 +46,7 @@ from cai_lib.core.errors import CaiError
 from cai_lib.core.names import CHAMPION, LOCK_FILE, RL_CAI, VERSION_CREATION_TAGS, model_name
 from cai_lib.core.settings import settings
 from cai_lib.core.store import ArtifactStore, is_s3
+from cai_lib.platform.retrain.compare_hook import compare_against
 from cai_lib.platform.retrain.identity import fingerprint, run_config_sha256, training_params
 from cai_lib.platform.retrain.ledger import (
     LEASE_SECONDS,
@@ -311,7 +312,8 @@ def retrain(
             continue
         item.submission = _submit(
             submit,
-            item, constitution, store, host, config, experiment, namespace, revision, client
+            item, constitution, store, host, config, experiment, namespace, revision, client,
+            compare_against(tracking_uri, config, constitution),
         )
         if item.submission is None:
             key = submission_key(constitution, item.fingerprint, item.attempt)
@@ -477,6 +479,7 @@ def _submit(
     namespace: str | None,
     revision: str,
     client,
+    compare_with: str = "",
 ) -> Submission | None:
     """Claim the attempt, submit its run and record it (a fenced write); None when another retrain
     claimed it first. A submission that fails keeps the claim (see the ledger's docstring)."""
@@ -506,7 +509,8 @@ def _submit(
     version = claim_attempt(store, key, claim)
     if version is None:
         return None
-    params = config.params.model_copy(update={"constitution": claim.constitution_uri})
+    # The run explains itself: once evaluated, it is compared with the champion's run (`compare_hook`).
+    params = config.params.model_copy(update={"constitution": claim.constitution_uri, "compare_against": compare_with})
     try:
         run = submit(
             host,

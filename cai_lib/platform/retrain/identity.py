@@ -2,8 +2,8 @@
 
 What a run trains is fingerprinted (`fingerprint`): the constitution's sha256, the sha256 of the
 run config's training parameters (`run_config_sha256`: every `params` field except the names
-`constitution`, `run_name`, `experiment` and `model_name_prefix`; the constitution is hashed by
-content, the others only name things) and the pinned images `deploy.image_cpu` / `image_gpu`.
+`constitution`, `run_name`, `experiment`, `model_name_prefix` and `compare_against`; the
+constitution is hashed by content, the others only name things) and the pinned images `deploy.image_cpu` / `image_gpu`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from cai_lib.platform.run_config import PipelineParams, RunConfig
 
 # Params that name things rather than change what is trained: the constitution is fingerprinted by
 # its content, and a new model_name_prefix is another registered model (another champion).
-NAMING_PARAMS = ("constitution", "run_name", "experiment", "model_name_prefix")
+NAMING_PARAMS = ("constitution", "run_name", "experiment", "model_name_prefix", "compare_against")
 
 
 def training_params(params: PipelineParams) -> dict:
