@@ -70,6 +70,17 @@ class Settings(BaseSettings):
         default=None, description="The promoter's MLflow account, the one identity that writes production models."
     )
     promoter_tracking_password: SecretStr | None = Field(default=None, description="The promoter's MLflow password.")
+    pipeline_tracking_username: str | None = Field(
+        default=None, description="The pipeline's MLflow account, made by `cai mlflow setup-accounts`."
+    )
+    pipeline_tracking_password: SecretStr | None = Field(default=None, description="The pipeline's MLflow password.")
+    serving_tracking_username: str | None = Field(
+        default=None,
+        description="The read-only MLflow account of serving and retraining, made by `cai mlflow setup-accounts`.",
+    )
+    serving_tracking_password: SecretStr | None = Field(
+        default=None, description="The read-only account's MLflow password."
+    )
     webhook_secret: SecretStr | None = Field(
         default=None, description="Secret the MLflow webhook signs its deliveries with."
     )
