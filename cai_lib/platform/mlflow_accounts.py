@@ -162,4 +162,6 @@ def setup_accounts(
             for username, model, permission in grants(accounts, models):
                 say(ensure_grant(client, username, model, permission))
         except MlflowException as err:
-            raise CaiError(f"MLflow at {tracking_uri}, as the admin {admin.username!r}: {err.message}") from None
+            raise CaiError(
+                f"MLflow at {tracking_uri}, as the admin {admin.username!r}: {err.message}"
+            ) from None
