@@ -657,7 +657,8 @@ def test_the_admin_password_goes_only_to_the_server_and_the_admin_hook():
                 if pod_spec(obj) is not None
                 for container in pod_spec(obj).get("initContainers", []) + pod_spec(obj)["containers"]
                 for source in env_of(container).values()
-                if isinstance(source, dict) and source.get("secretKeyRef", {}).get("name") == "cai-mlflow-admin"
+                if isinstance(source, dict)
+                and source.get("secretKeyRef", {}).get("name") == "cai-mlflow-admin"
             }
         )
         assert holders in ([f"{FULLNAME}-mlflow", f"{FULLNAME}-mlflow-admin"], [f"{FULLNAME}-mlflow-admin"])
@@ -708,6 +709,147 @@ def test_the_network_policy_admits_only_this_releases_pods_pipeline_pods_and_the
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
 
 
+# -- egress ---------------------------------------------------------------------------------------
+
+DNS = {
+    "to": [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ],
+    "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+}
+MLFLOW_PODS = {
+    "to": [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "cai-platform",
+                    "app.kubernetes.io/instance": RELEASE,
+                    "app.kubernetes.io/component": "mlflow",
+                }
+            }
+        }
+    ],
+    "ports": [{"port": 5000, "protocol": "TCP"}],
+}
+MINIO = {
+    "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}}}],
+    "ports": [{"port": 9000, "protocol": "TCP"}],
+}
+KFP = {
+    "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}}}],
+    "ports": [{"port": port, "protocol": "TCP"} for port in (8888, 8887, 8080)],
+}
+KUBERNETES_API_ANYWHERE = {
+    "to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+    "ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
+}
+
+
+def egress_of(objects: list[dict], name: str) -> dict:
+    policy = find(objects, "NetworkPolicy", f"{FULLNAME}-{name}")
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    return policy["spec"]
+
+
+def test_pipeline_steps_may_reach_only_dns_s3_mlflow_kfp_and_the_kubernetes_api():
+    spec = egress_of(render_objects(VARIANTS["s3-compatible"]), "egress-pipeline")
+    assert spec["podSelector"] == {"matchLabels": {"pipelines.kubeflow.org/v2_component": "true"}}
+    assert spec["egress"] == [DNS, MINIO, MLFLOW_PODS, KFP, KUBERNETES_API_ANYWHERE]
+
+
+def test_the_releases_own_pods_but_the_mlflow_server_get_the_same_egress():
+    spec = egress_of(render_objects(VARIANTS["s3-compatible"]), "egress")
+    assert spec["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "cai-platform", "app.kubernetes.io/instance": RELEASE},
+        "matchExpressions": [
+            {
+                "key": "app.kubernetes.io/component",
+                "operator": "NotIn",
+                "values": ["mlflow", "mlflow-db-upgrade"],
+            }
+        ],
+    }
+    assert spec["egress"] == [DNS, MINIO, MLFLOW_PODS, KFP, KUBERNETES_API_ANYWHERE]
+
+
+def test_trainjob_nodes_reach_each_other_but_neither_kfp_nor_the_kubernetes_api():
+    spec = egress_of(render_objects(VARIANTS["s3-compatible"]), "egress-trainjob")
+    nodes = {"matchLabels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}}
+    assert spec["podSelector"] == nodes
+    assert spec["egress"] == [DNS, MINIO, MLFLOW_PODS, {"to": [{"podSelector": nodes}]}]
+
+
+def test_the_trainjob_node_label_is_the_one_the_torch_runtime_puts_on_its_pods():
+    runtime = yaml.safe_load((REPO_ROOT / "tests" / "upstream" / "torch-distributed.yaml").read_text())
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    selector = egress_of(render_objects(), "egress-trainjob")["podSelector"]["matchLabels"]
+    assert selector.items() <= node["template"]["metadata"]["labels"].items()
+
+
+def test_serving_pods_reach_only_dns_s3_and_mlflow():
+    spec = egress_of(render_objects(VARIANTS["serving"]), "egress-serving")
+    assert spec["podSelector"] == {
+        "matchExpressions": [
+            {"key": "serving.kserve.io/inferenceservice", "operator": "In", "values": ["cai-harmless-rl-cai"]}
+        ]
+    }
+    assert [rule["to"][0] for rule in spec["egress"]][2:] == MLFLOW_PODS["to"]
+
+
+def test_aws_s3_is_reached_on_its_port_outside_the_private_ranges_or_at_the_cidrs_given():
+    public = {
+        "to": [
+            {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]}}
+        ],
+        "ports": [{"port": 443, "protocol": "TCP"}],
+    }
+    assert egress_of(render_objects(), "egress-pipeline")["egress"][1] == public
+    given = render_objects({"egress": {"s3Cidrs": ["52.216.0.0/15", "3.5.0.0/19"]}})
+    assert egress_of(given, "egress-pipeline")["egress"][1] == {
+        "to": [{"ipBlock": {"cidr": "52.216.0.0/15"}}, {"ipBlock": {"cidr": "3.5.0.0/19"}}],
+        "ports": [{"port": 443, "protocol": "TCP"}],
+    }
+
+
+def test_an_external_mlflow_the_kubernetes_api_and_extra_cidrs_come_from_values():
+    objects = render_objects(
+        {
+            "mlflow": {"server": {"enabled": False}, "trackingUri": "http://mlflow.tracking.svc:5000"},
+            "egress": {
+                "kubernetesApiCidrs": ["172.20.0.1/32"],
+                "kubernetesApiPorts": [443],
+                "extraCidrs": [{"cidr": "10.9.0.0/16", "ports": [3128]}, {"cidr": "10.8.0.0/16"}],
+            },
+        }
+    )
+    rules = egress_of(objects, "egress-pipeline")["egress"]
+    assert rules[2] == {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tracking"}}}],
+        "ports": [{"port": 5000, "protocol": "TCP"}],
+    }
+    assert rules[4:] == [
+        {"to": [{"ipBlock": {"cidr": "172.20.0.1/32"}}], "ports": [{"port": 443, "protocol": "TCP"}]},
+        {"to": [{"ipBlock": {"cidr": "10.9.0.0/16"}}], "ports": [{"port": 3128, "protocol": "TCP"}]},
+        {"to": [{"ipBlock": {"cidr": "10.8.0.0/16"}}]},
+    ]
+
+
+def test_the_retrain_clone_may_reach_its_git_host():
+    rules = egress_of(render_objects(VARIANTS["cronjob-from-git"]), "egress")["egress"]
+    assert len(rules) == 6  # DNS, S3, MLflow, KFP, the Kubernetes API, and the git host (https)
+    assert rules[-1]["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert rules[-1]["ports"] == [{"port": 443, "protocol": "TCP"}]
+    assert len(egress_of(render_objects(), "egress")["egress"]) == 5
+
+
+def test_egress_policies_can_be_left_out():
+    objects = render_objects({"egress": {"enabled": False}})
+    assert not [o for o in objects if o["kind"] == "NetworkPolicy" and "egress" in o["metadata"]["name"]]
+
+
 def test_the_database_schema_is_upgraded_by_a_hook_before_the_server_starts():
     job = find(render_objects(), "Job", f"{FULLNAME}-mlflow-db-upgrade")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
@@ -756,8 +898,12 @@ def test_each_predictor_verifies_the_folder_before_kserve_downloads_it():
     assert verify["args"] == ["serve", "verify", "cai-harmless-rl-cai", "--storage-uri", "$(CAI_STORAGE_URI)"]
     env = env_of(verify)
     # the annotation sync writes (and the chart renders equal to storageUri), read by the downward API
-    assert env["CAI_STORAGE_URI"] == {"fieldRef": {"fieldPath": f"metadata.annotations['{STORAGE_ANNOTATION}']"}}
-    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "cai-s3-read", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert env["CAI_STORAGE_URI"] == {
+        "fieldRef": {"fieldPath": f"metadata.annotations['{STORAGE_ANNOTATION}']"}
+    }
+    assert env["AWS_SECRET_ACCESS_KEY"] == {
+        "secretKeyRef": {"name": "cai-s3-read", "key": "AWS_SECRET_ACCESS_KEY"}
+    }
     assert env["MLFLOW_TRACKING_USERNAME"] == {
         "secretKeyRef": {"name": "cai-mlflow-serving", "key": "MLFLOW_TRACKING_USERNAME", "optional": True}
     }
@@ -783,7 +929,12 @@ def test_the_serving_pods_account_lists_only_the_read_only_s3_secret_and_holds_n
 
 def test_sync_may_get_and_patch_only_the_served_inference_services_by_name():
     objects = render_objects(
-        {"serving": {"enabled": True, "models": [SERVED, {**SERVED, "constitution": "helpful", "role": "pm"}]}}
+        {
+            "serving": {
+                "enabled": True,
+                "models": [SERVED, {**SERVED, "constitution": "helpful", "role": "pm"}],
+            }
+        }
     )
     assert find(objects, "Role", f"{FULLNAME}-serve-sync")["rules"] == [
         {
@@ -1059,11 +1210,10 @@ def test_the_committed_pipeline_reads_only_configmaps_and_secrets_the_default_ch
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     rendered = {o["metadata"]["name"] for o in render_objects({}) if o["kind"] == "ConfigMap"}
     assert configmaps <= rendered
-    # The promoter's Secret (optional in the IR) is what the chart does not make yet: see the
-    # "Chart changes still to make" of docs/security.md.
-    assert secrets - {SecretRefs().promoter_secret} == {
+    assert secrets == {
         values["s3"]["credentialsSecret"]["name"],
         values["mlflow"]["credentialsSecret"]["name"],
+        values["mlflow"]["promoterSecret"]["name"],
         values["huggingface"]["tokenSecret"]["name"],
     }
     assert secrets == {
