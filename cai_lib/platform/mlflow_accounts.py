@@ -149,11 +149,11 @@ def setup_accounts(
     say: Callable[[str], None],
 ) -> None:
     """As `admin`: wait for the server, make each account, then grant on each of `models`."""
+    check_distinct(admin, accounts)
+    wait_for_server(tracking_uri, wait_seconds, say)
     from mlflow.exceptions import MlflowException
     from mlflow.server.auth.client import AuthServiceClient
 
-    check_distinct(admin, accounts)
-    wait_for_server(tracking_uri, wait_seconds, say)
     client = AuthServiceClient(tracking_uri)
     with as_admin(admin):
         try:
