@@ -16,6 +16,15 @@ by `name`, `volumeMounts` by `mountPath`, `volumeDevices` by `devicePath`, `port
 `tolerations` are replaced; maps (`resources.requests`, `resources.limits`, labels) merge key by
 key; any other list or value is replaced.
 
+The predictor's pod (pkg/controller/v1beta1/inferenceservice/components/predictor.go): `buildPodSpec`
+strategic-merges the predictor's PodSpec (its `initContainers` and `volumes` included) into the
+runtime's, then sets `containers` to the merged model container; `buildObjectMeta` gives the pod
+template the InferenceService's annotations less `ServiceAnnotationDisallowedList`
+(pkg/constants/constants.go), and the Deployment's pod template takes that metadata
+(reconcilers/deployment/deployment_reconciler.go `createRawDefaultDeployment`). The pod mutator
+(pkg/webhook/admission/pod/storage_initializer_injector.go) then appends its storage-initializer
+after the pod's own init containers.
+
 The API server (kubernetes/kubernetes v1.31, pkg/apis/core/validation/validation.go
 `ValidateResourceRequirements`) then refuses a container whose request of a resource exceeds its
 limit ("must be less than or equal to R limit"); for a resource that cannot be overcommitted (an
@@ -99,3 +108,41 @@ def resource_errors(container: dict) -> list[str]:
         elif not overcommit_allowed(resource):
             errors.append(f"{where}: Limit must be set for non overcommitable resources")
     return errors
+
+
+# pkg/constants/constants.go ServiceAnnotationDisallowedList (the defaults; the inferenceservice
+# ConfigMap may add to it).
+ANNOTATION_DISALLOWED = (
+    "autoscaling.knative.dev/min-scale",
+    "autoscaling.knative.dev/max-scale",
+    "internal.serving.kserve.io/storage-initializer-sourceuri",
+    "kubectl.kubernetes.io/last-applied-configuration",
+    "serving.kserve.io/model-format",
+)
+STORAGE_INITIALIZER = "storage-initializer"
+
+
+def predictor_pod(inference_service: dict, runtime: dict) -> dict:
+    """The pod KServe makes for an InferenceService's predictor on `runtime` (a ServingRuntime):
+    metadata annotations and spec, the storage initializer injected."""
+    predictor = {
+        key: value
+        for key, value in inference_service["spec"]["predictor"].items()
+        if key not in ("model", "minReplicas", "maxReplicas")
+    }
+    runtime_pod = {
+        key: value
+        for key, value in runtime["spec"].items()
+        if key not in ("containers", "supportedModelFormats", "protocolVersions", "annotations", "labels")
+    }
+    spec = strategic_merge(runtime_pod, predictor)
+    spec["containers"] = [
+        merge_runtime_container(runtime["spec"]["containers"][0], predictor_container(inference_service))
+    ]
+    spec["initContainers"] = [*spec.get("initContainers", []), {"name": STORAGE_INITIALIZER}]
+    annotations = {
+        key: value
+        for key, value in inference_service["metadata"].get("annotations", {}).items()
+        if key not in ANNOTATION_DISALLOWED
+    }
+    return {"metadata": {"annotations": annotations}, "spec": spec}

@@ -26,6 +26,8 @@ import yaml
 from conftest import REPO_ROOT, free_port, hand_lineage, wait_for_port
 from crd_schema import CRDS, crd_errors
 
+from cai_lib.platform.serving import STORAGE_ANNOTATION
+
 CHART = REPO_ROOT / "helm" / "cai-platform"
 CHART_CONSTITUTIONS = CHART / "files" / "constitutions"
 REPO_CONSTITUTIONS = REPO_ROOT / "constitutions"
@@ -226,14 +228,18 @@ def test_defaults_install_rbac_config_the_retrain_cronjob_and_an_mlflow_server()
         ("ConfigMap", "kfp-launcher"),
         ("CronJob", f"{FULLNAME}-retrain"),
         ("Deployment", f"{FULLNAME}-mlflow"),
+        ("Job", f"{FULLNAME}-mlflow-admin"),
         ("Job", f"{FULLNAME}-mlflow-db-upgrade"),
+        ("NetworkPolicy", f"{FULLNAME}-egress"),
+        ("NetworkPolicy", f"{FULLNAME}-egress-pipeline"),
+        ("NetworkPolicy", f"{FULLNAME}-egress-trainjob"),
         ("NetworkPolicy", f"{FULLNAME}-mlflow"),
         ("Role", f"{FULLNAME}-retrain"),
         ("Role", f"{FULLNAME}-trainjobs"),
         ("RoleBinding", f"{FULLNAME}-retrain"),
         ("RoleBinding", f"{FULLNAME}-trainjobs"),
         ("Service", f"{FULLNAME}-mlflow"),
-        ("ServiceAccount", FULLNAME),
+        ("ServiceAccount", f"{FULLNAME}-retrain"),
     ]
     namespaced = [o for o in render_objects() if not o["kind"].startswith("Cluster")]
     assert {o["metadata"]["namespace"] for o in namespaced} == {NAMESPACE}
@@ -298,8 +304,10 @@ def test_the_role_binding_gives_the_role_to_the_retrain_service_account():
         "kind": "Role",
         "name": f"{FULLNAME}-retrain",
     }
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}]
-    assert pod_spec(find(objects, "CronJob"))["serviceAccountName"] == FULLNAME
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": f"{FULLNAME}-retrain", "namespace": NAMESPACE}
+    ]
+    assert pod_spec(find(objects, "CronJob"))["serviceAccountName"] == f"{FULLNAME}-retrain"
 
 
 def test_kfp_launcher_sets_an_s3_pipeline_root_with_credentials_from_the_secret():
@@ -385,11 +393,26 @@ def test_the_run_config_wires_images_and_secrets_into_the_pipeline():
             "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
             "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
         },
+        "promoter_secret": "cai-mlflow-promoter",
+        "promoter_keys": {
+            "MLFLOW_TRACKING_USERNAME": "CAI_PROMOTER_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD": "CAI_PROMOTER_TRACKING_PASSWORD",
+        },
         "hf_secret": "cai-hf",
         "hf_keys": {"HF_TOKEN": "HF_TOKEN"},
         "env_configmap": ENV_CONFIGMAP,
     }
     assert config["deploy"]["retries"] == 2
+
+
+def test_the_promoter_secret_reaches_the_variables_the_promoter_reads():
+    from cai_lib.core.deploy import SecretRefs
+
+    secrets = run_config_of(render_objects({"mlflow": {"promoterSecret": {"name": "promoter-x"}}}))["deploy"][
+        "secrets"
+    ]
+    assert secrets["promoter_secret"] == "promoter-x"
+    assert secrets["promoter_keys"] == SecretRefs().promoter_keys
 
 
 def test_the_env_configmap_holds_every_setting_the_pipeline_maps_and_nothing_else():
@@ -562,8 +585,9 @@ def test_the_retrain_job_gets_credentials_from_the_secrets_and_the_images_it_sub
     assert env["AWS_SECRET_ACCESS_KEY"] == {
         "secretKeyRef": {"name": "cai-s3", "key": "AWS_SECRET_ACCESS_KEY"}
     }
+    # it only reads the registry: the read-only account, not the pipeline's
     assert env["MLFLOW_TRACKING_PASSWORD"] == {
-        "secretKeyRef": {"name": "cai-mlflow", "key": "MLFLOW_TRACKING_PASSWORD", "optional": True}
+        "secretKeyRef": {"name": "cai-mlflow-serving", "key": "MLFLOW_TRACKING_PASSWORD", "optional": True}
     }
     assert (env["CAI_IMAGE_CPU"], env["CAI_IMAGE_GPU"]) == (
         "ghcr.io/cai-platform/cai:1.2.3",
@@ -619,17 +643,31 @@ def test_the_mlflow_server_runs_the_basic_auth_app_with_its_admin_from_the_secre
         ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD"),
         ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_FLASK_SERVER_SECRET_KEY"),
     ):
-        assert env[variable] == {"secretKeyRef": {"name": "cai-mlflow", "key": key}}
+        assert env[variable] == {"secretKeyRef": {"name": "cai-mlflow-admin", "key": key}}
     init = spec["initContainers"][0]
     assert env_of(init)["MLFLOW_AUTH_DATABASE_URI"] == {
         "secretKeyRef": {"name": "cai-mlflow-backend", "key": "auth-database-uri"}
     }
 
 
-def test_the_pipeline_authenticates_to_mlflow_as_the_servers_admin_by_default():
-    auth = yaml.safe_load((CHART / "values.yaml").read_text())["mlflow"]
-    assert auth["server"]["auth"]["adminSecret"]["name"] == auth["credentialsSecret"]["name"]
-    assert auth["server"]["auth"]["adminSecret"]["usernameKey"] in auth["credentialsSecret"]["keys"]
+def test_the_admin_password_goes_only_to_the_server_and_the_admin_hook():
+    for variant in VARIANTS.values():
+        objects = render_objects(variant)
+        holders = sorted(
+            {
+                obj["metadata"]["name"]
+                for obj in objects
+                if pod_spec(obj) is not None
+                for container in pod_spec(obj).get("initContainers", []) + pod_spec(obj)["containers"]
+                for source in env_of(container).values()
+                if isinstance(source, dict)
+                and source.get("secretKeyRef", {}).get("name") == "cai-mlflow-admin"
+            }
+        )
+        assert holders in ([f"{FULLNAME}-mlflow", f"{FULLNAME}-mlflow-admin"], [f"{FULLNAME}-mlflow-admin"])
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["mlflow"]
+    secrets = [values[key]["name"] for key in ("credentialsSecret", "promoterSecret", "servingSecret")]
+    assert len(set(secrets + [values["server"]["auth"]["adminSecret"]["name"]])) == 4
 
 
 def test_the_auth_config_written_at_start_is_one_mlflow_reads(tmp_path):
@@ -655,7 +693,7 @@ def test_auth_can_be_turned_off():
 
 
 def test_the_network_policy_admits_only_this_releases_pods_pipeline_pods_and_the_ingress():
-    policy = find(render_objects(), "NetworkPolicy")
+    policy = find(render_objects(), "NetworkPolicy", f"{FULLNAME}-mlflow")
     assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "mlflow"
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = policy["spec"]["ingress"]
@@ -672,6 +710,147 @@ def test_the_network_policy_admits_only_this_releases_pods_pipeline_pods_and_the
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}},
     ]
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+
+
+# -- egress ---------------------------------------------------------------------------------------
+
+DNS = {
+    "to": [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ],
+    "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+}
+MLFLOW_PODS = {
+    "to": [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "cai-platform",
+                    "app.kubernetes.io/instance": RELEASE,
+                    "app.kubernetes.io/component": "mlflow",
+                }
+            }
+        }
+    ],
+    "ports": [{"port": 5000, "protocol": "TCP"}],
+}
+MINIO = {
+    "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}}}],
+    "ports": [{"port": 9000, "protocol": "TCP"}],
+}
+KFP = {
+    "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}}}],
+    "ports": [{"port": port, "protocol": "TCP"} for port in (8888, 8887, 8080)],
+}
+KUBERNETES_API_ANYWHERE = {
+    "to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+    "ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
+}
+
+
+def egress_of(objects: list[dict], name: str) -> dict:
+    policy = find(objects, "NetworkPolicy", f"{FULLNAME}-{name}")
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    return policy["spec"]
+
+
+def test_pipeline_steps_may_reach_only_dns_s3_mlflow_kfp_and_the_kubernetes_api():
+    spec = egress_of(render_objects(VARIANTS["s3-compatible"]), "egress-pipeline")
+    assert spec["podSelector"] == {"matchLabels": {"pipelines.kubeflow.org/v2_component": "true"}}
+    assert spec["egress"] == [DNS, MINIO, MLFLOW_PODS, KFP, KUBERNETES_API_ANYWHERE]
+
+
+def test_the_releases_own_pods_but_the_mlflow_server_get_the_same_egress():
+    spec = egress_of(render_objects(VARIANTS["s3-compatible"]), "egress")
+    assert spec["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "cai-platform", "app.kubernetes.io/instance": RELEASE},
+        "matchExpressions": [
+            {
+                "key": "app.kubernetes.io/component",
+                "operator": "NotIn",
+                "values": ["mlflow", "mlflow-db-upgrade"],
+            }
+        ],
+    }
+    assert spec["egress"] == [DNS, MINIO, MLFLOW_PODS, KFP, KUBERNETES_API_ANYWHERE]
+
+
+def test_trainjob_nodes_reach_each_other_but_neither_kfp_nor_the_kubernetes_api():
+    spec = egress_of(render_objects(VARIANTS["s3-compatible"]), "egress-trainjob")
+    nodes = {"matchLabels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}}
+    assert spec["podSelector"] == nodes
+    assert spec["egress"] == [DNS, MINIO, MLFLOW_PODS, {"to": [{"podSelector": nodes}]}]
+
+
+def test_the_trainjob_node_label_is_the_one_the_torch_runtime_puts_on_its_pods():
+    runtime = yaml.safe_load((REPO_ROOT / "tests" / "upstream" / "torch-distributed.yaml").read_text())
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    selector = egress_of(render_objects(), "egress-trainjob")["podSelector"]["matchLabels"]
+    assert selector.items() <= node["template"]["metadata"]["labels"].items()
+
+
+def test_serving_pods_reach_only_dns_s3_and_mlflow():
+    spec = egress_of(render_objects(VARIANTS["serving"]), "egress-serving")
+    assert spec["podSelector"] == {
+        "matchExpressions": [
+            {"key": "serving.kserve.io/inferenceservice", "operator": "In", "values": ["cai-harmless-rl-cai"]}
+        ]
+    }
+    assert [rule["to"][0] for rule in spec["egress"]][2:] == MLFLOW_PODS["to"]
+
+
+def test_aws_s3_is_reached_on_its_port_outside_the_private_ranges_or_at_the_cidrs_given():
+    public = {
+        "to": [
+            {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]}}
+        ],
+        "ports": [{"port": 443, "protocol": "TCP"}],
+    }
+    assert egress_of(render_objects(), "egress-pipeline")["egress"][1] == public
+    given = render_objects({"egress": {"s3Cidrs": ["52.216.0.0/15", "3.5.0.0/19"]}})
+    assert egress_of(given, "egress-pipeline")["egress"][1] == {
+        "to": [{"ipBlock": {"cidr": "52.216.0.0/15"}}, {"ipBlock": {"cidr": "3.5.0.0/19"}}],
+        "ports": [{"port": 443, "protocol": "TCP"}],
+    }
+
+
+def test_an_external_mlflow_the_kubernetes_api_and_extra_cidrs_come_from_values():
+    objects = render_objects(
+        {
+            "mlflow": {"server": {"enabled": False}, "trackingUri": "http://mlflow.tracking.svc:5000"},
+            "egress": {
+                "kubernetesApiCidrs": ["172.20.0.1/32"],
+                "kubernetesApiPorts": [443],
+                "extraCidrs": [{"cidr": "10.9.0.0/16", "ports": [3128]}, {"cidr": "10.8.0.0/16"}],
+            },
+        }
+    )
+    rules = egress_of(objects, "egress-pipeline")["egress"]
+    assert rules[2] == {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tracking"}}}],
+        "ports": [{"port": 5000, "protocol": "TCP"}],
+    }
+    assert rules[4:] == [
+        {"to": [{"ipBlock": {"cidr": "172.20.0.1/32"}}], "ports": [{"port": 443, "protocol": "TCP"}]},
+        {"to": [{"ipBlock": {"cidr": "10.9.0.0/16"}}], "ports": [{"port": 3128, "protocol": "TCP"}]},
+        {"to": [{"ipBlock": {"cidr": "10.8.0.0/16"}}]},
+    ]
+
+
+def test_the_retrain_clone_may_reach_its_git_host():
+    rules = egress_of(render_objects(VARIANTS["cronjob-from-git"]), "egress")["egress"]
+    assert len(rules) == 6  # DNS, S3, MLflow, KFP, the Kubernetes API, and the git host (https)
+    assert rules[-1]["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert rules[-1]["ports"] == [{"port": 443, "protocol": "TCP"}]
+    assert len(egress_of(render_objects(), "egress")["egress"]) == 5
+
+
+def test_egress_policies_can_be_left_out():
+    objects = render_objects({"egress": {"enabled": False}})
+    assert not [o for o in objects if o["kind"] == "NetworkPolicy" and "egress" in o["metadata"]["name"]]
 
 
 def test_the_database_schema_is_upgraded_by_a_hook_before_the_server_starts():
@@ -696,9 +875,13 @@ def test_with_serving_on_each_role_gets_an_inference_service_on_its_champions_s3
         "serving.kserve.io/v1beta1",
         NAMESPACE,
     )
-    assert service["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "Standard"}
+    assert service["metadata"]["annotations"] == {
+        "serving.kserve.io/deploymentMode": "Standard",
+        STORAGE_ANNOTATION: SERVED["storageUri"],
+    }
     predictor = service["spec"]["predictor"]
     assert predictor["serviceAccountName"] == f"{FULLNAME}-serving"
+    assert predictor["automountServiceAccountToken"] is False
     assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 1)
     model = predictor["model"]
     assert model["storageUri"] == SERVED["storageUri"] and model["storageUri"].startswith("s3://")
@@ -710,29 +893,109 @@ def test_with_serving_on_each_role_gets_an_inference_service_on_its_champions_s3
     }
 
 
-def test_the_serving_account_carries_the_s3_secret_and_the_pipeline_may_patch_inference_services():
+def test_each_predictor_verifies_the_folder_before_kserve_downloads_it():
+    service = find(render_objects(VARIANTS["serving"]), "InferenceService", "cai-harmless-rl-cai")
+    predictor = service["spec"]["predictor"]
+    (verify,) = predictor["initContainers"]
+    assert verify["image"] == "ghcr.io/cai-platform/cai:0.1.0"
+    assert verify["args"] == ["serve", "verify", "cai-harmless-rl-cai", "--storage-uri", "$(CAI_STORAGE_URI)"]
+    env = env_of(verify)
+    # the annotation sync writes (and the chart renders equal to storageUri), read by the downward API
+    assert env["CAI_STORAGE_URI"] == {
+        "fieldRef": {"fieldPath": f"metadata.annotations['{STORAGE_ANNOTATION}']"}
+    }
+    assert env["AWS_SECRET_ACCESS_KEY"] == {
+        "secretKeyRef": {"name": "cai-s3-read", "key": "AWS_SECRET_ACCESS_KEY"}
+    }
+    assert env["MLFLOW_TRACKING_USERNAME"] == {
+        "secretKeyRef": {"name": "cai-mlflow-serving", "key": "MLFLOW_TRACKING_USERNAME", "optional": True}
+    }
+    assert verify["envFrom"] == [{"configMapRef": {"name": ENV_CONFIGMAP}}]
+    assert verify["securityContext"]["readOnlyRootFilesystem"] is True
+    assert verify["securityContext"]["allowPrivilegeEscalation"] is False
+    assert predictor["volumes"] == [{"name": "cai-verify-tmp", "emptyDir": {}}]
+
+
+def test_the_serving_pods_account_lists_only_the_read_only_s3_secret_and_holds_no_role():
     objects = render_objects(VARIANTS["serving"])
-    assert find(objects, "ServiceAccount", f"{FULLNAME}-serving")["secrets"] == [{"name": "cai-s3"}]
-    assert find(objects, "Role", f"{FULLNAME}-serving")["rules"] == [
+    account = find(objects, "ServiceAccount", f"{FULLNAME}-serving")
+    assert account["secrets"] == [{"name": "cai-s3-read"}]
+    assert account["automountServiceAccountToken"] is False
+    bound = [
+        subject["name"]
+        for binding in objects
+        if binding["kind"] in ("RoleBinding", "ClusterRoleBinding")
+        for subject in binding["subjects"]
+    ]
+    assert f"{FULLNAME}-serving" not in bound
+
+
+def test_sync_may_get_and_patch_only_the_served_inference_services_by_name():
+    objects = render_objects(
+        {
+            "serving": {
+                "enabled": True,
+                "models": [SERVED, {**SERVED, "constitution": "helpful", "role": "pm"}],
+            }
+        }
+    )
+    assert find(objects, "Role", f"{FULLNAME}-serve-sync")["rules"] == [
         {
             "apiGroups": ["serving.kserve.io"],
             "resources": ["inferenceservices", "llminferenceservices"],
+            "resourceNames": ["cai-harmless-rl-cai", "cai-helpful-pm"],
             "verbs": ["get", "patch"],
         }
     ]
-    assert find(objects, "RoleBinding", f"{FULLNAME}-serving")["subjects"] == [
-        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": NAMESPACE},
-        {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE},  # the webhook receiver's
-    ]
+
+
+def test_every_service_account_has_only_its_own_role_binding():
+    objects = render_objects(VARIANTS["serving"])
+    subjects = {
+        binding["metadata"]["name"]: [(s["name"], binding["roleRef"]["name"]) for s in binding["subjects"]]
+        for binding in objects
+        if binding["kind"] in ("RoleBinding", "ClusterRoleBinding")
+    }
+    assert subjects == {
+        f"{FULLNAME}-retrain": [(f"{FULLNAME}-retrain", f"{FULLNAME}-retrain")],
+        f"{FULLNAME}-trainjobs": [("pipeline-runner", f"{FULLNAME}-trainjobs")],
+        f"{FULLNAME}-{NAMESPACE}-training-runtimes": [
+            ("pipeline-runner", f"{FULLNAME}-{NAMESPACE}-training-runtimes")
+        ],
+        f"{FULLNAME}-serve-sync": [("pipeline-runner", f"{FULLNAME}-serve-sync")],
+        f"{FULLNAME}-serve-webhook": [(f"{FULLNAME}-serve-webhook", f"{FULLNAME}-serve-sync")],
+    }
+    accounts = {
+        obj["metadata"]["name"]: pod_spec(obj).get("serviceAccountName")
+        for obj in objects
+        if pod_spec(obj) is not None
+    }
+    assert accounts == {
+        f"{FULLNAME}-retrain": f"{FULLNAME}-retrain",
+        f"{FULLNAME}-serve-webhook": f"{FULLNAME}-serve-webhook",
+        f"{FULLNAME}-mlflow": None,
+        f"{FULLNAME}-mlflow-db-upgrade": None,
+        f"{FULLNAME}-mlflow-admin": None,
+    }
+    # the pods without an account of their own mount no token
+    assert all(
+        pod_spec(obj)["automountServiceAccountToken"] is False
+        for obj in objects
+        if pod_spec(obj) is not None and not pod_spec(obj).get("serviceAccountName")
+    )
 
 
 def test_the_webhook_receiver_serves_the_models_and_verifies_with_the_secret():
     objects = render_objects(VARIANTS["serving"])
     container = pod_spec(find(objects, "Deployment", f"{FULLNAME}-serve-webhook"))["containers"][0]
     assert container["args"] == ["serve", "webhook", "cai-harmless-rl-cai", "--port", "8080"]
-    assert env_of(container)["CAI_WEBHOOK_SECRET"] == {
+    env = env_of(container)
+    assert env["CAI_WEBHOOK_SECRET"] == {
         "secretKeyRef": {"name": "cai-mlflow-webhook", "key": "CAI_WEBHOOK_SECRET"}
     }
+    # it only reads S3 and MLflow
+    assert env["AWS_ACCESS_KEY_ID"]["secretKeyRef"]["name"] == "cai-s3-read"
+    assert env["MLFLOW_TRACKING_PASSWORD"]["secretKeyRef"]["name"] == "cai-mlflow-serving"
     policy = find(objects, "NetworkPolicy", f"{FULLNAME}-serve-webhook")
     assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"][
         "app.kubernetes.io/component"
@@ -741,11 +1004,15 @@ def test_the_webhook_receiver_serves_the_models_and_verifies_with_the_secret():
 
 def test_a_hook_registers_the_webhook_after_install_and_the_server_may_deliver_it_in_cluster():
     objects = render_objects(VARIANTS["serving"])
-    job = find(objects, "Job", f"{FULLNAME}-serve-webhook-register")
+    job = find(objects, "Job", f"{FULLNAME}-mlflow-admin")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
-    assert pod_spec(job)["containers"][0]["args"] == [
+    # after the accounts exist; MLflow lets only an admin manage webhooks
+    assert [c["name"] for c in pod_spec(job)["initContainers"]] == ["setup-accounts"]
+    register = pod_spec(job)["containers"][0]
+    assert register["args"] == [
         "serve", "register-webhook", f"http://{FULLNAME}-serve-webhook:8080/"
     ]  # fmt: skip
+    assert env_of(register)["MLFLOW_TRACKING_PASSWORD"]["secretKeyRef"]["name"] == "cai-mlflow-admin"
     server = env_of(pod_spec(find(objects, "Deployment", f"{FULLNAME}-mlflow"))["containers"][0])
     assert (server["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"], server["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"]) == (
         "true",
@@ -946,11 +1213,10 @@ def test_the_committed_pipeline_reads_only_configmaps_and_secrets_the_default_ch
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     rendered = {o["metadata"]["name"] for o in render_objects({}) if o["kind"] == "ConfigMap"}
     assert configmaps <= rendered
-    # The promoter's Secret (optional in the IR) is what the chart does not make yet: see the
-    # "Chart changes still to make" of docs/security.md.
-    assert secrets - {SecretRefs().promoter_secret} == {
+    assert secrets == {
         values["s3"]["credentialsSecret"]["name"],
         values["mlflow"]["credentialsSecret"]["name"],
+        values["mlflow"]["promoterSecret"]["name"],
         values["huggingface"]["tokenSecret"]["name"],
     }
     assert secrets == {

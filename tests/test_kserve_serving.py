@@ -15,13 +15,15 @@ import yaml
 from conftest import REPO_ROOT, hand_lineage
 from crd_schema import crd_errors
 from kserve_merge import (
+    STORAGE_INITIALIZER,
     merge_runtime_container,
     predictor_container,
+    predictor_pod,
     resource_errors,
     strategic_merge,
 )
 from kubernetes_standin import KubernetesStandIn
-from test_helm_chart import SERVED, render_objects
+from test_helm_chart import SERVED, find, render_objects
 from test_kustomize import values_of
 
 UPSTREAM = REPO_ROOT / "tests" / "upstream"
@@ -39,6 +41,7 @@ PRESETS = {
     ),
 }
 KINDS = ("InferenceService", "LLMInferenceService")
+SERVED_NAME = f"cai-{SERVED['constitution']}-{SERVED['role']}"
 
 
 def serving_objects(preset: str, policy_kind: str) -> list[dict]:
@@ -170,3 +173,22 @@ def test_sync_points_an_llm_inference_service_at_the_champions_folder(
         served = cluster.llm_inference_services[("ml-team", name)]
     assert (result.changed, served["spec"]["model"]["uri"]) == (True, version.source)
     assert crd_errors(served) == []
+
+
+def test_the_verify_init_container_survives_the_merge_and_runs_before_the_download():
+    service = find(serving_objects("chart", "InferenceService"), "InferenceService", SERVED_NAME)
+    pod = predictor_pod(service, RUNTIME)
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["cai-verify", STORAGE_INITIALIZER]
+    # merged by name with the runtime's own volume
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["devshm", "cai-verify-tmp"]
+    assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_the_pod_carries_the_storage_annotation_the_init_container_reads():
+    from cai_lib.platform.serving import STORAGE_ANNOTATION
+
+    service = find(serving_objects("chart", "InferenceService"), "InferenceService", SERVED_NAME)
+    pod = predictor_pod(service, RUNTIME)
+    field = pod["spec"]["initContainers"][0]["env"][0]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert field == f"metadata.annotations['{STORAGE_ANNOTATION}']"
+    assert pod["metadata"]["annotations"][STORAGE_ANNOTATION] == SERVED["storageUri"]

@@ -125,8 +125,8 @@ def test_every_object_of_the_built_overlay_validates_against_the_kubernetes_sche
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_of_the_built_overlay_runs_as_non_root_without_privilege_escalation(overlay):
-    # the MLflow server, its schema-upgrade hook and the retrain job
-    assert assert_pods_are_locked_down(kustomize_build(overlay)) == 3
+    # the MLflow server, its schema-upgrade hook, its admin hook (the accounts) and the retrain job
+    assert assert_pods_are_locked_down(kustomize_build(overlay)) == 4
 
 
 @needs_kubectl

@@ -158,10 +158,17 @@ MLFLOW_CLIENT = {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
 CREDENTIALS = {
     # `cai retrain`: publishes constitutions to S3, reads champions from MLflow
     ("CronJob", "retrain", "retrain"): S3_PAIR | MLFLOW_CLIENT,
-    # `cai serve webhook`: verifies deliveries, reads the champion's manifest in S3, tags MLflow
+    # `cai serve webhook`: verifies deliveries, reads the champion's manifest in S3 and MLflow
     ("Deployment", "serve-webhook", "receiver"): S3_PAIR | MLFLOW_CLIENT | {"CAI_WEBHOOK_SECRET"},
-    # `cai serve register-webhook`: only MLflow's REST API, signed with the webhook's secret
-    ("Job", "serve-webhook-register", "register"): MLFLOW_CLIENT | {"CAI_WEBHOOK_SECRET"},
+    # `cai mlflow setup-accounts`: as the admin, the three accounts' names and passwords
+    ("Job", "mlflow-admin", "setup-accounts"): MLFLOW_CLIENT
+    | {
+        f"CAI_{kind}_TRACKING_{field}"
+        for kind in ("PIPELINE", "PROMOTER", "SERVING")
+        for field in ("USERNAME", "PASSWORD")
+    },
+    # `cai serve register-webhook`: only MLflow's REST API as the admin, signed with the webhook's secret
+    ("Job", "mlflow-admin", "register-webhook"): MLFLOW_CLIENT | {"CAI_WEBHOOK_SECRET"},
     # `mlflow db upgrade`: only the database
     ("Job", "mlflow-db-upgrade", "db-upgrade"): {"MLFLOW_BACKEND_STORE_URI"},
     # `mlflow server`: the database, S3 for the artifacts it proxies, its admin and the webhook key
@@ -180,7 +187,10 @@ CREDENTIALS = {
 def test_each_workload_of_the_chart_gets_exactly_the_credentials_its_command_needs(workload):
     kind, suffix, container_name = workload
     obj = find(render_objects(PRESETS["serving"]), kind, f"{FULLNAME}-{suffix}")
-    container = next(c for c in pod_spec(obj)["containers"] if c["name"] == container_name)
+    spec = pod_spec(obj)
+    container = next(
+        c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == container_name
+    )
     from_secrets = {
         name
         for name, value in env_of(container).items()

@@ -13,6 +13,7 @@ import typer
 from cai_lib.cli import (
     compare,
     constitution,
+    mlflow_accounts,
     models,
     pipeline,
     pipeline_submit,
@@ -36,6 +37,7 @@ app.add_typer(stage.app, name="stage")
 app.add_typer(models.app, name="models")
 app.add_typer(trainjob.app, name="trainjob")
 app.add_typer(serve.app, name="serve")
+app.add_typer(mlflow_accounts.app, name="mlflow")
 app.command("run")(pipeline.run_command)
 app.command("compile")(pipeline.compile_command)
 app.command("submit")(pipeline_submit.submit_command)

@@ -29,9 +29,7 @@ S3_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 class Settings(BaseSettings):
     """The platform's environment. Each field is the variable `CAI_<FIELD>` unless it says otherwise."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=PREFIX, env_ignore_empty=True, extra="ignore", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, extra="ignore", frozen=True)
 
     artifact_root: str | None = Field(
         default=None, description="Local directory or s3:// prefix where stage outputs and run folders go."
@@ -67,9 +65,25 @@ class Settings(BaseSettings):
     mlflow_ui_url: str | None = Field(default=None, description="Base URL of the MLflow UI.")
     pipeline_run_id: str | None = Field(default=None, description="The KFP run a step belongs to.")
     promoter_tracking_username: str | None = Field(
-        default=None, description="The promoter's MLflow account, the one identity that writes production models."
+        default=None,
+        description="The promoter's MLflow account, the one identity that writes production models.",
     )
-    promoter_tracking_password: SecretStr | None = Field(default=None, description="The promoter's MLflow password.")
+    promoter_tracking_password: SecretStr | None = Field(
+        default=None, description="The promoter's MLflow password."
+    )
+    pipeline_tracking_username: str | None = Field(
+        default=None, description="The pipeline's MLflow account, made by `cai mlflow setup-accounts`."
+    )
+    pipeline_tracking_password: SecretStr | None = Field(
+        default=None, description="The pipeline's MLflow password."
+    )
+    serving_tracking_username: str | None = Field(
+        default=None,
+        description="The read-only MLflow account of serving and retraining, made by `cai mlflow setup-accounts`.",
+    )
+    serving_tracking_password: SecretStr | None = Field(
+        default=None, description="The read-only account's MLflow password."
+    )
     webhook_secret: SecretStr | None = Field(
         default=None, description="Secret the MLflow webhook signs its deliveries with."
     )
@@ -77,7 +91,9 @@ class Settings(BaseSettings):
     @field_validator("serving_models", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
-        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
+        return (
+            [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
+        )
 
     @field_validator("artifact_root", "constitution_registry")
     @classmethod

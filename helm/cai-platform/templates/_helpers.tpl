@@ -27,7 +27,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{- define "cai-platform.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
-{{- default (include "cai-platform.fullname" .) .Values.serviceAccount.name -}}
+{{- default (printf "%s-retrain" (include "cai-platform.fullname" .)) .Values.serviceAccount.name -}}
 {{- else -}}
 {{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
 {{- end -}}
@@ -62,6 +62,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{- define "cai-platform.s3SecretName" -}}
 {{- required "s3.credentialsSecret.name is required: the name of an existing Secret with the S3 access key pair" .Values.s3.credentialsSecret.name -}}
+{{- end -}}
+
+{{- define "cai-platform.s3ReadOnlySecretName" -}}
+{{- required "s3.readOnlyCredentialsSecret.name is required: the name of an existing Secret with a read-only S3 access key pair" .Values.s3.readOnlyCredentialsSecret.name -}}
+{{- end -}}
+
+{{/* The registered (production) model names of serving.models: <prefix>-<constitution>-<role>, as a YAML list. */}}
+{{- define "cai-platform.servedModels" -}}
+{{- $prefix := default "cai" .Values.pipeline.params.model_name_prefix -}}
+{{- $names := list -}}
+{{- range .Values.serving.models -}}
+{{- $names = append $names (printf "%s-%s-%s" $prefix .constitution .role) -}}
+{{- end -}}
+{{- toYaml $names -}}
 {{- end -}}
 
 {{- define "cai-platform.mlflowSecretName" -}}
@@ -99,6 +113,8 @@ params over the chart's artifact root and tracking URI, and a deploy section bui
   "s3_keys" (dict $s3.accessKeyKey "AWS_ACCESS_KEY_ID" $s3.secretKeyKey "AWS_SECRET_ACCESS_KEY")
   "mlflow_secret" (include "cai-platform.mlflowSecretName" .)
   "mlflow_keys" .Values.mlflow.credentialsSecret.keys
+  "promoter_secret" .Values.mlflow.promoterSecret.name
+  "promoter_keys" (dict .Values.mlflow.promoterSecret.usernameKey "CAI_PROMOTER_TRACKING_USERNAME" .Values.mlflow.promoterSecret.passwordKey "CAI_PROMOTER_TRACKING_PASSWORD")
   "env_configmap" (include "cai-platform.envName" .) -}}
 {{- with .Values.huggingface.tokenSecret.name }}
 {{- $_ := set $secrets "hf_secret" . }}
@@ -149,18 +165,58 @@ capabilities:
   drop: ["ALL"]
 {{- end -}}
 
-{{/* The S3 key pair from its Secret, as the AWS SDKs (boto3 in cai and in MLflow) read it. */}}
+{{/* The read-write S3 key pair from its Secret, as the AWS SDKs (boto3 in cai and in MLflow) read it. */}}
 {{- define "cai-platform.s3CredentialsEnv" -}}
+{{- include "cai-platform.s3KeyPairEnv" (dict "name" (include "cai-platform.s3SecretName" .) "secret" .Values.s3.credentialsSecret) -}}
+{{- end -}}
+
+{{/* The read-only S3 key pair: for pods that only read (serving, the webhook receiver). */}}
+{{- define "cai-platform.s3ReadOnlyCredentialsEnv" -}}
+{{- include "cai-platform.s3KeyPairEnv" (dict "name" (include "cai-platform.s3ReadOnlySecretName" .) "secret" .Values.s3.readOnlyCredentialsSecret) -}}
+{{- end -}}
+
+{{- define "cai-platform.s3KeyPairEnv" -}}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
-      name: {{ include "cai-platform.s3SecretName" . }}
-      key: {{ .Values.s3.credentialsSecret.accessKeyKey }}
+      name: {{ .name }}
+      key: {{ .secret.accessKeyKey }}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ include "cai-platform.s3SecretName" . }}
-      key: {{ .Values.s3.credentialsSecret.secretKeyKey }}
+      name: {{ .name }}
+      key: {{ .secret.secretKeyKey }}
+{{- end -}}
+
+{{/*
+One MLflow account's Secret as environment variables, optional keys; call with (dict "secret"
+.Values.mlflow.servingSecret "prefix" "MLFLOW_TRACKING"), which sets MLFLOW_TRACKING_USERNAME and
+MLFLOW_TRACKING_PASSWORD.
+*/}}
+{{/* The key of mlflow.credentialsSecret.keys that becomes `variable`; call with (dict "keys" ... "variable" ...). */}}
+{{- define "cai-platform.keyOf" -}}
+{{- $found := "" -}}
+{{- range $key, $variable := .keys -}}
+{{- if eq $variable $.variable -}}
+{{- $found = $key -}}
+{{- end -}}
+{{- end -}}
+{{- required (printf "mlflow.credentialsSecret.keys must map a key to %s: the setup hook reads the pipeline's account from it" .variable) $found -}}
+{{- end -}}
+
+{{- define "cai-platform.mlflowAccountEnv" -}}
+- name: {{ .prefix }}_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secret.name }}
+      key: {{ .secret.usernameKey }}
+      optional: true
+- name: {{ .prefix }}_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secret.name }}
+      key: {{ .secret.passwordKey }}
+      optional: true
 {{- end -}}
 
 {{/* The MLflow client's credentials, as optional keys (a server without auth needs none). */}}
@@ -252,7 +308,8 @@ containers:
           name: {{ include "cai-platform.envName" . }}
     env:
       {{- include "cai-platform.s3CredentialsEnv" . | nindent 6 }}
-      {{- include "cai-platform.mlflowCredentialsEnv" . | trim | nindent 6 }}
+      # `cai retrain` only reads the registry: the read-only account
+      {{- include "cai-platform.mlflowAccountEnv" (dict "secret" .Values.mlflow.servingSecret "prefix" "MLFLOW_TRACKING") | nindent 6 }}
       - name: CAI_IMAGE_CPU
         value: {{ $cpuImage | quote }}
       - name: CAI_IMAGE_GPU
@@ -302,4 +359,125 @@ volumes:
   - name: workspace
     emptyDir: {}
   {{- end }}
+{{- end -}}
+
+{{/*
+An egress rule to the endpoint at .url: an in-cluster Service (<service>.<namespace>.svc[...], or
+a bare <service> of the release namespace) by its namespace on .ports (default: the URL's port);
+any other host by .cidrs, or without them at any address outside the private ranges, on those
+ports. Call with (dict "root" $ "url" ... "cidrs" list "ports" list).
+*/}}
+{{- define "cai-platform.egressToUrl" -}}
+{{- $url := urlParse .url -}}
+{{- $hostPort := splitList ":" $url.host -}}
+{{- $hostname := first $hostPort -}}
+{{- $port := ternary (last $hostPort) (ternary "443" "80" (eq $url.scheme "https")) (eq (len $hostPort) 2) -}}
+{{- $ports := .ports | default (list (int $port)) -}}
+{{- $labels := splitList "." $hostname -}}
+{{- $namespace := "" -}}
+{{- if eq (len $labels) 1 -}}
+{{- $namespace = .root.Release.Namespace -}}
+{{- else if and (ge (len $labels) 3) (eq (index $labels 2) "svc") -}}
+{{- $namespace = index $labels 1 -}}
+{{- end -}}
+- to:
+  {{- if $namespace }}
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: {{ $namespace }}
+  {{- else if .cidrs }}
+  {{- range .cidrs }}
+    - ipBlock:
+        cidr: {{ . }}
+  {{- end }}
+  {{- else }}
+    - ipBlock:
+        cidr: 0.0.0.0/0
+        except: [10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16]
+  {{- end }}
+  ports:
+  {{- range $ports }}
+    - port: {{ . }}
+      protocol: TCP
+  {{- end }}
+{{- end -}}
+
+{{/*
+The egress rules of the platform's pods: DNS, S3, MLflow, the extra CIDRs, and as asked the
+Kubeflow Pipelines API (.kfp), the Kubernetes API (.kubernetes), the git host of
+retrain.gitRepo.url (.git) and pods like themselves (.peers, a podSelector). Call with
+(dict "root" $ "kfp" bool "kubernetes" bool "git" bool "peers" dict).
+*/}}
+{{- define "cai-platform.egressRules" -}}
+{{- $root := .root -}}
+{{- $values := $root.Values -}}
+{{- $egress := $values.egress -}}
+- to:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: kube-system
+      podSelector:
+        matchLabels:
+          k8s-app: kube-dns
+  ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{ include "cai-platform.egressToUrl" (dict "root" $root "url" (include "cai-platform.s3EndpointUrl" $root) "cidrs" $egress.s3Cidrs "ports" list) }}
+{{- if $values.mlflow.server.enabled }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "cai-platform.selectorLabels" $root | nindent 10 }}
+          app.kubernetes.io/component: mlflow
+  ports:
+    - port: {{ $values.mlflow.server.port }}
+      protocol: TCP
+{{- else }}
+{{ include "cai-platform.egressToUrl" (dict "root" $root "url" $values.mlflow.trackingUri "cidrs" list "ports" list) }}
+{{- end }}
+{{- if .kfp }}
+{{ include "cai-platform.egressToUrl" (dict "root" $root "url" $values.kfp.host "cidrs" list "ports" $egress.kfpPorts) }}
+{{- end }}
+{{- if .kubernetes }}
+{{- $cidrs := $egress.kubernetesApiCidrs }}
+{{- if not $cidrs }}
+{{- range (lookup "discovery.k8s.io/v1" "EndpointSlice" "default" "kubernetes").endpoints }}
+{{- range .addresses }}
+{{- $cidrs = append $cidrs (printf "%s/32" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+- to:
+    {{- range ($cidrs | default (list "0.0.0.0/0")) }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  ports:
+    {{- range $egress.kubernetesApiPorts }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+{{- end }}
+{{- if and .git $values.retrain.gitRepo.url }}
+{{ include "cai-platform.egressToUrl" (dict "root" $root "url" $values.retrain.gitRepo.url "cidrs" list "ports" list) }}
+{{- end }}
+{{- range $egress.extraCidrs }}
+- to:
+    - ipBlock:
+        cidr: {{ .cidr }}
+  {{- with .ports }}
+  ports:
+    {{- range . }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- end }}
+{{- end }}
+{{- with .peers }}
+- to:
+    - podSelector:
+        {{- toYaml . | nindent 8 }}
+{{- end }}
 {{- end -}}
