@@ -86,7 +86,7 @@ def resolve(
         mlflow_run_url=run_url(platform.tracking_uri, parent),
         models=models,
     )
-    ctx = ctx.model_copy(update={"champion": champion_source(ctx, constitution)})
+    ctx.champion = champion_source(ctx, constitution)
     folder = ArtifactStore.open(ctx.run_root)
     folder.write_text(PINNED_CONSTITUTION_FILE, dump_constitution(constitution))
     # The pinned models too: `cai impact` and `cai compare` load the labeller this run used.
