@@ -332,7 +332,8 @@ TIER_FIXTURES: dict[str, tuple[str, ...]] = {
     "pipeline": tuple(
         f"test_pipeline_e2e.{run}"
         for run in ("first_run", "second_run", "one_shard_run", "third_run", "failed_run")
-    ),
+    )
+    + tuple(f"test_iterated_e2e.{run}" for run in ("first_run", "second_run", "gated_run")),
 }
 # What `make test-fast` leaves out: these tiers, the real SmolLM2 and several real servers
 # (`integration`, by hand) and vLLM on a GPU (`gpu`, by hand).

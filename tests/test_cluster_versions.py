@@ -83,7 +83,8 @@ def test_submit_to_a_kfp_older_than_the_minimum_fails_naming_feature_and_version
 
 def test_cai_submit_says_so_in_one_line_with_exit_status_2(old_kfp, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", "from cai_lib.cli import main; main()", "submit", "--host", old_kfp.url],
+        [sys.executable, "-c", "from cai_lib.cli import main; main()", "submit", "--host", old_kfp.url]
+        + ["--set", "judge_model=Qwen/Qwen2.5-7B-Instruct"],  # an independent judge, which submit requires
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -28,6 +28,9 @@ from cai_lib.method.label_validation import (
 
 MARKER = "WRONG"
 
+# The runs here never judge; the embedded model stays their (dependent) judge, as the demo allows.
+DEPENDENT_JUDGE = ["evaluate.allow_dependent_judge=true", "evaluate.dependent_judge_reason=nothing here is judged"]
+
 
 def hh(human: str, chosen: str, rejected: str) -> dict:
     return {
@@ -225,9 +228,11 @@ def test_the_command_validates_the_label_stages_labeller_and_stops_at_the_gate(t
     source = write_jsonl(tmp_path / "hh.jsonl", HH_ROWS)
     sets = [
         f"feedback_model={tiny_model_dir}",
+        f"judge_model={tiny_model_dir}",
         f"validate_labels.sources=[{source}]",
         "gates.min_label_accuracy=0.99",
         "label.principles_per_pair=1",
+        *DEPENDENT_JUDGE,
     ]
     args = ["stage", "validate_labels", "--out", str(tmp_path / "out")] + [
         a for s in sets for a in ("--set", s)
@@ -264,9 +269,11 @@ def step_runs(tmp_path_factory, tiny_model_dir):
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
         overrides = [
             f"feedback_model={tiny_model_dir}",
+            f"judge_model={tiny_model_dir}",
             f"validate_labels.sources=[{source}]",
             "label.principles_per_pair=1",
             "evaluate.xstest.prompts=",
+            *DEPENDENT_JUDGE,
         ]
         gated = load_run_config(None, [*overrides, "gates.min_label_accuracy=0.99"]).params
         context = resolve(gated.model_dump(mode="json"), "run-1", "validate", str(work / "constitution.yaml"))

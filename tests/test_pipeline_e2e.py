@@ -49,7 +49,9 @@ from pipelines.local import RunFailed, run_local
 pytestmark = pytest.mark.integration
 
 ROLES = ("pm", "sl-cai", "rl-cai")
-MODEL_STAGES = GPU_STAGES  # the stages that load a model
+# The stages that load a model; compare only when a run names another to compare with
+# (compare_against, which these runs leave empty).
+MODEL_STAGES = tuple(stage for stage in GPU_STAGES if stage != "compare")
 SL_STAGES = ("generate_prompts", "select_prompts", "critique_revise", "helpful_samples", "sft", "sample_pairs")
 AFTER_LABEL = ("label", "train_pm", "rl", "evaluate")
 GENERATION = ("generate_prompts", "critique_revise", "helpful_samples", "sample_pairs", "label", "answer_eval")

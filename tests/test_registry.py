@@ -812,9 +812,8 @@ def test_cli_promote_judges_the_challenger_on_its_evaluation_tags(mlflow_server,
     )
 
     assert result.exit_code == 0, result.output
-    assert result.output.startswith(
-        f"promoted: {name} candidate 2 is champion as version 2 (harmlessness win rate 0.660"
-    )
+    # MLflow's copy prints its own lines (and a cleared progress line) around the command's.
+    assert f"promoted: {name} candidate 2 is champion as version 2 (harmlessness win rate 0.660" in result.output
     assert version_by_alias(mlflow_server["uri"], name, CHAMPION).version == "2"
 
 

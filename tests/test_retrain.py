@@ -700,9 +700,9 @@ def test_a_dry_run_with_a_host_names_the_resubmission(checkout, registry, config
     assert len(kfp.runs) == 1
 
 
-def write_config(repo: Path, config) -> Path:
+def write_config(repo: Path, config, **params) -> Path:
     path = repo.parent / "run-config.yaml"
-    path.write_text(yaml.safe_dump({"params": {"model_name_prefix": config.params.model_name_prefix}}))
+    path.write_text(yaml.safe_dump({"params": {"model_name_prefix": config.params.model_name_prefix, **params}}))
     return path
 
 
@@ -710,7 +710,9 @@ def test_two_retrain_processes_started_together_on_one_change_submit_one_run(che
     """Two controllers (two `cai retrain` processes, as two CronJob pods) against one change."""
     env = {**os.environ, "KFP_HOST": "", "CAI_CONSTITUTION_REGISTRY": ""}
     args = [str(CAI), "retrain", "--repo", str(checkout), "--registry", registry, "--host", kfp.standin.url,
-            "--config", str(write_config(checkout, config)), "--tracking-uri", os.environ["MLFLOW_TRACKING_URI"]]  # fmt: skip
+            # An independent judge: a `cai retrain` that submits refuses a run judged by its own base model.
+            "--config", str(write_config(checkout, config, judge_model="Qwen/Qwen2.5-7B-Instruct")),
+            "--tracking-uri", os.environ["MLFLOW_TRACKING_URI"]]  # fmt: skip
     controllers = [
         subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]

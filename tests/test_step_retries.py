@@ -286,7 +286,9 @@ def kill_register_holding_the_lock(env, proxies, register_inputs) -> dict:
 
 
 def lock_tags(context: dict) -> dict | None:
-    name = candidates_name(f"{context['params']['model_name_prefix']}-harmless-pm") + LOCK_SUFFIX
+    """The lock the register step held when it was killed: the first model it registers, SL-CAI
+    (so that a later round's RL-CAI finds its parent)."""
+    name = candidates_name(f"{context['params']['model_name_prefix']}-harmless-sl-cai") + LOCK_SUFFIX
     locks = [m for m in connect(None).search_registered_models() if m.name == name]
     return dict(locks[0].tags) if locks else None
 

@@ -238,7 +238,8 @@ def test_a_pipeline_created_by_a_concurrent_submit_is_used(kfp_server, monkeypat
 def cai_submit(host: str, namespace: str, *overrides: str) -> subprocess.CompletedProcess:
     """`cai submit` as a user runs it, with the token `as_user` chose in the environment."""
     args = [str(CAI), "submit", "--host", host, "--namespace", namespace, "--experiment", "cai-tests"]
-    for override in overrides:
+    # An independent judge: `cai submit` refuses a run whose judge is its base or feedback model.
+    for override in ("judge_model=Qwen/Qwen2.5-7B-Instruct", *overrides):
         args += ["--set", override]
     return subprocess.run(args, capture_output=True, text=True, check=False, env=os.environ.copy())
 
