@@ -22,6 +22,7 @@ from run_configs import TINY_GENERATED_PROMPTS
 
 from cai_lib.core.config import local_platform
 from cai_lib.core.model_versions import ancestors, list_models, version_by_alias
+from cai_lib.core.names import candidates_name
 from cai_lib.core.records import GeneratedPrompt, Trace
 from cai_lib.core.shards import read_dataset
 from cai_lib.core.store import ArtifactStore
@@ -125,16 +126,24 @@ def test_each_rounds_policy_is_registered_with_its_round(first_run, work):
     assert [v.lineage.round for v in rl_versions(work)] == [1, 2, 3]
 
 
+# Every round's versions are registered in the candidates models, so the chain runs through them; a
+# production version is a promoted copy that keeps its candidate's lineage.
 def test_lineage_reads_as_a_chain_from_the_last_round_back_to_sl_cai(first_run, work):
-    last = rl_versions(work)[-1]
-    chain = [f"{v.name}/{v.version}" for v in ancestors(work["platform"].tracking_uri, last)]
-    first, second = rl_versions(work)[:2]
+    candidates = list_models(work["platform"].tracking_uri, candidates_name("cai-harmless-rl-cai"))
+    chain = [f"{v.name}/{v.version}" for v in ancestors(work["platform"].tracking_uri, candidates[-1])]
+    first, second = candidates[:2]
     assert chain[:2] == [f"{second.name}/{second.version}", f"{first.name}/{first.version}"]
-    assert chain[2].startswith("cai-harmless-sl-cai/")
+    assert chain[2].startswith(candidates_name("cai-harmless-sl-cai") + "/")
+
+
+def test_the_champions_lineage_is_its_candidates(first_run, work):
+    champion = version_by_alias(work["platform"].tracking_uri, "cai-harmless-rl-cai", "champion")
+    last = list_models(work["platform"].tracking_uri, candidates_name("cai-harmless-rl-cai"))[-1]
+    assert champion.lineage.parent_version == last.lineage.parent_version != ""
 
 
 def test_each_rounds_pm_continues_the_round_befores(first_run, work):
-    pms = list_models(work["platform"].tracking_uri, "cai-harmless-pm")
+    pms = list_models(work["platform"].tracking_uri, candidates_name("cai-harmless-pm"))
     assert [v.lineage.parent_version for v in pms] == ["", *(f"{v.name}/{v.version}" for v in pms[:2])]
 
 
