@@ -1074,6 +1074,25 @@ def test_a_real_mlflow_server_accepts_the_rendered_arguments_and_only_the_allowe
     assert list(statuses.values()) == [200, 200, 403]
 
 
+def rendered_auth(server: dict, tmp_path: Path, admin: tuple[str, str]) -> dict[str, str]:
+    """Run the rendered MLflow Deployment's (`server`, a pod spec) auth init container in
+    `tmp_path` (it writes basic_auth.ini there, over a SQLite auth database) and return the server's
+    environment for basic auth with `admin` as its admin."""
+    script = server["initContainers"][0]["args"][0].replace("/mlflow-auth", str(tmp_path))
+    subprocess.run(
+        ["/bin/sh", "-c", script],
+        env={"MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path / 'auth.db'}"},
+        check=True,
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+        "MLFLOW_AUTH_ADMIN_USERNAME": admin[0],
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+
+
 @contextlib.contextmanager
 def rendered_mlflow_server(args: list[str], port: int, tmp_path: Path, env: dict | None = None):
     """`mlflow` run with the chart's rendered server arguments until the block ends: the pod's

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from test_helm_chart import FULLNAME, env_of, find, pod_spec, render_objects, rendered_mlflow_server
+from test_helm_chart import (
+    FULLNAME,
+    env_of,
+    find,
+    pod_spec,
+    render_objects,
+    rendered_auth,
+    rendered_mlflow_server,
+)
 
 from cai_lib.core.names import CHAMPION, candidates_name
 from cai_lib.core.tracking import scoped_environ
@@ -91,19 +99,7 @@ def setup_runs(tmp_path_factory):
     uri = f"http://127.0.0.1:{port}"
     objects = render_objects({"mlflow": {"server": {"port": port, "workers": 1}}})
     server = pod_spec(find(objects, "Deployment", f"{FULLNAME}-mlflow"))
-    script = server["initContainers"][0]["args"][0].replace("/mlflow-auth", str(work))
-    subprocess.run(
-        ["/bin/sh", "-c", script],
-        env={"MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{work / 'auth.db'}"},
-        check=True,
-    )
-    server_env = {
-        "MLFLOW_AUTH_CONFIG_PATH": str(work / "basic_auth.ini"),
-        "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN[0],
-        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }
+    server_env = rendered_auth(server, work, ADMIN)
     hook = hook_container(objects)
     env = hook_env(hook, uri)
     runs = []

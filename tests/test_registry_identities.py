@@ -10,11 +10,9 @@ could move what serving follows, and the promoter allowed.
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 from conftest import free_port, hand_lineage
-from test_helm_chart import find, pod_spec, render_objects, rendered_mlflow_server
+from test_helm_chart import find, pod_spec, render_objects, rendered_auth, rendered_mlflow_server
 
 from cai_lib.core.errors import CaiError
 from cai_lib.core.model_versions import version_by_alias
@@ -50,19 +48,7 @@ def auth_server(tmp_path_factory):
 
     work, port = tmp_path_factory.mktemp("auth"), free_port()
     spec = pod_spec(find(render_objects({"mlflow": {"server": {"port": port, "workers": 1}}}), "Deployment"))
-    script = spec["initContainers"][0]["args"][0].replace("/mlflow-auth", str(work))
-    subprocess.run(
-        ["/bin/sh", "-c", script],
-        env={"MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{work / 'auth.db'}"},
-        check=True,
-    )
-    env = {
-        "MLFLOW_AUTH_CONFIG_PATH": str(work / "basic_auth.ini"),
-        "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN[0],
-        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }
+    env = rendered_auth(spec, work, ADMIN)
     uri = f"http://127.0.0.1:{port}"
     with rendered_mlflow_server(spec["containers"][0]["args"], port, work, env):
         with as_user(ADMIN):
