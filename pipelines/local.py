@@ -4,6 +4,7 @@ artifacts (a directory) and MLflow (a SQLite file) live."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from cai_lib.platform.preflight import check_endpoints, check_run
 from cai_lib.platform.run_config import RunConfig, params_as_pipeline_arguments
 from cai_lib.steps.finish import OUTCOME_ENV
 from pipelines.cai_pipeline import build_pipeline
+from pipelines.fork_server import warm_tasks
 
 
 def ui_command(tracking_uri: str) -> str:
@@ -39,11 +41,13 @@ class RunFailed(CaiError):
         self.stages = stages
 
 
-def run_local(config: RunConfig, workdir: Path, platform: Platform | None = None) -> dict:
+def run_local(config: RunConfig, workdir: Path, platform: Platform | None = None, warm: bool = True) -> dict:
     """Run the whole pipeline locally after the pre-flight checks; returns the register step's
     summary (run id and root, report, registered versions, gate decision) plus `stages` (one
     line per stage saying whether it ran or reused an output) and `ui_command`. A run that does
-    not succeed raises `RunFailed`, after its exit handler closed its MLflow run."""
+    not succeed raises `RunFailed`, after its exit handler closed its MLflow run. `warm`: each step
+    runs in a fork of a process that imported torch, transformers and MLflow once, where it can
+    (`pipelines.fork_server`); otherwise each is a fresh Python, as kfp.local starts it."""
     from kfp import local
 
     platform = platform or local_platform(workdir)
@@ -56,12 +60,15 @@ def run_local(config: RunConfig, workdir: Path, platform: Platform | None = None
     with tempfile.TemporaryDirectory(prefix="cai-run-") as tmp:
         outcome_file = Path(tmp) / "outcome.json"
         # The steps are subprocesses: they read the installation's settings from the environment, as pods do.
-        with scoped_environ(
-            **{
-                ARTIFACT_ROOT_ENV: platform.artifact_root,
-                TRACKING_URI_ENV: platform.tracking_uri,
-                OUTCOME_ENV: str(outcome_file),
-            }
+        with (
+            scoped_environ(
+                **{
+                    ARTIFACT_ROOT_ENV: platform.artifact_root,
+                    TRACKING_URI_ENV: platform.tracking_uri,
+                    OUTCOME_ENV: str(outcome_file),
+                }
+            ),
+            warm_tasks() if warm else contextlib.nullcontext(),
         ):
             build_pipeline(config.params, config.deploy)(**params_as_pipeline_arguments(config.params))
         if not outcome_file.is_file():

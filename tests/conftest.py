@@ -322,6 +322,7 @@ TIER_FIXTURES: dict[str, tuple[str, ...]] = {
         "test_store.unavailable_s3",
         "test_store.proxied_s3",
         "test_mlflow_accounts.setup_runs",  # `mlflow server` with auth, and `cai mlflow setup-accounts`
+        "test_fork_server.servers",  # warm processes that fork kfp.local tasks
     ),
     "model": (
         # Every model fixture builds on the tokenizer read from the embedded GGUF file.

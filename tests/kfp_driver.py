@@ -36,13 +36,14 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
 from kfp.pipeline_spec import pipeline_spec_pb2
+
+from pipelines.fork_server import run_command
 
 log = logging.getLogger(__name__)
 
@@ -436,13 +437,7 @@ def cluster_rules(
             env.update(from_pod)
         env.update(env_vars or {})
         # As kfp.local's own run_local_subprocess, with the environment built above.
-        with subprocess.Popen(
-            full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
-        ) as process:
-            for line in iter(process.stdout.readline, ""):
-                print(line, end="")
-            print("\n")
-            return process.wait()
+        return run_command(full_command, env)
 
     replacements = {
         (task_dispatcher, "run_single_task_implementation"): run_single_task_implementation,

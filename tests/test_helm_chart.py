@@ -670,21 +670,33 @@ def test_the_admin_password_goes_only_to_the_server_and_the_admin_hook():
     assert len(set(secrets + [values["server"]["auth"]["adminSecret"]["name"]])) == 4
 
 
-def test_the_auth_config_written_at_start_is_one_mlflow_reads(tmp_path):
+def written_auth_config(tmp_path: Path, values: dict | None = None):
+    """The auth config the rendered init container writes, as MLflow reads it."""
     from mlflow.server.auth.config import read_auth_config
 
-    script = pod_spec(find(render_objects(), "Deployment"))["initContainers"][0]["args"][0]
+    script = pod_spec(find(render_objects(values), "Deployment"))["initContainers"][0]["args"][0]
     script = script.replace("/mlflow-auth", str(tmp_path))
+    tmp_path.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         ["/bin/sh", "-c", script], env={"MLFLOW_AUTH_DATABASE_URI": "postgresql://u:p@db/auth"}, check=True
     )
     os.environ["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "basic_auth.ini")
     try:
-        config = read_auth_config()
+        return read_auth_config()
     finally:
         del os.environ["MLFLOW_AUTH_CONFIG_PATH"]
+
+
+def test_the_auth_config_written_at_start_is_one_mlflow_reads(tmp_path):
+    config = written_auth_config(tmp_path)
     assert (config.default_permission, config.database_uri) == ("READ", "postgresql://u:p@db/auth")
     assert oct((tmp_path / "basic_auth.ini").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_checked_password_is_trusted_for_the_values_seconds_and_zero_checks_every_request(tmp_path):
+    default = written_auth_config(tmp_path / "default").auth_cache_ttl_seconds
+    off = {"mlflow": {"server": {"auth": {"credentialCacheSeconds": 0}}}}
+    assert (default, written_auth_config(tmp_path / "off", off).auth_cache_ttl_seconds) == (60, 0)
 
 
 def test_auth_can_be_turned_off():
