@@ -2,14 +2,17 @@
 
 1. **fresh**: every stage runs;
 2. **unchanged**: the same command again; every model stage should be reused;
-3. **comparison edit**: a new constitution version (given as a file) whose only change is one
+3. **unchanged, fresh processes**: run 2 again with `--no-warm-steps`: every step a fresh Python
+   as kfp.local starts it, instead of a fork of a warm process (the default on Linux). Both reuse
+   every model stage, so the difference is what starting the steps costs;
+4. **comparison edit**: a new constitution version (given as a file) whose only change is one
    comparison principle's question; the SL-CAI stages should be reused and labelling, the
    preference model, RL and evaluation should run.
 
 Each run is the real `cai` executable (kfp.local, SQLite MLflow, a local artifact directory, the
 embedded SmolLM2-135M model with the quick config by default), timed from start to exit. The
-baseline is run 1 in the same invocation; the result reports runs 2 and 3 as fractions of it,
-and each run's `stage NAME: ran|reused` lines. Results go to benchmarks/results/reuse-<device>.json;
+baseline is run 1 in the same invocation; the result reports runs 2 and 4 as fractions of it,
+run 2 as a fraction of run 3, and each run's `stage NAME: ran|reused` lines. Results go to benchmarks/results/reuse-<device>.json;
 the last line printed is the same JSON.
 
 Run: .venv/bin/python benchmarks/reuse.py
@@ -80,6 +83,7 @@ def main() -> None:
         runs = [
             timed_run(args, workdir, "fresh", []),
             timed_run(args, workdir, "unchanged", []),
+            timed_run(args, workdir, "unchanged, fresh processes", ["--no-warm-steps"]),
             timed_run(args, workdir, "comparison edit", ["--set", f"constitution={edited}"]),
         ]
     first = runs[0]["seconds"]
@@ -88,7 +92,8 @@ def main() -> None:
         "config": args.config or "pipelines/configs/quick.yaml",
         "runs": runs,
         "unchanged_vs_fresh": round(runs[1]["seconds"] / first, 3),
-        "comparison_edit_vs_fresh": round(runs[2]["seconds"] / first, 3),
+        "warm_steps_vs_fresh_processes": round(runs[1]["seconds"] / runs[2]["seconds"], 3),
+        "comparison_edit_vs_fresh": round(runs[3]["seconds"] / first, 3),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
@@ -114,11 +119,11 @@ def main() -> None:
 
 def print_table(result: dict) -> None:
     first = result["runs"][0]["seconds"]
-    print(f"{'run':<18}{'seconds':>9}{'vs fresh':>10}  stages reused")
+    print(f"{'run':<30}{'seconds':>9}{'vs fresh':>10}  stages reused")
     for run in result["runs"]:
         reused = sum(": reused" in line for line in run["stages"])
         print(
-            f"{run['label']:<18}{run['seconds']:>9.1f}{run['seconds'] / first:>9.2f}x  {reused} of {len(run['stages'])}"
+            f"{run['label']:<30}{run['seconds']:>9.1f}{run['seconds'] / first:>9.2f}x  {reused} of {len(run['stages'])}"
         )
     for run in result["runs"][1:]:
         print(f"\n{run['label']}:")

@@ -38,7 +38,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-# What the steps import before their own code runs. Not kfp.dsl.executor_main: runpy runs that one
+# What the steps import before their own code runs (the training steps trl and peft, the
+# evaluation's report matplotlib). Not kfp.dsl.executor_main: runpy runs that one
 # as __main__ in each task, and warns when it is already imported.
 PRELOAD = (
     "torch",
@@ -47,6 +48,10 @@ PRELOAD = (
     "mlflow",
     "boto3",
     "kfp.dsl.executor",
+    "datasets",
+    "peft",
+    "trl",
+    "matplotlib.pyplot",
 )
 
 EXECUTOR_MODULE = "kfp.dsl.executor_main"

@@ -94,6 +94,25 @@ def mistral_completions_path() -> Path:
     return shared_file(SHARED_DATA / "xstest" / "xstest_v2_completions_mistralinstruct.csv")
 
 
+@pytest.fixture
+def hub_offline(tmp_path, monkeypatch) -> Path:
+    """The Hugging Face hub offline, with an empty cache in `tmp_path` (returned: HF_HOME), as on a
+    machine without a network or a copy. huggingface_hub and datasets read these variables when
+    they are imported, which an earlier test in the process may have done, so their constants are
+    set too; otherwise a download is tried, and fails only when the network's timeout runs out."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for module in (huggingface_hub.constants, datasets.config):
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
+    return home
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """moto's standalone S3 server as a subprocess; yields its endpoint URL."""

@@ -153,11 +153,12 @@ def test_no_loop_item_field_crosses_a_control_flow_boundary_as_in_kubeflow_pipel
     assert crossings(spec) == ([], [], 4)
 
 
-def test_nor_in_a_later_round_whose_loops_sit_inside_a_dsl_if(tmp_path):
-    # Round 2's loops run inside `dsl.If(round 1 promoted)`: the pattern's other boundary.
+def test_nor_in_later_rounds_whose_loops_sit_inside_nested_dsl_ifs(tmp_path):
+    # Round 2's loops run inside `dsl.If(round 1 promoted)`, and round 3's inside that one's
+    # `dsl.If(round 2 promoted)`: the pattern's other boundary.
     path = tmp_path / "pipeline.yaml"
-    compile_pipeline(str(path), load_run_config(overrides=["rounds=2"]).params)
-    assert crossings(next(yaml.safe_load_all(path.read_text()))) == ([], [], 6)
+    compile_pipeline(str(path), load_run_config(overrides=["rounds=3"]).params)
+    assert crossings(next(yaml.safe_load_all(path.read_text()))) == ([], [], 8)
 
 
 # -- the same rule, enforced on kfp.local ---------------------------------------------------------------

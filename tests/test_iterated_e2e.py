@@ -1,12 +1,16 @@
 """Iterated CAI end to end through kfp.local, with tiny models, a local artifact directory and a
 SQLite MLflow registry, three pipeline runs in one working directory:
 
-1. three rounds, a gate every round passes: each round's models are registered with their round
+1. two rounds, a gate every round passes: each round's models are registered with their round
    and parent, the lineage reads as a chain, the report rates every round on one Elo scale;
-2. the same run with only round 3's RL settings changed: rounds 1 and 2 are reused whole, and
-   round 3's RL and what follows it run again;
-3. a gate no policy can pass (under model names of its own): round 1 fails it, so rounds 2 and 3
-   never run and no champion is set.
+2. the same run with only round 2's RL settings changed: round 1 is reused whole, and round 2's
+   RL and what follows it run again;
+3. a gate no policy can pass (under model names of its own): round 1 fails it, so round 2 never
+   runs and no champion is set.
+
+Two rounds are the fewest that chain a round to a round before it; a third would add only more of
+the same tasks (tests/test_pipeline_compile.py and tests/test_ir_types.py check the compiled DAG
+of more rounds).
 
 Generated prompts are on, so the stage runs and its prompts reach training. Each run is a module
 fixture; each test asserts one thing of it.
@@ -36,7 +40,7 @@ ROUND_STAGES = ("sample_pairs", "label", "merge_labels", "train_pm", "rl", "answ
 
 
 def iterated_config(path: Path, model: Path, **params) -> Path:
-    """Three rounds with every size cut to the bone, generated prompts on."""
+    """Two rounds with every size cut to the bone, generated prompts on."""
     values = {
         "base_model": str(model),
         "feedback_model": str(model),
@@ -44,7 +48,7 @@ def iterated_config(path: Path, model: Path, **params) -> Path:
         "num_red_team": 12,  # 9 train / 3 eval
         "num_helpful": 6,
         "num_shards": 1,
-        "rounds": 3,
+        "rounds": 2,
         "experiment": "iterated",
         "generate_prompts": TINY_GENERATED_PROMPTS,
         "critique_revise": {"rounds": 1, "max_new_tokens": 8, "batch_size": 4},
@@ -95,7 +99,7 @@ def first_run(work):
 
 @pytest.fixture(scope="module")
 def second_run(work, first_run):
-    return run(work, "second", iteration={"overrides": {"3": {"rl": {"learning_rate": 2.0e-5}}}})
+    return run(work, "second", iteration={"overrides": {"2": {"rl": {"learning_rate": 2.0e-5}}}})
 
 
 @pytest.fixture(scope="module")
@@ -113,17 +117,17 @@ def rl_versions(work: dict, prefix: str = "cai") -> list:
     return list_models(work["platform"].tracking_uri, f"{prefix}-harmless-rl-cai")
 
 
-# -- three rounds ------------------------------------------------------------------------------------------
+# -- two rounds --------------------------------------------------------------------------------------------
 
 
 def test_every_round_trains_its_own_pm_and_policy(first_run):
     stages = statuses(first_run)
     for name in ("train_pm", "rl"):
-        assert [stages.get(n) for n in (name, f"{name} (round 2)", f"{name} (round 3)")] == ["ran", "ran", "ran"]
+        assert [stages.get(n) for n in (name, f"{name} (round 2)")] == ["ran", "ran"]
 
 
 def test_each_rounds_policy_is_registered_with_its_round(first_run, work):
-    assert [v.lineage.round for v in rl_versions(work)] == [1, 2, 3]
+    assert [v.lineage.round for v in rl_versions(work)] == [1, 2]
 
 
 # Every round's versions are registered in the candidates models, so the chain runs through them; a
@@ -131,9 +135,9 @@ def test_each_rounds_policy_is_registered_with_its_round(first_run, work):
 def test_lineage_reads_as_a_chain_from_the_last_round_back_to_sl_cai(first_run, work):
     candidates = list_models(work["platform"].tracking_uri, candidates_name("cai-harmless-rl-cai"))
     chain = [f"{v.name}/{v.version}" for v in ancestors(work["platform"].tracking_uri, candidates[-1])]
-    first, second = candidates[:2]
-    assert chain[:2] == [f"{second.name}/{second.version}", f"{first.name}/{first.version}"]
-    assert chain[2].startswith(candidates_name("cai-harmless-sl-cai") + "/")
+    first = candidates[0]
+    assert chain[0] == f"{first.name}/{first.version}"
+    assert chain[1].startswith(candidates_name("cai-harmless-sl-cai") + "/")
 
 
 def test_the_champions_lineage_is_its_candidates(first_run, work):
@@ -144,18 +148,21 @@ def test_the_champions_lineage_is_its_candidates(first_run, work):
 
 def test_each_rounds_pm_continues_the_round_befores(first_run, work):
     pms = list_models(work["platform"].tracking_uri, candidates_name("cai-harmless-pm"))
-    assert [v.lineage.parent_version for v in pms] == ["", *(f"{v.name}/{v.version}" for v in pms[:2])]
+    assert [v.lineage.parent_version for v in pms] == ["", f"{pms[0].name}/{pms[0].version}"]
 
 
 def test_the_last_rounds_policy_is_champion(first_run, work):
     champion = version_by_alias(work["platform"].tracking_uri, "cai-harmless-rl-cai", "champion")
-    assert champion.lineage.round == 3
+    assert champion.lineage.round == 2
 
 
 def test_the_report_rates_every_round_on_one_elo_scale_with_intervals(first_run):
     report = ArtifactStore.open(first_run["run_root"]).read_text("report.html")
     assert "Elo by round" in report
-    assert "<td>rl-cai-round-1</td>" in report and "<td>rl-cai-round-2</td>" in report
+    # An earlier round's policy is rl-cai-round-K; the last round's is RL-CAI itself.
+    rounds = report[report.index("<h2>Elo by round</h2>") :]
+    assert '<td>rl-cai-round-1</td><td class="num">1</td>' in rounds
+    assert '<td>rl-cai</td><td class="num">2</td>' in rounds
     assert report.count(" [") >= 3  # "1012 [988, 1040]": each rating with its interval
 
 
@@ -175,22 +182,22 @@ def test_generated_prompts_reach_training_and_never_the_evaluation(first_run, wo
     assert kept & trained and not kept & held_out
 
 
-# -- only round 3's settings changed ---------------------------------------------------------------------
+# -- only round 2's settings changed ---------------------------------------------------------------------
 
 
-def test_rerunning_with_only_round_3_changed_reuses_rounds_1_and_2(second_run):
+def test_rerunning_with_only_round_2_changed_reuses_round_1(second_run):
     stages = statuses(second_run)
-    earlier = [name for name in stages if name.split(" (")[0] in ROUND_STAGES and "(round 3)" not in name]
+    earlier = [name for name in stages if name.split(" (")[0] in ROUND_STAGES and "(round 2)" not in name]
     assert earlier and {stages[name] for name in earlier} == {"reused"}
 
 
-def test_rerunning_with_only_round_3_changed_reruns_round_3s_rl(second_run):
-    assert statuses(second_run)["rl (round 3)"] == "ran"
+def test_rerunning_with_only_round_2_changed_reruns_round_2s_rl(second_run):
+    assert statuses(second_run)["rl (round 2)"] == "ran"
 
 
 def test_a_reused_earlier_round_is_not_gated_again(second_run, work):
     champion = version_by_alias(work["platform"].tracking_uri, "cai-harmless-rl-cai", "champion")
-    assert champion.lineage.round == 3
+    assert champion.lineage.round == 2
 
 
 # -- a round that fails the gate ends the run -------------------------------------------------------------
@@ -198,7 +205,7 @@ def test_a_reused_earlier_round_is_not_gated_again(second_run, work):
 
 def test_a_round_that_fails_the_gate_ends_the_run_before_the_next_round(gated_run):
     stages = statuses(gated_run)
-    assert "rl" in stages and not any("(round 2)" in name or "(round 3)" in name for name in stages)
+    assert "rl" in stages and not any("(round 2)" in name for name in stages)
 
 
 def test_a_failed_first_round_leaves_no_champion(gated_run, work):

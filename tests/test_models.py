@@ -48,8 +48,7 @@ def test_a_reference_that_is_nothing_known_names_itself(tmp_path):
         resolve_model(ref)
 
 
-def test_a_hugging_face_id_that_cannot_be_downloaded_is_a_cai_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_a_hugging_face_id_that_cannot_be_downloaded_is_a_cai_error(hub_offline):
     with pytest.raises(CaiError, match="model 'nobody/no-such-model': .*Hugging Face download failed"):
         resolve_model("nobody/no-such-model")
 

@@ -96,10 +96,8 @@ def test_xstest_prompts_are_read_with_the_runs_subset(tmp_path):
     assert sorted(p.label for p in splits["xstest"]) == ["safe", "safe", "unsafe", "unsafe"]
 
 
-def test_an_unreachable_xstest_source_is_refused_before_any_work_naming_the_field(tmp_path, monkeypatch):
+def test_an_unreachable_xstest_source_is_refused_before_any_work_naming_the_field(tmp_path, monkeypatch, hub_offline):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CaiError, match=r"params.evaluate.xstest.prompts: hf:walledai/XSTest: cannot load .*local copy"):
         check_run(load_run_config(overrides=[INDEPENDENT]).params, harmless())
 

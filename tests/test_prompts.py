@@ -222,7 +222,7 @@ def test_hf_source_without_org_and_name_is_a_cai_error():
 
 
 @pytest.fixture
-def local_hub_copy(tmp_path, monkeypatch):
+def local_hub_copy(tmp_path, monkeypatch, hub_offline):
     """A dataset laid out as on the hub (`acme/hh/harmless-base/test.jsonl.gz`) in the working
     directory, where `datasets.load_dataset("acme/hh", ...)` finds it; the hub is switched off."""
     folder = tmp_path / "acme" / "hh" / "harmless-base"
@@ -231,8 +231,6 @@ def local_hub_copy(tmp_path, monkeypatch):
         gzip.compress(jsonl([hh_row("hub row one"), hh_row("hub row two")]).encode())
     )
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def test_hf_source_loads_the_named_data_dir_and_split_through_datasets(local_hub_copy):

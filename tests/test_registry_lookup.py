@@ -219,7 +219,7 @@ def test_cai_run_records_its_store_where_models_list_finds_it(
 ):
     import pipelines.local
 
-    def pipeline_that_registers(config, workdir, platform):
+    def pipeline_that_registers(config, workdir, platform, warm):
         # Stands in for the pipeline: registers a version where `cai run` pointed the steps.
         champion_store(Path(platform.tracking_uri.removeprefix("sqlite:///")), tmp_path / "artifacts")
         return {

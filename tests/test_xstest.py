@@ -68,7 +68,9 @@ def test_the_repositorys_csv_holds_250_safe_and_200_unsafe_prompts(xstest_prompt
     assert all(p.type.startswith("contrast_") for p in prompts if p.label == "unsafe")
 
 
-def test_the_hub_copy_is_read_through_datasets_with_the_same_ids(xstest_prompts_path, tmp_path, monkeypatch):
+def test_the_hub_copy_is_read_through_datasets_with_the_same_ids(
+    xstest_prompts_path, tmp_path, monkeypatch, hub_offline
+):
     # The layout of hf:walledai/XSTest: one parquet file, split train, columns prompt, focus, type,
     # note, label; found by `datasets` in the working directory, with the hub switched off.
     import pyarrow as pa
@@ -82,8 +84,6 @@ def test_the_hub_copy_is_read_through_datasets_with_the_same_ids(xstest_prompts_
         pa.table({c: [r[c] for r in rows] for c in columns}), folder / "train-00000-of-00001.parquet"
     )
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     from_hub = read_xstest("hf:walledai/XSTest")
 
@@ -92,10 +92,8 @@ def test_the_hub_copy_is_read_through_datasets_with_the_same_ids(xstest_prompts_
     ]
 
 
-def test_an_unreachable_hub_dataset_is_one_line_naming_it(tmp_path, monkeypatch):
+def test_an_unreachable_hub_dataset_is_one_line_naming_it(tmp_path, monkeypatch, hub_offline):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CaiError, match="hf:walledai/XSTest: cannot load the dataset"):
         read_xstest("hf:walledai/XSTest")
 
