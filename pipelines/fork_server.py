@@ -116,21 +116,20 @@ def serve(listener: socket.socket) -> dict | None:
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork() == 0:
-            task = monitor(listener, conn, fds[0])
-            if task is not None:
-                return {**request, "output": fds[0]}
+            monitor(listener, conn, fds[0])  # returns only in the task process
+            return {**request, "output": fds[0]}
         conn.close()
         os.close(fds[0])
 
 
-def monitor(listener: socket.socket, conn: socket.socket, output: int) -> bool | None:
-    """In the server's child: fork the task, wait for it and send its exit code. Returns True in the
-    task process; never returns in the monitor."""
+def monitor(listener: socket.socket, conn: socket.socket, output: int) -> None:
+    """In the server's child: fork the task, wait for it and send its exit code. Returns in the task
+    process only; the monitor itself ends here."""
     listener.close()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     if os.fork() == 0:
         conn.close()
-        return True
+        return
     os.close(output)
     _, status = os.waitpid(-1, 0)
     conn.sendall(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode())

@@ -670,16 +670,21 @@ def test_the_admin_password_goes_only_to_the_server_and_the_admin_hook():
     assert len(set(secrets + [values["server"]["auth"]["adminSecret"]["name"]])) == 4
 
 
+def write_auth_config(server: dict, folder: Path, database_uri: str) -> Path:
+    """Run the rendered MLflow Deployment's (`server`, a pod spec) auth init container with its
+    volume at `folder` and `database_uri` as the auth database's Secret; returns the file it wrote."""
+    script = server["initContainers"][0]["args"][0].replace("/mlflow-auth", str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["/bin/sh", "-c", script], env={"MLFLOW_AUTH_DATABASE_URI": database_uri}, check=True)
+    return folder / "basic_auth.ini"
+
+
 def written_auth_config(tmp_path: Path, values: dict | None = None):
     """The auth config the rendered init container writes, as MLflow reads it."""
     from mlflow.server.auth.config import read_auth_config
 
-    script = pod_spec(find(render_objects(values), "Deployment"))["initContainers"][0]["args"][0]
-    script = script.replace("/mlflow-auth", str(tmp_path))
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        ["/bin/sh", "-c", script], env={"MLFLOW_AUTH_DATABASE_URI": "postgresql://u:p@db/auth"}, check=True
-    )
+    server = pod_spec(find(render_objects(values), "Deployment"))
+    write_auth_config(server, tmp_path, "postgresql://u:p@db/auth")
     os.environ["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "basic_auth.ini")
     try:
         return read_auth_config()
@@ -1090,14 +1095,9 @@ def rendered_auth(server: dict, tmp_path: Path, admin: tuple[str, str]) -> dict[
     """Run the rendered MLflow Deployment's (`server`, a pod spec) auth init container in
     `tmp_path` (it writes basic_auth.ini there, over a SQLite auth database) and return the server's
     environment for basic auth with `admin` as its admin."""
-    script = server["initContainers"][0]["args"][0].replace("/mlflow-auth", str(tmp_path))
-    subprocess.run(
-        ["/bin/sh", "-c", script],
-        env={"MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path / 'auth.db'}"},
-        check=True,
-    )
+    config = write_auth_config(server, tmp_path, f"sqlite:///{tmp_path / 'auth.db'}")
     return {
-        "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
         "MLFLOW_AUTH_ADMIN_USERNAME": admin[0],
         "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key",
