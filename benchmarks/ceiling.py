@@ -30,7 +30,9 @@ class FlopCounter:
     Installed on the model: `generate` calls are counted in `prepare_inputs_for_generation`, which
     sees each step's 2D attention mask (before `generate` turns it into the 4D mask a `StaticCache`
     needs) and runs in Python even when `generate` compiles its decoding steps (it does on CUDA);
-    forward calls outside `generate` (the backend's shared-prefix KV pass) by a forward pre-hook.
+    forward calls outside `generate` (the backend's passes: its shared-prefix KV, its prompts and
+    its own decoding loop, whose steps are the forwards of one token a row after a filled cache)
+    by a forward pre-hook.
     The sums stay on the model's device (no synchronisation per step) until `totals()`.
 
     Per layer and query token the model does the matmuls of its linear layers and attention's
@@ -97,7 +99,10 @@ class FlopCounter:
         def outside_generate(module, args, kwargs):
             if self._generate_forwards is None:
                 inputs = {"input_ids": kwargs.get("input_ids", args[0] if args else None), **kwargs}
-                self._count(inputs, logits_used=bool(kwargs.get("logits_to_keep")))
+                cache = inputs.get("past_key_values")
+                # The backend's own decoding loop: one new token a row after a filled cache.
+                decoding = inputs["input_ids"].shape[1] == 1 and cache is not None and cache.get_seq_length() > 0
+                self._count(inputs, decoding=decoding, logits_used=bool(kwargs.get("logits_to_keep")))
 
         model.generate, model.prepare_inputs_for_generation = counted_generate, counted_prepare
         self._hook = model.register_forward_pre_hook(outside_generate, with_kwargs=True)
@@ -123,6 +128,10 @@ class FlopCounter:
             # The mask covers the cached tokens and these; these are its last `width` columns.
             context = mask_2d.long().cumsum(-1)[:, -width:]
             useful = mask_2d[:, -width:].bool()
+            if inputs.get("position_ids") is not None:
+                # A token sits at its position in the plain rendering and attends to every token
+                # before it and itself, a shared prefix held outside the mask included.
+                context = inputs["position_ids"].long() + 1
         else:  # no mask: no padding, every token attends to the cache and its causal past
             cache = inputs.get("past_key_values")
             past = cache.get_seq_length() if cache is not None else 0

@@ -136,8 +136,11 @@ class Metered:
 
 def open_variant(name: str, model: str, batch_size: int) -> Metered:
     """A fresh backend (no KV kept from another variant) behind the generation path `name`. The
-    naive loop runs the model as transformers loads it ("sdpa" attention), as a first script would."""
-    backend = TransformersBackend(model, batch_size=batch_size, keep_history=name == "batched+prefix+history")
+    naive loop runs the model as transformers loads it ("sdpa" attention, no packed weights), as a
+    first script would."""
+    backend = TransformersBackend(
+        model, batch_size=batch_size, keep_history=name == "batched+prefix+history", pack_weights=name != "naive"
+    )
     if name == "naive":
         backend.model.set_attn_implementation("sdpa")
     backend.generate([[{"role": "user", "content": "Hello"}]], SamplingParams(max_new_tokens=4))  # warm-up

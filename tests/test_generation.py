@@ -473,3 +473,33 @@ def test_a_prompt_longer_than_max_model_len_is_refused_naming_its_row(backend, m
 def test_prompts_within_max_model_len_pass(backend, monkeypatch):
     monkeypatch.setattr(backend, "max_model_len", 40, raising=False)
     check_fits(backend, [("short", [{"role": "user", "content": "Hi."}])], None, "sample pairs")
+
+
+def test_on_a_cpu_the_shared_prefix_is_held_once_for_the_batch_not_copied_into_each_row(backend):
+    from cai_lib.engines.attention import SHARED_PREFIX
+    from cai_lib.engines.transformers_backend import _Row
+
+    prefix = backend._encode(CONVERSATIONS[:2], FEW_SHOT).prefix
+    batch = backend._prepare([_Row([5, 6, 7]), _Row([8, 9])], prefix)
+    assert batch.prefix_width == 0 and batch.input_ids.shape[1] == 3
+    assert batch.attend[SHARED_PREFIX] is backend._prefix_kv(prefix)
+    # Every token keeps the position it has after the prefix in the plain rendering.
+    assert batch.position_ids.tolist() == [[len(prefix) + i for i in range(3)], [len(prefix)] * 2 + [len(prefix) + 1]]
+
+
+def test_with_an_attention_that_cannot_hold_it_the_prefix_is_copied_into_each_row_with_the_same_replies(
+    tiny_model_dir,
+):
+    from cai_lib.engines.transformers_backend import _Row
+
+    eager = TransformersBackend(str(tiny_model_dir), batch_size=2)
+    eager.model.set_attn_implementation("eager")
+    prefix = eager._encode(CONVERSATIONS[:2], FEW_SHOT).prefix
+    batch = eager._prepare([_Row([5, 6, 7])], prefix)
+    assert batch.prefix_width == len(prefix) and batch.attend == {}
+    first = eager.generate(CONVERSATIONS, GREEDY, shared_prefix=FEW_SHOT)
+    later = continued(CONVERSATIONS, first)
+    replies = eager.generate(later, GREEDY, shared_prefix=FEW_SHOT)
+    assert eager.last_reused_tokens > 0
+    assert first == eager.generate([FEW_SHOT + c for c in CONVERSATIONS], GREEDY)
+    assert replies == eager.generate([FEW_SHOT + c for c in later], GREEDY)

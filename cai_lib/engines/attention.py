@@ -14,11 +14,22 @@ CPU too, and gives the same numbers, gradients included (`tests/test_attention.p
 the "sdpa" mask builder in its `AttentionMaskInterface` (an attention transformers does not know
 otherwise gets no mask at all). `use_grouped_sdpa` switches a loaded CPU model to it; on a GPU the
 models keep transformers' own choice.
+
+It also attends over a shared prefix held once for the whole batch (`SHARED_PREFIX`): keys and
+values that every row of the batch sees in full before its own, such as the constitution's
+few-shot examples. Copied into each row's cache, a decoding step would read the same prefix once
+per row, a matrix-vector product per row that runs at memory speed on a CPU. Held once, the
+rows' queries are stacked into one long query per key/value head and meet the prefix in one
+kernel call, a matrix-matrix product. The rows' own keys take a second call, and the two are
+merged exactly by their log-sum-exp (the split softmax of flash attention).
 """
 
 from __future__ import annotations
 
 GROUPED_SDPA = "cai_grouped_sdpa"
+# The forward keyword that carries the shared prefix's KV (a transformers `Cache` of one row) to
+# `GROUPED_SDPA`; transformers passes unknown forward keywords on to the attention function.
+SHARED_PREFIX = "cai_shared_prefix"
 
 
 def grouped_sdpa_attention(
@@ -37,6 +48,10 @@ def grouped_sdpa_attention(
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    shared_prefix = kwargs.pop(SHARED_PREFIX, None)
+    if shared_prefix is not None:
+        layer = shared_prefix.layers[module.layer_idx]
+        return attend_after_shared_prefix(query, key, value, attention_mask, scaling, layer.keys, layer.values), None
     grouped = getattr(module, "num_key_value_groups", 1) > 1
     if not grouped or kwargs.get("position_bias") is not None or kwargs.get("output_attentions"):
         return sdpa_attention_forward(
@@ -56,6 +71,49 @@ def grouped_sdpa_attention(
         enable_gqa=True,
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+def attend_after_shared_prefix(query, key, value, attention_mask, scaling, prefix_keys, prefix_values):
+    """Attention of `query` ([batch, heads, queries, head_dim]) over `prefix_keys`/`prefix_values`
+    ([1, kv_heads, prefix, head_dim], seen in full by every query) followed by each row's own
+    `key`/`value` ([batch, kv_heads, keys, head_dim], under `attention_mask`, transformers' 4-D
+    mask: True or 0 where a key is seen). The same numbers as one attention over the concatenated
+    keys, up to floating-point rounding; `[batch, queries, heads, head_dim]`, as transformers'
+    attention functions return."""
+    import torch
+
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    batch, heads, queries, width = query.shape
+    kv_heads = prefix_keys.shape[1]
+    groups = heads // kv_heads
+    # Every query of every row attends to the same prefix: one query sequence per key/value head.
+    stacked = query.reshape(batch, kv_heads, groups * queries, width).transpose(0, 1)
+    stacked = stacked.reshape(1, kv_heads, batch * groups * queries, width)
+    prefix_out, prefix_lse = flash(stacked, prefix_keys, prefix_values, 0.0, False, attn_mask=None, scale=scaling)
+    prefix_out = prefix_out.reshape(kv_heads, batch, groups * queries, width).transpose(0, 1)
+    prefix_out = prefix_out.reshape(batch, heads, queries, width)
+    prefix_lse = prefix_lse.reshape(kv_heads, batch, groups * queries).transpose(0, 1).reshape(batch, heads, queries)
+    mask = attention_mask
+    if mask is not None and mask.dtype == torch.bool:
+        # The kernel takes an additive mask. The dtype's minimum, not -inf: a query that sees none
+        # of its row's keys (left padding) then gets a log-sum-exp near the minimum, and weight 0
+        # below, where -inf would give it 0 and the weight of a real key.
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~mask, torch.finfo(query.dtype).min
+        )
+    causal = mask is None and queries > 1
+    if queries == 1:
+        # A decoding step: a row's query heads that share a key/value head read its keys in one
+        # pass, as one query sequence, instead of one pass each (the kernel is memory-bound here).
+        own_out, own_lse = flash(
+            query.reshape(batch, kv_heads, groups, width), key, value, 0.0, False, attn_mask=mask, scale=scaling
+        )
+        own_out, own_lse = own_out.reshape(batch, heads, 1, width), own_lse.reshape(batch, heads, 1)
+    else:
+        own_out, own_lse = flash(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
+    lse = torch.logaddexp(prefix_lse, own_lse)
+    output = prefix_out * (prefix_lse - lse).exp().unsqueeze(-1) + own_out * (own_lse - lse).exp().unsqueeze(-1)
+    return output.to(query.dtype).transpose(1, 2).contiguous()
 
 
 def register() -> None:

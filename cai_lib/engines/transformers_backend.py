@@ -1,16 +1,20 @@
 """The transformers generation backend: batched chat generation and option scoring on CPU or GPU.
 
 Conversations are rendered with the model's chat template, sorted by token length into batches
-of `batch_size` (less padding), left-padded, and run through one `generate` call per batch;
-replies come back in the caller's order.
+of `batch_size` (less padding), left-padded, and decoded together, one forward pass a token for
+the whole batch; replies come back in the caller's order. The decoding loop is the backend's own
+rather than `model.generate`, so that each pass can hand the attention a prefix held once for the
+batch (below); greedy replies equal `generate`'s (`tests/test_generation.py`).
 
 Two kinds of key/value (KV) cache reuse spare the model from encoding the same tokens again:
 
 - the shared prefix: a `shared_prefix` (the constitution's few-shot examples, identical for every
-  conversation of a call) is encoded once, kept across calls while it stays the same, and copied
-  into each batch. It applies only when the rendered prefix is a token prefix of every full
-  rendering (a chat template may render the first messages differently depending on what
-  follows); otherwise the call runs without it and gives the same results, only slower;
+  conversation of a call) is encoded once and kept across calls while it stays the same. On a
+  CPU (`GROUPED_SDPA` attention) it is held once for the whole batch, and every row's queries
+  meet it in one matrix product (`cai_lib.engines.attention`); with any other attention it is
+  copied into each row of the batch. It applies only when the rendered prefix is a token prefix
+  of every full rendering (a chat template may render the first messages differently depending
+  on what follows); otherwise the call runs without it and gives the same results, only slower;
 - the conversation history: the KV of every row of the last `generate` call (its prompt and its
   reply) is kept, and a row of the next call that starts with the same tokens, such as the same
   conversation one critique or revision later, reuses it and encodes only its new tokens.
@@ -20,10 +24,13 @@ Two kinds of key/value (KV) cache reuse spare the model from encoding the same t
   principle repeat the principle too) have that common start encoded once, and each row encodes
   only the rest after it.
 
-A batch row is laid out as `[prefix | padding | reused tokens | padding | new tokens]` with an
-attention mask that is 0 on padding; position ids follow the mask's cumulative sum, so every
-token sits at the position it has in the plain rendering and the results equal those without
-reuse (up to floating-point rounding).
+A batch row is laid out as `[prefix | padding | reused tokens | padding | new tokens]` (the prefix
+left out where it is held once) with an attention mask that is 0 on padding; position ids follow
+the mask's cumulative sum (after the held prefix), so every token sits at the position it has in
+the plain rendering and the results equal those without reuse (up to floating-point rounding).
+
+On a CPU the linear layers also get a copy of their weights packed for batched decoding
+(`cai_lib.engines.packed_linear`), unless `pack_weights=False`.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 
 from cai_lib.core.conversation import Conversation
 from cai_lib.core.errors import CaiError
+from cai_lib.engines.attention import GROUPED_SDPA, SHARED_PREFIX
 from cai_lib.engines.chat_format import ChatFormat
 from cai_lib.engines.generation import SamplingParams, conversation_seed, one_pass_split, register_backend
 
@@ -56,6 +64,22 @@ class _History:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@dataclass
+class _Batch:
+    """Rows laid out for the model: `input_ids`, `attention_mask` and `position_ids` over every
+    column, `cache` already holding the first `start` columns (the prefix when it is laid into
+    each row, `prefix_width` columns, then the reused tokens), and `attend`, the forward keywords
+    that give the attention the prefix when it is held once for the whole batch."""
+
+    input_ids: object
+    attention_mask: object
+    position_ids: object
+    cache: object
+    start: int
+    prefix_width: int
+    attend: dict
 
 
 @dataclass
@@ -176,11 +200,10 @@ def _chunks(groups: list[tuple[list[int], int]], max_stem_tokens: int) -> Iterat
 
 
 class _RowSampler:
-    """A logits processor that samples each row's next token with that row's own generator
-    (temperature, then nucleus `top_p`) and leaves only that token possible, so `generate` runs
-    greedy over its output. One generator per row makes a reply depend on its seed and its
-    conversation only, not on the rows batched with it (`torch.multinomial` over a batch draws
-    from one shared stream)."""
+    """Samples each row's next token with that row's own generator (temperature, then nucleus
+    `top_p`). One generator per row makes a reply depend on its seed and its conversation only,
+    not on the rows batched with it (`torch.multinomial` over a batch draws from one shared
+    stream)."""
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device):
         import torch
@@ -188,7 +211,7 @@ class _RowSampler:
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         self.temperature, self.top_p = temperature, top_p
 
-    def __call__(self, input_ids, scores):
+    def __call__(self, scores):
         import torch
 
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
@@ -196,10 +219,7 @@ class _RowSampler:
             ordered, order = probs.sort(dim=-1, descending=True)
             outside = ordered.cumsum(dim=-1) - ordered > self.top_p  # the top token always stays
             probs = probs.scatter(-1, order, ordered.masked_fill(outside, 0.0))
-        chosen = torch.stack(
-            [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)]
-        )
-        return torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
+        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])
 
 
 @register_backend("transformers")
@@ -215,11 +235,15 @@ class TransformersBackend:
         dtype=None,
         device: str | None = None,
         keep_history: bool = True,
+        pack_weights: bool = True,
     ):
         """Load `model_ref` (see `cai_lib.engines.models.load_causal_lm` for `dtype` and `device`).
 
         `keep_history=False` keeps no conversation-history KV between calls: less memory, and
         every call encodes its conversations in full (the shared prefix is still reused).
+        `pack_weights` (on a CPU): give the linear layers a second copy of their weights packed
+        for batched decoding (`cai_lib.engines.packed_linear`): faster decoding for the memory
+        of a second copy of the float32 weights.
         """
         from cai_lib.engines.models import load_causal_lm
 
@@ -235,6 +259,10 @@ class TransformersBackend:
             chat_template=chat_template,
             device=device,
         )
+        if pack_weights and self.model.device.type == "cpu":
+            from cai_lib.engines.packed_linear import pack_linear_layers
+
+            pack_linear_layers(self.model)
         self.chat = ChatFormat(self.tokenizer)
         self.eos_token_ids = self._eos_token_ids()
         self._prefix_key: tuple[int, ...] | None = None
@@ -401,26 +429,48 @@ class TransformersBackend:
     def _generate_batch(
         self, prefix: list[int], rows: list[_Row], params: SamplingParams, seeds: list[int]
     ) -> tuple[list[str], list[_History]]:
-        from transformers import LogitsProcessorList
+        import torch
 
-        input_ids, attention_mask, reused_width = self._layout(rows, prefix)
-        width = input_ids.shape[1]
-        cache = self._batch_cache(prefix, rows, reused_width, width + params.max_new_tokens)
-        sampling = {"do_sample": False}
+        batch = self._prepare(rows, prefix, extra_tokens=params.max_new_tokens)
+        sampler = None
         if params.temperature > 0:
             sampler = _RowSampler(seeds, params.temperature, params.top_p, self.model.device)
-            sampling["logits_processor"] = LogitsProcessorList([sampler])
-        output = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=params.max_new_tokens,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            past_key_values=cache,
-            **sampling,
-        )
-        replies = [self._decode_reply(row[width:].tolist()) for row in output]
-        return replies, self._batch_histories(cache, output, attention_mask, len(prefix))
+        new_tokens = self._decode(batch, params.max_new_tokens, sampler)
+        replies = [self._decode_reply(row.tolist()) for row in new_tokens]
+        output = torch.cat([batch.input_ids, new_tokens], dim=1)
+        return replies, self._batch_histories(batch.cache, output, batch.attention_mask, batch.prefix_width)
+
+    def _decode(self, batch: _Batch, max_new_tokens: int, sampler: _RowSampler | None):
+        """Up to `max_new_tokens` new tokens per row of `batch` (`[rows, steps]`): each step's
+        most likely token, or `sampler`'s pick. A row that has produced an EOS token gets padding
+        after it, and decoding stops once every row has, as `model.generate` does; the decoding
+        follows these arguments only (no other setting of the checkpoint's generation config)."""
+        import torch
+
+        eos = torch.tensor(self.eos_token_ids, device=self.model.device)
+        ids = batch.input_ids[:, batch.start :]
+        positions = batch.position_ids[:, batch.start :]
+        mask = batch.attention_mask
+        finished = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+        steps = []
+        for _ in range(max_new_tokens):
+            logits = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=batch.cache,
+                logits_to_keep=1,
+                **batch.attend,
+            ).logits[:, -1].float()
+            token = sampler(logits) if sampler else logits.argmax(dim=-1)
+            token = token.masked_fill(finished, self.tokenizer.pad_token_id)
+            steps.append(token)
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                break
+            ids, positions = token[:, None], positions[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        return torch.stack(steps, dim=1)
 
     def _decode_reply(self, new_tokens: list[int]) -> str:
         for position, token in enumerate(new_tokens):
@@ -498,30 +548,43 @@ class TransformersBackend:
         histories: list[_History] = [None] * len(stems)  # type: ignore[list-item]
         for batch in self._scoring_batches([len(stem) for stem in stems]):
             batch_rows = [_Row(stems[i]) for i in batch]
-            _, input_ids, attention_mask, cache = self._forward(batch_rows, prefix, logits_to_keep=1)
-            for i, history in zip(batch, self._batch_histories(cache, input_ids, attention_mask, len(prefix))):
+            _, laid_out = self._forward(batch_rows, prefix, logits_to_keep=1)
+            batch_histories = self._batch_histories(
+                laid_out.cache, laid_out.input_ids, laid_out.attention_mask, laid_out.prefix_width
+            )
+            for i, history in zip(batch, batch_histories):
                 histories[i] = history
         return histories
 
     def _scoring_batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         return _batches(lengths, self.batch_size, SCORING_BATCH_TOKENS, SCORING_MAX_PADDING)
 
+    def _prepare(self, rows: Sequence[_Row], prefix: list[int], extra_tokens: int = 0) -> _Batch:
+        """`rows` laid out as `_layout` does, with a cache that holds their reused tokens and room
+        for `extra_tokens` more a row. The prefix is held once for the batch where the model's
+        attention takes it (`GROUPED_SDPA`, on a CPU), and otherwise copied into every row."""
+        held_once = bool(prefix) and self.model.config._attn_implementation == GROUPED_SDPA
+        laid = [] if held_once else prefix
+        input_ids, attention_mask, reused_width = self._layout(rows, laid)
+        # Each token at the position it has in the plain rendering, the held prefix included.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) + (len(prefix) if held_once else 0)
+        cache = self._batch_cache(laid, rows, reused_width, input_ids.shape[1] + extra_tokens)
+        attend = {SHARED_PREFIX: self._prefix_kv(prefix)} if held_once else {}
+        return _Batch(input_ids, attention_mask, position_ids, cache, len(laid) + reused_width, len(laid), attend)
+
     def _forward(self, rows: list[_Row], prefix: list[int], logits_to_keep: int):
-        """One forward pass over `rows` laid out as `_layout` does, encoding only their new tokens:
-        (logits of the last `logits_to_keep` positions, the full input ids, the attention mask,
-        the KV cache it filled)."""
-        input_ids, attention_mask, reused_width = self._layout(rows, prefix)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self._batch_cache(prefix, rows, reused_width, input_ids.shape[1])
-        start = len(prefix) + reused_width
+        """One forward pass over `rows`, encoding only their new tokens: the logits of the last
+        `logits_to_keep` positions, and the batch (its cache now filled)."""
+        batch = self._prepare(rows, prefix)
         logits = self.model(
-            input_ids=input_ids[:, start:],
-            attention_mask=attention_mask,
-            position_ids=position_ids[:, start:],
-            past_key_values=cache,
+            input_ids=batch.input_ids[:, batch.start :],
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids[:, batch.start :],
+            past_key_values=batch.cache,
             logits_to_keep=logits_to_keep,
+            **batch.attend,
         ).logits
-        return logits, input_ids, attention_mask, cache
+        return logits, batch
 
     def _score_batch(
         self, rows: list[_Row], tails: list[int], nexts: list[list[int]], prefix: list[int]
@@ -533,7 +596,8 @@ class TransformersBackend:
         # Rows end together (left padding), so only the last `keep` positions predict tail tokens
         # and, at the very last, the next token.
         keep = max(tails) + 1
-        logits, input_ids, _, _ = self._forward(rows, prefix, logits_to_keep=keep)
+        logits, batch = self._forward(rows, prefix, logits_to_keep=keep)
+        input_ids = batch.input_ids
         logits = logits.float()
         log_probs = torch.log_softmax(logits, dim=-1)
         targets = input_ids[:, -(keep - 1) :] if keep > 1 else input_ids[:, :0]
