@@ -27,7 +27,7 @@ show.
 
 With `--profile`, every variant also runs under torch's profiler and reports where its CPU time
 went (`profile`): the share of the operators' own time in matrix multiplication (`aten::mm`,
-`addmm`, `bmm`), in attention (the SDPA kernels), in copies (`copy_`, `cat`, `index_copy_`,
+`addmm`, `bmm`, and `mkldnn::_linear_pointwise`, the packed linear layers), in attention (the SDPA kernels), in copies (`copy_`, `cat`, `index_copy_`,
 `clone`: moving tensors, no arithmetic) and in the rest (element-wise operators, sampling), and
 the 10 operators that took longest. The profiler slows every variant alike; the timings of a
 profiled run are not the benchmark's.
@@ -151,7 +151,7 @@ def open_variant(name: str, model: str, batch_size: int) -> Metered:
 
 # Operator families of a CPU profile (self time): what does arithmetic and what only moves data.
 OPERATOR_FAMILIES = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"),
     "copy": ("aten::copy_", "aten::cat", "aten::index_copy_", "aten::clone", "aten::contiguous"),
 }
