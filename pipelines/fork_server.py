@@ -273,6 +273,7 @@ class ForkServers:
 
 
 _active: ForkServers | None = None
+_kept: ForkServers | None = None
 
 
 def run_command(full_command: list[str], env: dict[str, str] | None) -> int:
@@ -305,7 +306,7 @@ def warm_tasks(preload: tuple[str, ...] = PRELOAD) -> Iterator[None]:
 
     own = subprocess_task_handler.run_local_subprocess
     replace = own.__module__ == subprocess_task_handler.__name__ and forks_here()
-    _active = ForkServers(preload) if forks_here() else None
+    _active = _kept or (ForkServers(preload) if forks_here() else None)
     if replace:
         subprocess_task_handler.run_local_subprocess = lambda full_command, env_vars=None: run_command(
             full_command, {**os.environ, **env_vars} if env_vars else None
@@ -315,9 +316,25 @@ def warm_tasks(preload: tuple[str, ...] = PRELOAD) -> Iterator[None]:
     finally:
         if replace:
             subprocess_task_handler.run_local_subprocess = own
-        if _active is not None:
+        if _active is not None and _active is not _kept:
             _active.close()
         _active = None
+
+
+@contextlib.contextmanager
+def kept_servers(preload: tuple[str, ...] = PRELOAD) -> Iterator[None]:
+    """Within the block, the servers that `warm_tasks` starts outlive it and serve the tasks of
+    later `warm_tasks` blocks with the same environment and working directory; they close when
+    this block ends. Several runs in one process (a test module's) then import the steps' modules
+    once per environment, not once per run."""
+    global _kept
+    _kept = ForkServers(preload) if forks_here() else None
+    try:
+        yield
+    finally:
+        if _kept is not None:
+            _kept.close()
+        _kept = None
 
 
 if __name__ == "__main__":

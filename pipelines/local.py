@@ -4,8 +4,11 @@ artifacts (a directory) and MLflow (a SQLite file) live."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,6 +36,16 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
+@functools.cache
+def _outcome_file() -> Path:
+    """Where the exit handler writes a run's outcome: one file per process, in a folder removed at
+    exit. The same path for every run of a process keeps the steps' environment the same from run
+    to run, so the warm step servers of one run can serve the next (`fork_server.kept_servers`)."""
+    folder = Path(tempfile.mkdtemp(prefix="cai-run-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder / "outcome.json"
+
+
 class RunFailed(CaiError):
     """The pipeline ran but did not succeed; `stages` says what each stage did before it stopped."""
 
@@ -57,25 +70,24 @@ def run_local(config: RunConfig, workdir: Path, platform: Platform | None = None
     root = (workdir / ".cai" / "kfp").resolve()
     # Not raise_on_error: the exit handler runs and reports what happened either way.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
-    with tempfile.TemporaryDirectory(prefix="cai-run-") as tmp:
-        outcome_file = Path(tmp) / "outcome.json"
-        # The steps are subprocesses: they read the installation's settings from the environment, as pods do.
-        with (
-            scoped_environ(
-                **{
-                    ARTIFACT_ROOT_ENV: platform.artifact_root,
-                    TRACKING_URI_ENV: platform.tracking_uri,
-                    OUTCOME_ENV: str(outcome_file),
-                }
-            ),
-            warm_tasks() if warm else contextlib.nullcontext(),
-        ):
-            build_pipeline(config.params, config.deploy)(**params_as_pipeline_arguments(config.params))
-        if not outcome_file.is_file():
-            raise RunFailed(
-                "the pipeline run failed and its exit handler did not report; see the step logs above", []
-            )
-        outcome = json.loads(outcome_file.read_text())
+    outcome_file = _outcome_file()
+    outcome_file.unlink(missing_ok=True)  # an earlier run's
+    # The steps are subprocesses: they read the installation's settings from the environment, as pods do.
+    with (
+        scoped_environ(
+            **{
+                ARTIFACT_ROOT_ENV: platform.artifact_root,
+                TRACKING_URI_ENV: platform.tracking_uri,
+                OUTCOME_ENV: str(outcome_file),
+            }
+        ),
+        warm_tasks() if warm else contextlib.nullcontext(),
+    ):
+        build_pipeline(config.params, config.deploy)(**params_as_pipeline_arguments(config.params))
+    if not outcome_file.is_file():
+        raise RunFailed("the pipeline run failed and its exit handler did not report; see the step logs above", [])
+    outcome = json.loads(outcome_file.read_text())
+    outcome_file.unlink()
     if outcome["state"] != "SUCCEEDED" or outcome["summary"] is None:
         raise RunFailed(
             f"pipeline run {outcome['run_id']} {outcome['state'].lower()} ({outcome['error']}); the failed step's "

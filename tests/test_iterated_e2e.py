@@ -32,6 +32,7 @@ from cai_lib.core.shards import read_dataset
 from cai_lib.core.store import ArtifactStore
 from cai_lib.platform.preflight import prompt_splits
 from cai_lib.platform.run_config import load_run_config
+from pipelines.fork_server import kept_servers
 from pipelines.local import run_local
 
 pytestmark = pytest.mark.integration
@@ -84,7 +85,8 @@ def work(tmp_path_factory, tiny_model_dir):
         patch.setenv("CAI_CACHE_DIR", str(folder / "cache"))
         patch.delenv("CAI_ARTIFACT_ROOT", raising=False)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield {"dir": folder, "model": tiny_model_dir, "platform": local_platform(folder)}
+        with kept_servers():  # the three runs share their warm step servers
+            yield {"dir": folder, "model": tiny_model_dir, "platform": local_platform(folder)}
 
 
 def run(work: dict, name: str, **params) -> dict:

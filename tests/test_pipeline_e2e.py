@@ -44,6 +44,7 @@ from cai_lib.core.stage_table import GPU_STAGES
 from cai_lib.core.store import ArtifactStore, s3_client
 from cai_lib.core.tracking import connect
 from cai_lib.platform.run_config import load_run_config
+from pipelines.fork_server import kept_servers
 from pipelines.local import RunFailed, run_local
 
 pytestmark = pytest.mark.integration
@@ -222,9 +223,12 @@ def e2e(s3_server, mlflow_server, tmp_path_factory, tiny_model_dir):
             patch.setenv(name, value)
         patch.chdir(work)
         s3_client().create_bucket(Bucket=bucket)
-        with cluster_rules(
-            platform_spec, cluster["configmaps"], cluster["secrets"], frozenset(read - HARNESS_ENV)
-        ) as seen:
+        with (
+            cluster_rules(
+                platform_spec, cluster["configmaps"], cluster["secrets"], frozenset(read - HARNESS_ENV)
+            ) as seen,
+            kept_servers(),  # the five runs share their warm step servers
+        ):
             yield {
                 "bucket": bucket,
                 "uri": mlflow_server["uri"],
