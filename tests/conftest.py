@@ -342,6 +342,7 @@ TIER_FIXTURES: dict[str, tuple[str, ...]] = {
         "test_store.proxied_s3",
         "test_mlflow_accounts.setup_runs",  # `mlflow server` with auth, and `cai mlflow setup-accounts`
         "test_fork_server.servers",  # warm processes that fork kfp.local tasks
+        "test_fork_server.server_probe",  # a module whose import records the warm process that made it
     ),
     "model": (
         # Every model fixture builds on the tokenizer read from the embedded GGUF file.

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.fork_server import ForkServers, component_script, lightweight_task, run_command, warm_tasks
+from pipelines.fork_server import (
+    ForkServers,
+    component_script,
+    kept_servers,
+    lightweight_task,
+    run_command,
+    warm_tasks,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEADER = "import kfp\nfrom kfp import dsl\nfrom kfp.dsl import *\nfrom typing import *\n\n"
@@ -139,3 +146,38 @@ def test_a_command_that_installs_packages_first_is_not_one_it_runs():
     command, args = component_factory._get_command_and_args_for_lightweight_component(with_packages)
     pip_first = ["sh", "-c", 'python3 -m pip install six && "$0" "$@"', *command, *args]
     assert lightweight_task(pip_first) is None
+
+
+def server_of_a_task(tmp_path: Path, name: str) -> int:
+    """Through `run_command`, a task that returns the pid of the process that imported
+    `server_probe` (its server: a fork has the module already)."""
+    command, output = task_command(tmp_path / name, "import server_probe\nreturn str(server_probe.PID)\n")
+    assert run_command(command, env_with(tmp_path)) == 0
+    return int(returned(output))
+
+
+@pytest.fixture
+def server_probe(tmp_path):
+    """Preload for fork servers: `server_probe`, which records the pid of the process importing it."""
+    (tmp_path / "server_probe.py").write_text("import os\nPID = os.getpid()\n")
+    return ("server_probe",)
+
+
+def test_kept_servers_serve_the_tasks_of_a_later_run_and_close_when_the_block_ends(tmp_path, server_probe):
+    with kept_servers(preload=server_probe):
+        with warm_tasks(preload=server_probe):
+            first = server_of_a_task(tmp_path, "first")
+        with warm_tasks(preload=server_probe):
+            second = server_of_a_task(tmp_path, "second")
+        assert first == second != os.getpid()
+        os.kill(first, 0)  # still running between the runs
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)
+
+
+def test_without_kept_servers_each_run_starts_its_own(tmp_path, server_probe):
+    with warm_tasks(preload=server_probe):
+        first = server_of_a_task(tmp_path, "first")
+    with warm_tasks(preload=server_probe):
+        second = server_of_a_task(tmp_path, "second")
+    assert first != second
