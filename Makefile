@@ -24,10 +24,12 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/cai run --quick
 
-# Two pytest processes (pytest-xdist); each test module runs whole on one of them, so its module
-# fixtures are built once, and the modules that start servers, train or run the pipeline go first
-# (tests/conftest.py orders them). TEST_WORKERS=0 runs everything in this process.
-TEST_WORKERS ?= 2
+# Three pytest processes (pytest-xdist), on 2 cores too: many tests wait on servers, subprocesses
+# and the network, and a third process fills that time (docs/testing.md). Each test module runs
+# whole on one of them, so its module fixtures are built once, and the modules that start servers,
+# train or run the pipeline go first (tests/conftest.py orders them). TEST_WORKERS=0 runs
+# everything in this process.
+TEST_WORKERS ?= 3
 PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 # The tiers tests/conftest.py marks from the fixtures a test uses, and the two marked by hand.
 SLOW_TIERS := server or model or pipeline or integration or gpu
