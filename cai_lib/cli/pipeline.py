@@ -40,7 +40,7 @@ def run_command(
     config: ConfigOption = None,
     set_: SetOption = None,
     quick: Annotated[
-        bool, typer.Option("--quick", help="Small sizes: the whole method in ~8 min on 2 CPU cores.")
+        bool, typer.Option("--quick", help="Small sizes: the whole method in ~7 min on 2 CPU cores.")
     ] = False,
     artifact_root: Annotated[
         str | None,
