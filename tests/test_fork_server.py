@@ -150,10 +150,13 @@ def test_a_command_that_installs_packages_first_is_not_one_it_runs():
 
 def server_of_a_task(tmp_path: Path, name: str) -> int:
     """Through `run_command`, a task that returns the pid of the process that imported
-    `server_probe` (its server: a fork has the module already)."""
-    command, output = task_command(tmp_path / name, "import server_probe\nreturn str(server_probe.PID)\n")
+    `server_probe`: its server, since a fork has the module already (checked: not the task)."""
+    body = "import os, server_probe\nreturn f'{server_probe.PID} {os.getpid()}'\n"
+    command, output = task_command(tmp_path / name, body)
     assert run_command(command, env_with(tmp_path)) == 0
-    return int(returned(output))
+    server, task = map(int, returned(output).split())
+    assert server != task, "the task ran in a fresh process, not in a fork of a server"
+    return server
 
 
 @pytest.fixture

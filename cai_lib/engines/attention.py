@@ -101,7 +101,6 @@ def attend_after_shared_prefix(query, key, value, attention_mask, scaling, prefi
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
             ~mask, torch.finfo(query.dtype).min
         )
-    causal = mask is None and queries > 1
     if queries == 1:
         # A decoding step: a row's query heads that share a key/value head read its keys in one
         # pass, as one query sequence, instead of one pass each (the kernel is memory-bound here).
@@ -110,6 +109,7 @@ def attend_after_shared_prefix(query, key, value, attention_mask, scaling, prefi
         )
         own_out, own_lse = own_out.reshape(batch, heads, 1, width), own_lse.reshape(batch, heads, 1)
     else:
+        causal = mask is None  # as transformers decides: the kernel's causal flag only without a mask
         own_out, own_lse = flash(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
     lse = torch.logaddexp(prefix_lse, own_lse)
     output = prefix_out * (prefix_lse - lse).exp().unsqueeze(-1) + own_out * (own_lse - lse).exp().unsqueeze(-1)
